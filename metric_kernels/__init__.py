@@ -1,0 +1,24 @@
+"""metric_kernels: fused deep-metric-learning losses for PyTorch.
+
+Circle, SupCon, batch-hard triplet and Proxy-Anchor with pytorch-metric-learning's semantics, computed by a choice of
+backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where built). See SPEC.md and README.md.
+"""
+from .backends import BackendUnavailableError, available_backends
+from .functional import batch_hard_triplet_loss, circle_loss, multiview, proxy_anchor_loss, supcon_loss
+from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "BatchHardTripletLoss",
+    "CircleLoss",
+    "ProxyAnchorLoss",
+    "SupConLoss",
+    "available_backends",
+    "batch_hard_triplet_loss",
+    "circle_loss",
+    "multiview",
+    "proxy_anchor_loss",
+    "supcon_loss",
+]

@@ -1,0 +1,101 @@
+"""Which implementation computes the per-row losses.
+
+A backend is a module that exposes
+
+    unavailable_reason(device: torch.device) -> str | None
+    circle_rows(x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic) -> Tensor[N]
+    supcon_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic) -> Tensor[N]
+    batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic) -> Tensor[N]
+    proxy_anchor_rows(proxies, x, labels, *, margin, alpha, deterministic) -> (Tensor[C], Tensor[C])
+
+x and y arrive validated, normalised where the loss says so, in the compute dtype (float32 for half inputs), with N > 0
+and M > 0; y may be x itself. "Query i is reference i + self_offset" (self_offset is None when no query is a reference).
+The returned rows must be differentiable with respect to x, y and the proxies. Everything else (validation,
+normalisation, batch-level rules, reductions) lives once in metric_kernels.functional.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+ENV_VAR = "METRIC_KERNELS_BACKEND"
+
+# name -> module implementing it; modules that do not exist yet report "not part of this build".
+_MODULES = {
+    "reference": "metric_kernels.reference",
+    "triton": "metric_kernels.triton",
+    "cuda": "metric_kernels.cuda",
+    "cpu": "metric_kernels.cpu",
+}
+NAMES = tuple(_MODULES)
+
+# What "auto" tries, fastest first, per device type; the reference runs on any device.
+_AUTO_ORDER = {
+    "cuda": ("triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says which and why."""
+
+
+def check_backend_name(name) -> str:
+    if name != "auto" and name not in _MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, NAMES))}; got {name!r}")
+    return name
+
+
+def _load(name: str):
+    """Returns (module, None) or (None, reason)."""
+    path = _MODULES[name]
+    try:
+        return importlib.import_module(path), None
+    except ModuleNotFoundError as error:
+        if error.name == path:
+            return None, f"backend {name!r} is not part of this version of metric_kernels"
+        return None, f"backend {name!r} cannot be imported: {error}"
+    except ImportError as error:
+        return None, f"backend {name!r} cannot be imported: {error}"
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when backend `name` can run on `device`, else a sentence saying why not."""
+    module, reason = _load(check_backend_name(name))
+    if module is None:
+        return reason
+    return module.unavailable_reason(torch.device(device))
+
+
+def available_backends(device="cpu") -> Dict[str, Optional[str]]:
+    """Every backend name mapped to None (usable on `device`) or the reason it is not."""
+    return {name: unavailable_reason(name, device) for name in NAMES}
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module that computes losses for tensors on `device`."""
+    check_backend_name(name)
+    if name == "auto":
+        override = os.environ.get(ENV_VAR, "").strip()
+        if override:
+            if override != "auto" and override not in _MODULES:
+                raise ValueError(
+                    f"{ENV_VAR} must be 'auto' or one of {', '.join(map(repr, NAMES))}; got {override!r}")
+            name = override
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ()) + ("reference",):
+            module, _ = _load(candidate)
+            if module is not None and module.unavailable_reason(device) is None:
+                return module
+        raise BackendUnavailableError(f"no backend can run on device {device}")  # unreachable: the reference runs anywhere
+    module, reason = _load(name)
+    if module is None:
+        raise BackendUnavailableError(reason)
+    reason = module.unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    return module

@@ -1,0 +1,178 @@
+"""The functional losses: validation, normalisation, batch-level rules and reductions, once for every backend.
+
+A backend (see metric_kernels.backends) only maps prepared rows to per-row losses; everything a user can observe beyond
+that per-row contract is decided here, so every backend behaves the same way.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as check
+from .backends import check_backend_name, resolve
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _prepare(rows: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
+    rows = rows.to(dtype)
+    return F.normalize(rows, p=2, dim=1, eps=1e-12) if normalize else rows
+
+
+def _nonfinite_guard(*tensors: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 with zero gradients when every entry is finite, NaN otherwise.
+
+    Added to every loss so that NaN or Inf in the inputs can never come out as a finite number, even when the bad
+    rows are ones the loss leaves out (no positive, a reduction that skips zeros); it also keeps an all-zero loss
+    connected to the graph. It costs one O(N D) reduction and needs no host sync.
+    """
+    total = tensors[0].sum()
+    for tensor in tensors[1:]:
+        total = total + tensor.sum()
+    return total * 0
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(rows.shape[0], 1)
+    # mean_nonzero, PML's AvgNonZeroReducer: the mean over L_i > 0, and 0 if there is none. NaN rows are counted
+    # so that they reach the result. Written without boolean indexing so the shape never depends on the data.
+    counted = (rows > 0) | rows.isnan()
+    return torch.where(counted, rows, torch.zeros_like(rows)).sum() / counted.sum().clamp(min=1)
+
+
+def _pair_counts(x_labels: torch.Tensor, y_labels: torch.Tensor,
+                 self_offset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the number of positive and of negative references, in O((N + M) log M) without an N x M mask."""
+    sorted_labels = torch.sort(y_labels).values
+    same = (torch.searchsorted(sorted_labels, x_labels, right=True)
+            - torch.searchsorted(sorted_labels, x_labels, right=False))
+    different = y_labels.shape[0] - same
+    if self_offset is not None:
+        self_same = (y_labels[self_offset:self_offset + x_labels.shape[0]] == x_labels).long()
+        same = same - self_same
+        different = different - (1 - self_same)
+    return same, different
+
+
+def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+               deterministic, normalize: bool, **params):
+    """Validates, prepares and dispatches a pair loss; returns (per-row losses, guard, labels, ref labels, offset)."""
+    references, reference_labels, self_offset = check.check_pair_inputs(
+        embeddings, labels, ref_emb, ref_labels, self_offset)
+    check.check_reduction(reduction)
+    check_backend_name(backend)
+    deterministic = check.check_deterministic(deterministic)
+    implementation = resolve(backend, embeddings.device)
+
+    dtype = _compute_dtype(embeddings, references)
+    x = _prepare(embeddings, dtype, normalize)
+    y = x if ref_emb is None else _prepare(references, dtype, normalize)
+    x_labels = labels.long()
+    y_labels = x_labels if ref_emb is None else reference_labels.long()
+    guard = _nonfinite_guard(x) if ref_emb is None else _nonfinite_guard(x, y)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        rows = x.sum(dim=1) * 0  # nothing to pair: zeros that stay connected to the graph
+    else:
+        rows = getattr(implementation, rows_name)(
+            x, y, x_labels, y_labels, self_offset, deterministic=deterministic, **params)
+    return rows, guard, x_labels, y_labels, self_offset
+
+
+def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, self_offset=None,
+                reduction="mean_nonzero", backend="auto", deterministic=None):
+    """Circle loss (Sun et al. 2020) on cosine similarities, with PML's semantics. See SPEC.md."""
+    m = check.check_real(m, "m")
+    gamma = check.check_positive(gamma, "gamma")
+    rows, guard, *_ = _pair_rows("circle_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction,
+                                 backend, deterministic, True, m=m, gamma=gamma)
+    return _reduce(rows, reduction) + guard
+
+
+def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, base_temperature=None,
+                self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None):
+    """Supervised contrastive loss (Khosla et al. 2020) with PML's semantics; base_temperature scales by t / b."""
+    temperature = check.check_positive(temperature, "temperature")
+    if base_temperature is not None:
+        base_temperature = check.check_positive(base_temperature, "base_temperature")
+    rows, guard, x_labels, y_labels, self_offset = _pair_rows(
+        "supcon_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic, True,
+        temperature=temperature)
+    if rows.shape[0] > 0:
+        # PML: if the whole batch has no positive pair or no negative pair, the loss is 0.
+        positives, negatives = _pair_counts(x_labels, y_labels, self_offset)
+        has_both = (positives > 0).any() & (negatives > 0).any()
+        rows = torch.where(has_both, rows, torch.zeros_like(rows))
+    if base_temperature is not None:
+        rows = rows * (temperature / base_temperature)
+    return _reduce(rows, reduction) + guard
+
+
+def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
+                            normalize_embeddings=True, self_offset=None, reduction="mean_nonzero", backend="auto",
+                            deterministic=None):
+    """Batch-hard triplet loss (Hermans et al. 2017) on Euclidean distances, as PML's BatchHardMiner +
+    TripletMarginLoss; soft=True is PML's smooth_loss (softplus of the violation, margin still added)."""
+    margin = check.check_real(margin, "margin")
+    soft = check.check_bool(soft, "soft")
+    normalize_embeddings = check.check_bool(normalize_embeddings, "normalize_embeddings")
+    rows, guard, *_ = _pair_rows("batch_hard_rows", embeddings, labels, ref_emb, ref_labels, self_offset,
+                                 reduction, backend, deterministic, normalize_embeddings, margin=margin, soft=soft)
+    return _reduce(rows, reduction) + guard
+
+
+def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto", deterministic=None):
+    """Proxy-Anchor loss (Kim et al. 2020) with PML's semantics: sum_c pos_c / |P+| + sum_c neg_c / C."""
+    check.check_proxy_inputs(embeddings, labels, proxies)
+    margin = check.check_real(margin, "margin")
+    alpha = check.check_positive(alpha, "alpha")
+    check_backend_name(backend)
+    deterministic = check.check_deterministic(deterministic)
+    implementation = resolve(backend, embeddings.device)
+
+    dtype = _compute_dtype(embeddings, proxies)
+    x = _prepare(embeddings, dtype, True)
+    p = _prepare(proxies, dtype, True)
+    labels = labels.long()
+    num_classes = p.shape[0]
+    if x.shape[0] == 0:
+        positive_terms = negative_terms = p.sum(dim=1) * 0  # log(1 + empty sum) = 0
+    else:
+        positive_terms, negative_terms = implementation.proxy_anchor_rows(
+            p, x, labels, margin=margin, alpha=alpha, deterministic=deterministic)
+    with_positive = torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill(0, labels, True).sum()
+    positive_part = torch.where(with_positive > 0, positive_terms.sum() / with_positive.clamp(min=1),
+                                positive_terms.sum() * 0)
+    return positive_part + negative_terms.sum() / num_classes + _nonfinite_guard(x, p)
+
+
+def multiview(features, labels=None):
+    """[bsz, n_views, D] -> (embeddings [n_views * bsz, D], labels), rows view-major as SupContrast orders them
+    (all first views, then all second views, ...). labels=None gives one class per sample."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    if features.dim() != 3:
+        raise ValueError(f"features must be 3-D (batch x views x embedding size), got shape {tuple(features.shape)}")
+    batch, views, width = features.shape
+    if labels is None:
+        labels = torch.arange(batch, device=features.device)
+    else:
+        check.check_labels(labels, "labels", batch, "features")
+        check.check_same_device(features, "features", labels=labels)
+    embeddings = features.transpose(0, 1).reshape(views * batch, width)
+    return embeddings, labels.repeat(views)

@@ -1,0 +1,56 @@
+"""pytorch-metric-learning's equivalent of each metric_kernels loss, called the way PML's users call it.
+
+Used as the oracle by the parity report and the tests, and as the "pml" provider by the benchmark. Needs
+pytorch-metric-learning installed (`pip install pytorch-metric-learning`); importing this module does not.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _pml():
+    try:
+        import pytorch_metric_learning.losses as losses
+        import pytorch_metric_learning.miners as miners
+        import pytorch_metric_learning.distances as distances
+    except ImportError as error:  # pragma: no cover - exercised only where PML is absent
+        raise ImportError("pytorch-metric-learning is not installed: pip install pytorch-metric-learning") from error
+    return losses, miners, distances
+
+
+def is_available() -> bool:
+    try:
+        _pml()
+    except ImportError:
+        return False
+    return True
+
+
+def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, indices_tuple=None):
+    losses, _, _ = _pml()
+    return losses.CircleLoss(m=m, gamma=gamma)(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, indices_tuple=None):
+    losses, _, _ = _pml()
+    return losses.SupConLoss(temperature=temperature)(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
+                            normalize_embeddings=True):
+    """BatchHardMiner + TripletMarginLoss, both on LpDistance(normalize_embeddings), smooth_loss=soft."""
+    losses, miners, distances = _pml()
+    distance = distances.LpDistance(normalize_embeddings=normalize_embeddings)
+    miner = miners.BatchHardMiner(distance=distance)
+    loss = losses.TripletMarginLoss(margin=margin, smooth_loss=soft, distance=distance)
+    triplets = miner(embeddings, labels, ref_emb, ref_labels)
+    return loss(embeddings, labels, triplets, ref_emb, ref_labels)
+
+
+def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
+    """PML's ProxyAnchorLoss with its proxies replaced by `proxies`, so the result is differentiable in them."""
+    losses, _, _ = _pml()
+    loss = losses.ProxyAnchorLoss(proxies.shape[0], proxies.shape[1], margin=margin, alpha=alpha)
+    del loss.proxies  # a plain tensor attribute instead of the module's own Parameter
+    loss.proxies = proxies.to(embeddings.dtype)
+    return loss(embeddings, labels)

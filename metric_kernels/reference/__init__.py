@@ -1,0 +1,16 @@
+"""The pure-PyTorch reference backend: plainly correct, and O(N M) in memory on purpose.
+
+Each loss materialises the full similarity (or distance) matrix and its label masks, so it reads like the formulas in
+SPEC.md and can be checked against pytorch-metric-learning line by line. Every fused backend is tested against it.
+"""
+from .batch_hard import batch_hard_rows
+from .circle import circle_rows
+from .proxy_anchor import proxy_anchor_rows
+from .supcon import supcon_rows
+
+
+def unavailable_reason(device):
+    return None  # plain torch ops: runs wherever torch does
+
+
+__all__ = ["batch_hard_rows", "circle_rows", "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]
