@@ -68,9 +68,29 @@ def _pair_counts(x_labels: torch.Tensor, y_labels: torch.Tensor,
     return same, different
 
 
-def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-               deterministic, normalize: bool, **params):
-    """Validates, prepares and dispatches a pair loss; returns (per-row losses, guard, labels, ref labels, offset)."""
+def _generic_pair_gate(x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: Optional[int],
+                       *, needs_both_kinds: bool) -> torch.Tensor:
+    """Whether PML's GenericPairLoss computes a loss for this batch at all (a 0-d bool tensor, no host sync).
+
+    PML returns 0 when the batch has at most one positive pair and at most one negative pair (Circle and SupCon both
+    inherit this from GenericPairLoss); SupCon (needs_both_kinds) also returns 0 when the batch has no positive pair
+    or no negative pair.
+    """
+    positives, negatives = _pair_counts(x_labels, y_labels, self_offset)
+    total_positive, total_negative = positives.sum(), negatives.sum()
+    gate = (total_positive > 1) | (total_negative > 1)
+    if needs_both_kinds:
+        gate = gate & (total_positive > 0) & (total_negative > 0)
+    return gate
+
+
+def _pair_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+               deterministic, normalize: bool, generic_pair_gate: Optional[str], **params):
+    """Validates, prepares, dispatches and reduces a pair loss.
+
+    generic_pair_gate: None (batch-hard, PML's TripletMarginLoss has no batch-level rule), "pairs" (Circle) or "both"
+    (SupCon): see _generic_pair_gate.
+    """
     references, reference_labels, self_offset = check.check_pair_inputs(
         embeddings, labels, ref_emb, ref_labels, self_offset)
     check.check_reduction(reduction)
@@ -89,7 +109,10 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     else:
         rows = getattr(implementation, rows_name)(
             x, y, x_labels, y_labels, self_offset, deterministic=deterministic, **params)
-    return rows, guard, x_labels, y_labels, self_offset
+        if generic_pair_gate is not None:
+            gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=generic_pair_gate == "both")
+            rows = torch.where(gate, rows, torch.zeros_like(rows))
+    return _reduce(rows, reduction) + guard
 
 
 def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, self_offset=None,
@@ -97,9 +120,8 @@ def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gam
     """Circle loss (Sun et al. 2020) on cosine similarities, with PML's semantics. See SPEC.md."""
     m = check.check_real(m, "m")
     gamma = check.check_positive(gamma, "gamma")
-    rows, guard, *_ = _pair_rows("circle_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction,
-                                 backend, deterministic, True, m=m, gamma=gamma)
-    return _reduce(rows, reduction) + guard
+    return _pair_loss("circle_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                      deterministic, True, "pairs", m=m, gamma=gamma)
 
 
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, base_temperature=None,
@@ -108,17 +130,10 @@ def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
     temperature = check.check_positive(temperature, "temperature")
     if base_temperature is not None:
         base_temperature = check.check_positive(base_temperature, "base_temperature")
-    rows, guard, x_labels, y_labels, self_offset = _pair_rows(
-        "supcon_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic, True,
-        temperature=temperature)
-    if rows.shape[0] > 0:
-        # PML: if the whole batch has no positive pair or no negative pair, the loss is 0.
-        positives, negatives = _pair_counts(x_labels, y_labels, self_offset)
-        has_both = (positives > 0).any() & (negatives > 0).any()
-        rows = torch.where(has_both, rows, torch.zeros_like(rows))
-    if base_temperature is not None:
-        rows = rows * (temperature / base_temperature)
-    return _reduce(rows, reduction) + guard
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    loss = _pair_loss("supcon_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                      deterministic, True, "both", temperature=temperature)
+    return loss if scale == 1.0 else loss * scale
 
 
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
@@ -129,9 +144,8 @@ def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *
     margin = check.check_real(margin, "margin")
     soft = check.check_bool(soft, "soft")
     normalize_embeddings = check.check_bool(normalize_embeddings, "normalize_embeddings")
-    rows, guard, *_ = _pair_rows("batch_hard_rows", embeddings, labels, ref_emb, ref_labels, self_offset,
-                                 reduction, backend, deterministic, normalize_embeddings, margin=margin, soft=soft)
-    return _reduce(rows, reduction) + guard
+    return _pair_loss("batch_hard_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                      deterministic, normalize_embeddings, None, margin=margin, soft=soft)
 
 
 def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto", deterministic=None):

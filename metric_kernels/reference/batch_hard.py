@@ -8,7 +8,9 @@ from ._masks import pair_masks
 def batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic=False):
     positive, negative = pair_masks(x_labels, y_labels, self_offset)
     with torch.no_grad():  # the full matrix only chooses the pairs; the chosen distances are recomputed below
-        distances = torch.cdist(x, y)
+        # Direct differences, not |x|^2 + |y|^2 - 2 x.y: that form loses all precision for close pairs, which are
+        # exactly the hardest negatives.
+        distances = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
         hardest_positive = distances.masked_fill(~positive, float("-inf")).argmax(dim=1)
         hardest_negative = distances.masked_fill(~negative, float("inf")).argmin(dim=1)
     # Recomputing ||x_i - y_j|| for the chosen pairs keeps backward O(N D) and gives gradient 0 at distance 0.

@@ -1,0 +1,177 @@
+"""The reference backend equals pytorch-metric-learning in float64 (1e-10 relative, values and gradients).
+
+200 seeded random cases per loss: sizes 1..300, dims 1..128, few and many classes, with and without ref_emb, and with
+self_offset (which PML lacks: emulated through PML's own indices_tuple, or a per-query loop for batch-hard).
+"""
+import pytest
+import torch
+
+import metric_kernels as mk
+from metric_kernels import pml
+from tests.helpers import assert_grads_close, assert_rel_close, exact_cdist, random_pair_case
+
+CASES_PER_LOSS = 200
+BLOCKS = 10
+TOL = 1e-10
+SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000}
+
+
+def _pairs_without_self(labels, ref_labels, self_offset):
+    """PML's (a1, p, a2, n) indices_tuple of every pair except query i with reference i + self_offset."""
+    same = labels[:, None] == ref_labels[None, :]
+    allowed = torch.ones_like(same)
+    rows = torch.arange(labels.shape[0])
+    allowed[rows, rows + self_offset] = False
+    a1, p = torch.where(same & allowed)
+    a2, n = torch.where(~same & allowed)
+    return a1, p, a2, n
+
+
+def _random_params(seed, loss):
+    g = torch.Generator().manual_seed(10_000 + seed)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
+    if loss == "circle":
+        return dict(m=u(0.1, 0.5), gamma=u(10, 300))
+    if loss == "supcon":
+        return dict(temperature=u(0.03, 1.0))
+    if loss == "batch_hard_triplet":
+        return dict(margin=u(0.0, 0.5), soft=bool(torch.rand((), generator=g) < 0.5),
+                    normalize_embeddings=bool(torch.rand((), generator=g) < 0.7))
+    return dict(margin=u(0.0, 0.3), alpha=u(1.0, 64.0))
+
+
+def _pml_value(loss, case, params):
+    with exact_cdist():
+        return _pml_value_exact(loss, case, params)
+
+
+def _pml_value_exact(loss, case, params):
+    if loss == "batch_hard_triplet" and case.self_offset is not None:
+        # One PML call per query, with the query's own row removed from the references.
+        total = case.x.new_zeros(())
+        for i in range(case.x.shape[0]):
+            keep = torch.arange(case.y.shape[0]) != i + case.self_offset
+            total = total + pml.batch_hard_triplet_loss(case.x[i:i + 1], case.labels[i:i + 1], case.y[keep],
+                                                        case.y_labels[keep], **params)
+        return total, "sum"
+    kwargs = {}
+    if case.self_offset is not None:
+        kwargs["indices_tuple"] = _pairs_without_self(case.labels, case.y_labels, case.self_offset)
+    fn = getattr(pml, f"{loss}_loss")
+    return fn(case.x, case.labels, case.y, case.y_labels, **params, **kwargs), "mean_nonzero"
+
+
+@pytest.mark.parametrize("block", range(BLOCKS))
+@pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
+def test_pair_losses_equal_pml(loss, block):
+    per_block = CASES_PER_LOSS // BLOCKS
+    for seed in range(block * per_block, (block + 1) * per_block):
+        case = random_pair_case(SEED_BASE[loss] + seed, max_offset_rows=40 if loss == "batch_hard_triplet" else 300)
+        params = _random_params(seed, loss)
+        expected, reduction = _pml_value(loss, case, params)
+        ours = getattr(mk, f"{loss}_loss")(case.x, case.labels, case.y, case.y_labels, self_offset=case.self_offset,
+                                           reduction=reduction, backend="reference", **params)
+        what = f"{loss} seed={seed} N={case.x.shape[0]} D={case.x.shape[1]} " \
+               f"M={None if case.y is None else case.y.shape[0]} offset={case.self_offset} {params}"
+        assert ours.dtype == torch.float64
+        assert_rel_close(ours, expected, TOL, what + " value")
+        assert_grads_close(ours, expected, case.inputs, TOL, what)
+
+
+@pytest.mark.parametrize("block", range(BLOCKS))
+def test_proxy_anchor_equals_pml(block):
+    per_block = CASES_PER_LOSS // BLOCKS
+    for seed in range(block * per_block, (block + 1) * per_block):
+        g = torch.Generator().manual_seed(seed)
+        n = torch.randint(1, 301, (), generator=g).item()
+        dim = torch.randint(1, 129, (), generator=g).item()
+        classes = torch.randint(1, 60, (), generator=g).item()
+        used = torch.randint(1, classes + 1, (), generator=g).item()  # few or many of the classes present
+        x = torch.randn(n, dim, generator=g, dtype=torch.float64, requires_grad=True)
+        proxies = torch.randn(classes, dim, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randperm(classes, generator=g)[:used][torch.randint(0, used, (n,), generator=g)]
+        params = _random_params(seed, "proxy_anchor")
+        ours = mk.proxy_anchor_loss(x, labels, proxies, backend="reference", **params)
+        expected = pml.proxy_anchor_loss(x, labels, proxies, **params)
+        what = f"proxy_anchor seed={seed} N={n} D={dim} C={classes} used={used} {params}"
+        assert_rel_close(ours, expected, TOL, what + " value")
+        assert_grads_close(ours, expected, [x, proxies], TOL, what)
+
+
+def _pml_rows(loss, x, labels, y, y_labels, **params):
+    """PML's per-query losses (DoNothingReducer), scattered to one entry per query."""
+    with exact_cdist():
+        return _pml_rows_exact(loss, x, labels, y, y_labels, **params)
+
+
+def _pml_rows_exact(loss, x, labels, y, y_labels, **params):
+    from pytorch_metric_learning import distances, losses, miners, reducers
+    reducer = reducers.DoNothingReducer()
+    if loss == "batch_hard_triplet":
+        distance = distances.LpDistance(normalize_embeddings=params["normalize_embeddings"])
+        triplets = miners.BatchHardMiner(distance=distance)(x, labels, y, y_labels)
+        out = losses.TripletMarginLoss(margin=params["margin"], smooth_loss=params["soft"], distance=distance,
+                                       reducer=reducer)(x, labels, triplets, y, y_labels)
+    else:
+        cls = losses.CircleLoss if loss == "circle" else losses.SupConLoss
+        out = cls(**params, reducer=reducer)(x, labels, None, y, y_labels)
+    rows = x.new_zeros(x.shape[0])
+    info = out["loss"]
+    if info["reduction_type"] == "already_reduced":
+        return rows + info["losses"]
+    index = info["indices"][0] if isinstance(info["indices"], tuple) else info["indices"]
+    return rows.index_add(0, index, info["losses"].reshape(-1))
+
+
+@pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
+def test_every_reduction_matches_pml_rows(loss):
+    """'none' equals PML's unreduced losses; 'sum', 'mean' and 'mean_nonzero' reduce exactly those rows."""
+    for seed in range(30):
+        case = random_pair_case(50_000 + seed, max_rows=80, allow_self_offset=False)
+        params = _random_params(seed, loss)
+        expected = _pml_rows(loss, case.x, case.labels, case.y, case.y_labels, **params)
+        fn = getattr(mk, f"{loss}_loss")
+        call = lambda reduction: fn(case.x, case.labels, case.y, case.y_labels, reduction=reduction,
+                                    backend="reference", **params)
+        rows = call("none")
+        assert_rel_close(rows, expected, TOL, f"{loss} seed={seed} rows")
+        assert_rel_close(call("sum"), expected.sum(), TOL, "sum")
+        assert_rel_close(call("mean"), expected.mean(), TOL, "mean")
+        positive = expected[expected > 0]
+        assert_rel_close(call("mean_nonzero"), positive.mean() if positive.numel() else expected.sum() * 0, TOL,
+                         "mean_nonzero")
+        assert_grads_close(call("sum"), expected.sum(), case.inputs, TOL, f"{loss} seed={seed} sum")
+
+
+@pytest.mark.parametrize("loss", ["circle", "supcon"])
+def test_pml_generic_pair_rule_is_followed(loss):
+    """PML's GenericPairLoss returns 0 when the batch has at most one positive and at most one negative pair, even
+    though such a batch has a defined loss; SPEC.md does not say so, PML does, and we follow PML."""
+    x = torch.randn(1, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    labels, y_labels = torch.tensor([0]), torch.tensor([0, 1])  # one positive pair, one negative pair
+    fn = getattr(mk, f"{loss}_loss")
+    assert getattr(pml, f"{loss}_loss")(x, labels, y, y_labels).item() == 0
+    assert fn(x, labels, y, y_labels).item() == 0
+    rows = fn(x, labels, y, y_labels, reduction="none")
+    assert rows.shape == (1,) and rows.item() == 0
+    # One more pair of either kind and both compute a positive loss again.
+    for more_labels in (torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])):
+        y3 = torch.randn(3, 8, dtype=torch.float64)
+        theirs = getattr(pml, f"{loss}_loss")(x, labels, y3, more_labels)
+        ours = fn(x, labels, y3, more_labels)
+        assert ours.item() > 0
+        assert_rel_close(ours, theirs, TOL, "three references")
+
+
+def test_ref_emb_is_never_paired_with_itself_by_identity():
+    """PML drops the diagonal whenever ref_labels *is* labels (the same Python object); we follow SPEC.md: with
+    ref_emb nothing is left out unless self_offset says so, whatever objects are passed. self_offset=0 gives PML's."""
+    x = torch.randn(12, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (12,))
+    ours = mk.circle_loss(x, labels, x, labels)
+    pml_same_object = pml.circle_loss(x, labels, x, labels)
+    pml_copy = pml.circle_loss(x, labels, x, labels.clone())
+    assert_rel_close(ours, pml_copy, TOL, "no pair left out")
+    assert_rel_close(mk.circle_loss(x, labels, x, labels, self_offset=0), pml_same_object, TOL, "self_offset=0")
+    assert_rel_close(mk.circle_loss(x, labels, x, labels, self_offset=0), mk.circle_loss(x, labels), TOL, "no ref")
