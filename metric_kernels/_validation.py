@@ -44,16 +44,16 @@ def check_same_device(reference: torch.Tensor, reference_name: str, **others: Op
 def check_positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not value > 0:  # also rejects NaN
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return float(value)
 
 
 def check_real(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if value != value:
-        raise ValueError(f"{name} must not be NaN")
+    if not abs(value) < float("inf"):  # rejects NaN and +-Inf
+        raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
 
 

@@ -5,6 +5,8 @@ They are thin: each holds its hyper-parameters and calls the functional loss, so
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -107,12 +109,12 @@ class ProxyAnchorLoss(nn.Module):
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, *, backend="auto", deterministic=None):
         super().__init__()
         for value, name in ((num_classes, "num_classes"), (embedding_size, "embedding_size")):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.num_classes = num_classes
-        self.embedding_size = embedding_size
+        self.num_classes = num_classes = int(num_classes)
+        self.embedding_size = embedding_size = int(embedding_size)
         self.margin = check.check_real(margin, "margin")
         self.alpha = check.check_positive(alpha, "alpha")
         self.backend = check_backend_name(backend)
@@ -133,6 +135,10 @@ class ProxyAnchorLoss(nn.Module):
     def get_logits(self, embeddings):
         """Cosine similarities of the embeddings to every proxy, N x C (PML's get_logits)."""
         check.check_embeddings(embeddings, "embeddings")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), "
+                             f"got shape {tuple(embeddings.shape)}")
+        check.check_same_device(embeddings, "embeddings", proxies=self.proxies)
         proxies = self.proxies.to(embeddings.dtype)
         return functional._prepare(embeddings, embeddings.dtype, True) @ functional._prepare(
             proxies, proxies.dtype, True).T

@@ -32,7 +32,7 @@ def grads(value: torch.Tensor, inputs):
     value = value.sum() if value.dim() else value
     if not value.requires_grad:  # e.g. PML's constant 0 for a batch without pairs
         return [torch.zeros_like(i) for i in inputs]
-    found = torch.autograd.grad(value, inputs, allow_unused=True)
+    found = torch.autograd.grad(value, inputs, allow_unused=True, retain_graph=True)
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, found)]
 
 
