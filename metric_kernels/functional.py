@@ -101,8 +101,8 @@ def _pair_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     dtype = _compute_dtype(embeddings, references)
     x = _prepare(embeddings, dtype, normalize)
     y = x if ref_emb is None else _prepare(references, dtype, normalize)
-    x_labels = labels.long()
-    y_labels = x_labels if ref_emb is None else reference_labels.long()
+    x_labels = labels.long().contiguous()
+    y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
     guard = _nonfinite_guard(x) if ref_emb is None else _nonfinite_guard(x, y)
     if x.shape[0] == 0 or y.shape[0] == 0:
         rows = x.sum(dim=1) * 0  # nothing to pair: zeros that stay connected to the graph
