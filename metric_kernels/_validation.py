@@ -123,8 +123,14 @@ def check_proxy_inputs(embeddings, labels, proxies):
             f"proxies must be C x {embeddings.shape[1]} (the embeddings' width), got shape {tuple(proxies.shape)}")
     check_same_device(embeddings, "embeddings", proxies=proxies)
     num_classes = proxies.shape[0]
-    if labels.numel() > 0:
-        # One host sync: an out-of-range label would otherwise index past the proxies inside a kernel.
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}) (one proxy per class), got values in [{low}, {high}]")
+    if labels.numel() == 0:
+        return
+    # An out-of-range label would index past the proxies inside a kernel. Eagerly: one host sync and a ValueError.
+    # Under torch.compile a host sync would break the graph, so the check becomes an in-graph assertion.
+    if torch.compiler.is_compiling():
+        torch._assert_async((labels.min() >= 0) & (labels.max() < num_classes),
+                            "labels must lie in [0, C) (one proxy per class)")
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) (one proxy per class), got values in [{low}, {high}]")

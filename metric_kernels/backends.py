@@ -50,8 +50,8 @@ def check_backend_name(name) -> str:
     return name
 
 
-def _load(name: str):
-    """Returns (module, None) or (None, reason)."""
+def _import(name: str):
+    """(module, None) or (None, reason)."""
     path = _MODULES[name]
     try:
         return importlib.import_module(path), None
@@ -61,6 +61,15 @@ def _load(name: str):
         return None, f"backend {name!r} cannot be imported: {error}"
     except ImportError as error:
         return None, f"backend {name!r} cannot be imported: {error}"
+
+
+# Imported once, when metric_kernels is: resolving a backend is then a dictionary lookup, which torch.compile can
+# trace (it cannot trace importlib). A backend module must therefore import cheaply and fail softly.
+_LOADED = {name: _import(name) for name in _MODULES}
+
+
+def _load(name: str):
+    return _LOADED[name]
 
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
