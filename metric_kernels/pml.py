@@ -5,6 +5,8 @@ pytorch-metric-learning installed (`pip install pytorch-metric-learning`); impor
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -54,3 +56,20 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
     del loss.proxies  # a plain tensor attribute instead of the module's own Parameter
     loss.proxies = proxies.to(embeddings.dtype)
     return loss(embeddings, labels)
+
+
+@contextlib.contextmanager
+def exact_cdist():
+    """Within this block torch.cdist (which PML's LpDistance calls) uses direct differences instead of the
+    |x|^2 + |y|^2 - 2 x.y expansion, whose rounding error grows as 1/d^2 for close pairs. PML's batch-hard values and
+    gradients then reflect its semantics rather than that rounding, and compare with ours at 1e-10 in float64."""
+    original = torch.cdist
+
+    def cdist(x1, x2, p=2.0, compute_mode=None):
+        return original(x1, x2, p=p, compute_mode="donot_use_mm_for_euclid_dist")
+
+    torch.cdist = cdist
+    try:
+        yield
+    finally:
+        torch.cdist = original

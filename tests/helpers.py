@@ -1,7 +1,6 @@
 """Shared test helpers: random cases, tolerance checks, gradients."""
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -92,18 +91,3 @@ def assert_grads_close(ours: torch.Tensor, expected: torch.Tensor, inputs, rtol:
     for index, (a, b) in enumerate(zip(grads(ours, inputs), grads(expected, inputs))):
         assert_rel_close(a, b, rtol, f"{what} grad of input {index}", scale_floor=floor)
 
-
-@contextlib.contextmanager
-def exact_cdist():
-    """Makes torch.cdist (which PML calls) use direct differences instead of the matmul expansion, whose rounding
-    error grows as 1/d^2 for close pairs, so PML's batch-hard values and gradients can be compared at 1e-10."""
-    original = torch.cdist
-
-    def cdist(x1, x2, p=2.0, compute_mode=None):
-        return original(x1, x2, p=p, compute_mode="donot_use_mm_for_euclid_dist")
-
-    torch.cdist = cdist
-    try:
-        yield
-    finally:
-        torch.cdist = original

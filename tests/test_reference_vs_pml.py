@@ -8,7 +8,8 @@ import torch
 
 import metric_kernels as mk
 from metric_kernels import pml
-from tests.helpers import assert_grads_close, assert_rel_close, exact_cdist, random_pair_case
+from metric_kernels.pml import exact_cdist
+from tests.helpers import assert_grads_close, assert_rel_close, random_pair_case
 
 CASES_PER_LOSS = 200
 BLOCKS = 10
