@@ -5,12 +5,13 @@ that per-row contract is decided here, so every backend behaves the same way.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _validation as check
+from ._pairs import pair_counts
 from .backends import check_backend_name, resolve
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -54,20 +55,6 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     return torch.where(counted, rows, torch.zeros_like(rows)).sum() / counted.sum().clamp(min=1)
 
 
-def _pair_counts(x_labels: torch.Tensor, y_labels: torch.Tensor,
-                 self_offset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per query, the number of positive and of negative references, in O((N + M) log M) without an N x M mask."""
-    sorted_labels = torch.sort(y_labels).values
-    same = (torch.searchsorted(sorted_labels, x_labels, right=True)
-            - torch.searchsorted(sorted_labels, x_labels, right=False))
-    different = y_labels.shape[0] - same
-    if self_offset is not None:
-        self_same = (y_labels[self_offset:self_offset + x_labels.shape[0]] == x_labels).long()
-        same = same - self_same
-        different = different - (1 - self_same)
-    return same, different
-
-
 def _generic_pair_gate(x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: Optional[int],
                        *, needs_both_kinds: bool) -> torch.Tensor:
     """Whether PML's GenericPairLoss computes a loss for this batch at all (a 0-d bool tensor, no host sync).
@@ -76,7 +63,7 @@ def _generic_pair_gate(x_labels: torch.Tensor, y_labels: torch.Tensor, self_offs
     inherit this from GenericPairLoss); SupCon (needs_both_kinds) also returns 0 when the batch has no positive pair
     or no negative pair.
     """
-    positives, negatives = _pair_counts(x_labels, y_labels, self_offset)
+    positives, negatives = pair_counts(x_labels, y_labels, self_offset)
     total_positive, total_negative = positives.sum(), negatives.sum()
     gate = (total_positive > 1) | (total_negative > 1)
     if needs_both_kinds:

@@ -1,0 +1,37 @@
+"""Per-row losses from the O(N) statistics the fused kernels produce, shared by every fused backend.
+
+A fused backend computes, per query row, a few reductions over its row of the similarity matrix (log-sum-exps, a sum,
+the hardest pair); these functions finish each loss in plain torch on vectors of length N, so autograd carries the
+upstream gradient of every statistic back into the kernels' backward.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def circle_from_stats(lse_positive, lse_negative, positives, negatives):
+    # F.softplus (linear above 20) on purpose: it is what PML's Circle loss applies.
+    valid = (positives > 0) & (negatives > 0)
+    return torch.where(valid, F.softplus(lse_positive + lse_negative), torch.zeros_like(lse_positive))
+
+
+def supcon_from_stats(lse_all, positive_sum, positives, temperature):
+    count = positives.clamp(min=1).to(lse_all.dtype)
+    return torch.where(positives > 0, lse_all - positive_sum / (temperature * count), torch.zeros_like(lse_all))
+
+
+def proxy_anchor_from_stats(lse_positive, lse_negative):
+    # log(1 + exp(lse)) exactly, as PML's logsumexp with an added 0 computes it (F.softplus would return lse itself
+    # above 20); lse = -inf (a proxy with no positive, or no negative, in the batch) gives log(1 + 0) = 0.
+    zero = torch.zeros((), dtype=lse_positive.dtype, device=lse_positive.device)
+    return torch.logaddexp(lse_positive, zero), torch.logaddexp(lse_negative, zero)
+
+
+def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft):
+    """Losses of the chosen triplets (index -1: none), recomputing only the 2 N chosen distances: O(N D) backward,
+    and ||x_i - y_j|| has gradient 0 where it is 0."""
+    valid = (hardest_positive >= 0) & (hardest_negative >= 0)
+    positive_distance = torch.linalg.vector_norm(x - y[hardest_positive.clamp(min=0)], dim=1)
+    negative_distance = torch.linalg.vector_norm(x - y[hardest_negative.clamp(min=0)], dim=1)
+    violation = positive_distance - negative_distance + margin
+    losses = F.softplus(violation) if soft else torch.relu(violation)
+    return torch.where(valid, losses, torch.zeros_like(losses))

@@ -1,0 +1,142 @@
+"""torch.library custom ops around the Triton kernels, with fake (meta) implementations and autograd formulas, so the
+fused losses work eagerly, under torch.compile(fullgraph=True) and under torch.library.opcheck.
+
+    metric_kernels::triton_lse_rows            (x, y, labels, ...) -> stats [3, N]   (see _lse_kernels.py)
+    metric_kernels::triton_lse_rows_backward   (grad [3, N], stats, x, y, ...) -> (dx, dy)
+    metric_kernels::triton_batch_hard_select   (x, y, labels, ...) -> chosen reference indices [2, N]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _batch_hard_kernel, _lse_kernels
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _accumulator(dtype: torch.dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's float32 matmul precision: tf32 only where torch allows it."""
+    if dtype == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _blocks(dim: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs every block dimension >= 16. Large blocks suit the interpreter,
+    which runs each program as numpy code."""
+    block_d = max(16, min(64, triton.next_power_of_2(max(dim, 1))))
+    return (64, 64, block_d) if interpreting() else (64, 64, block_d)
+
+
+def _launch_args(x, y):
+    acc, _ = _accumulator(x.dtype)
+    block_m, block_n, block_d = _blocks(x.shape[1])
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=acc,
+                UPCAST=interpreting() and x.dtype in _HALF, PRECISION=_precision(x.dtype))
+
+
+def _device_guard(tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
+def lse_rows(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int,
+             kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    stats = torch.empty((3, n), dtype=_accumulator(x.dtype)[1], device=x.device)
+    args = _launch_args(x, y)
+    with _device_guard(x):
+        _lse_kernels.lse_rows_forward[(triton.cdiv(n, args["BLOCK_M"]),)](
+            x, y, x_labels, y_labels, stats, n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            self_offset, param_a, param_b, KIND=kind, **args)
+    return stats
+
+
+@lse_rows.register_fake
+def _(x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic):
+    return x.new_empty((3, x.shape[0]), dtype=_accumulator(x.dtype)[1])
+
+
+@torch.library.custom_op("metric_kernels::triton_lse_rows_backward", mutates_args=())
+def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int, kind: int, param_a: float,
+                      param_b: float, deterministic: bool, need_dx: bool, need_dy: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    acc_dtype = _accumulator(x.dtype)[1]
+    args = _launch_args(x, y)
+    block_out = args["BLOCK_D"]
+    # Without atomics, dY is its own pass over column blocks, each summing the row blocks in a fixed order.
+    atomic = need_dy and not deterministic
+    dx = torch.empty((n if need_dx or atomic else 0, d), dtype=acc_dtype, device=x.device)
+    dy = (torch.zeros if atomic else torch.empty)((m if need_dy else 0, d), dtype=acc_dtype, device=x.device)
+    common = (x, y, x_labels, y_labels)
+    sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, param_a, param_b)
+    with _device_guard(x):
+        if d > 0 and (need_dx or atomic):
+            _lse_kernels.lse_rows_backward_dx[(triton.cdiv(n, args["BLOCK_M"]), triton.cdiv(d, block_out))](
+                grad, stats, *common, dx, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ATOMIC_DY=atomic, **args)
+        if d > 0 and need_dy and not atomic:
+            _lse_kernels.lse_rows_backward_dy[(triton.cdiv(m, args["BLOCK_N"]), triton.cdiv(d, block_out))](
+                grad, stats, *common, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, **args)
+    if not need_dx:
+        dx = dx[:0]
+    return dx.to(x.dtype), dy.to(y.dtype)
+
+
+@lse_rows_backward.register_fake
+def _(grad, stats, x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic, need_dx, need_dy):
+    return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
+            y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic = inputs
+    ctx.save_for_backward(x, y, x_labels, y_labels, output)
+    ctx.params = (self_offset, kind, param_a, param_b, deterministic)
+
+
+def _backward(ctx, grad):
+    x, y, x_labels, y_labels, stats = ctx.saved_tensors
+    need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dy = lse_rows_backward(grad.to(stats.dtype).contiguous(), stats, x, y, x_labels, y_labels, *ctx.params,
+                               need_dx, need_dy)
+    return (dx if need_dx else None, dy if need_dy else None) + (None,) * 7
+
+
+lse_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("metric_kernels::triton_batch_hard_select", mutates_args=())
+def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, y_labels: torch.Tensor,
+                      self_offset: int) -> torch.Tensor:
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    _, acc_dtype = _accumulator(x.dtype)
+    choices = torch.empty((2, n), dtype=torch.int64, device=x.device)
+    x_squared = x.to(acc_dtype).pow(2).sum(dim=1)
+    y_squared = y.to(acc_dtype).pow(2).sum(dim=1)
+    args = _launch_args(x, y)
+    with _device_guard(x):
+        _batch_hard_kernel.batch_hard_select[(triton.cdiv(n, args["BLOCK_M"]),)](
+            x, y, x_squared, y_squared, x_labels, y_labels, choices, n, m, d,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, **args)
+    return choices
+
+
+@batch_hard_select.register_fake
+def _(x, y, x_labels, y_labels, self_offset):
+    return x.new_empty((2, x.shape[0]), dtype=torch.int64)
