@@ -22,12 +22,13 @@ _KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
 
 def unavailable_reason(device: torch.device):
     if ops is None:
-        return "Triton is not installed (pip install triton)"
+        return "Triton is not installed, which the 'triton' backend needs (pip install triton)"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreting():
         return None
-    return (f"the Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not on {device.type}")
+    return (f"the 'triton' kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), "
+            f"not on {device.type}")
 
 
 def _offset(self_offset):
