@@ -1,5 +1,7 @@
 """Edge cases of SPEC.md: empty and one-row batches, one class, all-distinct labels, identical embeddings,
 non-contiguous inputs, half precision with large scales, NaN and Inf inputs."""
+import math
+
 import pytest
 import torch
 
@@ -188,3 +190,13 @@ def test_integer_label_dtypes_and_large_label_values(loss):
     for dtype in (torch.int32, torch.int16, torch.uint8):
         assert_rel_close(pair_loss(loss)(x, labels.to(dtype)), expected, 0, str(dtype))
     assert_rel_close(pair_loss(loss)(x, labels * (2**40) - 2**50), expected, 0, "large label values")
+
+
+def test_proxy_anchor_is_accurate_for_tiny_terms():
+    """One proxy whose only positive sits far inside the margin: the loss is log(1 + e^-28.8) = 3.1e-13. PML's
+    logsumexp-with-a-zero rounds 1 + 3.1e-13 and keeps only 4 digits; the reference (and every backend) keeps all."""
+    x, proxies = torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    exact = math.log1p(math.exp(-32.0 * (1.0 - 0.1)))
+    ours = mk.proxy_anchor_loss(x, torch.tensor([0]), proxies, backend="reference")
+    assert abs(ours.item() - exact) <= 1e-15 * exact
+    assert abs(pml.proxy_anchor_loss(x, torch.tensor([0]), proxies).item() - exact) > 1e-6 * exact

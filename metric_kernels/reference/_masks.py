@@ -27,8 +27,11 @@ def masked_logsumexp(values: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> 
 
 
 def log1p_sum_exp(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """log(1 + sum of exp over the masked entries) = softplus(logsumexp), computed stably with an extra 0 entry."""
-    filled = values.masked_fill(~mask, torch.finfo(values.dtype).min)
-    zero_shape = list(filled.shape)
-    zero_shape[dim] = 1
-    return torch.logsumexp(torch.cat([filled, filled.new_zeros(zero_shape)], dim=dim), dim=dim)
+    """log(1 + sum of exp over the masked entries), i.e. softplus(logsumexp), accurate when the sum is tiny.
+
+    PML computes it as logsumexp over the entries and an extra 0, which rounds 1 + tiny and loses the digits of small
+    terms (e.g. a proxy whose only positive is already far inside its margin); logaddexp goes through log1p.
+    An empty mask gives the lowest finite logsumexp, whose softplus is exactly 0 with a zero (not NaN) gradient.
+    """
+    lse = torch.logsumexp(values.masked_fill(~mask, torch.finfo(values.dtype).min), dim=dim)
+    return torch.logaddexp(lse, torch.zeros((), dtype=lse.dtype, device=lse.device))

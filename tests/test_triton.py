@@ -1,0 +1,226 @@
+"""backend="triton" against the float64 reference, on the CPU under Triton's interpreter (tests/conftest.py).
+
+Every loss, forward and backward (embeddings, ref_emb, proxies), with and without ref_emb and self_offset, every
+reduction, ragged sizes that are not multiples of the 64-wide blocks, one class / all-distinct labels / N = 1, fp32 at
+SPEC tolerances, fp16 and bf16 inputs against the reference run in the same precision; the deterministic and atomic
+backward paths; torch.compile(fullgraph=True) and torch.library.opcheck on the custom ops.
+"""
+import pytest
+import torch
+
+import metric_kernels as mk
+from metric_kernels.triton import ops
+from tests.helpers import assert_rel_close, grads
+
+# Tolerances against the float64 reference: (value, gradients), relative (SPEC / the developers' guide).
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
+HALF = (torch.float16, torch.bfloat16)
+SIZES = [(1, 1, 1), (37, 65, 17), (65, 130, 100), (130, 63, 3)]  # (N, M, D): ragged against 64-wide blocks
+PAIR_LOSSES = ["circle", "supcon", "batch_hard_triplet"]
+PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, base_temperature=0.1),
+          "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
+
+
+def _pair_inputs(seed, n, m, dim, classes, refs, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=g) if classes else torch.arange(n)
+    if refs == "self":
+        return [x], labels, None, None, None
+    m = m + n if refs == "self_offset" else m
+    y = torch.randn(m, dim, generator=g, dtype=torch.float64)
+    y_labels = torch.randint(0, classes, (m,), generator=g) if classes else torch.arange(m) + n
+    offset = None
+    if refs == "self_offset":
+        offset = m - n - 1 if m - n > 1 else 0
+        y[offset:offset + n], y_labels[offset:offset + n] = x, labels
+    return [x, y], labels, y_labels, offset, None
+
+
+def _run(loss, leaves, labels, y_labels, offset, backend, reduction="mean_nonzero"):
+    if loss == "proxy_anchor":
+        return mk.proxy_anchor_loss(leaves[0], labels, leaves[1], backend=backend, **PARAMS[loss])
+    ref = (leaves[1], y_labels) if len(leaves) > 1 else (None, None)
+    return getattr(mk, f"{loss}_loss")(leaves[0], labels, *ref, self_offset=offset, reduction=reduction,
+                                       backend=backend, **PARAMS[loss])
+
+
+def _compare(loss, leaves64, labels, y_labels, offset, dtype, reduction="mean_nonzero"):
+    """Runs triton on `dtype` copies and the reference on float64 copies of the same (rounded) inputs; checks values
+    and gradients. Half precision: no worse than the eager reference run on the same half inputs, plus 1e-2."""
+    def run(backend, cast):
+        leaves = [cast(t.detach()).requires_grad_() for t in leaves64]
+        value = _run(loss, leaves, labels, y_labels, offset, backend, reduction)
+        return value, grads(value, leaves)
+
+    ours, our_grads = run("triton", lambda t: t.to(dtype))
+    expected, expected_grads = run("reference", lambda t: t.to(dtype).double())
+    what = f"{loss} {dtype} N={leaves64[0].shape[0]} refs={len(leaves64)} offset={offset} {reduction}"
+    floor = 1e-3 * expected.detach().abs().max().item() if expected.numel() else 0.0
+    for g in our_grads:
+        assert g.dtype == dtype and torch.all(torch.isfinite(g)), what
+    if dtype in HALF:
+        eager, eager_grads = run("reference", lambda t: t.to(dtype))
+        assert ours.dtype == torch.float32 and torch.all(torch.isfinite(ours)), what
+        assert _error(ours, expected) <= _error(eager, expected) + 1e-2, what + " value"
+        for index, (a, b, c) in enumerate(zip(our_grads, eager_grads, expected_grads)):
+            assert _error(a, c, floor) <= _error(b, c, floor) + 1e-2, f"{what} grad {index}"
+        return
+    value_tol, grad_tol = TOLERANCE[dtype]
+    assert ours.dtype == dtype
+    assert_rel_close(ours, expected, value_tol, what + " value")
+    for index, (a, b) in enumerate(zip(our_grads, expected_grads)):
+        assert_rel_close(a, b, grad_tol, f"{what} grad {index}", scale_floor=floor)
+
+
+def _error(a, b, floor=0.0):
+    """max |a - b| / max(max |b|, floor): the norm-wise relative error of assert_rel_close."""
+    if b.numel() == 0:
+        return 0.0
+    scale = max(b.detach().abs().max().item(), floor)
+    difference = (a.detach().double() - b.detach().double()).abs().max().item()
+    return difference / scale if scale else difference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("refs", ["self", "ref_emb", "self_offset"])
+@pytest.mark.parametrize("size", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
+def test_pair_losses_match_reference(loss, size, refs, dtype):
+    seed = SIZES.index(size) * 3 + ["self", "ref_emb", "self_offset"].index(refs)
+    leaves, labels, y_labels, offset, _ = _pair_inputs(seed, *size, classes=5, refs=refs, dtype=dtype)
+    _compare(loss, leaves, labels, y_labels, offset, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
+def test_every_reduction(loss, reduction):
+    leaves, labels, y_labels, offset, _ = _pair_inputs(7, 70, 80, 12, classes=4, refs="ref_emb", dtype=None)
+    _compare(loss, leaves, labels, y_labels, offset, torch.float32, reduction)
+
+
+@pytest.mark.parametrize("labels", ["one_class", "all_distinct", "single_row"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
+def test_degenerate_labels(loss, labels):
+    n = 1 if labels == "single_row" else 40
+    classes = {"one_class": 1, "all_distinct": 0, "single_row": 3}[labels]
+    leaves, lab, y_labels, offset, _ = _pair_inputs(3, n, 50, 8, classes=classes, refs="self", dtype=None)
+    _compare(loss, leaves, lab, y_labels, offset, torch.float64)
+    leaves, lab, y_labels, offset, _ = _pair_inputs(4, n, 50, 8, classes=classes, refs="ref_emb", dtype=None)
+    _compare(loss, leaves, lab, y_labels, offset, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (100, 7, 33), (150, 70, 5)], ids=["1x1x1", "100x7x33", "150x70x5"])
+def test_proxy_anchor_matches_reference(shape, dtype):
+    n, classes, dim = shape
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    proxies = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, max(1, classes // 2), (n,), generator=g)  # some proxies without a positive
+    _compare("proxy_anchor", [x, proxies], labels, None, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
+def test_half_inputs(loss, dtype):
+    if loss == "proxy_anchor":
+        g = torch.Generator().manual_seed(0)
+        leaves = [torch.randn(90, 24, generator=g, dtype=torch.float64), torch.randn(6, 24, generator=g, dtype=torch.float64)]
+        _compare(loss, leaves, torch.randint(0, 6, (90,), generator=g), None, None, dtype)
+        return
+    leaves, labels, y_labels, offset, _ = _pair_inputs(5, 90, 70, 24, classes=6, refs="ref_emb", dtype=None)
+    _compare(loss, leaves, labels, y_labels, offset, dtype)
+
+
+@pytest.mark.parametrize("loss", ["circle", "supcon", "proxy_anchor"])
+def test_deterministic_and_atomic_backward_agree(loss):
+    leaves, labels, y_labels, offset, _ = _pair_inputs(9, 100, 90, 20, classes=4, refs="ref_emb", dtype=None)
+    if loss == "proxy_anchor":
+        leaves, y_labels = [leaves[0], leaves[1][:4]], None
+    results = []
+    for deterministic in (True, False):
+        inputs = [t.detach().float().requires_grad_() for t in leaves]
+        if loss == "proxy_anchor":
+            value = mk.proxy_anchor_loss(inputs[0], labels, inputs[1], backend="triton", deterministic=deterministic)
+        else:
+            value = getattr(mk, f"{loss}_loss")(inputs[0], labels, inputs[1], y_labels, backend="triton",
+                                                 deterministic=deterministic)
+        results.append((value, grads(value, inputs)))
+    (v1, g1), (v2, g2) = results
+    assert torch.equal(v1, v2)
+    for a, b in zip(g1, g2):
+        assert_rel_close(a, b, 1e-6, f"{loss} atomic vs deterministic")
+
+
+def test_backward_skips_references_without_grad():
+    x = torch.randn(30, 8, requires_grad=True)
+    y = torch.randn(40, 8)  # a memory bank: no gradient wanted
+    labels, y_labels = torch.randint(0, 3, (30,)), torch.randint(0, 3, (40,))
+    ours = mk.circle_loss(x, labels, y, y_labels, backend="triton")
+    (gx,) = torch.autograd.grad(ours, x)
+    x64 = x.detach().double().requires_grad_()
+    expected = mk.circle_loss(x64, labels, y.double(), y_labels, backend="reference")
+    (gx_ref,) = torch.autograd.grad(expected, x64)
+    assert_rel_close(gx, gx_ref, 1e-4, "dX without dY", scale_floor=1e-3 * expected.item())
+
+
+def test_triton_is_usable_on_cpu_only_under_the_interpreter_and_auto_skips_it():
+    assert mk.available_backends("cpu")["triton"] is None
+    from metric_kernels import backends
+    assert backends.resolve("auto", torch.device("cpu")).__name__ == "metric_kernels.reference"
+
+
+def _loss_and_inputs(loss_name):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 8, generator=g, requires_grad=True)
+    y = torch.randn(50, 8, generator=g, requires_grad=True)
+    proxies = torch.randn(4, 8, generator=g, requires_grad=True)
+    labels, y_labels = torch.randint(0, 4, (40,), generator=g), torch.randint(0, 4, (50,), generator=g)
+    calls = {
+        "circle": lambda a, b, p: mk.circle_loss(a, labels, b, y_labels, backend="triton") + 0 * p.sum(),
+        "supcon": lambda a, b, p: mk.supcon_loss(a, labels, b, y_labels, self_offset=5, backend="triton",
+                                                 deterministic=False) + 0 * p.sum(),
+        "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend="triton")
+        + 0 * p.sum(),
+        "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend="triton") + 0 * b.sum(),
+    }
+    return calls[loss_name], (x, y, proxies)
+
+
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
+def test_torch_compile_fullgraph(loss):
+    """A compiled training step: the custom ops trace as opaque nodes with fake implementations, AOTAutograd builds
+    the forward and backward graphs (aot_eager runs them, fakes included), and values and gradients equal eager."""
+    fn, inputs = _loss_and_inputs(loss)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*inputs), fn(*inputs)
+    assert_rel_close(got, want, 1e-6, f"compiled {loss} value")
+    for a, b in zip(grads(got, list(inputs)), grads(want, list(inputs))):
+        assert_rel_close(a, b, 1e-6, f"compiled {loss} grad")
+
+
+def _op_samples():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 6, generator=g, requires_grad=True)
+    y = torch.randn(30, 6, generator=g, requires_grad=True)
+    labels, y_labels = torch.randint(0, 3, (20,), generator=g), torch.randint(0, 3, (30,), generator=g)
+    return x, y, labels, y_labels
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_opcheck_lse_rows(kind):
+    x, y, labels, y_labels = _op_samples()
+    for offset, deterministic in ((-1, True), (3, False)):
+        torch.library.opcheck(ops.lse_rows, (x, y, labels, y_labels, offset, kind, 0.25, 8.0, deterministic))
+
+
+def test_opcheck_backward_and_batch_hard_select():
+    x, y, labels, y_labels = _op_samples()
+    stats = ops.lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    grad = torch.randn_like(stats)
+    for need_dx, need_dy, deterministic in ((True, True, True), (True, False, False), (False, True, False)):
+        torch.library.opcheck(ops.lse_rows_backward, (grad, stats.detach(), x.detach(), y.detach(), labels, y_labels,
+                                                      -1, 0, 0.25, 8.0, deterministic, need_dx, need_dy))
+    torch.library.opcheck(ops.batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
