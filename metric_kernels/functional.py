@@ -24,9 +24,44 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+_NORM_EPS = 1e-12  # F.normalize's default: rows are divided by max(||row||, eps)
+_CHUNK_ELEMENTS = 1 << 22  # rows per backward chunk: about 16 MiB of float32 temporaries at a time
+
+
+class _Normalize(torch.autograd.Function):
+    """F.normalize(rows.to(dtype)) whose backward keeps only the input and the O(N) norms.
+
+    Autograd through F.normalize would save the compute-dtype copy of half inputs (twice the input's size) and
+    allocate several N x D temporaries in backward; this recomputes the normalised rows chunk by chunk instead, so
+    the fused backends keep their extra memory near one N x D buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, dtype):
+        norms = torch.linalg.vector_norm(rows.to(dtype), dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        ctx.save_for_backward(rows, norms)
+        ctx.dtype = dtype
+        return rows.to(dtype) / norms
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, norms = ctx.saved_tensors
+        out = torch.empty_like(rows)
+        chunk = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))
+        for start in range(0, rows.shape[0], chunk):
+            stop = start + chunk
+            norm, g = norms[start:stop], grad[start:stop]
+            unit = rows[start:stop].to(ctx.dtype) / norm
+            # d(x / max(|x|, eps)) = (g - u (u . g)) / |x| where |x| > eps; g / eps where the clamp is active.
+            tangent = torch.where(norm > _NORM_EPS, g - unit * (unit * g).sum(dim=1, keepdim=True), g)
+            out[start:stop] = tangent / norm
+        return out, None
+
+
 def _prepare(rows: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
-    rows = rows.to(dtype)
-    return F.normalize(rows, p=2, dim=1, eps=1e-12) if normalize else rows
+    if not normalize:
+        return rows.to(dtype)
+    return _Normalize.apply(rows, dtype)
 
 
 def _nonfinite_guard(*tensors: torch.Tensor) -> torch.Tensor:

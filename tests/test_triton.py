@@ -133,20 +133,27 @@ def test_half_inputs(loss, dtype):
     _compare(loss, leaves, labels, y_labels, offset, dtype)
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon", "proxy_anchor"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "proxy_anchor", "circle_self", "supcon_self"])
 def test_deterministic_and_atomic_backward_agree(loss):
-    leaves, labels, y_labels, offset, _ = _pair_inputs(9, 100, 90, 20, classes=4, refs="ref_emb", dtype=None)
+    """Both backward paths, including the single-buffer one used when the references are the queries."""
+    refs = "self" if loss.endswith("_self") else "ref_emb"
+    loss = loss.replace("_self", "")
+    leaves, labels, y_labels, offset, _ = _pair_inputs(9, 100, 90, 20, classes=4, refs=refs, dtype=None)
+    if refs == "self":
+        leaves.append(None)
     if loss == "proxy_anchor":
         leaves, y_labels = [leaves[0], leaves[1][:4]], None
     results = []
     for deterministic in (True, False):
-        inputs = [t.detach().float().requires_grad_() for t in leaves]
+        inputs = [t.detach().float().requires_grad_() for t in leaves if t is not None]
+        if refs == "self":
+            inputs.append(None)
         if loss == "proxy_anchor":
             value = mk.proxy_anchor_loss(inputs[0], labels, inputs[1], backend="triton", deterministic=deterministic)
         else:
             value = getattr(mk, f"{loss}_loss")(inputs[0], labels, inputs[1], y_labels, backend="triton",
                                                  deterministic=deterministic)
-        results.append((value, grads(value, inputs)))
+        results.append((value, grads(value, [t for t in inputs if t is not None])))
     (v1, g1), (v2, g2) = results
     assert torch.equal(v1, v2)
     for a, b in zip(g1, g2):
@@ -214,6 +221,8 @@ def test_opcheck_lse_rows(kind):
     x, y, labels, y_labels = _op_samples()
     for offset, deterministic in ((-1, True), (3, False)):
         torch.library.opcheck(ops.lse_rows, (x, y, labels, y_labels, offset, kind, 0.25, 8.0, deterministic))
+    for deterministic in (True, False):  # the references are the queries: one gradient buffer
+        torch.library.opcheck(ops.lse_rows, (x, None, labels, labels, 0, kind, 0.25, 8.0, deterministic))
 
 
 def test_opcheck_backward_and_batch_hard_select():
@@ -223,4 +232,8 @@ def test_opcheck_backward_and_batch_hard_select():
     for need_dx, need_dy, deterministic in ((True, True, True), (True, False, False), (False, True, False)):
         torch.library.opcheck(ops.lse_rows_backward, (grad, stats.detach(), x.detach(), y.detach(), labels, y_labels,
                                                       -1, 0, 0.25, 8.0, deterministic, need_dx, need_dy))
+    self_stats = ops.lse_rows(x, None, labels, labels, 0, 0, 0.25, 8.0, True).detach()
+    for deterministic in (True, False):
+        torch.library.opcheck(ops.lse_rows_backward, (torch.randn_like(self_stats), self_stats, x.detach(), None,
+                                                      labels, labels, 0, 0, 0.25, 8.0, deterministic, True, False))
     torch.library.opcheck(ops.batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))

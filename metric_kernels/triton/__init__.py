@@ -35,14 +35,19 @@ def _offset(self_offset):
     return -1 if self_offset is None else self_offset
 
 
+def _references(x, y):
+    """None when the references are the queries: the op then writes a single gradient."""
+    return None if y is x else y
+
+
 def circle_rows(x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic):
-    stats = ops.lse_rows(x, y, x_labels, y_labels, _offset(self_offset), _KIND["circle"], m, gamma, deterministic)
+    stats = ops.lse_rows(x, _references(x, y), x_labels, y_labels, _offset(self_offset), _KIND["circle"], m, gamma, deterministic)
     positives, negatives = pair_counts(x_labels, y_labels, self_offset)
     return circle_from_stats(stats[0], stats[1], positives, negatives)
 
 
 def supcon_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic):
-    stats = ops.lse_rows(x, y, x_labels, y_labels, _offset(self_offset), _KIND["supcon"], 0.0, 1.0 / temperature,
+    stats = ops.lse_rows(x, _references(x, y), x_labels, y_labels, _offset(self_offset), _KIND["supcon"], 0.0, 1.0 / temperature,
                          deterministic)
     positives, _ = pair_counts(x_labels, y_labels, self_offset)
     return supcon_from_stats(stats[1], stats[2], positives, temperature)

@@ -44,11 +44,13 @@ def variants():
         base = dict(KIND=kind, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=acc, UPCAST=False, PRECISION=precision)
         data = _POINTER[acc]
         yield f"lse_rows_forward[kind={kind},{acc}]", _lse_kernels.lse_rows_forward, data, base
-        for atomic in (False, True):
-            yield (f"lse_rows_backward_dx[kind={kind},{acc},atomic={atomic}]", _lse_kernels.lse_rows_backward_dx,
-                   data, dict(base, BLOCK_OUT=64, ATOMIC_DY=atomic))
-        yield (f"lse_rows_backward_dy[kind={kind},{acc}]", _lse_kernels.lse_rows_backward_dy, data,
-               dict(base, BLOCK_OUT=64))
+        for atomic_dy, atomic_dx in ((False, False), (True, False), (True, True)):
+            yield (f"lse_rows_backward_dx[kind={kind},{acc},atomic={atomic_dy},{atomic_dx}]",
+                   _lse_kernels.lse_rows_backward_dx, data,
+                   dict(base, BLOCK_OUT=64, ATOMIC_DY=atomic_dy, ATOMIC_DX=atomic_dx))
+        for accumulate in (False, True):
+            yield (f"lse_rows_backward_dy[kind={kind},{acc},accumulate={accumulate}]",
+                   _lse_kernels.lse_rows_backward_dy, data, dict(base, BLOCK_OUT=64, ACCUMULATE=accumulate))
     for acc in (tl.float32, tl.float64):
         yield (f"batch_hard_select[{acc}]", _batch_hard_kernel.batch_hard_select, _POINTER[acc],
                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=acc, UPCAST=False,

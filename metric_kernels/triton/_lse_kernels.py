@@ -149,8 +149,9 @@ def lse_rows_backward_dx(grad_ptr, stats_ptr, x_ptr, y_ptr, x_labels_ptr, y_labe
                          N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
                          KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_OUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr, ATOMIC_DY: tl.constexpr):
-    """dX for BLOCK_M rows and BLOCK_OUT columns of D; with ATOMIC_DY also adds dS^T X into dY (fp32/fp64 buffer)."""
+                         PRECISION: tl.constexpr, ATOMIC_DY: tl.constexpr, ATOMIC_DX: tl.constexpr):
+    """dX for BLOCK_M rows and BLOCK_OUT columns of D; with ATOMIC_DY also adds dS^T X into dY (fp32/fp64 buffer).
+    ATOMIC_DX adds dX atomically too: when the references are the queries, dX and dY are one zeroed buffer."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     out_dims = tl.program_id(1).to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
@@ -171,15 +172,21 @@ def lse_rows_backward_dx(grad_ptr, stats_ptr, x_ptr, y_ptr, x_labels_ptr, y_labe
             dy = tl.dot(tl.trans(ds), x_out, input_precision=PRECISION, out_dtype=ACC)
             tl.atomic_add(dy_ptr + cols[:, None] * D + out_dims[None, :], dy,
                           mask=(cols[:, None] < M) & (out_dims[None, :] < D))
-    tl.store(dx_ptr + rows[:, None] * D + out_dims[None, :], dx, mask=(rows[:, None] < N) & (out_dims[None, :] < D))
+    dx_mask = (rows[:, None] < N) & (out_dims[None, :] < D)
+    if ATOMIC_DX:
+        tl.atomic_add(dx_ptr + rows[:, None] * D + out_dims[None, :], dx, mask=dx_mask)
+    else:
+        tl.store(dx_ptr + rows[:, None] * D + out_dims[None, :], dx, mask=dx_mask)
 
 
 @triton.jit
 def lse_rows_backward_dy(grad_ptr, stats_ptr, x_ptr, y_ptr, x_labels_ptr, y_labels_ptr, dy_ptr,
                          N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
                          KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_OUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """dY for BLOCK_N references and BLOCK_OUT columns of D, summing over row blocks in a fixed order (no atomics)."""
+                         BLOCK_OUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                         ACCUMULATE: tl.constexpr):
+    """dY for BLOCK_N references and BLOCK_OUT columns of D, summing over row blocks in a fixed order (no atomics).
+    ACCUMULATE adds into what dy_ptr holds (the dX of the same rows, when the references are the queries)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_dims = tl.program_id(1).to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     y_labels = tl.load(y_labels_ptr + cols, mask=cols < M, other=0)
@@ -193,4 +200,7 @@ def lse_rows_backward_dy(grad_ptr, stats_ptr, x_ptr, y_ptr, x_labels_ptr, y_labe
         x_out = tl.load(x_ptr + rows[:, None] * stride_xn + out_dims[None, :] * stride_xd,
                         mask=(rows[:, None] < N) & (out_dims[None, :] < D), other=0.0).to(ACC)
         dy = tl.dot(tl.trans(ds), x_out, dy, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(dy_ptr + cols[:, None] * D + out_dims[None, :], dy, mask=(cols[:, None] < M) & (out_dims[None, :] < D))
+    dy_mask = (cols[:, None] < M) & (out_dims[None, :] < D)
+    if ACCUMULATE:  # each (column block, D block) belongs to this program alone, so load-add-store is race-free
+        dy += tl.load(dy_ptr + cols[:, None] * D + out_dims[None, :], mask=dy_mask, other=0.0)
+    tl.store(dy_ptr + cols[:, None] * D + out_dims[None, :], dy, mask=dy_mask)

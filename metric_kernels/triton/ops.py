@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -54,8 +54,11 @@ def _device_guard(tensor):
 
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
-def lse_rows(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int,
-             kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
+def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
+             self_offset: int, kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
+    """Per-row statistics [3, N] (see _lse_kernels). y=None: the references are the queries themselves, and the
+    backward then writes one gradient instead of two."""
+    y = x if y is None else y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     stats = torch.empty((3, n), dtype=_accumulator(x.dtype)[1], device=x.device)
     args = _launch_args(x, y)
@@ -72,34 +75,47 @@ def _(x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, determinist
 
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows_backward", mutates_args=())
-def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor],
                       x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int, kind: int, param_a: float,
                       param_b: float, deterministic: bool, need_dx: bool, need_dy: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dY); a gradient that is not needed comes back with 0 rows. With y=None, dX holds the whole gradient
+    (as query and as reference) and dY is empty."""
+    same = y is None
+    y = x if same else y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     acc_dtype = _accumulator(x.dtype)[1]
     args = _launch_args(x, y)
     block_out = args["BLOCK_D"]
-    # Without atomics, dY is its own pass over column blocks, each summing the row blocks in a fixed order.
-    atomic = need_dy and not deterministic
-    dx = torch.empty((n if need_dx or atomic else 0, d), dtype=acc_dtype, device=x.device)
-    dy = (torch.zeros if atomic else torch.empty)((m if need_dy else 0, d), dtype=acc_dtype, device=x.device)
+    if same:
+        need_dx, need_dy = need_dx or need_dy, False
+    atomic = not deterministic and (need_dy or same)  # dY from the row pass, added atomically
+    dx = (torch.zeros if same and atomic else torch.empty)((n if need_dx or atomic else 0, d), dtype=acc_dtype,
+                                                           device=x.device)
+    dy = dx if same else (torch.zeros if atomic else torch.empty)((m if need_dy else 0, d), dtype=acc_dtype,
+                                                                    device=x.device)
     common = (x, y, x_labels, y_labels)
     sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, param_a, param_b)
     with _device_guard(x):
         if d > 0 and (need_dx or atomic):
             _lse_kernels.lse_rows_backward_dx[(triton.cdiv(n, args["BLOCK_M"]), triton.cdiv(d, block_out))](
-                grad, stats, *common, dx, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ATOMIC_DY=atomic, **args)
-        if d > 0 and need_dy and not atomic:
+                grad, stats, *common, dx, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ATOMIC_DY=atomic,
+                ATOMIC_DX=same and atomic, **args)
+        if d > 0 and (need_dy or same) and not atomic:
+            # Without atomics, dY is its own pass over column blocks, each summing the row blocks in a fixed order.
             _lse_kernels.lse_rows_backward_dy[(triton.cdiv(m, args["BLOCK_N"]), triton.cdiv(d, block_out))](
-                grad, stats, *common, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, **args)
+                grad, stats, *common, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ACCUMULATE=same, **args)
     if not need_dx:
-        dx = dx[:0]
+        dx = dx.new_empty((0, d))
+    if same:
+        dy = dx.new_empty((0, d))  # a fresh tensor: a custom op's outputs may not alias each other
     return dx.to(x.dtype), dy.to(y.dtype)
 
 
 @lse_rows_backward.register_fake
 def _(grad, stats, x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic, need_dx, need_dy):
+    if y is None:
+        return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
     return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
             y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
 
@@ -112,7 +128,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, y, x_labels, y_labels, stats = ctx.saved_tensors
-    need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
     dx, dy = lse_rows_backward(grad.to(stats.dtype).contiguous(), stats, x, y, x_labels, y_labels, *ctx.params,
                                need_dx, need_dy)
     return (dx if need_dx else None, dy if need_dy else None) + (None,) * 7
