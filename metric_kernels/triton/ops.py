@@ -35,18 +35,40 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _blocks(dim: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs every block dimension >= 16. Large blocks suit the interpreter,
-    which runs each program as numpy code."""
-    block_d = max(16, min(64, triton.next_power_of_2(max(dim, 1))))
-    return (64, 64, block_d) if interpreting() else (64, 64, block_d)
+def _block_d(dim: int) -> int:
+    """The D tile: tl.dot needs every block dimension >= 16; 64 keeps a tile of X and Y on chip for any D."""
+    return max(16, min(64, triton.next_power_of_2(max(dim, 1))))
+
+
+def _configs():
+    """Autotuning space of the row and reference tiles. Under the interpreter a single config: Triton's autotuner
+    cannot benchmark there, and one config makes it run the kernel as is, through the same wrapper as on a GPU."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    shapes = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 64, 4, 4),
+              (128, 32, 4, 3))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_KEY = ["N", "M", "D", "BLOCK_D", "ACC", "PRECISION"]  # Triton adds the pointer dtypes itself
+_forward = triton.autotune(_configs(), key=_KEY + ["KIND"])(_lse_kernels.lse_rows_forward)
+# Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed, and the accumulating dY pass gets
+# back the dX it adds to, before each run.
+_backward_dx = triton.autotune(_configs(), key=_KEY + ["KIND", "ATOMIC_DY", "ATOMIC_DX"],
+                               reset_to_zero=["dy_ptr"])(_lse_kernels.lse_rows_backward_dx)
+_backward_dy = triton.autotune(_configs(), key=_KEY + ["KIND", "ACCUMULATE"],
+                               restore_value=["dy_ptr"])(_lse_kernels.lse_rows_backward_dy)
+_batch_hard = triton.autotune(_configs(), key=_KEY)(_batch_hard_kernel.batch_hard_select)
 
 
 def _launch_args(x, y):
     acc, _ = _accumulator(x.dtype)
-    block_m, block_n, block_d = _blocks(x.shape[1])
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=acc,
-                UPCAST=interpreting() and x.dtype in _HALF, PRECISION=_precision(x.dtype))
+    return dict(BLOCK_D=_block_d(x.shape[1]), ACC=acc, UPCAST=interpreting() and x.dtype in _HALF,
+                PRECISION=_precision(x.dtype))
+
+
+def _rows_grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
 
 
 def _device_guard(tensor):
@@ -63,7 +85,7 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
     stats = torch.empty((3, n), dtype=_accumulator(x.dtype)[1], device=x.device)
     args = _launch_args(x, y)
     with _device_guard(x):
-        _lse_kernels.lse_rows_forward[(triton.cdiv(n, args["BLOCK_M"]),)](
+        _forward[_rows_grid(n)](
             x, y, x_labels, y_labels, stats, n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             self_offset, param_a, param_b, KIND=kind, **args)
     return stats
@@ -98,12 +120,12 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, param_a, param_b)
     with _device_guard(x):
         if d > 0 and (need_dx or atomic):
-            _lse_kernels.lse_rows_backward_dx[(triton.cdiv(n, args["BLOCK_M"]), triton.cdiv(d, block_out))](
+            _backward_dx[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_out))](
                 grad, stats, *common, dx, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ATOMIC_DY=atomic,
                 ATOMIC_DX=same and atomic, **args)
         if d > 0 and (need_dy or same) and not atomic:
             # Without atomics, dY is its own pass over column blocks, each summing the row blocks in a fixed order.
-            _lse_kernels.lse_rows_backward_dy[(triton.cdiv(m, args["BLOCK_N"]), triton.cdiv(d, block_out))](
+            _backward_dy[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, block_out))](
                 grad, stats, *common, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ACCUMULATE=same, **args)
     if not need_dx:
         dx = dx.new_empty((0, d))
@@ -147,7 +169,7 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
     y_squared = y.to(acc_dtype).pow(2).sum(dim=1)
     args = _launch_args(x, y)
     with _device_guard(x):
-        _batch_hard_kernel.batch_hard_select[(triton.cdiv(n, args["BLOCK_M"]),)](
+        _batch_hard[_rows_grid(n)](
             x, y, x_squared, y_squared, x_labels, y_labels, choices, n, m, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, **args)
     return choices
