@@ -237,3 +237,13 @@ def test_opcheck_backward_and_batch_hard_select():
         torch.library.opcheck(ops.lse_rows_backward, (torch.randn_like(self_stats), self_stats, x.detach(), None,
                                                       labels, labels, 0, 0, 0.25, 8.0, deterministic, True, False))
     torch.library.opcheck(ops.batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
+
+
+@pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
+def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
+    """The oracle of the GPU tests' N = 65536 case, checked here on a size the unchunked reference handles."""
+    from tests.test_triton_gpu import PARAMS as GPU_PARAMS, chunked_reference_rows
+    x = torch.randn(300, 16, dtype=torch.float64)
+    labels = torch.randint(0, 40, (300,))
+    expected = getattr(mk, f"{loss}_loss")(x, labels, reduction="none", backend="reference", **GPU_PARAMS[loss])
+    assert_rel_close(chunked_reference_rows(loss, x, labels, chunk=64, **GPU_PARAMS[loss]), expected, 1e-12, loss)
