@@ -1,5 +1,69 @@
-# The native extension (csrc/, driven through CMakeLists.txt) is added by the native-build work; until then the
-# package is pure Python and this file only lets `pip install --no-build-isolation -e .` use setuptools.
-from setuptools import setup
+"""Builds metric_kernels._C by driving CMakeLists.txt with Ninja (the way vLLM does), so `pip install
+--no-build-isolation .`, `pip install --no-build-isolation -e .` and a plain `cmake -G Ninja` build give the same
+module. Install without build isolation: the extension must be built against the torch that will import it.
 
-setup()
+Environment variables:
+  METRIC_KERNELS_BUILD_TYPE   CMake build type (default Release; Debug for a debug build)
+  MAX_JOBS                    parallel compile jobs (default: the number of CPUs)
+  METRIC_KERNELS_CUDA_ARCHS   CUDA architectures when CUDA sources are built (default "80;90")
+  METRIC_KERNELS_SKIP_EXT=1   install the pure-Python package only (backend="cpu" then reports it is not built)
+  METRIC_KERNELS_REQUIRE_EXT=1  fail the install when the extension does not build (CI sets it); otherwise a failed
+                              build warns and the package installs without it
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def run(self):
+        if os.environ.get("METRIC_KERNELS_SKIP_EXT") == "1":
+            print("metric_kernels: METRIC_KERNELS_SKIP_EXT=1, not building the native extension")
+            return
+        try:
+            super().run()
+        except Exception as error:  # a missing compiler, cmake or torch must not stop a pure-Python install
+            if os.environ.get("METRIC_KERNELS_REQUIRE_EXT") == "1":
+                raise
+            print(f"metric_kernels: WARNING: the native extension was not built ({error}); "
+                  "backend='cpu' will report it is not built", file=sys.stderr)
+
+    def build_extension(self, ext):
+        if shutil.which("cmake") is None:
+            raise RuntimeError("cmake is not on PATH")
+        output_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        os.makedirs(build_dir, exist_ok=True)
+        configure = [
+            "cmake", "-S", ROOT, "-B", build_dir,
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('METRIC_KERNELS_BUILD_TYPE', 'Release')}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DMETRIC_KERNELS_OUTPUT_DIR={output_dir}",
+            f"-DMETRIC_KERNELS_CUDA_ARCHS={os.environ.get('METRIC_KERNELS_CUDA_ARCHS', '80;90')}",
+        ]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(configure)
+        subprocess.check_call(["cmake", "--build", build_dir, "--parallel", jobs])
+        # CMake names the module for this interpreter (e.g. _C.cpython-311-x86_64-linux-gnu.so), as setuptools does.
+        expected = self.get_ext_fullpath(ext.name)
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        built = os.path.join(output_dir, "_C" + suffix)
+        if os.path.abspath(built) != os.path.abspath(expected):
+            shutil.copyfile(built, expected)
+
+
+setup(ext_modules=[CMakeExtension("metric_kernels._C")], cmdclass={"build_ext": CMakeBuild})

@@ -12,13 +12,18 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.metric_kernels_stamp"
-want="$(cat "$ROOT/requirements-dev.txt" "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1) $TORCH_REQUIREMENT"
+# Reinstall when the requirements, the build description or the native sources change (the editable install
+# builds metric_kernels._C in place).
+want="$(cat "$ROOT/requirements-dev.txt" "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/CMakeLists.txt" \
+        $(find "$ROOT/csrc" -type f | sort) | sha256sum | cut -d' ' -f1) $TORCH_REQUIREMENT"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[env] installing $TORCH_REQUIREMENT, the test tools and metric_kernels into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "$TORCH_REQUIREMENT"
     "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt" "$TORCH_REQUIREMENT"
-    "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
+    # The native extension must build here (a failed build would only make backend="cpu" unavailable otherwise).
+    METRIC_KERNELS_REQUIRE_EXT="${METRIC_KERNELS_REQUIRE_EXT:-1}" MAX_JOBS="${MAX_JOBS:-2}" \
+        "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
     echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

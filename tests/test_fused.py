@@ -1,16 +1,28 @@
-"""backend="triton" against the float64 reference, on the CPU under Triton's interpreter (tests/conftest.py).
+"""The fused backends against the float64 reference: "triton" on the CPU under Triton's interpreter
+(tests/conftest.py) and "cpu", the native kernels of metric_kernels._C.
 
 Every loss, forward and backward (embeddings, ref_emb, proxies), with and without ref_emb and self_offset, every
-reduction, ragged sizes that are not multiples of the 64-wide blocks, one class / all-distinct labels / N = 1, fp32 at
-SPEC tolerances, fp16 and bf16 inputs against the reference run in the same precision; the deterministic and atomic
-backward paths; torch.compile(fullgraph=True) and torch.library.opcheck on the custom ops.
+reduction, ragged sizes that are not multiples of the blocks, one class / all-distinct labels / N = 1, fp32 at SPEC
+tolerances, fp16 and bf16 inputs against the reference run in the same precision; the deterministic and atomic
+backward paths; float64 gradcheck; torch.compile(fullgraph=True) and torch.library.opcheck on the ops.
 """
 import pytest
 import torch
 
 import metric_kernels as mk
-from metric_kernels.triton import ops
 from tests.helpers import assert_rel_close, grads
+
+FUSED = [name for name in ("triton", "cpu") if mk.available_backends("cpu")[name] is None]
+MISSING = {name: reason for name, reason in mk.available_backends("cpu").items() if name in ("triton", "cpu") and reason}
+backend_param = pytest.mark.parametrize("backend", ["triton", "cpu"])
+
+
+@pytest.fixture(autouse=True)
+def _fused_backend_is_built(request):
+    """A fused backend missing from the test machine is a failure, not a skip: CI builds both."""
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    if backend in MISSING:
+        pytest.fail(f"backend {backend!r} is not usable here: {MISSING[backend]}")
 
 # Tolerances against the float64 reference: (value, gradients), relative (SPEC / the developers' guide).
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
@@ -45,17 +57,17 @@ def _run(loss, leaves, labels, y_labels, offset, backend, reduction="mean_nonzer
                                        backend=backend, **PARAMS[loss])
 
 
-def _compare(loss, leaves64, labels, y_labels, offset, dtype, reduction="mean_nonzero"):
-    """Runs triton on `dtype` copies and the reference on float64 copies of the same (rounded) inputs; checks values
+def _compare(backend, loss, leaves64, labels, y_labels, offset, dtype, reduction="mean_nonzero"):
+    """Runs `backend` on `dtype` copies and the reference on float64 copies of the same (rounded) inputs; checks values
     and gradients. Half precision: no worse than the eager reference run on the same half inputs, plus 1e-2."""
     def run(backend, cast):
         leaves = [cast(t.detach()).requires_grad_() for t in leaves64]
         value = _run(loss, leaves, labels, y_labels, offset, backend, reduction)
         return value, grads(value, leaves)
 
-    ours, our_grads = run("triton", lambda t: t.to(dtype))
+    ours, our_grads = run(backend, lambda t: t.to(dtype))
     expected, expected_grads = run("reference", lambda t: t.to(dtype).double())
-    what = f"{loss} {dtype} N={leaves64[0].shape[0]} refs={len(leaves64)} offset={offset} {reduction}"
+    what = f"{backend} {loss} {dtype} N={leaves64[0].shape[0]} refs={len(leaves64)} offset={offset} {reduction}"
     floor = 1e-3 * expected.detach().abs().max().item() if expected.numel() else 0.0
     for g in our_grads:
         assert g.dtype == dtype and torch.all(torch.isfinite(g)), what
@@ -86,55 +98,61 @@ def _error(a, b, floor=0.0):
 @pytest.mark.parametrize("refs", ["self", "ref_emb", "self_offset"])
 @pytest.mark.parametrize("size", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
 @pytest.mark.parametrize("loss", PAIR_LOSSES)
-def test_pair_losses_match_reference(loss, size, refs, dtype):
+@backend_param
+def test_pair_losses_match_reference(backend, loss, size, refs, dtype):
     seed = SIZES.index(size) * 3 + ["self", "ref_emb", "self_offset"].index(refs)
     leaves, labels, y_labels, offset, _ = _pair_inputs(seed, *size, classes=5, refs=refs, dtype=dtype)
-    _compare(loss, leaves, labels, y_labels, offset, dtype)
+    _compare(backend, loss, leaves, labels, y_labels, offset, dtype)
 
 
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
 @pytest.mark.parametrize("loss", PAIR_LOSSES)
-def test_every_reduction(loss, reduction):
+@backend_param
+def test_every_reduction(backend, loss, reduction):
     leaves, labels, y_labels, offset, _ = _pair_inputs(7, 70, 80, 12, classes=4, refs="ref_emb", dtype=None)
-    _compare(loss, leaves, labels, y_labels, offset, torch.float32, reduction)
+    _compare(backend, loss, leaves, labels, y_labels, offset, torch.float32, reduction)
 
 
 @pytest.mark.parametrize("labels", ["one_class", "all_distinct", "single_row"])
 @pytest.mark.parametrize("loss", PAIR_LOSSES)
-def test_degenerate_labels(loss, labels):
+@backend_param
+def test_degenerate_labels(backend, loss, labels):
     n = 1 if labels == "single_row" else 40
     classes = {"one_class": 1, "all_distinct": 0, "single_row": 3}[labels]
     leaves, lab, y_labels, offset, _ = _pair_inputs(3, n, 50, 8, classes=classes, refs="self", dtype=None)
-    _compare(loss, leaves, lab, y_labels, offset, torch.float64)
+    _compare(backend, loss, leaves, lab, y_labels, offset, torch.float64)
     leaves, lab, y_labels, offset, _ = _pair_inputs(4, n, 50, 8, classes=classes, refs="ref_emb", dtype=None)
-    _compare(loss, leaves, lab, y_labels, offset, torch.float64)
+    _compare(backend, loss, leaves, lab, y_labels, offset, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (100, 7, 33), (150, 70, 5)], ids=["1x1x1", "100x7x33", "150x70x5"])
-def test_proxy_anchor_matches_reference(shape, dtype):
+@backend_param
+def test_proxy_anchor_matches_reference(backend, shape, dtype):
     n, classes, dim = shape
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, dim, generator=g, dtype=torch.float64)
     proxies = torch.randn(classes, dim, generator=g, dtype=torch.float64)
     labels = torch.randint(0, max(1, classes // 2), (n,), generator=g)  # some proxies without a positive
-    _compare("proxy_anchor", [x, proxies], labels, None, None, dtype)
+    _compare(backend, "proxy_anchor", [x, proxies], labels, None, None, dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
-def test_half_inputs(loss, dtype):
+@backend_param
+def test_half_inputs(backend, loss, dtype):
     if loss == "proxy_anchor":
         g = torch.Generator().manual_seed(0)
         leaves = [torch.randn(90, 24, generator=g, dtype=torch.float64), torch.randn(6, 24, generator=g, dtype=torch.float64)]
-        _compare(loss, leaves, torch.randint(0, 6, (90,), generator=g), None, None, dtype)
+        _compare(backend, loss, leaves, torch.randint(0, 6, (90,), generator=g), None, None, dtype)
         return
     leaves, labels, y_labels, offset, _ = _pair_inputs(5, 90, 70, 24, classes=6, refs="ref_emb", dtype=None)
-    _compare(loss, leaves, labels, y_labels, offset, dtype)
+    _compare(backend, loss, leaves, labels, y_labels, offset, dtype)
 
 
+@backend_param
 @pytest.mark.parametrize("loss", ["circle", "supcon", "proxy_anchor", "circle_self", "supcon_self"])
-def test_deterministic_and_atomic_backward_agree(loss):
+def test_deterministic_and_atomic_backward_agree(backend, loss):
     """Both backward paths, including the single-buffer one used when the references are the queries."""
     refs = "self" if loss.endswith("_self") else "ref_emb"
     loss = loss.replace("_self", "")
@@ -149,9 +167,9 @@ def test_deterministic_and_atomic_backward_agree(loss):
         if refs == "self":
             inputs.append(None)
         if loss == "proxy_anchor":
-            value = mk.proxy_anchor_loss(inputs[0], labels, inputs[1], backend="triton", deterministic=deterministic)
+            value = mk.proxy_anchor_loss(inputs[0], labels, inputs[1], backend=backend, deterministic=deterministic)
         else:
-            value = getattr(mk, f"{loss}_loss")(inputs[0], labels, inputs[1], y_labels, backend="triton",
+            value = getattr(mk, f"{loss}_loss")(inputs[0], labels, inputs[1], y_labels, backend=backend,
                                                  deterministic=deterministic)
         results.append((value, grads(value, [t for t in inputs if t is not None])))
     (v1, g1), (v2, g2) = results
@@ -160,11 +178,12 @@ def test_deterministic_and_atomic_backward_agree(loss):
         assert_rel_close(a, b, 1e-6, f"{loss} atomic vs deterministic")
 
 
-def test_backward_skips_references_without_grad():
+@backend_param
+def test_backward_skips_references_without_grad(backend):
     x = torch.randn(30, 8, requires_grad=True)
     y = torch.randn(40, 8)  # a memory bank: no gradient wanted
     labels, y_labels = torch.randint(0, 3, (30,)), torch.randint(0, 3, (40,))
-    ours = mk.circle_loss(x, labels, y, y_labels, backend="triton")
+    ours = mk.circle_loss(x, labels, y, y_labels, backend=backend)
     (gx,) = torch.autograd.grad(ours, x)
     x64 = x.detach().double().requires_grad_()
     expected = mk.circle_loss(x64, labels, y.double(), y_labels, backend="reference")
@@ -175,31 +194,33 @@ def test_backward_skips_references_without_grad():
 def test_triton_is_usable_on_cpu_only_under_the_interpreter_and_auto_skips_it():
     assert mk.available_backends("cpu")["triton"] is None
     from metric_kernels import backends
-    assert backends.resolve("auto", torch.device("cpu")).__name__ == "metric_kernels.reference"
+    assert backends.resolve("auto", torch.device("cpu")).__name__ != "metric_kernels.triton"
 
 
-def _loss_and_inputs(loss_name):
+def _loss_and_inputs(loss_name, backend):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 8, generator=g, requires_grad=True)
     y = torch.randn(50, 8, generator=g, requires_grad=True)
     proxies = torch.randn(4, 8, generator=g, requires_grad=True)
     labels, y_labels = torch.randint(0, 4, (40,), generator=g), torch.randint(0, 4, (50,), generator=g)
     calls = {
-        "circle": lambda a, b, p: mk.circle_loss(a, labels, b, y_labels, backend="triton") + 0 * p.sum(),
-        "supcon": lambda a, b, p: mk.supcon_loss(a, labels, b, y_labels, self_offset=5, backend="triton",
+        "circle": lambda a, b, p: mk.circle_loss(a, labels, b, y_labels, backend=backend) + 0 * p.sum(),
+        "circle_self": lambda a, b, p: mk.circle_loss(a, labels, backend=backend) + 0 * (p.sum() + b.sum()),
+        "supcon": lambda a, b, p: mk.supcon_loss(a, labels, b, y_labels, self_offset=5, backend=backend,
                                                  deterministic=False) + 0 * p.sum(),
-        "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend="triton")
+        "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend=backend)
         + 0 * p.sum(),
-        "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend="triton") + 0 * b.sum(),
+        "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend=backend) + 0 * b.sum(),
     }
     return calls[loss_name], (x, y, proxies)
 
 
-@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
-def test_torch_compile_fullgraph(loss):
+@backend_param
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["circle_self", "proxy_anchor"])
+def test_torch_compile_fullgraph(backend, loss):
     """A compiled training step: the custom ops trace as opaque nodes with fake implementations, AOTAutograd builds
     the forward and backward graphs (aot_eager runs them, fakes included), and values and gradients equal eager."""
-    fn, inputs = _loss_and_inputs(loss)
+    fn, inputs = _loss_and_inputs(loss, backend)
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     got, want = compiled(*inputs), fn(*inputs)
@@ -216,27 +237,36 @@ def _op_samples():
     return x, y, labels, y_labels
 
 
+def _ops(backend):
+    return (getattr(torch.ops.metric_kernels, f"{backend}_{name}")
+            for name in ("lse_rows", "lse_rows_backward", "batch_hard_select"))
+
+
+@backend_param
 @pytest.mark.parametrize("kind", [0, 1, 2])
-def test_opcheck_lse_rows(kind):
+def test_opcheck_lse_rows(backend, kind):
+    lse_rows, _, _ = _ops(backend)
     x, y, labels, y_labels = _op_samples()
     for offset, deterministic in ((-1, True), (3, False)):
-        torch.library.opcheck(ops.lse_rows, (x, y, labels, y_labels, offset, kind, 0.25, 8.0, deterministic))
+        torch.library.opcheck(lse_rows, (x, y, labels, y_labels, offset, kind, 0.25, 8.0, deterministic))
     for deterministic in (True, False):  # the references are the queries: one gradient buffer
-        torch.library.opcheck(ops.lse_rows, (x, None, labels, labels, 0, kind, 0.25, 8.0, deterministic))
+        torch.library.opcheck(lse_rows, (x, None, labels, labels, 0, kind, 0.25, 8.0, deterministic))
 
 
-def test_opcheck_backward_and_batch_hard_select():
+@backend_param
+def test_opcheck_backward_and_batch_hard_select(backend):
+    lse_rows, lse_rows_backward, batch_hard_select = _ops(backend)
     x, y, labels, y_labels = _op_samples()
-    stats = ops.lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
     grad = torch.randn_like(stats)
     for need_dx, need_dy, deterministic in ((True, True, True), (True, False, False), (False, True, False)):
-        torch.library.opcheck(ops.lse_rows_backward, (grad, stats.detach(), x.detach(), y.detach(), labels, y_labels,
+        torch.library.opcheck(lse_rows_backward, (grad, stats.detach(), x.detach(), y.detach(), labels, y_labels,
                                                       -1, 0, 0.25, 8.0, deterministic, need_dx, need_dy))
-    self_stats = ops.lse_rows(x, None, labels, labels, 0, 0, 0.25, 8.0, True).detach()
+    self_stats = lse_rows(x, None, labels, labels, 0, 0, 0.25, 8.0, True).detach()
     for deterministic in (True, False):
-        torch.library.opcheck(ops.lse_rows_backward, (torch.randn_like(self_stats), self_stats, x.detach(), None,
+        torch.library.opcheck(lse_rows_backward, (torch.randn_like(self_stats), self_stats, x.detach(), None,
                                                       labels, labels, 0, 0, 0.25, 8.0, deterministic, True, False))
-    torch.library.opcheck(ops.batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
+    torch.library.opcheck(batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
 
 
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
@@ -247,3 +277,23 @@ def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
     labels = torch.randint(0, 40, (300,))
     expected = getattr(mk, f"{loss}_loss")(x, labels, reduction="none", backend="reference", **GPU_PARAMS[loss])
     assert_rel_close(chunked_reference_rows(loss, x, labels, chunk=64, **GPU_PARAMS[loss]), expected, 1e-12, loss)
+
+
+@backend_param
+@pytest.mark.parametrize("loss", ["supcon", "batch_hard_triplet", "proxy_anchor"])
+def test_float64_gradcheck(backend, loss):
+    """Finite differences against the fused backward (Circle's detached weights are checked by its closed form in
+    test_gradients.py; here its gradients equal the reference's, in test_pair_losses_match_reference)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, y_labels = torch.randint(0, 3, (9,), generator=g), torch.randint(0, 3, (11,), generator=g)
+    if loss == "proxy_anchor":
+        fn = lambda a, b: mk.proxy_anchor_loss(a, labels, b[:3], alpha=4.0, backend=backend)
+    elif loss == "supcon":
+        fn = lambda a, b: mk.supcon_loss(a, labels, b, y_labels, temperature=0.5, self_offset=1, backend=backend)
+    else:
+        fn = lambda a, b: mk.batch_hard_triplet_loss(a, labels, b, y_labels, margin=2.5, backend=backend)
+    assert torch.autograd.gradcheck(fn, (x, y))
+    self_fn = lambda a: mk.supcon_loss(a, labels, temperature=0.5, backend=backend) if loss == "supcon" else fn(a, y)
+    assert torch.autograd.gradcheck(self_fn, (x,))

@@ -1,9 +1,9 @@
 """torch.library custom ops around the Triton kernels, with fake (meta) implementations and autograd formulas, so the
 fused losses work eagerly, under torch.compile(fullgraph=True) and under torch.library.opcheck.
 
-    metric_kernels::triton_lse_rows            (x, y, labels, ...) -> stats [3, N]   (see _lse_kernels.py)
-    metric_kernels::triton_lse_rows_backward   (grad [3, N], stats, x, y, ...) -> (dx, dy)
-    metric_kernels::triton_batch_hard_select   (x, y, labels, ...) -> chosen reference indices [2, N]
+    metric_kernels::triton_lse_rows, triton_lse_rows_backward, triton_batch_hard_select
+
+(the contract of every fused backend's ops: metric_kernels/_fused.py).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._fused import register_ops, stats_dtype
 from . import _batch_hard_kernel, _lse_kernels
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -25,7 +26,8 @@ def interpreting() -> bool:
 
 
 def _accumulator(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+    """Triton's accumulator and statistics type: float64 for float64 inputs, float32 otherwise (stats_dtype)."""
+    return tl.float64 if stats_dtype(dtype) == torch.float64 else tl.float32
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -62,7 +64,7 @@ _batch_hard = triton.autotune(_configs(), key=_KEY)(_batch_hard_kernel.batch_har
 
 
 def _launch_args(x, y):
-    acc, _ = _accumulator(x.dtype)
+    acc = _accumulator(x.dtype)
     return dict(BLOCK_D=_block_d(x.shape[1]), ACC=acc, UPCAST=interpreting() and x.dtype in _HALF,
                 PRECISION=_precision(x.dtype))
 
@@ -78,11 +80,10 @@ def _device_guard(tensor):
 @torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
 def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
              self_offset: int, kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
-    """Per-row statistics [3, N] (see _lse_kernels). y=None: the references are the queries themselves, and the
-    backward then writes one gradient instead of two."""
+    """Per-row statistics [3, N] (see _lse_kernels and metric_kernels/_fused.py for the ops' contract)."""
     y = x if y is None else y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    stats = torch.empty((3, n), dtype=_accumulator(x.dtype)[1], device=x.device)
+    stats = torch.empty((3, n), dtype=stats_dtype(x.dtype), device=x.device)
     args = _launch_args(x, y)
     with _device_guard(x):
         _forward[_rows_grid(n)](
@@ -91,22 +92,16 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
     return stats
 
 
-@lse_rows.register_fake
-def _(x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic):
-    return x.new_empty((3, x.shape[0]), dtype=_accumulator(x.dtype)[1])
-
-
 @torch.library.custom_op("metric_kernels::triton_lse_rows_backward", mutates_args=())
 def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor],
                       x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int, kind: int, param_a: float,
                       param_b: float, deterministic: bool, need_dx: bool, need_dy: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dX, dY); a gradient that is not needed comes back with 0 rows. With y=None, dX holds the whole gradient
-    (as query and as reference) and dY is empty."""
+    """(dX, dY) as metric_kernels/_fused.py describes."""
     same = y is None
     y = x if same else y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    acc_dtype = _accumulator(x.dtype)[1]
+    acc_dtype = stats_dtype(x.dtype)
     args = _launch_args(x, y)
     block_out = args["BLOCK_D"]
     if same:
@@ -134,36 +129,11 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     return dx.to(x.dtype), dy.to(y.dtype)
 
 
-@lse_rows_backward.register_fake
-def _(grad, stats, x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic, need_dx, need_dy):
-    if y is None:
-        return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
-    return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
-            y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic = inputs
-    ctx.save_for_backward(x, y, x_labels, y_labels, output)
-    ctx.params = (self_offset, kind, param_a, param_b, deterministic)
-
-
-def _backward(ctx, grad):
-    x, y, x_labels, y_labels, stats = ctx.saved_tensors
-    need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
-    dx, dy = lse_rows_backward(grad.to(stats.dtype).contiguous(), stats, x, y, x_labels, y_labels, *ctx.params,
-                               need_dx, need_dy)
-    return (dx if need_dx else None, dy if need_dy else None) + (None,) * 7
-
-
-lse_rows.register_autograd(_backward, setup_context=_setup_context)
-
-
 @torch.library.custom_op("metric_kernels::triton_batch_hard_select", mutates_args=())
 def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, y_labels: torch.Tensor,
                       self_offset: int) -> torch.Tensor:
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    _, acc_dtype = _accumulator(x.dtype)
+    acc_dtype = stats_dtype(x.dtype)
     choices = torch.empty((2, n), dtype=torch.int64, device=x.device)
     x_squared = x.to(acc_dtype).pow(2).sum(dim=1)
     y_squared = y.to(acc_dtype).pow(2).sum(dim=1)
@@ -175,6 +145,4 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
     return choices
 
 
-@batch_hard_select.register_fake
-def _(x, y, x_labels, y_labels, self_offset):
-    return x.new_empty((2, x.shape[0]), dtype=torch.int64)
+register_ops("triton")  # fake implementations and autograd, shared with every fused backend

@@ -1,0 +1,39 @@
+// What a fused kernel gets: raw pointers, sizes and strides, apart from any torch type (FlashAttention's pattern), so
+// the same kernels serve the torch bindings, a plain C++ test or another framework.
+#pragma once
+
+#include <cstdint>
+
+namespace metric_kernels {
+
+// C[m x n] = beta * C + op(A) op(B), row-major with leading dimensions; op transposes when asked.
+// The CPU kernels call it on tiles; the bindings supply a BLAS-backed implementation.
+template <typename T>
+using GemmFn = void (*)(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, const T* a,
+                        int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+template <typename T>
+struct PairRowsParams {
+  const T* x;               // N x D queries, row stride x_stride, contiguous rows
+  const T* y;               // M x D references (may equal x)
+  const int64_t* x_labels;  // N
+  const int64_t* y_labels;  // M
+  int64_t n, m, d, x_stride, y_stride;
+  int64_t self_offset;      // query i is reference i + self_offset; < 0: none
+  int kind;                 // LossKind
+  T a, b;                   // loss parameters (epilogue.h)
+  GemmFn<T> gemm;
+  int num_threads;          // CPU kernels: OpenMP threads (the bindings pass torch.get_num_threads())
+};
+
+template <typename T>
+struct PairRowsBackwardParams {
+  PairRowsParams<T> pair;
+  const T* grad;   // 3 x N upstream gradients of the statistics
+  const T* stats;  // 3 x N saved statistics
+  T* dx;           // N x D (contiguous) or nullptr
+  T* dy;           // M x D (contiguous) or nullptr; equal to dx when the references are the queries
+  bool accumulate_dy;  // add dY into what dy holds (the dX of the same rows)
+};
+
+}  // namespace metric_kernels

@@ -1,0 +1,98 @@
+"""What every fused backend shares: fake (meta) implementations and the autograd formula of its ops, and the four
+per-row loss functions built on them. A fused backend provides three ops, named <prefix>_lse_rows,
+<prefix>_lse_rows_backward and <prefix>_batch_hard_select in the metric_kernels namespace:
+
+    lse_rows(x, y?, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic) -> stats [3, N]
+    lse_rows_backward(grad [3, N], stats, x, y?, x_labels, y_labels, self_offset, kind, param_a, param_b,
+                      deterministic, need_dx, need_dy) -> (dx, dy)       (an unneeded gradient has 0 rows;
+                      y = None: the references are the queries, dx holds the whole gradient)
+    batch_hard_select(x, y, x_labels, y_labels, self_offset) -> [2, N] int64 (-1: none)
+
+with self_offset -1 for "no query is a reference". The statistics are those of csrc/epilogue.h.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._pairs import pair_counts
+from ._row_epilogues import batch_hard_from_choices, circle_from_stats, proxy_anchor_from_stats, supcon_from_stats
+
+KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_ops(prefix: str) -> None:
+    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_* ops."""
+    forward, backward, select = (f"metric_kernels::{prefix}_{op}"
+                                 for op in ("lse_rows", "lse_rows_backward", "batch_hard_select"))
+    backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_lse_rows_backward")
+
+    @torch.library.register_fake(forward)
+    def _(x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic):
+        return x.new_empty((3, x.shape[0]), dtype=stats_dtype(x.dtype))
+
+    @torch.library.register_fake(backward)
+    def _(grad, stats, x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic, need_dx,
+          need_dy):
+        if y is None:
+            return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
+        return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
+                y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
+
+    @torch.library.register_fake(select)
+    def _(x, y, x_labels, y_labels, self_offset):
+        return x.new_empty((2, x.shape[0]), dtype=torch.int64)
+
+    def setup_context(ctx, inputs, output):
+        x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic = inputs
+        ctx.save_for_backward(x, y, x_labels, y_labels, output)
+        ctx.params = (self_offset, kind, param_a, param_b, deterministic)
+
+    def backward_fn(ctx, grad):
+        x, y, x_labels, y_labels, stats = ctx.saved_tensors
+        need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
+        dx, dy = backward_op(grad.to(stats.dtype).contiguous(), stats, x, y, x_labels, y_labels, *ctx.params,
+                             need_dx, need_dy)
+        return (dx if need_dx else None, dy if need_dy else None) + (None,) * 7
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+class FusedRows:
+    """The backend contract's four per-row functions (metric_kernels/backends.py) over a fused backend's ops."""
+
+    def __init__(self, prefix: str):
+        self._lse_rows = getattr(torch.ops.metric_kernels, f"{prefix}_lse_rows")
+        self._select = getattr(torch.ops.metric_kernels, f"{prefix}_batch_hard_select")
+
+    @staticmethod
+    def _offset(self_offset):
+        return -1 if self_offset is None else self_offset
+
+    def _stats(self, x, y, x_labels, y_labels, self_offset, kind, a, b, deterministic):
+        # y is x: the op gets None and writes a single gradient (as query and as reference)
+        return self._lse_rows(x, None if y is x else y, x_labels, y_labels, self._offset(self_offset), KIND[kind],
+                              a, b, deterministic)
+
+    def circle_rows(self, x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "circle", m, gamma, deterministic)
+        positives, negatives = pair_counts(x_labels, y_labels, self_offset)
+        return circle_from_stats(stats[0], stats[1], positives, negatives)
+
+    def supcon_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "supcon", 0.0, 1.0 / temperature, deterministic)
+        positives, _ = pair_counts(x_labels, y_labels, self_offset)
+        return supcon_from_stats(stats[1], stats[2], positives, temperature)
+
+    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
+        choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
+        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
+
+    def proxy_anchor_rows(self, proxies, x, labels, *, margin, alpha, deterministic):
+        proxy_labels = torch.arange(proxies.shape[0], device=proxies.device)
+        stats = self._lse_rows(proxies, x, proxy_labels, labels, -1, KIND["proxy_anchor"], margin, alpha,
+                               deterministic)
+        return proxy_anchor_from_stats(stats[0], stats[1])
