@@ -6,6 +6,8 @@ backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels whe
 from .backends import BackendUnavailableError, available_backends
 from .functional import batch_hard_triplet_loss, circle_loss, multiview, proxy_anchor_loss, supcon_loss
 from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss
+from .distributed import DistributedLoss
+from .cross_batch_memory import CrossBatchMemory
 
 __version__ = "0.1.0"
 
@@ -13,6 +15,8 @@ __all__ = [
     "BackendUnavailableError",
     "BatchHardTripletLoss",
     "CircleLoss",
+    "CrossBatchMemory",
+    "DistributedLoss",
     "ProxyAnchorLoss",
     "SupConLoss",
     "available_backends",

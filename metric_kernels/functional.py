@@ -106,12 +106,13 @@ def _generic_pair_gate(x_labels: torch.Tensor, y_labels: torch.Tensor, self_offs
     return gate
 
 
-def _pair_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-               deterministic, normalize: bool, generic_pair_gate: Optional[str], **params):
-    """Validates, prepares, dispatches and reduces a pair loss.
+def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+               deterministic, normalize: bool, **params):
+    """Validates, prepares and dispatches a pair loss: the per-query losses before any batch-level rule or reduction.
 
-    generic_pair_gate: None (batch-hard, PML's TripletMarginLoss has no batch-level rule), "pairs" (Circle) or "both"
-    (SupCon): see _generic_pair_gate.
+    Returns (rows, x_labels, y_labels, self_offset, guard); y_labels are the resolved reference labels and guard is
+    _nonfinite_guard of the prepared rows. Shared by _pair_loss and metric_kernels.distributed, which applies the
+    batch-level rule and the reduction to the global batch instead of the local one.
     """
     references, reference_labels, self_offset = check.check_pair_inputs(
         embeddings, labels, ref_emb, ref_labels, self_offset)
@@ -131,9 +132,22 @@ def _pair_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     else:
         rows = getattr(implementation, rows_name)(
             x, y, x_labels, y_labels, self_offset, deterministic=deterministic, **params)
-        if generic_pair_gate is not None:
-            gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=generic_pair_gate == "both")
-            rows = torch.where(gate, rows, torch.zeros_like(rows))
+    return rows, x_labels, y_labels, self_offset, guard
+
+
+def _pair_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+               deterministic, normalize: bool, generic_pair_gate: Optional[str], **params):
+    """Validates, prepares, dispatches and reduces a pair loss.
+
+    generic_pair_gate: None (batch-hard, PML's TripletMarginLoss has no batch-level rule), "pairs" (Circle) or "both"
+    (SupCon): see _generic_pair_gate.
+    """
+    rows, x_labels, y_labels, self_offset, guard = _pair_rows(
+        rows_name, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic, normalize,
+        **params)
+    if generic_pair_gate is not None and x_labels.shape[0] > 0 and y_labels.shape[0] > 0:
+        gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=generic_pair_gate == "both")
+        rows = torch.where(gate, rows, torch.zeros_like(rows))
     return _reduce(rows, reduction) + guard
 
 
@@ -170,8 +184,10 @@ def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *
                       deterministic, normalize_embeddings, None, margin=margin, soft=soft)
 
 
-def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto", deterministic=None):
-    """Proxy-Anchor loss (Kim et al. 2020) with PML's semantics: sum_c pos_c / |P+| + sum_c neg_c / C."""
+def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, deterministic):
+    """Validates, prepares and dispatches Proxy-Anchor: (positive_terms, negative_terms, guard), one term per proxy
+    before the division by |P+| and C. Shared by proxy_anchor_loss and metric_kernels.distributed, which computes
+    each rank's share of the proxies against the gathered batch."""
     check.check_proxy_inputs(embeddings, labels, proxies)
     margin = check.check_real(margin, "margin")
     alpha = check.check_positive(alpha, "alpha")
@@ -183,16 +199,24 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, ba
     x = _prepare(embeddings, dtype, True)
     p = _prepare(proxies, dtype, True)
     labels = labels.long()
-    num_classes = p.shape[0]
     if x.shape[0] == 0:
         positive_terms = negative_terms = p.sum(dim=1) * 0  # log(1 + empty sum) = 0
     else:
         positive_terms, negative_terms = implementation.proxy_anchor_rows(
             p, x, labels, margin=margin, alpha=alpha, deterministic=deterministic)
+    return positive_terms, negative_terms, _nonfinite_guard(x, p)
+
+
+def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto", deterministic=None):
+    """Proxy-Anchor loss (Kim et al. 2020) with PML's semantics: sum_c pos_c / |P+| + sum_c neg_c / C."""
+    positive_terms, negative_terms, guard = _proxy_anchor_terms(
+        embeddings, labels, proxies, margin=margin, alpha=alpha, backend=backend, deterministic=deterministic)
+    num_classes = proxies.shape[0]
+    labels = labels.long()
     with_positive = torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill(0, labels, True).sum()
     positive_part = torch.where(with_positive > 0, positive_terms.sum() / with_positive.clamp(min=1),
                                 positive_terms.sum() * 0)
-    return positive_part + negative_terms.sum() / num_classes + _nonfinite_guard(x, p)
+    return positive_part + negative_terms.sum() / num_classes + guard
 
 
 def multiview(features, labels=None):

@@ -1,0 +1,115 @@
+"""CrossBatchMemory (Wang et al. 2020, XBM): a pair loss computed against a ring buffer of past embeddings.
+
+PML's semantics and state names: each call first enqueues the detached batch, then computes the batch's loss against
+the filled part of the memory, leaving out each query's own (just enqueued) slot. The fused losses take that as
+`self_offset`; because these losses do not depend on the order of the references, a batch that wraps around the end
+of the ring is handled by a rolled copy of the memory in which the batch's slots come first.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from .modules import BatchHardTripletLoss, CircleLoss, SupConLoss, _labels_on, _no_miners
+
+_LOSSES = (CircleLoss, SupConLoss, BatchHardTripletLoss)
+
+
+class CrossBatchMemory(nn.Module):
+    """`CrossBatchMemory(loss, embedding_size, memory_size=1024)` for CircleLoss, SupConLoss and BatchHardTripletLoss,
+    as pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels, indices_tuple=None, enqueue_mask=None).
+
+    State (PML's names): `embedding_memory` (memory_size x embedding_size) and `label_memory` buffers, `queue_idx`
+    (the next slot to write), `has_been_filled`; `reset_queue()` empties the memory. With `enqueue_mask`, the rows
+    where it is True are enqueued and the others are the queries (no slot is left out), as in PML.
+
+    Differences from PML: miners (`indices_tuple`, PML's `miner=`) are not supported, the fused losses compute every
+    pair; a batch of one row leaves its own slot out (PML keeps it); enqueuing nothing never marks the memory as filled.
+    """
+
+    def __init__(self, loss, embedding_size, memory_size=1024):
+        super().__init__()
+        if not isinstance(loss, _LOSSES):
+            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss or BatchHardTripletLoss, got "
+                            f"{type(loss).__name__}")
+        for value, name in ((embedding_size, "embedding_size"), (memory_size, "memory_size")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.loss = loss
+        self.embedding_size = int(embedding_size)
+        self.memory_size = int(memory_size)
+        self.reset_queue()
+
+    def reset_queue(self):
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))
+        self.has_been_filled = False
+        self.queue_idx = 0
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, enqueue_mask=None):
+        _no_miners(indices_tuple)
+        check.check_embeddings(embeddings, "embeddings")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), "
+                             f"got shape {tuple(embeddings.shape)}")
+        labels = _labels_on(labels, embeddings, "labels")
+        check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        # PML keeps the memory in the embeddings' device and dtype.
+        self.embedding_memory = self.embedding_memory.to(device=embeddings.device, dtype=embeddings.dtype)
+        self.label_memory = self.label_memory.to(device=labels.device, dtype=labels.dtype)
+
+        if enqueue_mask is not None:
+            if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
+                raise TypeError("enqueue_mask must be a boolean tensor")
+            if enqueue_mask.shape != (embeddings.shape[0],):
+                raise ValueError(f"enqueue_mask must have shape ({embeddings.shape[0]},) (one entry per row of "
+                                 f"embeddings), got {tuple(enqueue_mask.shape)}")
+            enqueue_mask = enqueue_mask.to(embeddings.device)
+            to_queue, queue_labels = embeddings[enqueue_mask], labels[enqueue_mask]
+            queries, query_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+        else:
+            to_queue, queue_labels = queries, query_labels = embeddings, labels
+        batch = to_queue.shape[0]
+        if batch > self.memory_size:
+            raise ValueError(f"cannot enqueue {batch} rows into a memory of {self.memory_size} (memory_size)")
+
+        start = self._enqueue(to_queue, queue_labels)
+        references, reference_labels, self_offset = self._references(start, batch)
+        if enqueue_mask is not None:
+            self_offset = None  # the queries were not enqueued: nothing to leave out
+        return self.loss(queries, query_labels, None, references, reference_labels, self_offset=self_offset)
+
+    def _enqueue(self, embeddings, labels) -> int:
+        """Writes the rows at queue_idx.. (mod memory_size); returns where they start."""
+        start, batch = self.queue_idx, embeddings.shape[0]
+        self.curr_batch_idx = torch.arange(start, start + batch, device=labels.device) % self.memory_size
+        with torch.no_grad():
+            first = min(batch, self.memory_size - start)
+            self.embedding_memory[start:start + first] = embeddings[:first].detach()
+            self.label_memory[start:start + first] = labels[:first]
+            self.embedding_memory[:batch - first] = embeddings[first:].detach()
+            self.label_memory[:batch - first] = labels[first:]
+        self.queue_idx = (start + batch) % self.memory_size
+        if batch > 0 and not self.has_been_filled and self.queue_idx <= start:
+            self.has_been_filled = True
+        return start
+
+    def _references(self, start: int, batch: int):
+        """(references, their labels, offset of the batch in them): the filled memory, rolled if the batch wraps."""
+        if not self.has_been_filled:
+            # Filled from slot 0 without wrapping yet: the batch is at start.. of memory[:queue_idx].
+            return self.embedding_memory[:self.queue_idx], self.label_memory[:self.queue_idx], start
+        if start + batch <= self.memory_size:
+            return self.embedding_memory, self.label_memory, start
+        # The batch wraps: roll the ring so that its slots start at 0 (the losses ignore the references' order).
+        order = torch.cat([torch.arange(start, self.memory_size), torch.arange(0, start)]).to(
+            self.label_memory.device)
+        return self.embedding_memory[order], self.label_memory[order], 0
+
+    def extra_repr(self):
+        return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}"

@@ -1,0 +1,268 @@
+"""DistributedLoss: one loss over the global batch of a data-parallel job, with gradients that survive DDP's averaging.
+
+Contract (SPEC.md): on every rank the value equals the loss of the global batch (all ranks' rows, in rank order)
+computed on one process, and after DDP divides the summed gradients by the world size W, every parameter gradient
+(the embedding network's and ProxyAnchorLoss.proxies) equals that one-process computation's.
+
+How. Let L be the global loss and E_r the embeddings of rank r. The one-process gradient is sum_r dL/dE_r dE_r/dtheta,
+so rank r must backpropagate W * dL/dE_r into its own network (DDP then divides by W). Each rank computes a share
+l_r of L (sum_r l_r = L) that depends on its own embeddings and on everyone's through an autograd-aware all-gather,
+whose backward sums the gradients of every rank's share into each rank's slice (reduce-scatter). Rank r's share
+therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. The returned tensor carries the
+value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
+
+- Circle, SupCon, batch-hard: l_r comes from rank r's queries against the gathered references (self_offset = the
+  rank's row offset, so a query still leaves out only itself and the fused kernels stay O(local + global)). PML's
+  batch-level rules are evaluated on the global labels (every rank has them) and the reduction's denominator is global
+  (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows).
+- Proxy-Anchor is a sum over proxies of terms that each depend on the whole batch, so it is split by proxies: rank r
+  computes its contiguous slice of the proxies against the gathered embeddings, with the global |P+|. Rank r's proxy
+  gradient is then W times its slice's and zero elsewhere, and DDP's average gives the one-process gradient. The
+  proxies must therefore be averaged like the network's parameters (the module under DDP, or averaged by hand) and
+  be the same on every rank (DDP broadcasts them at construction).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _validation as check
+from . import functional
+from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss, _labels_on, _no_miners
+
+_LOSSES = (CircleLoss, SupConLoss, BatchHardTripletLoss, ProxyAnchorLoss)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collectives over rows of different counts per rank (padded to the largest, as all_gather needs equal shapes).
+
+def _gather_sizes(rows: int, device: torch.device, group) -> List[int]:
+    world = dist.get_world_size(group)
+    mine = torch.tensor([rows], dtype=torch.long, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    return [int(size) for size in sizes]
+
+
+def _gather_rows(tensor: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order (no autograd)."""
+    largest = max(sizes)
+    if largest == 0:
+        return tensor.new_empty((0,) + tuple(tensor.shape[1:]))
+    padded = tensor.contiguous()
+    if tensor.shape[0] < largest:
+        padded = tensor.new_zeros((largest,) + tuple(tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+    chunks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(chunks, padded, group=group)
+    return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)])
+
+
+def _use_reduce_scatter(group) -> bool:
+    # Gloo's reduce-scatter is missing from older torch releases (and is an all-reduce inside anyway): gloo sums the
+    # whole gradient with all_reduce and keeps its slice; NCCL and the others reduce-scatter.
+    return dist.get_backend(group) != "gloo"
+
+
+def _sum_rows_to_owner(grad: torch.Tensor, sizes: List[int], rank: int, group) -> torch.Tensor:
+    """The sum over ranks of `grad` (global rows), restricted to this rank's rows: a reduce-scatter."""
+    offset, rows = sum(sizes[:rank]), sizes[rank]
+    largest = max(sizes)
+    if largest == 0:
+        return grad.new_empty((0,) + tuple(grad.shape[1:]))
+    if not _use_reduce_scatter(group):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total[offset:offset + rows]
+    chunks = []
+    for chunk, size in zip(grad.split(sizes), sizes):
+        if size < largest:
+            padded = grad.new_zeros((largest,) + tuple(grad.shape[1:]))
+            padded[:size] = chunk
+            chunk = padded
+        chunks.append(chunk.contiguous())
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out[:rows]
+
+
+class _AllGather(torch.autograd.Function):
+    """All ranks' rows in rank order; backward sums every rank's gradient of them into each rank's own rows."""
+
+    @staticmethod
+    def forward(ctx, tensor, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _gather_rows(tensor, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sum_rows_to_owner(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+class _GlobalValue(torch.autograd.Function):
+    """Forward: `value`, the global loss (no graph). Backward: `scale` times the gradient into `share`, this rank's
+    share of it (for a vector loss, the share is the rank's rows at `offset` of the global vector)."""
+
+    @staticmethod
+    def forward(ctx, share, value, offset, scale):
+        ctx.vector, ctx.offset, ctx.scale = share.dim() > 0, offset, scale
+        ctx.rows = share.shape[0] if share.dim() else 0
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.vector:
+            grad = grad.narrow(0, ctx.offset, ctx.rows)
+        return grad * ctx.scale, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+def _pair_spec(loss):
+    """(per-row function of the functional layer, normalise, PML's batch-level rule, hyper-parameters, final scale)."""
+    if isinstance(loss, CircleLoss):
+        return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
+    if isinstance(loss, SupConLoss):
+        scale = 1.0 if loss.base_temperature is None else loss.temperature / loss.base_temperature
+        return "supcon_rows", True, "both", dict(temperature=loss.temperature), scale
+    return ("batch_hard_rows", loss.normalize_embeddings, None, dict(margin=loss.margin, soft=loss.soft), 1.0)
+
+
+class DistributedLoss(nn.Module):
+    """Wraps CircleLoss, SupConLoss, BatchHardTripletLoss or ProxyAnchorLoss (kept as `.loss`) for data-parallel
+    training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
+    in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
+    that one-process computation's. Rows may differ in number between ranks. Outside an initialised process group (or
+    with one rank) it is the plain loss. See the module docstring for how, and README.md for an example.
+
+    The loss's own parameters (ProxyAnchorLoss.proxies) must be the same on every rank and have their gradients
+    averaged like the network's: put the DistributedLoss under DDP too (or inside the DDP-wrapped module).
+    """
+
+    def __init__(self, loss, process_group=None):
+        super().__init__()
+        if not isinstance(loss, _LOSSES):
+            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, BatchHardTripletLoss or "
+                            f"ProxyAnchorLoss, got {type(loss).__name__}")
+        self.loss = loss
+        self.process_group = process_group
+
+    def _world(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_world_size(group) == 1:
+            return None
+        return group
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        group = self._world()
+        if group is None:
+            return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        _no_miners(indices_tuple)
+        check.check_embeddings(embeddings, "embeddings")
+        labels = _labels_on(labels, embeddings, "labels")
+        check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        if isinstance(self.loss, ProxyAnchorLoss):
+            if ref_emb is not None or ref_labels is not None:
+                raise ValueError("ref_emb and ref_labels are not supported by ProxyAnchorLoss: the proxies are the "
+                                 "references")
+            return self._proxy_anchor(embeddings, labels, group)
+        return self._pair(embeddings, labels, ref_emb, ref_labels, group)
+
+    # Pair losses: this rank's queries against every rank's references. ----------------------------------------------
+    def _pair(self, embeddings, labels, ref_emb, ref_labels, group):
+        loss = self.loss
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if (ref_emb is None) != (ref_labels is None):
+            given, missing = ("ref_emb", "ref_labels") if ref_labels is None else ("ref_labels", "ref_emb")
+            raise ValueError(f"{missing} is required when {given} is given")
+        sizes = _gather_sizes(embeddings.shape[0], embeddings.device, group)
+        offset, total_rows = sum(sizes[:rank]), sum(sizes)
+        all_labels = _gather_rows(labels.long(), sizes, group)
+        if ref_emb is None:
+            # Every rank's rows are the references; this rank's queries are rows offset.. of them.
+            references = _AllGather.apply(embeddings, sizes, rank, group)
+            reference_labels, self_offset = all_labels, offset
+            gate_references, gate_offset = all_labels, 0
+        else:
+            check.check_embeddings(ref_emb, "ref_emb")
+            ref_labels = _labels_on(ref_labels, ref_emb, "ref_labels")
+            check.check_labels(ref_labels, "ref_labels", ref_emb.shape[0], "ref_emb")
+            ref_sizes = _gather_sizes(ref_emb.shape[0], ref_emb.device, group)
+            references = _AllGather.apply(ref_emb, ref_sizes, rank, group)
+            reference_labels = _gather_rows(ref_labels.long(), ref_sizes, group)
+            self_offset, gate_references, gate_offset = None, reference_labels, None
+
+        rows_name, normalize, rule, params, scale = _pair_spec(loss)
+        rows, _, _, _, guard = functional._pair_rows(
+            rows_name, embeddings, labels, references, reference_labels, self_offset, loss.reduction, loss.backend,
+            loss.deterministic, normalize, **params)
+        if rule is not None and total_rows > 0 and gate_references.shape[0] > 0:
+            # PML's batch-level rule, on the global batch: every rank holds all the labels, so no communication.
+            gate = functional._generic_pair_gate(all_labels, gate_references, gate_offset,
+                                                 needs_both_kinds=rule == "both")
+            rows = torch.where(gate, rows, torch.zeros_like(rows))
+        if scale != 1.0:
+            rows = rows * scale
+
+        reduction = loss.reduction
+        if reduction == "none":
+            share = rows + guard
+            value = _gather_rows(share.detach(), sizes, group)
+            return _GlobalValue.apply(share, value, offset, float(world))
+        if reduction == "mean_nonzero":
+            # PML's AvgNonZeroReducer over the global batch: NaN rows are counted so that they reach the result.
+            counted = (rows > 0) | rows.isnan()
+            rows = torch.where(counted, rows, torch.zeros_like(rows))
+            count = counted.sum().to(rows.dtype)
+        else:
+            count = rows.new_zeros(())
+        local_sum = rows.sum()
+        totals = torch.stack([local_sum.detach() + guard.detach(), count.detach()])
+        dist.all_reduce(totals, group=group)
+        if reduction == "mean_nonzero":
+            denominator = totals[1].clamp(min=1)
+        elif reduction == "mean":
+            denominator = max(total_rows, 1)
+        else:
+            denominator = 1
+        share = local_sum / denominator + guard
+        return _GlobalValue.apply(share, totals[0] / denominator, None, float(world))
+
+    # Proxy-Anchor: this rank's slice of the proxies against every rank's embeddings. ----------------------------------
+    def _proxy_anchor(self, embeddings, labels, group):
+        loss = self.loss
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        proxies = loss.proxies
+        check.check_proxy_inputs(embeddings, labels, proxies)
+        sizes = _gather_sizes(embeddings.shape[0], embeddings.device, group)
+        all_embeddings = _AllGather.apply(embeddings, sizes, rank, group)
+        all_labels = _gather_rows(labels.long(), sizes, group)
+
+        num_classes = proxies.shape[0]
+        first, stop = num_classes * rank // world, num_classes * (rank + 1) // world
+        mine = stop - first
+        # The slice plus one zero proxy that stands for every class outside it (its terms are dropped), so that the
+        # labels stay in range for every backend: class c in the slice -> c - first, any other -> mine.
+        spare = proxies.new_zeros((1, proxies.shape[1]))
+        slice_labels = all_labels - first
+        slice_labels = torch.where((slice_labels >= 0) & (slice_labels < mine), slice_labels,
+                                   torch.full_like(slice_labels, mine))
+        positive_terms, negative_terms, guard = functional._proxy_anchor_terms(
+            all_embeddings, slice_labels, torch.cat([proxies[first:stop], spare]), margin=loss.margin,
+            alpha=loss.alpha, backend=loss.backend, deterministic=loss.deterministic)
+        with_positive = torch.zeros(num_classes, dtype=torch.bool, device=all_labels.device).index_fill(
+            0, all_labels, True).sum()
+        positive_sum = positive_terms[:mine].sum()
+        positive_part = torch.where(with_positive > 0, positive_sum / with_positive.clamp(min=1), positive_sum * 0)
+        share = positive_part + negative_terms[:mine].sum() / num_classes + guard
+        value = share.detach().clone()
+        dist.all_reduce(value, group=group)
+        return _GlobalValue.apply(share, value, None, float(world))
+
+    def extra_repr(self):
+        return "" if self.process_group is None else f"process_group={self.process_group}"

@@ -1,0 +1,233 @@
+"""DistributedLoss: on 2 and 3 CPU processes (gloo), the value on every rank and the parameter gradients after DDP's
+averaging (a real DistributedDataParallel, or averaged by hand) equal the one-process loss of the global batch, in
+float64 at 1e-10 relative, for the four losses, equal and unequal (also empty) local batches and several reductions.
+
+Each world size is one spawned process group that runs every check of its list; a rank records failed checks instead
+of stopping (the collectives stay in step) and the parent asserts on them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import metric_kernels as mk
+from metric_kernels import distributed as mk_distributed
+from tests.helpers import assert_rel_close
+
+TOL = 1e-10
+D_IN, D_OUT = 6, 5
+
+
+@dataclass
+class Case:
+    loss: str                       # circle | supcon | batch_hard | proxy_anchor
+    sizes: Tuple[int, ...]          # rows per rank
+    how: str = "ddp"                # ddp (model and loss in separate DDPs) | joint (one DDP over both) | hand
+    kwargs: dict = field(default_factory=dict)
+    labels: Optional[Tuple[int, ...]] = None   # None: random in [0, classes)
+    classes: int = 3
+    ref_sizes: Optional[Tuple[int, ...]] = None  # ref_emb rows per rank (pair losses)
+    reduce_scatter: bool = False    # force the reduce-scatter backward (gloo otherwise all-reduces)
+    seed: int = 0
+
+    def __str__(self):
+        return (f"{self.loss}{self.kwargs} sizes={self.sizes} how={self.how} labels={self.labels} "
+                f"refs={self.ref_sizes} reduce_scatter={self.reduce_scatter}")
+
+
+def _cases(world):
+    if world == 2:
+        return [
+            Case("circle", (6, 6), kwargs=dict(m=0.25, gamma=64)),
+            Case("circle", (3, 8), "hand", kwargs=dict(reduction="mean")),
+            Case("circle", (4, 5), kwargs=dict(reduction="none")),
+            # Rank 0 alone has one positive and one negative pair (PML's rule would zero it); the global batch has more.
+            Case("circle", (1, 2), labels=(5, 5, 7)),
+            Case("circle", (5, 3), "hand", ref_sizes=(4, 7)),
+            Case("supcon", (6, 6), kwargs=dict(temperature=0.2)),
+            Case("supcon", (3, 8), "hand", kwargs=dict(temperature=0.1, base_temperature=0.07, reduction="mean")),
+            Case("supcon", (7, 0), kwargs=dict(reduction="sum")),
+            # No negative pair in the global batch: PML's SupCon rule gives 0 (and zero gradients).
+            Case("supcon", (2, 3), labels=(1, 1, 1, 1, 1)),
+            Case("batch_hard", (6, 6), "hand"),
+            Case("batch_hard", (3, 8), kwargs=dict(soft=True, reduction="mean"), reduce_scatter=True),
+            Case("batch_hard", (5, 4), kwargs=dict(margin=0.3, normalize_embeddings=False, reduction="none")),
+            Case("proxy_anchor", (6, 6), classes=5),
+            Case("proxy_anchor", (3, 8), "hand", classes=5, kwargs=dict(margin=0.2, alpha=16)),
+            Case("proxy_anchor", (2, 7), "joint", classes=4, reduce_scatter=True),
+            Case("proxy_anchor", (3, 4), classes=1),   # fewer proxies than ranks: one rank has none
+        ]
+    return [
+        Case("circle", (4, 4, 4), kwargs=dict(m=0.4, gamma=80)),
+        Case("circle", (2, 6, 0), "hand", kwargs=dict(reduction="sum")),
+        Case("supcon", (1, 5, 3), "joint", kwargs=dict(temperature=0.3, reduction="none")),
+        Case("supcon", (4, 4, 4), "hand"),
+        Case("batch_hard", (2, 6, 3), kwargs=dict(reduction="mean")),
+        Case("batch_hard", (4, 4, 4), "hand", reduce_scatter=True),
+        Case("proxy_anchor", (4, 4, 4), classes=7),
+        Case("proxy_anchor", (1, 5, 3), "hand", classes=2),
+    ]
+
+
+def _make_loss(case):
+    kwargs = dict(case.kwargs, backend="reference")
+    if case.loss == "circle":
+        return mk.CircleLoss(**kwargs)
+    if case.loss == "supcon":
+        return mk.SupConLoss(**kwargs)
+    if case.loss == "batch_hard":
+        return mk.BatchHardTripletLoss(**kwargs)
+    return mk.ProxyAnchorLoss(case.classes, D_OUT, **kwargs).double()
+
+
+class _Joint(nn.Module):
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, data, labels):
+        return self.loss(self.model(data), labels)
+
+
+def _check(case, rank, world):
+    g = torch.Generator().manual_seed(1000 + case.seed)
+    total = sum(case.sizes)
+    data = torch.randn(total, D_IN, generator=g, dtype=torch.float64)
+    labels = (torch.tensor(case.labels) if case.labels is not None
+              else torch.randint(0, case.classes, (total,), generator=g))
+    weights = torch.randn(total, generator=g, dtype=torch.float64)  # reduction="none": a weighted sum downstream
+    torch.manual_seed(case.seed)
+    model = nn.Linear(D_IN, D_OUT).double()
+    loss = _make_loss(case)
+    refs = None
+    if case.ref_sizes is not None:
+        ref_data = torch.randn(sum(case.ref_sizes), D_IN, generator=g, dtype=torch.float64)
+        ref_labels = torch.randint(0, case.classes, (sum(case.ref_sizes),), generator=g)
+        refs = ref_data, ref_labels
+
+    def objective(value, rows):
+        return (value * weights[rows]).sum() if value.dim() else value
+
+    # One process, the global batch.
+    one_model, one_loss = copy.deepcopy(model), copy.deepcopy(loss)
+    args = () if refs is None else (None, one_model(refs[0]), refs[1])
+    expected = one_loss(one_model(data), labels, *args)
+    objective(expected, slice(None)).backward()
+    expected_grads = [p.grad for p in list(one_model.parameters()) + list(one_loss.parameters())]
+
+    # This rank's rows, through DistributedLoss.
+    lo = sum(case.sizes[:rank])
+    rows = slice(lo, lo + case.sizes[rank])
+    d_model, d_loss = copy.deepcopy(model), mk.DistributedLoss(copy.deepcopy(loss))
+    params = list(d_model.parameters()) + list(d_loss.parameters())
+    if case.how == "joint":
+        joint = DDP(_Joint(d_model, d_loss))
+        value = joint(data[rows], labels[rows])
+    else:
+        run_model, run_loss = d_model, d_loss
+        if case.how == "ddp":
+            run_model = DDP(d_model)
+            if list(d_loss.parameters()):
+                run_loss = DDP(d_loss)
+        args = ()
+        if refs is not None:
+            lo_ref = sum(case.ref_sizes[:rank])
+            ref_rows = slice(lo_ref, lo_ref + case.ref_sizes[rank])
+            args = (None, run_model(refs[0][ref_rows]), refs[1][ref_rows])
+        value = run_loss(run_model(data[rows]), labels[rows], *args)
+    assert_rel_close(value, expected, TOL, "value")
+    objective(value, slice(None)).backward()
+    if case.how == "hand":
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    floor = 1e-3 * expected.detach().abs().max().item() if expected.numel() else 0.0
+    for index, (p, expected_grad) in enumerate(zip(params, expected_grads)):
+        assert_rel_close(p.grad, expected_grad, TOL, f"gradient of parameter {index}", scale_floor=floor)
+    if case.loss == "proxy_anchor" or case.labels is None:
+        assert params[0].grad.abs().max() > 0, "the check compares zero gradients"
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    failures, checks = [], 0
+    try:
+        for number, case in enumerate(_cases(world)):
+            case.seed = number
+            original = mk_distributed._use_reduce_scatter
+            if case.reduce_scatter:
+                mk_distributed._use_reduce_scatter = lambda group: True
+            try:
+                _check(case, rank, world)
+            except AssertionError as error:
+                failures.append(f"rank {rank}, {case}: {error}")
+            finally:
+                mk_distributed._use_reduce_scatter = original
+            checks += 1
+    except Exception:  # a failure that may leave the ranks out of step: stop here
+        failures.append(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump({"failures": failures, "checks": checks}, handle)
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_batch_value_and_ddp_gradients(world, tmp_path):
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    failures = []
+    for rank in range(world):
+        with open(tmp_path / f"rank{rank}.json") as handle:
+            report = json.load(handle)
+        assert report["checks"] == len(_cases(world)), report
+        failures += report["failures"]
+    assert not failures, "\n".join(failures)
+
+
+# Outside a process group ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "proxy_anchor"])
+def test_outside_a_process_group_it_is_the_plain_loss(name):
+    assert not (dist.is_available() and dist.is_initialized())
+    torch.manual_seed(0)
+    loss = _make_loss(Case(name, (), classes=4, kwargs={} if name == "proxy_anchor" else dict(reduction="mean")))
+    wrapped = mk.DistributedLoss(copy.deepcopy(loss))
+    assert isinstance(wrapped.loss, type(loss))
+    x = torch.randn(12, D_OUT, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (12,))
+    expected, value = loss(x, labels), wrapped(x, labels)
+    assert torch.equal(value, expected)
+    inputs = [x] + list(loss.parameters())
+    expected_grads = torch.autograd.grad(expected, inputs)
+    grads = torch.autograd.grad(value, [x] + list(wrapped.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
+def test_rejects_other_losses_and_miners():
+    with pytest.raises(TypeError, match="loss"):
+        mk.DistributedLoss(nn.MSELoss())
+    with pytest.raises(TypeError, match="loss"):
+        mk.DistributedLoss(mk.CrossBatchMemory(mk.CircleLoss(), 4))
+    with pytest.raises(NotImplementedError, match="indices_tuple"):
+        mk.DistributedLoss(mk.CircleLoss())(torch.randn(3, 4), torch.tensor([0, 1, 0]), (None, None, None))
