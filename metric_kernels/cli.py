@@ -2,6 +2,7 @@
 
   metric-kernels parity    every usable backend against pytorch-metric-learning in float64, values and gradients
   metric-kernels backends  which backends can run on a device, and why the others cannot
+  metric-kernels bench     time, memory, TFLOP/s and error of every loss and provider (metric_kernels.bench)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from . import functional, pml
 from .backends import NAMES, available_backends
+from .bench import cli as bench_cli
 
 PARITY_TOLERANCE = 1e-10
 
@@ -98,7 +100,11 @@ def main(argv=None) -> int:
     b = commands.add_parser("backends", help=f"which of {', '.join(NAMES)} can run on a device")
     b.add_argument("--device", default="cpu")
     b.set_defaults(run=backends)
+    k = commands.add_parser("bench", help="time, memory, TFLOP/s and error of every loss and provider")
+    bench_cli.add_arguments(k)
+    k.set_defaults(run=lambda args: bench_cli.run_from_args(args, k))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # the bench options, for its record of the run
     return args.run(args)
 
 

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Everything a GPU machine can show, in one call:
+#
+#   bash bench/gpu_run.sh [OUTDIR]          # OUTDIR defaults to $OUT (the device tool's output folder)
+#
+#   1. the machine: nvidia-smi, python, torch, triton, pytorch-metric-learning
+#   2. the native extension built against this machine's torch (`python setup.py build_ext --inplace`), where
+#      setup.py builds one; a failed build is logged and the run goes on
+#   3. the test suite on the GPU, compiled Triton (TRITON_INTERPRET unset): python -m pytest tests -m "gpu or not gpu"
+#   4. the full benchmark on cuda (python -m metric_kernels.bench --full --device cuda) in the time left
+#
+# OUTDIR then holds gpu_run.log (everything printed), results.csv, results.json, results.md, time.png, memory.png
+# and max_batch.png: seven files, within what the device tool brings back (8). torch.compile's cache goes to the
+# temp dir, not OUTDIR. Installs nothing (that machine has no network). pytorch-metric-learning (the "pml"
+# provider) is used where importable: carry its wheel in .whl/ (see the device README); a pure-Python wheel is put
+# on PYTHONPATH as it is, without pip.
+#
+# Time: GPU_RUN_BUDGET seconds in all (default 540, inside the device tool's 600 s per command); the tests get at
+# most TEST_TIMEOUT (default 200); the benchmark gets what is left (its --deadline: later cases are recorded as
+# skipped). Extra arguments after OUTDIR go to the benchmark (e.g. --losses supcon --sizes 4096 16384).
+# Exit status: 0 when the tests and the benchmark both passed.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUTDIR="${1:-${OUT:-}}"
+if [ -z "$OUTDIR" ]; then
+    echo "usage: bash bench/gpu_run.sh OUTDIR [benchmark options]   (or set OUT)" >&2
+    exit 2
+fi
+shift || true
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+cd "$ROOT"
+
+START=$(date +%s)
+BUDGET="${GPU_RUN_BUDGET:-540}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-200}"
+PYTHON="${PYTHON:-python3}"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+for wheel in "$ROOT"/.whl/pytorch_metric_learning-*.whl ${PML_WHEEL:-}; do
+    [ -f "$wheel" ] && export PYTHONPATH="$PYTHONPATH:$wheel"
+done
+exec > >(tee "$OUTDIR/gpu_run.log") 2>&1
+elapsed() { echo $(( $(date +%s) - START )); }
+section() { echo; echo "=== $* (at $(elapsed) s)"; }
+
+section "machine"
+date -u +%Y-%m-%dT%H:%M:%SZ
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not found"
+"$PYTHON" - <<'PY'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+try:
+    import pytorch_metric_learning as p; print("pytorch-metric-learning", p.__version__)
+except ImportError:
+    print("pytorch-metric-learning: not importable, the pml provider is left out")
+PY
+
+section "build"
+if [ -f setup.py ]; then
+    "$PYTHON" setup.py build_ext --inplace
+    rc=$?
+    [ $rc -eq 0 ] || echo "build_ext failed (exit $rc); going on with what is there"
+else
+    echo "no setup.py: nothing to build"
+fi
+"$PYTHON" -m metric_kernels backends --device cuda || true
+
+section "tests (compiled Triton, at most ${TEST_TIMEOUT} s)"
+timeout --signal=INT --kill-after=20 "$TEST_TIMEOUT" \
+    "$PYTHON" -m pytest tests -m "gpu or not gpu" -q -p no:cacheprovider
+tests_rc=$?
+[ $tests_rc -eq 124 ] && echo "tests: stopped at the ${TEST_TIMEOUT} s limit (TEST_TIMEOUT)"
+echo "tests exit status: $tests_rc"
+
+left=$(( BUDGET - $(elapsed) - 20 ))
+section "benchmark (deadline ${left} s)"
+preset="--full"
+if [ "$left" -lt 120 ]; then
+    preset="--quick"
+    left=$(( left > 30 ? left : 30 ))
+    echo "little time left: the quick preset instead of the full one"
+fi
+"$PYTHON" -m metric_kernels.bench $preset --device cuda --out "$OUTDIR" --deadline "$left" \
+    --compile-cache "${TMPDIR:-/tmp}/metric_kernels_bench_inductor" "$@"
+bench_rc=$?
+echo "benchmark exit status: $bench_rc"
+
+section "done"
+ls -l "$OUTDIR"
+[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]
