@@ -61,6 +61,10 @@ class _Normalize(torch.autograd.Function):
 def _prepare(rows: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
     if not normalize:
         return rows.to(dtype)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the compiler plans the memory itself, and the Function's row loop would pin N in the
+        # graph (a recompile per batch size) and cannot take captured tensors under dynamic shapes.
+        return F.normalize(rows.to(dtype), p=2, dim=1, eps=_NORM_EPS)
     return _Normalize.apply(rows, dtype)
 
 
