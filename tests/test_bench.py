@@ -224,3 +224,15 @@ def test_markdown_marks_failures():
     rows = report.case_records(spec, {"status": "timeout", "note": "slow", "times": {}, "memory": {}, "errors": {}},
                                None, common, "now")
     assert "| circle | 4 | 4 | p | timeout | timeout |" in report.markdown(rows, {})
+
+
+def test_cross_batch_memory_benchmark_writes_every_provider(tmp_path):
+    """bench/xbm: one CrossBatchMemory step per (loss, provider) in a fresh process, written as CSV and markdown."""
+    from metric_kernels.bench import xbm
+    assert xbm.main(["--memory-size", "512", "--batch", "32", "--dim", "8", "--losses", "circle",
+                     "--providers", "cpu", "pml", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "xbm.md").read_text()
+    assert "| circle | cpu | 512 | 32 |" in table and "| circle | pml | 512 | 32 |" in table
+    rows = (tmp_path / "xbm.csv").read_text().splitlines()
+    assert rows[0].startswith("kernel,provider,mode,metric,unit,x,value_p50")
+    assert sum(row.startswith("xbm_circle,") for row in rows[1:]) == 4  # peak memory and time, two providers
