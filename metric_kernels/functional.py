@@ -25,7 +25,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 _NORM_EPS = 1e-12  # F.normalize's default: rows are divided by max(||row||, eps)
-_CHUNK_ELEMENTS = 1 << 22  # rows per backward chunk: about 16 MiB of float32 temporaries at a time
+_CHUNK_ELEMENTS = 1 << 22  # elements per backward chunk: about 16 MiB of float32 temporaries at a time
 
 
 class _Normalize(torch.autograd.Function):
@@ -38,10 +38,11 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, dtype):
-        norms = torch.linalg.vector_norm(rows.to(dtype), dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        converted = rows.to(dtype)  # the input itself unless it is half precision
+        norms = torch.linalg.vector_norm(converted, dim=1, keepdim=True).clamp_min(_NORM_EPS)
         ctx.save_for_backward(rows, norms)
         ctx.dtype = dtype
-        return rows.to(dtype) / norms
+        return converted / norms
 
     @staticmethod
     def backward(ctx, grad):

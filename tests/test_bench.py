@@ -236,3 +236,12 @@ def test_cross_batch_memory_benchmark_writes_every_provider(tmp_path):
     rows = (tmp_path / "xbm.csv").read_text().splitlines()
     assert rows[0].startswith("kernel,provider,mode,metric,unit,x,value_p50")
     assert sum(row.startswith("xbm_circle,") for row in rows[1:]) == 4  # peak memory and time, two providers
+
+
+def test_readme_results_are_generated_from_committed_bench_outputs():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "update_readme.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

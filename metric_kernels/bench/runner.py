@@ -94,7 +94,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class _Subprocesses:
+class FreshProcesses:
     """A fresh process per case, forked from a server that has imported torch and metric_kernels but run nothing
     (so no thread pool or allocator state is inherited, and starting one costs milliseconds, not an import)."""
 
@@ -102,9 +102,10 @@ class _Subprocesses:
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(preload)
 
-    def run(self, spec: dict, timeout: float) -> dict:
+    def run(self, spec: dict, timeout: float, target=measure.child_main) -> dict:
+        """Runs target(spec, connection) in a fresh process; what it sends back, or a status saying why nothing came."""
         receiver, sender = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=measure.child_main, args=(spec, sender), daemon=True)
+        process = self.context.Process(target=target, args=(spec, sender), daemon=True)
         with _main_file_hidden_if_missing():
             process.start()
         sender.close()
@@ -187,7 +188,7 @@ class Runner:
                     "errors": {}}
         if self.isolation == "subprocess" and not P.is_registered_fake(spec["provider"]):
             if self.subprocesses is None:
-                self.subprocesses = _Subprocesses(self._preload())
+                self.subprocesses = FreshProcesses(self._preload())
             spec = dict(spec, env=self.env, threads=torch.get_num_threads(),
                         address_space_limit=_mem_limit(self.config))
             return self.subprocesses.run(spec, self.config.timeout)
@@ -351,7 +352,7 @@ class Runner:
             if self._out_of_time():
                 return {"status": "skipped", "note": "time budget (--deadline) spent", "memory": {}}
             if self.subprocesses is None:
-                self.subprocesses = _Subprocesses(self._preload())
+                self.subprocesses = FreshProcesses(self._preload())
             # Past the budget (with room for the allocator's slack) the case cannot fit: stop it there.
             limit = min(int(budget * 1.25) + (512 << 20), _mem_limit(self.config) or 1 << 62)
             spec = dict(spec, env=self.env, threads=torch.get_num_threads(), address_space_limit=limit)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import time
 import torch
 
 from . import report
-from .runner import device_name, triton_version
+from .runner import FreshProcesses, device_name, triton_version
 
 LOSSES = ("circle", "supcon", "batch_hard")
 PROVIDERS = ("cpu", "reference", "pml")
@@ -38,8 +37,10 @@ def _build(loss: str, provider: str, dim: int, memory_size: int):
     return mk.CrossBatchMemory(inner(backend=provider), dim, memory_size=memory_size)
 
 
-def _step_peak(loss, provider, dim, memory_size, batch, device, steps, connection):
-    """Child process: fill the memory, then time `steps` steps and measure the peak of the last one."""
+def _step_peak(spec: dict, connection) -> None:
+    """Child process: fill the memory, then time `steps` steps and measure the peak of each."""
+    loss, provider, dim, memory_size, batch, device, steps = (
+        spec[key] for key in ("loss", "provider", "dim", "memory_size", "batch", "device", "steps"))
     try:
         from .measure import _RssPeak, _trim_heap
         torch.manual_seed(0)
@@ -77,18 +78,13 @@ def _step_peak(loss, provider, dim, memory_size, batch, device, steps, connectio
         connection.send({"status": "error", "note": f"{type(error).__name__}: {error}"[:300]})
 
 
-def measure(loss, provider, dim, memory_size, batch, device, steps=3, timeout=1200):
-    parent, child = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.get_context("fork").Process(
-        target=_step_peak, args=(loss, provider, dim, memory_size, batch, device, steps, child))
-    process.start()
-    result = parent.recv() if parent.poll(timeout) else {"status": "timeout", "note": f"over {timeout} s"}
-    process.join(5)
-    if process.is_alive():
-        process.kill()
-    if result["status"] == "ok" or process.exitcode in (0, None):
-        return result
-    return {"status": "oom" if process.exitcode == -9 else "error", "note": f"exit code {process.exitcode}"}
+def measure(subprocesses: FreshProcesses, loss, provider, dim, memory_size, batch, device, steps=3,
+            timeout=1200) -> dict:
+    """One (loss, provider) in a fresh process forked from the server (a fork of this process could inherit a
+    busy thread pool and hang)."""
+    spec = dict(loss=loss, provider=provider, dim=dim, memory_size=memory_size, batch=batch, device=device,
+                steps=steps)
+    return subprocesses.run(spec, timeout, target=_step_peak)
 
 
 def main(argv=None) -> int:
@@ -107,9 +103,13 @@ def main(argv=None) -> int:
     common = dict(device=device_name(torch.device(args.device)), torch_version=torch.__version__,
                   triton_version=triton_version())
     records, rows = [], []
+    preload = ["torch", "metric_kernels", "metric_kernels.bench.measure"]
+    if "pml" in args.providers:
+        preload.append("pytorch_metric_learning.losses")
+    subprocesses = FreshProcesses(preload)
     for loss in args.losses:
         for provider in args.providers:
-            result = measure(loss, provider, args.dim, args.memory_size, args.batch, args.device)
+            result = measure(subprocesses, loss, provider, args.dim, args.memory_size, args.batch, args.device)
             kernel = f"xbm_{loss}"
             if result["status"] == "ok":
                 peak_mib = result["peak"] / 2**20
