@@ -68,6 +68,17 @@ struct OnlineLse {
       sum += std::exp(v - max);
     }
   }
+  // Folds in another partial state (the same row's other columns), as if its values had been added here.
+  MK_HD void merge(T other_max, T other_sum) {
+    if (other_sum == T(0)) return;
+    if (sum == T(0)) {
+      max = other_max, sum = other_sum;
+      return;
+    }
+    const T top = max > other_max ? max : other_max;
+    sum = sum * std::exp(max - top) + other_sum * std::exp(other_max - top);
+    max = top;
+  }
   MK_HD T finish() const { return sum > 0 ? max + std::log(sum) : -std::numeric_limits<T>::infinity(); }
 };
 

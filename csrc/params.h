@@ -37,3 +37,34 @@ struct PairRowsBackwardParams {
 };
 
 }  // namespace metric_kernels
+
+namespace metric_kernels {
+
+// The CUDA kernels' view of the same problem. Operands are stored as the inputs are (fp32, fp16, bf16 or fp64);
+// `operand` also says how fp32 tiles are multiplied (tf32 tensor cores where torch allows it, IEEE FMA otherwise).
+// Statistics, upstream gradients and the dX/dY buffers are float64 for fp64 operands and float32 for all others.
+enum class Operand : int { kFloat32 = 0, kTf32 = 1, kFloat16 = 2, kBFloat16 = 3, kFloat64 = 4 };
+
+struct CudaPairRowsParams {
+  const void* x;            // N x D, unit column stride, row stride x_stride (elements)
+  const void* y;            // M x D (may equal x)
+  const int64_t* x_labels;  // N
+  const int64_t* y_labels;  // M
+  int64_t n, m, d, x_stride, y_stride;
+  int64_t self_offset;      // query i is reference i + self_offset; < 0: none
+  int kind;                 // LossKind
+  double a, b;              // loss parameters (epilogue.h), rounded to the statistics' type in the kernels
+  Operand operand;
+};
+
+struct CudaPairRowsBackwardParams {
+  CudaPairRowsParams pair;
+  const void* grad;    // 3 x N upstream gradients of the statistics
+  const void* stats;   // 3 x N saved statistics
+  void* dx;            // N x D contiguous accumulator, or nullptr
+  void* dy;            // M x D contiguous accumulator, or nullptr; equal to dx when the references are the queries
+  bool accumulate_dy;  // the dY pass adds into what dy holds (the dX of the same rows)
+  bool atomic;         // dY is added atomically from the dX pass (dy zeroed by the caller), no dY pass
+};
+
+}  // namespace metric_kernels

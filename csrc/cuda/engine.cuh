@@ -1,0 +1,118 @@
+// The tiled engine shared by the CUDA kernels: one block of 128 threads owns a 64 x 64 tile of the similarity matrix
+// S = X Y^T at a time, forms it in shared memory from 64 x 32 chunks of X and Y (tile_mma.cuh), and hands it to a
+// loss epilogue (lse_rows.cu, batch_hard.cu). Nothing of size N x M exists outside the tile.
+//
+// The epilogues read the S tile two threads per row (thread t: row t / 2, columns t % 2, t % 2 + 2, ...), so per-row
+// state lives in registers and the two halves of a row meet through one warp shuffle.
+#pragma once
+
+#include <cstdint>
+
+#include "../epilogue.h"
+#include "../params.h"
+#include "tile_mma.cuh"
+
+namespace metric_kernels::cuda {
+
+constexpr int kChunk = 32;  // D columns per step of S = X Y^T
+
+constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded by 16 bytes,
+// which keeps WMMA's leading dimensions legal and spreads rows over the banks.
+template <class Policy>
+struct SharedLayout {
+  using Operand = typename Policy::Operand;
+  using Acc = typename Policy::Acc;
+  static constexpr int kChunkLd = kChunk + 16 / static_cast<int>(sizeof(Operand));
+  static constexpr int kTileLd = kTile + 16 / static_cast<int>(sizeof(Operand));
+  static constexpr int kAccLd = kTile + 16 / static_cast<int>(sizeof(Acc));
+
+  static constexpr int64_t kXChunk = 0;
+  static constexpr int64_t kYChunk = kXChunk + align128(kTile * kChunkLd * sizeof(Operand));
+  static constexpr int64_t kS = kYChunk + align128(kTile * kChunkLd * sizeof(Operand));
+  static constexpr int64_t kRowLabels = kS + align128(kTile * kAccLd * sizeof(Acc));
+  static constexpr int64_t kColLabels = kRowLabels + align128(kTile * sizeof(int64_t));
+  static constexpr int64_t kRowState = kColLabels + align128(kTile * sizeof(int64_t));
+  static constexpr int64_t kDs = kRowState + align128(5 * kTile * sizeof(Acc));
+  static constexpr int64_t kOut = kDs + align128(kTile * kTileLd * sizeof(Operand));
+  static constexpr int64_t kOutRows = kOut + align128(kTile * kTileLd * sizeof(Operand));
+  static constexpr int64_t kEnd = kOutRows + align128(kTile * kTileLd * sizeof(Operand));
+
+  // What each kernel uses: the forward and the selection stop before dS; only the atomic dX pass needs kOutRows.
+  static constexpr int64_t kForwardBytes = kDs;
+  static constexpr int64_t kBackwardBytes = kOutRows;
+  static constexpr int64_t kAtomicBackwardBytes = kEnd;
+
+  Operand* x_chunk;     // 64 x kChunk rows of X (padded to kChunkLd)
+  Operand* y_chunk;     // 64 x kChunk rows of Y
+  Acc* s;               // the 64 x 64 S tile (kAccLd); also where accumulators are staged for global writes
+  int64_t* row_labels;  // labels of the tile's rows
+  int64_t* col_labels;  // labels of the tile's columns
+  Acc* row_state;       // 5 x 64: upstream gradients g1, g2, g3 and statistics lse1, lse2 of the tile's rows
+  Operand* ds;          // the 64 x 64 dS tile, as an MMA operand (kTileLd)
+  Operand* out;         // 64 x 64 of Y (dX pass) or X (dY pass) at the output's D columns
+  Operand* out_rows;    // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
+
+  __device__ explicit SharedLayout(unsigned char* base)
+      : x_chunk(reinterpret_cast<Operand*>(base + kXChunk)),
+        y_chunk(reinterpret_cast<Operand*>(base + kYChunk)),
+        s(reinterpret_cast<Acc*>(base + kS)),
+        row_labels(reinterpret_cast<int64_t*>(base + kRowLabels)),
+        col_labels(reinterpret_cast<int64_t*>(base + kColLabels)),
+        row_state(reinterpret_cast<Acc*>(base + kRowState)),
+        ds(reinterpret_cast<Operand*>(base + kDs)),
+        out(reinterpret_cast<Operand*>(base + kOut)),
+        out_rows(reinterpret_cast<Operand*>(base + kOutRows)) {}
+};
+
+// dst[64 x width] (leading dimension ld) = src[row0 :, col0 :] with zeros past rows_total / cols_total.
+template <class T>
+__device__ __forceinline__ void load_tile(T* dst, int ld, int width, const T* src, int64_t stride, int64_t row0,
+                                          int64_t rows_total, int64_t col0, int64_t cols_total) {
+  for (int index = threadIdx.x; index < kTile * width; index += kThreads) {
+    const int r = index / width, c = index % width;
+    const int64_t row = row0 + r, col = col0 + c;
+    dst[r * ld + c] = (row < rows_total && col < cols_total) ? src[row * stride + col] : T(0.0f);
+  }
+}
+
+__device__ __forceinline__ void load_labels(int64_t* dst, const int64_t* labels, int64_t start, int64_t total) {
+  if (threadIdx.x < kTile) {
+    const int64_t index = start + threadIdx.x;
+    dst[threadIdx.x] = index < total ? labels[index] : 0;
+  }
+}
+
+// shared.s = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T, accumulated over D in kChunk steps. Ends synchronised.
+template <class Policy>
+__device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
+  using Layout = SharedLayout<Policy>;
+  using Operand = typename Policy::Operand;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* y = static_cast<const Operand*>(p.y);
+  typename Policy::Accumulator acc;
+  Policy::zero(acc);
+  for (int64_t d0 = 0; d0 < p.d; d0 += kChunk) {
+    load_tile(shared.x_chunk, Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    load_tile(shared.y_chunk, Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
+    __syncthreads();
+    // B = Y^T: element (k, j) is Y[j][k], a column-major read of the Y chunk
+    Policy::template mma<RowMajor, ColMajor>(acc, shared.x_chunk, Layout::kChunkLd, shared.y_chunk,
+                                             Layout::kChunkLd, kChunk);
+    __syncthreads();
+  }
+  Policy::store(acc, shared.s, Layout::kAccLd);
+  __syncthreads();
+}
+
+// The epilogues' split of a tile: this thread's row within the tile and its first column (then every second one).
+__device__ __forceinline__ int epilogue_row() { return threadIdx.x >> 1; }
+__device__ __forceinline__ int epilogue_column() { return threadIdx.x & 1; }
+
+template <class T>
+__device__ __forceinline__ T from_partner(T value) {
+  return __shfl_xor_sync(0xffffffffu, value, 1);
+}
+
+}  // namespace metric_kernels::cuda

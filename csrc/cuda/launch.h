@@ -1,0 +1,28 @@
+// Entry points of the CUDA kernels, free of torch and of CUDA's own headers, so the torch glue (ops.cpp) builds with
+// the host compiler alone. Each launches on `stream` (a cudaStream_t) and returns a cudaError_t as an int (0: success).
+#pragma once
+
+#include <cstdint>
+
+#include "../params.h"
+
+namespace metric_kernels::cuda {
+
+// stats: 3 x N in the accumulation type (epilogue.h).
+int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream);
+
+// Deterministic: a dX pass over row blocks, then a dY pass over column blocks, each summing in a fixed order.
+// p.atomic: dY is added from the dX pass with atomics (the caller zeroes dy; when dy is dx, dx is zeroed too).
+int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
+
+// choices: 2 x N int64, the farthest positive and nearest negative per query (-1: none), ties to the lowest index.
+// x_sq, y_sq: squared row norms in the accumulation type.
+int batch_hard_select(const CudaPairRowsParams& p, const void* x_sq, const void* y_sq, int64_t* choices,
+                      void* stream);
+
+// Whether the atomic backward can run for this operand (its shared memory fits every supported GPU).
+bool supports_atomic_backward(Operand operand);
+
+const char* error_string(int code);
+
+}  // namespace metric_kernels::cuda

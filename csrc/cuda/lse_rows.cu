@@ -1,0 +1,278 @@
+// CUDA kernels of the log-sum-exp family (Circle, SupCon, Proxy-Anchor) on the engine of engine.cuh, with the
+// per-loss math of epilogue.h (the same functions as the CPU kernels):
+//   forward:  per 64-row block, walk the column tiles, fold each S tile into three statistics per row;
+//   backward: recompute each tile, form dS from the saved statistics and upstream gradients, and accumulate
+//             dX = dS Y (grid: row blocks x 64-wide D slices) and dY = dS^T X (column blocks x D slices), or dY
+//             atomically from the dX pass.
+#include <cuda_runtime.h>
+
+#include "engine.cuh"
+#include "launch.h"
+
+namespace metric_kernels::cuda {
+namespace {
+
+// __launch_bounds__(kThreads, 2) on every kernel: asking for two resident blocks lets ptxas use up to 255 registers
+// per thread; with the thread count alone it aims at 128 and spills the tensor-core accumulators
+// (tests/test_cuda_compile.py checks that no kernel spills).
+
+template <class Policy>
+__global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const CudaPairRowsParams p,
+                                                                      typename Policy::Acc* stats) {
+  using Acc = typename Policy::Acc;
+  using Layout = SharedLayout<Policy>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  Layout shared(shared_bytes);
+
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int local = epilogue_row();
+  const int64_t row = r0 + local;
+  const bool live = row < p.n;
+  const int64_t label = live ? p.x_labels[row] : 0;
+  const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
+  OnlineLse<Acc> first, second;
+  Acc linear = 0;
+  for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
+    load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    similarity_tile<Policy>(p, r0, c0, shared);
+    if (live) {
+      const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
+#pragma unroll 1
+      for (int j = epilogue_column(); j < cols; j += 2) {
+        const Acc s = shared.s[local * Layout::kAccLd + j];
+        bool positive, negative;
+        pair_kind(label, shared.col_labels[j], row, c0 + j, p.self_offset, positive, negative);
+        const Logits<Acc> logits = loss_logits(p.kind, s, a, b);
+        if (in_first(p.kind, positive)) first.add(logits.value1);
+        if (in_second(p.kind, positive, negative)) second.add(logits.value2);
+        if (p.kind == kSupCon && positive) linear += s;
+      }
+    }
+    __syncthreads();  // the next tile rewrites S and the labels
+  }
+  const Acc first_max = from_partner(first.max), first_sum = from_partner(first.sum);
+  const Acc second_max = from_partner(second.max), second_sum = from_partner(second.sum);
+  linear += from_partner(linear);
+  first.merge(first_max, first_sum);
+  second.merge(second_max, second_sum);
+  if (live && epilogue_column() == 0) {
+    stats[row] = first.finish();
+    stats[p.n + row] = second.finish();
+    stats[2 * p.n + row] = linear;
+  }
+}
+
+// Upstream gradients, statistics and labels of rows r0 .. r0 + 63 into shared memory (zeros past N).
+template <class Policy>
+__device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0, SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  const CudaPairRowsParams& p = bp.pair;
+  const auto* grad = static_cast<const Acc*>(bp.grad);
+  const auto* stats = static_cast<const Acc*>(bp.stats);
+  if (threadIdx.x < kTile) {
+    const int64_t row = r0 + threadIdx.x;
+    const bool live = row < p.n;
+    for (int q = 0; q < 3; ++q) shared.row_state[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
+    for (int q = 0; q < 2; ++q)
+      shared.row_state[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
+    shared.row_labels[threadIdx.x] = live ? p.x_labels[row] : 0;
+  }
+}
+
+// shared.ds = dS of the tile in shared.s (rows r0.., columns c0..); zero past N or M. Needs the row state and both
+// label vectors in shared memory; the caller synchronises before using dS.
+template <class Policy>
+__device__ void ds_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  using Layout = SharedLayout<Policy>;
+  const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
+  const int local = epilogue_row();
+  const int64_t row = r0 + local;
+  const Acc g1 = shared.row_state[local], g2 = shared.row_state[kTile + local];
+  const Acc g3 = shared.row_state[2 * kTile + local];
+  const Acc lse1 = shared.row_state[3 * kTile + local], lse2 = shared.row_state[4 * kTile + local];
+#pragma unroll 1
+  for (int j = epilogue_column(); j < kTile; j += 2) {
+    const int64_t col = c0 + j;
+    Acc ds = 0;
+    if (row < p.n && col < p.m) {
+      bool positive, negative;
+      pair_kind(shared.row_labels[local], shared.col_labels[j], row, col, p.self_offset, positive, negative);
+      ds = ds_entry(p.kind, shared.s[local * Layout::kAccLd + j], a, b, positive, negative, g1, g2, g3, lse1, lse2);
+    }
+    shared.ds[local * Layout::kTileLd + j] = Policy::to_operand(ds);
+  }
+}
+
+// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s, within rows_total x d.
+enum class Write { kStore, kAdd, kAtomicAdd };
+
+template <class Policy>
+__device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows_total, int64_t e0, int64_t d,
+                           Write mode, const SharedLayout<Policy>& shared) {
+#pragma unroll 1
+  for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
+    const int i = index / kTile, j = index % kTile;
+    const int64_t row = row0 + i, col = e0 + j;
+    if (row >= rows_total || col >= d) continue;
+    const auto value = shared.s[i * SharedLayout<Policy>::kAccLd + j];
+    auto* target = out + row * d + col;
+    if (mode == Write::kAtomicAdd) {
+      atomicAdd(target, value);
+    } else {
+      *target = mode == Write::kAdd ? *target + value : value;
+    }
+  }
+}
+
+template <class Policy, bool kAtomic>
+__global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const CudaPairRowsBackwardParams bp) {
+  using Acc = typename Policy::Acc;
+  using Operand = typename Policy::Operand;
+  using Layout = SharedLayout<Policy>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  Layout shared(shared_bytes);
+  const CudaPairRowsParams& p = bp.pair;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* y = static_cast<const Operand*>(p.y);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+
+  load_row_state(bp, r0, shared);
+  if (kAtomic) load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+  typename Policy::Accumulator dx;
+  Policy::zero(dx);
+  for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
+    load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    similarity_tile<Policy>(p, r0, c0, shared);
+    ds_tile<Policy>(p, r0, c0, shared);
+    load_tile(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
+    __syncthreads();
+    Policy::template mma<RowMajor, RowMajor>(dx, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+    if (kAtomic) {
+      // dY[c0.., e0..] += dS^T X[r0.., e0..]: a column-major read of dS is its transpose
+      typename Policy::Accumulator dy;
+      Policy::zero(dy);
+      Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out_rows, Layout::kTileLd,
+                                               kTile);
+      Policy::store(dy, shared.s, Layout::kAccLd);  // S was last read by ds_tile, before the barrier above
+      __syncthreads();
+      write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared);
+    }
+    __syncthreads();  // the next tile rewrites the chunks, S, dS and the labels
+  }
+  if (bp.dx == nullptr) return;
+  Policy::store(dx, shared.s, Layout::kAccLd);
+  __syncthreads();
+  // When dy is dx, other blocks add dY into these rows at the same time.
+  const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
+  write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared);
+}
+
+template <class Policy>
+__global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const CudaPairRowsBackwardParams bp) {
+  using Acc = typename Policy::Acc;
+  using Operand = typename Policy::Operand;
+  using Layout = SharedLayout<Policy>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  Layout shared(shared_bytes);
+  const CudaPairRowsParams& p = bp.pair;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+
+  load_labels(shared.col_labels, p.y_labels, c0, p.m);
+  typename Policy::Accumulator dy;
+  Policy::zero(dy);
+  for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
+    load_row_state(bp, r0, shared);
+    similarity_tile<Policy>(p, r0, c0, shared);
+    ds_tile<Policy>(p, r0, c0, shared);
+    load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+    __syncthreads();
+    Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+    __syncthreads();
+  }
+  Policy::store(dy, shared.s, Layout::kAccLd);
+  __syncthreads();
+  write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
+                     shared);
+}
+
+int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
+
+template <class Kernel>
+cudaError_t allow_shared(Kernel kernel, int64_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <class Policy>
+cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t stream) {
+  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
+  auto kernel = lse_rows_forward_kernel<Policy>;
+  if (cudaError_t error = allow_shared(kernel, bytes)) return error;
+  kernel<<<dim3(blocks(p.n)), kThreads, bytes, stream>>>(p, static_cast<typename Policy::Acc*>(stats));
+  return cudaGetLastError();
+}
+
+template <class Policy>
+cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) {
+  const CudaPairRowsParams& p = bp.pair;
+  const dim3 slices(1, static_cast<unsigned>(blocks(p.d)));
+  if (bp.atomic) {
+    const int64_t bytes = SharedLayout<Policy>::kAtomicBackwardBytes;
+    auto kernel = lse_rows_backward_dx_kernel<Policy, true>;
+    if (cudaError_t error = allow_shared(kernel, bytes)) return error;
+    kernel<<<dim3(blocks(p.n), slices.y), kThreads, bytes, stream>>>(bp);
+    return cudaGetLastError();
+  }
+  const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
+  if (bp.dx != nullptr) {
+    auto kernel = lse_rows_backward_dx_kernel<Policy, false>;
+    if (cudaError_t error = allow_shared(kernel, bytes)) return error;
+    kernel<<<dim3(blocks(p.n), slices.y), kThreads, bytes, stream>>>(bp);
+    if (cudaError_t error = cudaGetLastError()) return error;
+  }
+  if (bp.dy != nullptr) {
+    // Stream order puts it after the dX pass, so accumulating into dx (dy == dx) sees the finished dX.
+    auto kernel = lse_rows_backward_dy_kernel<Policy>;
+    if (cudaError_t error = allow_shared(kernel, bytes)) return error;
+    kernel<<<dim3(blocks(p.m), slices.y), kThreads, bytes, stream>>>(bp);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream) {
+  if (p.n == 0) return cudaSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.operand) {
+    case Operand::kFloat32: return forward<SimtTile<float>>(p, stats, s);
+    case Operand::kTf32: return forward<WmmaTile<Tf32>>(p, stats, s);
+    case Operand::kFloat16: return forward<WmmaTile<__half>>(p, stats, s);
+    case Operand::kBFloat16: return forward<WmmaTile<__nv_bfloat16>>(p, stats, s);
+    case Operand::kFloat64: return forward<SimtTile<double>>(p, stats, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int lse_rows_backward(const CudaPairRowsBackwardParams& bp, void* stream) {
+  if (bp.pair.n == 0 || bp.pair.m == 0 || bp.pair.d == 0) return cudaSuccess;
+  if (bp.atomic && !supports_atomic_backward(bp.pair.operand)) return cudaErrorInvalidValue;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (bp.pair.operand) {
+    case Operand::kFloat32: return backward<SimtTile<float>>(bp, s);
+    case Operand::kTf32: return backward<WmmaTile<Tf32>>(bp, s);
+    case Operand::kFloat16: return backward<WmmaTile<__half>>(bp, s);
+    case Operand::kBFloat16: return backward<WmmaTile<__nv_bfloat16>>(bp, s);
+    case Operand::kFloat64: return backward<SimtTile<double>>(bp, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// fp64 tiles need 174 KB of shared memory for the atomic pass, more than an A100 block may have (163 KB).
+bool supports_atomic_backward(Operand operand) { return operand != Operand::kFloat64; }
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace metric_kernels::cuda

@@ -1,0 +1,174 @@
+// 64 x 64 tile products for one block of 128 threads (4 warps), the only matrix arithmetic of the CUDA kernels:
+//
+//   C[64 x 64] += op(A)[64 x k] op(B)[k x 64]     A, B in shared memory, C in registers
+//
+// op(A) reads A row-major or column-major (A^T for free), the same for B, so S = X Y^T, dX = dS Y and dY = dS^T X
+// are one routine. Two implementations behind one interface:
+//   WmmaTile<half | bf16>: tensor cores (WMMA m16n16k16), fp32 accumulation;
+//   WmmaTile<Tf32>:        tensor cores in tf32 (m16n16k8) on fp32 operands, for torch's "high" matmul precision;
+//   SimtTile<float | double>: IEEE fused multiply-adds on the CUDA cores (fp32 at "highest" precision, and fp64).
+// Each warp owns a 32 x 32 quarter of C (WMMA: 2 x 2 fragments); under SIMT each thread owns 8 rows x 4 columns.
+//
+// WMMA's loads need 32-byte aligned pointers and leading dimensions that are multiples of 16 bytes: the kernels'
+// shared-memory layout (lse_rows.cu) keeps every tile base 128-byte aligned and pads rows by 16 bytes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace metric_kernels::cuda {
+
+constexpr int kTile = 64;      // rows and columns of every tile
+constexpr int kThreads = 128;  // 4 warps
+
+struct RowMajor {
+  static constexpr bool kColumnMajor = false;
+};
+struct ColMajor {
+  static constexpr bool kColumnMajor = true;
+};
+
+// Element (i, j) of a matrix stored with leading dimension ld in the given layout.
+template <class Layout, class T>
+__device__ __forceinline__ const T& at(const T* base, int ld, int i, int j) {
+  return Layout::kColumnMajor ? base[i + static_cast<int64_t>(j) * ld] : base[static_cast<int64_t>(i) * ld + j];
+}
+template <class Layout, class T>
+__device__ __forceinline__ const T* offset(const T* base, int ld, int i, int j) {
+  return &at<Layout>(base, ld, i, j);
+}
+
+struct Tf32 {};  // tag: fp32 operands multiplied on tensor cores in tf32
+
+template <class Tag>
+struct WmmaTraits;
+template <>
+struct WmmaTraits<__half> {
+  using Storage = __half;
+  using Precision = __half;
+  static constexpr int kK = 16;
+};
+template <>
+struct WmmaTraits<__nv_bfloat16> {
+  using Storage = __nv_bfloat16;
+  using Precision = __nv_bfloat16;
+  static constexpr int kK = 16;
+};
+template <>
+struct WmmaTraits<Tf32> {
+  using Storage = float;
+  using Precision = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+};
+
+template <class Tag>
+struct WmmaTile {
+  using Traits = WmmaTraits<Tag>;
+  using Operand = typename Traits::Storage;  // what the operand tiles hold in shared memory
+  using Acc = float;                         // accumulation, statistics, gradients
+  static constexpr int kK = Traits::kK;
+  using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;
+
+  struct Accumulator {
+    Fragment c[2][2];
+  };
+
+  __device__ static void zero(Accumulator& acc) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc.c[i][j], 0.0f);
+  }
+
+  // acc += op(A)[64 x k] op(B)[k x 64]; k a multiple of kK.
+  template <class LayoutA, class LayoutB>
+  __device__ static void mma(Accumulator& acc, const Operand* a, int lda, const Operand* b, int ldb, int k) {
+    namespace wmma = nvcuda::wmma;
+    using WmmaA = typename std::conditional<LayoutA::kColumnMajor, wmma::col_major, wmma::row_major>::type;
+    using WmmaB = typename std::conditional<LayoutB::kColumnMajor, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32, row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
+    wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Precision, WmmaA> fa[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Precision, WmmaB> fb[2];
+    for (int kk = 0; kk < k; kk += kK) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], offset<LayoutA>(a, lda, row0 + 16 * i, kk), lda);
+        wmma::load_matrix_sync(fb[i], offset<LayoutB>(b, ldb, kk, col0 + 16 * i), ldb);
+        if constexpr (std::is_same<Tag, Tf32>::value) {
+#pragma unroll
+          for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
+#pragma unroll
+          for (int e = 0; e < fb[i].num_elements; ++e) fb[i].x[e] = wmma::__float_to_tf32(fb[i].x[e]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], fa[i], fb[j], acc.c[i][j]);
+    }
+  }
+
+  // c[64 x 64] (row-major, leading dimension ldc) = acc
+  __device__ static void store(const Accumulator& acc, Acc* c, int ldc) {
+    const int warp = threadIdx.x / 32, row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(c + (row0 + 16 * i) * ldc + col0 + 16 * j, acc.c[i][j], ldc,
+                                        nvcuda::wmma::mem_row_major);
+  }
+
+  __device__ static Operand to_operand(Acc value) { return Operand(value); }
+};
+
+template <class T>
+struct SimtTile {
+  using Operand = T;
+  using Acc = T;
+  static constexpr int kK = 1;
+  static constexpr int kRows = 8, kCols = 4;  // per thread; 8 x 16 threads cover the 64 x 64 tile
+
+  struct Accumulator {
+    T c[kRows][kCols];
+  };
+
+  __device__ static void zero(Accumulator& acc) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc.c[i][j] = T(0);
+  }
+
+  template <class LayoutA, class LayoutB>
+  __device__ static void mma(Accumulator& acc, const T* a, int lda, const T* b, int ldb, int k) {
+    const int row0 = (threadIdx.x / 16) * kRows, col0 = (threadIdx.x % 16) * kCols;
+    for (int kk = 0; kk < k; ++kk) {
+      T av[kRows], bv[kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) av[i] = at<LayoutA>(a, lda, row0 + i, kk);
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) bv[j] = at<LayoutB>(b, ldb, kk, col0 + j);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) acc.c[i][j] = fma(av[i], bv[j], acc.c[i][j]);
+    }
+  }
+
+  __device__ static void store(const Accumulator& acc, Acc* c, int ldc) {
+    const int row0 = (threadIdx.x / 16) * kRows, col0 = (threadIdx.x % 16) * kCols;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) c[(row0 + i) * ldc + col0 + j] = acc.c[i][j];
+  }
+
+  __device__ static Operand to_operand(Acc value) { return value; }
+};
+
+}  // namespace metric_kernels::cuda

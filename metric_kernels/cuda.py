@@ -1,0 +1,34 @@
+"""The "cuda" backend: hand-written CUDA kernels from the native extension metric_kernels._C (csrc/cuda), tiles of
+X Y^T on tensor cores (bf16/fp16; tf32 for fp32 rows where torch allows it) or IEEE FMA, extra memory O(N + M).
+The backend contract is in metric_kernels/backends.py; the ops' contract in metric_kernels/_fused.py.
+
+It is picked only by name: "auto" leaves it out until a GPU run of tests/test_cuda_gpu.py has passed (the kernels
+compile in CI, but no GPU has run them yet).
+"""
+import torch
+
+try:
+    from . import _C
+except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
+    _missing = f"the native extension metric_kernels._C is not built: {error}"
+else:
+    _missing = None if getattr(_C, "with_cuda", False) else (
+        "metric_kernels._C was built without its CUDA kernels (they need a CUDA build of torch and nvcc at install "
+        "time; see the README's native build section)")
+
+_rows = None
+if _missing is None:
+    from ._fused import FusedRows, register_ops
+
+    register_ops("cuda")
+    _rows = FusedRows("cuda")
+    circle_rows, supcon_rows = _rows.circle_rows, _rows.supcon_rows
+    batch_hard_rows, proxy_anchor_rows = _rows.batch_hard_rows, _rows.proxy_anchor_rows
+
+
+def unavailable_reason(device: torch.device):
+    if _rows is None:
+        return _missing
+    if device.type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors, not on {device.type}"
+    return None
