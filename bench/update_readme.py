@@ -21,8 +21,8 @@ def section() -> str:
             path = run / name
             if path.exists():
                 text = path.read_text().strip()
-                # demote the run's own title so that it nests under the README's "Results" heading
-                text = "\n".join("###" + line[1:] if line.startswith("# ") else line for line in text.splitlines())
+                # demote the run's headings by two levels so that they nest under the README's "Results" heading
+                text = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
                 parts.append(f"{text}\n\n(from `bench/results/{run.name}/{name}`)")
     return "\n\n".join([START] + parts + [END])
 

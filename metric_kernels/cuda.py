@@ -10,11 +10,11 @@ import torch
 try:
     from . import _C
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
-    _missing = f"the native extension metric_kernels._C is not built: {error}"
+    _missing = f"backend 'cuda' needs the native extension metric_kernels._C, which is not built: {error}"
 else:
     _missing = None if getattr(_C, "with_cuda", False) else (
-        "metric_kernels._C was built without its CUDA kernels (they need a CUDA build of torch and nvcc at install "
-        "time; see the README's native build section)")
+        "backend 'cuda' needs the CUDA kernels of metric_kernels._C, which was built without them (they need a CUDA "
+        "build of torch and nvcc at install time; see the README's native build section)")
 
 _rows = None
 if _missing is None:

@@ -272,7 +272,7 @@ def test_opcheck_backward_and_batch_hard_select(backend):
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
 def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
     """The oracle of the GPU tests' N = 65536 case, checked here on a size the unchunked reference handles."""
-    from tests.test_triton_gpu import PARAMS as GPU_PARAMS, chunked_reference_rows
+    from tests.test_fused_gpu import PARAMS as GPU_PARAMS, chunked_reference_rows
     x = torch.randn(300, 16, dtype=torch.float64)
     labels = torch.randint(0, 40, (300,))
     expected = getattr(mk, f"{loss}_loss")(x, labels, reduction="none", backend="reference", **GPU_PARAMS[loss])

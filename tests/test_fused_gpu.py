@@ -1,5 +1,7 @@
-"""backend="triton" compiled on a CUDA GPU (skipped elsewhere, with the reason). Run on a GPU machine with
-`TRITON_INTERPRET=0 python -m pytest tests -m gpu` (bench/gpu_run.sh does).
+"""The GPU backends on a CUDA GPU (skipped elsewhere, with the reason): backend="triton" compiled and backend="cuda"
+(csrc/cuda), each through the same checks. Run on a GPU machine with `TRITON_INTERPRET=0 python -m pytest tests -m gpu`
+(bench/gpu_run.sh does, with METRIC_KERNELS_REQUIRE_CUDA_BACKEND=1 so that a missing CUDA build fails instead of
+skipping).
 
 - bf16, fp16 and tf32 within the eager reference's own error in that precision plus 1e-2, fp32 (IEEE) at 1e-5 / 1e-4;
 - N up to 65536 against a row-chunked reference;
@@ -20,9 +22,22 @@ from tests.helpers import assert_rel_close
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                       reason="Triton's interpreter is on: run the GPU tests with TRITON_INTERPRET=0"),
 ]
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def backend(request):
+    """Each GPU backend, or a skip saying why it cannot run here."""
+    name = request.param
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter is on: run the GPU tests with TRITON_INTERPRET=0")
+    reason = mk.available_backends("cuda")[name]
+    if reason is not None:
+        if name == "cuda" and os.environ.get("METRIC_KERNELS_REQUIRE_CUDA_BACKEND") == "1":
+            pytest.fail(f"backend 'cuda' is required here but unusable: {reason}")
+        pytest.skip(f"backend {name!r} is unusable here: {reason}")
+    return name
 LOSSES = ["circle", "supcon", "batch_hard_triplet", "proxy_anchor"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.1),
           "batch_hard_triplet": dict(margin=0.2), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
@@ -67,11 +82,11 @@ def _error(a, b):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "tf32", "ieee"])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_matches_reference_in_every_precision(loss, precision):
+def test_matches_reference_in_every_precision(backend, loss, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     leaves, labels = _inputs(loss, 1000, 128, dtype)
     with matmul_precision("high" if precision == "tf32" else "highest"):
-        ours, our_grads = _value_and_grads(loss, leaves, labels, "triton", lambda t: t)
+        ours, our_grads = _value_and_grads(loss, leaves, labels, backend, lambda t: t)
         eager, eager_grads = _value_and_grads(loss, leaves, labels, "reference", lambda t: t)
     exact, exact_grads = _value_and_grads(loss, leaves, labels, "reference", lambda t: t.double())
     if precision == "ieee":
@@ -101,12 +116,12 @@ def chunked_reference_rows(loss, x, labels, chunk=2048, **params):
 
 @pytest.mark.parametrize("n", [16384, 65536])
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
-def test_large_batches_against_chunked_reference(loss, n):
+def test_large_batches_against_chunked_reference(backend, loss, n):
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(n, 128, device="cuda", generator=g)
     labels = torch.randint(0, n // 4, (n,), device="cuda", generator=g)
     params = dict(PARAMS[loss])
-    ours = getattr(mk, f"{loss}_loss")(x, labels, reduction="none", backend="triton", **params)
+    ours = getattr(mk, f"{loss}_loss")(x, labels, reduction="none", backend=backend, **params)
     if loss == "supcon":
         params.pop("base_temperature", None)
     expected = chunked_reference_rows(loss, x.double(), labels, chunk=1024, **params)
@@ -114,16 +129,16 @@ def test_large_batches_against_chunked_reference(loss, n):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_deterministic_backward_is_bitwise_stable(loss):
+def test_deterministic_backward_is_bitwise_stable(backend, loss):
     leaves, labels = _inputs(loss, 4000, 128, torch.bfloat16, seed=3)
-    runs = [_value_and_grads(loss, leaves, labels, "triton", lambda t: t, deterministic=True) for _ in range(5)]
+    runs = [_value_and_grads(loss, leaves, labels, backend, lambda t: t, deterministic=True) for _ in range(5)]
     for value, grads in runs[1:]:
         assert torch.equal(value, runs[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
 
 
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
-def test_memory_stays_linear(loss):
+def test_memory_stays_linear(backend, loss):
     """N = M = 32768, D = 256, bf16: one N x N bf16 matrix alone would be 2 GiB."""
     n, dim = 32768, 256
     x = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -131,7 +146,7 @@ def test_memory_stays_linear(loss):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
-    value = getattr(mk, f"{loss}_loss")(x, labels, backend="triton", **PARAMS[loss])
+    value = getattr(mk, f"{loss}_loss")(x, labels, backend=backend, **PARAMS[loss])
     value.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - baseline - x.grad.numel() * x.grad.element_size()
@@ -139,5 +154,6 @@ def test_memory_stays_linear(loss):
 
 
 def test_auto_picks_triton_on_cuda():
+    """Never "cuda": it joins "auto" only after this suite has passed on a GPU (metric_kernels/cuda.py)."""
     from metric_kernels import backends
     assert backends.resolve("auto", torch.device("cuda")).__name__ == "metric_kernels.triton"
