@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "cpu/pair_rows.h"
+#include "op_glue.h"
 
 namespace metric_kernels {
 namespace {
@@ -34,14 +35,10 @@ void aten_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels, const at::Tensor& y_labels) {
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "metric_kernels cpu ops take CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "x and y must be N x D and M x D");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have one dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+void check_cpu(const glue::Rows& rows) {
+  TORCH_CHECK(rows.x.device().is_cpu() && rows.y.device().is_cpu(), "metric_kernels cpu ops take CPU tensors");
+  TORCH_CHECK(rows.x.scalar_type() == at::kFloat || rows.x.scalar_type() == at::kDouble,
               "metric_kernels cpu ops compute in float32 or float64");
-  TORCH_CHECK(x_labels.scalar_type() == at::kLong && y_labels.scalar_type() == at::kLong, "labels must be int64");
-  TORCH_CHECK(x_labels.numel() == x.size(0) && y_labels.numel() == y.size(0), "one label per row");
 }
 
 template <typename T>
@@ -53,15 +50,12 @@ PairRowsParams<T> make_params(const at::Tensor& x, const at::Tensor& y, const at
                            &aten_gemm<T>, at::get_num_threads()};
 }
 
-// Rows contiguous (row stride >= D, unit column stride) as the kernels read them.
-at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
                     const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, double a, double b,
                     bool deterministic) {
-  const at::Tensor x = rows_contiguous(x_in), y = y_in.has_value() ? rows_contiguous(*y_in) : x;
-  const at::Tensor x_labels = x_labels_in.contiguous(), y_labels = y_labels_in.contiguous();
-  check_inputs(x, y, x_labels, y_labels);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cpu(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
   at::Tensor stats = at::empty({3, x.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_lse_rows", [&] {
     cpu::lse_rows_forward(make_params<scalar_t>(x, y, x_labels, y_labels, self_offset, kind, a, b),
@@ -77,10 +71,9 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                                                      const at::Tensor& x_labels_in, const at::Tensor& y_labels_in,
                                                      int64_t self_offset, int64_t kind, double a, double b,
                                                      bool deterministic, bool need_dx, bool need_dy) {
-  const bool same = !y_in.has_value();
-  const at::Tensor x = rows_contiguous(x_in), y = same ? x : rows_contiguous(*y_in);
-  const at::Tensor x_labels = x_labels_in.contiguous(), y_labels = y_labels_in.contiguous();
-  check_inputs(x, y, x_labels, y_labels);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cpu(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(), stats = stats_in.contiguous();
   if (same) need_dx = need_dx || need_dy, need_dy = false;
   at::Tensor dx = at::empty({need_dx ? x.size(0) : 0, x.size(1)}, x.options());
@@ -102,9 +95,9 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
 
 at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels_in,
                              const at::Tensor& y_labels_in, int64_t self_offset) {
-  const at::Tensor x = rows_contiguous(x_in), y = rows_contiguous(y_in);
-  const at::Tensor x_labels = x_labels_in.contiguous(), y_labels = y_labels_in.contiguous();
-  check_inputs(x, y, x_labels, y_labels);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cpu(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
   at::Tensor choices = at::empty({2, x.size(0)}, x_labels.options());
   const at::Tensor x_sq = x.pow(2).sum(1), y_sq = y.pow(2).sum(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_batch_hard_select", [&] {
@@ -118,14 +111,7 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
 }  // namespace metric_kernels
 
 // A fragment: the Triton ops (defined from Python) share the metric_kernels namespace.
-TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
-  m.def("cpu_lse_rows(Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, int self_offset, int kind, "
-        "float param_a, float param_b, bool deterministic) -> Tensor");
-  m.def("cpu_lse_rows_backward(Tensor grad, Tensor stats, Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, "
-        "int self_offset, int kind, float param_a, float param_b, bool deterministic, bool need_dx, bool need_dy) "
-        "-> (Tensor, Tensor)");
-  m.def("cpu_batch_hard_select(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, int self_offset) -> Tensor");
-}
+TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, "cpu"); }
 
 TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
   m.impl("cpu_lse_rows", &metric_kernels::lse_rows);

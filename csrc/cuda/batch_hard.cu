@@ -26,14 +26,8 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
                                                                        int64_t* choices) {
   using Acc = typename Policy::Acc;
   using Layout = SharedLayout<Policy>;
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  Layout shared(shared_bytes);
-
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int local = epilogue_row();
-  const int64_t row = r0 + local;
-  const bool live = row < p.n;
-  const int64_t label = live ? p.x_labels[row] : 0;
+  Layout shared = block_shared<Policy>();
+  const auto [r0, local, row, live, label] = query_row(p);
   const Acc row_sq = live ? x_sq[row] : Acc(0);
   Acc far = -std::numeric_limits<Acc>::infinity(), near = std::numeric_limits<Acc>::infinity();
   int64_t far_at = -1, near_at = -1;

@@ -110,6 +110,29 @@ __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t
 __device__ __forceinline__ int epilogue_row() { return threadIdx.x >> 1; }
 __device__ __forceinline__ int epilogue_column() { return threadIdx.x & 1; }
 
+// The query row this thread folds in a row-block kernel (block blockIdx.x, rows r0 ..).
+struct QueryRow {
+  int64_t r0;     // the block's first row
+  int local;      // this thread's row within the tile
+  int64_t row;    // r0 + local
+  bool live;      // row < N
+  int64_t label;  // its label (0 past N)
+};
+
+__device__ __forceinline__ QueryRow query_row(const CudaPairRowsParams& p) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int local = epilogue_row();
+  const bool live = r0 + local < p.n;
+  return {r0, local, r0 + local, live, live ? p.x_labels[r0 + local] : 0};
+}
+
+// The block's dynamic shared memory, carved into the regions of SharedLayout.
+template <class Policy>
+__device__ __forceinline__ SharedLayout<Policy> block_shared() {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  return SharedLayout<Policy>(shared_bytes);
+}
+
 template <class T>
 __device__ __forceinline__ T from_partner(T value) {
   return __shfl_xor_sync(0xffffffffu, value, 1);

@@ -21,14 +21,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
                                                                       typename Policy::Acc* stats) {
   using Acc = typename Policy::Acc;
   using Layout = SharedLayout<Policy>;
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  Layout shared(shared_bytes);
-
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int local = epilogue_row();
-  const int64_t row = r0 + local;
-  const bool live = row < p.n;
-  const int64_t label = live ? p.x_labels[row] : 0;
+  Layout shared = block_shared<Policy>();
+  const auto [r0, local, row, live, label] = query_row(p);
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
   OnlineLse<Acc> first, second;
   Acc linear = 0;
@@ -130,8 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   using Acc = typename Policy::Acc;
   using Operand = typename Policy::Operand;
   using Layout = SharedLayout<Policy>;
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  Layout shared(shared_bytes);
+  Layout shared = block_shared<Policy>();
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
@@ -173,8 +166,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
   using Acc = typename Policy::Acc;
   using Operand = typename Policy::Operand;
   using Layout = SharedLayout<Policy>;
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  Layout shared(shared_bytes);
+  Layout shared = block_shared<Policy>();
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;

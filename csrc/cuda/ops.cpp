@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../op_glue.h"
 #include "../params.h"
 #include "launch.h"
 
@@ -40,21 +41,14 @@ at::ScalarType accumulation_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The kernels read rows with unit column stride; labels and row strides as they are.
-at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels, const at::Tensor& y_labels) {
-  TORCH_CHECK(x.is_cuda() && y.is_cuda() && x_labels.is_cuda() && y_labels.is_cuda(),
-              "metric_kernels cuda ops take CUDA tensors");
-  TORCH_CHECK(x.device() == y.device() && x.device() == x_labels.device() && x.device() == y_labels.device(),
-              "metric_kernels cuda ops take tensors on one device");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "x and y must be N x D and M x D");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have one dtype");
+void check_cuda(const glue::Rows& rows) {
+  const at::Tensor& x = rows.x;
+  TORCH_CHECK(x.is_cuda() && rows.y.device() == x.device() && rows.x_labels.device() == x.device() &&
+                  rows.y_labels.device() == x.device(),
+              "metric_kernels cuda ops take CUDA tensors on one device");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "metric_kernels cuda ops take float32, float64, float16 or bfloat16 rows");
-  TORCH_CHECK(x_labels.scalar_type() == at::kLong && y_labels.scalar_type() == at::kLong, "labels must be int64");
-  TORCH_CHECK(x_labels.numel() == x.size(0) && y_labels.numel() == y.size(0), "one label per row");
   TORCH_CHECK(x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the grid of the backward kernels");
 }
 
@@ -69,9 +63,9 @@ CudaPairRowsParams make_params(const at::Tensor& x, const at::Tensor& y, const a
 at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
                     const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, double a, double b,
                     bool deterministic) {
-  const at::Tensor x = rows_contiguous(x_in), y = y_in.has_value() ? rows_contiguous(*y_in) : x;
-  const at::Tensor x_labels = x_labels_in.contiguous(), y_labels = y_labels_in.contiguous();
-  check_inputs(x, y, x_labels, y_labels);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cuda(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
   const c10::DeviceGuard guard(x.device());
   at::Tensor stats = at::empty({3, x.size(0)}, x.options().dtype(accumulation_type(x)));
   check_launch(cuda::lse_rows_forward(make_params(x, y, x_labels, y_labels, self_offset, kind, a, b),
@@ -88,10 +82,9 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                                                      const at::Tensor& x_labels_in, const at::Tensor& y_labels_in,
                                                      int64_t self_offset, int64_t kind, double a, double b,
                                                      bool deterministic, bool need_dx, bool need_dy) {
-  const bool same = !y_in.has_value();
-  const at::Tensor x = rows_contiguous(x_in), y = same ? x : rows_contiguous(*y_in);
-  const at::Tensor x_labels = x_labels_in.contiguous(), y_labels = y_labels_in.contiguous();
-  check_inputs(x, y, x_labels, y_labels);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cuda(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
   const c10::DeviceGuard guard(x.device());
   const auto acc = accumulation_type(x);
   const at::Tensor grad = grad_in.to(acc).contiguous(), stats = stats_in.to(acc).contiguous();
@@ -124,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
 
 at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels_in,
                              const at::Tensor& y_labels_in, int64_t self_offset) {
-  const at::Tensor x = rows_contiguous(x_in), y = rows_contiguous(y_in);
-  const at::Tensor x_labels = x_labels_in.contiguous(), y_labels = y_labels_in.contiguous();
-  check_inputs(x, y, x_labels, y_labels);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cuda(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
   const c10::DeviceGuard guard(x.device());
   const auto acc = accumulation_type(x);
   const at::Tensor x_sq = x.to(acc).pow(2).sum(1), y_sq = y.to(acc).pow(2).sum(1);
@@ -140,14 +133,7 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
 }  // namespace
 }  // namespace metric_kernels
 
-TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
-  m.def("cuda_lse_rows(Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, int self_offset, int kind, "
-        "float param_a, float param_b, bool deterministic) -> Tensor");
-  m.def("cuda_lse_rows_backward(Tensor grad, Tensor stats, Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, "
-        "int self_offset, int kind, float param_a, float param_b, bool deterministic, bool need_dx, bool need_dy) "
-        "-> (Tensor, Tensor)");
-  m.def("cuda_batch_hard_select(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, int self_offset) -> Tensor");
-}
+TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, "cuda"); }
 
 TORCH_LIBRARY_IMPL(metric_kernels, CUDA, m) {
   m.impl("cuda_lse_rows", &metric_kernels::lse_rows);

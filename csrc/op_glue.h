@@ -1,0 +1,50 @@
+// What the torch glue of every native backend shares (bindings.cpp for the CPU kernels, cuda/ops.cpp for the CUDA
+// ones): the ops' schemas and the preparation and checks of their tensor arguments. The ops' contract, with their
+// fake implementations and autograd formula, is metric_kernels/_fused.py.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+namespace metric_kernels::glue {
+
+// The rows as the kernels read them (unit column stride, any row stride) and contiguous labels. Without y the
+// references are the queries (`same`): y is then x itself.
+struct Rows {
+  at::Tensor x, y, x_labels, y_labels;
+  bool same;
+};
+
+inline at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// Checks the shapes and label dtypes every backend needs; each backend then checks its own devices and dtypes.
+inline Rows prepare_rows(const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& x_labels,
+                         const at::Tensor& y_labels) {
+  const bool same = !y.has_value();
+  TORCH_CHECK(x.dim() == 2 && (same || (y->dim() == 2 && x.size(1) == y->size(1))),
+              "x and y must be N x D and M x D");
+  TORCH_CHECK(same || x.scalar_type() == y->scalar_type(), "x and y must have one dtype");
+  TORCH_CHECK(x_labels.scalar_type() == at::kLong && y_labels.scalar_type() == at::kLong, "labels must be int64");
+  Rows rows{rows_contiguous(x), same ? at::Tensor() : rows_contiguous(*y), x_labels.contiguous(),
+            y_labels.contiguous(), same};
+  if (same) rows.y = rows.x;
+  TORCH_CHECK(rows.x_labels.numel() == rows.x.size(0) && rows.y_labels.numel() == rows.y.size(0),
+              "one label per row");
+  return rows;
+}
+
+// The three ops of a fused backend, metric_kernels::<prefix>_lse_rows, _lse_rows_backward, _batch_hard_select.
+inline void define_fused_ops(torch::Library& library, const std::string& prefix) {
+  const auto def = [&](const std::string& schema) { library.def(schema.c_str()); };
+  def(prefix + "_lse_rows(Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, int self_offset, int kind, "
+               "float param_a, float param_b, bool deterministic) -> Tensor");
+  def(prefix + "_lse_rows_backward(Tensor grad, Tensor stats, Tensor x, Tensor? y, Tensor x_labels, "
+               "Tensor y_labels, int self_offset, int kind, float param_a, float param_b, bool deterministic, "
+               "bool need_dx, bool need_dy) -> (Tensor, Tensor)");
+  def(prefix + "_batch_hard_select(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, int self_offset) -> Tensor");
+}
+
+}  // namespace metric_kernels::glue
