@@ -25,36 +25,24 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
                                                                        const typename Policy::Acc* y_sq,
                                                                        int64_t* choices) {
   using Acc = typename Policy::Acc;
-  using Layout = SharedLayout<Policy>;
-  Layout shared = block_shared<Policy>();
-  const auto [r0, local, row, live, label] = query_row(p);
-  const Acc row_sq = live ? x_sq[row] : Acc(0);
+  SharedLayout<Policy> shared = block_shared<Policy>();
+  const QueryRow query = query_row(p);
+  const Acc row_sq = query.live ? x_sq[query.row] : Acc(0);
   Acc far = -std::numeric_limits<Acc>::infinity(), near = std::numeric_limits<Acc>::infinity();
   int64_t far_at = -1, near_at = -1;
-  for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
-    load_labels(shared.col_labels, p.y_labels, c0, p.m);
-    similarity_tile<Policy>(p, r0, c0, shared);
-    if (live) {
-      const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
-      // columns ascend, so a strict comparison keeps the lowest index among equals
-    #pragma unroll 1
-      for (int j = epilogue_column(); j < cols; j += 2) {
-        bool positive, negative;
-        pair_kind(label, shared.col_labels[j], row, c0 + j, p.self_offset, positive, negative);
-        const Acc squared = row_sq + y_sq[c0 + j] - 2 * shared.s[local * Layout::kAccLd + j];
-        if (positive && (far_at < 0 || squared > far)) far = squared, far_at = c0 + j;
-        if (negative && (near_at < 0 || squared < near)) near = squared, near_at = c0 + j;
-      }
-    }
-    __syncthreads();
-  }
+  // columns ascend, so a strict comparison keeps the lowest index among equals
+  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool negative) {
+    const Acc squared = row_sq + y_sq[column] - 2 * s;
+    if (positive && (far_at < 0 || squared > far)) far = squared, far_at = column;
+    if (negative && (near_at < 0 || squared < near)) near = squared, near_at = column;
+  });
   const Acc partner_far = from_partner(far), partner_near = from_partner(near);
   const int64_t partner_far_at = from_partner(far_at), partner_near_at = from_partner(near_at);
   keep_better<true>(far, far_at, partner_far, partner_far_at);
   keep_better<false>(near, near_at, partner_near, partner_near_at);
-  if (live && epilogue_column() == 0) {
-    choices[row] = far_at;
-    choices[p.n + row] = near_at;
+  if (query.live && epilogue_column() == 0) {
+    choices[query.row] = far_at;
+    choices[p.n + query.row] = near_at;
   }
 }
 

@@ -133,6 +133,28 @@ __device__ __forceinline__ SharedLayout<Policy> block_shared() {
   return SharedLayout<Policy>(shared_bytes);
 }
 
+// The row pass of a forward epilogue: walks the column tiles of the block's rows and calls
+// visit(s, column, positive, negative) on each pair of this thread's row (its half of the columns). Every thread of
+// the block calls it (it synchronises); the caller then meets its partner thread through from_partner.
+template <class Policy, class Visit>
+__device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, const QueryRow& query,
+                                                  SharedLayout<Policy>& shared, Visit&& visit) {
+  for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
+    load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    similarity_tile<Policy>(p, query.r0, c0, shared);
+    if (query.live) {
+      const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
+#pragma unroll 1
+      for (int j = epilogue_column(); j < cols; j += 2) {
+        bool positive, negative;
+        pair_kind(query.label, shared.col_labels[j], query.row, c0 + j, p.self_offset, positive, negative);
+        visit(shared.s[query.local * SharedLayout<Policy>::kAccLd + j], c0 + j, positive, negative);
+      }
+    }
+    __syncthreads();  // the next tile rewrites S and the labels
+  }
+}
+
 template <class T>
 __device__ __forceinline__ T from_partner(T value) {
   return __shfl_xor_sync(0xffffffffu, value, 1);

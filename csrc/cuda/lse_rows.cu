@@ -20,39 +20,26 @@ template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const CudaPairRowsParams p,
                                                                       typename Policy::Acc* stats) {
   using Acc = typename Policy::Acc;
-  using Layout = SharedLayout<Policy>;
-  Layout shared = block_shared<Policy>();
-  const auto [r0, local, row, live, label] = query_row(p);
+  SharedLayout<Policy> shared = block_shared<Policy>();
+  const QueryRow query = query_row(p);
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
   OnlineLse<Acc> first, second;
   Acc linear = 0;
-  for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
-    load_labels(shared.col_labels, p.y_labels, c0, p.m);
-    similarity_tile<Policy>(p, r0, c0, shared);
-    if (live) {
-      const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
-#pragma unroll 1
-      for (int j = epilogue_column(); j < cols; j += 2) {
-        const Acc s = shared.s[local * Layout::kAccLd + j];
-        bool positive, negative;
-        pair_kind(label, shared.col_labels[j], row, c0 + j, p.self_offset, positive, negative);
-        const Logits<Acc> logits = loss_logits(p.kind, s, a, b);
-        if (in_first(p.kind, positive)) first.add(logits.value1);
-        if (in_second(p.kind, positive, negative)) second.add(logits.value2);
-        if (p.kind == kSupCon && positive) linear += s;
-      }
-    }
-    __syncthreads();  // the next tile rewrites S and the labels
-  }
+  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t, bool positive, bool negative) {
+    const Logits<Acc> logits = loss_logits(p.kind, s, a, b);
+    if (in_first(p.kind, positive)) first.add(logits.value1);
+    if (in_second(p.kind, positive, negative)) second.add(logits.value2);
+    if (p.kind == kSupCon && positive) linear += s;
+  });
   const Acc first_max = from_partner(first.max), first_sum = from_partner(first.sum);
   const Acc second_max = from_partner(second.max), second_sum = from_partner(second.sum);
   linear += from_partner(linear);
   first.merge(first_max, first_sum);
   second.merge(second_max, second_sum);
-  if (live && epilogue_column() == 0) {
-    stats[row] = first.finish();
-    stats[p.n + row] = second.finish();
-    stats[2 * p.n + row] = linear;
+  if (query.live && epilogue_column() == 0) {
+    stats[query.row] = first.finish();
+    stats[p.n + query.row] = second.finish();
+    stats[2 * p.n + query.row] = linear;
   }
 }
 
