@@ -96,3 +96,11 @@ class FusedRows:
         stats = self._lse_rows(proxies, x, proxy_labels, labels, -1, KIND["proxy_anchor"], margin, alpha,
                                deterministic)
         return proxy_anchor_from_stats(stats[0], stats[1])
+
+
+def fused_backend(prefix: str):
+    """Registers the <prefix>_* ops' fake implementations and autograd, and returns the backend contract's four
+    per-row functions over them: (circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows)."""
+    register_ops(prefix)
+    rows = FusedRows(prefix)
+    return rows.circle_rows, rows.supcon_rows, rows.batch_hard_rows, rows.proxy_anchor_rows

@@ -6,19 +6,15 @@ try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.metric_kernels.cpu_*)
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
     _missing = str(error)
-    _rows = None
 else:
-    from ._fused import FusedRows, register_ops
+    from ._fused import fused_backend
 
     _missing = None
-    register_ops("cpu")
-    _rows = FusedRows("cpu")
-    circle_rows, supcon_rows = _rows.circle_rows, _rows.supcon_rows
-    batch_hard_rows, proxy_anchor_rows = _rows.batch_hard_rows, _rows.proxy_anchor_rows
+    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("cpu")
 
 
 def unavailable_reason(device: torch.device):
-    if _rows is None:
+    if _missing is not None:
         return ("the native extension metric_kernels._C is not built, which backend 'cpu' needs (install with "
                 f"`pip install --no-build-isolation -e .` where a C++ compiler and cmake are available): {_missing}")
     if device.type != "cpu":

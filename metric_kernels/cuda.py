@@ -16,18 +16,14 @@ else:
         "backend 'cuda' needs the CUDA kernels of metric_kernels._C, which was built without them (they need a CUDA "
         "build of torch and nvcc at install time; see the README's native build section)")
 
-_rows = None
 if _missing is None:
-    from ._fused import FusedRows, register_ops
+    from ._fused import fused_backend
 
-    register_ops("cuda")
-    _rows = FusedRows("cuda")
-    circle_rows, supcon_rows = _rows.circle_rows, _rows.supcon_rows
-    batch_hard_rows, proxy_anchor_rows = _rows.batch_hard_rows, _rows.proxy_anchor_rows
+    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("cuda")
 
 
 def unavailable_reason(device: torch.device):
-    if _rows is None:
+    if _missing is not None:
         return _missing
     if device.type != "cuda":
         return f"backend 'cuda' runs on CUDA tensors, not on {device.type}"

@@ -28,7 +28,6 @@ def _no_backend_override(monkeypatch):
     # the native extension; these tests check the registry on a plain CPU machine with neither.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     import metric_kernels.cpu
-    monkeypatch.setattr(metric_kernels.cpu, "_rows", None)
     monkeypatch.setattr(metric_kernels.cpu, "_missing", "simulated: built without a C++ compiler")
 
 

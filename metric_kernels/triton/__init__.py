@@ -7,19 +7,16 @@ import importlib.util
 
 import torch
 
-if importlib.util.find_spec("triton") is not None:
-    from .._fused import FusedRows
-    from .ops import interpreting
+_installed = importlib.util.find_spec("triton") is not None
+if _installed:
+    from .._fused import fused_backend
+    from .ops import interpreting  # defines the metric_kernels::triton_* ops
 
-    _rows = FusedRows("triton")
-    circle_rows, supcon_rows = _rows.circle_rows, _rows.supcon_rows
-    batch_hard_rows, proxy_anchor_rows = _rows.batch_hard_rows, _rows.proxy_anchor_rows
-else:  # pragma: no cover - exercised only where Triton is absent
-    _rows = None
+    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("triton")
 
 
 def unavailable_reason(device: torch.device):
-    if _rows is None:
+    if not _installed:
         return "Triton is not installed, which the 'triton' backend needs (pip install triton)"
     if device.type == "cuda":
         return None

@@ -1,9 +1,10 @@
-"""torch.library custom ops around the Triton kernels, with fake (meta) implementations and autograd formulas, so the
-fused losses work eagerly, under torch.compile(fullgraph=True) and under torch.library.opcheck.
+"""torch.library custom ops around the Triton kernels, so the fused losses work eagerly, under
+torch.compile(fullgraph=True) and under torch.library.opcheck:
 
     metric_kernels::triton_lse_rows, triton_lse_rows_backward, triton_batch_hard_select
 
-(the contract of every fused backend's ops: metric_kernels/_fused.py).
+(the contract of every fused backend's ops, with their fake implementations and autograd formula, registered by the
+package's __init__ through fused_backend: metric_kernels/_fused.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused import register_ops, stats_dtype
+from .._fused import stats_dtype
 from . import _batch_hard_kernel, _lse_kernels
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -145,4 +146,3 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
     return choices
 
 
-register_ops("triton")  # fake implementations and autograd, shared with every fused backend
