@@ -73,8 +73,9 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                                                      bool deterministic, bool need_dx, bool need_dy) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cpu(rows);
+  glue::check_row_state(grad_in, stats_in, rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
-  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(), stats = stats_in.contiguous();
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(), stats = stats_in.to(x.scalar_type()).contiguous();
   if (same) need_dx = need_dx || need_dy, need_dy = false;
   at::Tensor dx = at::empty({need_dx ? x.size(0) : 0, x.size(1)}, x.options());
   at::Tensor dy = at::empty({need_dy ? y.size(0) : 0, y.size(1)}, y.options());

@@ -36,6 +36,15 @@ inline Rows prepare_rows(const at::Tensor& x, const std::optional<at::Tensor>& y
   return rows;
 }
 
+// The backward's row state: upstream gradients and forward statistics, 3 x N each, beside the rows.
+inline void check_row_state(const at::Tensor& grad, const at::Tensor& stats, const Rows& rows) {
+  const int64_t n = rows.x.size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == 3 && grad.size(1) == n, "grad must be 3 x N = 3 x ", n, ", got ", grad.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == n, "stats must be 3 x N = 3 x ", n, ", got ", stats.sizes());
+  TORCH_CHECK(grad.device() == rows.x.device() && stats.device() == rows.x.device(),
+              "grad and stats must be on the rows' device");
+}
+
 // The three ops of a fused backend, metric_kernels::<prefix>_lse_rows, _lse_rows_backward, _batch_hard_select.
 inline void define_fused_ops(torch::Library& library, const std::string& prefix) {
   const auto def = [&](const std::string& schema) { library.def(schema.c_str()); };

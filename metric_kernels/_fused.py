@@ -24,6 +24,16 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_row_state(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor) -> None:
+    """The backward's upstream gradients and statistics: 3 x N each, on the rows' device (csrc/op_glue.h checks the
+    native ops' the same way)."""
+    for name, tensor in (("grad", grad), ("stats", stats)):
+        if tuple(tensor.shape) != (3, x.shape[0]):
+            raise ValueError(f"{name} must be 3 x N = 3 x {x.shape[0]}, got {tuple(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} must be on the rows' device ({x.device}), got {tensor.device}")
+
+
 def register_ops(prefix: str) -> None:
     """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_* ops."""
     forward, backward, select = (f"metric_kernels::{prefix}_{op}"

@@ -27,4 +27,8 @@ def unavailable_reason(device: torch.device):
         return _missing
     if device.type != "cuda":
         return f"backend 'cuda' runs on CUDA tensors, not on {device.type}"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # the build targets sm_80 and newer (tensor-core WMMA for bf16 and tf32)
+            return f"backend 'cuda' needs a GPU of compute capability 8.0 or newer; this one is {major}.{minor}"
     return None

@@ -202,3 +202,31 @@ def test_torch_compile_fullgraph(loss):
     assert_rel_close(got, want, 1e-5, f"compiled {loss}")
     for a, b in zip(grads(got, [x, y, proxies]), grads(want, [x, y, proxies])):
         assert_rel_close(a, b, 1e-4, f"compiled {loss} grad")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("empty", ["queries", "references"])
+def test_backward_op_without_pairs_gives_zero_gradients(empty, deterministic):
+    """N = 0 or M = 0 (D > 0): zeros of the full shapes, not the uninitialised buffers no kernel wrote."""
+    ops = torch.ops.metric_kernels
+    del_me = torch.full((1 << 20,), float("nan"), device="cuda")  # NaNs in the allocator's free blocks
+    del del_me
+    g = torch.Generator().manual_seed(5)
+    n, m = (0, 9) if empty == "queries" else (7, 0)
+    x, y = torch.randn(n, 5, generator=g).cuda(), torch.randn(m, 5, generator=g).cuda()
+    labels, y_labels = torch.randint(0, 3, (n,), generator=g).cuda(), torch.randint(0, 3, (m,), generator=g).cuda()
+    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    dx, dy = ops.cuda_lse_rows_backward(torch.randn(3, n, generator=g).cuda(), stats, x, y, labels, y_labels, -1, 0,
+                                        0.25, 8.0, deterministic, True, True)
+    assert torch.equal(dx.cpu(), torch.zeros(n, 5)) and torch.equal(dy.cpu(), torch.zeros(m, 5))
+
+
+def test_backward_op_checks_the_row_state():
+    ops = torch.ops.metric_kernels
+    x, y, labels, y_labels = (t.detach() for t in _op_samples())
+    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    args = (x, y, labels, y_labels, -1, 0, 0.25, 8.0, True, True, True)
+    with pytest.raises(RuntimeError, match="grad must be 3 x N"):
+        ops.cuda_lse_rows_backward(torch.randn(3, 19, device="cuda"), stats, *args)
+    with pytest.raises(RuntimeError, match="must be on the rows' device"):
+        ops.cuda_lse_rows_backward(torch.randn(3, 20), stats, *args)

@@ -269,6 +269,34 @@ def test_opcheck_backward_and_batch_hard_select(backend):
     torch.library.opcheck(batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
 
 
+@backend_param
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("empty", ["queries", "references"])
+def test_backward_op_without_pairs_gives_zero_gradients(backend, empty, deterministic):
+    """N = 0 or M = 0 (D > 0): no pair, so both gradients are zeros of their full shapes, whichever path."""
+    lse_rows, lse_rows_backward, _ = _ops(backend)
+    g = torch.Generator().manual_seed(5)
+    n, m = (0, 9) if empty == "queries" else (7, 0)
+    x, y = torch.randn(n, 5, generator=g), torch.randn(m, 5, generator=g)
+    labels, y_labels = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    dx, dy = lse_rows_backward(torch.randn(3, n, generator=g), stats, x, y, labels, y_labels, -1, 0, 0.25, 8.0,
+                               deterministic, True, True)
+    assert torch.equal(dx, torch.zeros(n, 5)) and torch.equal(dy, torch.zeros(m, 5))
+
+
+@backend_param
+def test_backward_op_checks_the_row_state(backend):
+    lse_rows, lse_rows_backward, _ = _ops(backend)
+    x, y, labels, y_labels = (t.detach() for t in _op_samples())
+    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    args = (x, y, labels, y_labels, -1, 0, 0.25, 8.0, True, True, True)
+    with pytest.raises((RuntimeError, ValueError), match="grad must be 3 x N"):
+        lse_rows_backward(torch.randn(3, 19), stats, *args)
+    with pytest.raises((RuntimeError, ValueError), match="stats must be 3 x N"):
+        lse_rows_backward(torch.randn(3, 20), stats[:2], *args)
+
+
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
 def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
     """The oracle of the GPU tests' N = 65536 case, checked here on a size the unchunked reference handles."""

@@ -20,8 +20,13 @@ int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
 int batch_hard_select(const CudaPairRowsParams& p, const void* x_sq, const void* y_sq, int64_t* choices,
                       void* stream);
 
-// Whether the atomic backward can run for this operand (its shared memory fits every supported GPU).
+// Whether an atomic backward exists for this operand (fp64 has none: its tiles would need 174 KB of shared memory).
 bool supports_atomic_backward(Operand operand);
+
+// Dynamic shared memory per block of the backward for this operand, and the most a block on `device` may opt in to
+// (99 KB on sm_86/sm_89/sm_120, 163 KB on sm_80, 227 KB on sm_90); the forward fits every sm_80+ GPU.
+int64_t backward_shared_bytes(Operand operand, bool atomic);
+int64_t shared_bytes_per_block(int device);
 
 const char* error_string(int code);
 

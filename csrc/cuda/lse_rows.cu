@@ -249,8 +249,31 @@ int lse_rows_backward(const CudaPairRowsBackwardParams& bp, void* stream) {
   return cudaErrorInvalidValue;
 }
 
-// fp64 tiles need 174 KB of shared memory for the atomic pass, more than an A100 block may have (163 KB).
 bool supports_atomic_backward(Operand operand) { return operand != Operand::kFloat64; }
+
+namespace {
+template <class Policy>
+int64_t backward_bytes(bool atomic) {
+  return atomic ? SharedLayout<Policy>::kAtomicBackwardBytes : SharedLayout<Policy>::kBackwardBytes;
+}
+}  // namespace
+
+int64_t backward_shared_bytes(Operand operand, bool atomic) {
+  switch (operand) {
+    case Operand::kFloat32: return backward_bytes<SimtTile<float>>(atomic);
+    case Operand::kTf32: return backward_bytes<WmmaTile<Tf32>>(atomic);
+    case Operand::kFloat16: return backward_bytes<WmmaTile<__half>>(atomic);
+    case Operand::kBFloat16: return backward_bytes<WmmaTile<__nv_bfloat16>>(atomic);
+    case Operand::kFloat64: return backward_bytes<SimtTile<double>>(atomic);
+  }
+  return 0;
+}
+
+int64_t shared_bytes_per_block(int device) {
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
+  return bytes;
+}
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 

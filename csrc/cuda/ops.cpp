@@ -84,14 +84,22 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                                                      bool deterministic, bool need_dx, bool need_dy) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
+  glue::check_row_state(grad_in, stats_in, rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
   const c10::DeviceGuard guard(x.device());
   const auto acc = accumulation_type(x);
   const at::Tensor grad = grad_in.to(acc).contiguous(), stats = stats_in.to(acc).contiguous();
   if (same) need_dx = need_dx || need_dy, need_dy = false;
   const CudaPairRowsParams params = make_params(x, y, x_labels, y_labels, self_offset, kind, a, b);
-  const bool atomic = !deterministic && !at::globalContext().deterministicAlgorithms() && (need_dy || same) &&
-                      cuda::supports_atomic_backward(params.operand);
+  const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device());
+  // Atomics only where they save a pass: both gradients wanted (dY alone is one deterministic pass already).
+  const bool atomic = !deterministic && !at::globalContext().deterministicAlgorithms() && need_dx &&
+                      (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
+                      cuda::backward_shared_bytes(params.operand, true) <= shared_limit;
+  const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic);
+  TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::cuda_lse_rows_backward: the ", x.scalar_type(),
+              " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU allows ", shared_limit,
+              "; use float32 rows or backend='triton'");
   const auto options = x.options().dtype(acc);
   // The atomic pass adds into zeros; the deterministic passes write every element.
   const auto buffer = [&](int64_t rows, bool zeroed) {
@@ -99,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
   };
   at::Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
   at::Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
-  if (x.size(1) > 0 && (need_dx || need_dy)) {
+  // With no pairs (N, M or D zero) the gradients are zeros and no kernel runs.
+  if (x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0 && (need_dx || need_dy)) {
     CudaPairRowsBackwardParams backward{params,
                                         grad.data_ptr(),
                                         stats.data_ptr(),

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused import stats_dtype
+from .._fused import check_row_state, stats_dtype
 from . import _batch_hard_kernel, _lse_kernels
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -99,6 +99,7 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
                       param_b: float, deterministic: bool, need_dx: bool, need_dy: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dX, dY) as metric_kernels/_fused.py describes."""
+    check_row_state(grad, stats, x)
     same = y is None
     y = x if same else y
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
@@ -107,7 +108,8 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     block_out = args["BLOCK_D"]
     if same:
         need_dx, need_dy = need_dx or need_dy, False
-    atomic = not deterministic and (need_dy or same)  # dY from the row pass, added atomically
+    # dY from the row pass, added atomically: only where that saves a pass (dY alone is one deterministic pass)
+    atomic = not deterministic and need_dx and (need_dy or same)
     dx = (torch.zeros if same and atomic else torch.empty)((n if need_dx or atomic else 0, d), dtype=acc_dtype,
                                                            device=x.device)
     dy = dx if same else (torch.zeros if atomic else torch.empty)((m if need_dy else 0, d), dtype=acc_dtype,
