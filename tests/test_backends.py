@@ -251,3 +251,19 @@ def test_cli_backends_runs():
         assert len(line) == 1, result.stdout
         status = line[0].split(None, 1)[1]
         assert status == "available" or (status.startswith("unavailable: ") and len(status) > len("unavailable: "))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_auto_never_picks_the_gpu_unverified_cuda_backend(monkeypatch, device):
+    """Until a GPU run of tests/test_cuda_gpu.py has passed, "auto" leaves backend "cuda" out even where it reports
+    itself usable (issue 4): simulated here by making every backend's module say it can run."""
+    from metric_kernels import backends
+    for name in backends.NAMES:
+        module, _ = backends._load(name)
+        if module is not None:
+            monkeypatch.setattr(module, "unavailable_reason", lambda device: None)
+    cuda_module, reason = backends._load("cuda")
+    assert cuda_module is not None, reason  # the module imports everywhere; only its kernels need a build
+    picked = backends.resolve("auto", torch.device(device))
+    assert picked is not cuda_module
+    assert backends.resolve("cuda", torch.device(device)) is cuda_module
