@@ -39,8 +39,10 @@ inline Rows prepare_rows(const at::Tensor& x, const std::optional<at::Tensor>& y
 // The backward's row state: upstream gradients and forward statistics, 3 x N each, beside the rows.
 inline void check_row_state(const at::Tensor& grad, const at::Tensor& stats, const Rows& rows) {
   const int64_t n = rows.x.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == 3 && grad.size(1) == n, "grad must be 3 x N = 3 x ", n, ", got ", grad.sizes());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == n, "stats must be 3 x N = 3 x ", n, ", got ", stats.sizes());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == 3 && grad.size(1) == n, "grad must be 3 x N = 3 x ", n, ", got ",
+              grad.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == n, "stats must be 3 x N = 3 x ", n,
+              ", got ", stats.sizes());
   TORCH_CHECK(grad.device() == rows.x.device() && stats.device() == rows.x.device(),
               "grad and stats must be on the rows' device");
 }

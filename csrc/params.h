@@ -36,10 +36,6 @@ struct PairRowsBackwardParams {
   bool accumulate_dy;  // add dY into what dy holds (the dX of the same rows)
 };
 
-}  // namespace metric_kernels
-
-namespace metric_kernels {
-
 // The CUDA kernels' view of the same problem. Operands are stored as the inputs are (fp32, fp16, bf16 or fp64);
 // `operand` also says how fp32 tiles are multiplied (tf32 tensor cores where torch allows it, IEEE FMA otherwise).
 // Statistics, upstream gradients and the dX/dY buffers are float64 for fp64 operands and float32 for all others.

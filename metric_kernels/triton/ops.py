@@ -110,14 +110,14 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
         need_dx, need_dy = need_dx or need_dy, False
     # dY from the row pass, added atomically: only where that saves a pass (dY alone is one deterministic pass)
     atomic = not deterministic and need_dx and (need_dy or same)
-    dx = (torch.zeros if same and atomic else torch.empty)((n if need_dx or atomic else 0, d), dtype=acc_dtype,
+    dx = (torch.zeros if same and atomic else torch.empty)((n if need_dx else 0, d), dtype=acc_dtype,
                                                            device=x.device)
     dy = dx if same else (torch.zeros if atomic else torch.empty)((m if need_dy else 0, d), dtype=acc_dtype,
                                                                     device=x.device)
     common = (x, y, x_labels, y_labels)
     sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, param_a, param_b)
     with _device_guard(x):
-        if d > 0 and (need_dx or atomic):
+        if d > 0 and need_dx:
             _backward_dx[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_out))](
                 grad, stats, *common, dx, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ATOMIC_DY=atomic,
                 ATOMIC_DX=same and atomic, **args)
@@ -125,8 +125,6 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
             # Without atomics, dY is its own pass over column blocks, each summing the row blocks in a fixed order.
             _backward_dy[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, block_out))](
                 grad, stats, *common, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ACCUMULATE=same, **args)
-    if not need_dx:
-        dx = dx.new_empty((0, d))
     if same:
         dy = dx.new_empty((0, d))  # a fresh tensor: a custom op's outputs may not alias each other
     return dx.to(x.dtype), dy.to(y.dtype)
@@ -146,5 +144,3 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
             x, y, x_squared, y_squared, x_labels, y_labels, choices, n, m, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, **args)
     return choices
-
-
