@@ -8,20 +8,19 @@ per-row loss functions built on them. A fused backend provides three ops, named 
                       y = None: the references are the queries, dx holds the whole gradient)
     batch_hard_select(x, y, x_labels, y_labels, self_offset) -> [2, N] int64 (-1: none)
 
-with self_offset -1 for "no query is a reference". The statistics are those of csrc/epilogue.h.
+with self_offset -1 for "no query is a reference". The statistics are those of csrc/epilogue.h. The cpu and cuda ops
+take rows already normalised, in float32 or float64; the triton ops take the raw rows in their own dtype and normalise
+inside the kernels (the backend's FOLDS_NORMALIZATION), and its batch_hard_select takes a last argument `normalize`.
 """
 from __future__ import annotations
 
 import torch
 
 from ._pairs import pair_counts
-from ._row_epilogues import batch_hard_from_choices, circle_from_stats, proxy_anchor_from_stats, supcon_from_stats
+from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, proxy_anchor_from_stats, stats_dtype,
+                             supcon_from_stats)
 
 KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_row_state(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor) -> None:
@@ -53,7 +52,7 @@ def register_ops(prefix: str) -> None:
                 y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
 
     @torch.library.register_fake(select)
-    def _(x, y, x_labels, y_labels, self_offset):
+    def _(x, y, x_labels, y_labels, self_offset, *options):  # triton's also takes `normalize`
         return x.new_empty((2, x.shape[0]), dtype=torch.int64)
 
     def setup_context(ctx, inputs, output):
@@ -97,9 +96,12 @@ class FusedRows:
         positives, _ = pair_counts(x_labels, y_labels, self_offset)
         return supcon_from_stats(stats[1], stats[2], positives, temperature)
 
-    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
-        choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
-        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
+    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic,
+                        normalize=None):
+        """normalize: None for prepared rows; True or False for the raw rows of a backend that folds it."""
+        options = () if normalize is None else (normalize,)
+        choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset), *options)
+        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft, normalize=bool(normalize))
 
     def proxy_anchor_rows(self, proxies, x, labels, *, margin, alpha, deterministic):
         proxy_labels = torch.arange(proxies.shape[0], device=proxies.device)

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the fused backends' row statistics and epilogues: float64 for float64 rows, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def circle_from_stats(lse_positive, lse_negative, positives, negatives):
     # F.softplus (linear above 20) on purpose: it is what PML's Circle loss applies.
     valid = (positives > 0) & (negatives > 0)
@@ -26,12 +31,17 @@ def proxy_anchor_from_stats(lse_positive, lse_negative):
     return torch.logaddexp(lse_positive, zero), torch.logaddexp(lse_negative, zero)
 
 
-def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft):
+def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft, normalize=False):
     """Losses of the chosen triplets (index -1: none), recomputing only the 2 N chosen distances: O(N D) backward,
-    and ||x_i - y_j|| has gradient 0 where it is 0."""
+    and ||x_i - y_j|| has gradient 0 where it is 0. normalize: x and y are raw rows, normalised (in float32 for half
+    rows) after the chosen references are gathered."""
     valid = (hardest_positive >= 0) & (hardest_negative >= 0)
-    positive_distance = torch.linalg.vector_norm(x - y[hardest_positive.clamp(min=0)], dim=1)
-    negative_distance = torch.linalg.vector_norm(x - y[hardest_negative.clamp(min=0)], dim=1)
+    anchors, positives, negatives = x, y[hardest_positive.clamp(min=0)], y[hardest_negative.clamp(min=0)]
+    if normalize:
+        anchors, positives, negatives = (F.normalize(rows.to(stats_dtype(rows.dtype)), p=2, dim=1, eps=1e-12)
+                                         for rows in (anchors, positives, negatives))
+    positive_distance = torch.linalg.vector_norm(anchors - positives, dim=1)
+    negative_distance = torch.linalg.vector_norm(anchors - negatives, dim=1)
     violation = positive_distance - negative_distance + margin
     losses = F.softplus(violation) if soft else torch.relu(violation)
     return torch.where(valid, losses, torch.zeros_like(losses))

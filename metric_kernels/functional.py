@@ -69,6 +69,19 @@ def _prepare(rows: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.T
     return _Normalize.apply(rows, dtype)
 
 
+def _folds_normalization(implementation) -> bool:
+    """Whether the backend reads the raw rows and normalises inside its kernels (see metric_kernels/backends.py)."""
+    return getattr(implementation, "FOLDS_NORMALIZATION", False)
+
+
+def _raw_rows(*rows: torch.Tensor):
+    """The rows as a normalising backend takes them: as they are, in one dtype (a copy only for mixed dtypes)."""
+    dtype = rows[0].dtype
+    for tensor in rows[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return [tensor.to(dtype) for tensor in rows]
+
+
 def _nonfinite_guard(*tensors: torch.Tensor) -> torch.Tensor:
     """Exactly 0 with zero gradients when every entry is finite, NaN otherwise.
 
@@ -126,9 +139,15 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     deterministic = check.check_deterministic(deterministic)
     implementation = resolve(backend, embeddings.device)
 
-    dtype = _compute_dtype(embeddings, references)
-    x = _prepare(embeddings, dtype, normalize)
-    y = x if ref_emb is None else _prepare(references, dtype, normalize)
+    if _folds_normalization(implementation):
+        x, y = _raw_rows(embeddings, references)
+        y = x if ref_emb is None else y
+        if rows_name == "batch_hard_rows":  # the cosine losses always normalise
+            params["normalize"] = normalize
+    else:
+        dtype = _compute_dtype(embeddings, references)
+        x = _prepare(embeddings, dtype, normalize)
+        y = x if ref_emb is None else _prepare(references, dtype, normalize)
     x_labels = labels.long().contiguous()
     y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
     guard = _nonfinite_guard(x) if ref_emb is None else _nonfinite_guard(x, y)
@@ -200,9 +219,11 @@ def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, 
     deterministic = check.check_deterministic(deterministic)
     implementation = resolve(backend, embeddings.device)
 
-    dtype = _compute_dtype(embeddings, proxies)
-    x = _prepare(embeddings, dtype, True)
-    p = _prepare(proxies, dtype, True)
+    if _folds_normalization(implementation):
+        x, p = _raw_rows(embeddings, proxies)
+    else:
+        dtype = _compute_dtype(embeddings, proxies)
+        x, p = _prepare(embeddings, dtype, True), _prepare(proxies, dtype, True)
     labels = labels.long()
     if x.shape[0] == 0:
         positive_terms = negative_terms = p.sum(dim=1) * 0  # log(1 + empty sum) = 0

@@ -1,5 +1,14 @@
 """Test-suite set-up. Triton's interpreter must be switched on before any kernel is defined, i.e. before
-metric_kernels is imported: it runs the Triton kernels on CPU tensors, program by program (ENVIRONMENT.md)."""
+metric_kernels is imported: it runs the Triton kernels on CPU tensors, program by program (ENVIRONMENT.md). Its tl.dot
+is wrong on bf16 operands; the test-only shim in metric_kernels/triton/_interpreter.py makes it exact, so the kernels
+run bf16 through the same code as on a GPU."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    from metric_kernels.triton._interpreter import exact_bf16_dots
+except ImportError:  # Triton not installed: the triton tests report that themselves
+    pass
+else:
+    exact_bf16_dots()

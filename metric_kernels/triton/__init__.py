@@ -7,6 +7,9 @@ import importlib.util
 
 import torch
 
+# The kernels read the raw rows in their own dtype and normalise inside (metric_kernels/triton/ops.py).
+FOLDS_NORMALIZATION = True
+
 _installed = importlib.util.find_spec("triton") is not None
 if _installed:
     from .._fused import fused_backend

@@ -1,35 +1,59 @@
 """Triton kernel of batch-hard mining: per query, the farthest positive and the nearest negative reference.
 
-The same tiled walk as the log-sum-exp engine, with a running max / argmax and min / argmin of the squared distance
-||x_i||^2 + ||y_j||^2 - 2 s_ij as its epilogue. Only the two indices per row leave the chip; the loss and its O(N D)
+The same tiled walk as the log-sum-exp engine (raw rows, 16-bit operands, the whole of D per tile, references split
+across programs when the row blocks are few), with a running max / argmax and min / argmin of the squared distance
+as its epilogue:
+
+    d_ij^2 = (||x_i|| r_i)^2 + (||y_j|| r_j)^2 - 2 (x_i . y_j) r_i r_j,   r = 1 / max(||row||, eps) when normalising, else 1.
+
+Only the two indices (and their distances, for the merge of splits) per row leave the chip; the loss and its O(N D)
 backward are computed from the chosen pairs (metric_kernels/_row_epilogues.py).
 """
 import triton
 import triton.language as tl
 
-from ._lse_kernels import _pair_masks, _similarity_tile
+from ._lse_kernels import _column_range, _dot_tile, _inverse_norms, _load_rows, _pair_masks
 
 
 @triton.jit
-def batch_hard_select(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, x_labels_ptr, y_labels_ptr, choice_ptr,
-                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _scaled_norms(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
+    """(r, (||row|| r)^2) of the rows: the scale applied to each row and its squared length after it."""
+    norms = tl.load(norm_ptr + rows, mask=rows < n, other=0.0)
+    if NORMALIZE:
+        inverse, _ = _inverse_norms(norm_ptr, rows, n)
+    else:
+        inverse = tl.zeros_like(norms) + 1.0
+    length = norms * inverse
+    return inverse, length * length
+
+
+@triton.jit
+def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, value_ptr, choice_ptr,
+                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, SPLIT, N_BUCKET, M_BUCKET,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+                      ACC: tl.constexpr, PRECISION: tl.constexpr, NORMALIZE: tl.constexpr):
+    """value/choice[split, 0, rows]: farthest positive (squared distance, index); [split, 1, rows]: nearest negative,
+    over the references of program_id(1)'s split. -1 (and -inf / +inf) where the split holds none."""
+    split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_sq = tl.load(x_sq_ptr + rows, mask=rows < N, other=0.0)
+    x_inverse, x_length = _scaled_norms(x_norm_ptr, rows, N, NORMALIZE)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     far_positive = tl.full((BLOCK_M,), float("-inf"), ACC)
     far_positive_index = tl.full((BLOCK_M,), -1, tl.int64)
     near_negative = tl.full((BLOCK_M,), float("inf"), ACC)
     near_negative_index = tl.full((BLOCK_M,), -1, tl.int64)
-    for n0 in range(0, M, BLOCK_N):
+    start, stop = _column_range(split, M, SPLIT, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        y_labels = tl.load(y_labels_ptr + cols, mask=cols < M, other=0)
-        y_sq = tl.load(y_sq_ptr + cols, mask=cols < M, other=0.0)
-        s = _similarity_tile(x_ptr, y_ptr, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
-                             BLOCK_M, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
-        squared = x_sq[:, None] + y_sq[None, :] - 2 * s
+        y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
+        y_inverse, y_length = _scaled_norms(y_norm_ptr, cols, stop, NORMALIZE)
+        y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
+        dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
+                        stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+        positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
+        squared = x_length[:, None] + y_length[None, :] - 2 * dot * x_inverse[:, None] * y_inverse[None, :]
         # Within a tile tl.argmax / argmin take the first of equal values; across tiles only a strictly better value
         # replaces the running one, so ties go to the lowest index, as torch.argmax does.
         tile_far, tile_far_at = tl.max(tl.where(positive, squared, float("-inf")), axis=1, return_indices=True)
@@ -40,5 +64,8 @@ def batch_hard_select(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, x_labels_ptr, y_labels_p
         better = tile_near < near_negative
         near_negative = tl.where(better, tile_near, near_negative)
         near_negative_index = tl.where(better, n0 + tile_near_at.to(tl.int64), near_negative_index)
-    tl.store(choice_ptr + rows, far_positive_index, mask=rows < N)
-    tl.store(choice_ptr + N + rows, near_negative_index, mask=rows < N)
+    offset = split.to(tl.int64) * 2 * N + rows
+    tl.store(value_ptr + offset, far_positive, mask=rows < N)
+    tl.store(value_ptr + offset + N, near_negative, mask=rows < N)
+    tl.store(choice_ptr + offset, far_positive_index, mask=rows < N)
+    tl.store(choice_ptr + offset + N, near_negative_index, mask=rows < N)

@@ -1,16 +1,25 @@
 """Triton kernels of the log-sum-exp family (Circle, SupCon, Proxy-Anchor): one tiled engine, one epilogue per loss.
 
-A program owns BLOCK_M query rows and walks the references in BLOCK_N tiles. Each tile of S = X Y^T is formed on chip
-(tl.dot, fp32 or fp64 accumulation), its masks are built from the label vectors and self_offset, and the loss's logits
-are folded into three statistics per row, never an N x M buffer:
+The kernels read the raw rows X (N x D) and Y (M x D) in their own dtype and fp32 (fp64 for fp64 rows) row norms.
+A program owns BLOCK_M query rows and walks its share of the references in BLOCK_N tiles. Each tile of
 
-    stats[0, i] = logsumexp over mask1 of logit1(s_ij)      (Circle, Proxy-Anchor: positives)
-    stats[1, i] = logsumexp over mask2 of logit2(s_ij)      (Circle, Proxy-Anchor: negatives; SupCon: all pairs)
+    s_ij = (x_i . y_j) r_i r_j,    r = 1 / max(||row||, eps)
+
+is formed on chip by one tl.dot over the whole of D (16-bit operands for 16-bit rows, fp32 accumulation; D is walked
+in BLOCK_D chunks only above the widest tile), masked from the label vectors and self_offset, and folded into three
+statistics per row, never an N x M buffer:
+
+    stats[0, i] = logsumexp over the first set of z_ij      (Circle, Proxy-Anchor: positives)
+    stats[1, i] = logsumexp over the second set of z_ij     (Circle, Proxy-Anchor: negatives; SupCon: all pairs)
     stats[2, i] = sum over positives of s_ij                (SupCon only)
 
-The losses are cheap functions of these statistics (metric_kernels/_row_epilogues.py). The backward kernels recompute
-each tile from the saved statistics and the upstream gradient of each statistic, form dS on chip and accumulate
-dX = dS Y (over row blocks) and dY = dS^T X (over column blocks, or atomically from the row pass).
+The two sets are disjoint, so each pair costs one exponential: it is shifted by the running maximum of its own set.
+The losses are cheap functions of these statistics (metric_kernels/_row_epilogues.py).
+
+The backward kernels recompute each tile once from the saved statistics and the upstream gradient g of each statistic,
+form G = dL/dS on chip, and take both products from the same tile: with P = G r_i r_j (times a power-of-two scale that
+keeps fp16 operands in range), dX = P Y and dY = P^T X, minus the normalisation's radial part t r^2 x, where
+t_i = sum_j G_ij s_ij (rows) or sum_i G_ij s_ij (columns) is accumulated on chip alongside.
 """
 import triton
 import triton.language as tl
@@ -22,25 +31,39 @@ KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default: a row is divided by max(||row||, eps)
 
 
 @triton.jit
-def _similarity_tile(x_ptr, y_ptr, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """S[rows, cols] = X[rows] . Y[cols], accumulated in ACC over D in BLOCK_D chunks; rows past N / cols past M are 0."""
-    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + dims[None, :] * stride_xd,
-                    mask=(rows[:, None] < N) & (dims[None, :] < D), other=0.0)
-        y = tl.load(y_ptr + cols[:, None] * stride_yn + dims[None, :] * stride_yd,
-                    mask=(cols[:, None] < M) & (dims[None, :] < D), other=0.0)
-        if UPCAST:  # the interpreter's tl.dot is wrong on bf16 operands (triton issue 11584)
-            x = x.to(ACC)
-            y = y.to(ACC)
-        s = tl.dot(x, tl.trans(y), s, input_precision=PRECISION, out_dtype=ACC)
-    return s
+def _load_rows(ptr, rows, dims, n, d, stride_n, stride_d):
+    """A [rows, dims] tile in the rows' own dtype; entries past n or d are 0."""
+    return tl.load(ptr + rows[:, None] * stride_n + dims[None, :] * stride_d,
+                   mask=(rows[:, None] < n) & (dims[None, :] < d), other=0.0)
+
+
+@triton.jit
+def _inverse_norms(norm_ptr, rows, n):
+    """r = 1 / max(||row||, eps), and whether the clamp is inactive (the normalisation's Jacobian has a radial part)."""
+    norms = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
+    return 1.0 / tl.maximum(norms, NORM_EPS), norms > NORM_EPS
+
+
+@triton.jit
+def _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """X[rows] . Y[cols] accumulated in ACC: from the tiles on chip when FULL_D (D <= BLOCK_D), else over D in
+    BLOCK_D chunks read from memory."""
+    if FULL_D:
+        dot = tl.dot(x_tile, tl.trans(y_tile), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
+            y = _load_rows(y_ptr, cols, dims, M, D, stride_yn, stride_yd)
+            dot = tl.dot(x, tl.trans(y), dot, input_precision=PRECISION, out_dtype=ACC)
+    return dot
 
 
 @triton.jit
@@ -53,32 +76,47 @@ def _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset):
 
 
 @triton.jit
-def _epilogue(s, positive, negative, param_a, param_b, KIND: tl.constexpr):
-    """The loss's logits and their derivatives in s: (mask1, logit1, dlogit1, mask2, logit2, dlogit2).
+def _logits(s, positive, negative, param_a, param_b, KIND: tl.constexpr):
+    """(z, dz, first): the loss's logit of every pair (-inf outside both masks), dz/ds, and which pairs belong to the
+    first log-sum-exp (the rest of the finite ones belong to the second).
 
-    Circle: a = m, b = gamma; the weights relu(.) are treated as constants, as in the paper and PML.
-    Proxy-Anchor: a = margin, b = alpha. SupCon: b = 1 / temperature.
+    Circle: a = m, b = gamma; the weights relu(.) are constants, as in the paper and PML. Proxy-Anchor: a = margin,
+    b = alpha. SupCon: b = 1 / temperature, a single log-sum-exp over every pair (its first set is empty).
     """
     if KIND == CIRCLE:
-        weight1 = param_b * tl.maximum(1 + param_a - s, 0.0)
-        weight2 = param_b * tl.maximum(s + param_a, 0.0)
-        return positive, -weight1 * (s - (1 - param_a)), -weight1, negative, weight2 * (s - param_a), weight2
+        weight_positive = param_b * tl.maximum(1 + param_a - s, 0.0)
+        weight_negative = param_b * tl.maximum(s + param_a, 0.0)
+        z = tl.where(positive, -weight_positive * (s - (1 - param_a)), weight_negative * (s - param_a))
+        dz = tl.where(positive, -weight_positive, weight_negative)
+        first = positive
     elif KIND == PROXY_ANCHOR:
-        return (positive, -param_b * (s - param_a), tl.zeros_like(s) - param_b,
-                negative, param_b * (s + param_a), tl.zeros_like(s) + param_b)
+        z = tl.where(positive, -param_b * (s - param_a), param_b * (s + param_a))
+        dz = tl.where(positive, -param_b, param_b)
+        first = positive
     else:
-        nothing = positive & negative
-        return nothing, s, tl.zeros_like(s), positive | negative, s * param_b, tl.zeros_like(s) + param_b
+        z = s * param_b
+        dz = tl.zeros_like(s) + param_b
+        first = positive & negative
+    return tl.where(positive | negative, z, float("-inf")), dz, first
 
 
 @triton.jit
-def _online_logsumexp(running_max, running_sum, logits, mask):
-    """Folds one tile into (max, sum of 2^(v - max)) in base 2; rows with nothing yet keep max = -inf, sum = 0."""
-    values = tl.where(mask, logits * LOG2E, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(values, axis=1))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(values - shift[:, None]), axis=1)
-    return new_max, running_sum
+def _finite_or_zero(value):
+    return tl.where(value == float("-inf"), 0.0, value)
+
+
+@triton.jit
+def _fold_tile(max1, sum1, max2, sum2, z, first):
+    """Folds a tile's logits into two running (max, sum of 2^(v - max)) states in base 2, one exponential per pair:
+    each pair is shifted by the new maximum of its own set. Rows with nothing yet keep max = -inf, sum = 0."""
+    v = z * LOG2E
+    new1 = tl.maximum(max1, tl.max(tl.where(first, v, float("-inf")), axis=1))
+    new2 = tl.maximum(max2, tl.max(tl.where(first, float("-inf"), v), axis=1))
+    shift = tl.where(first, _finite_or_zero(new1)[:, None], _finite_or_zero(new2)[:, None])
+    e = tl.exp2(v - shift)  # 0 for pairs outside both sets (v = -inf)
+    sum1 = sum1 * tl.exp2(max1 - _finite_or_zero(new1)) + tl.sum(tl.where(first, e, 0.0), axis=1)
+    sum2 = sum2 * tl.exp2(max2 - _finite_or_zero(new2)) + tl.sum(tl.where(first, 0.0, e), axis=1)
+    return new1, sum1, new2, sum2
 
 
 @triton.jit
@@ -88,51 +126,50 @@ def _finish_logsumexp(running_max, running_sum):
 
 
 @triton.jit
-def lse_rows_forward(x_ptr, y_ptr, x_labels_ptr, y_labels_ptr, stats_ptr,
-                     N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
+def _column_range(split, M, SPLIT, BLOCK_N: tl.constexpr):
+    """The references [start, stop) of split `split` of SPLIT, whole BLOCK_N tiles each."""
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return start, tl.minimum(start + chunk, M)
+
+
+@triton.jit
+def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, stats_ptr,
+                     N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b, SPLIT,
+                     N_BUCKET, M_BUCKET,
                      KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """stats[split, 0..2, rows] over the references of one split (SPLIT = 1: the final statistics).
+    N_BUCKET and M_BUCKET are the autotuner's key only (N and M rounded up to powers of two)."""
+    split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
+    x_inverse, _ = _inverse_norms(x_norm_ptr, rows, N)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     max1 = tl.full((BLOCK_M,), float("-inf"), ACC)
     sum1 = tl.zeros((BLOCK_M,), ACC)
     max2 = tl.full((BLOCK_M,), float("-inf"), ACC)
     sum2 = tl.zeros((BLOCK_M,), ACC)
     linear = tl.zeros((BLOCK_M,), ACC)
-    for n0 in range(0, M, BLOCK_N):
+    start, stop = _column_range(split, M, SPLIT, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        y_labels = tl.load(y_labels_ptr + cols, mask=cols < M, other=0)
-        s = _similarity_tile(x_ptr, y_ptr, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
-                             BLOCK_M, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
-        mask1, logit1, _, mask2, logit2, _ = _epilogue(s, positive, negative, param_a, param_b, KIND)
-        max1, sum1 = _online_logsumexp(max1, sum1, logit1, mask1)
-        max2, sum2 = _online_logsumexp(max2, sum2, logit2, mask2)
+        y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
+        y_inverse, _ = _inverse_norms(y_norm_ptr, cols, stop)
+        y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
+        dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
+                        stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+        s = dot * x_inverse[:, None] * y_inverse[None, :]
+        positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
+        z, _, first = _logits(s, positive, negative, param_a, param_b, KIND)
+        max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first)
         if KIND == SUPCON:
             linear += tl.sum(tl.where(positive, s, 0.0), axis=1)
-    tl.store(stats_ptr + rows, _finish_logsumexp(max1, sum1), mask=rows < N)
-    tl.store(stats_ptr + N + rows, _finish_logsumexp(max2, sum2), mask=rows < N)
-    tl.store(stats_ptr + 2 * N + rows, linear, mask=rows < N)
-
-
-@triton.jit
-def _ds_tile(x_ptr, y_ptr, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2,
-             N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
-             KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """dS of one tile: d(sum_i g1_i lse1_i + g2_i lse2_i + g3_i lin_i) / dS, recomputed from the saved statistics."""
-    s = _similarity_tile(x_ptr, y_ptr, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
-                         BLOCK_M, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-    positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
-    mask1, logit1, dlogit1, mask2, logit2, dlogit2 = _epilogue(s, positive, negative, param_a, param_b, KIND)
-    # softmax_ij = exp(logit_ij - lse_i), 0 off the mask; masking the exponent keeps the -inf of empty rows (and the
-    # inf * 0 it would make) out of the arithmetic.
-    softmax1 = tl.exp2(tl.where(mask1, (logit1 - lse1[:, None]) * LOG2E, float("-inf")))
-    softmax2 = tl.exp2(tl.where(mask2, (logit2 - lse2[:, None]) * LOG2E, float("-inf")))
-    ds = grad1[:, None] * softmax1 * dlogit1 + grad2[:, None] * softmax2 * dlogit2
-    if KIND == SUPCON:
-        ds += tl.where(positive, grad3[:, None], 0.0)
-    return ds
+    out = stats_ptr + split.to(tl.int64) * 3 * N + rows
+    tl.store(out, _finish_logsumexp(max1, sum1), mask=rows < N)
+    tl.store(out + N, _finish_logsumexp(max2, sum2), mask=rows < N)
+    tl.store(out + 2 * N, linear, mask=rows < N)
 
 
 @triton.jit
@@ -145,62 +182,145 @@ def _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N):
 
 
 @triton.jit
-def lse_rows_backward_dx(grad_ptr, stats_ptr, x_ptr, y_ptr, x_labels_ptr, y_labels_ptr, dx_ptr, dy_ptr,
-                         N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
-                         KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_OUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr, ATOMIC_DY: tl.constexpr, ATOMIC_DX: tl.constexpr):
-    """dX for BLOCK_M rows and BLOCK_OUT columns of D; with ATOMIC_DY also adds dS^T X into dY (fp32/fp64 buffer).
-    ATOMIC_DX adds dX atomically too: when the references are the queries, dX and dY are one zeroed buffer."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    out_dims = tl.program_id(1).to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
-    if ATOMIC_DY:
-        x_out = tl.load(x_ptr + rows[:, None] * stride_xn + out_dims[None, :] * stride_xd,
-                        mask=(rows[:, None] < N) & (out_dims[None, :] < D), other=0.0).to(ACC)
-    dx = tl.zeros((BLOCK_M, BLOCK_OUT), ACC)
-    for n0 in range(0, M, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        y_labels = tl.load(y_labels_ptr + cols, mask=cols < M, other=0)
-        ds = _ds_tile(x_ptr, y_ptr, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2,
-                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
-                      KIND, BLOCK_M, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        y_out = tl.load(y_ptr + cols[:, None] * stride_yn + out_dims[None, :] * stride_yd,
-                        mask=(cols[:, None] < M) & (out_dims[None, :] < D), other=0.0).to(ACC)
-        dx = tl.dot(ds, y_out, dx, input_precision=PRECISION, out_dtype=ACC)
-        if ATOMIC_DY:
-            dy = tl.dot(tl.trans(ds), x_out, input_precision=PRECISION, out_dtype=ACC)
-            tl.atomic_add(dy_ptr + cols[:, None] * D + out_dims[None, :], dy,
-                          mask=(cols[:, None] < M) & (out_dims[None, :] < D))
-    dx_mask = (rows[:, None] < N) & (out_dims[None, :] < D)
-    if ATOMIC_DX:
-        tl.atomic_add(dx_ptr + rows[:, None] * D + out_dims[None, :], dx, mask=dx_mask)
-    else:
-        tl.store(dx_ptr + rows[:, None] * D + out_dims[None, :], dx, mask=dx_mask)
+def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M, self_offset,
+                   param_a, param_b, KIND: tl.constexpr):
+    """G = dL/dS of a tile, L = sum_i g1_i lse1_i + g2_i lse2_i + g3_i lin_i, from the saved statistics: one
+    exponential per pair (softmax_ij = exp(z_ij - lse_i) of the pair's own set)."""
+    positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
+    z, dz, first = _logits(s, positive, negative, param_a, param_b, KIND)
+    lse = tl.where(first, lse1[:, None], lse2[:, None])
+    # Masking the exponent keeps the -inf of an empty set (and the inf * 0 it would make) out of the arithmetic.
+    softmax = tl.exp2(tl.where(z == float("-inf"), float("-inf"), (z - _finite_or_zero(lse)) * LOG2E))
+    gradient = tl.where(first, grad1[:, None], grad2[:, None]) * softmax * dz
+    if KIND == SUPCON:
+        gradient += tl.where(positive, grad3[:, None], 0.0)
+    return gradient
 
 
 @triton.jit
-def lse_rows_backward_dy(grad_ptr, stats_ptr, x_ptr, y_ptr, x_labels_ptr, y_labels_ptr, dy_ptr,
-                         N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
-                         KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_OUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                         ACCUMULATE: tl.constexpr):
-    """dY for BLOCK_N references and BLOCK_OUT columns of D, summing over row blocks in a fixed order (no atomics).
-    ACCUMULATE adds into what dy_ptr holds (the dX of the same rows, when the references are the queries)."""
+def _radial_part(t, inverse, unclamped):
+    """The normalisation's radial coefficient per row: t r^2 where ||row|| > eps, 0 where the clamp is active."""
+    return tl.where(unclamped, t * inverse * inverse, 0.0)
+
+
+@triton.jit
+def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
+                           y_labels_ptr, dx_ptr, dx_t_ptr, dy_ptr, dy_t_ptr,
+                           N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b, SPLIT,
+                           N_BUCKET, M_BUCKET,
+                           KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                           WITH_DY: tl.constexpr, ATOMIC_DX: tl.constexpr):
+    """The row pass: dX of BLOCK_M rows (on chip) for the D columns of program_id(2) and the references of split
+    program_id(1); with WITH_DY also P^T X into dY and the column statistics, added atomically (fp32/fp64 buffers).
+
+    ATOMIC_DX: dX and the row statistic t are added into accumulators (several splits, or dX and dY being one
+    buffer), finished by finish_gradient. Otherwise the program writes dX itself, radial part included, in the type of
+    dx_ptr (the rows' dtype, or an fp32 partial that the column pass completes)."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    operand = x_ptr.dtype.element_ty
+    scale = tl.load(scale_ptr)
+    first_dims = tl.program_id(2) == 0  # the statistics t are added once, not once per D block
+    x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
+    x_inverse, x_unclamped = _inverse_norms(x_norm_ptr, rows, N)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
+    dx = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    t_rows = tl.zeros((BLOCK_M,), ACC)
+    start, stop = _column_range(split, M, SPLIT, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
+        y_inverse, _ = _inverse_norms(y_norm_ptr, cols, stop)
+        y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd)
+        dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
+                        stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+        s = dot * x_inverse[:, None] * y_inverse[None, :]
+        gradient = _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, stop,
+                                  self_offset, param_a, param_b, KIND)
+        weighted = gradient * s
+        t_rows += tl.sum(weighted, axis=1)
+        p = (gradient * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
+        dx = tl.dot(p, y_tile, dx, input_precision=PRECISION, out_dtype=ACC)
+        if WITH_DY:
+            dy = tl.dot(tl.trans(p), x_tile, input_precision=PRECISION, out_dtype=ACC)
+            tl.atomic_add(dy_ptr + cols[:, None] * D + dims[None, :], dy,
+                          mask=(cols[:, None] < stop) & (dims[None, :] < D), sem="relaxed")
+            tl.atomic_add(dy_t_ptr + cols, tl.sum(weighted, axis=0), mask=(cols < stop) & first_dims, sem="relaxed")
+    out_mask = (rows[:, None] < N) & (dims[None, :] < D)
+    if ATOMIC_DX:
+        tl.atomic_add(dx_ptr + rows[:, None] * D + dims[None, :], dx, mask=out_mask, sem="relaxed")
+        tl.atomic_add(dx_t_ptr + rows, t_rows, mask=(rows < N) & first_dims, sem="relaxed")
+    else:
+        dx = dx / scale - _radial_part(t_rows, x_inverse, x_unclamped)[:, None] * x_tile.to(ACC)
+        tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
+                              y_labels_ptr, partial_ptr, dy_ptr,
+                              N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
+                              N_BUCKET, M_BUCKET,
+                              KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr,
+                              PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """The column pass (deterministic): dY of BLOCK_N references for the D columns of program_id(1), summing the row
+    blocks in a fixed order, radial part included. ACCUMULATE adds the fp32 partial the row pass wrote for the same
+    rows (the references are the queries) and writes the whole gradient."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_dims = tl.program_id(1).to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    operand = y_ptr.dtype.element_ty
+    scale = tl.load(scale_ptr)
     y_labels = tl.load(y_labels_ptr + cols, mask=cols < M, other=0)
-    dy = tl.zeros((BLOCK_N, BLOCK_OUT), ACC)
+    y_inverse, y_unclamped = _inverse_norms(y_norm_ptr, cols, M)
+    y_tile = _load_rows(y_ptr, cols, dims, M, D, stride_yn, stride_yd)
+    dy = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    t_columns = tl.zeros((BLOCK_N,), ACC)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
-        ds = _ds_tile(x_ptr, y_ptr, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2,
-                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
-                      KIND, BLOCK_M, BLOCK_N, BLOCK_D, ACC, UPCAST, PRECISION)
-        x_out = tl.load(x_ptr + rows[:, None] * stride_xn + out_dims[None, :] * stride_xd,
-                        mask=(rows[:, None] < N) & (out_dims[None, :] < D), other=0.0).to(ACC)
-        dy = tl.dot(tl.trans(ds), x_out, dy, input_precision=PRECISION, out_dtype=ACC)
-    dy_mask = (cols[:, None] < M) & (out_dims[None, :] < D)
-    if ACCUMULATE:  # each (column block, D block) belongs to this program alone, so load-add-store is race-free
-        dy += tl.load(dy_ptr + cols[:, None] * D + out_dims[None, :], mask=dy_mask, other=0.0)
-    tl.store(dy_ptr + cols[:, None] * D + out_dims[None, :], dy, mask=dy_mask)
+        x_inverse, _ = _inverse_norms(x_norm_ptr, rows, N)
+        x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
+        dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn,
+                        stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+        s = dot * x_inverse[:, None] * y_inverse[None, :]
+        gradient = _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M,
+                                  self_offset, param_a, param_b, KIND)
+        t_columns += tl.sum(gradient * s, axis=0)
+        p = (gradient * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
+        dy = tl.dot(tl.trans(p), x_tile, dy, input_precision=PRECISION, out_dtype=ACC)
+    out_mask = (cols[:, None] < M) & (dims[None, :] < D)
+    dy = dy / scale - _radial_part(t_columns, y_inverse, y_unclamped)[:, None] * y_tile.to(ACC)
+    if ACCUMULATE:  # each (column block, D block) belongs to this program alone: no race
+        dy += tl.load(partial_ptr + cols[:, None] * D + dims[None, :], mask=out_mask, other=0.0)
+    tl.store(dy_ptr + cols[:, None] * D + dims[None, :], dy.to(dy_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def finish_gradient(acc_ptr, t_ptr, scale_ptr, x_ptr, x_norm_ptr, out_ptr, N, D, stride_xn, stride_xd,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out = acc / scale - t r^2 x (where the norm clamp is inactive), in out_ptr's dtype: the end of the atomic
+    backward, whose accumulators hold sum P Y (scaled) and the statistic t."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (dims[None, :] < D)
+    scale = tl.load(scale_ptr)
+    inverse, unclamped = _inverse_norms(x_norm_ptr, rows, N)
+    t = tl.load(t_ptr + rows, mask=rows < N, other=0.0)
+    acc = tl.load(acc_ptr + rows[:, None] * D + dims[None, :], mask=mask, other=0.0)
+    x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd).to(ACC)
+    out = acc / scale - _radial_part(t, inverse, unclamped)[:, None] * x
+    tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_norms(x_ptr, out_ptr, N, D, stride_xn, stride_xd, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+              ACC: tl.constexpr):
+    """||x_i|| in ACC (not clamped: the kernels clamp, and need to know where they did)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_R,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_rows(x_ptr, rows, d0 + tl.arange(0, BLOCK_D), N, D, stride_xn, stride_xd).to(ACC)
+        total += tl.sum(x * x, axis=1)
+    tl.store(out_ptr + rows, tl.sqrt(total), mask=rows < N)

@@ -4,7 +4,10 @@ torch.compile(fullgraph=True) and under torch.library.opcheck:
     metric_kernels::triton_lse_rows, triton_lse_rows_backward, triton_batch_hard_select
 
 (the contract of every fused backend's ops, with their fake implementations and autograd formula, registered by the
-package's __init__ through fused_backend: metric_kernels/_fused.py).
+package's __init__ through fused_backend: metric_kernels/_fused.py). Unlike the other backends' ops, these read the
+raw rows in their own dtype (fp16, bf16, fp32, fp64) and normalise inside the kernels: the cosine losses always,
+batch-hard selection when asked. No upcast or normalised copy of the rows is made; the gradients come back in the
+rows' dtype.
 """
 from __future__ import annotations
 
@@ -19,7 +22,13 @@ import triton.language as tl
 from .._fused import check_row_state, stats_dtype
 from . import _batch_hard_kernel, _lse_kernels
 
-_HALF = (torch.float16, torch.bfloat16)
+# The widest D kept on chip whole (one tl.dot per tile); wider rows are walked in chunks of this width.
+MAX_FULL_D = {1: 256, 2: 256, 4: 256, 8: 128}
+# Under the interpreter there is no GPU to size the reference splits for: a small stand-in SM count makes the tests
+# exercise the split (and its merge) at small shapes.
+INTERPRETER_SM_COUNT = 4
+MIN_SPLIT_COLUMNS = 128  # each split of the references gets at least this many
+_NORM_BLOCK_ROWS = 32
 
 
 def interpreting() -> bool:
@@ -32,15 +41,44 @@ def _accumulator(dtype: torch.dtype):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's float32 matmul precision: tf32 only where torch allows it."""
+    """fp32 dots follow torch's float32 matmul precision: tf32 only where torch allows it. 16-bit operands always
+    run on tensor cores; fp64 is exact."""
     if dtype == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
 
-def _block_d(dim: int) -> int:
-    """The D tile: tl.dot needs every block dimension >= 16; 64 keeps a tile of X and Y on chip for any D."""
-    return max(16, min(64, triton.next_power_of_2(max(dim, 1))))
+def block_d(dim: int, element_size: int) -> int:
+    """The D tile: all of D up to MAX_FULL_D (tl.dot needs every block dimension >= 16), else chunks of that."""
+    return max(16, min(MAX_FULL_D[element_size], triton.next_power_of_2(max(dim, 1))))
+
+
+def _bucket(size: int) -> int:
+    """The autotuner's key for N and M: the next power of two, so a new batch size does not re-tune."""
+    return triton.next_power_of_2(max(size, 1))
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def reference_splits(rows: int, references: int, device: torch.device) -> int:
+    """How many programs share a row block's references: enough row-block x split programs to fill the GPU twice
+    over when the row blocks alone cannot (a small batch against a large memory bank; Proxy-Anchor's C proxies)."""
+    row_programs = triton.cdiv(max(rows, 1), 64)
+    wanted = 2 * _sm_count(device)
+    if row_programs >= wanted:
+        return 1
+    return max(1, min(triton.cdiv(wanted, row_programs), triton.cdiv(references, MIN_SPLIT_COLUMNS)))
 
 
 def _configs():
@@ -48,49 +86,115 @@ def _configs():
     cannot benchmark there, and one config makes it run the kernel as is, through the same wrapper as on a GPU."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    shapes = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 64, 4, 4),
-              (128, 32, 4, 3))
+    shapes = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3),
+              (128, 32, 8, 3), (32, 32, 4, 2))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-_KEY = ["N", "M", "D", "BLOCK_D", "ACC", "PRECISION"]  # Triton adds the pointer dtypes itself
-_forward = triton.autotune(_configs(), key=_KEY + ["KIND"])(_lse_kernels.lse_rows_forward)
-# Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed, and the accumulating dY pass gets
-# back the dX it adds to, before each run.
-_backward_dx = triton.autotune(_configs(), key=_KEY + ["KIND", "ATOMIC_DY", "ATOMIC_DX"],
-                               reset_to_zero=["dy_ptr"])(_lse_kernels.lse_rows_backward_dx)
-_backward_dy = triton.autotune(_configs(), key=_KEY + ["KIND", "ACCUMULATE"],
-                               restore_value=["dy_ptr"])(_lse_kernels.lse_rows_backward_dy)
-_batch_hard = triton.autotune(_configs(), key=_KEY)(_batch_hard_kernel.batch_hard_select)
+def shared_memory_estimate(config, block_d_: int, element_size: int, backward: bool) -> int:
+    """Bytes of shared memory a config's tiles take: the resident row tile, num_stages buffered reference tiles and,
+    in the backward, the P tile that feeds the second product."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    tiles = (block_m + max(config.num_stages, 1) * block_n) * block_d_ * element_size
+    return tiles + (block_m * block_n * element_size if backward else 0)
 
 
-def _launch_args(x, y):
-    acc = _accumulator(x.dtype)
-    return dict(BLOCK_D=_block_d(x.shape[1]), ACC=acc, UPCAST=interpreting() and x.dtype in _HALF,
-                PRECISION=_precision(x.dtype))
+def _accumulator_registers(config, block_d_: int, backward: bool) -> int:
+    """fp32 accumulator values per thread: the backward holds a BLOCK_M x BLOCK_D gradient block on chip."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return (block_m * (block_d_ if backward else block_n)) // (32 * config.num_warps)
 
 
-def _rows_grid(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+def _pruner(backward: bool):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        x = args["x_ptr"]
+        width, element = args["BLOCK_D"], x.element_size()
+        limit = _shared_memory_limit(x.device)
+        kept = [c for c in configs if shared_memory_estimate(c, width, element, backward) <= limit
+                and _accumulator_registers(c, width, backward) <= 128]
+        if kept:
+            return kept
+        return [min(configs, key=lambda c: shared_memory_estimate(c, width, element, backward))]
+    return {"early_config_prune": prune}
+
+
+_KEY = ["N_BUCKET", "M_BUCKET", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "KIND"]  # plus the pointer dtypes
+_forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner(False))(_lse_kernels.lse_rows_forward)
+# Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed before each run.
+_backward_rows = triton.autotune(_configs(), key=_KEY + ["WITH_DY", "ATOMIC_DX"], prune_configs_by=_pruner(True),
+                                 reset_to_zero=["dx_ptr", "dx_t_ptr", "dy_ptr", "dy_t_ptr"]
+                                 )(_lse_kernels.lse_rows_backward_rows)
+_backward_columns = triton.autotune(_configs(), key=_KEY + ["ACCUMULATE"], prune_configs_by=_pruner(True)
+                                    )(_lse_kernels.lse_rows_backward_columns)
+_batch_hard = triton.autotune(_configs(), key=["N_BUCKET", "M_BUCKET", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION",
+                                               "NORMALIZE"],
+                              prune_configs_by=_pruner(False))(_batch_hard_kernel.batch_hard_select)
 
 
 def _device_guard(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """||row|| per row, in the statistics dtype (not clamped), read from the rows as they are."""
+    n, d = rows.shape
+    out = torch.empty((n,), dtype=stats_dtype(rows.dtype), device=rows.device)
+    if n:
+        _lse_kernels.row_norms[(triton.cdiv(n, _NORM_BLOCK_ROWS),)](
+            rows, out, n, d, rows.stride(0), rows.stride(1), BLOCK_R=_NORM_BLOCK_ROWS,
+            BLOCK_D=block_d(d, rows.element_size()) if d <= 256 else 256, ACC=_accumulator(rows.dtype))
+    return out
+
+
+def _shape_args(x, y):
+    """Launch arguments every engine kernel shares: sizes, strides, and the constexprs of the rows' dtype."""
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    width = block_d(d, x.element_size())
+    sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    constexprs = dict(BLOCK_D=width, FULL_D=d <= width, ACC=_accumulator(x.dtype), PRECISION=_precision(x.dtype))
+    return sizes, constexprs
+
+
+def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dtype != y.dtype:
+        raise ValueError(f"x and y must have one dtype, got {x.dtype} and {y.dtype}")
+
+
 @torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
 def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
              self_offset: int, kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
-    """Per-row statistics [3, N] (see _lse_kernels and metric_kernels/_fused.py for the ops' contract)."""
+    """Per-row statistics [3, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py)."""
     y = x if y is None else y
-    n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    stats = torch.empty((3, n), dtype=stats_dtype(x.dtype), device=x.device)
-    args = _launch_args(x, y)
+    _check_rows(x, y)
+    n, m = x.shape[0], y.shape[0]
+    x_norms = row_norms(x)
+    y_norms = x_norms if y is x else row_norms(y)
+    splits = reference_splits(n, m, x.device)
+    partial = torch.empty((splits, 3, n), dtype=stats_dtype(x.dtype), device=x.device)
+    sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
-        _forward[_rows_grid(n)](
-            x, y, x_labels, y_labels, stats, n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            self_offset, param_a, param_b, KIND=kind, **args)
-    return stats
+        _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
+            x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset, param_a, param_b, splits,
+            _bucket(n), _bucket(m), KIND=kind, **constexprs)
+    if splits == 1:
+        return partial[0]
+    # Each split's log-sum-exps (-inf where it saw nothing) and sums merge in a fixed order: O(splits x N).
+    return torch.cat([torch.logsumexp(partial[:, :2], dim=0), partial[:, 2:].sum(dim=0)])
+
+
+def gradient_scale(grad: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor, dtype: torch.dtype,
+                   param_a: float, param_b: float) -> torch.Tensor:
+    """A power of two that brings P = G r_i r_j to at most 1 in magnitude before it is cast to fp16 (whose range
+    would flush the small softmax terms of a large batch to zero); 1 for the other dtypes. A 1-element tensor, so
+    no host synchronisation: |G_ij| <= (|g1_i| + |g2_i|) b (2 + |a|) + |g3_i| for every loss (|s| <= 1)."""
+    one = torch.ones((1,), dtype=stats_dtype(dtype), device=grad.device)
+    if dtype != torch.float16 or grad.shape[1] == 0 or y_norms.numel() == 0:
+        return one
+    bound = (grad[0].abs() + grad[1].abs()) * (abs(param_b) * (2 + abs(param_a))) + grad[2].abs()
+    inverse = lambda norms: 1.0 / norms.clamp(min=1e-12)  # noqa: E731
+    largest = ((bound * inverse(x_norms)).max() * inverse(y_norms).max()).clamp(min=2.0 ** -100, max=2.0 ** 100)
+    return torch.exp2(-torch.ceil(torch.log2(largest))).reshape(1).to(one.dtype)
 
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows_backward", mutates_args=())
@@ -98,49 +202,89 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
                       x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int, kind: int, param_a: float,
                       param_b: float, deterministic: bool, need_dx: bool, need_dy: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dX, dY) as metric_kernels/_fused.py describes."""
+    """(dX, dY) in the rows' dtype, as metric_kernels/_fused.py describes.
+
+    Default: one row pass recomputes each tile once and takes dX = P Y on chip and dY = P^T X through relaxed
+    atomics (3 matmul-equivalents). Deterministic: a row pass for dX and a column pass for dY, each summing in a fixed
+    order (4). When the references are the queries both land in one gradient."""
     check_row_state(grad, stats, x)
     same = y is None
     y = x if same else y
+    _check_rows(x, y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    acc_dtype = stats_dtype(x.dtype)
-    args = _launch_args(x, y)
-    block_out = args["BLOCK_D"]
     if same:
         need_dx, need_dy = need_dx or need_dy, False
-    # dY from the row pass, added atomically: only where that saves a pass (dY alone is one deterministic pass)
-    atomic = not deterministic and need_dx and (need_dy or same)
-    dx = (torch.zeros if same and atomic else torch.empty)((n if need_dx else 0, d), dtype=acc_dtype,
-                                                           device=x.device)
-    dy = dx if same else (torch.zeros if atomic else torch.empty)((m if need_dy else 0, d), dtype=acc_dtype,
-                                                                    device=x.device)
-    common = (x, y, x_labels, y_labels)
-    sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, param_a, param_b)
+    acc_dtype = stats_dtype(x.dtype)
+    # Every path below writes the whole of each gradient; without a pair both are zeros.
+    new = torch.zeros if n == 0 or m == 0 or d == 0 else torch.empty
+    dx = new((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
+    dy = x.new_empty((0, d)) if same else new((m if need_dy else 0, d), dtype=y.dtype, device=x.device)
+    if new is torch.zeros:
+        return dx, dy
+    x_norms = row_norms(x)
+    y_norms = x_norms if same else row_norms(y)
+    scale = gradient_scale(grad, x_norms, y_norms, x.dtype, param_a, param_b)
+    sizes, constexprs = _shape_args(x, y)
+    width = constexprs["BLOCK_D"]
+    state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
+    params = (self_offset, param_a, param_b)
+    buckets = (_bucket(n), _bucket(m))
+    zeros = lambda rows, *shape: torch.zeros((rows, *shape), dtype=acc_dtype, device=x.device)  # noqa: E731
+    finish = []  # (accumulator, statistic, rows, norms, out) completed by finish_gradient
+    with_dy = False
     with _device_guard(x):
-        if d > 0 and need_dx:
-            _backward_dx[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_out))](
-                grad, stats, *common, dx, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ATOMIC_DY=atomic,
-                ATOMIC_DX=same and atomic, **args)
-        if d > 0 and (need_dy or same) and not atomic:
-            # Without atomics, dY is its own pass over column blocks, each summing the row blocks in a fixed order.
-            _backward_dy[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, block_out))](
-                grad, stats, *common, dy, *sizes, KIND=kind, BLOCK_OUT=block_out, ACCUMULATE=same, **args)
-    if same:
-        dy = dx.new_empty((0, d))  # a fresh tensor: a custom op's outputs may not alias each other
-    return dx.to(x.dtype), dy.to(y.dtype)
+        if need_dx:
+            with_dy = not deterministic and (need_dy or same)
+            splits = 1 if deterministic else reference_splits(n, m, x.device)
+            atomic_dx = splits > 1 or (same and with_dy)
+            if atomic_dx:
+                dx_acc, dx_t = zeros(n, d), zeros(n)
+                finish.append((dx_acc, dx_t, x, x_norms, dx))
+            else:  # written whole by the row pass: the gradient, or an fp32 partial the column pass completes
+                dx_acc, dx_t = (zeros(n, d) if same else dx), zeros(1)
+            if with_dy and same:
+                dy_acc, dy_t = dx_acc, dx_t
+            elif with_dy:
+                dy_acc, dy_t = zeros(m, d), zeros(m)
+                finish.append((dy_acc, dy_t, y, y_norms, dy))
+            else:
+                dy_acc, dy_t = zeros(1), zeros(1)
+            _backward_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits, triton.cdiv(d, width))](
+                *state, dx_acc, dx_t, dy_acc, dy_t, *sizes, *params, splits, *buckets, KIND=kind, WITH_DY=with_dy,
+                ATOMIC_DX=atomic_dx, **constexprs)
+        if (need_dy or same) and not with_dy:
+            out = dx if same else dy
+            partial = dx_acc if same else out
+            _backward_columns[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, width))](
+                *state, partial, out, *sizes, *params, *buckets, KIND=kind, ACCUMULATE=same, **constexprs)
+        for acc, statistic, rows, norms, out in finish:
+            _lse_kernels.finish_gradient[(triton.cdiv(rows.shape[0], 32), triton.cdiv(d, width))](
+                acc, statistic, scale, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1),
+                BLOCK_R=32, BLOCK_D=width, ACC=_accumulator(x.dtype))
+    return dx, dy
 
 
 @torch.library.custom_op("metric_kernels::triton_batch_hard_select", mutates_args=())
 def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, y_labels: torch.Tensor,
-                      self_offset: int) -> torch.Tensor:
-    n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    acc_dtype = stats_dtype(x.dtype)
-    choices = torch.empty((2, n), dtype=torch.int64, device=x.device)
-    x_squared = x.to(acc_dtype).pow(2).sum(dim=1)
-    y_squared = y.to(acc_dtype).pow(2).sum(dim=1)
-    args = _launch_args(x, y)
+                      self_offset: int, normalize: bool = True) -> torch.Tensor:
+    """[2, N]: per query the farthest positive and nearest negative reference (-1: none), on the raw rows,
+    normalised inside the kernel when `normalize`."""
+    _check_rows(x, y)
+    n, m = x.shape[0], y.shape[0]
+    x_norms = row_norms(x)
+    y_norms = x_norms if y is x else row_norms(y)
+    splits = reference_splits(n, m, x.device)
+    values = torch.empty((splits, 2, n), dtype=stats_dtype(x.dtype), device=x.device)
+    choices = torch.empty((splits, 2, n), dtype=torch.int64, device=x.device)
+    sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
-        _batch_hard[_rows_grid(n)](
-            x, y, x_squared, y_squared, x_labels, y_labels, choices, n, m, d,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), self_offset, **args)
-    return choices
+        _batch_hard[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
+            x, y, x_norms, y_norms, x_labels, y_labels, values, choices, *sizes, self_offset, splits,
+            _bucket(n), _bucket(m), NORMALIZE=normalize, **constexprs)
+    if splits == 1:
+        return choices[0]
+    # Splits hold ascending reference ranges: the first split with the best value has the lowest index among ties.
+    # A split that saw none holds -inf (farthest) / +inf (nearest) and index -1.
+    far = values[:, 0].argmax(dim=0, keepdim=True)
+    near = values[:, 1].argmin(dim=0, keepdim=True)
+    return torch.cat([choices[:, 0].gather(0, far), choices[:, 1].gather(0, near)])
