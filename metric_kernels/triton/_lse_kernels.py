@@ -45,7 +45,16 @@ def _load_rows(ptr, rows, dims, n, d, stride_n, stride_d):
 def _inverse_norms(norm_ptr, rows, n):
     """r = 1 / max(||row||, eps), and whether the clamp is inactive (the normalisation's Jacobian has a radial part)."""
     norms = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
-    return 1.0 / tl.maximum(norms, NORM_EPS), norms > NORM_EPS
+    unclamped = norms > NORM_EPS
+    # tl.where, not tl.maximum: tl.maximum would round eps to fp32 first, off by 4e-9 relative for fp64 rows
+    return 1.0 / tl.where(unclamped, norms, NORM_EPS), unclamped
+
+
+@triton.jit
+def _load_params(params_ptr):
+    """The loss's two parameters, from a 2-element tensor in the statistics dtype: a float argument would reach the
+    kernel as fp32, which fp64 rows cannot afford."""
+    return tl.load(params_ptr), tl.load(params_ptr + 1)
 
 
 @triton.jit
@@ -135,12 +144,13 @@ def _column_range(split, M, SPLIT, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, stats_ptr,
-                     N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b, SPLIT,
+                     N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
                      N_BUCKET, M_BUCKET,
                      KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """stats[split, 0..2, rows] over the references of one split (SPLIT = 1: the final statistics).
     N_BUCKET and M_BUCKET are the autotuner's key only (N and M rounded up to powers of two)."""
+    param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -206,7 +216,7 @@ def _radial_part(t, inverse, unclamped):
 @triton.jit
 def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
                            y_labels_ptr, dx_ptr, dx_t_ptr, dy_ptr, dy_t_ptr,
-                           N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b, SPLIT,
+                           N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
                            N_BUCKET, M_BUCKET,
                            KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -217,6 +227,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
     ATOMIC_DX: dX and the row statistic t are added into accumulators (several splits, or dX and dY being one
     buffer), finished by finish_gradient. Otherwise the program writes dX itself, radial part included, in the type of
     dx_ptr (the rows' dtype, or an fp32 partial that the column pass completes)."""
+    param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -260,7 +271,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
 @triton.jit
 def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
                               y_labels_ptr, partial_ptr, dy_ptr,
-                              N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, param_a, param_b,
+                              N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr,
                               N_BUCKET, M_BUCKET,
                               KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr,
@@ -268,6 +279,7 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
     """The column pass (deterministic): dY of BLOCK_N references for the D columns of program_id(1), summing the row
     blocks in a fixed order, radial part included. ACCUMULATE adds the fp32 partial the row pass wrote for the same
     rows (the references are the queries) and writes the whole gradient."""
+    param_a, param_b = _load_params(params_ptr)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = y_ptr.dtype.element_ty

@@ -156,6 +156,12 @@ def _shape_args(x, y):
     return sizes, constexprs
 
 
+def loss_params(param_a: float, param_b: float, rows: torch.Tensor) -> torch.Tensor:
+    """The loss's parameters as the kernels read them: a tensor in the statistics dtype, so fp64 rows get them
+    exactly (a float argument would be fp32)."""
+    return torch.tensor([param_a, param_b], dtype=stats_dtype(rows.dtype), device=rows.device)
+
+
 def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dtype != y.dtype:
         raise ValueError(f"x and y must have one dtype, got {x.dtype} and {y.dtype}")
@@ -175,7 +181,8 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
     sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
         _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
-            x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset, param_a, param_b, splits,
+            x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset,
+            loss_params(param_a, param_b, x), splits,
             _bucket(n), _bucket(m), KIND=kind, **constexprs)
     if splits == 1:
         return partial[0]
@@ -227,7 +234,7 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     sizes, constexprs = _shape_args(x, y)
     width = constexprs["BLOCK_D"]
     state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
-    params = (self_offset, param_a, param_b)
+    params = (self_offset, loss_params(param_a, param_b, x))
     buckets = (_bucket(n), _bucket(m))
     zeros = lambda rows, *shape: torch.zeros((rows, *shape), dtype=acc_dtype, device=x.device)  # noqa: E731
     finish = []  # (accumulator, statistic, rows, norms, out) completed by finish_gradient
