@@ -96,12 +96,9 @@ class FusedRows:
         positives, _ = pair_counts(x_labels, y_labels, self_offset)
         return supcon_from_stats(stats[1], stats[2], positives, temperature)
 
-    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic,
-                        normalize=None):
-        """normalize: None for prepared rows; True or False for the raw rows of a backend that folds it."""
-        options = () if normalize is None else (normalize,)
-        choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset), *options)
-        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft, normalize=bool(normalize))
+    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
+        choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
+        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
 
     def proxy_anchor_rows(self, proxies, x, labels, *, margin, alpha, deterministic):
         proxy_labels = torch.arange(proxies.shape[0], device=proxies.device)
@@ -110,9 +107,9 @@ class FusedRows:
         return proxy_anchor_from_stats(stats[0], stats[1])
 
 
-def fused_backend(prefix: str):
+def fused_backend(prefix: str, rows_class=FusedRows):
     """Registers the <prefix>_* ops' fake implementations and autograd, and returns the backend contract's four
     per-row functions over them: (circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows)."""
     register_ops(prefix)
-    rows = FusedRows(prefix)
+    rows = rows_class(prefix)
     return rows.circle_rows, rows.supcon_rows, rows.batch_hard_rows, rows.proxy_anchor_rows

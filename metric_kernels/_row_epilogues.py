@@ -31,17 +31,17 @@ def proxy_anchor_from_stats(lse_positive, lse_negative):
     return torch.logaddexp(lse_positive, zero), torch.logaddexp(lse_negative, zero)
 
 
-def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft, normalize=False):
+def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft):
     """Losses of the chosen triplets (index -1: none), recomputing only the 2 N chosen distances: O(N D) backward,
-    and ||x_i - y_j|| has gradient 0 where it is 0. normalize: x and y are raw rows, normalised (in float32 for half
-    rows) after the chosen references are gathered."""
+    and ||x_i - y_j|| has gradient 0 where it is 0."""
+    positive_distance = torch.linalg.vector_norm(x - y[hardest_positive.clamp(min=0)], dim=1)
+    negative_distance = torch.linalg.vector_norm(x - y[hardest_negative.clamp(min=0)], dim=1)
+    return triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft)
+
+
+def triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft):
+    """relu (or softplus, when soft) of d_ap - d_an + margin; 0 for a query without a positive or a negative."""
     valid = (hardest_positive >= 0) & (hardest_negative >= 0)
-    anchors, positives, negatives = x, y[hardest_positive.clamp(min=0)], y[hardest_negative.clamp(min=0)]
-    if normalize:
-        anchors, positives, negatives = (F.normalize(rows.to(stats_dtype(rows.dtype)), p=2, dim=1, eps=1e-12)
-                                         for rows in (anchors, positives, negatives))
-    positive_distance = torch.linalg.vector_norm(anchors - positives, dim=1)
-    negative_distance = torch.linalg.vector_norm(anchors - negatives, dim=1)
     violation = positive_distance - negative_distance + margin
     losses = F.softplus(violation) if soft else torch.relu(violation)
     return torch.where(valid, losses, torch.zeros_like(losses))

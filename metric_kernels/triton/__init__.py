@@ -12,10 +12,21 @@ FOLDS_NORMALIZATION = True
 
 _installed = importlib.util.find_spec("triton") is not None
 if _installed:
-    from .._fused import fused_backend
-    from .ops import interpreting  # defines the metric_kernels::triton_* ops
+    from .._fused import FusedRows, fused_backend
+    from .._row_epilogues import triplet_losses
+    from .ops import interpreting, triplet_distances  # defines the metric_kernels::triton_* ops
 
-    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("triton")
+    class _RawRows(FusedRows):
+        """The fused per-row functions on raw rows: batch-hard normalises (when asked) inside its kernels too, and
+        its chosen distances come from a kernel rather than N x D temporaries."""
+
+        def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
+            choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset), normalize)
+            distances = triplet_distances(x, None if y is x else y, choices[0].clamp(min=0), choices[1].clamp(min=0),
+                                          normalize)
+            return triplet_losses(distances[0], distances[1], choices[0], choices[1], margin, soft)
+
+    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("triton", _RawRows)
 
 
 def unavailable_reason(device: torch.device):

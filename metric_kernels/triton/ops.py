@@ -1,7 +1,8 @@
 """torch.library custom ops around the Triton kernels, so the fused losses work eagerly, under
 torch.compile(fullgraph=True) and under torch.library.opcheck:
 
-    metric_kernels::triton_lse_rows, triton_lse_rows_backward, triton_batch_hard_select
+    metric_kernels::triton_lse_rows, triton_lse_rows_backward, triton_batch_hard_select,
+                    triton_triplet_distances, triton_triplet_distances_backward
 
 (the contract of every fused backend's ops, with their fake implementations and autograd formula, registered by the
 package's __init__ through fused_backend: metric_kernels/_fused.py). Unlike the other backends' ops, these read the
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._fused import check_row_state, stats_dtype
-from . import _batch_hard_kernel, _lse_kernels
+from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
 
 # The widest D kept on chip whole (one tl.dot per tile); wider rows are walked in chunks of this width.
 MAX_FULL_D = {1: 256, 2: 256, 4: 256, 8: 128}
@@ -295,3 +296,98 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
     far = values[:, 0].argmax(dim=0, keepdim=True)
     near = values[:, 1].argmin(dim=0, keepdim=True)
     return torch.cat([choices[:, 0].gather(0, far), choices[:, 1].gather(0, near)])
+
+
+def _triplet_blocks(d: int):
+    """(rows per program, D tile) of the triplet kernels: the whole of D on chip, about 4096 values per tile."""
+    width = max(16, triton.next_power_of_2(max(d, 1)))
+    return max(1, min(64, 4096 // width)), width
+
+
+@torch.library.custom_op("metric_kernels::triton_triplet_distances", mutates_args=())
+def triplet_distances(x: torch.Tensor, y: Optional[torch.Tensor], positive: torch.Tensor, negative: torch.Tensor,
+                      normalize: bool) -> torch.Tensor:
+    """[2, N]: ||u_i - v_positive(i)|| and ||u_i - v_negative(i)|| (indices in range), on the raw rows (u = x r,
+    v = y r; r = 1 / max(||row||, eps) when `normalize`, else 1). y = None: the references are the queries."""
+    y = x if y is None else y
+    _check_rows(x, y)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    out = torch.empty((2, n), dtype=stats_dtype(x.dtype), device=x.device)
+    if n == 0:
+        return out
+    x_norms = row_norms(x)
+    y_norms = x_norms if y is x else row_norms(y)
+    block_rows, width = _triplet_blocks(d)
+    with _device_guard(x):
+        _triplet_kernel.triplet_distances[(triton.cdiv(n, block_rows),)](
+            x, y, x_norms, y_norms, positive, negative, out, n, m, d, x.stride(0), x.stride(1), y.stride(0),
+            y.stride(1), BLOCK_R=block_rows, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
+    return out
+
+
+@triplet_distances.register_fake
+def _(x, y, positive, negative, normalize):
+    return x.new_empty((2, x.shape[0]), dtype=stats_dtype(x.dtype))
+
+
+@torch.library.custom_op("metric_kernels::triton_triplet_distances_backward", mutates_args=())
+def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: torch.Tensor,
+                               y: Optional[torch.Tensor], positive: torch.Tensor, negative: torch.Tensor,
+                               normalize: bool, need_dx: bool, need_dy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dY) in the rows' dtype; a distance of 0 passes no gradient (as torch.cdist). Deterministic: dY sums, per
+    reference, the rows that chose it in a fixed order (the 2 N choices sorted by reference: O(N) integers)."""
+    same = y is None
+    y = x if same else y
+    _check_rows(x, y)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    if same:
+        need_dx, need_dy = need_dx or need_dy, False
+    dx = torch.zeros((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
+    dy = x.new_empty((0, d)) if same else torch.zeros((m if need_dy else 0, d), dtype=y.dtype, device=x.device)
+    if n == 0 or d == 0:
+        return dx, dy
+    x_norms = row_norms(x)
+    y_norms = x_norms if same else row_norms(y)
+    coefficients = torch.where(distances > 0, grad.to(distances.dtype) / distances, torch.zeros_like(distances))
+    block_rows, width = _triplet_blocks(d)
+    rows = (x, y, x_norms, y_norms)
+    sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    constexprs = dict(BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
+    partial = torch.empty((n, d), dtype=stats_dtype(x.dtype), device=x.device) if same else dx
+    with _device_guard(x):
+        if need_dx:
+            _triplet_kernel.triplet_distances_backward_rows[(triton.cdiv(n, block_rows),)](
+                coefficients, *rows, positive, negative, partial, *sizes, BLOCK_R=block_rows, **constexprs)
+        if need_dy or same:
+            chosen = torch.cat([positive, negative])
+            order = torch.argsort(chosen, stable=True)
+            offsets = torch.searchsorted(chosen[order], torch.arange(m + 1, device=x.device))
+            _triplet_kernel.triplet_distances_backward_references[(m,)](
+                order % n, coefficients.reshape(-1)[order], offsets, *rows, partial, dx if same else dy, *sizes,
+                ACCUMULATE=same, **constexprs)
+    return dx, dy
+
+
+@triplet_distances_backward.register_fake
+def _(grad, distances, x, y, positive, negative, normalize, need_dx, need_dy):
+    if y is None:
+        return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
+    return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
+            y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
+
+
+def _triplet_setup_context(ctx, inputs, output):
+    x, y, positive, negative, normalize = inputs
+    ctx.save_for_backward(x, y, positive, negative, output)
+    ctx.normalize = normalize
+
+
+def _triplet_backward(ctx, grad):
+    x, y, positive, negative, distances = ctx.saved_tensors
+    need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
+    dx, dy = triplet_distances_backward(grad.contiguous(), distances, x, y, positive, negative, ctx.normalize,
+                                        need_dx, need_dy)
+    return dx if need_dx else None, dy if need_dy else None, None, None, None
+
+
+triplet_distances.register_autograd(_triplet_backward, setup_context=_triplet_setup_context)

@@ -1,0 +1,112 @@
+"""Triton kernels of batch-hard's chosen triplets: the 2 N distances ||u_i - v_p(i)|| and ||u_i - v_n(i)|| of the
+rows the selection kernel picked, and their backward, O(N D) work and no N x D temporary.
+
+u = x r and v = y r are the rows scaled by r = 1 / max(||row||, eps) when normalising (else r = 1), formed on chip
+from the raw rows. The distances are direct differences (not the |u|^2 + |v|^2 - 2 u.v expansion), exact for the
+close pairs that batch-hard picks. The backward writes dX per row, and dY per reference by walking the rows that chose
+it in a fixed order (entries sorted by reference): deterministic, no atomics, no accumulator.
+"""
+import triton
+import triton.language as tl
+
+from ._lse_kernels import _inverse_norms
+
+
+@triton.jit
+def _row_scale(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
+    """(r, whether the normalisation has a radial part) per row: 1 / max(||row||, eps), or 1 without normalising."""
+    if NORMALIZE:
+        inverse, unclamped = _inverse_norms(norm_ptr, rows, n)
+    else:
+        inverse = tl.full(rows.shape, 1.0, tl.float32)
+        unclamped = rows < 0
+    return inverse, unclamped
+
+
+@triton.jit
+def _scaled_rows(ptr, norm_ptr, rows, valid, dims, n, D, stride_n, stride_d, ACC: tl.constexpr,
+                 NORMALIZE: tl.constexpr):
+    """The rows `rows` (all of D) times their r, in ACC."""
+    inverse, unclamped = _row_scale(norm_ptr, rows, n, NORMALIZE)
+    tile = tl.load(ptr + rows[:, None] * stride_n + dims[None, :] * stride_d,
+                   mask=valid[:, None] & (dims[None, :] < D), other=0.0).to(ACC)
+    return tile * inverse.to(ACC)[:, None], inverse.to(ACC), unclamped
+
+
+@triton.jit
+def _normalisation_backward(grad, unit, inverse, unclamped, NORMALIZE: tl.constexpr):
+    """d(x r)/dx applied to grad (rows): r (g - u (u . g)) where the clamp is inactive, r g where it is."""
+    if NORMALIZE:
+        radial = tl.where(unclamped, tl.sum(unit * grad, axis=1), 0.0)
+        return inverse[:, None] * (grad - radial[:, None] * unit)
+    return grad
+
+
+@triton.jit
+def triplet_distances(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, positive_ptr, negative_ptr, out_ptr,
+                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr):
+    """out[0, i] = ||u_i - v_positive(i)||, out[1, i] = ||u_i - v_negative(i)||."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    valid = rows < N
+    positive = tl.load(positive_ptr + rows, mask=valid, other=0)
+    negative = tl.load(negative_ptr + rows, mask=valid, other=0)
+    u, _, _ = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
+    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    tl.store(out_ptr + rows, tl.sqrt(tl.sum((u - v) * (u - v), axis=1)), mask=valid)
+    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    tl.store(out_ptr + N + rows, tl.sqrt(tl.sum((u - v) * (u - v), axis=1)), mask=valid)
+
+
+@triton.jit
+def triplet_distances_backward_rows(coefficient_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, positive_ptr,
+                                    negative_ptr, dx_ptr, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
+                                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                                    NORMALIZE: tl.constexpr):
+    """dX: with c = g / d per chosen distance (0 where d = 0), du_i = c_p (u_i - v_p) + c_n (u_i - v_n), through the
+    normalisation; written in dx_ptr's dtype (the rows', or an fp32 partial that the reference pass completes)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    valid = rows < N
+    positive = tl.load(positive_ptr + rows, mask=valid, other=0)
+    negative = tl.load(negative_ptr + rows, mask=valid, other=0)
+    to_positive = tl.load(coefficient_ptr + rows, mask=valid, other=0.0)
+    to_negative = tl.load(coefficient_ptr + N + rows, mask=valid, other=0.0)
+    u, inverse, unclamped = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC,
+                                         NORMALIZE)
+    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    du = to_positive[:, None] * (u - v)
+    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    du += to_negative[:, None] * (u - v)
+    dx = _normalisation_backward(du, u, inverse, unclamped, NORMALIZE)
+    tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=valid[:, None] & (dims[None, :] < D))
+
+
+@triton.jit
+def triplet_distances_backward_references(entry_row_ptr, entry_coefficient_ptr, offset_ptr, x_ptr, y_ptr,
+                                          x_norm_ptr, y_norm_ptr, partial_ptr, dy_ptr,
+                                          N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
+                                          BLOCK_D: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr,
+                                          ACCUMULATE: tl.constexpr):
+    """dY of reference program_id(0): dv_j = sum over the entries (i, c) that chose j of c (v_j - u_i), in the
+    entries' sorted order, through the normalisation. ACCUMULATE adds the fp32 partial of the same rows (the
+    references are the queries)."""
+    reference = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    one = tl.full((1,), 0, tl.int64) + reference
+    v, inverse, unclamped = _scaled_rows(y_ptr, y_norm_ptr, one, one < M, dims, M, D, stride_yn, stride_yd, ACC,
+                                         NORMALIZE)
+    dv = tl.zeros((1, BLOCK_D), ACC)
+    start = tl.load(offset_ptr + reference)
+    stop = tl.load(offset_ptr + reference + 1)
+    for entry in range(start, stop):
+        row = tl.full((1,), 0, tl.int64) + tl.load(entry_row_ptr + entry)
+        u, _, _ = _scaled_rows(x_ptr, x_norm_ptr, row, row < N, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
+        dv += tl.load(entry_coefficient_ptr + entry).to(ACC) * (v - u)
+    dy = _normalisation_backward(dv, v, inverse, unclamped, NORMALIZE)
+    mask = (one[:, None] < M) & (dims[None, :] < D)
+    if ACCUMULATE:
+        dy += tl.load(partial_ptr + one[:, None] * D + dims[None, :], mask=mask, other=0.0)
+    tl.store(dy_ptr + one[:, None] * D + dims[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
