@@ -187,3 +187,36 @@ def test_batch_hard_select_normalises_only_when_asked():
         far = torch.where(same, distances, -torch.inf).argmax(dim=1)
         near = torch.where(~same, distances, torch.inf).argmin(dim=1)
         assert torch.equal(chosen[0], far) and torch.equal(chosen[1], near), normalize
+
+
+def test_triplet_distance_ops_pass_opcheck_and_gradcheck():
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(12, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(15, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    positive, negative = torch.randint(0, 15, (12,), generator=g), torch.randint(0, 15, (12,), generator=g)
+    for normalize in (True, False):
+        torch.library.opcheck(ops.triplet_distances, (x, y, positive, negative, normalize))
+        torch.library.opcheck(ops.triplet_distances, (x, None, positive % 12, negative % 12, normalize))
+        assert torch.autograd.gradcheck(lambda a, b: ops.triplet_distances(a, b, positive, negative, normalize),
+                                        (x, y))
+        assert torch.autograd.gradcheck(
+            lambda a: ops.triplet_distances(a, None, positive % 12, negative % 12, normalize), (x,))
+
+
+def test_a_zero_triplet_distance_passes_no_gradient():
+    """As torch.cdist: where a chosen pair coincides, its distance has gradient 0 (not NaN)."""
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.cat([x.detach()[:3] * 2.0, torch.randn(4, 5, dtype=torch.float64)]).requires_grad_()
+    positive, negative = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 5, 4, 3, 2, 1])
+    distances = ops.triplet_distances(x, y, positive, negative, True)
+    assert torch.all(distances[0, :3] == 0)
+    gx, gy = torch.autograd.grad(distances.sum(), [x, y])
+    assert torch.all(torch.isfinite(gx)) and torch.all(torch.isfinite(gy))
+    u, v = F.normalize(x.detach(), dim=1).requires_grad_(), F.normalize(y.detach(), dim=1)
+    keep = torch.arange(6) >= 3  # the pairs at distance 0 contribute nothing
+    expected = (torch.linalg.vector_norm(u - v[positive], dim=1) * keep).sum() + torch.linalg.vector_norm(
+        u - v[negative], dim=1).sum()
+    (gu,) = torch.autograd.grad(expected, [u])
+    x64 = x.detach().requires_grad_()
+    (gx_expected,) = torch.autograd.grad(F.normalize(x64, dim=1), [x64], gu)
+    assert_rel_close(gx, gx_expected, 1e-10, "dx")
