@@ -3,6 +3,8 @@
   metric-kernels parity    every usable backend against pytorch-metric-learning in float64, values and gradients
   metric-kernels backends  which backends can run on a device, and why the others cannot
   metric-kernels bench     time, memory, TFLOP/s and error of every loss and provider (metric_kernels.bench)
+  metric-kernels cost      what each loss's Triton kernels would make a GPU do, counted under Triton's interpreter,
+                           and an H100 roofline model of it (metric_kernels.bench.cost)
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from . import functional, pml
 from .backends import NAMES, available_backends
 from .bench import cli as bench_cli
+from .bench import cost
 
 PARITY_TOLERANCE = 1e-10
 
@@ -103,8 +106,12 @@ def main(argv=None) -> int:
     k = commands.add_parser("bench", help="time, memory, TFLOP/s and error of every loss and provider")
     bench_cli.add_arguments(k)
     k.set_defaults(run=lambda args: bench_cli.run_from_args(args, k))
+    c = commands.add_parser("cost", help="dot FLOPs, exponentials, bytes, launches and host tensors of every loss's "
+                                         "Triton kernels (counted under the interpreter), and an H100 model")
+    cost.add_arguments(c)
+    c.set_defaults(run=lambda args: cost.run_from_args(args, args.argv))
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # the bench options, for its record of the run
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # the command's options, for its record of the run
     return args.run(args)
 
 
