@@ -160,7 +160,10 @@ def _shape_args(x, y):
 def loss_params(param_a: float, param_b: float, rows: torch.Tensor) -> torch.Tensor:
     """The loss's parameters as the kernels read them: a tensor in the statistics dtype, so fp64 rows get them
     exactly (a float argument would be fp32)."""
-    return torch.tensor([param_a, param_b], dtype=stats_dtype(rows.dtype), device=rows.device)
+    # Filled on the device: torch.tensor([...], device="cuda") would copy from pageable memory and wait for the GPU.
+    params = torch.full((2,), param_a, dtype=stats_dtype(rows.dtype), device=rows.device)
+    params[1:].fill_(param_b)
+    return params
 
 
 def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
