@@ -9,8 +9,9 @@ A backend is a module that exposes
     proxy_anchor_rows(proxies, x, labels, *, margin, alpha, deterministic) -> (Tensor[C], Tensor[C])
 
 x and y arrive validated, normalised where the loss says so, in the compute dtype (float32 for half inputs), with N > 0
-and M > 0; y may be x itself. A backend whose module sets FOLDS_NORMALIZATION = True gets the raw rows instead (one
-dtype, any float type, not normalised; its batch_hard_rows also takes `normalize`) and normalises inside its kernels. "Query i is reference i + self_offset" (self_offset is None when no query is a reference).
+and M > 0; y may be x itself. A backend whose module sets FOLDS_NORMALIZATION = True gets the raw rows instead
+(one dtype, any float type, not normalised; its batch_hard_rows also takes `normalize`) and normalises inside its
+kernels. "Query i is reference i + self_offset" (self_offset is None when no query is a reference).
 The returned rows must be differentiable with respect to x, y and the proxies. Everything else (validation,
 normalisation, batch-level rules, reductions) lives once in metric_kernels.functional.
 """

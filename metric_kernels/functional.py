@@ -83,15 +83,17 @@ def _raw_rows(*rows: torch.Tensor):
 
 
 def _nonfinite_guard(*tensors: torch.Tensor) -> torch.Tensor:
-    """Exactly 0 with zero gradients when every entry is finite, NaN otherwise.
+    """Exactly 0 when every entry is finite, NaN otherwise; no gradient.
 
     Added to every loss so that NaN or Inf in the inputs can never come out as a finite number, even when the bad
-    rows are ones the loss leaves out (no positive, a reduction that skips zeros); it also keeps an all-zero loss
-    connected to the graph. It costs one O(N D) reduction and needs no host sync.
+    rows are ones the loss leaves out (no positive, a reduction that skips zeros). It costs one O(N D) reduction and
+    needs no host sync. It is built on detached inputs: its gradient would be zeros, which autograd would add to each
+    input's gradient as one more N x D tensor. The graph stays connected through the per-row losses (and the
+    fallbacks for empty batches), so an all-zero loss still has zero gradients.
     """
-    total = tensors[0].sum()
+    total = tensors[0].detach().sum()
     for tensor in tensors[1:]:
-        total = total + tensor.sum()
+        total = total + tensor.detach().sum()
     return total * 0
 
 
@@ -152,7 +154,7 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
     guard = _nonfinite_guard(x) if ref_emb is None else _nonfinite_guard(x, y)
     if x.shape[0] == 0 or y.shape[0] == 0:
-        rows = x.sum(dim=1) * 0  # nothing to pair: zeros that stay connected to the graph
+        rows = x.sum(dim=1) * 0 + y.sum() * 0  # nothing to pair: zeros that stay connected to the graph
     else:
         rows = getattr(implementation, rows_name)(
             x, y, x_labels, y_labels, self_offset, deterministic=deterministic, **params)
@@ -226,7 +228,7 @@ def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, 
         x, p = _prepare(embeddings, dtype, True), _prepare(proxies, dtype, True)
     labels = labels.long()
     if x.shape[0] == 0:
-        positive_terms = negative_terms = p.sum(dim=1) * 0  # log(1 + empty sum) = 0
+        positive_terms = negative_terms = p.sum(dim=1) * 0 + x.sum() * 0  # log(1 + empty sum) = 0
     else:
         positive_terms, negative_terms = implementation.proxy_anchor_rows(
             p, x, labels, margin=margin, alpha=alpha, deterministic=deterministic)

@@ -77,6 +77,7 @@ class KernelCounts:
     programs: int = 0
     dot_flops: Counter = field(default_factory=Counter)
     exponentials: int = 0
+    row_exponentials: int = 0  # of them, on 1-D per-row vectors (the online log-sum-exp's rescaling)
     special: int = 0
     bytes_loaded: int = 0
     bytes_stored: int = 0
@@ -84,7 +85,8 @@ class KernelCounts:
     atomic_bytes: int = 0
 
     def add(self, other: "KernelCounts") -> None:
-        for name in ("launches", "programs", "exponentials", "special", "bytes_loaded", "bytes_stored",
+        for name in ("launches", "programs", "exponentials", "row_exponentials", "special", "bytes_loaded",
+                     "bytes_stored",
                      "atomic_elements", "atomic_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.dot_flops.update(other.dot_flops)
@@ -178,6 +180,8 @@ def count_interpreter(counts: InterpreterCounts):
             def wrapper(self, arg, *args, **kwargs):
                 here = counts.here()
                 setattr(here, attribute, getattr(here, attribute) + int(np.size(arg.data)))
+                if attribute == "exponentials" and np.ndim(arg.data) <= 1:
+                    here.row_exponentials += int(np.size(arg.data))
                 return original(self, arg, *args, **kwargs)
             return wrapper
         return make
@@ -483,8 +487,10 @@ def row(case: Case, counted: dict) -> dict:
         "matmul_equivalents": all_flops / pair_matmul,
         "forward_matmul_equivalents": sum(forward.dot_flops.values()) / pair_matmul,
         "dot_16bit_share": flops["16bit"] / all_flops if all_flops else 0.0,
-        "exponentials": total.exponentials, "exponentials_per_pair": total.exponentials / (n * m),
-        "forward_exponentials_per_pair": forward.exponentials / (n * m),
+        "exponentials": total.exponentials,
+        "exponentials_per_pair": (total.exponentials - total.row_exponentials) / (n * m),
+        "forward_exponentials_per_pair": (forward.exponentials - forward.row_exponentials) / (n * m),
+        "row_exponentials": total.row_exponentials, "row_exponentials_per_pair": total.row_exponentials / (n * m),
         "special_functions": total.special,
         "bytes_loaded": total.bytes_loaded, "bytes_stored": total.bytes_stored,
         "atomic_elements": total.atomic_elements, "atomic_bytes": total.atomic_bytes,
@@ -512,7 +518,8 @@ def kernel_detail(case: Case, counted: dict) -> dict:
 
 COLUMNS = ["loss", "refs", "dtype", "D", "mode", "N", "M", "launches", "programs", "dot_flops", "dot_flops_16bit",
            "dot_flops_tf32", "dot_flops_fma", "matmul_equivalents", "forward_matmul_equivalents", "dot_16bit_share",
-           "exponentials", "exponentials_per_pair", "forward_exponentials_per_pair", "special_functions",
+           "exponentials", "exponentials_per_pair", "forward_exponentials_per_pair", "row_exponentials",
+           "row_exponentials_per_pair", "special_functions",
            "bytes_loaded", "bytes_stored", "atomic_elements", "atomic_bytes", "host_tensors_nd", "host_tensors",
            "h100_compute_us", "h100_memory_us", "h100_exp_us", "h100_time_us", "h100_bound",
            "useful_matmul_equivalents", "h100_bf16_peak_fraction", "dot_flops_by_operands"]
@@ -529,22 +536,24 @@ def markdown(rows: List[dict], meta: dict) -> str:
         f"(backend=\"triton\"), counted under Triton's interpreter (its one tile config: {meta['interpreter_tiles']}); "
         f"N = M = {size} (Proxy-Anchor: {size} embeddings against {size} proxies), {CLASSES} classes; refs: "
         f"`ref_emb` a separate reference batch, `self` ref_emb=None. *matmul-eq*: dot FLOPs / 2NMD. *16-bit*: share "
-        f"of the dot FLOPs on 16-bit operands. *exp/pair*: exponentials / NM. *MB ld*, *MB st*: bytes the programs "
+        f"of the dot FLOPs on 16-bit operands. *exp/pair*: exponentials on pair tiles / NM; *row exp*: "
+        f"those on per-row vectors (the online log-sum-exp's rescaling) / NM. *MB ld*, *MB st*: bytes the programs "
         f"load and store (masked-off elements not counted); *atomics*: elements added atomically. *host NxD*: host "
         f"tensors of N x D elements or more that the step allocates. The last three columns are an "
         f"**{MODEL_LABEL}**: max(compute, memory, exponentials) at H100 SXM rates, and the useful work (log-sum-exp "
         f"losses 3, batch-hard 1 matmul-equivalents) over that time as a fraction of the bf16 tensor-core peak. "
         f"bench/README.md explains each figure; cost.json has every count, per kernel too.",
         "",
-        "| loss | refs | dtype | D | mode | launches | programs | matmul-eq | 16-bit | exp/pair | MB ld | MB st "
-        "| atomics | host NxD | H100 model us | bound | of bf16 peak |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| loss | refs | dtype | D | mode | launches | programs | matmul-eq | 16-bit | exp/pair | row exp | MB ld "
+        "| MB st | atomics | host NxD | H100 model us | bound | of bf16 peak |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['loss']} | {r['refs']} | {r['dtype']} | {r['D']} | {r['mode']} | {r['launches']} | "
             f"{r['programs']} | {r['matmul_equivalents']:.3f} | {r['dot_16bit_share']:.0%} | "
-            f"{r['exponentials_per_pair']:.3f} | {r['bytes_loaded'] / 1e6:.2f} | {r['bytes_stored'] / 1e6:.3f} | "
+            f"{r['exponentials_per_pair']:.3f} | {r['row_exponentials_per_pair']:.3f} | "
+            f"{r['bytes_loaded'] / 1e6:.2f} | {r['bytes_stored'] / 1e6:.3f} | "
             f"{r['atomic_elements']} | {r['host_tensors_nd']} | {r['h100_time_us']:.3g} | {r['h100_bound']} | "
             f"{r['h100_bf16_peak_fraction']:.1%} |")
     lines += ["", "Model constants (H100 SXM): " + ", ".join(f"{k} = {v:g}" for k, v in H100_SXM.items()) + "."]

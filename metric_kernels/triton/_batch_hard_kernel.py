@@ -4,7 +4,9 @@ The same tiled walk as the log-sum-exp engine (raw rows, 16-bit operands, the wh
 across programs when the row blocks are few), with a running max / argmax and min / argmin of the squared distance
 as its epilogue:
 
-    d_ij^2 = (||x_i|| r_i)^2 + (||y_j|| r_j)^2 - 2 (x_i . y_j) r_i r_j,   r = 1 / max(||row||, eps) when normalising, else 1.
+    d_ij^2 = (||x_i|| r_i)^2 + (||y_j|| r_j)^2 - 2 (x_i . y_j) r_i r_j,
+
+with r = 1 / max(||row||, eps) when normalising, else 1.
 
 Only the two indices (and their distances, for the merge of splits) per row leave the chip; the loss and its O(N D)
 backward are computed from the chosen pairs (metric_kernels/_row_epilogues.py).

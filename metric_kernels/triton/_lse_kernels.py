@@ -115,16 +115,22 @@ def _finite_or_zero(value):
 
 
 @triton.jit
-def _fold_tile(max1, sum1, max2, sum2, z, first):
+def _fold_tile(max1, sum1, max2, sum2, z, first, TWO_SETS: tl.constexpr):
     """Folds a tile's logits into two running (max, sum of 2^(v - max)) states in base 2, one exponential per pair:
-    each pair is shifted by the new maximum of its own set. Rows with nothing yet keep max = -inf, sum = 0."""
+    each pair is shifted by the new maximum of its own set. Rows with nothing yet keep max = -inf, sum = 0. Without
+    TWO_SETS (SupCon) every pair is in the second set and the first state is left as it is."""
     v = z * LOG2E
-    new1 = tl.maximum(max1, tl.max(tl.where(first, v, float("-inf")), axis=1))
     new2 = tl.maximum(max2, tl.max(tl.where(first, float("-inf"), v), axis=1))
-    shift = tl.where(first, _finite_or_zero(new1)[:, None], _finite_or_zero(new2)[:, None])
-    e = tl.exp2(v - shift)  # 0 for pairs outside both sets (v = -inf)
-    sum1 = sum1 * tl.exp2(max1 - _finite_or_zero(new1)) + tl.sum(tl.where(first, e, 0.0), axis=1)
-    sum2 = sum2 * tl.exp2(max2 - _finite_or_zero(new2)) + tl.sum(tl.where(first, 0.0, e), axis=1)
+    if TWO_SETS:
+        new1 = tl.maximum(max1, tl.max(tl.where(first, v, float("-inf")), axis=1))
+        shift = tl.where(first, _finite_or_zero(new1)[:, None], _finite_or_zero(new2)[:, None])
+        e = tl.exp2(v - shift)  # 0 for pairs outside both sets (v = -inf)
+        sum1 = sum1 * tl.exp2(max1 - _finite_or_zero(new1)) + tl.sum(tl.where(first, e, 0.0), axis=1)
+        sum2 = sum2 * tl.exp2(max2 - _finite_or_zero(new2)) + tl.sum(tl.where(first, 0.0, e), axis=1)
+    else:
+        new1 = max1
+        sum2 = sum2 * tl.exp2(max2 - _finite_or_zero(new2)) + tl.sum(tl.exp2(v - _finite_or_zero(new2)[:, None]),
+                                                                     axis=1)
     return new1, sum1, new2, sum2
 
 
@@ -173,7 +179,7 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
         s = dot * x_inverse[:, None] * y_inverse[None, :]
         positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
         z, _, first = _logits(s, positive, negative, param_a, param_b, KIND)
-        max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first)
+        max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first, KIND != SUPCON)
         if KIND == SUPCON:
             linear += tl.sum(tl.where(positive, s, 0.0), axis=1)
     out = stats_ptr + split.to(tl.int64) * 3 * N + rows
