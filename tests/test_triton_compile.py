@@ -1,17 +1,171 @@
-"""Every Triton kernel variant compiles to a cubin for sm_80 and sm_90 on this GPU-less machine (Triton's compiler
-and ptxas need no driver): the real GPU lowering of what the interpreter tests check numerically."""
+"""Compile proof of the Triton kernels without a GPU (metric_kernels/triton/_aot.py): the specialisations the ops
+launch compile for sm_80 and sm_90a with this project's triton (3.7.1) and the GPU machine's (3.6.0, installed once
+into .cache/triton-3.6.0), without spills, within each architecture's per-block shared memory, and with the 16-bit and
+tf32 products on tensor cores (mma.sync on sm_80, wgmma.mma_async on sm_90a).
+
+The default run compiles the "ci" selection with 3.7.1 and the "core" one (each kernel and dtype once) with 3.6.0,
+about 3 minutes on 2 cores; `bash scripts/test.sh -m heavy` runs the config sweep of both (about 35 minutes). Each
+run writes its report (registers, spills, shared memory per config) to out/compile-report/ (or
+$METRIC_KERNELS_COMPILE_REPORT); the committed one, bench/results/compile/report.md, comes from the command in
+bench/README.md. The last test checks, under the interpreter and with no compiling, that every launch the ops make is
+one of the enumerated specialisations (its pointer types and constexprs).
+"""
 import os
-import subprocess
-import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 from metric_kernels.triton import _aot
 
+REPORT = Path(os.environ.get("METRIC_KERNELS_COMPILE_REPORT", _aot.ROOT / "out" / "compile-report"))
+PRODUCTS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
+KERNELS = PRODUCTS + ("finish_gradient", "row_norms", "triplet_distances", "triplet_distances_backward_rows",
+                      "triplet_distances_backward_references")
+_RUNS = {}
 
-def test_every_kernel_compiles_for_sm80_and_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-m", "metric_kernels.triton._aot", "90", "80"], capture_output=True,
-                            text=True, timeout=1200, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    compiled = [line for line in result.stdout.splitlines() if line.endswith("bytes shared memory")]
-    expected = [f"sm_{arch} {name}: ok" for arch in (90, 80) for name, *_ in _aot.variants()]
-    assert len(compiled) == len(expected) and all(line.startswith(want) for line, want in zip(compiled, expected))
+
+def _run(levels):
+    """The compile results of {version: level}, compiled once per session; the report written."""
+    key = tuple(sorted(levels.items()))
+    if key not in _RUNS:
+        results = _aot.run_versions(levels, archs=(80, 90))
+        command = "pytest tests/test_triton_compile.py (" + ", ".join(f"{v}={lv}" for v, lv in levels.items()) + ")"
+        _aot.write_report(results, REPORT / "-".join(f"{v}-{lv}" for v, lv in levels.items()), command)
+        _RUNS[key] = results
+    return _RUNS[key]
+
+
+def _problems(results, kind):
+    found = [p for result in results for p in _aot.problems(result)]
+    return [p for p in found if kind in p]
+
+
+def _check_complete(results, levels):
+    assert [r["triton"] for r in results] == list(levels)
+    for result in results:
+        assert set(result["expected"]) == {"sm_80", "sm_90a"}, result["expected"].keys()
+        for arch, names in result["expected"].items():
+            records = [r for r in result["records"] if r["arch"] == arch]
+            assert sorted(r["name"] for r in records) == sorted(names)
+            seen = {(r["kernel"], r["dtype"]) for r in records}
+            for kernel in KERNELS:
+                dtypes = ("bf16", "fp16", "fp32-tf32", "fp32-ieee", "fp64") if kernel in PRODUCTS else \
+                    ("bf16", "fp16", "fp32", "fp64")
+                assert {(kernel, dtype) for dtype in dtypes} <= seen, (result["triton"], arch, kernel)
+            for record in records:  # GPUTarget("cuda", 90, 32) is sm_90a: wgmma needs the "a" features
+                assert not record["ok"] or record["ptx_target"] == arch, (record["name"], record["ptx_target"])
+
+
+DEFAULT = {_aot.PROJECT_TRITON: "ci", _aot.GPU_MACHINE_TRITON: "core"}
+SWEEP = {_aot.PROJECT_TRITON: "sweep", _aot.GPU_MACHINE_TRITON: "sweep"}
+PROPERTIES = [("compiles", ": Compilation"), ("no_spills", ": spills"), ("shared_memory", "bytes shared memory >"),
+              ("tensor_cores", ": no ")]
+
+
+def _check(levels, failure):
+    results = _run(levels)
+    _check_complete(results, levels)
+    failed = [r for result in results for r in result["records"] if not r["ok"]]
+    if failure == ": Compilation":  # any failure to compile, whatever the error
+        found = [f"triton {r['triton']} {r['arch']} {r['name']}: {r['error']}" for r in failed]
+    else:
+        found = _problems(results, failure)
+    report = REPORT / "-".join(f"{v}-{lv}" for v, lv in levels.items()) / "report.md"
+    assert not found, f"{len(found)} problems (report: {report}):\n" + "\n".join(found[:40])
+
+
+@pytest.mark.parametrize("failure", [f for _, f in PROPERTIES], ids=[name for name, _ in PROPERTIES])
+def test_specialisations_compile_for_sm80_and_sm90a(failure):
+    _check(DEFAULT, failure)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("failure", [f for _, f in PROPERTIES], ids=[name for name, _ in PROPERTIES])
+def test_config_sweep_compiles_for_sm80_and_sm90a(failure):
+    _check(SWEEP, failure)
+
+
+# ---- the enumeration matches what the ops launch -------------------------------------------------------------------
+
+_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
+          torch.int64: "*i64", torch.int32: "*i32"}
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _launches(monkeypatch):
+    """Runs the ops under the interpreter on small inputs that take every path (dtypes, loss kinds, y or not,
+    deterministic or not, each gradient, references split, D on chip and in chunks), recording each kernel launch's
+    pointer types and constexprs."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from metric_kernels.triton import ops
+
+    launches = []
+    original = InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        named = dict(zip(self.arg_names, args))
+        pointers = {k: _TYPES[v.dtype] for k, v in named.items() if isinstance(v, torch.Tensor)}
+        constexprs = {k: v for k, v in kwargs.items() if k in self.arg_names and k not in _CONFIG_KEYS}
+        launches.append((self.fn.__name__, pointers, constexprs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for d in (64, 300):  # all of D on chip; D in chunks (every kernel, fewer paths)
+            chunked = d == 300
+            n, m = 8, 260  # 260 references: 3 splits of the interpreter's 4 stand-in SMs (ops.reference_splits)
+            x = torch.randn(n, d, generator=generator).to(dtype)
+            y = torch.randn(m, d, generator=generator).to(dtype)
+            x_labels = torch.randint(0, 3, (n,), generator=generator)
+            y_labels = torch.randint(0, 3, (m,), generator=generator)
+            for kind in (0,) if chunked else (0, 1, 2):
+                for other, labels, offset in ((None, x_labels, 0), (y, y_labels, -1)):
+                    stats = ops.lse_rows(x, other, x_labels, labels, offset, kind, 0.25, 2.0, False)
+                    grad = torch.ones_like(stats)
+                    # (deterministic, need_dx, need_dy); the flags do not depend on the kind: KIND 0 takes each path
+                    cases = [(False, True, False), (True, True, False)]
+                    if other is not None:
+                        cases = [(det, dx, dy) for det in (False, True) for dx, dy in ((1, 1), (1, 0), (0, 1))]
+                        if kind or chunked:
+                            cases = [(False, True, True), (True, True, True)]
+                    for deterministic, need_dx, need_dy in cases:
+                        ops.lse_rows_backward(grad, stats, x, other, x_labels, labels, offset, kind, 0.25, 2.0,
+                                              deterministic, bool(need_dx), bool(need_dy))
+                if kind == 0 and not chunked:  # one split: the row pass writes dX itself and adds into dY
+                    ops.lse_rows_backward(grad[:, :4].contiguous(), stats[:, :4].contiguous(), x[:4], y[:100],
+                                          x_labels[:4], y_labels[:100], -1, 0, 0.25, 2.0, False, True, True)
+            for normalize in (True,) if chunked else (True, False):
+                ops.batch_hard_select(x, y, x_labels, y_labels, -1, normalize)
+                positive, negative = torch.randint(0, n, (2, n), generator=generator)  # y[:n]: n references
+                for other in (None, y[:n]):
+                    distances = ops.triplet_distances(x, other, positive, negative, normalize)
+                    for need_dx, need_dy in ((True, True), (True, False), (False, True)):
+                        ops.triplet_distances_backward(torch.ones_like(distances), distances, x, other, positive,
+                                                       negative, normalize, need_dx, need_dy)
+    return launches
+
+
+def test_enumeration_covers_every_launch_of_the_ops(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("runs the ops under Triton's interpreter (TRITON_INTERPRET=1, as tests/conftest.py sets)")
+    launches = _launches(monkeypatch)
+    enumerated = {}
+    for variant in _aot.variants(90, "full") + _aot.variants(80, "full"):
+        pointers = {k: v for k, v in variant.signature.items() if v.startswith("*")}
+        constexprs = {k: v for k, v in variant.constexprs.items()
+                      if k not in _CONFIG_KEYS and not k.startswith("stride_")}
+        enumerated.setdefault(variant.kernel, []).append((pointers, constexprs))
+    missing, seen = [], set()
+    for kernel, pointers, constexprs in launches:
+        seen.add(kernel)
+        if not any(pointers == p and constexprs == c for p, c in enumerated.get(kernel, ())):
+            missing.append(f"{kernel} {pointers} {constexprs}")
+    assert seen == set(KERNELS)
+    flags = {(c.get("WITH_DY"), c.get("ATOMIC_DX"), p.get("dx_ptr") == p.get("x_ptr"))
+             for k, p, c in launches if k == "lse_rows_backward_rows"}
+    assert {(True, False, True), (False, False, True), (False, False, False), (True, True, False),
+            (False, True, False)} <= flags, flags
+    assert not missing, f"{len(set(missing))} launches not among _aot.variants():\n" + "\n".join(sorted(set(missing)))

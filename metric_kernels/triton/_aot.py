@@ -1,75 +1,738 @@
-"""Ahead-of-time compilation of every Triton kernel variant for a GPU architecture, without a GPU.
+"""Ahead-of-time compilation of the Triton kernels' specialisations for sm_80 and sm_90a, without a GPU.
 
-Triton's compiler runs to a cubin on any machine (ptxas ships with it), so the CPU test suite can prove the kernels
-lower for sm_80 and sm_90 — what the interpreter, which runs them as numpy, never checks. Needs TRITON_INTERPRET unset
-(under the interpreter the kernels are not compilable objects), hence `python -m metric_kernels.triton._aot 90`.
+Triton's compiler runs to a cubin on any machine (ptxas ships with it), so the CPU test suite can prove that what
+the ops launch lowers for the GPU: what the interpreter, which runs the kernels as numpy, never checks. For the
+specialisations the ops in metric_kernels/triton/ops.py launch (kernel x row dtype x loss kind x backward flags x
+autotune config kept by the ops' own pruner for the architecture's shared memory x D width) this records registers,
+spills, shared memory and whether the products run on tensor cores (mma.sync on sm_80, wgmma.mma_async on sm_90a),
+and checks them (problems()).
+
+    python -m metric_kernels.triton._aot compile [--level L] [--arch 80 90] [--jobs J] [--json OUT] [--list]
+    python -m metric_kernels.triton._aot report [--level L] [--versions 3.7.1 3.6.0=core] [--out DIR]
+
+`compile` uses this interpreter's triton. `report` runs `compile` in subprocesses (TRITON_INTERPRET=0: under the
+interpreter the kernels are not compilable objects), one per triton version, side by side; a version other than this
+environment's (3.6.0, the GPU machine's) is installed once into .cache/triton-<version> (pip --no-deps --target)
+and put first on PYTHONPATH. It writes report.md and report.json (default bench/results/compile/).
+
+The whole product ("full", LEVELS) is some 5,500 specialisations per version, about 4 CPU-seconds each; the other
+levels (_selection) compile the heaviest case of each kernel and dtype and a growing share of the rest: "core" (each
+kernel and dtype once), "ci" (the CPU test's, with triton 3.7.1; 3.6.0 runs "core"), "sweep" (every kept config at
+the widest D; the heavy test and the committed report).
+
+What is compiled is the launch of contiguous rows: unit stride along D (Triton specialises an integer 1 to a
+constant), 16-byte aligned pointers, D and row strides divisible by 16; plus, from "ci" up, one unaligned launch
+(strides as integers, no divisibility). Integers are i32 (Triton's type for values below 2^31), pointers typed by
+what the ops pass (_pointer_types).
 """
 from __future__ import annotations
 
-import itertools
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT_TRITON = "3.7.1"
+GPU_MACHINE_TRITON = "3.6.0"
+VERSIONS = (PROJECT_TRITON, GPU_MACHINE_TRITON)
+# cudaDevAttrMaxSharedMemoryPerBlockOptin: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+ARCHS = {80: ("sm_80", 166912), 90: ("sm_90a", 232448)}
+# (label, torch dtype name, triton pointer type, dot precision)
+DTYPES = (("bf16", "bfloat16", "bf16", "ieee"), ("fp16", "float16", "fp16", "ieee"),
+          ("fp32-tf32", "float32", "fp32", "tf32"), ("fp32-ieee", "float32", "fp32", "ieee"),
+          ("fp64", "float64", "fp64", "ieee"))
+SIXTEEN_BIT = ("bf16", "fp16")
+LEVELS = ("core", "ci", "sweep", "full")
+DOT_KERNELS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
+KINDS = (0, 1, 2)  # circle, supcon, proxy_anchor
+# (WITH_DY, ATOMIC_DX) as ops.lse_rows_backward sets them, each with the types its dx_ptr gets: "rows" the gradient
+# itself, "acc" an accumulator or the fp32 partial the column pass completes (the references are the queries).
+ROW_FLAGS = (((True, False), ("rows",)), ((False, False), ("rows", "acc")), ((True, True), ("acc",)),
+             ((False, True), ("acc",)))
 
-from . import _batch_hard_kernel, _lse_kernels
 
-_POINTER = {tl.float32: "*fp32", tl.float64: "*fp64"}
+@dataclasses.dataclass
+class Variant:
+    name: str
+    kernel: str
+    dtype: str
+    width: str  # "64", "128", "256" (all of D on chip), "chunked-256" (D walked in chunks of 256), "unaligned-64"
+    kind: Optional[int]
+    flags: str
+    config: str
+    num_warps: int
+    num_stages: int
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    attrs: List[int]  # argument positions with 16-divisibility
+    sweep: bool  # part of a whole config sweep (else a single representative config)
+    product_rows: List[int]  # the M dimension of each tl.dot (wgmma needs 64)
+    shared_estimate: Optional[int]  # ops.shared_memory_estimate, what the pruner compares with the limit
 
 
-def _signature(kernel, data, constexprs):
-    """Argument types by name: *_ptr are data pointers (labels and choices int64), sizes and strides i32 (i64 for
-    the offsets that can pass 2^31 are computed in-kernel), scalars fp32."""
-    signature = {}
-    for name in kernel.arg_names:
+def _ops():
+    from . import ops
+    return ops
+
+
+def _gpu_configs():
+    """ops._configs() as on a GPU (under the interpreter it is a single config)."""
+    ops = _ops()
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return ops._configs()
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _config_label(config) -> str:
+    kw = config.kwargs
+    return f"m{kw['BLOCK_M']}n{kw['BLOCK_N']}w{config.num_warps}s{config.num_stages}"
+
+
+class _Rows:
+    """What ops._pruner reads of the x_ptr argument."""
+
+    def __init__(self, element_size: int):
+        self._element_size = element_size
+        self.device = None
+
+    def element_size(self) -> int:
+        return self._element_size
+
+
+def kept_configs(arch: int, block_d: int, element_size: int, backward: bool):
+    """ops._configs() (the GPU list) as ops._pruner keeps it on a GPU with the architecture's shared memory."""
+    ops = _ops()
+    limit = ARCHS[arch][1]
+    prune = ops._pruner(backward)["early_config_prune"]
+    original = ops._shared_memory_limit
+    ops._shared_memory_limit = lambda device: limit
+    try:
+        return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d})
+    finally:
+        ops._shared_memory_limit = original
+
+
+def _widths(element_size: int):
+    """(label, BLOCK_D, FULL_D) of D's width classes, as ops._shape_args picks them: all of D on chip at 16 to 256
+    where allowed, and D walked in chunks of the widest tile."""
+    ops = _ops()
+    widest = ops.MAX_FULL_D[element_size]
+    seen = []
+    for d in (16, 32, 64, 128, 256, 2 * widest + 16):
+        width = ops.block_d(d, element_size)
+        full = d <= width
+        entry = (str(width) if full else f"chunked-{width}", width, full)
+        if entry not in seen:
+            seen.append(entry)
+    return seen
+
+
+def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: str = "rows") -> Dict[str, str]:
+    """Pointer arguments by name that are not in the accumulator type: the rows (and the gradients written in their
+    dtype) and the int64 labels and choices. Every other pointer (norms, statistics, the gradient of the statistics,
+    the gradient scale, the loss parameters, accumulators, t buffers, batch-hard values) is in the accumulator
+    type."""
+    r, a = f"*{rows}", f"*{acc}"
+    common = dict(x_ptr=r, y_ptr=r, x_labels_ptr="*i64", y_labels_ptr="*i64")
+    return {
+        "lse_rows_forward": common,
+        "lse_rows_backward_rows": dict(common, dx_ptr=r if dx == "rows" else a),
+        "lse_rows_backward_columns": dict(common, partial_ptr=r if partial == "rows" else a, dy_ptr=r),
+        "batch_hard_select": dict(common, choice_ptr="*i64"),
+        "finish_gradient": dict(x_ptr=r, out_ptr=r),
+        "row_norms": dict(x_ptr=r),
+        "triplet_distances": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64"),
+        "triplet_distances_backward_rows": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64",
+                                                dx_ptr=r if dx == "rows" else a),
+        "triplet_distances_backward_references": dict(x_ptr=r, y_ptr=r, entry_row_ptr="*i64", offset_ptr="*i64",
+                                                      partial_ptr=r if partial == "rows" else a, dy_ptr=r),
+    }[kernel]
+
+
+def _kernel(name: str):
+    from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
+    module = (_batch_hard_kernel if name == "batch_hard_select" else
+              _triplet_kernel if name.startswith("triplet_") else _lse_kernels)
+    return getattr(module, name)
+
+
+def _signature(kernel: str, pointers: Dict[str, str], acc: str, constexprs: Dict[str, object], aligned: bool):
+    """(signature, constexprs, 16-divisible argument positions) of a launch: unit D strides become constants when
+    aligned (contiguous rows), other integers i32, param_* fp32."""
+    fn = _kernel(kernel)
+    constexprs = dict(constexprs)
+    signature, attrs = {}, []
+    for position, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("labels_ptr") or name == "choice_ptr":
-            signature[name] = "*i64"
+        elif aligned and name in ("stride_xd", "stride_yd"):
+            signature[name] = "constexpr"
+            constexprs[name] = 1
         elif name.endswith("_ptr"):
-            signature[name] = data
+            signature[name] = pointers.get(name, f"*{acc}")
+            attrs.append(position)
         elif name.startswith("param_"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    return signature
+            if name in ("D", "stride_xn", "stride_yn"):
+                attrs.append(position)
+    missing = set(fn.arg_names) - set(signature)
+    assert not missing, (kernel, missing)
+    return signature, constexprs, attrs if aligned else []
 
 
-def variants():
-    """(name, kernel, data pointer type, constexprs) for every kernel, loss kind and accumulator the ops launch."""
-    for acc, kind in itertools.product((tl.float32, tl.float64), (0, 1, 2)):
-        precision = "tf32" if acc == tl.float32 else "ieee"
-        base = dict(KIND=kind, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=acc, UPCAST=False, PRECISION=precision)
-        data = _POINTER[acc]
-        yield f"lse_rows_forward[kind={kind},{acc}]", _lse_kernels.lse_rows_forward, data, base
-        for atomic_dy, atomic_dx in ((False, False), (True, False), (True, True)):
-            yield (f"lse_rows_backward_dx[kind={kind},{acc},atomic={atomic_dy},{atomic_dx}]",
-                   _lse_kernels.lse_rows_backward_dx, data,
-                   dict(base, BLOCK_OUT=64, ATOMIC_DY=atomic_dy, ATOMIC_DX=atomic_dx))
-        for accumulate in (False, True):
-            yield (f"lse_rows_backward_dy[kind={kind},{acc},accumulate={accumulate}]",
-                   _lse_kernels.lse_rows_backward_dy, data, dict(base, BLOCK_OUT=64, ACCUMULATE=accumulate))
-    for acc in (tl.float32, tl.float64):
-        yield (f"batch_hard_select[{acc}]", _batch_hard_kernel.batch_hard_select, _POINTER[acc],
-               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=acc, UPCAST=False,
-                    PRECISION="tf32" if acc == tl.float32 else "ieee"))
+def _product_rows(kernel: str, constexprs) -> List[int]:
+    """Rows (M) of each product: S = X Y^T has BLOCK_M, dX = P Y BLOCK_M, dY = P^T X BLOCK_N."""
+    m, n = constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")
+    return {"lse_rows_forward": [m], "batch_hard_select": [m],
+            "lse_rows_backward_rows": [m, m] + ([n] if constexprs.get("WITH_DY") else []),
+            "lse_rows_backward_columns": [m, n]}.get(kernel, [])
 
 
-def compile_all(arch: int):
-    """Compiles every variant for sm_<arch>; returns [(name, shared memory bytes)]. Raises on the first failure."""
-    target = GPUTarget("cuda", arch, 32)
-    report = []
-    for name, kernel, data, constexprs in variants():
-        source = ASTSource(fn=kernel, signature=_signature(kernel, data, constexprs), constexprs=constexprs)
-        compiled = triton.compile(source, target=target)
-        assert "cubin" in compiled.asm, name
-        report.append((name, compiled.metadata.shared))
-    return report
+TRIPLET_DIMS = tuple(2 ** k for k in range(4, 14))  # D = 16 .. 8192: ops._triplet_blocks' tiles
+
+
+def _plain_cases(ops, element, widths, widest):
+    """The kernels without products or autotuning: (kernel, width label, BLOCK_D, flags, constexprs, pointer
+    options, heaviest flags?, the lowest level that compiles it: "core", "ci", "sweep" (every flag set at that width)
+    or "full")."""
+    cases = []
+    for width_label, block_d, full_d in widths:
+        if full_d:  # finish_gradient's D tile is the backward's (D in chunks: more programs of the widest tile)
+            cases.append(("finish_gradient", width_label, block_d, "", dict(BLOCK_R=32), {}, True,
+                          "core" if width_label == widest else "full"))
+    norm_widths = {}  # row_norms: block_d(D) up to 256 columns, chunks of 256 beyond
+    for d in (16, 32, 64, 128, 256, 1024):
+        norm_widths[ops.block_d(d, element) if d <= 256 else 256] = "core" if d == 1024 else "full"
+    for block_d, count in norm_widths.items():
+        cases.append(("row_norms", str(block_d), block_d, "", dict(BLOCK_R=ops._NORM_BLOCK_ROWS), {}, True, count))
+    for d in TRIPLET_DIMS:  # the whole of D on chip, rows per program so that a tile holds about 4096 values
+        block_rows, block_d = ops._triplet_blocks(d)
+        count = {4096: "core", 256: "ci", 8192: "ci", 64: "sweep"}.get(d, "full")
+        for normalize in (True, False):
+            tile = dict(BLOCK_R=block_rows, NORMALIZE=normalize)
+            cases.append(("triplet_distances", str(block_d), block_d, f"normalize={int(normalize)}", tile, {},
+                          normalize, count))
+            for dx in ("acc", "rows"):  # an fp32 partial when the references are the queries
+                cases.append(("triplet_distances_backward_rows", str(block_d), block_d,
+                              f"normalize={int(normalize)},dx={dx}", tile, dict(dx=dx), normalize and dx == "acc",
+                              count))
+            for accumulate in (True, False):
+                cases.append(("triplet_distances_backward_references", str(block_d), block_d,
+                              f"normalize={int(normalize)},accumulate={int(accumulate)}",
+                              dict(NORMALIZE=normalize, ACCUMULATE=accumulate),
+                              dict(partial="acc" if accumulate else "rows"), normalize and accumulate, count))
+    return cases
+
+
+def _plain_selected(level: str, heaviest: bool, count: str) -> bool:
+    """Whether a level compiles a _plain_cases entry: "full" all; "sweep" the heaviest flags at every width and every
+    flag set at the widths marked up to "sweep"; "ci" and "core" the heaviest flags at the widths marked up to them."""
+    if level == "full":
+        return True
+    if level == "sweep":
+        return heaviest or count != "full"
+    return heaviest and LEVELS.index(count) <= LEVELS.index(level)
+
+
+def _selection(level: str, dtype: str, primary: bool, heaviest_or_kind0: bool, width: str, widest: str):
+    """How many autotune configs of a (kernel, dtype, kind, flags, width) a level compiles: "all" the kept ones,
+    "one" (the kept config with the largest tiles) or None.
+
+    core:  each kernel and dtype once: the heaviest flags, KIND 0, the widest on-chip D.
+    ci:    core, plus D in chunks (bf16, fp32-tf32, fp64) and, for bf16, every flag set (KIND 0), every loss kind
+           (heaviest flags) and the unaligned launch.
+    sweep: every kept config at the widest on-chip D for the heaviest flags and KIND 0; one config for the other
+           widths, and at the widest D for every other flag set (KIND 0) and loss kind (heaviest flags); the
+           unaligned launch.
+    full:  the whole product.
+    """
+    if level == "full":
+        return "all"
+    at_widest = width == widest
+    if level == "sweep":
+        if primary:
+            return "all" if at_widest else "one"
+        return "one" if at_widest and heaviest_or_kind0 else None
+    if primary and at_widest:
+        return "one"
+    if level == "ci":
+        if primary and width.startswith("chunked") and dtype in ("bf16", "fp32-tf32", "fp64"):
+            return "one"
+        if dtype == "bf16" and at_widest and heaviest_or_kind0:
+            return "one"
+    return None
+
+
+def variants(arch: int, level: str = "sweep") -> List[Variant]:
+    """The specialisations compiled for sm_<arch> at a selection level (LEVELS; "full" is everything the ops
+    launch)."""
+    import torch
+
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    ops = _ops()
+    out: List[Variant] = []
+
+    def add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config, constexprs, pointers, sweep,
+            aligned=True, element=None, backward=False):
+        estimate = None
+        if config is None:
+            warps, stages, config_label = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3), "-"
+        else:
+            estimate = ops.shared_memory_estimate(config, block_d, element, backward)
+            warps, stages, config_label = config.num_warps, config.num_stages, _config_label(config)
+            constexprs = dict(constexprs, **config.kwargs)
+        constexprs = dict(constexprs, BLOCK_D=block_d)
+        if full_d is not None:
+            constexprs["FULL_D"] = full_d
+        signature, constexprs, attrs = _signature(kernel, pointers, acc, constexprs, aligned)
+        label = width_label if aligned else f"unaligned-{width_label}"
+        kind_label = "" if kind is None else f",kind={kind}"
+        name = f"{kernel}[{dtype},D={label}{kind_label}{',' + flags if flags else ''},{config_label}]"
+        out.append(Variant(name, kernel, dtype, label, kind, flags, config_label, warps, stages, signature,
+                           constexprs, attrs, sweep, _product_rows(kernel, constexprs), estimate))
+
+    for dtype, torch_name, rows, precision in DTYPES:
+        torch_dtype = getattr(torch, torch_name)
+        element = torch_dtype.itemsize
+        acc_tl = ops._accumulator(torch_dtype)
+        acc = "fp64" if acc_tl == ops.tl.float64 else "fp32"
+        widths = _widths(element)
+        widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
+        base = dict(ACC=acc_tl, PRECISION=precision)
+
+        def configs(block_d, backward, count):
+            kept = kept_configs(arch, block_d, element, backward)
+            if count == "all":
+                return kept
+            return [max(kept, key=lambda c: ops.shared_memory_estimate(c, block_d, element, backward))]
+
+        # per kernel: (backward?, [(kind or None, flags label, constexprs, pointer options, heaviest flags?)])
+        row_cases = [(kind, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}", dict(KIND=kind, WITH_DY=dy,
+                      ATOMIC_DX=adx), dict(dx=dx), (dy, adx, dx) == (True, False, "rows"))
+                     for kind in KINDS for (dy, adx), dxs in ROW_FLAGS for dx in dxs]
+        column_cases = [(kind, f"accumulate={int(acc_)}", dict(KIND=kind, ACCUMULATE=acc_),
+                         dict(partial="acc" if acc_ else "rows"), acc_) for kind in KINDS for acc_ in (False, True)]
+        plans = [("lse_rows_forward", False, [(kind, "", dict(KIND=kind), {}, True) for kind in KINDS]),
+                 ("lse_rows_backward_rows", True, row_cases),
+                 ("lse_rows_backward_columns", True, column_cases),
+                 ("batch_hard_select", False, [(None, f"normalize={int(nz)}", dict(NORMALIZE=nz), {}, nz)
+                                               for nz in (True, False)])]
+        for kernel, backward, cases in plans:
+            for kind, flags, extra, pointer_options, heaviest in cases:
+                pointers = _pointer_types(kernel, rows, acc, **pointer_options)
+                primary = heaviest and kind in (None, 0)
+                for width_label, block_d, full_d in widths:
+                    count = _selection(level, dtype, primary, heaviest or kind in (None, 0), width_label, widest)
+                    for config in configs(block_d, backward, count) if count else ():
+                        add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config,
+                            dict(base, **extra), pointers, count == "all", element=element, backward=backward)
+                if primary and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
+                    # the unaligned launch (D not a multiple of 16, strided rows), one config
+                    width_label, block_d, full_d = widths[0]
+                    add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
+                        configs(block_d, backward, "one")[0], dict(base, **extra), pointers, False, aligned=False,
+                        element=element, backward=backward)
+        if dtype == "fp32-ieee":
+            continue  # the kernels below have no product: one fp32 entry
+        label = "fp32" if dtype == "fp32-tf32" else dtype
+        for kernel, width_label, block_d, flags, extra, pointer_options, heaviest, count in _plain_cases(
+                ops, element, widths, widest):
+            if _plain_selected(level, heaviest, count):
+                add(kernel, label, acc, width_label, block_d, None, None, flags, None,
+                    dict(ACC=acc_tl, num_warps=4, num_stages=3, **extra),
+                    _pointer_types(kernel, rows, acc, **pointer_options), False)
+    return out
+
+
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_MMA = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
+
+
+def _tensor_core_instructions(ptx: str) -> Dict[str, Dict[str, int]]:
+    """{"mma.sync" | "wgmma.mma_async": {operand type: count}} of the PTX's matrix instructions."""
+    found: Dict[str, Dict[str, int]] = {}
+    for match in _MMA.finditer(ptx):
+        instruction = match.group(0).strip()
+        parts = instruction.split(".")
+        types = [p for p in parts if p in ("bf16", "f16", "tf32", "f64", "f32", "e4m3", "e5m2", "s8")]
+        operand = types[-1] if types else "?"  # the operands' type follows the accumulator's in both forms
+        if match.group(1) == "mma.sync" and len(types) >= 2:
+            operand = types[1]  # mma.sync.aligned.mXnYkZ.row.col.<d>.<a>.<b>.<c>
+        found.setdefault(match.group(1), {}).setdefault(operand, 0)
+        found[match.group(1)][operand] += 1
+    return found
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the kernel from cuobjdump (shipped with Triton)."""
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", handle.name], capture_output=True, text=True,
+                              check=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in re.findall(r"([A-Z]+):(\d+)", line)}
+
+
+def compile_variant(variant: Variant, arch: int) -> Dict[str, object]:
+    """Compiles one specialisation; a dict of what it takes (or its error)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    record = dict(arch=ARCHS[arch][0], name=variant.name, kernel=variant.kernel, dtype=variant.dtype,
+                  width=variant.width, kind=variant.kind, flags=variant.flags, config=variant.config,
+                  sweep=variant.sweep, product_rows=variant.product_rows, shared_estimate=variant.shared_estimate,
+                  triton=triton.__version__)
+    attrs = {(position,): [["tt.divisibility", 16]] for position in variant.attrs}
+    source = ASTSource(fn=_kernel(variant.kernel), signature=variant.signature, constexprs=variant.constexprs,
+                       attrs=attrs)
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+    except Exception as error:  # noqa: BLE001 - recorded, and reported as a failure
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        where = lines[0] if lines else ""
+        record.update(ok=False, error=f"{type(error).__name__} {where[:60]} {lines[-1][:400] if lines else ''}",
+                      seconds=round(time.perf_counter() - start, 2))
+        return record
+    usage = _resource_usage(compiled.asm["cubin"])
+    spills = _SPILLS.search(log.getvalue())
+    ptx = compiled.asm["ptx"]
+    target = re.search(r"^\.target (\S+)", ptx, re.MULTILINE)
+    record.update(ok=True, seconds=round(time.perf_counter() - start, 2), ptx_target=target.group(1) if target else "",
+                  n_regs=usage.get("REG"), n_spills=usage.get("STACK", 0) // 4 + usage.get("LOCAL", 0) // 4,
+                  stack_bytes=usage.get("STACK", 0),
+                  spill_store_bytes=int(spills.group(2)) if spills else None,
+                  spill_load_bytes=int(spills.group(3)) if spills else None,
+                  shared=compiled.metadata.shared, num_warps=variant.num_warps, num_stages=variant.num_stages,
+                  tensor_cores=_tensor_core_instructions(ptx))
+    return record
+
+
+_POOL_VARIANTS: List[Variant] = []
+
+
+def _compile_index(job):
+    index, arch = job
+    return compile_variant(_POOL_VARIANTS[index], arch)
+
+
+def _cost(variant: Variant) -> int:
+    """A rough rank of compile time, so the slow compiles start first (fp32 ieee products run on FMAs: the largest
+    code; backward kernels before forward ones; the epilogue kernels last)."""
+    return ((variant.dtype == "fp32-ieee") * 8 + (variant.kernel in DOT_KERNELS) * 4
+            + ("backward" in variant.kernel) * 2 + variant.sweep)
+
+
+def compile_all(archs, level="sweep", jobs=1, progress=None) -> Dict[str, object]:
+    """Compiles every variant of a level for each architecture with this interpreter's triton, `jobs` processes
+    at a time (forked: nothing here touches a GPU)."""
+    import multiprocessing
+
+    import triton
+    from triton import knobs
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compiling needs TRITON_INTERPRET=0: under the interpreter the kernels are not compilable")
+    knobs.nvidia.dump_ptxas_log = True  # spill stores / loads (printed by the compiler, captured per variant)
+    global _POOL_VARIANTS
+    expected, order = {}, {}
+    _POOL_VARIANTS, arch_of = [], []
+    for arch in archs:
+        for variant in variants(arch, level):
+            expected.setdefault(ARCHS[arch][0], []).append(variant.name)
+            order[(ARCHS[arch][0], variant.name)] = len(_POOL_VARIANTS)
+            _POOL_VARIANTS.append(variant)
+            arch_of.append(arch)
+    work = sorted(range(len(_POOL_VARIANTS)), key=lambda i: -_cost(_POOL_VARIANTS[i]))
+    work = [(i, arch_of[i]) for i in work]
+    start = time.perf_counter()
+    records = []
+    if jobs > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for record in pool.imap_unordered(_compile_index, work, chunksize=1):
+                records.append(record)
+                if progress:
+                    progress(record, len(records), len(work))
+    else:
+        for job in work:
+            records.append(_compile_index(job))
+            if progress:
+                progress(records[-1], len(records), len(work))
+    records.sort(key=lambda r: order[(r["arch"], r["name"])])
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    version = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True).stdout
+    version = re.search(r"release [\d.]+, V[\d.]+", version)
+    return dict(triton=triton.__version__, ptxas=version.group(0) if version else "?", level=level, expected=expected,
+                records=records, seconds=round(time.perf_counter() - start, 1), jobs=jobs)
+
+
+def expected_tensor_cores(arch: str, product_rows: List[int]) -> str:
+    """The instruction a 16-bit or tf32 product must show: mma.sync on sm_80; wgmma.mma_async on sm_90a, where a
+    product has the 64 rows of a warpgroup's tile (with fewer, as BLOCK_M = 32, Triton keeps mma.sync there)."""
+    if arch == "sm_90a" and max(product_rows, default=0) >= 64:
+        return "wgmma.mma_async"
+    return "mma.sync"
+
+
+def problems(result: Dict[str, object]) -> List[str]:
+    """What the compile proof does not accept: a missing or failed variant, spills, shared memory above the
+    architecture's per-block limit, 16-bit or tf32 products off the tensor cores (sm_80: mma.sync on bf16, f16 or
+    tf32 operands; sm_90a: wgmma.mma_async on them)."""
+    found = []
+    version = result["triton"]
+    by_name = {(r["arch"], r["name"]): r for r in result["records"]}
+    limits = dict(ARCHS.values())
+    for arch, names in result["expected"].items():
+        for name in names:
+            record = by_name.get((arch, name))
+            where = f"triton {version} {arch} {name}"
+            if record is None:
+                found.append(f"{where}: not compiled")
+                continue
+            if not record["ok"]:
+                found.append(f"{where}: {record['error']}")
+                continue
+            if record["n_spills"]:
+                found.append(f"{where}: spills (n_spills {record['n_spills']}, {record['spill_store_bytes']} bytes "
+                             f"spill stores, {record['n_regs']} registers)")
+            if record["shared"] > limits[arch]:
+                found.append(f"{where}: {record['shared']} bytes shared memory > the {limits[arch]} per block")
+            operand = {"bf16": "bf16", "fp16": "f16", "fp32-tf32": "tf32"}.get(record["dtype"])
+            if record["kernel"] in DOT_KERNELS and operand:
+                want = expected_tensor_cores(arch, record["product_rows"])
+                if not record["tensor_cores"].get(want, {}).get(operand):
+                    found.append(f"{where}: no {want} on {operand} operands in the PTX "
+                                 f"(found {record['tensor_cores'] or 'none'})")
+    return found
+
+
+# ---- across triton versions --------------------------------------------------------------------------------------
+
+def triton_path(version: str) -> Optional[Path]:
+    """Where triton `version` is importable from: None for this environment's own, else an isolated pip --target
+    directory, .cache/triton-<version> (git-ignored), installed once (without dependencies: the compiler needs none;
+    a half-finished install is never taken for a finished one)."""
+    import importlib.metadata
+    import shutil
+
+    if importlib.metadata.version("triton") == version:
+        return None
+    cache = ROOT / ".cache"
+    target = cache / f"triton-{version}"
+    if (target / ".complete").exists():
+        return target
+    cache.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"triton-{version}-", dir=cache))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                        "--target", str(staging), f"triton=={version}"], check=True)
+        (staging / ".complete").write_text(version + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _start_version(version: str, archs, level: str, jobs: int, scratch: Path):
+    """`compile` in a subprocess with triton `version` first on the path; (process, result path, command)."""
+    path = triton_path(version)
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(scratch / f"cache-{version}"))
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = scratch / f"result-{version}.json"
+    command = [sys.executable, "-m", "metric_kernels.triton._aot", "compile", "--json", str(out), "--level", level,
+               "--jobs", str(jobs), "--arch", *map(str, archs)]
+    log = open(scratch / f"log-{version}.txt", "w")
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return process, out, command, log
+
+
+def run_versions(levels: Dict[str, str], archs=(80, 90), jobs: Optional[int] = None, timeout: float = 4 * 3600):
+    """Compiles at levels[version] with each triton version, the versions side by side (each with `jobs`
+    processes; a fresh Triton cache, so every variant really compiles); their JSON results."""
+    jobs = jobs or max(1, min(os.cpu_count() or 1, 8))
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        started = [(version, *_start_version(version, archs, level, jobs, scratch))
+                   for version, level in levels.items()]
+        results, deadline = [], time.monotonic() + timeout
+        try:
+            for version, process, out, command, log in started:
+                code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+                log.close()
+                if code != 0 or not out.exists():
+                    text = (scratch / f"log-{version}.txt").read_text()
+                    raise RuntimeError(f"triton {version}: {' '.join(command)} failed ({code}):\n{text[-4000:]}")
+                result = json.loads(out.read_text())
+                if result["triton"] != version:
+                    raise RuntimeError(f"asked for triton {version}, the subprocess imported {result['triton']}")
+                results.append(result)
+        finally:
+            for _, process, *_ in started:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    return results
+
+
+def _tensor_core_label(record) -> str:
+    cores = record.get("tensor_cores") or {}
+    return " ".join(f"{kind.split('.')[0]} {'/'.join(sorted(ops))}" for kind, ops in sorted(cores.items())) or "-"
+
+
+def _summary_rows(result) -> List[str]:
+    """Per architecture, kernel and dtype: how many variants compiled, spilled, overflowed shared memory, missed
+    the tensor cores; the registers and shared memory ranges."""
+    limits = dict(ARCHS.values())
+    missing = {tuple(p.split(": ", 1)[0].split(" ", 3)[2:]) for p in problems(result) if ": no " in p}
+    groups: Dict[tuple, list] = {}
+    for record in result["records"]:
+        groups.setdefault((record["arch"], record["kernel"], record["dtype"]), []).append(record)
+    rows = []
+    for (arch, kernel, dtype), records in groups.items():
+        good = [r for r in records if r["ok"]]
+        spilling = [r for r in good if r["n_spills"]]
+        over = [r for r in good if r["shared"] > limits[arch]]
+        span = (lambda key: f"{min(r[key] for r in good)}-{max(r[key] for r in good)}") if good else (lambda key: "")
+        cores = sorted({_tensor_core_label(r) for r in good})
+        rows.append(f"| {result['triton']} | {arch} | {kernel} | {dtype} | {len(records)} "
+                    f"| {len(records) - len(good) or ''} | {len(spilling) or ''} "
+                    f"| {max((r['n_spills'] for r in spilling), default='')} | {len(over) or ''} "
+                    f"| {sum(1 for r in records if (arch, r['name']) in missing) or ''} | {span('n_regs')} "
+                    f"| {span('shared')} | {', '.join(cores)} |")
+    return rows
+
+
+def write_report(results: List[Dict[str, object]], out: Path, command: str) -> List[str]:
+    """report.md and report.json in `out`; returns the problems found."""
+    out.mkdir(parents=True, exist_ok=True)
+    found = [problem for result in results for problem in problems(result)]
+    (out / "report.json").write_text(json.dumps(dict(command=command, problems=found, results=results), indent=1)
+                                     + "\n")
+    limits = dict(ARCHS.values())
+    lines = ["# Triton compile proof", "",
+             f"Generated by `{command}` (bench/README.md): the specialisations the Triton ops launch, compiled "
+             "without a GPU for sm_80 and sm_90a with each triton version (which ones at each level: "
+             "metric_kernels/triton/_aot.py). Registers and `n_spills` (local memory bytes / 4, as Triton counts "
+             "them) from the cubin (cuobjdump), spill stores from ptxas, shared memory from Triton's metadata next to "
+             "the ops' pruning estimate (ops.shared_memory_estimate), tensor-core instructions from the PTX (mma = "
+             "mma.sync, wgmma = wgmma.mma_async, by operand type). Per-block shared memory limits (opt-in): "
+             + ", ".join(f"{name} {limit} bytes" for name, limit in limits.items()) + ". "
+             "report.json holds every number and the full list of problems.", "",
+             "| triton | ptxas | level | arch | variants | compiled | spilling | over shared memory | wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for arch, names in result["expected"].items():
+            good = [r for r in result["records"] if r["arch"] == arch and r["ok"]]
+            lines.append(f"| {result['triton']} | {result['ptxas']} | {result['level']} | {arch} | {len(names)} "
+                         f"| {len(good)} | {sum(1 for r in good if r['n_spills'])} "
+                         f"| {sum(1 for r in good if r['shared'] > limits[arch])} "
+                         f"| {result['seconds']:.0f} s ({result['jobs']} processes, both archs) |")
+    lines += ["", f"## By kernel and dtype ({len(found)} problems)", "",
+              "| triton | arch | kernel | dtype | variants | failed | spilling | max n_spills | over shared memory "
+              "| off the expected tensor cores | registers | shared | tensor cores |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        lines += _summary_rows(result)
+    errors = sorted({r["error"] for result in results for r in result["records"] if not r["ok"]})
+    if errors:
+        lines += ["", "Compile errors:", ""] + [f"- `{error}`" for error in errors]
+    for result in results:
+        for arch in result["expected"]:
+            lines += ["", f"## triton {result['triton']}, {arch}", "",
+                      "| kernel | dtype | D | kind | flags | config | registers | n_spills | spill stores "
+                      "| shared (estimate) | tensor cores | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in (r for r in result["records"] if r["arch"] == arch):
+                head = (f"| {r['kernel']} | {r['dtype']} | {r['width']} | {'' if r['kind'] is None else r['kind']} "
+                        f"| {r['flags']} | {r['config']}{' (sweep)' if r['sweep'] else ''} ")
+                if not r["ok"]:
+                    lines.append(head + f"| failed: {r['error'][:90].replace('|', '/')} | | | | | |")
+                    continue
+                over = " **over**" if r["shared"] > limits[arch] else ""
+                estimate = f" ({r['shared_estimate']})" if r.get("shared_estimate") is not None else ""
+                lines.append(head + f"| {r['n_regs']} | {r['n_spills']} | {r['spill_store_bytes']} "
+                                    f"| {r['shared']}{estimate}{over} | {_tensor_core_label(r)} | {r['seconds']} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return found
+
+
+DEFAULT_REPORT = ROOT / "bench" / "results" / "compile"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m metric_kernels.triton._aot", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("compile", help="compile with this interpreter's triton")
+    one.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCHS))
+    one.add_argument("--level", choices=LEVELS, default="sweep")
+    one.add_argument("--jobs", type=int, default=1)
+    one.add_argument("--json", type=Path, help="write the result here")
+    one.add_argument("--list", action="store_true", help="only list the variants")
+    every = commands.add_parser("report", help="compile with several triton versions, write report.md and .json")
+    every.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCHS))
+    every.add_argument("--level", choices=LEVELS, default="sweep")
+    every.add_argument("--versions", nargs="+", default=list(VERSIONS),
+                       help="VERSION or VERSION=LEVEL (a level for that version only)")
+    every.add_argument("--jobs", type=int, default=None, help="processes per version (default: the CPU count)")
+    every.add_argument("--out", type=Path, default=DEFAULT_REPORT)
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        levels = dict(item.split("=", 1) if "=" in item else (item, args.level) for item in args.versions)
+        results = run_versions(levels, args.arch, args.jobs)
+        command = "python -m metric_kernels.triton._aot report " + " ".join(argv if argv is not None else sys.argv[1:])
+        found = write_report(results, args.out, command.replace(" report report", " report").strip())
+        print(f"wrote {args.out / 'report.md'}; {len(found)} problems")
+        for problem in found:
+            print(problem)
+        return 1 if found else 0
+    if args.list:
+        for arch in args.arch:
+            for variant in variants(arch, args.level):
+                print(ARCHS[arch][0], variant.name)
+        return 0
+
+    def progress(record, done, total):
+        state = "ok" if record["ok"] else "FAILED " + record["error"]
+        extra = (f" regs {record['n_regs']} spills {record['n_spills']} shared {record['shared']}"
+                 if record["ok"] else "")
+        print(f"[{done}/{total}] {record['arch']} {record['name']}: {state}{extra} ({record['seconds']} s)",
+              flush=True)
+
+    result = compile_all(args.arch, args.level, args.jobs, progress)
+    if args.json:
+        args.json.write_text(json.dumps(result))
+    print(f"triton {result['triton']}: {len(result['records'])} compiled in {result['seconds']} s, "
+          f"{len(problems(result))} problems")
+    return 0
 
 
 if __name__ == "__main__":
-    for arch in map(int, sys.argv[1:] or ["90"]):
-        for name, shared in compile_all(arch):
-            print(f"sm_{arch} {name}: ok, {shared} bytes shared memory")
+    sys.exit(main())
