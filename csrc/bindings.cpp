@@ -124,4 +124,5 @@ TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
 PYBIND11_MODULE(_C, module) {
   module.doc() = "metric_kernels native kernels (registered as torch.ops.metric_kernels.*)";
   module.attr("with_cuda") = static_cast<bool>(METRIC_KERNELS_WITH_CUDA);
+  module.attr("with_cuda_emulation") = true;  // the cuda_emulated_* ops (csrc/cuda/emulated_ops.cpp)
 }

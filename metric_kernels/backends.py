@@ -32,6 +32,7 @@ _MODULES = {
     "triton": "metric_kernels.triton",
     "cuda": "metric_kernels.cuda",
     "cpu": "metric_kernels.cpu",
+    "cuda-emulated": "metric_kernels.cuda_emulated",  # the CUDA kernels on the CPU, for tests: never "auto"
 }
 NAMES = tuple(_MODULES)
 

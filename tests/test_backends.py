@@ -16,8 +16,8 @@ from metric_kernels import (BackendUnavailableError, BatchHardTripletLoss, Circl
                             available_backends, backends)
 
 ENV_VAR = "METRIC_KERNELS_BACKEND"
-NAMES = ("reference", "triton", "cuda", "cpu")
-COMPILED = ("triton", "cuda", "cpu")
+NAMES = ("reference", "triton", "cuda", "cpu", "cuda-emulated")
+COMPILED = ("triton", "cuda", "cpu", "cuda-emulated")
 N, M, D, C = 7, 10, 5, 3
 
 
@@ -28,7 +28,9 @@ def _no_backend_override(monkeypatch):
     # the native extension; these tests check the registry on a plain CPU machine with neither.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     import metric_kernels.cpu
+    import metric_kernels.cuda_emulated
     monkeypatch.setattr(metric_kernels.cpu, "_missing", "simulated: built without a C++ compiler")
+    monkeypatch.setattr(metric_kernels.cuda_emulated, "_missing", "simulated: built without a C++ compiler")
 
 
 def make(seed=0):
@@ -99,7 +101,7 @@ def test_unavailable_backend_has_a_reason(name):
 
 def test_backend_missing_from_this_version_says_so():
     for name in COMPILED:
-        if importlib.util.find_spec(f"metric_kernels.{name}") is None:
+        if importlib.util.find_spec(backends._MODULES[name]) is None:
             reason = available_backends("cpu")[name]
             assert reason is not None and "not part of this version" in reason and repr(name) in reason
 
@@ -212,7 +214,7 @@ def test_empty_env_var_means_auto(monkeypatch):
     assert_same(value_and_grads(fn, "auto", which), value_and_grads(fn, "reference", which))
 
 
-@pytest.mark.parametrize("value", ["triton", "cuda", "cpu", "bogus"])
+@pytest.mark.parametrize("value", ["triton", "cuda", "cpu", "cuda-emulated", "bogus"])
 def test_env_var_does_not_override_explicit_reference(monkeypatch, value):
     for _, fn, which in CASES:
         expected = value_and_grads(fn, "reference", which)
@@ -253,17 +255,19 @@ def test_cli_backends_runs():
         assert status == "available" or (status.startswith("unavailable: ") and len(status) > len("unavailable: "))
 
 
+@pytest.mark.parametrize("name", ["cuda", "cuda-emulated"])
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_auto_never_picks_the_gpu_unverified_cuda_backend(monkeypatch, device):
+def test_auto_never_picks_the_gpu_unverified_cuda_backend(monkeypatch, device, name):
     """Until a GPU run of tests/test_cuda_gpu.py has passed, "auto" leaves backend "cuda" out even where it reports
-    itself usable (issue 4): simulated here by making every backend's module say it can run."""
+    itself usable (issue 4); "cuda-emulated" (the CUDA kernels on the CPU, for tests) it never picks. Simulated here
+    by making every backend's module say it can run."""
     from metric_kernels import backends
-    for name in backends.NAMES:
-        module, _ = backends._load(name)
+    for backend in backends.NAMES:
+        module, _ = backends._load(backend)
         if module is not None:
             monkeypatch.setattr(module, "unavailable_reason", lambda device: None)
-    cuda_module, reason = backends._load("cuda")
-    assert cuda_module is not None, reason  # the module imports everywhere; only its kernels need a build
+    module, reason = backends._load(name)
+    assert module is not None, reason  # the module imports everywhere; only its kernels need a build
     picked = backends.resolve("auto", torch.device(device))
-    assert picked is not cuda_module
-    assert backends.resolve("cuda", torch.device(device)) is cuda_module
+    assert picked is not module
+    assert backends.resolve(name, torch.device(device)) is module

@@ -1,5 +1,7 @@
 """The fused backends against the float64 reference: "triton" on the CPU under Triton's interpreter
-(tests/conftest.py) and "cpu", the native kernels of metric_kernels._C.
+(tests/conftest.py), "cpu", the native kernels of metric_kernels._C, and "cuda-emulated", the CUDA kernels of
+csrc/cuda run on the CPU by the host emulation (csrc/cuda/host_emulation.h; tests/test_cuda_emulated.py adds the
+operand types only the ops reach: bf16, fp16, tf32).
 
 Every loss, forward and backward (embeddings, ref_emb, proxies), with and without ref_emb and self_offset, every
 reduction, ragged sizes that are not multiples of the blocks, one class / all-distinct labels / N = 1, fp32 at SPEC
@@ -12,9 +14,10 @@ import torch
 import metric_kernels as mk
 from tests.helpers import assert_rel_close, grads
 
-FUSED = [name for name in ("triton", "cpu") if mk.available_backends("cpu")[name] is None]
-MISSING = {name: reason for name, reason in mk.available_backends("cpu").items() if name in ("triton", "cpu") and reason}
-backend_param = pytest.mark.parametrize("backend", ["triton", "cpu"])
+BACKENDS = ["triton", "cpu", "cuda-emulated"]
+FUSED = [name for name in BACKENDS if mk.available_backends("cpu")[name] is None]
+MISSING = {name: reason for name, reason in mk.available_backends("cpu").items() if name in BACKENDS and reason}
+backend_param = pytest.mark.parametrize("backend", BACKENDS)
 
 
 @pytest.fixture(autouse=True)
@@ -238,7 +241,8 @@ def _op_samples():
 
 
 def _ops(backend):
-    return (getattr(torch.ops.metric_kernels, f"{backend}_{name}")
+    prefix = backend.replace("-", "_")  # backend "cuda-emulated": ops cuda_emulated_*
+    return (getattr(torch.ops.metric_kernels, f"{prefix}_{name}")
             for name in ("lse_rows", "lse_rows_backward", "batch_hard_select"))
 
 

@@ -1,7 +1,11 @@
 // CUDA selection of batch-hard triplets on the engine of engine.cuh: per query, the farthest positive and the
 // nearest negative by squared distance |x|^2 + |y|^2 - 2 s, ties to the lowest index (as the CPU kernel and the
 // reference). Only the indices leave the kernel; the loss and its O(N D) backward are computed on the chosen pairs.
+#ifdef METRIC_KERNELS_HOST_EMULATION
+#include "host_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <limits>
 
@@ -51,14 +55,9 @@ template <class Policy>
 cudaError_t select(const CudaPairRowsParams& p, const void* x_sq, const void* y_sq, int64_t* choices,
                    cudaStream_t stream) {
   using Acc = typename Policy::Acc;
-  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
-  auto kernel = batch_hard_select_kernel<Policy>;
-  if (cudaError_t error =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)))
-    return error;
-  kernel<<<dim3((p.n + kTile - 1) / kTile), kThreads, bytes, stream>>>(p, static_cast<const Acc*>(x_sq),
-                                                                       static_cast<const Acc*>(y_sq), choices);
-  return cudaGetLastError();
+  return launch(batch_hard_select_kernel<Policy>, dim3(static_cast<unsigned>((p.n + kTile - 1) / kTile)),
+                SharedLayout<Policy>::kForwardBytes, stream, p, static_cast<const Acc*>(x_sq),
+                static_cast<const Acc*>(y_sq), choices);
 }
 
 }  // namespace

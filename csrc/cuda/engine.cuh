@@ -160,4 +160,19 @@ __device__ __forceinline__ T from_partner(T value) {
   return __shfl_xor_sync(0xffffffffu, value, 1);
 }
 
+// Launches `kernel` on `grid` blocks of kThreads threads with `bytes` of dynamic shared memory (opting in past the
+// default 48 KB). cudaLaunchKernelEx rather than <<< >>>: it is plain C++, so the host emulation compiles it too.
+template <class... Params, class... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, int64_t bytes, cudaStream_t stream, Args... args) {
+  if (cudaError_t error =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)))
+    return error;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(bytes);
+  config.stream = stream;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 }  // namespace metric_kernels::cuda

@@ -4,7 +4,11 @@
 //   backward: recompute each tile, form dS from the saved statistics and upstream gradients, and accumulate
 //             dX = dS Y (grid: row blocks x 64-wide D slices) and dY = dS^T X (column blocks x D slices), or dY
 //             atomically from the dX pass.
+#ifdef METRIC_KERNELS_HOST_EMULATION
+#include "host_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include "engine.cuh"
 #include "launch.h"
@@ -178,44 +182,29 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
 
 int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
-template <class Kernel>
-cudaError_t allow_shared(Kernel kernel, int64_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 template <class Policy>
 cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t stream) {
-  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
-  auto kernel = lse_rows_forward_kernel<Policy>;
-  if (cudaError_t error = allow_shared(kernel, bytes)) return error;
-  kernel<<<dim3(blocks(p.n)), kThreads, bytes, stream>>>(p, static_cast<typename Policy::Acc*>(stats));
-  return cudaGetLastError();
+  return launch(lse_rows_forward_kernel<Policy>, dim3(blocks(p.n)), SharedLayout<Policy>::kForwardBytes, stream, p,
+                static_cast<typename Policy::Acc*>(stats));
 }
 
 template <class Policy>
 cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) {
   const CudaPairRowsParams& p = bp.pair;
-  const dim3 slices(1, static_cast<unsigned>(blocks(p.d)));
+  const auto slices = static_cast<unsigned>(blocks(p.d));
   if (bp.atomic) {
-    const int64_t bytes = SharedLayout<Policy>::kAtomicBackwardBytes;
-    auto kernel = lse_rows_backward_dx_kernel<Policy, true>;
-    if (cudaError_t error = allow_shared(kernel, bytes)) return error;
-    kernel<<<dim3(blocks(p.n), slices.y), kThreads, bytes, stream>>>(bp);
-    return cudaGetLastError();
+    return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), slices),
+                  SharedLayout<Policy>::kAtomicBackwardBytes, stream, bp);
   }
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
   if (bp.dx != nullptr) {
-    auto kernel = lse_rows_backward_dx_kernel<Policy, false>;
-    if (cudaError_t error = allow_shared(kernel, bytes)) return error;
-    kernel<<<dim3(blocks(p.n), slices.y), kThreads, bytes, stream>>>(bp);
-    if (cudaError_t error = cudaGetLastError()) return error;
+    if (cudaError_t error = launch(lse_rows_backward_dx_kernel<Policy, false>, dim3(blocks(p.n), slices), bytes,
+                                   stream, bp))
+      return error;
   }
   if (bp.dy != nullptr) {
     // Stream order puts it after the dX pass, so accumulating into dx (dy == dx) sees the finished dX.
-    auto kernel = lse_rows_backward_dy_kernel<Policy>;
-    if (cudaError_t error = allow_shared(kernel, bytes)) return error;
-    kernel<<<dim3(blocks(p.m), slices.y), kThreads, bytes, stream>>>(bp);
-    return cudaGetLastError();
+    return launch(lse_rows_backward_dy_kernel<Policy>, dim3(blocks(p.m), slices), bytes, stream, bp);
   }
   return cudaSuccess;
 }

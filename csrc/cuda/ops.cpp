@@ -3,27 +3,58 @@
 // Python, metric_kernels/_fused.py, shared with the other fused backends). It needs no CUDA header: the stream is
 // reached through c10's device-generic interface, so this file also compiles against a CPU-only torch (the CI
 // compile check does that).
+//
+// emulated_ops.cpp compiles this file a second time with METRIC_KERNELS_HOST_EMULATION: the same glue over the kernels
+// built for the host emulation (host_emulation.h), as the ops cuda_emulated_* on CPU tensors.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
 #include "../op_glue.h"
 #include "../params.h"
+
+#ifdef METRIC_KERNELS_HOST_EMULATION
+// The emulated kernels' entry points are metric_kernels::cuda_emulated::* (CMakeLists.txt builds them so).
+#define cuda cuda_emulated
+#define METRIC_KERNELS_OPS_DISPATCH CPU
+#else
+#define METRIC_KERNELS_OPS_DISPATCH CUDA
+#endif
 #include "launch.h"
 
 namespace metric_kernels {
 namespace {
 
+#ifdef METRIC_KERNELS_HOST_EMULATION
+constexpr const char* kPrefix = "cuda_emulated";
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+
+void* current_stream(const at::Tensor&) { return nullptr; }  // launches complete before they return
+
+// Outputs the kernels must write in full start as NaN (-1 for indices), so an element they miss shows.
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (at::isFloatingType(out.scalar_type())) return out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out.fill_(-1);
+}
+#else
+constexpr const char* kPrefix = "cuda";
+constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+
 void* current_stream(const at::Tensor& tensor) {
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(tensor.device()).native_handle();
 }
 
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+#endif
+
 void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, "metric_kernels::", op, ": CUDA error: ", cuda::error_string(code));
+  TORCH_CHECK(code == 0, "metric_kernels::", kPrefix, "_", op, ": CUDA error: ", cuda::error_string(code));
 }
 
 // fp32 tiles go to tensor cores in tf32 only where torch allows it for matmuls (torch.backends.cuda.matmul.allow_tf32,
@@ -43,12 +74,12 @@ at::ScalarType accumulation_type(const at::Tensor& x) {
 
 void check_cuda(const glue::Rows& rows) {
   const at::Tensor& x = rows.x;
-  TORCH_CHECK(x.is_cuda() && rows.y.device() == x.device() && rows.x_labels.device() == x.device() &&
+  TORCH_CHECK(x.device().type() == kDevice && rows.y.device() == x.device() && rows.x_labels.device() == x.device() &&
                   rows.y_labels.device() == x.device(),
-              "metric_kernels cuda ops take CUDA tensors on one device");
+              "metric_kernels ", kPrefix, " ops take ", c10::DeviceTypeName(kDevice), " tensors on one device");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "metric_kernels cuda ops take float32, float64, float16 or bfloat16 rows");
+              "metric_kernels ", kPrefix, " ops take float32, float64, float16 or bfloat16 rows");
   TORCH_CHECK(x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the grid of the backward kernels");
 }
 
@@ -67,10 +98,10 @@ at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_i
   check_cuda(rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
   const c10::DeviceGuard guard(x.device());
-  at::Tensor stats = at::empty({3, x.size(0)}, x.options().dtype(accumulation_type(x)));
+  at::Tensor stats = uninitialized({3, x.size(0)}, x.options().dtype(accumulation_type(x)));
   check_launch(cuda::lse_rows_forward(make_params(x, y, x_labels, y_labels, self_offset, kind, a, b),
                                       stats.data_ptr(), current_stream(x)),
-               "cuda_lse_rows");
+               "lse_rows");
   return stats;
 }
 
@@ -97,13 +128,13 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                       (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
                       cuda::backward_shared_bytes(params.operand, true) <= shared_limit;
   const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic);
-  TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::cuda_lse_rows_backward: the ", x.scalar_type(),
+  TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ", x.scalar_type(),
               " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU allows ", shared_limit,
               "; use float32 rows or backend='triton'");
   const auto options = x.options().dtype(acc);
   // The atomic pass adds into zeros; the deterministic passes write every element.
   const auto buffer = [&](int64_t rows, bool zeroed) {
-    return zeroed ? at::zeros({rows, x.size(1)}, options) : at::empty({rows, x.size(1)}, options);
+    return zeroed ? at::zeros({rows, x.size(1)}, options) : uninitialized({rows, x.size(1)}, options);
   };
   at::Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
   at::Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
@@ -116,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                                         need_dy || same ? dy.data_ptr() : nullptr,
                                         same,
                                         atomic};
-    check_launch(cuda::lse_rows_backward(backward, current_stream(x)), "cuda_lse_rows_backward");
+    check_launch(cuda::lse_rows_backward(backward, current_stream(x)), "lse_rows_backward");
   } else {
     dx.zero_(), dy.zero_();
   }
@@ -132,20 +163,21 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
   const c10::DeviceGuard guard(x.device());
   const auto acc = accumulation_type(x);
   const at::Tensor x_sq = x.to(acc).pow(2).sum(1), y_sq = y.to(acc).pow(2).sum(1);
-  at::Tensor choices = at::empty({2, x.size(0)}, x_labels.options());
+  at::Tensor choices = uninitialized({2, x.size(0)}, x_labels.options());
   check_launch(cuda::batch_hard_select(make_params(x, y, x_labels, y_labels, self_offset, 0, 0, 0), x_sq.data_ptr(),
                                        y_sq.data_ptr(), choices.data_ptr<int64_t>(), current_stream(x)),
-               "cuda_batch_hard_select");
+               "batch_hard_select");
   return choices;
 }
 
 }  // namespace
 }  // namespace metric_kernels
 
-TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, "cuda"); }
+TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix); }
 
-TORCH_LIBRARY_IMPL(metric_kernels, CUDA, m) {
-  m.impl("cuda_lse_rows", &metric_kernels::lse_rows);
-  m.impl("cuda_lse_rows_backward", &metric_kernels::lse_rows_backward);
-  m.impl("cuda_batch_hard_select", &metric_kernels::batch_hard_select);
+TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
+  const std::string prefix = metric_kernels::kPrefix;
+  m.impl((prefix + "_lse_rows").c_str(), &metric_kernels::lse_rows);
+  m.impl((prefix + "_lse_rows_backward").c_str(), &metric_kernels::lse_rows_backward);
+  m.impl((prefix + "_batch_hard_select").c_str(), &metric_kernels::batch_hard_select);
 }

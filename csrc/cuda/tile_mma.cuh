@@ -13,9 +13,13 @@
 // shared-memory layout (lse_rows.cu) keeps every tile base 128-byte aligned and pads rows by 16 bytes.
 #pragma once
 
+#ifdef METRIC_KERNELS_HOST_EMULATION
+#include "host_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>

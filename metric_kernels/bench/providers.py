@@ -3,7 +3,9 @@
 A provider turns a loss name into a callable `fn(inputs) -> scalar loss`. Providers:
 
   <backend>   every metric_kernels backend usable on the device (available_backends), except "triton" on the CPU,
-              where it only runs under Triton's interpreter, which is far too slow to time. "reference" is one of them.
+              where it only runs under Triton's interpreter, which is far too slow to time, and "cuda-emulated" (the
+              CUDA kernels' code run by host threads, for tests: its time says nothing about a GPU's). "reference" is
+              one of them.
   compile     torch.compile(the reference losses), fullgraph, dynamic shapes where dynamo can trace them
   pml         pytorch-metric-learning's equivalent (metric_kernels.pml), where it is installed
 """
@@ -179,6 +181,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         if reason is None and name == "triton" and device.type == "cpu":
             return ("the 'triton' backend runs on the CPU only under Triton's interpreter, far too slow to "
                     "benchmark; it is benchmarked on CUDA devices")
+        if reason is None and name == "cuda-emulated":
+            return ("the 'cuda-emulated' backend runs the CUDA kernels' code on host threads to check their numerics; "
+                    "its speed says nothing about a GPU's: benchmark 'cuda' on a CUDA device")
         return reason
     if name == "compile":
         return None

@@ -1,0 +1,31 @@
+"""The "cuda-emulated" backend: the CUDA kernels of csrc/cuda compiled for the host (csrc/cuda/host_emulation.h) and
+run on CPU tensors, a block's 128 threads as host threads, blocks one after another. It exists to check the CUDA
+kernels' code against the reference where no GPU is (CI): the same kernels, launch code and torch glue as backend
+"cuda", on the same inputs (rows normalised, in float32 or float64; fp32 tiles in tf32 where torch allows tf32
+matmuls, as on a GPU). It is slow, and "auto" never picks it. What it cannot show (speed, concurrency between blocks,
+the tensor cores' own rounding) needs a GPU: see the README.
+The backend contract is in metric_kernels/backends.py; the ops' contract in metric_kernels/_fused.py.
+"""
+import torch
+
+try:
+    from . import _C
+except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
+    _missing = f"it is not built: {error}"
+else:
+    _missing = None if getattr(_C, "with_cuda_emulation", False) else (
+        "this build of it predates the emulation (reinstall: `pip install --no-build-isolation -e .`)")
+
+if _missing is None:
+    from ._fused import fused_backend
+
+    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("cuda_emulated")
+
+
+def unavailable_reason(device: torch.device):
+    if _missing is not None:
+        return ("backend 'cuda-emulated' needs the native extension metric_kernels._C with the host emulation of the "
+                f"CUDA kernels (built with the package where a C++ compiler and cmake are available): {_missing}")
+    if device.type != "cpu":
+        return f"backend 'cuda-emulated' runs the CUDA kernels on CPU tensors, not on {device.type}"
+    return None

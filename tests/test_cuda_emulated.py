@@ -1,0 +1,356 @@
+"""The CUDA kernels of csrc/cuda on the CPU, through the host emulation (csrc/cuda/host_emulation.h; backend
+"cuda-emulated", ops cuda_emulated_*). tests/test_fused.py runs every loss through the public API on it, as on the
+other fused backends (fp64 and fp32 rows: the loss API hands fused backends normalised fp32 rows for half inputs);
+this file adds what only the ops or the emulation itself reach:
+
+- the ops on every operand type the kernels have, the tensor-core ones included (bf16, fp16, tf32), both backward
+  paths, against the CPU op in float64 on the same rounded values (the checks tests/test_cuda_gpu.py makes on a GPU);
+- the losses in tf32 through the public API (torch.set_float32_matmul_precision("high"));
+- the shared-memory limits of the glue on an emulated GPU with 99 KB per block (sm_86 / sm_89 / sm_120);
+- the emulation on its own (tests/host_emulation_check.cpp): its fp16 / bf16 / tf32 conversions against torch and
+  an independent rounding, its barriers, shuffles, atomics, WMMA and launch checks, the misuses it stops, and the CUDA
+  it refuses to compile.
+"""
+import os
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+import torch
+
+import metric_kernels as mk
+from tests.helpers import assert_rel_close, grads
+from tests.test_fused import PAIR_LOSSES, PARAMS, _pair_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+REASON = mk.available_backends("cpu")["cuda-emulated"]
+
+
+@pytest.fixture(autouse=True)
+def _emulated_backend_is_built(request):
+    """Built everywhere the extension is (CI builds it): missing is a failure, not a skip. The checks of the emulation
+    alone need only a C++ compiler."""
+    if REASON is not None and "check" not in request.node.name:
+        pytest.fail(f"backend 'cuda-emulated' is not usable here: {REASON}")
+
+
+OPERANDS = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+            "fp16": torch.float16}
+# (statistics, gradients), relative to the largest entry, as in tests/test_cuda_gpu.py
+OPERAND_TOLERANCE = {"fp64": (1e-10, 1e-10), "fp32": (1e-5, 1e-4), "tf32": (2e-2, 5e-2), "bf16": (1e-4, 3e-2),
+                     "fp16": (1e-4, 5e-3)}
+
+
+class _tf32:
+    """fp32 tiles in tf32 for the ops (torch.backends.cuda.matmul.allow_tf32, which the glue reads) when `on`."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("operand", list(OPERANDS))
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
+    """Statistics and (dX, dY) on rows of each operand type against the CPU op in float64 on the same rounded values;
+    N, M past one 64-row tile, D = 72: two D slices of the backward, a ragged last chunk (8 of 32 columns)."""
+    dtype = OPERANDS[operand]
+    g = torch.Generator().manual_seed(kind * 7 + len(operand))
+    n, m, dim = 150, 97, 72
+    x = torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    y = None if refs == "self" else torch.nn.functional.normalize(
+        torch.randn(m, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    labels = torch.randint(0, 6, (n,), generator=g)
+    y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
+    offset = 0 if refs == "self" else -1
+    a, b = (0.25, 32.0) if kind != 1 else (0.0, 10.0)
+    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, a, b, True)
+    expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
+    grad = torch.randn(3, n, generator=g, dtype=torch.float64)
+    expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
+                                                                              True, y is not None)
+    args = (x, y, labels, y_labels, offset, kind, a, b, deterministic)
+    with _tf32(operand == "tf32"):
+        stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args)
+        dx, dy = torch.ops.metric_kernels.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, *args[:-1],
+                                                                          deterministic, True, y is not None)
+    value_tol, grad_tol = OPERAND_TOLERANCE[operand]
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(stats), finite), "empty rows (-inf) differ"
+    assert_rel_close(stats[finite], expected[finite], value_tol, f"{operand} kind={kind} stats")
+    assert dx.dtype == dtype
+    assert_rel_close(dx, expected_dx, grad_tol, f"{operand} kind={kind} dX")
+    if y is not None:
+        assert dy.dtype == dtype
+        assert_rel_close(dy, expected_dy, grad_tol, f"{operand} kind={kind} dY")
+
+
+@pytest.mark.parametrize("operand", ["fp32", "tf32", "bf16", "fp16"])
+def test_tensor_core_operands_round_like_their_type(operand):
+    """The emulated tensor cores are not fp32 in disguise: the statistics of 16-bit and tf32 tiles differ from fp32
+    ones by about their type's rounding of S (S of tf32-rounded rows), and equal the exact ones on the rounded rows."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(70, 40, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 4, (70,), generator=g)
+    args = (None, labels, labels, 0, 1, 0.0, 10.0, True)
+    with _tf32(operand == "tf32"):
+        stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args)
+    rounded = x.to(OPERANDS[operand]).double()
+    if operand == "tf32":  # round to nearest (ties away) at 10 mantissa bits, as cvt.rna.tf32.f32
+        bits = rounded.float().view(torch.int32)
+        rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+    on_rounded = torch.ops.metric_kernels.cpu_lse_rows(rounded, *args)
+    on_exact = torch.ops.metric_kernels.cpu_lse_rows(x, *args)
+    assert_rel_close(stats[1:], on_rounded[1:], 1e-5, f"{operand} on its rounded rows")
+    if operand != "fp32":
+        assert (stats[1:].double() - on_exact[1:]).abs().max() > 1e-4, f"{operand} looks like fp32"
+
+
+@pytest.mark.parametrize("operand", list(OPERANDS))
+def test_batch_hard_selection_on_every_operand_type(operand):
+    """The chosen pairs are the hardest ones: their exact distance equals the exact optimum (near-ties may pick
+    another index at the same distance)."""
+    dtype = OPERANDS[operand]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(130, 40, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(170, 40, generator=g, dtype=torch.float64).to(dtype)
+    labels, y_labels = torch.randint(0, 5, (130,), generator=g), torch.randint(0, 5, (170,), generator=g)
+    with _tf32(operand == "tf32"):
+        choices = torch.ops.metric_kernels.cuda_emulated_batch_hard_select(x, y, labels, y_labels, 3)
+    expected = torch.ops.metric_kernels.cpu_batch_hard_select(x.double(), y.double(), labels, y_labels, 3)
+    assert torch.equal(choices < 0, expected < 0)
+    distances = torch.cdist(x.double(), y.double())
+    rows = torch.arange(130)
+    tol = {"fp64": 1e-12, "fp32": 1e-5}.get(operand, 1e-2)
+    for side in (0, 1):
+        have = expected[side] >= 0
+        assert_rel_close(distances[rows[have], choices[side][have]], distances[rows[have], expected[side][have]],
+                         tol, f"{operand} side {side}")
+
+
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
+def test_losses_in_tf32(loss):
+    """fp32 losses under torch's "high" matmul precision: the kernels multiply in tf32 (as backend "cuda" on a GPU),
+    within tf32's error of the float64 reference, both backward paths."""
+    g = torch.Generator().manual_seed(6)
+    x64, y64 = torch.randn(90, 48, generator=g, dtype=torch.float64), torch.randn(75, 48, generator=g, dtype=torch.float64)
+    labels, y_labels = torch.randint(0, 5, (90,), generator=g), torch.randint(0, 5, (75,), generator=g)
+
+    def run(backend, dtype, deterministic=True):
+        x, y = x64.to(dtype).requires_grad_(), y64.to(dtype).requires_grad_()
+        if loss == "proxy_anchor":
+            value = mk.proxy_anchor_loss(x, labels, y[:5], backend=backend, deterministic=deterministic)
+        else:
+            value = getattr(mk, f"{loss}_loss")(x, labels, y, y_labels, self_offset=None, backend=backend,
+                                                 deterministic=deterministic, **PARAMS[loss])
+        return value, grads(value, [x, y])
+
+    expected, expected_grads = run("reference", torch.float64)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        for deterministic in (True, False):
+            value, our_grads = run("cuda-emulated", torch.float32, deterministic)
+            floor = 1e-3 * expected.abs().item()
+            assert_rel_close(value, expected, 2e-2, f"tf32 {loss} value")
+            for index, (a, b) in enumerate(zip(our_grads, expected_grads)):
+                assert_rel_close(a, b, 5e-2, f"tf32 {loss} grad {index}", scale_floor=floor)
+        plain, _ = run("cuda-emulated", torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    highest, _ = run("cuda-emulated", torch.float32)
+    if loss != "batch_hard_triplet":  # the chosen triplets' distances are recomputed exactly in Python
+        assert not torch.equal(plain, highest), "tf32 and IEEE fp32 gave the same bits: tf32 was not used"
+
+
+def test_shared_memory_limits_of_a_99_kb_gpu(monkeypatch):
+    """On a GPU that allows 99 KB of shared memory per block (sm_86, sm_89, sm_120) the fp64 backward (137 KB) stops
+    with the glue's clear error; fp32's atomic pass (88 KB) and fp64's forward still run."""
+    monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    ops = torch.ops.metric_kernels
+    stats = ops.cuda_emulated_lse_rows(x, None, labels, labels, 0, 0, 0.25, 8.0, True)
+    with pytest.raises(RuntimeError, match=r"needs 1\d{5} bytes of shared memory per block and this GPU allows 101376"):
+        ops.cuda_emulated_lse_rows_backward(torch.ones_like(stats), stats, x, None, labels, labels, 0, 0, 0.25, 8.0,
+                                            True, True, False)
+    x32 = x.float()
+    stats32 = ops.cuda_emulated_lse_rows(x32, None, labels, labels, 0, 0, 0.25, 8.0, False)
+    dx, _ = ops.cuda_emulated_lse_rows_backward(torch.ones_like(stats32), stats32, x32, None, labels, labels, 0, 0,
+                                                0.25, 8.0, False, True, False)
+    assert torch.isfinite(dx).all()
+
+
+def test_ops_take_cpu_tensors_only():
+    x = torch.randn(4, 3)
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="cuda_emulated ops take float32, float64, float16 or bfloat16 rows"):
+        torch.ops.metric_kernels.cuda_emulated_lse_rows(x.int(), None, labels, labels, 0, 0, 0.25, 8.0, True)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda_emulated ops take CPU tensors"):
+            torch.ops.metric_kernels.cuda_emulated_lse_rows(x.cuda(), None, labels.cuda(), labels.cuda(), 0, 0,
+                                                            0.25, 8.0, True)
+
+
+def test_auto_never_picks_cuda_emulated():
+    from metric_kernels import backends
+    assert backends.resolve("auto", torch.device("cpu")).__name__ != "metric_kernels.cuda_emulated"
+    assert mk.available_backends("cuda")["cuda-emulated"] is not None  # CPU tensors only
+
+
+# ---- the emulation on its own --------------------------------------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+COMPILE = ["c++", "-std=c++20", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DMETRIC_KERNELS_HOST_EMULATION=1",
+           f"-I{CSRC}"]
+
+
+@pytest.fixture(scope="module")
+def check_program(tmp_path_factory):
+    binary = tmp_path_factory.mktemp("emulation") / "check"
+    subprocess.run(COMPILE + ["-O1", os.path.join(ROOT, "tests", "host_emulation_check.cpp"),
+                              os.path.join(CSRC, "cuda", "host_emulation.cpp"), "-o", str(binary)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return str(binary)
+
+
+@needs_compiler
+def test_emulation_semantics_check(check_program):
+    result = subprocess.run([check_program, "semantics"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr
+
+
+@needs_compiler
+def test_kernels_have_no_data_race_within_a_block_check(tmp_path):
+    """The kernels of csrc/cuda (every operand type, forward, both backward paths, batch-hard) and the emulation's
+    own checks under ThreadSanitizer: a block's threads are host threads here, so a missing __syncthreads between a
+    shared-memory write and another thread's read is a reported data race. (Races between blocks cannot show: blocks
+    run one after another.)"""
+    binary = tmp_path / "check_tsan"
+    build = subprocess.run(COMPILE + ["-O1", "-g", "-fsanitize=thread", os.path.join(ROOT, "tests", "host_emulation_check.cpp"),
+                                      os.path.join(CSRC, "cuda", "host_emulation.cpp"), "-o", str(binary)],
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and "tsan" in build.stderr.lower():
+        pytest.skip(f"no ThreadSanitizer runtime here: {build.stderr[-300:]}")
+    assert build.returncode == 0, build.stderr[-3000:]
+    for mode in ("kernels", "semantics"):
+        result = subprocess.run([str(binary), mode], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "ThreadSanitizer" not in result.stderr, (mode, result.stderr[-5000:])
+        assert result.stdout.strip().endswith("ok"), result.stdout[-3000:]
+
+
+def _tf32_reference(values: torch.Tensor) -> torch.Tensor:
+    """Round to 10 mantissa bits, to nearest with ties away from zero, from the neighbouring tf32 values in float64
+    (not from the bit trick the emulation uses)."""
+    v = values.double()
+    bits = values.view(torch.int32)
+    down = (bits & ~0x1FFF).view(torch.float32).double()  # toward zero
+    ulp = torch.ldexp(torch.ones_like(v), (torch.frexp(v)[1] - 11).clamp_min(-136))  # subnormals: 2^-126 / 2^10
+    up = down + torch.sign(v) * ulp
+    nearest = torch.where((v - down).abs() < (up - v).abs(), down, up)
+    return torch.where(torch.isfinite(v) & (v != 0), nearest, v).float()
+
+
+@needs_compiler
+def test_emulation_conversions_check(check_program, tmp_path):
+    """fp32 -> fp16 / bf16 equal torch's (round to nearest even, subnormals, overflow, ties), fp16 / bf16 -> fp32 for
+    every pattern, and __float_to_tf32 rounds to nearest with ties away."""
+    g = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    halves = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    bf16s = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    finite_halves = halves[torch.isfinite(halves)]
+    finite_bf16s = bf16s[torch.isfinite(bf16s)]
+    sorted_halves, sorted_bf16s = finite_halves.double().unique(), finite_bf16s.double().unique()
+    ties = torch.cat([(sorted_halves[1:] + sorted_halves[:-1]) / 2, (sorted_bf16s[1:] + sorted_bf16s[:-1]) / 2])
+    ties = ties[(ties.float().double() == ties)].float()  # the midpoints fp32 can hold
+    tf32_ties = torch.randint(-2**31, 2**31 - 1, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+    tf32_ties = ((tf32_ties & ~0x1FFF) | 0x1000).view(torch.float32)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.99, 65520.0, 2**-24, 2**-25,
+                             1.5 * 2**-25, 2**-14, 3.4e38, -3.4e38, 1e-45])
+    values = torch.cat([random_bits.view(torch.float32), finite_halves, finite_bf16s, ties, tf32_ties,
+                        torch.nextafter(ties, torch.full_like(ties, float("inf"))),
+                        torch.nextafter(ties, torch.full_like(ties, -float("inf"))), specials])
+    (tmp_path / "in.bin").write_bytes(values.numpy().tobytes())
+    subprocess.run([check_program, "convert", str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True,
+                   timeout=120)
+    out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.uint8)
+    count = values.numel()
+    per_value = out[:count * 8].view(count, 8)
+    half_bits = per_value[:, 0:2].contiguous().view(torch.int16).flatten()
+    bf16_bits = per_value[:, 2:4].contiguous().view(torch.int16).flatten()
+    tf32 = per_value[:, 4:8].contiguous().view(torch.float32).flatten()
+    nan = values.isnan()
+    assert torch.equal(half_bits[~nan], values[~nan].half().view(torch.int16)), "fp32 -> fp16"
+    assert torch.equal(bf16_bits[~nan], values[~nan].bfloat16().view(torch.int16)), "fp32 -> bf16"
+    assert half_bits[nan].view(torch.float16).isnan().all() and bf16_bits[nan].view(torch.bfloat16).isnan().all()
+    assert torch.equal(tf32[~nan].view(torch.int32), _tf32_reference(values[~nan]).view(torch.int32)), "tf32"
+    back = out[count * 8:].view(1 << 16, 8)
+    half_back = back[:, 0:4].contiguous().view(torch.float32).flatten()
+    bf16_back = back[:, 4:8].contiguous().view(torch.float32).flatten()
+    assert torch.equal(half_back.isnan(), halves.isnan()) and torch.equal(bf16_back.isnan(), bf16s.isnan())
+    assert torch.equal(half_back[~halves.isnan()], halves[~halves.isnan()]), "fp16 -> fp32"
+    assert torch.equal(bf16_back[~bf16s.isnan()], bf16s[~bf16s.isnan()]), "bf16 -> fp32"
+
+
+FAILURES = {
+    "divergent_sync": "__syncthreads() while a thread of the block has returned",
+    "shuffle_exited": "__shfl_xor_sync with a lane that has returned from the kernel",
+    "shuffle_mask": "only a full-warp mask is emulated",
+    "wmma_misaligned": "load_matrix_sync: the pointer is not 256-bit aligned",
+    "wmma_leading_dimension": "load_matrix_sync: ldm 20 is not a multiple of 16 bytes",
+    "shared_overflow": "a kernel wrote past its dynamic shared memory",
+    "shared_unmapped": None,  # a segmentation fault: the pages past the launch's shared memory are unmapped
+    "outside_kernel": "called outside a kernel",
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("which", list(FAILURES))
+def test_emulation_stops_misuse_check(check_program, which):
+    """What is undefined or wrong on a GPU stops the emulated kernel with a message, rather than deadlocking or
+    computing something."""
+    result = subprocess.run([check_program, which], capture_output=True, text=True, timeout=60)
+    assert result.returncode < 0 or result.returncode == 134, (result.returncode, result.stdout, result.stderr)
+    if FAILURES[which] is not None:
+        assert "metric_kernels host emulation: " in result.stderr and FAILURES[which] in result.stderr, result.stderr
+
+
+REFUSED = {  # CUDA the kernels do not use, which must not compile on the host (rather than run as something else)
+    "static shared memory": "__global__ void k(float* o) { __shared__ float tile[64]; tile[threadIdx.x] = 1; o[0] = tile[0]; }",
+    "static shared memory, static": "__global__ void k(float* o) { static __shared__ float t[4]; o[0] = t[0]; }",
+    "half arithmetic": "__device__ float f(__half a, __half b) { return a + b; }",
+    "unsupported WMMA shape": "nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 32, 8, 16, __half, nvcuda::wmma::row_major> f;",
+    "fp64 WMMA": "nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 8, 8, 4, double, nvcuda::wmma::row_major> f;",
+    "other shuffles": "__device__ float f(float v) { return __shfl_down_sync(0xffffffffu, v, 1); }",
+    "shuffle of a struct": "struct P { int a, b; }; __device__ P f(P v) { return __shfl_xor_sync(0xffffffffu, v, 1); }",
+    "integer atomics": "__device__ void f(int* p) { atomicAdd(p, 1); }",
+    "triple-chevron launch": "__global__ void k() {} void f() { k<<<1, 32>>>(); }",
+    "other intrinsics": "__device__ float f(const float* p) { return __ldg(p) + __expf(1.0f); }",
+    "warpSize": "__device__ int f() { return warpSize; }",
+    "other runtime calls": "void f(float* p) { cudaMemset(p, 0, 4); cudaDeviceSynchronize(); }",
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("what", list(REFUSED))
+def test_emulation_refuses_cuda_outside_its_subset_check(what, tmp_path):
+    source = tmp_path / "refused.cpp"
+    source.write_text(textwrap.dedent(f"""
+        #include "cuda/host_emulation.h"
+        namespace metric_kernels::cuda_emulated {{
+        {REFUSED[what]}
+        }}
+    """))
+    result = subprocess.run(COMPILE + ["-fsyntax-only", str(source)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, f"{what} compiled on the host"
