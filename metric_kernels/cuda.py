@@ -3,7 +3,7 @@ X Y^T on tensor cores (bf16/fp16; tf32 for fp32 rows where torch allows it) or I
 The backend contract is in metric_kernels/backends.py; the ops' contract in metric_kernels/_fused.py.
 
 It is picked only by name: "auto" leaves it out until a GPU run of tests/test_cuda_gpu.py has passed (the kernels
-compile in CI, but no GPU has run them yet).
+compile in CI, and their code computes on the CPU there through backend "cuda-emulated", but no GPU has run them yet).
 """
 import torch
 

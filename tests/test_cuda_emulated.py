@@ -14,6 +14,7 @@ this file adds what only the ops or the emulation itself reach:
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -200,6 +201,24 @@ def test_ops_take_cpu_tensors_only():
         with pytest.raises(RuntimeError, match="cuda_emulated ops take CPU tensors"):
             torch.ops.metric_kernels.cuda_emulated_lse_rows(x.cuda(), None, labels.cuda(), labels.cuda(), 0, 0,
                                                             0.25, 8.0, True)
+
+
+FORK_SCRIPT = """
+import os, torch, metric_kernels as mk
+x, labels = torch.randn(70, 16), torch.randint(0, 4, (70,))
+before = mk.circle_loss(x, labels, backend="cuda-emulated")  # the parent's worker threads exist now
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if torch.equal(mk.circle_loss(x, labels, backend="cuda-emulated"), before) else 1)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_runs_in_a_forked_child():
+    """A forked child (a DataLoader worker) has none of the parent's worker threads: it starts its own pool."""
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "0", result.stdout + result.stderr[-3000:]
 
 
 def test_auto_never_picks_cuda_emulated():

@@ -2,6 +2,7 @@
 // a block and of its warps, the shared-memory buffer, the emulated launch checks, and the fp16 conversions.
 #include "host_emulation.h"
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -164,15 +165,27 @@ class Pool {
   std::atomic<int> remaining_{0};
 };
 
-std::mutex& launch_mutex() {
-  static std::mutex* mutex = new std::mutex;
-  return *mutex;
+// The pool and the launch lock, replaced in a forked child: it has none of the parent's workers, and the lock may
+// have been held by a parent thread at the fork (the old ones are leaked, never touched again).
+std::mutex* the_launch_mutex = nullptr;
+Pool* the_pool = nullptr;
+
+void fresh_state() {
+  the_launch_mutex = new std::mutex;
+  the_pool = new Pool;
 }
 
-Pool& pool() {
-  static Pool* instance = new Pool;
-  return *instance;
+std::mutex& launch_mutex() {
+  static const bool ready = [] {
+    fresh_state();
+    pthread_atfork(nullptr, nullptr, fresh_state);
+    return true;
+  }();
+  (void)ready;
+  return *the_launch_mutex;
 }
+
+Pool& pool() { return *the_pool; }  // after launch_mutex()
 
 std::map<const void*, int>& max_dynamic_shared() {
   static auto* attributes = new std::map<const void*, int>;
