@@ -212,7 +212,7 @@ __global__ void shared_overflow_kernel() {
 
 __global__ void shared_unmapped_kernel() {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
-  if (threadIdx.x == 0) shared_bytes[8192] = 1;  // pages past the launch's size are unmapped
+  if (threadIdx.x == 0) shared_bytes[8192] = 1;  // pages past the launch's size are inaccessible
 }
 
 int failure(const std::string& which) {

@@ -329,7 +329,7 @@ FAILURES = {
     "wmma_misaligned": "load_matrix_sync: the pointer is not 256-bit aligned",
     "wmma_leading_dimension": "load_matrix_sync: ldm 20 is not a multiple of 16 bytes",
     "shared_overflow": "a kernel wrote past its dynamic shared memory",
-    "shared_unmapped": None,  # a segmentation fault: the pages past the launch's shared memory are unmapped
+    "shared_unmapped": None,  # a segmentation fault: the pages past the launch's shared memory are inaccessible
     "outside_kernel": "called outside a kernel",
 }
 

@@ -21,7 +21,7 @@
 // shared_bytes[]` in namespace metric_kernels::cuda, which the emulated build of the kernels renames
 // metric_kernels::cuda_emulated (CMakeLists.txt), so a module may hold the real kernels beside the emulated ones.
 // One buffer serves every launch: launches are serialised and blocks run one after another. Page-aligned and a whole
-// number of pages, so the pages past a launch's dynamic size can be unmapped while it runs.
+// number of pages, so the pages past a launch's dynamic size can be made inaccessible while it runs.
 namespace metric_kernels::cuda_emulated {
 constexpr std::size_t kSharedPages = (host_emulation::kMaxDynamicSharedBytes + 4095) / 4096;
 alignas(4096) unsigned char shared_bytes[kSharedPages * 4096];
@@ -33,7 +33,6 @@ using cuda_emulated::shared_bytes;
 constexpr std::size_t kSharedCapacity = sizeof(shared_bytes);
 constexpr unsigned char kUnwritten = 0xFF;  // shared memory before a block: NaN in fp16/bf16/fp32/fp64, -1 in ints
 constexpr unsigned char kCanary = 0xA5;     // past the launch's dynamic size, up to its page end
-
 
 // The barriers' completion steps: each checks that no thread of the group has returned while others wait (a
 // __syncthreads or shuffle that not every thread reaches is undefined on a GPU; here it would deadlock).
@@ -194,8 +193,8 @@ std::map<const void*, int>& max_dynamic_shared() {
 
 std::size_t page_size() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }
 
-// Unmaps the shared pages past `bytes` (rounded up to a page) for the launch's duration and fills the rest of the
-// last page with a canary; the destructor maps them back and checks the canary.
+// Makes the shared pages past `bytes` (rounded up to a page) inaccessible for the launch's duration (an access
+// faults) and fills the rest of the last page with a canary; the destructor restores them and checks the canary.
 class SharedGuard {
  public:
   explicit SharedGuard(std::size_t bytes) : bytes_(bytes) {

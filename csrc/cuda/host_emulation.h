@@ -7,8 +7,8 @@
 // per CUDA thread (a persistent pool, reused across blocks and launches). __syncthreads is a barrier of the block's
 // threads, __shfl_xor_sync a rendezvous of the warp's 32 threads; launches are serialised and complete before they
 // return (stream order holds trivially). Shared memory is one buffer, filled with 0xFF bytes (NaN, -1) before every
-// block so that reads of unwritten shared memory show; the pages past a launch's dynamic size are unmapped while it
-// runs, and the rest of the last page is checked for stray writes afterwards.
+// block so that reads of unwritten shared memory show; the pages past a launch's dynamic size are inaccessible while
+// it runs, and the rest of the last page is checked for stray writes afterwards.
 //
 // What is emulated, and nothing else (anything outside it fails to compile, or stops the process with a message):
 //   threadIdx, blockIdx, blockDim, gridDim; __global__, __device__, __host__, __forceinline__, __launch_bounds__,
@@ -26,8 +26,8 @@
 // Numerics: fp32 and fp64 products are IEEE fmas in the kernels' order, as on the GPU. WMMA products are exact (16-bit
 // and tf32 operands multiply exactly in fp32) and are summed in fp32 in ascending k; a tensor core sums in its own
 // order and internal width, and mma_sync reads only the tf32 bits of fp32 operands (emulated by truncation). exp and
-// log are the host's, and the host compiler does not contract a * b + c into an fma where nvcc would: results agree
-// with a GPU's to rounding, not bitwise. What needs a GPU: speed, real concurrency between blocks (blocks never overlap
+// log are the host's, and the host compiler contracts a * b + c into fmas where nvcc's rules differ (x86-64's
+// baseline has no fma, so not at all): results agree with a GPU's to rounding, not bitwise. What needs a GPU: speed, real concurrency between blocks (blocks never overlap
 // here, so races between blocks and the atomics' ordering cannot show), and the tensor cores' own rounding.
 #pragma once
 
