@@ -20,6 +20,15 @@ from .bench import cli as bench_cli
 from .bench import cost
 
 PARITY_TOLERANCE = 1e-10
+PARITY_LOSSES = ("circle", "supcon", "batch_hard_triplet", "proxy_anchor")
+PARITY_COLUMNS = ("backend", "loss", "N", "M (refs or proxies)", "D", "classes", "seed", "loss value",
+                  "max rel. error (value, grads)", "result")
+PARITY_CAPTION = (
+    "Each row draws its own inputs from its seed (--seed {seed} plus the case's number): standard-normal float64 "
+    "rows, labels uniform over `classes` (Proxy-Anchor: one proxy per class). Rows of the same shape differ in "
+    "seed or classes, so their values differ; the same seed gives every backend the same inputs, so a loss's "
+    "value must agree across backends. `result` is ok when the largest relative error of the value and of every "
+    "gradient against PML is at most {tolerance:g}.")
 
 
 def _relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -65,20 +74,22 @@ def parity(args) -> int:
     backends = [name for name, reason in available_backends(device).items() if reason is None]
     print(f"# metric_kernels against pytorch-metric-learning, float64, device {device}, "
           f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}\n")
-    print("| backend | loss | N | M (refs or classes) | D | loss value | max rel. error (value, grads) | |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print(PARITY_CAPTION.format(seed=args.seed, tolerance=PARITY_TOLERANCE) + "\n")
+    print("| " + " | ".join(PARITY_COLUMNS) + " |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     failures = 0
-    generator = torch.Generator().manual_seed(args.seed)
     cases = [(n, n + n // 3, dim, classes) for n in args.sizes for dim in (16, 128) for classes in (4, max(n // 4, 2))]
     for backend in backends:
-        for loss in ("circle", "supcon", "batch_hard_triplet", "proxy_anchor"):
-            for n, m, dim, classes in cases:
+        for index, loss in enumerate(PARITY_LOSSES):
+            for case, (n, m, dim, classes) in enumerate(cases):
+                seed = args.seed + index * len(cases) + case  # the same inputs for every backend
+                generator = torch.Generator().manual_seed(seed)
                 value, error = _parity_case(loss, backend, n, m, dim, classes, device, generator)
                 ok = error <= PARITY_TOLERANCE
                 failures += not ok
                 shown_m = classes if loss == "proxy_anchor" else m
-                print(f"| {backend} | {loss} | {n} | {shown_m} | {dim} | {value:.6g} | {error:.1e} | "
-                      f"{'ok' if ok else 'FAIL'} |")
+                print(f"| {backend} | {loss} | {n} | {shown_m} | {dim} | {classes} | {seed} | {value:.6g} | "
+                      f"{error:.1e} | {'ok' if ok else 'FAIL'} |")
     print(f"\n{'all equal' if not failures else f'{failures} case(s) differ'} "
           f"(tolerance {PARITY_TOLERANCE:g} relative); backends not usable here: "
           + (", ".join(f"{n} ({r})" for n, r in available_backends(device).items() if r) or "none"))
