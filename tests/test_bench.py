@@ -245,3 +245,64 @@ def test_readme_results_are_generated_from_committed_bench_outputs():
     script = Path(__file__).resolve().parents[1] / "bench" / "update_readme.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _plot_records(sizes, providers, oom=()):
+    """Records of fake cases: every loss x provider x N, times rising with N; (provider, N) in oom ran out of memory."""
+    common = {"device": "cpu", "torch_version": "t", "triton_version": ""}
+    rows = []
+    for loss in P.LOSSES:
+        for k, provider in enumerate(providers):
+            for n in sizes:
+                spec = dict(loss=loss, provider=provider, n=n, m=n, dim=8, dtype="float32", modes=list(P.MODES))
+                if (provider, n) in oom:
+                    result = {"status": "oom", "note": "out of memory", "times": {}, "memory": {}, "errors": {}}
+                else:
+                    times = {mode: [n * (k + 1) * f for f in (0.9, 1.0, 1.1)] for mode in P.MODES}
+                    result = {"status": "ok", "times": times, "memory": {mode: n * 1024.0 for mode in P.MODES},
+                              "errors": {}}
+                rows += report.case_records(spec, result, None, common, "now")
+    return rows
+
+
+def _time_figure(records):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure = report._panel_figure(plt, report._cases(records), list(P.MODES), "time", "time per call (ms)")
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    panels = [ax for ax in figure.axes]
+    plt.close(figure)
+    return legend, panels
+
+
+def test_time_plot_labels_every_panel_and_shows_oom_only_when_something_ran_out_of_memory():
+    providers = [f"p{i}" for i in range(12)]
+    legend, panels = _time_figure(_plot_records((64, 128), providers))
+    assert len(panels) == len(P.LOSSES)
+    assert all(ax.get_ylabel() == "time per call (ms)" and ax.get_xlabel() for ax in panels)
+    assert report.OOM_LABEL not in legend
+    assert legend == sorted(providers) + list(P.MODES)
+    for ax in panels:
+        # Two x points: no p20..p80 bands, every line has markers, providers keep apart by marker as well as colour.
+        assert not ax.collections
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 2]
+        assert len(lines) == len(providers) * len(P.MODES)
+        assert all(line.get_marker() not in (None, "", "None") for line in lines)
+        assert len({line.get_marker() for line in lines}) >= 8
+
+    legend, panels = _time_figure(_plot_records((64, 128, 256), ["a", "b"], oom={("b", 256)}))
+    assert legend[-1] == report.OOM_LABEL
+    # Three points: one band per provider that has them all (the main mode only); b ran out of memory at 256.
+    assert all(len(ax.collections) == 1 for ax in panels)
+
+
+def test_memory_plot_has_one_mode_and_no_mode_entries(tmp_path):
+    records = _plot_records((64, 128, 256), ["a", "b"])
+    paths = report.write_plots(records, str(tmp_path))
+    assert set(paths) == {"time_png", "memory_png"}
+    import matplotlib.pyplot as plt
+    figure = report._panel_figure(plt, report._cases(records), ["full"], "peak_memory", "peak MiB")
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["a", "b"]
+    assert all(ax.get_ylabel() == "peak MiB" for ax in figure.axes)
+    plt.close(figure)

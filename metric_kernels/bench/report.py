@@ -274,15 +274,32 @@ def write_plots(records: List[dict], out: str) -> Dict[str, str]:
 
 
 _STYLES = {"full": "-", "forward": "--", "backward": ":"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+BAND_MIN_POINTS = 3  # a p20..p80 band over fewer x points hides the lines more than it shows
+OOM_LABEL = "out of memory at N"
 
 
 def _panel_plot(plt, groups, modes, metric, ylabel, path) -> str:
+    figure = _panel_figure(plt, groups, modes, metric, ylabel)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _panel_figure(plt, groups, modes, metric, ylabel):
+    """One panel per loss (columns) and per dtype and D (rows); each provider one colour and one marker, each mode one
+    line style. Every panel has its own y-label; a p20..p80 band only on the main mode's lines with at least
+    BAND_MIN_POINTS points; the out-of-memory marker appears in the legend only when some case ran out of memory."""
     losses = [loss for loss in P.LOSSES if any(key[0] == loss for cases in groups.values() for key in cases)]
     rows = list(groups)
-    figure, axes = plt.subplots(len(rows), len(losses), figsize=(4.2 * len(losses), 3.6 * len(rows)),
+    figure, axes = plt.subplots(len(rows), len(losses), figsize=(4.4 * len(losses), 3.8 * len(rows)),
                                 squeeze=False)
     providers = sorted({key[3] for cases in groups.values() for key in cases})
-    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
+    palette = plt.get_cmap("tab10" if len(providers) <= 10 else "tab20")
+    colours = {p: palette(i % palette.N) for i, p in enumerate(providers)}
+    markers = {p: _MARKERS[i % len(_MARKERS)] for i, p in enumerate(providers)}
+    main = _main_mode(modes)
+    any_failed = False
     for r, group in enumerate(rows):
         cases = groups[group]
         for c, loss in enumerate(losses):
@@ -304,33 +321,38 @@ def _panel_plot(plt, groups, modes, metric, ylabel, path) -> str:
                     if not points:
                         continue
                     xs = [p[0] for p in points]
-                    ax.plot(xs, [p[1] for p in points], _STYLES.get(mode, "-"), marker="o", markersize=3,
-                            color=colours[provider])
-                    if all(p[2] is not None and p[3] is not None for p in points):
+                    is_main = mode == main
+                    ax.plot(xs, [p[1] for p in points], _STYLES.get(mode, "-"), marker=markers[provider],
+                            markersize=5 if is_main else 3.5, linewidth=1.6 if is_main else 1.0,
+                            alpha=1.0 if is_main else 0.7, color=colours[provider])
+                    if is_main and len(points) >= BAND_MIN_POINTS and \
+                            all(p[2] is not None and p[3] is not None for p in points):
                         ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points],
-                                        color=colours[provider], alpha=0.15, linewidth=0)
+                                        color=colours[provider], alpha=0.12, linewidth=0)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             if failed:
+                any_failed = True
                 top = ax.get_ylim()[1]
                 for provider, ns in failed.items():
                     ax.plot(ns, [top] * len(ns), "x", color=colours[provider], markersize=8, clip_on=False)
             ax.set_title(f"{loss} ({group[0]}, D={group[1]})", fontsize=10)
             ax.set_xlabel("N (batch rows)")
-            if c == 0:
-                ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
     from matplotlib.lines import Line2D
-    handles = [Line2D([], [], color=colours[p], marker="o", markersize=3, label=p) for p in providers]
+    handles = [Line2D([], [], color=colours[p], marker=markers[p], markersize=5, label=p) for p in providers]
     if len(modes) > 1:
         handles += [Line2D([], [], color="grey", linestyle=_STYLES.get(m, "-"), label=m) for m in modes]
-    handles.append(Line2D([], [], color="grey", marker="x", linestyle="", label="out of memory at N"))
-    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+    if any_failed:
+        handles.append(Line2D([], [], color="grey", marker="x", linestyle="", label=OOM_LABEL))
+    columns = min(len(handles), 8)
+    legend_rows = -(-len(handles) // columns)
+    legend_inches = 0.3 + 0.22 * legend_rows
+    figure.legend(handles=handles, loc="upper center", ncol=columns, fontsize=8, frameon=False,
                   bbox_to_anchor=(0.5, 1.0))
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.6 * len(rows))))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    figure.tight_layout(rect=(0, 0, 1, 1 - legend_inches / figure.get_figheight()))
+    return figure
 
 
 def _max_batch_plot(plt, found, path) -> str:
