@@ -14,7 +14,7 @@ except ImportError as error:  # not built: no compiler at install time, or METRI
 else:
     _missing = None if getattr(_C, "with_cuda", False) else (
         "backend 'cuda' needs the CUDA kernels of metric_kernels._C, which was built without them (they need a CUDA "
-        "build of torch and nvcc at install time; see the README's native build section)")
+        "build of torch and nvcc at install time; see 'Building the native extension' in README.md)")
 
 if _missing is None:
     from ._fused import fused_backend
