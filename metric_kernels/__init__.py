@@ -1,7 +1,7 @@
 """metric_kernels: fused deep-metric-learning losses for PyTorch.
 
 Circle, SupCon, batch-hard triplet and Proxy-Anchor with pytorch-metric-learning's semantics, computed by a choice of
-backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where built). See SPEC.md and README.md.
+backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where built). See README.md and docs/.
 """
 from .backends import BackendUnavailableError, available_backends
 from .functional import batch_hard_triplet_loss, circle_loss, multiview, proxy_anchor_loss, supcon_loss

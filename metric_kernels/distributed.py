@@ -1,8 +1,8 @@
 """DistributedLoss: one loss over the global batch of a data-parallel job, with gradients that survive DDP's averaging.
 
-Contract (SPEC.md): on every rank the value equals the loss of the global batch (all ranks' rows, in rank order)
-computed on one process, and after DDP divides the summed gradients by the world size W, every parameter gradient
-(the embedding network's and ProxyAnchorLoss.proxies) equals that one-process computation's.
+Contract (docs/distributed.md): on every rank the value equals the loss of the global batch (all ranks' rows, in
+rank order) computed on one process, and after DDP divides the summed gradients by the world size W, every parameter
+gradient (the embedding network's and ProxyAnchorLoss.proxies) equals that one-process computation's.
 
 How. Let L be the global loss and E_r the embeddings of rank r. The one-process gradient is sum_r dL/dE_r dE_r/dtheta,
 so rank r must backpropagate W * dL/dE_r into its own network (DDP then divides by W). Each rank computes a share

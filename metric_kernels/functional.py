@@ -179,7 +179,7 @@ def _pair_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
 
 def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, self_offset=None,
                 reduction="mean_nonzero", backend="auto", deterministic=None):
-    """Circle loss (Sun et al. 2020) on cosine similarities, with PML's semantics. See SPEC.md."""
+    """Circle loss (Sun et al. 2020) on cosine similarities, with PML's semantics. See docs/losses/circle.md."""
     m = check.check_real(m, "m")
     gamma = check.check_positive(gamma, "gamma")
     return _pair_loss("circle_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,

@@ -1,7 +1,7 @@
 """The pure-PyTorch reference backend: plainly correct, and O(N M) in memory on purpose.
 
 Each loss materialises the full similarity (or distance) matrix and its label masks, so it reads like the formulas in
-SPEC.md and can be checked against pytorch-metric-learning line by line. Every fused backend is tested against it.
+docs/losses/ and can be checked against pytorch-metric-learning line by line. Every fused backend is tested against it.
 """
 from .batch_hard import batch_hard_rows
 from .circle import circle_rows
