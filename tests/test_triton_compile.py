@@ -4,7 +4,7 @@ into .cache/triton-3.6.0), without spills, within each architecture's per-block 
 tf32 products on tensor cores (mma.sync on sm_80, wgmma.mma_async on sm_90a).
 
 The default run compiles the "ci" selection with 3.7.1 and the "core" one (each kernel and dtype once) with 3.6.0,
-about 3 minutes on 2 cores; `bash scripts/test.sh -m heavy` runs the config sweep of both (about 35 minutes). Each
+3 minutes on 2 idle cores; `bash scripts/test.sh -m heavy` runs the config sweep of both (about 40 minutes). Each
 run writes its report (registers, spills, shared memory per config) to out/compile-report/ (or
 $METRIC_KERNELS_COMPILE_REPORT); the committed one, bench/results/compile/report.md, comes from the command in
 bench/README.md. The last test checks, under the interpreter and with no compiling, that every launch the ops make is

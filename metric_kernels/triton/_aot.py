@@ -9,6 +9,7 @@ and checks them (problems()).
 
     python -m metric_kernels.triton._aot compile [--level L] [--arch 80 90] [--jobs J] [--json OUT] [--list]
     python -m metric_kernels.triton._aot report [--level L] [--versions 3.7.1 3.6.0=core] [--out DIR]
+    python -m metric_kernels.triton._aot render DIR/report.json   # report.md again from the JSON
 
 `compile` uses this interpreter's triton. `report` runs `compile` in subprocesses (TRITON_INTERPRET=0: under the
 interpreter the kernels are not compilable objects), one per triton version, side by side; a version other than this
@@ -346,8 +347,8 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                         add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config,
                             dict(base, **extra), pointers, count == "all", element=element, backward=backward)
                 if primary and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
-                    # the unaligned launch (D not a multiple of 16, strided rows), one config
-                    width_label, block_d, full_d = widths[0]
+                    # the unaligned launch (D not a multiple of 16, strided rows): one config, the widest D on chip
+                    width_label, block_d, full_d = next(w for w in widths if w[0] == widest)
                     add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
                         configs(block_d, backward, "one")[0], dict(base, **extra), pointers, False, aligned=False,
                         element=element, backward=backward)
@@ -553,9 +554,10 @@ def triton_path(version: str) -> Optional[Path]:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
                         "--target", str(staging), f"triton=={version}"], check=True)
         (staging / ".complete").write_text(version + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if not (target / ".complete").exists():  # else another process finished first: keep its copy
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -631,12 +633,46 @@ def _summary_rows(result) -> List[str]:
     return rows
 
 
+def _sweep_rows(result) -> List[str]:
+    """Per config sweep (one kernel, dtype, width, kind and flags at every kept config): the configs without a
+    problem, those that spill, those over the shared memory limit, and the compiled shared memory over the ops'
+    estimate (what a pruning rule has to predict)."""
+    limits = dict(ARCHS.values())
+    groups: Dict[tuple, list] = {}
+    for record in result["records"]:
+        if record["sweep"]:
+            key = (record["arch"], record["kernel"], record["dtype"], record["width"], record["kind"], record["flags"])
+            groups.setdefault(key, []).append(record)
+    rows = []
+    for (arch, kernel, dtype, width, kind, flags), records in groups.items():
+        good = [r for r in records if r["ok"]]
+        clean = [r["config"] for r in good if not r["n_spills"] and r["shared"] <= limits[arch]]
+        spilling = [f"{r['config']} ({r['n_spills']})" for r in good if r["n_spills"]]
+        over = [r["config"] for r in good if r["shared"] > limits[arch]]
+        ratios = [r["shared"] / r["shared_estimate"] for r in good if r.get("shared_estimate")]
+        ratio = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+        failed = len(records) - len(good)
+        rows.append(f"| {result['triton']} | {arch} | {kernel} | {dtype} | {width} | {'' if kind is None else kind} "
+                    f"| {flags} | {' '.join(clean) or 'none'} | {' '.join(spilling)} | {' '.join(over)} | {ratio} "
+                    f"| {failed or ''} |")
+    return rows
+
+
+def _json_lines(report: Dict[str, object]) -> str:
+    """JSON with one record per line (readable diffs between runs)."""
+    results = [dict(result, records=f"@records{i}@") for i, result in enumerate(report["results"])]
+    text = json.dumps(dict(report, results=results), indent=1)
+    for i, result in enumerate(report["results"]):
+        records = ",\n".join(json.dumps(record, separators=(",", ":")) for record in result["records"])
+        text = text.replace(f'"@records{i}@"', "[\n" + records + "\n]")
+    return text + "\n"
+
+
 def write_report(results: List[Dict[str, object]], out: Path, command: str) -> List[str]:
     """report.md and report.json in `out`; returns the problems found."""
     out.mkdir(parents=True, exist_ok=True)
     found = [problem for result in results for problem in problems(result)]
-    (out / "report.json").write_text(json.dumps(dict(command=command, problems=found, results=results), indent=1)
-                                     + "\n")
+    (out / "report.json").write_text(_json_lines(dict(command=command, problems=found, results=results)))
     limits = dict(ARCHS.values())
     lines = ["# Triton compile proof", "",
              f"Generated by `{command}` (bench/README.md): the specialisations the Triton ops launch, compiled "
@@ -665,6 +701,15 @@ def write_report(results: List[Dict[str, object]], out: Path, command: str) -> L
     errors = sorted({r["error"] for result in results for r in result["records"] if not r["ok"]})
     if errors:
         lines += ["", "Compile errors:", ""] + [f"- `{error}`" for error in errors]
+    sweeps = [row for result in results for row in _sweep_rows(result)]
+    if sweeps:
+        lines += ["", "## Config sweeps", "",
+                  "Every config the pruner keeps, at the widest D on chip: which have no problem, which spill "
+                  "(n_spills), which exceed the shared memory limit, and the compiled shared memory over "
+                  "ops.shared_memory_estimate.", "",
+                  "| triton | arch | kernel | dtype | D | kind | flags | clean configs | spilling (n_spills) "
+                  "| over shared memory | shared / estimate | failed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"] + sweeps
     for result in results:
         for arch in result["expected"]:
             lines += ["", f"## triton {result['triton']}, {arch}", "",
@@ -703,7 +748,14 @@ def main(argv=None) -> int:
                        help="VERSION or VERSION=LEVEL (a level for that version only)")
     every.add_argument("--jobs", type=int, default=None, help="processes per version (default: the CPU count)")
     every.add_argument("--out", type=Path, default=DEFAULT_REPORT)
+    again = commands.add_parser("render", help="write report.md again from a report.json (no compiling)")
+    again.add_argument("json", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "render":
+        saved = json.loads(args.json.read_text())
+        found = write_report(saved["results"], args.json.parent, saved["command"])
+        print(f"wrote {args.json.parent / 'report.md'}; {len(found)} problems")
+        return 0
     if args.command == "report":
         levels = dict(item.split("=", 1) if "=" in item else (item, args.level) for item in args.versions)
         results = run_versions(levels, args.arch, args.jobs)
