@@ -116,7 +116,7 @@ class _Rows:
         return self._element_size
 
 
-def kept_configs(arch: int, block_d: int, element_size: int, backward: bool):
+def kept_configs(arch: int, block_d: int, element_size: int, backward: bool, full_d: bool = True):
     """ops._configs() (the GPU list) as ops._pruner keeps it on a GPU with the architecture's shared memory."""
     ops = _ops()
     limit = ARCHS[arch][1]
@@ -124,7 +124,7 @@ def kept_configs(arch: int, block_d: int, element_size: int, backward: bool):
     original = ops._shared_memory_limit
     ops._shared_memory_limit = lambda device: limit
     try:
-        return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d})
+        return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d})
     finally:
         ops._shared_memory_limit = original
 
@@ -298,7 +298,7 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         if config is None:
             warps, stages, config_label = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3), "-"
         else:
-            estimate = ops.shared_memory_estimate(config, block_d, element, backward)
+            estimate = ops.shared_memory_estimate(config, block_d, element, backward, full_d is not False)
             warps, stages, config_label = config.num_warps, config.num_stages, _config_label(config)
             constexprs = dict(constexprs, **config.kwargs)
         constexprs = dict(constexprs, BLOCK_D=block_d)
@@ -320,11 +320,11 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
         base = dict(ACC=acc_tl, PRECISION=precision)
 
-        def configs(block_d, backward, count):
-            kept = kept_configs(arch, block_d, element, backward)
+        def configs(block_d, full_d, backward, count):
+            kept = kept_configs(arch, block_d, element, backward, full_d)
             if count == "all":
                 return kept
-            return [max(kept, key=lambda c: ops.shared_memory_estimate(c, block_d, element, backward))]
+            return [max(kept, key=lambda c: ops.shared_memory_estimate(c, block_d, element, backward, full_d))]
 
         # per kernel: (backward?, [(kind or None, flags label, constexprs, pointer options, heaviest flags?)])
         row_cases = [(kind, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}", dict(KIND=kind, WITH_DY=dy,
@@ -343,14 +343,15 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 primary = heaviest and kind in (None, 0)
                 for width_label, block_d, full_d in widths:
                     count = _selection(level, dtype, primary, heaviest or kind in (None, 0), width_label, widest)
-                    for config in configs(block_d, backward, count) if count else ():
+                    for config in configs(block_d, full_d, backward, count) if count else ():
                         add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config,
                             dict(base, **extra), pointers, count == "all", element=element, backward=backward)
                 if primary and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
                     # the unaligned launch (D not a multiple of 16, strided rows): one config, the widest D on chip
                     width_label, block_d, full_d = next(w for w in widths if w[0] == widest)
                     add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
-                        configs(block_d, backward, "one")[0], dict(base, **extra), pointers, False, aligned=False,
+                        configs(block_d, full_d, backward, "one")[0], dict(base, **extra), pointers, False,
+                        aligned=False,
                         element=element, backward=backward)
         if dtype == "fp32-ieee":
             continue  # the kernels below have no product: one fp32 entry

@@ -22,7 +22,7 @@ def _scaled_norms(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
     """(r, (||row|| r)^2) of the rows: the scale applied to each row and its squared length after it."""
     norms = tl.load(norm_ptr + rows, mask=rows < n, other=0.0)
     if NORMALIZE:
-        inverse, _ = _inverse_norms(norm_ptr, rows, n)
+        inverse, unclamped = _inverse_norms(norm_ptr, rows, n)
     else:
         inverse = tl.zeros_like(norms) + 1.0
     length = norms * inverse

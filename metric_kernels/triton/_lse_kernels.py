@@ -161,7 +161,7 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, _ = _inverse_norms(x_norm_ptr, rows, N)
+    x_inverse, x_unclamped = _inverse_norms(x_norm_ptr, rows, N)
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     max1 = tl.full((BLOCK_M,), float("-inf"), ACC)
     sum1 = tl.zeros((BLOCK_M,), ACC)
@@ -172,13 +172,13 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
-        y_inverse, _ = _inverse_norms(y_norm_ptr, cols, stop)
+        y_inverse, y_unclamped = _inverse_norms(y_norm_ptr, cols, stop)
         y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
         s = dot * x_inverse[:, None] * y_inverse[None, :]
         positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
-        z, _, first = _logits(s, positive, negative, param_a, param_b, KIND)
+        z, dz, first = _logits(s, positive, negative, param_a, param_b, KIND)
         max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first, KIND != SUPCON)
         if KIND == SUPCON:
             linear += tl.sum(tl.where(positive, s, 0.0), axis=1)
@@ -249,7 +249,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
-        y_inverse, _ = _inverse_norms(y_norm_ptr, cols, stop)
+        y_inverse, y_unclamped = _inverse_norms(y_norm_ptr, cols, stop)
         y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd)
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
@@ -298,7 +298,7 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
-        x_inverse, _ = _inverse_norms(x_norm_ptr, rows, N)
+        x_inverse, x_unclamped = _inverse_norms(x_norm_ptr, rows, N)
         x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)

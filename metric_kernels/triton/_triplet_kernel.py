@@ -30,7 +30,7 @@ def _scaled_rows(ptr, norm_ptr, rows, valid, dims, n, D, stride_n, stride_d, ACC
     inverse, unclamped = _row_scale(norm_ptr, rows, n, NORMALIZE)
     tile = tl.load(ptr + rows[:, None] * stride_n + dims[None, :] * stride_d,
                    mask=valid[:, None] & (dims[None, :] < D), other=0.0).to(ACC)
-    return tile * inverse.to(ACC)[:, None], inverse.to(ACC), unclamped
+    return tile * inverse.to(ACC)[:, None]
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _normalisation_backward(grad, unit, inverse, unclamped, NORMALIZE: tl.conste
     """d(x r)/dx applied to grad (rows): r (g - u (u . g)) where the clamp is inactive, r g where it is."""
     if NORMALIZE:
         radial = tl.where(unclamped, tl.sum(unit * grad, axis=1), 0.0)
-        return inverse[:, None] * (grad - radial[:, None] * unit)
+        return inverse.to(grad.dtype)[:, None] * (grad - radial[:, None] * unit)
     return grad
 
 
@@ -52,10 +52,10 @@ def triplet_distances(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, positive_ptr, negati
     valid = rows < N
     positive = tl.load(positive_ptr + rows, mask=valid, other=0)
     negative = tl.load(negative_ptr + rows, mask=valid, other=0)
-    u, _, _ = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
-    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    u = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
+    v = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
     tl.store(out_ptr + rows, tl.sqrt(tl.sum((u - v) * (u - v), axis=1)), mask=valid)
-    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    v = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
     tl.store(out_ptr + N + rows, tl.sqrt(tl.sum((u - v) * (u - v), axis=1)), mask=valid)
 
 
@@ -73,11 +73,11 @@ def triplet_distances_backward_rows(coefficient_ptr, x_ptr, y_ptr, x_norm_ptr, y
     negative = tl.load(negative_ptr + rows, mask=valid, other=0)
     to_positive = tl.load(coefficient_ptr + rows, mask=valid, other=0.0)
     to_negative = tl.load(coefficient_ptr + N + rows, mask=valid, other=0.0)
-    u, inverse, unclamped = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC,
-                                         NORMALIZE)
-    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    u = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
+    inverse, unclamped = _row_scale(x_norm_ptr, rows, N, NORMALIZE)
+    v = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
     du = to_positive[:, None] * (u - v)
-    v, _, _ = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    v = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
     du += to_negative[:, None] * (u - v)
     dx = _normalisation_backward(du, u, inverse, unclamped, NORMALIZE)
     tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -96,14 +96,14 @@ def triplet_distances_backward_references(entry_row_ptr, entry_coefficient_ptr, 
     reference = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     one = tl.full((1,), 0, tl.int64) + reference
-    v, inverse, unclamped = _scaled_rows(y_ptr, y_norm_ptr, one, one < M, dims, M, D, stride_yn, stride_yd, ACC,
-                                         NORMALIZE)
+    v = _scaled_rows(y_ptr, y_norm_ptr, one, one < M, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
+    inverse, unclamped = _row_scale(y_norm_ptr, one, M, NORMALIZE)
     dv = tl.zeros((1, BLOCK_D), ACC)
     start = tl.load(offset_ptr + reference)
     stop = tl.load(offset_ptr + reference + 1)
     for entry in range(start, stop):
         row = tl.full((1,), 0, tl.int64) + tl.load(entry_row_ptr + entry)
-        u, _, _ = _scaled_rows(x_ptr, x_norm_ptr, row, row < N, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
+        u = _scaled_rows(x_ptr, x_norm_ptr, row, row < N, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
         dv += tl.load(entry_coefficient_ptr + entry).to(ACC) * (v - u)
     dy = _normalisation_backward(dv, v, inverse, unclamped, NORMALIZE)
     mask = (one[:, None] < M) & (dims[None, :] < D)

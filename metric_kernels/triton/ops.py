@@ -24,7 +24,7 @@ from .._fused import check_row_state, stats_dtype
 from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
 
 # The widest D kept on chip whole (one tl.dot per tile); wider rows are walked in chunks of this width.
-MAX_FULL_D = {1: 256, 2: 256, 4: 256, 8: 128}
+MAX_FULL_D = {1: 256, 2: 256, 4: 256, 8: 64}  # fp64 tiles take twice the registers
 # Under the interpreter there is no GPU to size the reference splits for: a small stand-in SM count makes the tests
 # exercise the split (and its merge) at small shapes.
 INTERPRETER_SM_COUNT = 4
@@ -88,35 +88,49 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     shapes = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3),
-              (128, 32, 8, 3), (32, 32, 4, 2))
+              (128, 32, 8, 3), (32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def shared_memory_estimate(config, block_d_: int, element_size: int, backward: bool) -> int:
-    """Bytes of shared memory a config's tiles take: the resident row tile, num_stages buffered reference tiles and,
-    in the backward, the P tile that feeds the second product."""
-    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    tiles = (block_m + max(config.num_stages, 1) * block_n) * block_d_ * element_size
-    return tiles + (block_m * block_n * element_size if backward else 0)
+def shared_memory_estimate(config, block_d_: int, element_size: int, backward: bool, full_d: bool = True) -> int:
+    """Bytes of shared memory a config takes, an upper bound of what Triton allocated over the compile sweep
+    (bench/results/compile): the row tile and num_stages buffered reference tiles (both buffered when D is walked in
+    chunks); the backward also stages its second operand tile and two BLOCK_M x BLOCK_N tiles (P and its
+    transpose); plus a little for reductions."""
+    block_m, block_n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], max(config.num_stages, 1)
+    if backward:
+        tiles = ((2 * block_m + (stages + 1) * block_n) if full_d else (stages + 1) * (block_m + block_n)) * block_d_
+        tiles += 2 * block_m * block_n
+    else:
+        tiles = ((block_m + stages * block_n) if full_d else stages * (block_m + block_n)) * block_d_
+    return tiles * element_size + 1536
 
 
-def _accumulator_registers(config, block_d_: int, backward: bool) -> int:
-    """fp32 accumulator values per thread: the backward holds a BLOCK_M x BLOCK_D gradient block on chip."""
+def register_estimate(config, block_d_: int, element_size: int, backward: bool) -> int:
+    """32-bit registers per thread for the values a program keeps live, roughly: the backward's BLOCK_M x BLOCK_D
+    gradient and its BLOCK_N x BLOCK_D atomic partial (fp32), the operand tiles, and about eight BLOCK_M x BLOCK_N
+    fp32 temporaries of the epilogue. The compile sweep (bench/results/compile) is the measurement behind the limit."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return (block_m * (block_d_ if backward else block_n)) // (32 * config.num_warps)
+    operands = (block_m + block_n) * block_d_ * element_size // 4
+    values = operands + 8 * block_m * block_n + ((block_m + block_n) * block_d_ if backward else 0)
+    return values // (32 * config.num_warps)
+
+
+REGISTER_LIMIT = 128  # per thread, of register_estimate: above it the compile sweep found spills
 
 
 def _pruner(backward: bool):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         x = args["x_ptr"]
-        width, element = args["BLOCK_D"], x.element_size()
+        width, element, full_d = args["BLOCK_D"], x.element_size(), args.get("FULL_D", True)
         limit = _shared_memory_limit(x.device)
-        kept = [c for c in configs if shared_memory_estimate(c, width, element, backward) <= limit
-                and _accumulator_registers(c, width, backward) <= 128]
+        fits = [c for c in configs if shared_memory_estimate(c, width, element, backward, full_d) <= limit]
+        kept = [c for c in fits if register_estimate(c, width, element, backward) <= REGISTER_LIMIT]
         if kept:
             return kept
-        return [min(configs, key=lambda c: shared_memory_estimate(c, width, element, backward))]
+        # Nothing within both limits: the config with the fewest live values among those that fit.
+        return [min(fits or configs, key=lambda c: register_estimate(c, width, element, backward))]
     return {"early_config_prune": prune}
 
 
