@@ -180,6 +180,15 @@ def loss_params(param_a: float, param_b: float, rows: torch.Tensor) -> torch.Ten
     return params
 
 
+def _walk_setup(x: torch.Tensor, y: torch.Tensor):
+    """What a pass over every (query, reference) tile needs first: N, both rows' norms (one set when y is x) and
+    how many programs share each row block's references."""
+    _check_rows(x, y)
+    x_norms = row_norms(x)
+    y_norms = x_norms if y is x else row_norms(y)
+    return x.shape[0], x_norms, y_norms, reference_splits(x.shape[0], y.shape[0], x.device)
+
+
 def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dtype != y.dtype:
         raise ValueError(f"x and y must have one dtype, got {x.dtype} and {y.dtype}")
@@ -190,18 +199,14 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
              self_offset: int, kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
     """Per-row statistics [3, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py)."""
     y = x if y is None else y
-    _check_rows(x, y)
-    n, m = x.shape[0], y.shape[0]
-    x_norms = row_norms(x)
-    y_norms = x_norms if y is x else row_norms(y)
-    splits = reference_splits(n, m, x.device)
+    n, x_norms, y_norms, splits = _walk_setup(x, y)
     partial = torch.empty((splits, 3, n), dtype=stats_dtype(x.dtype), device=x.device)
     sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
         _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset,
             loss_params(param_a, param_b, x), splits,
-            _bucket(n), _bucket(m), KIND=kind, **constexprs)
+            _bucket(n), _bucket(y.shape[0]), KIND=kind, **constexprs)
     if splits == 1:
         return partial[0]
     # Each split's log-sum-exps (-inf where it saw nothing) and sums merge in a fixed order: O(splits x N).
@@ -294,18 +299,14 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
                       self_offset: int, normalize: bool = True) -> torch.Tensor:
     """[2, N]: per query the farthest positive and nearest negative reference (-1: none), on the raw rows,
     normalised inside the kernel when `normalize`."""
-    _check_rows(x, y)
-    n, m = x.shape[0], y.shape[0]
-    x_norms = row_norms(x)
-    y_norms = x_norms if y is x else row_norms(y)
-    splits = reference_splits(n, m, x.device)
+    n, x_norms, y_norms, splits = _walk_setup(x, y)
     values = torch.empty((splits, 2, n), dtype=stats_dtype(x.dtype), device=x.device)
     choices = torch.empty((splits, 2, n), dtype=torch.int64, device=x.device)
     sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
         _batch_hard[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             x, y, x_norms, y_norms, x_labels, y_labels, values, choices, *sizes, self_offset, splits,
-            _bucket(n), _bucket(m), NORMALIZE=normalize, **constexprs)
+            _bucket(n), _bucket(y.shape[0]), NORMALIZE=normalize, **constexprs)
     if splits == 1:
         return choices[0]
     # Splits hold ascending reference ranges: the first split with the best value has the lowest index among ties.
