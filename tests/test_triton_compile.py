@@ -75,12 +75,12 @@ def _check(levels, failure):
     assert not found, f"{len(found)} problems (report: {report}):\n" + "\n".join(found[:40])
 
 
-# Open (issue 11): the backward row pass with its atomic dY partial still spills at the widest D on chip (2 to 6
-# registers for 16-bit and tf32 rows at D = 256 with the smallest config the pruner keeps, m32n32w8s2; about 120 for
-# fp32 at "highest" precision), and so do the triplet kernels on fp64 rows of D >= 256 and a few chunked-D variants:
-# 37 of the default selection's variants on 2026-11-27. Kept visible as a strict expected failure: the day they stop
-# spilling this XPASSes and the mark must go.
-KNOWN_FAILURES = {": spills": "the widest-D backward row pass (atomic dY) and fp64 triplet kernels still spill"}
+# Open (issue 11): 16 variants of the default selection still spill (2026-11-27, bench/results/compile/report.md):
+# the forward and batch-hard selection with D = 256 walked in chunks or unaligned (6 to 34 registers), the column
+# pass for fp32 rows at D = 256 even with the smallest tile (4), and the triplet kernels on fp64 rows of D >= 256 and
+# fp16 rows of D = 8192. Kept visible as a strict expected failure: the day they stop spilling this XPASSes and the
+# mark must go.
+KNOWN_FAILURES = {": spills": "16 variants still spill: chunked / unaligned D = 256, fp32 column pass, fp64 triplets"}
 
 
 @pytest.mark.parametrize("failure", [pytest.param(f, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[f])]

@@ -116,7 +116,8 @@ class _Rows:
         return self._element_size
 
 
-def kept_configs(arch: int, block_d: int, element_size: int, backward: bool, full_d: bool = True):
+def kept_configs(arch: int, block_d: int, element_size: int, backward: bool, full_d: bool = True,
+                 precision: str = "ieee"):
     """ops._configs() (the GPU list) as ops._pruner keeps it on a GPU with the architecture's shared memory."""
     ops = _ops()
     limit = ARCHS[arch][1]
@@ -124,7 +125,8 @@ def kept_configs(arch: int, block_d: int, element_size: int, backward: bool, ful
     original = ops._shared_memory_limit
     ops._shared_memory_limit = lambda device: limit
     try:
-        return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d})
+        return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d,
+                                      "PRECISION": precision})
     finally:
         ops._shared_memory_limit = original
 
@@ -321,7 +323,7 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         base = dict(ACC=acc_tl, PRECISION=precision)
 
         def configs(block_d, full_d, backward, count):
-            kept = kept_configs(arch, block_d, element, backward, full_d)
+            kept = kept_configs(arch, block_d, element, backward, full_d, precision)
             if count == "all":
                 return kept
             return [max(kept, key=lambda c: ops.shared_memory_estimate(c, block_d, element, backward, full_d))]

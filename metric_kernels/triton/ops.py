@@ -88,7 +88,8 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     shapes = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3),
-              (128, 32, 8, 3), (32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2))
+              (128, 32, 8, 3), (32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2),
+              (32, 16, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -116,7 +117,11 @@ def register_estimate(config, block_d_: int, element_size: int, backward: bool) 
     return values // (32 * config.num_warps)
 
 
-REGISTER_LIMIT = 128  # per thread, of register_estimate: above it the compile sweep found spills
+# Per thread, of register_estimate, by (backward, products on tensor cores): above these the compile sweep
+# (bench/results/compile) found spills. The backward holds a gradient block and its atomic partial besides the
+# epilogue's tiles: at D = 256 only 16 x 16 tiles stay clear (a kernel restructure, not pruning, would let larger
+# ones through). fp32 at "highest" precision and fp64 multiply on the CUDA cores from registers: tighter limits.
+REGISTER_LIMIT = {(False, True): 384, (True, True): 64, (False, False): 112, (True, False): 40}
 
 
 def _pruner(backward: bool):
@@ -126,7 +131,9 @@ def _pruner(backward: bool):
         width, element, full_d = args["BLOCK_D"], x.element_size(), args.get("FULL_D", True)
         limit = _shared_memory_limit(x.device)
         fits = [c for c in configs if shared_memory_estimate(c, width, element, backward, full_d) <= limit]
-        kept = [c for c in fits if register_estimate(c, width, element, backward) <= REGISTER_LIMIT]
+        tensor_cores = element <= 2 or args.get("PRECISION") == "tf32"
+        limit_registers = REGISTER_LIMIT[(backward, tensor_cores)]
+        kept = [c for c in fits if register_estimate(c, width, element, backward) <= limit_registers]
         if kept:
             return kept
         # Nothing within both limits: the config with the fewest live values among those that fit.
