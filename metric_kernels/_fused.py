@@ -33,6 +33,15 @@ def check_row_state(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor) ->
             raise ValueError(f"{name} must be on the rows' device ({x.device}), got {tensor.device}")
 
 
+def fake_gradients(x, y, need_dx: bool, need_dy: bool):
+    """The (dx, dy) shapes of a fused backward op: an unneeded gradient has 0 rows; y = None (the references are the
+    queries) puts the whole gradient in dx."""
+    if y is None:
+        return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
+    return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
+            y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
+
+
 def register_ops(prefix: str) -> None:
     """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_* ops."""
     forward, backward, select = (f"metric_kernels::{prefix}_{op}"
@@ -46,10 +55,7 @@ def register_ops(prefix: str) -> None:
     @torch.library.register_fake(backward)
     def _(grad, stats, x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic, need_dx,
           need_dy):
-        if y is None:
-            return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
-        return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
-                y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
+        return fake_gradients(x, y, need_dx, need_dy)
 
     @torch.library.register_fake(select)
     def _(x, y, x_labels, y_labels, self_offset, *options):  # triton's also takes `normalize`

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused import check_row_state, stats_dtype
+from .._fused import check_row_state, fake_gradients, stats_dtype
 from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
 
 # The widest D kept on chip whole (one tl.dot per tile); wider rows are walked in chunks of this width.
@@ -187,13 +187,34 @@ def loss_params(param_a: float, param_b: float, rows: torch.Tensor) -> torch.Ten
     return params
 
 
-def _walk_setup(x: torch.Tensor, y: torch.Tensor):
-    """What a pass over every (query, reference) tile needs first: N, both rows' norms (one set when y is x) and
-    how many programs share each row block's references."""
-    _check_rows(x, y)
+def _norms_of(x: torch.Tensor, y: torch.Tensor):
+    """Both rows' norms; one set when the references are the queries."""
     x_norms = row_norms(x)
-    y_norms = x_norms if y is x else row_norms(y)
-    return x.shape[0], x_norms, y_norms, reference_splits(x.shape[0], y.shape[0], x.device)
+    return x_norms, x_norms if y is x else row_norms(y)
+
+
+def _walk_setup(x: torch.Tensor, y: torch.Tensor):
+    """What a pass over every (query, reference) tile needs first: N, both rows' norms and how many programs share
+    each row block's references."""
+    _check_rows(x, y)
+    return (x.shape[0], *_norms_of(x, y), reference_splits(x.shape[0], y.shape[0], x.device))
+
+
+def _backward_setup(x: torch.Tensor, y: Optional[torch.Tensor], need_dx: bool, need_dy: bool):
+    """What a backward op does first: y = None means the references are the queries (one gradient, in dx); the
+    gradients in the rows' dtype, which every path then writes whole, or zeros when there is no pair.
+    Returns (y, same, need_dx, need_dy, dx, dy, has_pairs)."""
+    same = y is None
+    y = x if same else y
+    _check_rows(x, y)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    if same:
+        need_dx, need_dy = need_dx or need_dy, False
+    has_pairs = n > 0 and m > 0 and d > 0
+    new = torch.empty if has_pairs else torch.zeros
+    dx = new((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
+    dy = x.new_empty((0, d)) if same else new((m if need_dy else 0, d), dtype=y.dtype, device=x.device)
+    return y, same, need_dx, need_dy, dx, dy, has_pairs
 
 
 def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -245,21 +266,12 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     atomics (3 matmul-equivalents). Deterministic: a row pass for dX and a column pass for dY, each summing in a fixed
     order (4). When the references are the queries both land in one gradient."""
     check_row_state(grad, stats, x)
-    same = y is None
-    y = x if same else y
-    _check_rows(x, y)
-    n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    if same:
-        need_dx, need_dy = need_dx or need_dy, False
-    acc_dtype = stats_dtype(x.dtype)
-    # Every path below writes the whole of each gradient; without a pair both are zeros.
-    new = torch.zeros if n == 0 or m == 0 or d == 0 else torch.empty
-    dx = new((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
-    dy = x.new_empty((0, d)) if same else new((m if need_dy else 0, d), dtype=y.dtype, device=x.device)
-    if new is torch.zeros:
+    y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
+    if not has_pairs:
         return dx, dy
-    x_norms = row_norms(x)
-    y_norms = x_norms if same else row_norms(y)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    acc_dtype = stats_dtype(x.dtype)
+    x_norms, y_norms = _norms_of(x, y)
     scale = gradient_scale(grad, x_norms, y_norms, x.dtype, param_a, param_b)
     sizes, constexprs = _shape_args(x, y)
     width = constexprs["BLOCK_D"]
@@ -340,8 +352,7 @@ def triplet_distances(x: torch.Tensor, y: Optional[torch.Tensor], positive: torc
     out = torch.empty((2, n), dtype=stats_dtype(x.dtype), device=x.device)
     if n == 0:
         return out
-    x_norms = row_norms(x)
-    y_norms = x_norms if y is x else row_norms(y)
+    x_norms, y_norms = _norms_of(x, y)
     block_rows, width = _triplet_blocks(d)
     with _device_guard(x):
         _triplet_kernel.triplet_distances[(triton.cdiv(n, block_rows),)](
@@ -361,18 +372,11 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
                                normalize: bool, need_dx: bool, need_dy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dX, dY) in the rows' dtype; a distance of 0 passes no gradient (as torch.cdist). Deterministic: dY sums, per
     reference, the rows that chose it in a fixed order (the 2 N choices sorted by reference: O(N) integers)."""
-    same = y is None
-    y = x if same else y
-    _check_rows(x, y)
-    n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    if same:
-        need_dx, need_dy = need_dx or need_dy, False
-    dx = torch.zeros((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
-    dy = x.new_empty((0, d)) if same else torch.zeros((m if need_dy else 0, d), dtype=y.dtype, device=x.device)
-    if n == 0 or d == 0:
+    y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
+    if not has_pairs:
         return dx, dy
-    x_norms = row_norms(x)
-    y_norms = x_norms if same else row_norms(y)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    x_norms, y_norms = _norms_of(x, y)
     coefficients = torch.where(distances > 0, grad.to(distances.dtype) / distances, torch.zeros_like(distances))
     block_rows, width = _triplet_blocks(d)
     rows = (x, y, x_norms, y_norms)
@@ -395,10 +399,7 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
 
 @triplet_distances_backward.register_fake
 def _(grad, distances, x, y, positive, negative, normalize, need_dx, need_dy):
-    if y is None:
-        return x.new_empty((x.shape[0] if need_dx or need_dy else 0, x.shape[1])), x.new_empty((0, x.shape[1]))
-    return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
-            y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
+    return fake_gradients(x, y, need_dx, need_dy)
 
 
 def _triplet_setup_context(ctx, inputs, output):
