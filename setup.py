@@ -1,12 +1,15 @@
 """Builds metric_kernels._C by driving CMakeLists.txt with Ninja (the way vLLM does), so `pip install
 --no-build-isolation .`, `pip install --no-build-isolation -e .` and a plain `cmake -G Ninja` build give the same
-module. Install without build isolation: the extension must be built against the torch that will import it.
+module. Install without build isolation: the extension must be built against the torch that will import it. The
+build writes _C_build.json next to the module (CMakeLists.txt): the torch it was built against, which
+metric_kernels/backends.py compares with the running torch before anything loads _C.
 
 Environment variables:
   METRIC_KERNELS_BUILD_TYPE   CMake build type (default Release; Debug for a debug build)
   MAX_JOBS                    parallel compile jobs (default: the number of CPUs)
   METRIC_KERNELS_CUDA_ARCHS   CUDA architectures when CUDA sources are built (default "80;90")
-  METRIC_KERNELS_SKIP_EXT=1   install the pure-Python package only (backend="cpu" then reports it is not built)
+  METRIC_KERNELS_SKIP_EXT=1   install the pure-Python package only (backend="cpu" then reports it is not built); a
+                              wheel built so is a pure one (py3-none-any)
   METRIC_KERNELS_REQUIRE_EXT=1  fail the install when the extension does not build (CI sets it); otherwise a failed
                               build warns and the package installs without it
 """
@@ -20,6 +23,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SKIP_EXT = os.environ.get("METRIC_KERNELS_SKIP_EXT") == "1"
+BUILD_RECORD = "_C_build.json"  # the torch the module was built against (CMakeLists.txt writes it)
 
 
 class CMakeExtension(Extension):
@@ -29,7 +34,7 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def run(self):
-        if os.environ.get("METRIC_KERNELS_SKIP_EXT") == "1":
+        if SKIP_EXT:
             print("metric_kernels: METRIC_KERNELS_SKIP_EXT=1, not building the native extension")
             return
         try:
@@ -64,6 +69,16 @@ class CMakeBuild(build_ext):
         built = os.path.join(output_dir, "_C" + suffix)
         if os.path.abspath(built) != os.path.abspath(expected):
             shutil.copyfile(built, expected)
+        self._record_dirs = {**getattr(self, "_record_dirs", {}), ext.name: output_dir}
+
+    def copy_extensions_to_source(self):
+        # An editable install builds into a temporary directory and copies the module into the source tree; the build
+        # record (_C_build.json, written by CMakeLists.txt beside the module) must follow it there.
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            record = os.path.join(getattr(self, "_record_dirs", {}).get(ext.name, ""), BUILD_RECORD)
+            if os.path.isfile(record):
+                self.copy_file(record, os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_RECORD))
 
 
-setup(ext_modules=[CMakeExtension("metric_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[] if SKIP_EXT else [CMakeExtension("metric_kernels._C")], cmdclass={"build_ext": CMakeBuild})

@@ -3,13 +3,12 @@
 Circle, SupCon, batch-hard triplet and Proxy-Anchor with pytorch-metric-learning's semantics, computed by a choice of
 backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where built). See README.md and docs/.
 """
+from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .functional import batch_hard_triplet_loss, circle_loss, multiview, proxy_anchor_loss, supcon_loss
 from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
@@ -25,4 +24,5 @@ __all__ = [
     "multiview",
     "proxy_anchor_loss",
     "supcon_loss",
+    "__version__",
 ]

@@ -18,6 +18,8 @@ normalisation, batch-level rules, reductions) lives once in metric_kernels.funct
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import os
 from types import ModuleType
 from typing import Dict, Optional
@@ -43,6 +45,11 @@ _AUTO_ORDER = {
 }
 
 
+# The backends whose modules load the native extension metric_kernels._C.
+_NATIVE = ("cuda", "cpu", "cuda-emulated")
+BUILD_RECORD = "_C_build.json"  # written beside _C by CMakeLists.txt: {"torch": the torch version it was built against}
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says which and why."""
 
@@ -66,9 +73,38 @@ def _import(name: str):
         return None, f"backend {name!r} cannot be imported: {error}"
 
 
+def native_build_mismatch() -> Optional[str]:
+    """Why metric_kernels._C must not be loaded by this process, or None (it may be, or it is not built, which the
+    native backends then say themselves). Decided from the build record beside the module, before anything loads
+    it: a module built against another torch has that torch's C++ ABI, so loading it may fail, or load and crash
+    later."""
+    spec = importlib.util.find_spec(__name__.rpartition(".")[0] + "._C")
+    if spec is None or not spec.origin:
+        return None
+    record = os.path.join(os.path.dirname(spec.origin), BUILD_RECORD)
+    try:
+        with open(record, encoding="utf-8") as file:
+            built = json.load(file)["torch"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return (f"metric_kernels._C has no readable record of the torch it was built against ({record}: {error}); "
+                "reinstall metric_kernels against this torch (see 'Building the native extension' in README.md)")
+    running = str(torch.__version__)
+    if built != running:
+        return (f"metric_kernels._C was built against torch {built}, running {running}; reinstall metric_kernels "
+                "against this torch (`pip install --no-build-isolation ...`, see 'Building the native extension' in "
+                "README.md)")
+    return None
+
+
+def _load_all():
+    mismatch = native_build_mismatch()
+    return {name: (None, f"backend {name!r} is not loaded: {mismatch}") if mismatch and name in _NATIVE
+            else _import(name) for name in _MODULES}
+
+
 # Imported once, when metric_kernels is: resolving a backend is then a dictionary lookup, which torch.compile can
 # trace (it cannot trace importlib). A backend module must therefore import cheaply and fail softly.
-_LOADED = {name: _import(name) for name in _MODULES}
+_LOADED = _load_all()
 
 
 def _load(name: str):
