@@ -12,6 +12,7 @@ import numbers
 import torch
 from torch import nn
 
+from . import _pml_keywords as keywords
 from . import _validation as check
 from .modules import BatchHardTripletLoss, CircleLoss, SupConLoss, _labels_on, _no_miners
 
@@ -19,22 +20,27 @@ _LOSSES = (CircleLoss, SupConLoss, BatchHardTripletLoss)
 
 
 class CrossBatchMemory(nn.Module):
-    """`CrossBatchMemory(loss, embedding_size, memory_size=1024)` for CircleLoss, SupConLoss and BatchHardTripletLoss,
-    as pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels, indices_tuple=None, enqueue_mask=None).
+    """`CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` for CircleLoss, SupConLoss and
+    BatchHardTripletLoss, as pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels,
+    indices_tuple=None, enqueue_mask=None). `supported_losses()` names the losses it takes, as PML's does.
 
     State (PML's names): `embedding_memory` (memory_size x embedding_size) and `label_memory` buffers, `queue_idx`
     (the next slot to write), `has_been_filled`; `reset_queue()` empties the memory. With `enqueue_mask`, the rows
     where it is True are enqueued and the others are the queries (no slot is left out), as in PML.
 
-    Differences from PML: miners (`indices_tuple`, PML's `miner=`) are not supported, the fused losses compute every
-    pair; a batch of one row leaves its own slot out (PML keeps it); enqueuing nothing never marks the memory as filled.
+    Differences from PML: miners (`indices_tuple`, and `miner=` other than None, which raises NotImplementedError)
+    are not supported, the fused losses compute every pair (batch-hard mining is BatchHardTripletLoss itself); a batch
+    of one row leaves its own slot out (PML keeps it); enqueuing nothing never marks the memory as filled.
     """
 
-    def __init__(self, loss, embedding_size, memory_size=1024):
+    def __init__(self, loss, embedding_size, memory_size=1024, miner=None, *, collect_stats=None):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss or BatchHardTripletLoss, got "
                             f"{type(loss).__name__}")
+        keywords.check_none("CrossBatchMemory", miner=miner)
+        keywords.check_collect_stats("CrossBatchMemory", collect_stats)
+        self.miner = None
         for value, name in ((embedding_size, "embedding_size"), (memory_size, "memory_size")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -44,6 +50,18 @@ class CrossBatchMemory(nn.Module):
         self.embedding_size = int(embedding_size)
         self.memory_size = int(memory_size)
         self.reset_queue()
+
+    @staticmethod
+    def supported_losses():
+        """The names of the loss classes this wrapper takes (PML's holds its own class names, as strings)."""
+        return [cls.__name__ for cls in _LOSSES]
+
+    @classmethod
+    def check_loss_support(cls, loss_name):
+        """PML's check: raises for a loss class name not in supported_losses()."""
+        if loss_name not in cls.supported_losses():
+            raise TypeError(f"CrossBatchMemory does not support {loss_name}: it takes "
+                            f"{', '.join(cls.supported_losses())}")
 
     def reset_queue(self):
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))

@@ -2,6 +2,13 @@
 
 They are thin: each holds its hyper-parameters and calls the functional loss, so a PML training loop can swap
 `pytorch_metric_learning.losses.CircleLoss(...)` for `metric_kernels.CircleLoss(...)` unchanged.
+
+PML's base-class keywords are accepted with PML's defaults: `distance=` (each loss's PML default distance),
+`reducer=` (AvgNonZeroReducer, MeanReducer, SumReducer, DoNothingReducer, PerAnchorReducer of one of the first three;
+ProxyAnchorLoss also DivisorReducer), `embedding_regularizer=None`, `embedding_reg_weight`, `collect_stats=None/False`,
+and ProxyAnchorLoss's `weight_regularizer=None`, `weight_reg_weight` and `weight_init_func`. A value the fused kernels
+cannot honour raises NotImplementedError naming the keyword and the value (see metric_kernels/_pml_keywords.py and
+docs/index.md, "PML's constructor keywords").
 """
 from __future__ import annotations
 
@@ -10,8 +17,10 @@ import numbers
 import torch
 from torch import nn
 
+from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
+from ._pairs import pair_counts
 from .backends import check_backend_name
 
 
@@ -31,12 +40,42 @@ def _labels_on(labels, embeddings, name):
     return labels
 
 
+def _accept_pml_keywords(module: nn.Module, owner: str, distance, reducer, reduction, embedding_regularizer,
+                         embedding_reg_weight, collect_stats, default_mode: str) -> str:
+    """Resolves PML's base-class keywords onto `module`: distance_spec, the reducer mode (_reducer_mode) and PML's
+    attribute names (distance, reducer: the objects given, or None for PML's defaults). Returns the functional
+    reduction that the reducer mode reduces."""
+    module.distance_spec = keywords.resolve_distance(owner, distance)
+    module._reducer_mode, functional_reduction = keywords.resolve_reducer(owner, reducer, reduction, default_mode)
+    keywords.check_none(owner, embedding_regularizer=embedding_regularizer)
+    keywords.check_collect_stats(owner, collect_stats)
+    module.distance, module.reducer = distance, reducer
+    module.embedding_regularizer = None
+    module.embedding_reg_weight = keywords.check_reg_weight(embedding_reg_weight, "embedding_reg_weight")
+    return functional_reduction
+
+
+def _keywords_repr(module: nn.Module) -> str:
+    """The PML keywords that differ from the defaults, for extra_repr."""
+    parts = []
+    if module.distance is not None:
+        parts.append(f"distance={keywords.describe(module.distance)}")
+    if module.reducer is not None:
+        parts.append(f"reducer={keywords.describe(module.reducer)}")
+    return "".join(", " + part for part in parts)
+
+
 class _PairLoss(nn.Module):
     """forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, self_offset=None)."""
 
-    def __init__(self, reduction: str, backend: str, deterministic):
+    _PML_NAME = ""  # the module's name in metric_kernels/_pml_keywords.py's tables
+
+    def __init__(self, reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                 embedding_reg_weight, collect_stats):
         super().__init__()
-        self.reduction = check.check_reduction(reduction)
+        self.reduction = _accept_pml_keywords(self, self._PML_NAME, distance, reducer, reduction,
+                                              embedding_regularizer, embedding_reg_weight, collect_stats,
+                                              "mean_nonzero")
         self.backend = check_backend_name(backend)
         if deterministic is not None:
             check.check_bool(deterministic, "deterministic")
@@ -48,30 +87,69 @@ class _PairLoss(nn.Module):
         labels = _labels_on(labels, embeddings, "labels")
         if ref_labels is not None:
             ref_labels = _labels_on(ref_labels, ref_emb if ref_emb is not None else embeddings, "ref_labels")
-        return self._loss(embeddings, labels, ref_emb, ref_labels, self_offset=self_offset,
-                          reduction=self.reduction, backend=self.backend, deterministic=self.deterministic)
+        value = self._loss(embeddings, labels, ref_emb, ref_labels, self_offset=self_offset,
+                           reduction=self.reduction, backend=self.backend, deterministic=self.deterministic)
+        if self._reducer_mode == "unreduced":  # PML's DoNothingReducer: its loss dictionary, one loss per query
+            indices = torch.arange(value.shape[0], device=value.device)
+            return {"loss": {"losses": self._pml_rows(value), "indices": indices, "reduction_type": "element"}}
+        if self._reducer_mode == "mean_over_triplets":  # PML's MeanReducer over the mined triplets
+            y_labels = labels if ref_emb is None else ref_labels
+            positives, negatives = pair_counts(labels.long(), y_labels.long(), 0 if ref_emb is None else self_offset)
+            triplets = ((positives > 0) & (negatives > 0)).sum().clamp(min=1)
+            return value.sum() / triplets.to(value.dtype)
+        return value
 
     def _loss(self, *args, **kwargs):
         raise NotImplementedError
 
+    @staticmethod
+    def _pml_rows(rows):
+        """The per-query losses in the shape PML's loss dictionary holds them."""
+        return rows
+
 
 class CircleLoss(_PairLoss):
-    def __init__(self, m=0.4, gamma=80, *, reduction="mean_nonzero", backend="auto", deterministic=None):
-        super().__init__(reduction, backend, deterministic)
+    """PML's CircleLoss(m=0.4, gamma=80): see docs/losses/circle.md.
+
+    reduction: None means PML's default ("mean_nonzero"), or what `reducer=` says; PML's keywords: distance (only
+    CosineSimilarity() for now), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "CircleLoss"
+
+    def __init__(self, m=0.4, gamma=80, *, reduction=None, backend="auto", deterministic=None, distance=None,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
         self.m = check.check_real(m, "m")
         self.gamma = check.check_positive(gamma, "gamma")
 
     def _loss(self, *args, **kwargs):
         return functional.circle_loss(*args, m=self.m, gamma=self.gamma, **kwargs)
 
+    @staticmethod
+    def _pml_rows(rows):
+        return rows.unsqueeze(1)  # PML's CircleLoss keeps its per-query losses as an N x 1 column
+
     def extra_repr(self):
-        return f"m={self.m}, gamma={self.gamma}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"m={self.m}, gamma={self.gamma}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + _keywords_repr(self))
 
 
 class SupConLoss(_PairLoss):
-    def __init__(self, temperature=0.1, *, base_temperature=None, reduction="mean_nonzero", backend="auto",
-                 deterministic=None):
-        super().__init__(reduction, backend, deterministic)
+    """PML's SupConLoss(temperature=0.1): see docs/losses/supcon.md. base_temperature (SupContrast's) scales by t / b.
+
+    reduction: None means PML's default ("mean_nonzero"), or what `reducer=` says; PML's keywords: distance (only
+    CosineSimilarity() for now), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "SupConLoss"
+
+    def __init__(self, temperature=0.1, *, base_temperature=None, reduction=None, backend="auto",
+                 deterministic=None, distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1,
+                 collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
         self.temperature = check.check_positive(temperature, "temperature")
         self.base_temperature = (None if base_temperature is None
                                  else check.check_positive(base_temperature, "base_temperature"))
@@ -82,16 +160,36 @@ class SupConLoss(_PairLoss):
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}" + _keywords_repr(self))
 
 
 class BatchHardTripletLoss(_PairLoss):
-    def __init__(self, margin=0.05, soft=False, normalize_embeddings=True, *, reduction="mean_nonzero",
-                 backend="auto", deterministic=None):
-        super().__init__(reduction, backend, deterministic)
+    """PML's BatchHardMiner + TripletMarginLoss(margin=0.05, smooth_loss=soft) in one module: see
+    docs/losses/batch-hard-triplet.md.
+
+    normalize_embeddings: None means True, or what `distance=` says (LpDistance(normalize_embeddings=...), p=2,
+    power=1, the distance PML's miner and loss share); given together with a distance it must agree. reduction: None
+    means PML's default ("mean_nonzero"), or what `reducer=` says (MeanReducer() averages over the queries that have a
+    positive and a negative, as PML averages over the mined triplets).
+    """
+
+    _PML_NAME = "BatchHardTripletLoss"
+
+    def __init__(self, margin=0.05, soft=False, normalize_embeddings=None, *, reduction=None, backend="auto",
+                 deterministic=None, distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1,
+                 collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
         self.margin = check.check_real(margin, "margin")
         self.soft = check.check_bool(soft, "soft")
-        self.normalize_embeddings = check.check_bool(normalize_embeddings, "normalize_embeddings")
+        if normalize_embeddings is None:
+            normalize_embeddings = self.distance_spec.normalize
+        check.check_bool(normalize_embeddings, "normalize_embeddings")
+        if distance is not None and normalize_embeddings != self.distance_spec.normalize:
+            raise ValueError(f"normalize_embeddings={normalize_embeddings} conflicts with "
+                             f"distance={keywords.describe(distance)}: pass one of them")
+        self.normalize_embeddings = normalize_embeddings
+        self.distance_spec = keywords.DistanceSpec("lp", power=1, normalize=normalize_embeddings)
 
     def _loss(self, *args, **kwargs):
         return functional.batch_hard_triplet_loss(*args, margin=self.margin, soft=self.soft,
@@ -99,20 +197,39 @@ class BatchHardTripletLoss(_PairLoss):
 
     def extra_repr(self):
         return (f"margin={self.margin}, soft={self.soft}, normalize_embeddings={self.normalize_embeddings}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}" + _keywords_repr(self))
 
 
 class ProxyAnchorLoss(nn.Module):
-    """Owns `proxies`, a num_classes x embedding_size nn.Parameter initialised as PML does (kaiming_normal_,
-    mode="fan_out"), so the same seed gives the same proxies as PML's class."""
+    """PML's ProxyAnchorLoss(num_classes, embedding_size, margin=0.1, alpha=32): see docs/losses/proxy-anchor.md.
 
-    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, *, backend="auto", deterministic=None):
+    Owns `proxies`, a num_classes x embedding_size nn.Parameter initialised as PML does (kaiming_normal_,
+    mode="fan_out", or PML's `weight_init_func` when given, called on the proxies), so the same seed gives the same
+    proxies as PML's class. PML's keywords: distance (only CosineSimilarity() for now), reducer (PML's default is
+    DivisorReducer: sum of positive terms / |P+| + sum of negative terms / C; another reducer reduces each of the two
+    per-proxy terms and adds them, as PML's MultipleReducers), embedding_regularizer and weight_regularizer (None),
+    embedding_reg_weight, weight_reg_weight, collect_stats.
+    """
+
+    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, *, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1,
+                 weight_regularizer=None, weight_reg_weight=1, weight_init_func=None, collect_stats=None):
         super().__init__()
         for value, name in ((num_classes, "num_classes"), (embedding_size, "embedding_size")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self._term_reduction = _accept_pml_keywords(self, "ProxyAnchorLoss", distance, reducer, None,
+                                                    embedding_regularizer, embedding_reg_weight, collect_stats,
+                                                    "divisor")
+        keywords.check_none("ProxyAnchorLoss", weight_regularizer=weight_regularizer)
+        self.weight_regularizer = None
+        self.weight_reg_weight = keywords.check_reg_weight(weight_reg_weight, "weight_reg_weight")
+        if weight_init_func is not None and not callable(weight_init_func):
+            raise TypeError(f"weight_init_func must be callable (it is called on the proxies), got "
+                            f"{type(weight_init_func).__name__}")
+        self.weight_init_func = weight_init_func
         self.num_classes = num_classes = int(num_classes)
         self.embedding_size = embedding_size = int(embedding_size)
         self.margin = check.check_real(margin, "margin")
@@ -122,15 +239,31 @@ class ProxyAnchorLoss(nn.Module):
             check.check_bool(deterministic, "deterministic")
         self.deterministic = deterministic
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        if weight_init_func is None:
+            nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        else:
+            weight_init_func(self.proxies)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         _no_miners(indices_tuple)
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb and ref_labels are not supported by ProxyAnchorLoss: the proxies are the references")
         labels = _labels_on(labels, embeddings, "labels")
-        return functional.proxy_anchor_loss(embeddings, labels, self.proxies, margin=self.margin, alpha=self.alpha,
-                                            backend=self.backend, deterministic=self.deterministic)
+        options = dict(margin=self.margin, alpha=self.alpha, backend=self.backend, deterministic=self.deterministic)
+        if self._reducer_mode == "divisor":
+            return functional.proxy_anchor_loss(embeddings, labels, self.proxies, **options)
+        positive_terms, negative_terms, guard = functional._proxy_anchor_terms(embeddings, labels, self.proxies,
+                                                                               **options)
+        if self._reducer_mode == "unreduced":  # PML's DoNothingReducer: its loss dictionary, one term per proxy each
+            indices = torch.arange(self.num_classes, device=positive_terms.device)
+            with_positive = int(torch.unique(labels).numel())
+            return {"pos_loss": {"losses": positive_terms + guard, "indices": indices, "reduction_type": "element",
+                                 "divisor": with_positive},
+                    "neg_loss": {"losses": negative_terms + guard, "indices": indices, "reduction_type": "element",
+                                 "divisor": self.num_classes}}
+        # PML's MultipleReducers: the reducer applied to each sub-loss, the two results added.
+        reduction = self._term_reduction
+        return functional._reduce(positive_terms, reduction) + functional._reduce(negative_terms, reduction) + guard
 
     def get_logits(self, embeddings):
         """Cosine similarities of the embeddings to every proxy, N x C (PML's get_logits)."""
@@ -145,4 +278,4 @@ class ProxyAnchorLoss(nn.Module):
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
-                f"alpha={self.alpha}, backend={self.backend!r}")
+                f"alpha={self.alpha}, backend={self.backend!r}" + _keywords_repr(self))
