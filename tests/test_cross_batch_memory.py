@@ -3,7 +3,7 @@ batches that fills the ring and wraps around it (memory_size not a multiple of t
 state (memory contents, queue_idx, has_been_filled)."""
 import pytest
 import torch
-from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning import losses, miners, reducers
 
 import metric_kernels as mk
 from metric_kernels.pml import exact_cdist
@@ -14,17 +14,19 @@ DIM = 7
 BATCHES = (4, 5, 3, 6, 4, 5, 2, 6, 6, 3)  # with memory 13: fills at the 5th, wraps at the 5th, 7th and 10th
 
 
-def _losses(name):
+def _losses(name, reducer=None):
+    """(ours, PML's, PML's miner); `reducer` (a PML reducer class) is given to both losses."""
+    kw = {} if reducer is None else {"reducer": reducer()}
     if name == "circle":
-        return mk.CircleLoss(m=0.3, gamma=40, backend="reference"), losses.CircleLoss(m=0.3, gamma=40), None
+        return mk.CircleLoss(m=0.3, gamma=40, backend="reference", **kw), losses.CircleLoss(m=0.3, gamma=40, **kw), None
     if name == "supcon":
-        return mk.SupConLoss(temperature=0.2, backend="reference"), losses.SupConLoss(temperature=0.2), None
+        return mk.SupConLoss(temperature=0.2, backend="reference", **kw), losses.SupConLoss(temperature=0.2, **kw), None
     if name == "batch_hard":
-        return (mk.BatchHardTripletLoss(margin=0.1, backend="reference"), losses.TripletMarginLoss(margin=0.1),
-                miners.BatchHardMiner())
+        return (mk.BatchHardTripletLoss(margin=0.1, backend="reference", **kw),
+                losses.TripletMarginLoss(margin=0.1, **kw), miners.BatchHardMiner())
     assert name == "batch_hard_soft"
-    return (mk.BatchHardTripletLoss(margin=0.05, soft=True, backend="reference"),
-            losses.TripletMarginLoss(margin=0.05, smooth_loss=True), miners.BatchHardMiner())
+    return (mk.BatchHardTripletLoss(margin=0.05, soft=True, backend="reference", **kw),
+            losses.TripletMarginLoss(margin=0.05, smooth_loss=True, **kw), miners.BatchHardMiner())
 
 
 def _grad(value, x):
@@ -34,8 +36,8 @@ def _grad(value, x):
     return torch.zeros_like(x) if grad is None else grad
 
 
-def _compare_sequence(name, memory_size, batches, seed, with_mask=False):
-    ours_loss, their_loss, miner = _losses(name)
+def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer=None):
+    ours_loss, their_loss, miner = _losses(name, reducer)
     ours = mk.CrossBatchMemory(ours_loss, DIM, memory_size=memory_size)
     theirs = losses.CrossBatchMemory(their_loss, DIM, memory_size=memory_size, miner=miner)
     g = torch.Generator().manual_seed(seed)
@@ -67,6 +69,14 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False):
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
     assert ours.has_been_filled
+
+
+@pytest.mark.parametrize("reducer", [reducers.MeanReducer, reducers.SumReducer])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard"])
+def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
+    """The loss's reducer= inside the memory: for batch-hard, MeanReducer averages over the queries that have a
+    positive and a negative among the memory's other slots (PML's mined triplets)."""
+    _compare_sequence(name, 13, BATCHES, seed=4, reducer=reducer)
 
 
 @pytest.mark.parametrize("name", ["circle", "supcon"])
