@@ -55,6 +55,9 @@ SUPPORTED_DISTANCES = {
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
 }
 
+# Where PML's own loss accepts only some distance classes (c_f.assert_distance_type), no table entry can add others.
+PML_DISTANCE_CLASSES = {"CircleLoss": ("CosineSimilarity",)}
+
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
 #   "element": one loss per query (Circle, SupCon);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
@@ -132,9 +135,11 @@ def resolve_distance(owner: str, distance) -> DistanceSpec:
         return supported[0]
     spec = distance_spec(distance)
     if spec is None or spec not in supported:
-        raise _unsupported("distance", distance, owner,
-                           f"its fused kernels compute {' or '.join(map(str, supported))} (PML's default is "
-                           f"{supported[0]}; passing distance=None gives it)")
+        reason = (f"its fused kernels compute {' or '.join(map(str, supported))} (distance=None is PML's default, "
+                  f"{supported[0]})")
+        if owner in PML_DISTANCE_CLASSES and type(distance).__name__ not in PML_DISTANCE_CLASSES[owner]:
+            reason += f"; PML's {owner} accepts only {' or '.join(PML_DISTANCE_CLASSES[owner])} too"
+        raise _unsupported("distance", distance, owner, reason)
     return spec
 
 

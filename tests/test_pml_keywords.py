@@ -255,6 +255,14 @@ def test_divisor_reducer_on_pair_losses(build):
         build(reducer=reducers.DivisorReducer())
 
 
+def test_circle_with_another_distance():
+    """PML's CircleLoss asserts a CosineSimilarity (AssertionError); ours raises NotImplementedError, saying so."""
+    with pytest.raises(AssertionError):
+        losses.CircleLoss(distance=distances.LpDistance())
+    with pytest.raises(NotImplementedError, match="PML's CircleLoss accepts only CosineSimilarity too"):
+        mk.CircleLoss(distance=distances.LpDistance())
+
+
 def test_unset_keywords_read_none_where_pml_holds_its_default_objects():
     """PML fills `distance` and `reducer` with its default objects; ours keep what was given (None), so that
     metric_kernels never imports PML, and `distance_spec` says what is computed."""
