@@ -124,14 +124,15 @@ def dists(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory):
-    """A new venv with the torch this session runs (the same version string, so the CPU build of the same release),
+    """A new venv with the torch this session runs (its distribution's version, e.g. 2.13.0+cpu: the same build),
     nothing else installed by hand. Returns (python, site-packages/metric_kernels)."""
     venv = tmp_path_factory.mktemp("venv") / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], 300)
     python = str(venv / "bin" / "python")
-    _run([python, "-m", "pip", "install", "-q", f"torch=={torch.__version__}"], 900, env=_clean_env())
+    _run([python, "-m", "pip", "install", "-q", f"torch=={importlib.metadata.version('torch')}"], 900, env=_clean_env())
     where = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60).stdout.strip()
-    return python, os.path.join(where, "metric_kernels")
+    yield python, os.path.join(where, "metric_kernels")
+    shutil.rmtree(venv, ignore_errors=True)  # about 1 GB; pytest keeps its last temporary directories
 
 
 def _smoke(python, mode, expected, where, cwd):
