@@ -75,12 +75,10 @@ def _check(levels, failure):
     assert not found, f"{len(found)} problems (report: {report}):\n" + "\n".join(found[:40])
 
 
-# Open (issue 11): 16 variants of the default selection still spill (2026-11-27, bench/results/compile/report.md):
-# the forward and batch-hard selection with D = 256 walked in chunks or unaligned (6 to 34 registers), the column
-# pass for fp32 rows at D = 256 even with the smallest tile (4), and the triplet kernels on fp64 rows of D >= 256 and
-# fp16 rows of D = 8192. Kept visible as a strict expected failure: the day they stop spilling this XPASSes and the
-# mark must go.
-KNOWN_FAILURES = {": spills": "16 variants still spill: chunked / unaligned D = 256, fp32 column pass, fp64 triplets"}
+# Properties the current code is known to miss, each an expected failure that must XPASS away: none now. Spills were
+# the last (2026-11-27): gone by chunking D for the products at 64 columns, pruning by the rows' layout, the ops
+# giving the kernels unit column strides, and the triplet kernels' warps sized to their tiles.
+KNOWN_FAILURES = {}
 
 
 @pytest.mark.parametrize("failure", [pytest.param(f, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[f])]

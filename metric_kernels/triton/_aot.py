@@ -56,6 +56,7 @@ SIXTEEN_BIT = ("bf16", "fp16")
 LEVELS = ("core", "ci", "sweep", "full")
 DOT_KERNELS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
 KINDS = (0, 1, 2)  # circle, supcon, proxy_anchor
+BACKWARD_PASSES = ("rows", "columns")  # of ops._pruner's passes
 # (WITH_DY, ATOMIC_DX) as ops.lse_rows_backward sets them, each with the types its dx_ptr gets: "rows" the gradient
 # itself, "acc" an accumulator or the fp32 partial the column pass completes (the references are the queries).
 ROW_FLAGS = (((True, False), ("rows",)), ((False, False), ("rows", "acc")), ((True, True), ("acc",)),
@@ -116,19 +117,20 @@ class _Rows:
         return self._element_size
 
 
-def kept_configs(arch: int, block_d: int, element_size: int, backward: bool, full_d: bool = True,
-                 precision: str = "ieee"):
-    """ops._configs() (the GPU list) as ops._pruner keeps it on a GPU with the architecture's shared memory."""
+def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, full_d: bool = True,
+                 precision: str = "ieee", aligned: bool = True):
+    """ops._configs() (the GPU list) as ops._pruner(kernel_pass) keeps it on a GPU of the architecture (its shared
+    memory, its measured exceptions)."""
     ops = _ops()
     limit = ARCHS[arch][1]
-    prune = ops._pruner(backward)["early_config_prune"]
-    original = ops._shared_memory_limit
-    ops._shared_memory_limit = lambda device: limit
+    prune = ops._pruner(kernel_pass)["early_config_prune"]
+    original = ops._shared_memory_limit, ops._arch
+    ops._shared_memory_limit, ops._arch = (lambda device: limit), (lambda device: arch)
     try:
         return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d,
-                                      "PRECISION": precision})
+                                      "PRECISION": precision, "ALIGNED": int(aligned)})
     finally:
-        ops._shared_memory_limit = original
+        ops._shared_memory_limit, ops._arch = original
 
 
 def _widths(element_size: int):
@@ -184,7 +186,7 @@ def _signature(kernel: str, pointers: Dict[str, str], acc: str, constexprs: Dict
     for position, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif aligned and name in ("stride_xd", "stride_yd"):
+        elif name in ("stride_xd", "stride_yd"):  # the ops give the kernels rows of unit column stride
             signature[name] = "constexpr"
             constexprs[name] = 1
         elif name.endswith("_ptr"):
@@ -227,10 +229,10 @@ def _plain_cases(ops, element, widths, widest):
     for block_d, count in norm_widths.items():
         cases.append(("row_norms", str(block_d), block_d, "", dict(BLOCK_R=ops._NORM_BLOCK_ROWS), {}, True, count))
     for d in TRIPLET_DIMS:  # the whole of D on chip, rows per program so that a tile holds about 4096 values
-        block_rows, block_d = ops._triplet_blocks(d)
+        block_rows, block_d, row_warps, reference_warps = ops._triplet_blocks(d, element)
         count = {4096: "core", 256: "ci", 8192: "ci", 64: "sweep"}.get(d, "full")
         for normalize in (True, False):
-            tile = dict(BLOCK_R=block_rows, NORMALIZE=normalize)
+            tile = dict(BLOCK_R=block_rows, NORMALIZE=normalize, num_warps=row_warps)
             cases.append(("triplet_distances", str(block_d), block_d, f"normalize={int(normalize)}", tile, {},
                           normalize, count))
             for dx in ("acc", "rows"):  # an fp32 partial when the references are the queries
@@ -240,7 +242,7 @@ def _plain_cases(ops, element, widths, widest):
             for accumulate in (True, False):
                 cases.append(("triplet_distances_backward_references", str(block_d), block_d,
                               f"normalize={int(normalize)},accumulate={int(accumulate)}",
-                              dict(NORMALIZE=normalize, ACCUMULATE=accumulate),
+                              dict(NORMALIZE=normalize, ACCUMULATE=accumulate, num_warps=reference_warps),
                               dict(partial="acc" if accumulate else "rows"), normalize and accumulate, count))
     return cases
 
@@ -322,39 +324,43 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
         base = dict(ACC=acc_tl, PRECISION=precision)
 
-        def configs(block_d, full_d, backward, count):
-            kept = kept_configs(arch, block_d, element, backward, full_d, precision)
+        def configs(block_d, full_d, kernel_pass, count, aligned=True):
+            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned)
             if count == "all":
                 return kept
+            backward = kernel_pass in BACKWARD_PASSES
             return [max(kept, key=lambda c: ops.shared_memory_estimate(c, block_d, element, backward, full_d))]
 
-        # per kernel: (backward?, [(kind or None, flags label, constexprs, pointer options, heaviest flags?)])
+        # per kernel: (its pass in ops._pruner, [(kind or None, flags label, constexprs, pointer options, heaviest
+        # flags?)])
         row_cases = [(kind, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}", dict(KIND=kind, WITH_DY=dy,
                       ATOMIC_DX=adx), dict(dx=dx), (dy, adx, dx) == (True, False, "rows"))
                      for kind in KINDS for (dy, adx), dxs in ROW_FLAGS for dx in dxs]
         column_cases = [(kind, f"accumulate={int(acc_)}", dict(KIND=kind, ACCUMULATE=acc_),
                          dict(partial="acc" if acc_ else "rows"), acc_) for kind in KINDS for acc_ in (False, True)]
-        plans = [("lse_rows_forward", False, [(kind, "", dict(KIND=kind), {}, True) for kind in KINDS]),
-                 ("lse_rows_backward_rows", True, row_cases),
-                 ("lse_rows_backward_columns", True, column_cases),
-                 ("batch_hard_select", False, [(None, f"normalize={int(nz)}", dict(NORMALIZE=nz), {}, nz)
-                                               for nz in (True, False)])]
-        for kernel, backward, cases in plans:
+        plans = [("lse_rows_forward", "forward", [(kind, "", dict(KIND=kind), {}, True) for kind in KINDS]),
+                 ("lse_rows_backward_rows", "rows", row_cases),
+                 ("lse_rows_backward_columns", "columns", column_cases),
+                 ("batch_hard_select", "select", [(None, f"normalize={int(nz)}", dict(NORMALIZE=nz), {}, nz)
+                                                  for nz in (True, False)])]
+        for kernel, kernel_pass, cases in plans:
+            backward = kernel_pass in BACKWARD_PASSES
             for kind, flags, extra, pointer_options, heaviest in cases:
                 pointers = _pointer_types(kernel, rows, acc, **pointer_options)
                 primary = heaviest and kind in (None, 0)
                 for width_label, block_d, full_d in widths:
                     count = _selection(level, dtype, primary, heaviest or kind in (None, 0), width_label, widest)
-                    for config in configs(block_d, full_d, backward, count) if count else ():
+                    for config in configs(block_d, full_d, kernel_pass, count) if count else ():
                         add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config,
                             dict(base, **extra), pointers, count == "all", element=element, backward=backward)
                 if primary and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
-                    # the unaligned launch (D not a multiple of 16, strided rows): one config, the widest D on chip
-                    width_label, block_d, full_d = next(w for w in widths if w[0] == widest)
-                    add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
-                        configs(block_d, full_d, backward, "one")[0], dict(base, **extra), pointers, False,
-                        aligned=False,
-                        element=element, backward=backward)
+                    # the unaligned launches (D not a multiple of 16, or rows not 16-byte aligned): one config each,
+                    # the widest D on chip and D in chunks
+                    for width_label, block_d, full_d in widths:
+                        if width_label == widest or not full_d:
+                            add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
+                                configs(block_d, full_d, kernel_pass, "one", aligned=False)[0], dict(base, **extra),
+                                pointers, False, aligned=False, element=element, backward=backward)
         if dtype == "fp32-ieee":
             continue  # the kernels below have no product: one fp32 entry
         label = "fp32" if dtype == "fp32-tf32" else dtype
@@ -362,7 +368,7 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 ops, element, widths, widest):
             if _plain_selected(level, heaviest, count):
                 add(kernel, label, acc, width_label, block_d, None, None, flags, None,
-                    dict(ACC=acc_tl, num_warps=4, num_stages=3, **extra),
+                    dict(dict(ACC=acc_tl, num_warps=4, num_stages=3), **extra),
                     _pointer_types(kernel, rows, acc, **pointer_options), False)
     return out
 

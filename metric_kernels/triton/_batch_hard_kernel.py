@@ -31,7 +31,8 @@ def _scaled_norms(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, value_ptr, choice_ptr,
-                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, SPLIT, N_BUCKET, M_BUCKET,
+                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, SPLIT,
+                      N_BUCKET, M_BUCKET, ALIGNED,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr, NORMALIZE: tl.constexpr):
     """value/choice[split, 0, rows]: farthest positive (squared distance, index); [split, 1, rows]: nearest negative,

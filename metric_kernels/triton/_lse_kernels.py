@@ -32,6 +32,9 @@ KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default: a row is divided by max(||row||, eps)
+# Rows wider than the widest on-chip tile are multiplied in chunks of this many columns (a GEMM's K step): wider
+# chunks only add registers (the forward spilled with chunks of 256).
+DOT_CHUNK = tl.constexpr(64)
 
 
 @triton.jit
@@ -67,8 +70,8 @@ def _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stri
         dot = tl.dot(x_tile, tl.trans(y_tile), input_precision=PRECISION, out_dtype=ACC)
     else:
         dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, DOT_CHUNK):
+            dims = d0 + tl.arange(0, DOT_CHUNK)
             x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
             y = _load_rows(y_ptr, cols, dims, M, D, stride_yn, stride_yd)
             dot = tl.dot(x, tl.trans(y), dot, input_precision=PRECISION, out_dtype=ACC)
@@ -151,11 +154,11 @@ def _column_range(split, M, SPLIT, BLOCK_N: tl.constexpr):
 @triton.jit
 def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, stats_ptr,
                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
-                     N_BUCKET, M_BUCKET,
+                     N_BUCKET, M_BUCKET, ALIGNED,
                      KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """stats[split, 0..2, rows] over the references of one split (SPLIT = 1: the final statistics).
-    N_BUCKET and M_BUCKET are the autotuner's key only (N and M rounded up to powers of two)."""
+    N_BUCKET, M_BUCKET and ALIGNED are the autotuner's key only (ops.tuning_key)."""
     param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,7 +226,7 @@ def _radial_part(t, inverse, unclamped):
 def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
                            y_labels_ptr, dx_ptr, dx_t_ptr, dy_ptr, dy_t_ptr,
                            N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
-                           N_BUCKET, M_BUCKET,
+                           N_BUCKET, M_BUCKET, ALIGNED,
                            KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                            WITH_DY: tl.constexpr, ATOMIC_DX: tl.constexpr):
@@ -278,7 +281,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
 def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
                               y_labels_ptr, partial_ptr, dy_ptr,
                               N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr,
-                              N_BUCKET, M_BUCKET,
+                              N_BUCKET, M_BUCKET, ALIGNED,
                               KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr,
                               PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):

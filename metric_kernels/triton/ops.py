@@ -54,9 +54,19 @@ def block_d(dim: int, element_size: int) -> int:
     return max(16, min(MAX_FULL_D[element_size], triton.next_power_of_2(max(dim, 1))))
 
 
-def _bucket(size: int) -> int:
-    """The autotuner's key for N and M: the next power of two, so a new batch size does not re-tune."""
-    return triton.next_power_of_2(max(size, 1))
+def rows_aligned(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the rows meet what the compiler specialises vector loads on: 16-byte aligned pointers, unit column
+    strides, D and the row strides multiples of 16. Unaligned rows are loaded element by element and take more
+    registers (the compile proof: the same tiles spill), so they are tuned and pruned apart."""
+    return (x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0 and x.stride(1) == 1 and y.stride(1) == 1
+            and x.shape[1] % 16 == 0 and x.stride(0) % 16 == 0 and y.stride(0) % 16 == 0)
+
+
+def tuning_key(x: torch.Tensor, y: torch.Tensor):
+    """The kernels' key-only arguments (N_BUCKET, M_BUCKET, ALIGNED): N and M rounded up to powers of two, so a new
+    batch size does not re-tune, and rows_aligned."""
+    return (triton.next_power_of_2(max(x.shape[0], 1)), triton.next_power_of_2(max(y.shape[0], 1)),
+            int(rows_aligned(x, y)))
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -93,65 +103,112 @@ def _configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def _dot_width(block_d_: int, full_d: bool) -> int:
+    """Columns of the operand tiles a product reads at once: all of D on chip, else chunks of DOT_CHUNK."""
+    return block_d_ if full_d else min(block_d_, _lse_kernels.DOT_CHUNK.value)
+
+
 def shared_memory_estimate(config, block_d_: int, element_size: int, backward: bool, full_d: bool = True) -> int:
     """Bytes of shared memory a config takes, an upper bound of what Triton allocated over the compile sweep
-    (bench/results/compile): the row tile and num_stages buffered reference tiles (both buffered when D is walked in
-    chunks); the backward also stages its second operand tile and two BLOCK_M x BLOCK_N tiles (P and its
-    transpose); plus a little for reductions."""
+    (bench/results/compile): the row tile and num_stages buffered reference tiles (both buffered, DOT_CHUNK wide,
+    when D is walked in chunks); the backward also stages its second operand tile and two BLOCK_M x BLOCK_N tiles
+    (P and its transpose), and in chunks keeps its D block of both rows besides; plus a little for reductions."""
     block_m, block_n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], max(config.num_stages, 1)
     if backward:
         tiles = ((2 * block_m + (stages + 1) * block_n) if full_d else (stages + 1) * (block_m + block_n)) * block_d_
         tiles += 2 * block_m * block_n
     else:
-        tiles = ((block_m + stages * block_n) if full_d else stages * (block_m + block_n)) * block_d_
+        tiles = ((block_m + stages * block_n) if full_d else stages * (block_m + block_n)) * _dot_width(block_d_,
+                                                                                                         full_d)
     return tiles * element_size + 1536
 
 
-def register_estimate(config, block_d_: int, element_size: int, backward: bool) -> int:
-    """32-bit registers per thread for the values a program keeps live, roughly: the backward's BLOCK_M x BLOCK_D
-    gradient and its BLOCK_N x BLOCK_D atomic partial (fp32), the operand tiles, and about eight BLOCK_M x BLOCK_N
-    fp32 temporaries of the epilogue. The compile sweep (bench/results/compile) is the measurement behind the limit."""
+def register_estimate(config, block_d_: int, element_size: int, backward: bool, full_d: bool = True) -> int:
+    """32-bit registers per thread for the values a program keeps live, roughly: the operand tiles (DOT_CHUNK wide
+    when the forward walks D in chunks), about eight BLOCK_M x BLOCK_N fp32 temporaries of the epilogue, and the
+    backward's BLOCK_M x BLOCK_D gradient and BLOCK_N x BLOCK_D atomic partial (fp32). The compile sweep
+    (bench/results/compile) is the measurement behind the limits."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    operands = (block_m + block_n) * block_d_ * element_size // 4
+    width = block_d_ if backward else _dot_width(block_d_, full_d)
+    operands = (block_m + block_n) * width * element_size // 4
     values = operands + 8 * block_m * block_n + ((block_m + block_n) * block_d_ if backward else 0)
     return values // (32 * config.num_warps)
 
 
-# Per thread, of register_estimate, by (backward, products on tensor cores): above these the compile sweep
-# (bench/results/compile) found spills. The backward holds a gradient block and its atomic partial besides the
-# epilogue's tiles: at D = 256 only 16 x 16 tiles stay clear (a kernel restructure, not pruning, would let larger
-# ones through). fp32 at "highest" precision and fp64 multiply on the CUDA cores from registers: tighter limits.
-REGISTER_LIMIT = {(False, True): 384, (True, True): 64, (False, False): 112, (True, False): 40}
+# Per thread, of register_estimate: above these the compile sweep (bench/results/compile) found spills. By pass
+# ("forward", "select" for batch-hard, "backward"), then by layout of the rows ("full": all of D on chip, "chunked":
+# D walked in chunks, "unaligned": rows the compiler cannot load in vectors, see rows_aligned), a pair (products on
+# tensor cores, products on the CUDA cores: fp32 at "highest" precision and fp64, multiplied from registers). The
+# backward holds a gradient block and its atomic partial besides the epilogue's tiles: at D = 256 only 16 x 16 tiles
+# stay clear. Unaligned rows are loaded element by element, each with its own address: far smaller tiles.
+REGISTER_LIMIT = {
+    "forward": {"full": (384, 112), "chunked": (384, 112), "unaligned": (256, 74), "unaligned-chunked": (96, 28)},
+    "select": {"full": (384, 112), "chunked": (160, 74), "unaligned": (216, 63), "unaligned-chunked": (96, 28)},
+    "backward": {"full": (64, 40), "chunked": (64, 40), "unaligned": (64, 40), "unaligned-chunked": (64, 40)},
+}
+# Configs within the limits that the compile sweep still found spilling a few registers, (pass, layout) ->
+# (BLOCK_M, BLOCK_N, num_warps): batch-hard selection's 32 x 64 tiles with D in chunks (sm_90a, 2 registers).
+MEASURED_SPILLS = {("select", "chunked"): {(32, 64, 4), (32, 64, 8)}}
+# When no config is within the limit (fp32 rows at D = 256: the backward's smallest tile), the 16 x 16 tile with the
+# warps that the compile proof found free of spills, by (pass, precision, architecture); 4 where not listed.
+FALLBACK_WARPS = {("rows", "ieee", 80): 8, ("rows", "ieee", 90): 8, ("columns", "tf32", 80): 8}
 
 
-def _pruner(backward: bool):
+def layout(full_d: bool, aligned: bool) -> str:
+    """The rows' layout class of REGISTER_LIMIT."""
+    if aligned:
+        return "full" if full_d else "chunked"
+    return "unaligned" if full_d else "unaligned-chunked"
+
+
+def _arch(device) -> Optional[int]:
+    """The GPU's architecture as 80, 90, ...; None off a GPU."""
+    if device is None or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _pruner(kernel_pass: str):
+    """Autotune pruning for a pass ("forward", "select", "rows", "columns"): configs within the shared memory of
+    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS)."""
+    backward = kernel_pass in ("rows", "columns")
+    limits_pass = "backward" if backward else kernel_pass
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         x = args["x_ptr"]
         width, element, full_d = args["BLOCK_D"], x.element_size(), args.get("FULL_D", True)
+        rows_layout = layout(full_d, bool(args.get("ALIGNED", 1)))
         limit = _shared_memory_limit(x.device)
         fits = [c for c in configs if shared_memory_estimate(c, width, element, backward, full_d) <= limit]
         tensor_cores = element <= 2 or args.get("PRECISION") == "tf32"
-        limit_registers = REGISTER_LIMIT[(backward, tensor_cores)]
-        kept = [c for c in fits if register_estimate(c, width, element, backward) <= limit_registers]
+        limit_registers = REGISTER_LIMIT[limits_pass][rows_layout][0 if tensor_cores else 1]
+        excluded = MEASURED_SPILLS.get((limits_pass, rows_layout), set())
+        kept = [c for c in fits if register_estimate(c, width, element, backward, full_d) <= limit_registers
+                and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in excluded]
         if kept:
             return kept
-        # Nothing within both limits: the config with the fewest live values among those that fit.
-        return [min(fits or configs, key=lambda c: register_estimate(c, width, element, backward))]
+        smallest = min(register_estimate(c, width, element, backward, full_d) * c.num_warps for c in fits or configs)
+        tiles = [c for c in fits or configs
+                 if register_estimate(c, width, element, backward, full_d) * c.num_warps == smallest]
+        warps = FALLBACK_WARPS.get((kernel_pass, args.get("PRECISION"), _arch(x.device)), 4)
+        return [next((c for c in tiles if c.num_warps == warps), tiles[0])]
     return {"early_config_prune": prune}
 
 
-_KEY = ["N_BUCKET", "M_BUCKET", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "KIND"]  # plus the pointer dtypes
-_forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner(False))(_lse_kernels.lse_rows_forward)
+# plus the pointer dtypes
+_KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "KIND"]
+_forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("forward")
+                           )(_lse_kernels.lse_rows_forward)
 # Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed before each run.
-_backward_rows = triton.autotune(_configs(), key=_KEY + ["WITH_DY", "ATOMIC_DX"], prune_configs_by=_pruner(True),
+_backward_rows = triton.autotune(_configs(), key=_KEY + ["WITH_DY", "ATOMIC_DX"], prune_configs_by=_pruner("rows"),
                                  reset_to_zero=["dx_ptr", "dx_t_ptr", "dy_ptr", "dy_t_ptr"]
                                  )(_lse_kernels.lse_rows_backward_rows)
-_backward_columns = triton.autotune(_configs(), key=_KEY + ["ACCUMULATE"], prune_configs_by=_pruner(True)
+_backward_columns = triton.autotune(_configs(), key=_KEY + ["ACCUMULATE"], prune_configs_by=_pruner("columns")
                                     )(_lse_kernels.lse_rows_backward_columns)
-_batch_hard = triton.autotune(_configs(), key=["N_BUCKET", "M_BUCKET", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION",
-                                               "NORMALIZE"],
-                              prune_configs_by=_pruner(False))(_batch_hard_kernel.batch_hard_select)
+_batch_hard = triton.autotune(_configs(), key=_KEY[:-1] + ["NORMALIZE"],
+                              prune_configs_by=_pruner("select"))(_batch_hard_kernel.batch_hard_select)
 
 
 def _device_guard(tensor):
@@ -194,19 +251,18 @@ def _norms_of(x: torch.Tensor, y: torch.Tensor):
 
 
 def _walk_setup(x: torch.Tensor, y: torch.Tensor):
-    """What a pass over every (query, reference) tile needs first: N, both rows' norms and how many programs share
-    each row block's references."""
-    _check_rows(x, y)
-    return (x.shape[0], *_norms_of(x, y), reference_splits(x.shape[0], y.shape[0], x.device))
+    """What a pass over every (query, reference) tile needs first: the rows as the kernels read them (_kernel_rows),
+    N, both rows' norms and how many programs share each row block's references."""
+    x, y = _kernel_rows(x, y)
+    return (x, y, x.shape[0], *_norms_of(x, y), reference_splits(x.shape[0], y.shape[0], x.device))
 
 
 def _backward_setup(x: torch.Tensor, y: Optional[torch.Tensor], need_dx: bool, need_dy: bool):
     """What a backward op does first: y = None means the references are the queries (one gradient, in dx); the
     gradients in the rows' dtype, which every path then writes whole, or zeros when there is no pair.
-    Returns (y, same, need_dx, need_dy, dx, dy, has_pairs)."""
+    Returns (x, y, same, need_dx, need_dy, dx, dy, has_pairs), x and y as _kernel_rows gives them."""
     same = y is None
-    y = x if same else y
-    _check_rows(x, y)
+    x, y = _kernel_rows(x, x if same else y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     if same:
         need_dx, need_dy = need_dx or need_dy, False
@@ -214,12 +270,18 @@ def _backward_setup(x: torch.Tensor, y: Optional[torch.Tensor], need_dx: bool, n
     new = torch.empty if has_pairs else torch.zeros
     dx = new((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
     dy = x.new_empty((0, d)) if same else new((m if need_dy else 0, d), dtype=y.dtype, device=x.device)
-    return y, same, need_dx, need_dy, dx, dy, has_pairs
+    return x, y, same, need_dx, need_dy, dx, dy, has_pairs
 
 
-def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
+def _kernel_rows(x: torch.Tensor, y: torch.Tensor):
+    """(x, y) with unit column strides, the layout the kernels are compiled for (elements of a row adjacent, so
+    loads vectorise; the compile proof found column-strided tiles spilling): a column-strided input, such as a
+    transposed matrix, is copied once, as a matmul library would. y stays x when it was x."""
     if x.dtype != y.dtype:
         raise ValueError(f"x and y must have one dtype, got {x.dtype} and {y.dtype}")
+    unit = lambda rows: rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()  # noqa: E731
+    queries = unit(x)
+    return queries, (queries if y is x else unit(y))
 
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
@@ -227,14 +289,14 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
              self_offset: int, kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
     """Per-row statistics [3, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py)."""
     y = x if y is None else y
-    n, x_norms, y_norms, splits = _walk_setup(x, y)
+    x, y, n, x_norms, y_norms, splits = _walk_setup(x, y)
     partial = torch.empty((splits, 3, n), dtype=stats_dtype(x.dtype), device=x.device)
     sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
         _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset,
             loss_params(param_a, param_b, x), splits,
-            _bucket(n), _bucket(y.shape[0]), KIND=kind, **constexprs)
+            *tuning_key(x, y), KIND=kind, **constexprs)
     if splits == 1:
         return partial[0]
     # Each split's log-sum-exps (-inf where it saw nothing) and sums merge in a fixed order: O(splits x N).
@@ -266,7 +328,7 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     atomics (3 matmul-equivalents). Deterministic: a row pass for dX and a column pass for dY, each summing in a fixed
     order (4). When the references are the queries both land in one gradient."""
     check_row_state(grad, stats, x)
-    y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
+    x, y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
     if not has_pairs:
         return dx, dy
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
@@ -277,7 +339,7 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     width = constexprs["BLOCK_D"]
     state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
     params = (self_offset, loss_params(param_a, param_b, x))
-    buckets = (_bucket(n), _bucket(m))
+    buckets = tuning_key(x, y)
     zeros = lambda rows, *shape: torch.zeros((rows, *shape), dtype=acc_dtype, device=x.device)  # noqa: E731
     finish = []  # (accumulator, statistic, rows, norms, out) completed by finish_gradient
     with_dy = False
@@ -318,14 +380,14 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
                       self_offset: int, normalize: bool = True) -> torch.Tensor:
     """[2, N]: per query the farthest positive and nearest negative reference (-1: none), on the raw rows,
     normalised inside the kernel when `normalize`."""
-    n, x_norms, y_norms, splits = _walk_setup(x, y)
+    x, y, n, x_norms, y_norms, splits = _walk_setup(x, y)
     values = torch.empty((splits, 2, n), dtype=stats_dtype(x.dtype), device=x.device)
     choices = torch.empty((splits, 2, n), dtype=torch.int64, device=x.device)
     sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
         _batch_hard[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             x, y, x_norms, y_norms, x_labels, y_labels, values, choices, *sizes, self_offset, splits,
-            _bucket(n), _bucket(y.shape[0]), NORMALIZE=normalize, **constexprs)
+            *tuning_key(x, y), NORMALIZE=normalize, **constexprs)
     if splits == 1:
         return choices[0]
     # Splits hold ascending reference ranges: the first split with the best value has the lowest index among ties.
@@ -335,10 +397,22 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
     return torch.cat([choices[:, 0].gather(0, far), choices[:, 1].gather(0, near)])
 
 
-def _triplet_blocks(d: int):
-    """(rows per program, D tile) of the triplet kernels: the whole of D on chip, about 4096 values per tile."""
+# Values of a triplet kernel's tile in 32-bit registers per thread: the kernels keep three or four such tiles live
+# (u, v, their gradient), and more spilled (fp64 rows of D >= 256, D = 8192) in the compile proof.
+_TRIPLET_TILE_REGISTERS = 32
+
+
+def _triplet_blocks(d: int, element_size: int):
+    """(rows per program, D tile, warps of the row kernels, warps of the reference kernel) of the triplet kernels:
+    the whole of D on chip, about 4096 values per row tile (one row when D is wider), and enough warps that a tile
+    takes at most _TRIPLET_TILE_REGISTERS registers per thread (fp64 values take two)."""
     width = max(16, triton.next_power_of_2(max(d, 1)))
-    return max(1, min(64, 4096 // width)), width
+    rows = max(1, min(64, 4096 // width))
+    words = 2 if element_size == 8 else 1
+
+    def warps(values):
+        return max(4, min(16, values * words // (32 * _TRIPLET_TILE_REGISTERS)))
+    return rows, width, warps(rows * width), warps(width)
 
 
 @torch.library.custom_op("metric_kernels::triton_triplet_distances", mutates_args=())
@@ -346,18 +420,18 @@ def triplet_distances(x: torch.Tensor, y: Optional[torch.Tensor], positive: torc
                       normalize: bool) -> torch.Tensor:
     """[2, N]: ||u_i - v_positive(i)|| and ||u_i - v_negative(i)|| (indices in range), on the raw rows (u = x r,
     v = y r; r = 1 / max(||row||, eps) when `normalize`, else 1). y = None: the references are the queries."""
-    y = x if y is None else y
-    _check_rows(x, y)
+    x, y = _kernel_rows(x, x if y is None else y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     out = torch.empty((2, n), dtype=stats_dtype(x.dtype), device=x.device)
     if n == 0:
         return out
     x_norms, y_norms = _norms_of(x, y)
-    block_rows, width = _triplet_blocks(d)
+    block_rows, width, row_warps, _ = _triplet_blocks(d, x.element_size())
     with _device_guard(x):
         _triplet_kernel.triplet_distances[(triton.cdiv(n, block_rows),)](
             x, y, x_norms, y_norms, positive, negative, out, n, m, d, x.stride(0), x.stride(1), y.stride(0),
-            y.stride(1), BLOCK_R=block_rows, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
+            y.stride(1), BLOCK_R=block_rows, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize,
+            num_warps=row_warps)
     return out
 
 
@@ -372,13 +446,13 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
                                normalize: bool, need_dx: bool, need_dy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dX, dY) in the rows' dtype; a distance of 0 passes no gradient (as torch.cdist). Deterministic: dY sums, per
     reference, the rows that chose it in a fixed order (the 2 N choices sorted by reference: O(N) integers)."""
-    y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
+    x, y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
     if not has_pairs:
         return dx, dy
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     x_norms, y_norms = _norms_of(x, y)
     coefficients = torch.where(distances > 0, grad.to(distances.dtype) / distances, torch.zeros_like(distances))
-    block_rows, width = _triplet_blocks(d)
+    block_rows, width, row_warps, reference_warps = _triplet_blocks(d, x.element_size())
     rows = (x, y, x_norms, y_norms)
     sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constexprs = dict(BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
@@ -386,14 +460,15 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
     with _device_guard(x):
         if need_dx:
             _triplet_kernel.triplet_distances_backward_rows[(triton.cdiv(n, block_rows),)](
-                coefficients, *rows, positive, negative, partial, *sizes, BLOCK_R=block_rows, **constexprs)
+                coefficients, *rows, positive, negative, partial, *sizes, BLOCK_R=block_rows, num_warps=row_warps,
+                **constexprs)
         if need_dy or same:
             chosen = torch.cat([positive, negative])
             order = torch.argsort(chosen, stable=True)
             offsets = torch.searchsorted(chosen[order], torch.arange(m + 1, device=x.device))
             _triplet_kernel.triplet_distances_backward_references[(m,)](
                 order % n, coefficients.reshape(-1)[order], offsets, *rows, partial, dx if same else dy, *sizes,
-                ACCUMULATE=same, **constexprs)
+                ACCUMULATE=same, num_warps=reference_warps, **constexprs)
     return dx, dy
 
 
