@@ -14,12 +14,17 @@ value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalVal
 - Circle, SupCon, batch-hard: l_r comes from rank r's queries against the gathered references (self_offset = the
   rank's row offset, so a query still leaves out only itself and the fused kernels stay O(local + global)). PML's
   batch-level rules are evaluated on the global labels (every rank has them) and the reduction's denominator is global
-  (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows).
+  (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows; batch-hard's MeanReducer: the global
+  batch's queries with a positive and a negative). DoNothingReducer's dictionary holds the gathered global rows.
 - Proxy-Anchor is a sum over proxies of terms that each depend on the whole batch, so it is split by proxies: rank r
   computes its contiguous slice of the proxies against the gathered embeddings, with the global |P+|. Rank r's proxy
   gradient is then W times its slice's and zero elsewhere, and DDP's average gives the one-process gradient. The
   proxies must therefore be averaged like the network's parameters (the module under DDP, or averaged by hand) and
-  be the same on every rank (DDP broadcasts them at construction).
+  be the same on every rank (DDP broadcasts them at construction). Another reducer than the default DivisorReducer
+  reduces each of the two per-proxy terms over all C proxies (mean_nonzero: all-reduced counts of nonzero terms), and
+  DoNothingReducer's dictionary holds the ranks' slices gathered.
+
+Every reducer mode the wrapped module can have is reproduced exactly; __init__ rejects any other (_MODES).
 """
 from __future__ import annotations
 
@@ -29,11 +34,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
+from ._pairs import pair_counts
 from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss, _labels_on, _no_miners
 
 _LOSSES = (CircleLoss, SupConLoss, BatchHardTripletLoss, ProxyAnchorLoss)
+# The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
+# plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
+# over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
+_MODES = frozenset({"mean_nonzero", "mean", "sum", "none", "unreduced", "mean_over_triplets", "divisor"})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,8 +146,10 @@ class DistributedLoss(nn.Module):
     """Wraps CircleLoss, SupConLoss, BatchHardTripletLoss or ProxyAnchorLoss (kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
     in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
-    that one-process computation's. Rows may differ in number between ranks. Outside an initialised process group (or
-    with one rank) it is the plain loss. See the module docstring for how, and README.md for an example.
+    that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts (a PML
+    DoNothingReducer's dictionary holds the global batch's rows). Rows may differ in number between ranks. Outside an
+    initialised process group (or with one rank) it is the plain loss. See the module docstring for how, and
+    docs/distributed.md for an example.
 
     The loss's own parameters (ProxyAnchorLoss.proxies) must be the same on every rank and have their gradients
     averaged like the network's: put the DistributedLoss under DDP too (or inside the DDP-wrapped module).
@@ -147,6 +160,13 @@ class DistributedLoss(nn.Module):
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, BatchHardTripletLoss or "
                             f"ProxyAnchorLoss, got {type(loss).__name__}")
+        mode = getattr(loss, "_reducer_mode", None)
+        if mode not in _MODES:
+            reducer = keywords.describe(getattr(loss, "reducer", None))
+            raise NotImplementedError(
+                f"DistributedLoss does not support {type(loss).__name__}(reducer={reducer}) (reducer mode {mode!r}): "
+                "it supports the plain reductions ('mean_nonzero', 'mean', 'sum', 'none'), DoNothingReducer(), "
+                "MeanReducer() on BatchHardTripletLoss and Proxy-Anchor's reducers")
         self.loss = loss
         self.process_group = process_group
 
@@ -209,11 +229,20 @@ class DistributedLoss(nn.Module):
         if scale != 1.0:
             rows = rows * scale
 
-        reduction = loss.reduction
-        if reduction == "none":
+        mode, reduction = loss._reducer_mode, loss.reduction
+        if mode == "mean_over_triplets":
+            # PML's MeanReducer over the mined triplets: the global batch's queries with a positive and a negative.
+            positives, negatives = pair_counts(all_labels, gate_references, gate_offset)
+            triplets = ((positives > 0) & (negatives > 0)).sum().clamp(min=1)
+            reduction = "sum"
+        elif reduction == "none":
             share = rows + guard
             value = _gather_rows(share.detach(), sizes, group)
-            return _GlobalValue.apply(share, value, offset, float(world))
+            out = _GlobalValue.apply(share, value, offset, float(world))
+            if mode == "unreduced":  # PML's DoNothingReducer: the module's dictionary of the global batch
+                indices = torch.arange(total_rows, device=out.device)
+                return {"loss": {"losses": loss._pml_rows(out), "indices": indices, "reduction_type": "element"}}
+            return out
         if reduction == "mean_nonzero":
             # PML's AvgNonZeroReducer over the global batch: NaN rows are counted so that they reach the result.
             counted = (rows > 0) | rows.isnan()
@@ -228,6 +257,8 @@ class DistributedLoss(nn.Module):
             denominator = totals[1].clamp(min=1)
         elif reduction == "mean":
             denominator = max(total_rows, 1)
+        elif mode == "mean_over_triplets":
+            denominator = triplets.to(rows.dtype)
         else:
             denominator = 1
         share = local_sum / denominator + guard
@@ -257,9 +288,37 @@ class DistributedLoss(nn.Module):
             alpha=loss.alpha, backend=loss.backend, deterministic=loss.deterministic)
         with_positive = torch.zeros(num_classes, dtype=torch.bool, device=all_labels.device).index_fill(
             0, all_labels, True).sum()
-        positive_sum = positive_terms[:mine].sum()
-        positive_part = torch.where(with_positive > 0, positive_sum / with_positive.clamp(min=1), positive_sum * 0)
-        share = positive_part + negative_terms[:mine].sum() / num_classes + guard
+        positive_terms, negative_terms = positive_terms[:mine], negative_terms[:mine]
+        mode = loss._reducer_mode
+        if mode == "unreduced":
+            # PML's DoNothingReducer: the per-proxy terms of every proxy, gathered from the ranks' slices.
+            slices = [num_classes * (q + 1) // world - num_classes * q // world for q in range(world)]
+            indices = torch.arange(num_classes, device=positive_terms.device)
+            out = {}
+            for name, terms, divisor in (("pos_loss", positive_terms, int(with_positive)),
+                                         ("neg_loss", negative_terms, num_classes)):
+                share = terms + guard
+                value = _gather_rows(share.detach(), slices, group)
+                out[name] = {"losses": _GlobalValue.apply(share, value, first, float(world)), "indices": indices,
+                             "reduction_type": "element", "divisor": divisor}
+            return out
+        if mode == "divisor":
+            positive_sum = positive_terms.sum()
+            positive_part = torch.where(with_positive > 0, positive_sum / with_positive.clamp(min=1),
+                                        positive_sum * 0)
+            share = positive_part + negative_terms.sum() / num_classes + guard
+        else:
+            # PML's MultipleReducers: the reducer applied to each of the two per-proxy terms over all C proxies.
+            terms = torch.stack([positive_terms, negative_terms])
+            if mode == "mean_nonzero":
+                counted = (terms > 0) | terms.isnan()
+                terms = torch.where(counted, terms, torch.zeros_like(terms))
+                counts = counted.sum(dim=1).to(terms.dtype)
+                dist.all_reduce(counts, group=group)
+                denominators = counts.clamp(min=1)
+            else:
+                denominators = terms.new_full((2,), float(num_classes) if mode == "mean" else 1.0)
+            share = (terms.sum(dim=1) / denominators).sum() + guard
         value = share.detach().clone()
         dist.all_reduce(value, group=group)
         return _GlobalValue.apply(share, value, None, float(world))

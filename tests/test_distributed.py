@@ -1,6 +1,7 @@
 """DistributedLoss: on 2 and 3 CPU processes (gloo), the value on every rank and the parameter gradients after DDP's
 averaging (a real DistributedDataParallel, or averaged by hand) equal the one-process loss of the global batch, in
-float64 at 1e-10 relative, for the four losses, equal and unequal (also empty) local batches and several reductions.
+float64 at 1e-10 relative, for the four losses, equal and unequal (also empty) local batches, several reductions and
+PML's reducers (DoNothingReducer's dictionary, MeanReducer on batch-hard, Proxy-Anchor's AvgNonZero, Mean, Sum).
 
 Each world size is one spawned process group that runs every check of its list; a rank records failed checks instead
 of stopping (the collectives stay in step) and the parent asserts on them.
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pytorch_metric_learning import reducers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -69,6 +71,22 @@ def _cases(world):
             Case("proxy_anchor", (3, 8), "hand", classes=5, kwargs=dict(margin=0.2, alpha=16)),
             Case("proxy_anchor", (2, 7), "joint", classes=4, reduce_scatter=True),
             Case("proxy_anchor", (3, 4), classes=1),   # fewer proxies than ranks: one rank has none
+            # PML's reducers (tests/test_pml_keywords.py: the modules equal PML's with them).
+            Case("circle", (5, 4), kwargs=dict(reducer=reducers.DoNothingReducer())),
+            Case("supcon", (3, 6), "hand", kwargs=dict(reducer=reducers.DoNothingReducer()), ref_sizes=(4, 3)),
+            Case("supcon", (4, 5), kwargs=dict(reducer=reducers.MeanReducer())),
+            # Queries 0, 5 and 8 have no positive: MeanReducer divides by the 6 with one, not by 9 (nor by rank 1's 3).
+            Case("batch_hard", (5, 4), kwargs=dict(reducer=reducers.MeanReducer()), labels=(9, 1, 1, 2, 2, 8, 2, 1, 7)),
+            Case("batch_hard", (3, 6), "hand", kwargs=dict(reducer=reducers.MeanReducer()), ref_sizes=(2, 5)),
+            Case("proxy_anchor", (6, 5), classes=5, kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
+            # One class in the batch: its negative term is 0, which AvgNonZeroReducer leaves out.
+            Case("proxy_anchor", (4, 3), "hand", classes=4, labels=(2,) * 7,
+                 kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
+            # Classes 2 and 4 absent: MeanReducer divides the positive terms by C = 5, the default by |P+| = 3.
+            Case("proxy_anchor", (5, 5), "hand", classes=5, labels=(0, 0, 1, 1, 3, 3, 0, 1, 3, 1),
+                 kwargs=dict(reducer=reducers.MeanReducer())),
+            Case("proxy_anchor", (2, 6), classes=3, kwargs=dict(reducer=reducers.SumReducer())),
+            Case("proxy_anchor", (4, 6), "hand", classes=5, kwargs=dict(reducer=reducers.DoNothingReducer())),
         ]
     return [
         Case("circle", (4, 4, 4), kwargs=dict(m=0.4, gamma=80)),
@@ -79,6 +97,10 @@ def _cases(world):
         Case("batch_hard", (4, 4, 4), "hand", reduce_scatter=True),
         Case("proxy_anchor", (4, 4, 4), classes=7),
         Case("proxy_anchor", (1, 5, 3), "hand", classes=2),
+        Case("batch_hard", (2, 6, 3), kwargs=dict(reducer=reducers.MeanReducer())),
+        Case("circle", (3, 0, 4), "hand", kwargs=dict(reducer=reducers.DoNothingReducer())),
+        Case("proxy_anchor", (3, 4, 4), "hand", classes=2, kwargs=dict(reducer=reducers.DoNothingReducer())),
+        Case("proxy_anchor", (5, 3, 4), classes=7, kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
     ]
 
 
@@ -118,7 +140,12 @@ def _check(case, rank, world):
         ref_labels = torch.randint(0, case.classes, (sum(case.ref_sizes),), generator=g)
         refs = ref_data, ref_labels
 
+    entry_weights = torch.randn(64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
     def objective(value, rows):
+        if isinstance(value, dict):  # PML's DoNothingReducer: a weighted sum of every entry's losses
+            return sum((entry["losses"].reshape(-1) * entry_weights[:entry["losses"].numel()]).sum()
+                       for entry in value.values())
         return (value * weights[rows]).sum() if value.dim() else value
 
     # One process, the global batch.
@@ -148,17 +175,42 @@ def _check(case, rank, world):
             ref_rows = slice(lo_ref, lo_ref + case.ref_sizes[rank])
             args = (None, run_model(refs[0][ref_rows]), refs[1][ref_rows])
         value = run_loss(run_model(data[rows]), labels[rows], *args)
-    assert_rel_close(value, expected, TOL, "value")
+    _assert_same_value(value, expected)
     objective(value, slice(None)).backward()
     if case.how == "hand":
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= world
-    floor = 1e-3 * expected.detach().abs().max().item() if expected.numel() else 0.0
+    expected_losses = _losses(expected)
+    floor = 1e-3 * max((t.detach().abs().max().item() for t in expected_losses if t.numel()), default=0.0)
     for index, (p, expected_grad) in enumerate(zip(params, expected_grads)):
         assert_rel_close(p.grad, expected_grad, TOL, f"gradient of parameter {index}", scale_floor=floor)
     if case.loss == "proxy_anchor" or case.labels is None:
         assert params[0].grad.abs().max() > 0, "the check compares zero gradients"
+
+
+def _losses(value):
+    """The loss tensors of a value or of PML's loss dictionary."""
+    return [entry["losses"] for entry in value.values()] if isinstance(value, dict) else [value]
+
+
+def _assert_same_value(value, expected):
+    """A loss equals the one-process one; a dictionary has the same entries, keys, indices and divisors too."""
+    assert isinstance(value, dict) == isinstance(expected, dict), (type(value), type(expected))
+    if not isinstance(expected, dict):
+        assert_rel_close(value, expected, TOL, "value")
+        return
+    assert value.keys() == expected.keys(), (value.keys(), expected.keys())
+    for name, entry in expected.items():
+        assert value[name].keys() == entry.keys(), (name, value[name].keys(), entry.keys())
+        for key, item in entry.items():
+            if key == "losses":
+                assert value[name][key].shape == item.shape, (name, value[name][key].shape, item.shape)
+                assert_rel_close(value[name][key], item, TOL, f"{name} losses")
+            elif torch.is_tensor(item):
+                assert torch.equal(value[name][key], item), (name, key, value[name][key], item)
+            else:
+                assert value[name][key] == item, (name, key, value[name][key], item)
 
 
 def _worker(rank, world, port, out_dir):
@@ -235,3 +287,34 @@ def test_rejects_other_losses_and_miners():
         mk.DistributedLoss(mk.CrossBatchMemory(mk.CircleLoss(), 4))
     with pytest.raises(NotImplementedError, match="indices_tuple"):
         mk.DistributedLoss(mk.CircleLoss())(torch.randn(3, 4), torch.tensor([0, 1, 0]), (None, None, None))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: mk.CircleLoss(reducer=reducers.DoNothingReducer()),
+    lambda: mk.SupConLoss(reducer=reducers.PerAnchorReducer(reducers.SumReducer())),
+    lambda: mk.BatchHardTripletLoss(reducer=reducers.MeanReducer()),
+    lambda: mk.ProxyAnchorLoss(4, D_OUT, reducer=reducers.AvgNonZeroReducer()),
+    lambda: mk.ProxyAnchorLoss(4, D_OUT, reducer=reducers.DoNothingReducer()),
+], ids=["circle-DoNothing", "supcon-PerAnchorSum", "batch_hard-Mean", "proxy-AvgNonZero", "proxy-DoNothing"])
+def test_reducers_outside_a_process_group(build):
+    """Outside a process group the wrapper is the module, whatever its reducer (the 2- and 3-process checks above
+    compare each reducer with the one-process global batch)."""
+    torch.manual_seed(0)
+    loss = build()
+    x, labels = torch.randn(10, D_OUT, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 2, 0])
+    expected, value = loss.double()(x, labels), mk.DistributedLoss(loss)(x, labels)
+    _assert_same_value(value, expected)
+
+
+def test_rejects_a_reducer_mode_it_cannot_reproduce():
+    """Every reducer the modules accept today is reproduced over the global batch; a module whose reducer mode
+    DistributedLoss does not know (a reducer added to the modules later) is rejected at construction, naming it."""
+    for mode in ("mean_nonzero", "mean", "sum", "none", "unreduced", "mean_over_triplets"):
+        loss = mk.SupConLoss()
+        loss._reducer_mode = mode
+        mk.DistributedLoss(loss)
+    loss = mk.SupConLoss(reducer=reducers.SumReducer())
+    loss._reducer_mode = "per_class"
+    with pytest.raises(NotImplementedError, match=r"DistributedLoss does not support SupConLoss\(reducer=SumReducer"
+                                                  r"\(\)\) \(reducer mode 'per_class'\).*the plain reductions"):
+        mk.DistributedLoss(loss)
