@@ -29,8 +29,9 @@ class DistanceSpec:
     """What a PML distance computes, as a kernel epilogue would take it.
 
     kind: "cosine" (PML's CosineSimilarity: the dot product of L2-normalised rows, a similarity), "dot"
-    (DotProductSimilarity, a similarity) or "lp" (LpDistance with p = 2: the Euclidean distance). power: the matrix is
-    raised to it (PML's `power`). normalize: the rows are L2-normalised first (PML's `normalize_embeddings`).
+    (DotProductSimilarity, a similarity; with normalize=True it is the cosine) or "lp" (LpDistance with p = 2: the
+    Euclidean distance). power: the matrix is raised to it (PML's `power`). normalize: the rows are L2-normalised
+    first (PML's `normalize_embeddings`).
     """
     kind: str
     power: float = 1
@@ -45,13 +46,17 @@ class DistanceSpec:
 
 
 COSINE = DistanceSpec("cosine")
+# PML's DotProductSimilarity() (normalize_embeddings=True by default, p=2, power=1): the dot product of L2-normalised
+# rows, which is CosineSimilarity's matrix (CosineSimilarity is this class with normalize_embeddings forced True).
+NORMALIZED_DOT = DistanceSpec("dot", power=1, normalize=True)
 EUCLIDEAN = DistanceSpec("lp", power=1, normalize=True)  # PML's LpDistance() default, TripletMarginLoss's distance
 
-# The distances each module's fused kernels compute. The first entry is PML's default for that loss.
+# The distances each module's fused kernels compute. The first entry is PML's default for that loss. CircleLoss has no
+# NORMALIZED_DOT: PML's CircleLoss asserts isinstance(distance, CosineSimilarity), which DotProductSimilarity is not.
 SUPPORTED_DISTANCES = {
     "CircleLoss": (COSINE,),
-    "SupConLoss": (COSINE,),
-    "ProxyAnchorLoss": (COSINE,),
+    "SupConLoss": (COSINE, NORMALIZED_DOT),
+    "ProxyAnchorLoss": (COSINE, NORMALIZED_DOT),
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
 }
 

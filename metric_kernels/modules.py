@@ -139,8 +139,9 @@ class CircleLoss(_PairLoss):
 class SupConLoss(_PairLoss):
     """PML's SupConLoss(temperature=0.1): see docs/losses/supcon.md. base_temperature (SupContrast's) scales by t / b.
 
-    reduction: None means PML's default ("mean_nonzero"), or what `reducer=` says; PML's keywords: distance (only
-    CosineSimilarity() for now), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    reduction: None means PML's default ("mean_nonzero"), or what `reducer=` says; PML's keywords: distance
+    (CosineSimilarity() or DotProductSimilarity() with normalize_embeddings=True for now), reducer,
+    embedding_regularizer (None), embedding_reg_weight, collect_stats.
     """
 
     _PML_NAME = "SupConLoss"
@@ -205,10 +206,11 @@ class ProxyAnchorLoss(nn.Module):
 
     Owns `proxies`, a num_classes x embedding_size nn.Parameter initialised as PML does (kaiming_normal_,
     mode="fan_out", or PML's `weight_init_func` when given, called on the proxies), so the same seed gives the same
-    proxies as PML's class. PML's keywords: distance (only CosineSimilarity() for now), reducer (PML's default is
-    DivisorReducer: sum of positive terms / |P+| + sum of negative terms / C; another reducer reduces each of the two
-    per-proxy terms and adds them, as PML's MultipleReducers), embedding_regularizer and weight_regularizer (None),
-    embedding_reg_weight, weight_reg_weight, collect_stats.
+    proxies as PML's class. PML's keywords: distance (CosineSimilarity() or DotProductSimilarity() with
+    normalize_embeddings=True for now), reducer (PML's default is DivisorReducer: sum of positive terms / |P+| + sum of
+    negative terms / C; another reducer reduces each of the two per-proxy terms and adds them, as PML's
+    MultipleReducers), embedding_regularizer and weight_regularizer (None), embedding_reg_weight, weight_reg_weight,
+    collect_stats.
     """
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, *, backend="auto", deterministic=None,

@@ -46,9 +46,10 @@ DISTANCES = {
     "cosine": distances.CosineSimilarity,
     "lp": distances.LpDistance,  # PML's LpDistance(): normalize_embeddings=True, p=2, power=1
     "lp_raw": lambda: distances.LpDistance(normalize_embeddings=False),
+    "dot": distances.DotProductSimilarity,  # PML's DotProductSimilarity(): normalize_embeddings=True, the cosine
 }
 PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
-              + [("supcon", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
+              + [("supcon", r, d) for r in REDUCERS for d in ("implicit", "cosine", "dot")]
               + [("batch_hard", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "lp", "lp_raw")])
 
 
@@ -156,8 +157,8 @@ def _proxy_modules(reducer, distance, backend="reference", seed=0, classes=7, di
         kw["reducer"] = reducers.DivisorReducer()
     elif REDUCERS[reducer]() is not None:
         kw["reducer"] = REDUCERS[reducer]()
-    if distance == "cosine":
-        kw["distance"] = distances.CosineSimilarity()
+    if distance != "implicit":
+        kw["distance"] = DISTANCES[distance]()
     torch.manual_seed(seed)
     ours = mk.ProxyAnchorLoss(classes, dim, margin=0.2, alpha=16, backend=backend, **kw)
     torch.manual_seed(seed)
@@ -177,7 +178,7 @@ def _compare_proxy(reducer, distance, dtype, backend, labels, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32"])
-@pytest.mark.parametrize("distance", ["implicit", "cosine"])
+@pytest.mark.parametrize("distance", ["implicit", "cosine", "dot"])
 @pytest.mark.parametrize("reducer", PROXY_REDUCERS)
 def test_proxy_anchor_with_pml_keywords_equals_pml(reducer, distance, dtype):
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5, 5, 1, 0, 4, 4, 2, 1, 5])  # classes 3 and 6 have no row
@@ -261,6 +262,31 @@ def test_circle_with_another_distance():
         losses.CircleLoss(distance=distances.LpDistance())
     with pytest.raises(NotImplementedError, match="PML's CircleLoss accepts only CosineSimilarity too"):
         mk.CircleLoss(distance=distances.LpDistance())
+
+
+def test_circle_with_dot_product_similarity():
+    """DotProductSimilarity() computes CosineSimilarity's matrix, but it is not a CosineSimilarity, which PML's
+    CircleLoss asserts: ours raises NotImplementedError there too, saying so."""
+    with pytest.raises(AssertionError):
+        losses.CircleLoss(distance=distances.DotProductSimilarity())
+    with pytest.raises(NotImplementedError, match=r"distance=DotProductSimilarity\(normalize_embeddings=True, p=2, "
+                                                  r"power=1\) is not supported by CircleLoss.*accepts only "
+                                                  r"CosineSimilarity"):
+        mk.CircleLoss(distance=distances.DotProductSimilarity())
+
+
+@pytest.mark.parametrize("build", [mk.SupConLoss, lambda **kw: mk.ProxyAnchorLoss(4, 6, **kw)],
+                         ids=["supcon", "proxy_anchor"])
+def test_normalized_dot_product_is_the_cosine(build):
+    """PML's DotProductSimilarity() normalises the rows by default, so it is the cosine: accepted (recorded as
+    NORMALIZED_DOT), the same values as CosineSimilarity(); normalize_embeddings=False raises (above)."""
+    torch.manual_seed(0)
+    dot = build(distance=distances.DotProductSimilarity(), backend="reference")
+    torch.manual_seed(0)
+    cosine = build(distance=distances.CosineSimilarity(), backend="reference")
+    assert dot.distance_spec == keywords.NORMALIZED_DOT and cosine.distance_spec == keywords.COSINE
+    x, labels = torch.randn(10, 6, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 2, 0])
+    assert torch.equal(dot.double()(x, labels), cosine.double()(x, labels))
 
 
 def test_unset_keywords_read_none_where_pml_holds_its_default_objects():
@@ -353,8 +379,14 @@ UNSUPPORTED = [
     (mk.CircleLoss, "collect_stats", lambda: True, "collect_stats=True is not supported by CircleLoss"),
     (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "weight_regularizer", regularizers.RegularFaceRegularizer,
      "weight_regularizer=RegularFaceRegularizer("),
-    (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "distance", distances.DotProductSimilarity,
-     "distance=DotProductSimilarity(normalize_embeddings=True, p=2, power=1) is not supported by ProxyAnchorLoss"),
+    (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "distance",
+     lambda: distances.DotProductSimilarity(normalize_embeddings=False),
+     "distance=DotProductSimilarity(normalize_embeddings=False, p=2, power=1) is not supported by ProxyAnchorLoss"),
+    (mk.SupConLoss, "distance", lambda: distances.DotProductSimilarity(power=2),
+     "distance=DotProductSimilarity(normalize_embeddings=True, p=2, power=2) is not supported by SupConLoss"),
+    (mk.BatchHardTripletLoss, "distance", distances.DotProductSimilarity,
+     "distance=DotProductSimilarity(normalize_embeddings=True, p=2, power=1) is not supported by "
+     "BatchHardTripletLoss"),
     (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "reducer", lambda: reducers.ThresholdReducer(low=1),
      "reducer=ThresholdReducer(low=1, high=None) is not supported by ProxyAnchorLoss"),
     (lambda **kw: mk.CrossBatchMemory(mk.SupConLoss(), 4, **kw), "miner", miners.MultiSimilarityMiner,
