@@ -47,14 +47,22 @@ inline void check_row_state(const at::Tensor& grad, const at::Tensor& stats, con
               "grad and stats must be on the rows' device");
 }
 
+// What a pair contributes (metric_kernels/_pairs.py): 0 the dot product of the rows as given. The distances
+// (1: minus the squared Euclidean distance, 2: minus the Euclidean distance) are not computed by these kernels yet;
+// the Python layer never sends them here (the backends' PAIR_VALUES), and a direct call is refused.
+inline void check_pair_value(int64_t pair_value, const char* op) {
+  TORCH_CHECK(pair_value == 0, op, ": pair_value ", pair_value,
+              " (a Euclidean distance) is not computed by the native kernels yet; only 0 (the dot product)");
+}
+
 // The three ops of a fused backend, metric_kernels::<prefix>_lse_rows, _lse_rows_backward, _batch_hard_select.
 inline void define_fused_ops(torch::Library& library, const std::string& prefix) {
   const auto def = [&](const std::string& schema) { library.def(schema.c_str()); };
   def(prefix + "_lse_rows(Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, int self_offset, int kind, "
-               "float param_a, float param_b, bool deterministic) -> Tensor");
+               "int pair_value, float param_a, float param_b, bool deterministic) -> Tensor");
   def(prefix + "_lse_rows_backward(Tensor grad, Tensor stats, Tensor x, Tensor? y, Tensor x_labels, "
-               "Tensor y_labels, int self_offset, int kind, float param_a, float param_b, bool deterministic, "
-               "bool need_dx, bool need_dy) -> (Tensor, Tensor)");
+               "Tensor y_labels, int self_offset, int kind, int pair_value, float param_a, float param_b, "
+               "bool deterministic, bool need_dx, bool need_dy) -> (Tensor, Tensor)");
   def(prefix + "_batch_hard_select(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, int self_offset) -> Tensor");
 }
 

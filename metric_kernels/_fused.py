@@ -2,21 +2,27 @@
 per-row loss functions built on them. A fused backend provides three ops, named <prefix>_lse_rows,
 <prefix>_lse_rows_backward and <prefix>_batch_hard_select in the metric_kernels namespace:
 
-    lse_rows(x, y?, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic) -> stats [3, N]
-    lse_rows_backward(grad [3, N], stats, x, y?, x_labels, y_labels, self_offset, kind, param_a, param_b,
-                      deterministic, need_dx, need_dy) -> (dx, dy)       (an unneeded gradient has 0 rows;
+    lse_rows(x, y?, x_labels, y_labels, self_offset, kind, pair_value, param_a, param_b, deterministic)
+        -> stats [3, N]
+    lse_rows_backward(grad [3, N], stats, x, y?, x_labels, y_labels, self_offset, kind, pair_value, param_a,
+                      param_b, deterministic, need_dx, need_dy) -> (dx, dy)   (an unneeded gradient has 0 rows;
                       y = None: the references are the queries, dx holds the whole gradient)
     batch_hard_select(x, y, x_labels, y_labels, self_offset) -> [2, N] int64 (-1: none)
 
-with self_offset -1 for "no query is a reference". The statistics are those of csrc/epilogue.h. The cpu and cuda ops
-take rows already normalised, in float32 or float64; the triton ops take the raw rows in their own dtype and normalise
-inside the kernels (the backend's FOLDS_NORMALIZATION), and its batch_hard_select takes a last argument `normalize`.
+with self_offset -1 for "no query is a reference" and pair_value what a pair contributes (metric_kernels/_pairs.py:
+the dot product, or minus the squared or plain Euclidean distance). The statistics are those of csrc/epilogue.h. The
+cpu and cuda ops take rows already normalised (where the loss's distance normalises), in float32 or float64; the
+triton ops take the raw rows in their own dtype and normalise inside the kernels (the backend's FOLDS_NORMALIZATION):
+their lse ops and batch_hard_select take a last argument `normalize`.
+
+A backend lists the pair values its lse ops compute in PAIR_VALUES (default: SIMILARITY only); "auto" skips a backend
+that lacks the one a loss needs.
 """
 from __future__ import annotations
 
 import torch
 
-from ._pairs import pair_counts
+from ._pairs import SIMILARITY, pair_counts
 from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, proxy_anchor_from_stats, stats_dtype,
                              supcon_from_stats)
 
@@ -49,12 +55,12 @@ def register_ops(prefix: str) -> None:
     backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_lse_rows_backward")
 
     @torch.library.register_fake(forward)
-    def _(x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic):
+    def _(x, y, *options):
         return x.new_empty((3, x.shape[0]), dtype=stats_dtype(x.dtype))
 
     @torch.library.register_fake(backward)
-    def _(grad, stats, x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic, need_dx,
-          need_dy):
+    def _(grad, stats, x, y, *options):  # options end with (need_dx, need_dy), or with normalize after them
+        need_dx, need_dy = options[8:10]
         return fake_gradients(x, y, need_dx, need_dy)
 
     @torch.library.register_fake(select)
@@ -62,16 +68,17 @@ def register_ops(prefix: str) -> None:
         return x.new_empty((2, x.shape[0]), dtype=torch.int64)
 
     def setup_context(ctx, inputs, output):
-        x, y, x_labels, y_labels, self_offset, kind, param_a, param_b, deterministic = inputs
+        x, y, x_labels, y_labels = inputs[:4]
         ctx.save_for_backward(x, y, x_labels, y_labels, output)
-        ctx.params = (self_offset, kind, param_a, param_b, deterministic)
+        # (self_offset, kind, pair_value, param_a, param_b, deterministic), then the backend's own options
+        ctx.params, ctx.options = inputs[4:10], inputs[10:]
 
     def backward_fn(ctx, grad):
         x, y, x_labels, y_labels, stats = ctx.saved_tensors
         need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
         dx, dy = backward_op(grad.to(stats.dtype).contiguous(), stats, x, y, x_labels, y_labels, *ctx.params,
-                             need_dx, need_dy)
-        return (dx if need_dx else None, dy if need_dy else None) + (None,) * 7
+                             need_dx, need_dy, *ctx.options)
+        return (dx if need_dx else None, dy if need_dy else None) + (None,) * (8 + len(ctx.options))
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
@@ -87,18 +94,21 @@ class FusedRows:
     def _offset(self_offset):
         return -1 if self_offset is None else self_offset
 
-    def _stats(self, x, y, x_labels, y_labels, self_offset, kind, a, b, deterministic):
+    def _stats(self, x, y, x_labels, y_labels, self_offset, kind, a, b, deterministic, pair_value, *options):
         # y is x: the op gets None and writes a single gradient (as query and as reference)
         return self._lse_rows(x, None if y is x else y, x_labels, y_labels, self._offset(self_offset), KIND[kind],
-                              a, b, deterministic)
+                              pair_value, a, b, deterministic, *options)
 
-    def circle_rows(self, x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic):
-        stats = self._stats(x, y, x_labels, y_labels, self_offset, "circle", m, gamma, deterministic)
+    def circle_rows(self, x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic, **options):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "circle", m, gamma, deterministic, SIMILARITY,
+                            *options.values())
         positives, negatives = pair_counts(x_labels, y_labels, self_offset)
         return circle_from_stats(stats[0], stats[1], positives, negatives)
 
-    def supcon_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic):
-        stats = self._stats(x, y, x_labels, y_labels, self_offset, "supcon", 0.0, 1.0 / temperature, deterministic)
+    def supcon_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic,
+                    pair_value=SIMILARITY, **options):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "supcon", 0.0, 1.0 / temperature, deterministic,
+                            pair_value, *options.values())
         positives, _ = pair_counts(x_labels, y_labels, self_offset)
         return supcon_from_stats(stats[1], stats[2], positives, temperature)
 
@@ -106,10 +116,11 @@ class FusedRows:
         choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
         return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
 
-    def proxy_anchor_rows(self, proxies, x, labels, *, margin, alpha, deterministic):
+    def proxy_anchor_rows(self, proxies, x, labels, *, margin, alpha, deterministic, pair_value=SIMILARITY,
+                          **options):
         proxy_labels = torch.arange(proxies.shape[0], device=proxies.device)
-        stats = self._lse_rows(proxies, x, proxy_labels, labels, -1, KIND["proxy_anchor"], margin, alpha,
-                               deterministic)
+        stats = self._lse_rows(proxies, x, proxy_labels, labels, -1, KIND["proxy_anchor"], pair_value, margin, alpha,
+                               deterministic, *options.values())
         return proxy_anchor_from_stats(stats[0], stats[1])
 
 

@@ -1,7 +1,17 @@
-"""Label bookkeeping shared by the Python layer and the fused backends."""
+"""Label bookkeeping and the pair values, shared by the Python layer and every backend."""
 from typing import Optional, Tuple
 
 import torch
+
+# What the engine folds for a pair (query i, reference j), as computed on the rows a backend is given (normalised or
+# not): a similarity, larger for closer pairs, so every loss reads all three the same way.
+#   SIMILARITY         s_ij = x_i . y_j                       (PML's CosineSimilarity, DotProductSimilarity)
+#   SQUARED_EUCLIDEAN  -||x_i - y_j||^2                       (PML's LpDistance(power=2) with the sign flipped)
+#   EUCLIDEAN          -||x_i - y_j||                         (PML's LpDistance())
+# The distances are formed from the dot product and the row norms, q = |x_i|^2 + |y_j|^2 - 2 x_i . y_j clamped at 0,
+# as torch.cdist does for all but the smallest inputs; the gradient of ||x_i - y_j|| is 0 where it is 0.
+SIMILARITY, SQUARED_EUCLIDEAN, EUCLIDEAN = 0, 1, 2
+PAIR_VALUES = {"similarity": SIMILARITY, "squared_euclidean": SQUARED_EUCLIDEAN, "euclidean": EUCLIDEAN}
 
 
 def pair_counts(x_labels: torch.Tensor, y_labels: torch.Tensor,

@@ -13,7 +13,7 @@ settings are then read from its attributes (`p`, `power`, `normalize_embeddings`
 reduction), and raises NotImplementedError like any other unknown object.
 
 Adding a distance to a loss is one entry in `SUPPORTED_DISTANCES` (and the kernels that compute it): the modules store
-the resolved `DistanceSpec` as `distance_spec`, ready to be handed to the functional API once it takes one.
+the resolved `DistanceSpec` as `distance_spec` and hand it to the functional API (`functional_distance`).
 """
 from __future__ import annotations
 
@@ -51,14 +51,30 @@ COSINE = DistanceSpec("cosine")
 NORMALIZED_DOT = DistanceSpec("dot", power=1, normalize=True)
 EUCLIDEAN = DistanceSpec("lp", power=1, normalize=True)  # PML's LpDistance() default, TripletMarginLoss's distance
 
+# The dot product of the rows as they are (DotProductSimilarity(normalize_embeddings=False)), and PML's LpDistance
+# with p = 2 and power 1 or 2, normalised or not: the log-sum-exp engine's other pair values (metric_kernels/_pairs.py).
+RAW_DOT = DistanceSpec("dot", power=1, normalize=False)
+LP_DISTANCES = tuple(DistanceSpec("lp", power=power, normalize=normalize)
+                     for power in (1, 2) for normalize in (True, False))
+
 # The distances each module's fused kernels compute. The first entry is PML's default for that loss. CircleLoss has no
-# NORMALIZED_DOT: PML's CircleLoss asserts isinstance(distance, CosineSimilarity), which DotProductSimilarity is not.
+# other: PML's CircleLoss asserts isinstance(distance, CosineSimilarity). Batch-hard's selection and triplet kernels
+# compute the Euclidean distance (power 1) only.
 SUPPORTED_DISTANCES = {
     "CircleLoss": (COSINE,),
-    "SupConLoss": (COSINE, NORMALIZED_DOT),
-    "ProxyAnchorLoss": (COSINE, NORMALIZED_DOT),
+    "SupConLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
+    "ProxyAnchorLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
 }
+
+
+def functional_distance(spec: DistanceSpec) -> dict:
+    """The functional losses' `distance=` and `normalize_embeddings=` for a DistanceSpec of SUPPORTED_DISTANCES."""
+    if spec.kind == "lp":
+        return dict(distance="euclidean" if spec.power == 1 else "squared_euclidean",
+                    normalize_embeddings=spec.normalize)
+    return dict(distance=spec.kind, normalize_embeddings=spec.normalize)
+
 
 # Where PML's own loss accepts only some distance classes (c_f.assert_distance_type), no table entry can add others.
 PML_DISTANCE_CLASSES = {"CircleLoss": ("CosineSimilarity",)}

@@ -11,6 +11,9 @@ from typing import Optional
 import torch
 
 REDUCTIONS = ("mean_nonzero", "mean", "sum", "none")
+# The functional losses' `distance=` (PML's distance classes: CosineSimilarity, DotProductSimilarity, LpDistance with
+# power 1 and 2) -> the pair value the engine computes (metric_kernels/_pairs.py).
+DISTANCES = {"cosine": 0, "dot": 0, "euclidean": 2, "squared_euclidean": 1}
 
 
 def check_embeddings(value, name: str) -> torch.Tensor:
@@ -61,6 +64,17 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def check_distance(distance, normalize_embeddings) -> tuple:
+    """(pair value, normalise the rows?) of `distance=` and `normalize_embeddings=`."""
+    if not isinstance(distance, str) or distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}; got {distance!r}")
+    check_bool(normalize_embeddings, "normalize_embeddings")
+    if distance == "cosine" and not normalize_embeddings:
+        raise ValueError("normalize_embeddings=False contradicts distance='cosine' (the dot product of normalised "
+                         "rows); the dot product of the rows as they are is distance='dot'")
+    return DISTANCES[distance], normalize_embeddings
 
 
 def check_reduction(value) -> str:

@@ -124,8 +124,15 @@ def available_backends(device="cpu") -> Dict[str, Optional[str]]:
     return {name: unavailable_reason(name, device) for name in NAMES}
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module that computes losses for tensors on `device`."""
+def computes(module: ModuleType, pair_value: int) -> bool:
+    """Whether a backend's log-sum-exp losses compute this pair value (metric_kernels/_pairs.py): its PAIR_VALUES,
+    the dot product alone when it has none."""
+    return pair_value in getattr(module, "PAIR_VALUES", (0,))
+
+
+def resolve(name: str, device: torch.device, pair_value: int = 0) -> ModuleType:
+    """The backend module that computes losses for tensors on `device` (and `pair_value`: "auto" passes over a
+    backend that does not compute it; a backend named for it raises NotImplementedError)."""
     check_backend_name(name)
     if name == "auto":
         override = os.environ.get(ENV_VAR, "").strip()
@@ -137,7 +144,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()) + ("reference",):
             module, _ = _load(candidate)
-            if module is not None and module.unavailable_reason(device) is None:
+            if module is not None and module.unavailable_reason(device) is None and computes(module, pair_value):
                 return module
         raise BackendUnavailableError(f"no backend can run on device {device}")  # unreachable: the reference runs anywhere
     module, reason = _load(name)
@@ -146,4 +153,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     reason = module.unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    if not computes(module, pair_value):
+        raise NotImplementedError(f"backend {name!r} does not compute Euclidean distances yet (distance="
+                                  f"'euclidean' or 'squared_euclidean'); backend='auto' picks one that does")
     return module

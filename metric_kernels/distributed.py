@@ -138,7 +138,9 @@ def _pair_spec(loss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
     if isinstance(loss, SupConLoss):
         scale = 1.0 if loss.base_temperature is None else loss.temperature / loss.base_temperature
-        return "supcon_rows", True, "both", dict(temperature=loss.temperature), scale
+        distance = keywords.functional_distance(loss.distance_spec)
+        pair_value, normalize = check.check_distance(distance["distance"], distance["normalize_embeddings"])
+        return "supcon_rows", normalize, "both", dict(temperature=loss.temperature, pair_value=pair_value), scale
     return ("batch_hard_rows", loss.normalize_embeddings, None, dict(margin=loss.margin, soft=loss.soft), 1.0)
 
 
@@ -285,7 +287,8 @@ class DistributedLoss(nn.Module):
                                    torch.full_like(slice_labels, mine))
         positive_terms, negative_terms, guard = functional._proxy_anchor_terms(
             all_embeddings, slice_labels, torch.cat([proxies[first:stop], spare]), margin=loss.margin,
-            alpha=loss.alpha, backend=loss.backend, deterministic=loss.deterministic)
+            alpha=loss.alpha, backend=loss.backend, deterministic=loss.deterministic,
+            **keywords.functional_distance(loss.distance_spec))
         with_positive = torch.zeros(num_classes, dtype=torch.bool, device=all_labels.device).index_fill(
             0, all_labels, True).sum()
         positive_terms, negative_terms = positive_terms[:mine], negative_terms[:mine]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from ._pairs import pair_counts
+from ._pairs import SIMILARITY, pair_counts
 from .backends import check_backend_name, resolve
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -139,13 +139,12 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     check.check_reduction(reduction)
     check_backend_name(backend)
     deterministic = check.check_deterministic(deterministic)
-    implementation = resolve(backend, embeddings.device)
+    implementation = resolve(backend, embeddings.device, params.get("pair_value", SIMILARITY))
 
     if _folds_normalization(implementation):
         x, y = _raw_rows(embeddings, references)
         y = x if ref_emb is None else y
-        if rows_name == "batch_hard_rows":  # the cosine losses always normalise
-            params["normalize"] = normalize
+        params["normalize"] = normalize
     else:
         dtype = _compute_dtype(embeddings, references)
         x = _prepare(embeddings, dtype, normalize)
@@ -187,14 +186,19 @@ def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gam
 
 
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, base_temperature=None,
-                self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None):
-    """Supervised contrastive loss (Khosla et al. 2020) with PML's semantics; base_temperature scales by t / b."""
+                self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None, distance="cosine",
+                normalize_embeddings=True):
+    """Supervised contrastive loss (Khosla et al. 2020) with PML's semantics; base_temperature scales by t / b.
+
+    distance: "cosine" (PML's default), "dot" (the dot product of the rows, normalised when normalize_embeddings),
+    "euclidean" or "squared_euclidean" (PML's LpDistance(power=1 or 2): the logits are -d / temperature)."""
     temperature = check.check_positive(temperature, "temperature")
     if base_temperature is not None:
         base_temperature = check.check_positive(base_temperature, "base_temperature")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
     scale = 1.0 if base_temperature is None else temperature / base_temperature
     loss = _pair_loss("supcon_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-                      deterministic, True, "both", temperature=temperature)
+                      deterministic, normalize, "both", temperature=temperature, pair_value=pair_value)
     return loss if scale == 1.0 else loss * scale
 
 
@@ -210,35 +214,47 @@ def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *
                       deterministic, normalize_embeddings, None, margin=margin, soft=soft)
 
 
-def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, deterministic):
+def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, deterministic, distance="cosine",
+                        normalize_embeddings=True):
     """Validates, prepares and dispatches Proxy-Anchor: (positive_terms, negative_terms, guard), one term per proxy
     before the division by |P+| and C. Shared by proxy_anchor_loss and metric_kernels.distributed, which computes
     each rank's share of the proxies against the gathered batch."""
     check.check_proxy_inputs(embeddings, labels, proxies)
     margin = check.check_real(margin, "margin")
     alpha = check.check_positive(alpha, "alpha")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
     check_backend_name(backend)
     deterministic = check.check_deterministic(deterministic)
-    implementation = resolve(backend, embeddings.device)
+    implementation = resolve(backend, embeddings.device, pair_value)
 
+    options = dict(pair_value=pair_value)
     if _folds_normalization(implementation):
         x, p = _raw_rows(embeddings, proxies)
+        options["normalize"] = normalize
     else:
         dtype = _compute_dtype(embeddings, proxies)
-        x, p = _prepare(embeddings, dtype, True), _prepare(proxies, dtype, True)
+        x, p = _prepare(embeddings, dtype, normalize), _prepare(proxies, dtype, normalize)
+    if pair_value != SIMILARITY:
+        # PML's terms on a distance d are the cosine's on -d with the margin negated (reference/proxy_anchor.py).
+        margin = -margin
     labels = labels.long()
     if x.shape[0] == 0:
         positive_terms = negative_terms = p.sum(dim=1) * 0 + x.sum() * 0  # log(1 + empty sum) = 0
     else:
         positive_terms, negative_terms = implementation.proxy_anchor_rows(
-            p, x, labels, margin=margin, alpha=alpha, deterministic=deterministic)
+            p, x, labels, margin=margin, alpha=alpha, deterministic=deterministic, **options)
     return positive_terms, negative_terms, _nonfinite_guard(x, p)
 
 
-def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto", deterministic=None):
-    """Proxy-Anchor loss (Kim et al. 2020) with PML's semantics: sum_c pos_c / |P+| + sum_c neg_c / C."""
+def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto", deterministic=None,
+                      distance="cosine", normalize_embeddings=True):
+    """Proxy-Anchor loss (Kim et al. 2020) with PML's semantics: sum_c pos_c / |P+| + sum_c neg_c / C.
+
+    distance: as supcon_loss's; with a distance d the terms are log(1 + sum exp(alpha (d - margin))) over a proxy's
+    positives and log(1 + sum exp(-alpha (d + margin))) over its negatives, as PML computes them."""
     positive_terms, negative_terms, guard = _proxy_anchor_terms(
-        embeddings, labels, proxies, margin=margin, alpha=alpha, backend=backend, deterministic=deterministic)
+        embeddings, labels, proxies, margin=margin, alpha=alpha, backend=backend, deterministic=deterministic,
+        distance=distance, normalize_embeddings=normalize_embeddings)
     num_classes = proxies.shape[0]
     labels = labels.long()
     with_positive = torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill(0, labels, True).sum()

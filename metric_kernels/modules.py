@@ -157,6 +157,7 @@ class SupConLoss(_PairLoss):
 
     def _loss(self, *args, **kwargs):
         return functional.supcon_loss(*args, temperature=self.temperature, base_temperature=self.base_temperature,
+                                      **keywords.functional_distance(self.distance_spec),
                                       **kwargs)
 
     def extra_repr(self):
@@ -251,7 +252,8 @@ class ProxyAnchorLoss(nn.Module):
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb and ref_labels are not supported by ProxyAnchorLoss: the proxies are the references")
         labels = _labels_on(labels, embeddings, "labels")
-        options = dict(margin=self.margin, alpha=self.alpha, backend=self.backend, deterministic=self.deterministic)
+        options = dict(margin=self.margin, alpha=self.alpha, backend=self.backend, deterministic=self.deterministic,
+                       **keywords.functional_distance(self.distance_spec))
         if self._reducer_mode == "divisor":
             return functional.proxy_anchor_loss(embeddings, labels, self.proxies, **options)
         positive_terms, negative_terms, guard = functional._proxy_anchor_terms(embeddings, labels, self.proxies,

@@ -75,12 +75,12 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
     offset = 0 if refs == "self" else -1
     a, b = (0.25, 32.0) if kind != 1 else (0.0, 10.0)
-    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, a, b, True)
+    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, 0, a, b, True)
     expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
     grad = torch.randn(3, n, generator=g, dtype=torch.float64)
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
                                                                               True, y is not None)
-    args = (x, y, labels, y_labels, offset, kind, a, b, deterministic)
+    args = (x, y, labels, y_labels, offset, kind, 0, a, b, deterministic)
     with _tf32(operand == "tf32"):
         stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args)
         dx, dy = torch.ops.metric_kernels.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, *args[:-1],
@@ -103,7 +103,7 @@ def test_tensor_core_operands_round_like_their_type(operand):
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(70, 40, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (70,), generator=g)
-    args = (None, labels, labels, 0, 1, 0.0, 10.0, True)
+    args = (None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
     with _tf32(operand == "tf32"):
         stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args)
     rounded = x.to(OPERANDS[operand]).double()
@@ -181,14 +181,14 @@ def test_shared_memory_limits_of_a_99_kb_gpu(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, labels = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
     ops = torch.ops.metric_kernels
-    stats = ops.cuda_emulated_lse_rows(x, None, labels, labels, 0, 0, 0.25, 8.0, True)
+    stats = ops.cuda_emulated_lse_rows(x, None, labels, labels, 0, 0, 0, 0.25, 8.0, True)
     with pytest.raises(RuntimeError, match=r"needs 1\d{5} bytes of shared memory per block and this GPU allows 101376"):
-        ops.cuda_emulated_lse_rows_backward(torch.ones_like(stats), stats, x, None, labels, labels, 0, 0, 0.25, 8.0,
+        ops.cuda_emulated_lse_rows_backward(torch.ones_like(stats), stats, x, None, labels, labels, 0, 0, 0, 0.25, 8.0,
                                             True, True, False)
     x32 = x.float()
-    stats32 = ops.cuda_emulated_lse_rows(x32, None, labels, labels, 0, 0, 0.25, 8.0, False)
+    stats32 = ops.cuda_emulated_lse_rows(x32, None, labels, labels, 0, 0, 0, 0.25, 8.0, False)
     dx, _ = ops.cuda_emulated_lse_rows_backward(torch.ones_like(stats32), stats32, x32, None, labels, labels, 0, 0,
-                                                0.25, 8.0, False, True, False)
+                                                0, 0.25, 8.0, False, True, False)
     assert torch.isfinite(dx).all()
 
 
@@ -196,11 +196,11 @@ def test_ops_take_cpu_tensors_only():
     x = torch.randn(4, 3)
     labels = torch.zeros(4, dtype=torch.long)
     with pytest.raises(RuntimeError, match="cuda_emulated ops take float32, float64, float16 or bfloat16 rows"):
-        torch.ops.metric_kernels.cuda_emulated_lse_rows(x.int(), None, labels, labels, 0, 0, 0.25, 8.0, True)
+        torch.ops.metric_kernels.cuda_emulated_lse_rows(x.int(), None, labels, labels, 0, 0, 0, 0.25, 8.0, True)
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda_emulated ops take CPU tensors"):
             torch.ops.metric_kernels.cuda_emulated_lse_rows(x.cuda(), None, labels.cuda(), labels.cuda(), 0, 0,
-                                                            0.25, 8.0, True)
+                                                            0, 0.25, 8.0, True)
 
 
 FORK_SCRIPT = """

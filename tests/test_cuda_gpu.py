@@ -87,7 +87,7 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
     offset = 0 if refs == "self" else -1
     a, b = (0.25, 32.0) if kind != 1 else (0.0, 10.0)
-    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, a, b, True)
+    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, 0, a, b, True)
     expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
     grad = torch.randn(3, n, generator=g, dtype=torch.float64)
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
@@ -95,7 +95,7 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = operand == "tf32"
     try:
-        cuda_args = (x.cuda(), None if y is None else y.cuda(), labels.cuda(), y_labels.cuda(), offset, kind, a, b,
+        cuda_args = (x.cuda(), None if y is None else y.cuda(), labels.cuda(), y_labels.cuda(), offset, kind, 0, a, b,
                      deterministic)
         stats = torch.ops.metric_kernels.cuda_lse_rows(*cuda_args)
         dx, dy = torch.ops.metric_kernels.cuda_lse_rows_backward(grad.to(stats.dtype).cuda(), stats, *cuda_args[:-1],
@@ -176,12 +176,12 @@ def test_opcheck(kind):
     ops = torch.ops.metric_kernels
     x, y, labels, y_labels = _op_samples()
     for offset, deterministic in ((-1, True), (3, False)):
-        torch.library.opcheck(ops.cuda_lse_rows, (x, y, labels, y_labels, offset, kind, 0.25, 8.0, deterministic))
-    torch.library.opcheck(ops.cuda_lse_rows, (x, None, labels, labels, 0, kind, 0.25, 8.0, True))
-    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, kind, 0.25, 8.0, True).detach()
+        torch.library.opcheck(ops.cuda_lse_rows, (x, y, labels, y_labels, offset, kind, 0, 0.25, 8.0, deterministic))
+    torch.library.opcheck(ops.cuda_lse_rows, (x, None, labels, labels, 0, kind, 0, 0.25, 8.0, True))
+    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, kind, 0, 0.25, 8.0, True).detach()
     for need_dx, need_dy, deterministic in ((True, True, True), (True, False, False), (False, True, False)):
         torch.library.opcheck(ops.cuda_lse_rows_backward, (torch.randn_like(stats), stats, x.detach(), y.detach(),
-                                                           labels, y_labels, -1, kind, 0.25, 8.0, deterministic,
+                                                           labels, y_labels, -1, kind, 0, 0.25, 8.0, deterministic,
                                                            need_dx, need_dy))
     torch.library.opcheck(ops.cuda_batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
 
@@ -215,7 +215,7 @@ def test_backward_op_without_pairs_gives_zero_gradients(empty, deterministic):
     n, m = (0, 9) if empty == "queries" else (7, 0)
     x, y = torch.randn(n, 5, generator=g).cuda(), torch.randn(m, 5, generator=g).cuda()
     labels, y_labels = torch.randint(0, 3, (n,), generator=g).cuda(), torch.randint(0, 3, (m,), generator=g).cuda()
-    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
     dx, dy = ops.cuda_lse_rows_backward(torch.randn(3, n, generator=g).cuda(), stats, x, y, labels, y_labels, -1, 0,
                                         0.25, 8.0, deterministic, True, True)
     assert torch.equal(dx.cpu(), torch.zeros(n, 5)) and torch.equal(dy.cpu(), torch.zeros(m, 5))
@@ -224,8 +224,8 @@ def test_backward_op_without_pairs_gives_zero_gradients(empty, deterministic):
 def test_backward_op_checks_the_row_state():
     ops = torch.ops.metric_kernels
     x, y, labels, y_labels = (t.detach() for t in _op_samples())
-    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
-    args = (x, y, labels, y_labels, -1, 0, 0.25, 8.0, True, True, True)
+    stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
+    args = (x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True, True, True)
     with pytest.raises(RuntimeError, match="grad must be 3 x N"):
         ops.cuda_lse_rows_backward(torch.randn(3, 19, device="cuda"), stats, *args)
     with pytest.raises(RuntimeError, match="must be on the rows' device"):

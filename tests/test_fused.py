@@ -52,20 +52,21 @@ def _pair_inputs(seed, n, m, dim, classes, refs, dtype):
     return [x, y], labels, y_labels, offset, None
 
 
-def _run(loss, leaves, labels, y_labels, offset, backend, reduction="mean_nonzero"):
+def _run(loss, leaves, labels, y_labels, offset, backend, reduction="mean_nonzero", **options):
     if loss == "proxy_anchor":
-        return mk.proxy_anchor_loss(leaves[0], labels, leaves[1], backend=backend, **PARAMS[loss])
+        return mk.proxy_anchor_loss(leaves[0], labels, leaves[1], backend=backend, **PARAMS[loss], **options)
     ref = (leaves[1], y_labels) if len(leaves) > 1 else (None, None)
     return getattr(mk, f"{loss}_loss")(leaves[0], labels, *ref, self_offset=offset, reduction=reduction,
-                                       backend=backend, **PARAMS[loss])
+                                       backend=backend, **PARAMS[loss], **options)
 
 
-def _compare(backend, loss, leaves64, labels, y_labels, offset, dtype, reduction="mean_nonzero"):
+def _compare(backend, loss, leaves64, labels, y_labels, offset, dtype, reduction="mean_nonzero", **options):
     """Runs `backend` on `dtype` copies and the reference on float64 copies of the same (rounded) inputs; checks values
-    and gradients. Half precision: no worse than the eager reference run on the same half inputs, plus 1e-2."""
+    and gradients. Half precision: no worse than the eager reference run on the same half inputs, plus 1e-2.
+    options: more keywords of the loss (a distance)."""
     def run(backend, cast):
         leaves = [cast(t.detach()).requires_grad_() for t in leaves64]
-        value = _run(loss, leaves, labels, y_labels, offset, backend, reduction)
+        value = _run(loss, leaves, labels, y_labels, offset, backend, reduction, **options)
         return value, grads(value, leaves)
 
     ours, our_grads = run(backend, lambda t: t.to(dtype))
@@ -252,24 +253,24 @@ def test_opcheck_lse_rows(backend, kind):
     lse_rows, _, _ = _ops(backend)
     x, y, labels, y_labels = _op_samples()
     for offset, deterministic in ((-1, True), (3, False)):
-        torch.library.opcheck(lse_rows, (x, y, labels, y_labels, offset, kind, 0.25, 8.0, deterministic))
+        torch.library.opcheck(lse_rows, (x, y, labels, y_labels, offset, kind, 0, 0.25, 8.0, deterministic))
     for deterministic in (True, False):  # the references are the queries: one gradient buffer
-        torch.library.opcheck(lse_rows, (x, None, labels, labels, 0, kind, 0.25, 8.0, deterministic))
+        torch.library.opcheck(lse_rows, (x, None, labels, labels, 0, kind, 0, 0.25, 8.0, deterministic))
 
 
 @backend_param
 def test_opcheck_backward_and_batch_hard_select(backend):
     lse_rows, lse_rows_backward, batch_hard_select = _ops(backend)
     x, y, labels, y_labels = _op_samples()
-    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
+    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
     grad = torch.randn_like(stats)
     for need_dx, need_dy, deterministic in ((True, True, True), (True, False, False), (False, True, False)):
         torch.library.opcheck(lse_rows_backward, (grad, stats.detach(), x.detach(), y.detach(), labels, y_labels,
-                                                      -1, 0, 0.25, 8.0, deterministic, need_dx, need_dy))
-    self_stats = lse_rows(x, None, labels, labels, 0, 0, 0.25, 8.0, True).detach()
+                                                      -1, 0, 0, 0.25, 8.0, deterministic, need_dx, need_dy))
+    self_stats = lse_rows(x, None, labels, labels, 0, 0, 0, 0.25, 8.0, True).detach()
     for deterministic in (True, False):
         torch.library.opcheck(lse_rows_backward, (torch.randn_like(self_stats), self_stats, x.detach(), None,
-                                                      labels, labels, 0, 0, 0.25, 8.0, deterministic, True, False))
+                                                      labels, labels, 0, 0, 0, 0.25, 8.0, deterministic, True, False))
     torch.library.opcheck(batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
 
 
@@ -283,8 +284,8 @@ def test_backward_op_without_pairs_gives_zero_gradients(backend, empty, determin
     n, m = (0, 9) if empty == "queries" else (7, 0)
     x, y = torch.randn(n, 5, generator=g), torch.randn(m, 5, generator=g)
     labels, y_labels = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
-    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
-    dx, dy = lse_rows_backward(torch.randn(3, n, generator=g), stats, x, y, labels, y_labels, -1, 0, 0.25, 8.0,
+    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
+    dx, dy = lse_rows_backward(torch.randn(3, n, generator=g), stats, x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0,
                                deterministic, True, True)
     assert torch.equal(dx, torch.zeros(n, 5)) and torch.equal(dy, torch.zeros(m, 5))
 
@@ -293,8 +294,8 @@ def test_backward_op_without_pairs_gives_zero_gradients(backend, empty, determin
 def test_backward_op_checks_the_row_state(backend):
     lse_rows, lse_rows_backward, _ = _ops(backend)
     x, y, labels, y_labels = (t.detach() for t in _op_samples())
-    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0.25, 8.0, True)
-    args = (x, y, labels, y_labels, -1, 0, 0.25, 8.0, True, True, True)
+    stats = lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
+    args = (x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True, True, True)
     with pytest.raises((RuntimeError, ValueError), match="grad must be 3 x N"):
         lse_rows_backward(torch.randn(3, 19), stats, *args)
     with pytest.raises((RuntimeError, ValueError), match="stats must be 3 x N"):

@@ -47,9 +47,15 @@ DISTANCES = {
     "lp": distances.LpDistance,  # PML's LpDistance(): normalize_embeddings=True, p=2, power=1
     "lp_raw": lambda: distances.LpDistance(normalize_embeddings=False),
     "dot": distances.DotProductSimilarity,  # PML's DotProductSimilarity(): normalize_embeddings=True, the cosine
+    "dot_raw": lambda: distances.DotProductSimilarity(normalize_embeddings=False),
+    "lp2": lambda: distances.LpDistance(power=2),
+    "lp2_raw": lambda: distances.LpDistance(normalize_embeddings=False, power=2),
 }
+# The log-sum-exp losses' other distances (the engine's pair values), with the reducers that reduce differently.
+OTHER_DISTANCES = ("dot_raw", "lp", "lp_raw", "lp2", "lp2_raw")
 PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
               + [("supcon", r, d) for r in REDUCERS for d in ("implicit", "cosine", "dot")]
+              + [("supcon", r, d) for r in ("default", "Mean", "DoNothing") for d in OTHER_DISTANCES]
               + [("batch_hard", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "lp", "lp_raw")])
 
 
@@ -178,8 +184,8 @@ def _compare_proxy(reducer, distance, dtype, backend, labels, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32"])
-@pytest.mark.parametrize("distance", ["implicit", "cosine", "dot"])
-@pytest.mark.parametrize("reducer", PROXY_REDUCERS)
+@pytest.mark.parametrize("reducer,distance", [(r, d) for r in PROXY_REDUCERS for d in ("implicit", "cosine", "dot")]
+                         + [(r, d) for r in ("default", "Sum") for d in OTHER_DISTANCES])
 def test_proxy_anchor_with_pml_keywords_equals_pml(reducer, distance, dtype):
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5, 5, 1, 0, 4, 4, 2, 1, 5])  # classes 3 and 6 have no row
     _compare_proxy(reducer, distance, dtype, "reference", labels, seed=3)
@@ -353,10 +359,10 @@ UNSUPPORTED = [
      "distance=LpDistance(normalize_embeddings=True, p=2, power=2) is not supported by CircleLoss"),
     (mk.SupConLoss, "distance", lambda: distances.CosineSimilarity(power=2),
      "distance=CosineSimilarity(normalize_embeddings=True, p=2, power=2) is not supported by SupConLoss"),
-    (mk.SupConLoss, "distance", distances.LpDistance,
-     "distance=LpDistance(normalize_embeddings=True, p=2, power=1) is not supported by SupConLoss"),
-    (mk.SupConLoss, "distance", lambda: distances.DotProductSimilarity(normalize_embeddings=False),
-     "distance=DotProductSimilarity(normalize_embeddings=False, p=2, power=1) is not supported by SupConLoss"),
+    (mk.SupConLoss, "distance", lambda: distances.LpDistance(p=1),
+     "distance=LpDistance(normalize_embeddings=True, p=1, power=1) is not supported by SupConLoss"),
+    (mk.SupConLoss, "distance", lambda: distances.LpDistance(power=3),
+     "distance=LpDistance(normalize_embeddings=True, p=2, power=3) is not supported by SupConLoss"),
     (mk.SupConLoss, "distance", distances.SNRDistance, "distance=SNRDistance("),
     (mk.SupConLoss, "distance", _MyCosine, "distance=_MyCosine("),
     (mk.BatchHardTripletLoss, "distance", lambda: distances.LpDistance(p=1),
@@ -379,9 +385,8 @@ UNSUPPORTED = [
     (mk.CircleLoss, "collect_stats", lambda: True, "collect_stats=True is not supported by CircleLoss"),
     (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "weight_regularizer", regularizers.RegularFaceRegularizer,
      "weight_regularizer=RegularFaceRegularizer("),
-    (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "distance",
-     lambda: distances.DotProductSimilarity(normalize_embeddings=False),
-     "distance=DotProductSimilarity(normalize_embeddings=False, p=2, power=1) is not supported by ProxyAnchorLoss"),
+    (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "distance", lambda: distances.LpDistance(p=3),
+     "distance=LpDistance(normalize_embeddings=True, p=3, power=1) is not supported by ProxyAnchorLoss"),
     (mk.SupConLoss, "distance", lambda: distances.DotProductSimilarity(power=2),
      "distance=DotProductSimilarity(normalize_embeddings=True, p=2, power=2) is not supported by SupConLoss"),
     (mk.BatchHardTripletLoss, "distance", distances.DotProductSimilarity,

@@ -131,7 +131,7 @@ def _launches(monkeypatch):
             y_labels = torch.randint(0, 3, (m,), generator=generator)
             for kind in (0,) if chunked else (0, 1, 2):
                 for other, labels, offset in ((None, x_labels, 0), (y, y_labels, -1)):
-                    stats = ops.lse_rows(x, other, x_labels, labels, offset, kind, 0.25, 2.0, False)
+                    stats = ops.lse_rows(x, other, x_labels, labels, offset, kind, 0, 0.25, 2.0, False)
                     grad = torch.ones_like(stats)
                     # (deterministic, need_dx, need_dy); the flags do not depend on the kind: KIND 0 takes each path
                     cases = [(False, True, False), (True, True, False)]
@@ -140,11 +140,19 @@ def _launches(monkeypatch):
                         if kind or chunked:
                             cases = [(False, True, True), (True, True, True)]
                     for deterministic, need_dx, need_dy in cases:
-                        ops.lse_rows_backward(grad, stats, x, other, x_labels, labels, offset, kind, 0.25, 2.0,
+                        ops.lse_rows_backward(grad, stats, x, other, x_labels, labels, offset, kind, 0, 0.25, 2.0,
                                               deterministic, bool(need_dx), bool(need_dy))
+                    for pair_value, normalize in ((0, False), (1, True), (1, False), (2, True), (2, False)):
+                        if kind and not chunked:  # the distances: the log-sum-exp kernels' other epilogues
+                            stats = ops.lse_rows(x, other, x_labels, labels, offset, kind, pair_value, 0.25, 2.0,
+                                                 False, normalize)
+                            for deterministic in (False, True):
+                                ops.lse_rows_backward(torch.ones_like(stats), stats, x, other, x_labels, labels,
+                                                      offset, kind, pair_value, 0.25, 2.0, deterministic, True,
+                                                      other is not None, normalize)
                 if kind == 0 and not chunked:  # one split: the row pass writes dX itself and adds into dY
                     ops.lse_rows_backward(grad[:, :4].contiguous(), stats[:, :4].contiguous(), x[:4], y[:100],
-                                          x_labels[:4], y_labels[:100], -1, 0, 0.25, 2.0, False, True, True)
+                                          x_labels[:4], y_labels[:100], -1, 0, 0, 0.25, 2.0, False, True, True)
             for normalize in (True,) if chunked else (True, False):
                 ops.batch_hard_select(x, y, x_labels, y_labels, -1, normalize)
                 positive, negative = torch.randint(0, n, (2, n), generator=generator)  # y[:n]: n references

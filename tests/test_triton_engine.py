@@ -161,9 +161,9 @@ def test_ops_on_raw_rows_equal_ops_on_normalised_rows(kind):
     labels, y_labels = torch.randint(0, 3, (33,), generator=g), torch.randint(0, 3, (41,), generator=g)
     raw = [x.clone().requires_grad_(), y.clone().requires_grad_()]
     normalised = [t.clone().requires_grad_() for t in (x, y)]
-    stats = ops.lse_rows(raw[0], raw[1], labels, y_labels, 2, kind, 0.25, 8.0, True)
+    stats = ops.lse_rows(raw[0], raw[1], labels, y_labels, 2, kind, 0, 0.25, 8.0, True)
     expected = ops.lse_rows(F.normalize(normalised[0], dim=1), F.normalize(normalised[1], dim=1), labels, y_labels,
-                            2, kind, 0.25, 8.0, True)
+                            2, kind, 0, 0.25, 8.0, True)
     finite = torch.isfinite(expected)
     assert torch.equal(finite, torch.isfinite(stats))
     assert_rel_close(stats[finite], expected[finite], 1e-12, "stats")

@@ -92,8 +92,9 @@ CudaPairRowsParams make_params(const at::Tensor& x, const at::Tensor& y, const a
 }
 
 at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
-                    const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, double a, double b,
-                    bool deterministic) {
+                    const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a,
+                    double b, bool deterministic) {
+  glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
@@ -111,8 +112,10 @@ at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_i
 std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, const at::Tensor& stats_in,
                                                      const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                                                      const at::Tensor& x_labels_in, const at::Tensor& y_labels_in,
-                                                     int64_t self_offset, int64_t kind, double a, double b,
-                                                     bool deterministic, bool need_dx, bool need_dy) {
+                                                     int64_t self_offset, int64_t kind, int64_t pair_value,
+                                                     double a, double b, bool deterministic, bool need_dx,
+                                                     bool need_dy) {
+  glue::check_pair_value(pair_value, "lse_rows_backward");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
   glue::check_row_state(grad_in, stats_in, rows);

@@ -9,8 +9,11 @@ from .proxy_anchor import proxy_anchor_rows
 from .supcon import supcon_rows
 
 
+PAIR_VALUES = (0, 1, 2)  # the dot product and both Euclidean distances (metric_kernels/_pairs.py)
+
+
 def unavailable_reason(device):
     return None  # plain torch ops: runs wherever torch does
 
 
-__all__ = ["batch_hard_rows", "circle_rows", "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]
+__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]

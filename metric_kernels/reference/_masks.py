@@ -1,7 +1,18 @@
-"""Label masks and masked reductions shared by the reference losses."""
+"""Label masks, pair values and masked reductions shared by the reference losses."""
 from typing import Optional, Tuple
 
 import torch
+
+from .._pairs import SIMILARITY, SQUARED_EUCLIDEAN
+
+
+def pair_values(x: torch.Tensor, y: torch.Tensor, pair_value: int) -> torch.Tensor:
+    """The N x M matrix a loss folds (metric_kernels/_pairs.py): x y^T, or minus PML's LpDistance of the rows
+    (torch.cdist, squared for power 2), so that larger is closer for all three."""
+    if pair_value == SIMILARITY:
+        return x @ y.T
+    distances = torch.cdist(x, y)
+    return -(distances * distances if pair_value == SQUARED_EUCLIDEAN else distances)
 
 
 def pair_masks(x_labels: torch.Tensor, y_labels: torch.Tensor,

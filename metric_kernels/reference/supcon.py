@@ -5,11 +5,12 @@ shared Python layer, not here.
 """
 import torch
 
-from ._masks import masked_logsumexp, pair_masks
+from .._pairs import SIMILARITY
+from ._masks import masked_logsumexp, pair_masks, pair_values
 
 
-def supcon_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic=False):
-    logits = (x @ y.T) / temperature
+def supcon_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic=False, pair_value=SIMILARITY):
+    logits = pair_values(x, y, pair_value) / temperature
     # Shifting by the row max (over every column, as PML does) changes nothing mathematically; it keeps the
     # rounding the same as PML's, which matters because mean_nonzero counts the rows that come out exactly 0.
     logits = logits - logits.max(dim=1, keepdim=True).values.detach()

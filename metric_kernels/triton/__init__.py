@@ -9,6 +9,7 @@ import torch
 
 # The kernels read the raw rows in their own dtype and normalise inside (metric_kernels/triton/ops.py).
 FOLDS_NORMALIZATION = True
+PAIR_VALUES = (0, 1, 2)  # the dot product and both Euclidean distances (metric_kernels/_pairs.py)
 
 _installed = importlib.util.find_spec("triton") is not None
 if _installed:

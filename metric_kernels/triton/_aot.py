@@ -56,6 +56,10 @@ SIXTEEN_BIT = ("bf16", "fp16")
 LEVELS = ("core", "ci", "sweep", "full")
 DOT_KERNELS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
 KINDS = (0, 1, 2)  # circle, supcon, proxy_anchor
+# The log-sum-exp kernels' pair values (metric_kernels/_pairs.py) with and without normalising, for SupCon and
+# Proxy-Anchor (Circle: the cosine only), and the lowest level that compiles each: (pair value, normalize) -> level.
+PAIR_CASES = {(0, True): "core", (2, True): "ci", (2, False): "sweep", (1, True): "sweep", (1, False): "full",
+              (0, False): "sweep"}
 BACKWARD_PASSES = ("rows", "columns")  # of ops._pruner's passes
 # (WITH_DY, ATOMIC_DX) as ops.lse_rows_backward sets them, each with the types its dx_ptr gets: "rows" the gradient
 # itself, "acc" an accumulator or the fp32 partial the column pass completes (the references are the queries).
@@ -118,7 +122,7 @@ class _Rows:
 
 
 def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, full_d: bool = True,
-                 precision: str = "ieee", aligned: bool = True):
+                 precision: str = "ieee", aligned: bool = True, pair_value: int = 0):
     """ops._configs() (the GPU list) as ops._pruner(kernel_pass) keeps it on a GPU of the architecture (its shared
     memory, its measured exceptions)."""
     ops = _ops()
@@ -128,7 +132,7 @@ def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, f
     ops._shared_memory_limit, ops._arch = (lambda device: limit), (lambda device: arch)
     try:
         return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d,
-                                      "PRECISION": precision, "ALIGNED": int(aligned)})
+                                      "PRECISION": precision, "ALIGNED": int(aligned), "PAIR_VALUE": pair_value})
     finally:
         ops._shared_memory_limit, ops._arch = original
 
@@ -221,8 +225,10 @@ def _plain_cases(ops, element, widths, widest):
     cases = []
     for width_label, block_d, full_d in widths:
         if full_d:  # finish_gradient's D tile is the backward's (D in chunks: more programs of the widest tile)
-            cases.append(("finish_gradient", width_label, block_d, "", dict(BLOCK_R=32), {}, True,
-                          "core" if width_label == widest else "full"))
+            for normalize in (True, False):
+                cases.append(("finish_gradient", width_label, block_d, f"normalize={int(normalize)}",
+                              dict(BLOCK_R=32, NORMALIZE=normalize), {}, normalize,
+                              "core" if width_label == widest else "full"))
     norm_widths = {}  # row_norms: block_d(D) up to 256 columns, chunks of 256 beyond
     for d in (16, 32, 64, 128, 256, 1024):
         norm_widths[ops.block_d(d, element) if d <= 256 else 256] = "core" if d == 1024 else "full"
@@ -324,8 +330,8 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
         base = dict(ACC=acc_tl, PRECISION=precision)
 
-        def configs(block_d, full_d, kernel_pass, count, aligned=True):
-            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned)
+        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0):
+            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned, pair_value)
             if count == "all":
                 return kept
             backward = kernel_pass in BACKWARD_PASSES
@@ -333,12 +339,23 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
 
         # per kernel: (its pass in ops._pruner, [(kind or None, flags label, constexprs, pointer options, heaviest
         # flags?)])
-        row_cases = [(kind, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}", dict(KIND=kind, WITH_DY=dy,
-                      ATOMIC_DX=adx), dict(dx=dx), (dy, adx, dx) == (True, False, "rows"))
-                     for kind in KINDS for (dy, adx), dxs in ROW_FLAGS for dx in dxs]
-        column_cases = [(kind, f"accumulate={int(acc_)}", dict(KIND=kind, ACCUMULATE=acc_),
-                         dict(partial="acc" if acc_ else "rows"), acc_) for kind in KINDS for acc_ in (False, True)]
-        plans = [("lse_rows_forward", "forward", [(kind, "", dict(KIND=kind), {}, True) for kind in KINDS]),
+        pairs = [(kind, pair_value, nz) for kind in KINDS for (pair_value, nz), pair_level in PAIR_CASES.items()
+                 if (kind != 0 or (pair_value, nz) == (0, True)) and LEVELS.index(pair_level) <= LEVELS.index(level)]
+
+        def loss(kind, pair_value, nz, flags=""):  # the loss's constexprs and its flags label
+            label = flags if (pair_value, nz) == (0, True) else \
+                ",".join(filter(None, (f"pair_value={pair_value},normalize={int(nz)}", flags)))
+            return dict(KIND=kind, PAIR_VALUE=pair_value, NORMALIZE=nz), label
+
+        row_cases = [(kind, loss(kind, pv, nz, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}")[1],
+                      dict(loss(kind, pv, nz)[0], WITH_DY=dy, ATOMIC_DX=adx), dict(dx=dx),
+                      (dy, adx, dx) == (True, False, "rows"))
+                     for kind, pv, nz in pairs for (dy, adx), dxs in ROW_FLAGS for dx in dxs]
+        column_cases = [(kind, loss(kind, pv, nz, f"accumulate={int(acc_)}")[1],
+                         dict(loss(kind, pv, nz)[0], ACCUMULATE=acc_), dict(partial="acc" if acc_ else "rows"), acc_)
+                        for kind, pv, nz in pairs for acc_ in (False, True)]
+        plans = [("lse_rows_forward", "forward", [(kind, loss(kind, pv, nz)[1], loss(kind, pv, nz)[0], {}, True)
+                                                  for kind, pv, nz in pairs]),
                  ("lse_rows_backward_rows", "rows", row_cases),
                  ("lse_rows_backward_columns", "columns", column_cases),
                  ("batch_hard_select", "select", [(None, f"normalize={int(nz)}", dict(NORMALIZE=nz), {}, nz)
@@ -350,7 +367,9 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 primary = heaviest and kind in (None, 0)
                 for width_label, block_d, full_d in widths:
                     count = _selection(level, dtype, primary, heaviest or kind in (None, 0), width_label, widest)
-                    for config in configs(block_d, full_d, kernel_pass, count) if count else ():
+                    chosen = configs(block_d, full_d, kernel_pass, count, pair_value=extra.get("PAIR_VALUE", 0)) \
+                        if count else ()
+                    for config in chosen:
                         add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config,
                             dict(base, **extra), pointers, count == "all", element=element, backward=backward)
                 if primary and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
@@ -359,7 +378,8 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                     for width_label, block_d, full_d in widths:
                         if width_label == widest or not full_d:
                             add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
-                                configs(block_d, full_d, kernel_pass, "one", aligned=False)[0], dict(base, **extra),
+                                configs(block_d, full_d, kernel_pass, "one", False, extra.get("PAIR_VALUE", 0))[0],
+                                dict(base, **extra),
                                 pointers, False, aligned=False, element=element, backward=backward)
         if dtype == "fp32-ieee":
             continue  # the kernels below have no product: one fp32 entry

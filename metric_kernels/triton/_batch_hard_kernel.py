@@ -14,19 +14,7 @@ backward are computed from the chosen pairs (metric_kernels/_row_epilogues.py).
 import triton
 import triton.language as tl
 
-from ._lse_kernels import _column_range, _dot_tile, _inverse_norms, _load_rows, _pair_masks
-
-
-@triton.jit
-def _scaled_norms(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
-    """(r, (||row|| r)^2) of the rows: the scale applied to each row and its squared length after it."""
-    norms = tl.load(norm_ptr + rows, mask=rows < n, other=0.0)
-    if NORMALIZE:
-        inverse, unclamped = _inverse_norms(norm_ptr, rows, n)
-    else:
-        inverse = tl.zeros_like(norms) + 1.0
-    length = norms * inverse
-    return inverse, length * length
+from ._lse_kernels import _column_range, _dot_tile, _load_rows, _pair_masks, _row_scales
 
 
 @triton.jit
@@ -41,7 +29,7 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_length = _scaled_norms(x_norm_ptr, rows, N, NORMALIZE)
+    x_inverse, x_radial, x_length = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     far_positive = tl.full((BLOCK_M,), float("-inf"), ACC)
     far_positive_index = tl.full((BLOCK_M,), -1, tl.int64)
@@ -51,7 +39,7 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
-        y_inverse, y_length = _scaled_norms(y_norm_ptr, cols, stop, NORMALIZE)
+        y_inverse, y_radial, y_length = _row_scales(y_norm_ptr, cols, stop, NORMALIZE)
         y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)

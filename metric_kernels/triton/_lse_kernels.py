@@ -24,6 +24,8 @@ t_i = sum_j G_ij s_ij (rows) or sum_i G_ij s_ij (columns) is accumulated on chip
 import triton
 import triton.language as tl
 
+SIMILARITY = tl.constexpr(0)  # the pair values, metric_kernels/_pairs.py
+SQUARED_EUCLIDEAN = tl.constexpr(1)
 CIRCLE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 PROXY_ANCHOR = tl.constexpr(2)
@@ -51,6 +53,56 @@ def _inverse_norms(norm_ptr, rows, n):
     unclamped = norms > NORM_EPS
     # tl.where, not tl.maximum: tl.maximum would round eps to fp32 first, off by 4e-9 relative for fp64 rows
     return 1.0 / tl.where(unclamped, norms, NORM_EPS), unclamped
+
+
+@triton.jit
+def _row_scales(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
+    """(r, where the normalisation has a radial part, (||row|| r)^2) of the rows: r = 1 / max(||row||, eps) when
+    normalising (radial where the clamp is inactive), else r = 1 and no radial part."""
+    if NORMALIZE:
+        inverse, unclamped = _inverse_norms(norm_ptr, rows, n)
+        norms = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
+    else:
+        norms = tl.load(norm_ptr + rows, mask=rows < n, other=0.0)
+        inverse = tl.zeros_like(norms) + 1.0
+        unclamped = rows < 0
+    length = norms * inverse
+    return inverse, unclamped, length * length
+
+
+@triton.jit
+def _pair_value(s, x_length2, y_length2, PAIR_VALUE: tl.constexpr):
+    """What a pair contributes (metric_kernels/_pairs.py): s itself, or minus the squared or plain Euclidean distance
+    q = |u|^2 + |v|^2 - 2 s (clamped at 0) of the scaled rows."""
+    if PAIR_VALUE == SIMILARITY:
+        return s
+    q = tl.maximum(x_length2[:, None] + y_length2[None, :] - 2 * s, 0.0)
+    if PAIR_VALUE == SQUARED_EUCLIDEAN:
+        return -q
+    return -tl.sqrt(q)
+
+
+@triton.jit
+def _pair_gradient(gradient, value, PAIR_VALUE: tl.constexpr):
+    """(dL/ds, dL/dq) of a tile from G = dL/d(pair value): q the squared distance (0 for a similarity). At q = 0 (the
+    clamp, or a distance of 0) both are 0, as torch.cdist's gradient is."""
+    if PAIR_VALUE == SIMILARITY:
+        return gradient, tl.zeros_like(gradient)
+    if PAIR_VALUE == SQUARED_EUCLIDEAN:
+        by_q = tl.where(value < 0, -gradient, 0.0)
+    else:
+        by_q = tl.where(value < 0, gradient / tl.where(value < 0, 2 * value, 1.0), 0.0)  # dv/dq = 1 / (2 v)
+    return -2 * by_q, by_q
+
+
+@triton.jit
+def _radial_terms(by_s, by_q, s, radial, axis: tl.constexpr):
+    """Per row (axis 1) or column (axis 0) the coefficient c of the rows' own direction in their gradient,
+    dX = P Y - c r^2 X: sum G_s s where the normalisation is radial (unit scaled rows), else -2 sum dL/dq (the
+    |u|^2 term of q)."""
+    if axis == 1:
+        return tl.sum(tl.where(radial[:, None], by_s * s, -2 * by_q), axis=1)
+    return tl.sum(tl.where(radial[None, :], by_s * s, -2 * by_q), axis=0)
 
 
 @triton.jit
@@ -156,7 +208,8 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
                      N_BUCKET, M_BUCKET, ALIGNED,
                      KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                     FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, PAIR_VALUE: tl.constexpr,
+                     NORMALIZE: tl.constexpr):
     """stats[split, 0..2, rows] over the references of one split (SPLIT = 1: the final statistics).
     N_BUCKET, M_BUCKET and ALIGNED are the autotuner's key only (ops.tuning_key)."""
     param_a, param_b = _load_params(params_ptr)
@@ -164,7 +217,7 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_unclamped = _inverse_norms(x_norm_ptr, rows, N)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     max1 = tl.full((BLOCK_M,), float("-inf"), ACC)
     sum1 = tl.zeros((BLOCK_M,), ACC)
@@ -175,16 +228,16 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
-        y_inverse, y_unclamped = _inverse_norms(y_norm_ptr, cols, stop)
+        y_inverse, y_radial, y_length2 = _row_scales(y_norm_ptr, cols, stop, NORMALIZE)
         y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
-        s = dot * x_inverse[:, None] * y_inverse[None, :]
+        value = _pair_value(dot * x_inverse[:, None] * y_inverse[None, :], x_length2, y_length2, PAIR_VALUE)
         positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
-        z, dz, first = _logits(s, positive, negative, param_a, param_b, KIND)
+        z, dz, first = _logits(value, positive, negative, param_a, param_b, KIND)
         max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first, KIND != SUPCON)
         if KIND == SUPCON:
-            linear += tl.sum(tl.where(positive, s, 0.0), axis=1)
+            linear += tl.sum(tl.where(positive, value, 0.0), axis=1)
     out = stats_ptr + split.to(tl.int64) * 3 * N + rows
     tl.store(out, _finish_logsumexp(max1, sum1), mask=rows < N)
     tl.store(out + N, _finish_logsumexp(max2, sum2), mask=rows < N)
@@ -217,9 +270,9 @@ def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1,
 
 
 @triton.jit
-def _radial_part(t, inverse, unclamped):
-    """The normalisation's radial coefficient per row: t r^2 where ||row|| > eps, 0 where the clamp is active."""
-    return tl.where(unclamped, t * inverse * inverse, 0.0)
+def _radial_part(c, inverse):
+    """The coefficient of a row's own direction in its gradient, c r^2 (c from _radial_terms)."""
+    return c * inverse * inverse
 
 
 @triton.jit
@@ -229,6 +282,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
                            N_BUCKET, M_BUCKET, ALIGNED,
                            KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                           PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr,
                            WITH_DY: tl.constexpr, ATOMIC_DX: tl.constexpr):
     """The row pass: dX of BLOCK_M rows (on chip) for the D columns of program_id(2) and the references of split
     program_id(1); with WITH_DY also P^T X into dY and the column statistics, added atomically (fp32/fp64 buffers).
@@ -244,7 +298,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
     scale = tl.load(scale_ptr)
     first_dims = tl.program_id(2) == 0  # the statistics t are added once, not once per D block
     x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
-    x_inverse, x_unclamped = _inverse_norms(x_norm_ptr, rows, N)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
     dx = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     t_rows = tl.zeros((BLOCK_M,), ACC)
@@ -252,28 +306,30 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
-        y_inverse, y_unclamped = _inverse_norms(y_norm_ptr, cols, stop)
+        y_inverse, y_radial, y_length2 = _row_scales(y_norm_ptr, cols, stop, NORMALIZE)
         y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd)
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
         s = dot * x_inverse[:, None] * y_inverse[None, :]
-        gradient = _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, stop,
+        value = _pair_value(s, x_length2, y_length2, PAIR_VALUE)
+        gradient = _gradient_tile(value, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, stop,
                                   self_offset, param_a, param_b, KIND)
-        weighted = gradient * s
-        t_rows += tl.sum(weighted, axis=1)
-        p = (gradient * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
+        by_s, by_q = _pair_gradient(gradient, value, PAIR_VALUE)
+        t_rows += _radial_terms(by_s, by_q, s, x_radial, 1)
+        p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
         dx = tl.dot(p, y_tile, dx, input_precision=PRECISION, out_dtype=ACC)
         if WITH_DY:
             dy = tl.dot(tl.trans(p), x_tile, input_precision=PRECISION, out_dtype=ACC)
             tl.atomic_add(dy_ptr + cols[:, None] * D + dims[None, :], dy,
                           mask=(cols[:, None] < stop) & (dims[None, :] < D), sem="relaxed")
-            tl.atomic_add(dy_t_ptr + cols, tl.sum(weighted, axis=0), mask=(cols < stop) & first_dims, sem="relaxed")
+            tl.atomic_add(dy_t_ptr + cols, _radial_terms(by_s, by_q, s, y_radial, 0), mask=(cols < stop) & first_dims,
+                          sem="relaxed")
     out_mask = (rows[:, None] < N) & (dims[None, :] < D)
     if ATOMIC_DX:
         tl.atomic_add(dx_ptr + rows[:, None] * D + dims[None, :], dx, mask=out_mask, sem="relaxed")
         tl.atomic_add(dx_t_ptr + rows, t_rows, mask=(rows < N) & first_dims, sem="relaxed")
     else:
-        dx = dx / scale - _radial_part(t_rows, x_inverse, x_unclamped)[:, None] * x_tile.to(ACC)
+        dx = dx / scale - _radial_part(t_rows, x_inverse)[:, None] * x_tile.to(ACC)
         tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -284,7 +340,8 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
                               N_BUCKET, M_BUCKET, ALIGNED,
                               KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr,
-                              PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
+                              PRECISION: tl.constexpr, PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr,
+                              ACCUMULATE: tl.constexpr):
     """The column pass (deterministic): dY of BLOCK_N references for the D columns of program_id(1), summing the row
     blocks in a fixed order, radial part included. ACCUMULATE adds the fp32 partial the row pass wrote for the same
     rows (the references are the queries) and writes the whole gradient."""
@@ -294,25 +351,27 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
     operand = y_ptr.dtype.element_ty
     scale = tl.load(scale_ptr)
     y_labels = tl.load(y_labels_ptr + cols, mask=cols < M, other=0)
-    y_inverse, y_unclamped = _inverse_norms(y_norm_ptr, cols, M)
+    y_inverse, y_radial, y_length2 = _row_scales(y_norm_ptr, cols, M, NORMALIZE)
     y_tile = _load_rows(y_ptr, cols, dims, M, D, stride_yn, stride_yd)
     dy = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     t_columns = tl.zeros((BLOCK_N,), ACC)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
-        x_inverse, x_unclamped = _inverse_norms(x_norm_ptr, rows, N)
+        x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
         x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn,
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
         s = dot * x_inverse[:, None] * y_inverse[None, :]
-        gradient = _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M,
+        value = _pair_value(s, x_length2, y_length2, PAIR_VALUE)
+        gradient = _gradient_tile(value, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M,
                                   self_offset, param_a, param_b, KIND)
-        t_columns += tl.sum(gradient * s, axis=0)
-        p = (gradient * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
+        by_s, by_q = _pair_gradient(gradient, value, PAIR_VALUE)
+        t_columns += _radial_terms(by_s, by_q, s, y_radial, 0)
+        p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
         dy = tl.dot(tl.trans(p), x_tile, dy, input_precision=PRECISION, out_dtype=ACC)
     out_mask = (cols[:, None] < M) & (dims[None, :] < D)
-    dy = dy / scale - _radial_part(t_columns, y_inverse, y_unclamped)[:, None] * y_tile.to(ACC)
+    dy = dy / scale - _radial_part(t_columns, y_inverse)[:, None] * y_tile.to(ACC)
     if ACCUMULATE:  # each (column block, D block) belongs to this program alone: no race
         dy += tl.load(partial_ptr + cols[:, None] * D + dims[None, :], mask=out_mask, other=0.0)
     tl.store(dy_ptr + cols[:, None] * D + dims[None, :], dy.to(dy_ptr.dtype.element_ty), mask=out_mask)
@@ -320,18 +379,18 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
 
 @triton.jit
 def finish_gradient(acc_ptr, t_ptr, scale_ptr, x_ptr, x_norm_ptr, out_ptr, N, D, stride_xn, stride_xd,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out = acc / scale - t r^2 x (where the norm clamp is inactive), in out_ptr's dtype: the end of the atomic
-    backward, whose accumulators hold sum P Y (scaled) and the statistic t."""
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr):
+    """out = acc / scale - c r^2 x, in out_ptr's dtype: the end of the atomic backward, whose accumulators hold
+    sum P Y (scaled) and the coefficient c (_radial_terms)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (dims[None, :] < D)
     scale = tl.load(scale_ptr)
-    inverse, unclamped = _inverse_norms(x_norm_ptr, rows, N)
+    inverse, _, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     t = tl.load(t_ptr + rows, mask=rows < N, other=0.0)
     acc = tl.load(acc_ptr + rows[:, None] * D + dims[None, :], mask=mask, other=0.0)
     x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd).to(ACC)
-    out = acc / scale - _radial_part(t, inverse, unclamped)[:, None] * x
+    out = acc / scale - _radial_part(t, inverse)[:, None] * x
     tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

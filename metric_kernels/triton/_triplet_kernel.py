@@ -9,25 +9,14 @@ it in a fixed order (entries sorted by reference): deterministic, no atomics, no
 import triton
 import triton.language as tl
 
-from ._lse_kernels import _inverse_norms
-
-
-@triton.jit
-def _row_scale(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
-    """(r, whether the normalisation has a radial part) per row: 1 / max(||row||, eps), or 1 without normalising."""
-    if NORMALIZE:
-        inverse, unclamped = _inverse_norms(norm_ptr, rows, n)
-    else:
-        inverse = tl.full(rows.shape, 1.0, tl.float32)
-        unclamped = rows < 0
-    return inverse, unclamped
+from ._lse_kernels import _row_scales
 
 
 @triton.jit
 def _scaled_rows(ptr, norm_ptr, rows, valid, dims, n, D, stride_n, stride_d, ACC: tl.constexpr,
                  NORMALIZE: tl.constexpr):
     """The rows `rows` (all of D) times their r, in ACC."""
-    inverse, unclamped = _row_scale(norm_ptr, rows, n, NORMALIZE)
+    inverse, _, _ = _row_scales(norm_ptr, rows, n, NORMALIZE)
     tile = tl.load(ptr + rows[:, None] * stride_n + dims[None, :] * stride_d,
                    mask=valid[:, None] & (dims[None, :] < D), other=0.0).to(ACC)
     return tile * inverse.to(ACC)[:, None]
@@ -74,7 +63,7 @@ def triplet_distances_backward_rows(coefficient_ptr, x_ptr, y_ptr, x_norm_ptr, y
     to_positive = tl.load(coefficient_ptr + rows, mask=valid, other=0.0)
     to_negative = tl.load(coefficient_ptr + N + rows, mask=valid, other=0.0)
     u = _scaled_rows(x_ptr, x_norm_ptr, rows, valid, dims, N, D, stride_xn, stride_xd, ACC, NORMALIZE)
-    inverse, unclamped = _row_scale(x_norm_ptr, rows, N, NORMALIZE)
+    inverse, unclamped, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     v = _scaled_rows(y_ptr, y_norm_ptr, positive, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
     du = to_positive[:, None] * (u - v)
     v = _scaled_rows(y_ptr, y_norm_ptr, negative, valid, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
@@ -97,7 +86,7 @@ def triplet_distances_backward_references(entry_row_ptr, entry_coefficient_ptr, 
     dims = tl.arange(0, BLOCK_D)
     one = tl.full((1,), 0, tl.int64) + reference
     v = _scaled_rows(y_ptr, y_norm_ptr, one, one < M, dims, M, D, stride_yn, stride_yd, ACC, NORMALIZE)
-    inverse, unclamped = _row_scale(y_norm_ptr, one, M, NORMALIZE)
+    inverse, unclamped, _ = _row_scales(y_norm_ptr, one, M, NORMALIZE)
     dv = tl.zeros((1, BLOCK_D), ACC)
     start = tl.load(offset_ptr + reference)
     stop = tl.load(offset_ptr + reference + 1)

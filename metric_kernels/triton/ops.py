@@ -123,15 +123,17 @@ def shared_memory_estimate(config, block_d_: int, element_size: int, backward: b
     return tiles * element_size + 1536
 
 
-def register_estimate(config, block_d_: int, element_size: int, backward: bool, full_d: bool = True) -> int:
+def register_estimate(config, block_d_: int, element_size: int, backward: bool, full_d: bool = True,
+                      pair_value: int = 0) -> int:
     """32-bit registers per thread for the values a program keeps live, roughly: the operand tiles (DOT_CHUNK wide
-    when the forward walks D in chunks), about eight BLOCK_M x BLOCK_N fp32 temporaries of the epilogue, and the
-    backward's BLOCK_M x BLOCK_D gradient and BLOCK_N x BLOCK_D atomic partial (fp32). The compile sweep
-    (bench/results/compile) is the measurement behind the limits."""
+    when the forward walks D in chunks), about eight BLOCK_M x BLOCK_N fp32 temporaries of the epilogue (ten for the
+    distances, metric_kernels/_pairs.py), and the backward's BLOCK_M x BLOCK_D gradient and BLOCK_N x BLOCK_D atomic
+    partial (fp32). The compile sweep (bench/results/compile) is the measurement behind the limits."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = block_d_ if backward else _dot_width(block_d_, full_d)
     operands = (block_m + block_n) * width * element_size // 4
-    values = operands + 8 * block_m * block_n + ((block_m + block_n) * block_d_ if backward else 0)
+    epilogue = 8 if pair_value == 0 else 10
+    values = operands + epilogue * block_m * block_n + ((block_m + block_n) * block_d_ if backward else 0)
     return values // (32 * config.num_warps)
 
 
@@ -179,26 +181,28 @@ def _pruner(kernel_pass: str):
         args = {**named_args, **kwargs}
         x = args["x_ptr"]
         width, element, full_d = args["BLOCK_D"], x.element_size(), args.get("FULL_D", True)
+        estimate = lambda c: register_estimate(c, width, element, backward, full_d,  # noqa: E731
+                                               args.get("PAIR_VALUE", 0))
         rows_layout = layout(full_d, bool(args.get("ALIGNED", 1)))
         limit = _shared_memory_limit(x.device)
         fits = [c for c in configs if shared_memory_estimate(c, width, element, backward, full_d) <= limit]
         tensor_cores = element <= 2 or args.get("PRECISION") == "tf32"
         limit_registers = REGISTER_LIMIT[limits_pass][rows_layout][0 if tensor_cores else 1]
         excluded = MEASURED_SPILLS.get((limits_pass, rows_layout), set())
-        kept = [c for c in fits if register_estimate(c, width, element, backward, full_d) <= limit_registers
+        kept = [c for c in fits if estimate(c) <= limit_registers
                 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in excluded]
         if kept:
             return kept
-        smallest = min(register_estimate(c, width, element, backward, full_d) * c.num_warps for c in fits or configs)
-        tiles = [c for c in fits or configs
-                 if register_estimate(c, width, element, backward, full_d) * c.num_warps == smallest]
+        smallest = min(estimate(c) * c.num_warps for c in fits or configs)
+        tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
         warps = FALLBACK_WARPS.get((kernel_pass, args.get("PRECISION"), _arch(x.device)), 4)
         return [next((c for c in tiles if c.num_warps == warps), tiles[0])]
     return {"early_config_prune": prune}
 
 
 # plus the pointer dtypes
-_KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "KIND"]
+_KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "KIND", "PAIR_VALUE",
+        "NORMALIZE"]
 _forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("forward")
                            )(_lse_kernels.lse_rows_forward)
 # Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed before each run.
@@ -207,7 +211,7 @@ _backward_rows = triton.autotune(_configs(), key=_KEY + ["WITH_DY", "ATOMIC_DX"]
                                  )(_lse_kernels.lse_rows_backward_rows)
 _backward_columns = triton.autotune(_configs(), key=_KEY + ["ACCUMULATE"], prune_configs_by=_pruner("columns")
                                     )(_lse_kernels.lse_rows_backward_columns)
-_batch_hard = triton.autotune(_configs(), key=_KEY[:-1] + ["NORMALIZE"],
+_batch_hard = triton.autotune(_configs(), key=_KEY[:-3] + ["NORMALIZE"],
                               prune_configs_by=_pruner("select"))(_batch_hard_kernel.batch_hard_select)
 
 
@@ -286,8 +290,10 @@ def _kernel_rows(x: torch.Tensor, y: torch.Tensor):
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
 def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
-             self_offset: int, kind: int, param_a: float, param_b: float, deterministic: bool) -> torch.Tensor:
-    """Per-row statistics [3, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py)."""
+             self_offset: int, kind: int, pair_value: int, param_a: float, param_b: float, deterministic: bool,
+             normalize: bool = True) -> torch.Tensor:
+    """Per-row statistics [3, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py), normalised
+    inside the kernels when `normalize`."""
     y = x if y is None else y
     x, y, n, x_norms, y_norms, splits = _walk_setup(x, y)
     partial = torch.empty((splits, 3, n), dtype=stats_dtype(x.dtype), device=x.device)
@@ -296,32 +302,41 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
         _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset,
             loss_params(param_a, param_b, x), splits,
-            *tuning_key(x, y), KIND=kind, **constexprs)
+            *tuning_key(x, y), KIND=kind, PAIR_VALUE=pair_value, NORMALIZE=normalize, **constexprs)
     if splits == 1:
         return partial[0]
     # Each split's log-sum-exps (-inf where it saw nothing) and sums merge in a fixed order: O(splits x N).
     return torch.cat([torch.logsumexp(partial[:, :2], dim=0), partial[:, 2:].sum(dim=0)])
 
 
+# Of P's bound, the factor dL/ds / dL/dv of each pair value: 2 for -q; for -sqrt(q) it is 1 / d, which no bound
+# holds, so 2^11 of headroom: q is formed in fp32 from numbers near |u|^2 + |v|^2, whose smallest nonzero value
+# (about 1.2e-7 for unit rows) keeps 1 / d below 1500.
+_PAIR_VALUE_SLOPE = {0: 1.0, 1: 2.0, 2: 2.0 ** 11}
+
+
 def gradient_scale(grad: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor, dtype: torch.dtype,
-                   param_a: float, param_b: float) -> torch.Tensor:
-    """A power of two that brings P = G r_i r_j to at most 1 in magnitude before it is cast to fp16 (whose range
+                   param_a: float, param_b: float, pair_value: int = 0, normalize: bool = True) -> torch.Tensor:
+    """A power of two that brings P = G_s r_i r_j to at most 1 in magnitude before it is cast to fp16 (whose range
     would flush the small softmax terms of a large batch to zero); 1 for the other dtypes. A 1-element tensor, so
-    no host synchronisation: |G_ij| <= (|g1_i| + |g2_i|) b (2 + |a|) + |g3_i| for every loss (|s| <= 1)."""
+    no host synchronisation: |G_ij| <= (|g1_i| + |g2_i|) b (2 + |a|) + |g3_i| for every loss (Circle: |s| <= 1),
+    times the pair value's slope (_PAIR_VALUE_SLOPE); r = 1 without normalising."""
     one = torch.ones((1,), dtype=stats_dtype(dtype), device=grad.device)
     if dtype != torch.float16 or grad.shape[1] == 0 or y_norms.numel() == 0:
         return one
-    bound = (grad[0].abs() + grad[1].abs()) * (abs(param_b) * (2 + abs(param_a))) + grad[2].abs()
-    inverse = lambda norms: 1.0 / norms.clamp(min=1e-12)  # noqa: E731
+    bound = ((grad[0].abs() + grad[1].abs()) * (abs(param_b) * (2 + abs(param_a))) + grad[2].abs()) \
+        * _PAIR_VALUE_SLOPE[pair_value]
+    inverse = lambda norms: (1.0 / norms.clamp(min=1e-12) if normalize  # noqa: E731
+                             else torch.ones_like(norms))
     largest = ((bound * inverse(x_norms)).max() * inverse(y_norms).max()).clamp(min=2.0 ** -100, max=2.0 ** 100)
     return torch.exp2(-torch.ceil(torch.log2(largest))).reshape(1).to(one.dtype)
 
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows_backward", mutates_args=())
 def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor],
-                      x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int, kind: int, param_a: float,
-                      param_b: float, deterministic: bool, need_dx: bool, need_dy: bool
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+                      x_labels: torch.Tensor, y_labels: torch.Tensor, self_offset: int, kind: int, pair_value: int,
+                      param_a: float, param_b: float, deterministic: bool, need_dx: bool, need_dy: bool,
+                      normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dX, dY) in the rows' dtype, as metric_kernels/_fused.py describes.
 
     Default: one row pass recomputes each tile once and takes dX = P Y on chip and dY = P^T X through relaxed
@@ -334,8 +349,9 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     acc_dtype = stats_dtype(x.dtype)
     x_norms, y_norms = _norms_of(x, y)
-    scale = gradient_scale(grad, x_norms, y_norms, x.dtype, param_a, param_b)
+    scale = gradient_scale(grad, x_norms, y_norms, x.dtype, param_a, param_b, pair_value, normalize)
     sizes, constexprs = _shape_args(x, y)
+    constexprs.update(PAIR_VALUE=pair_value, NORMALIZE=normalize)
     width = constexprs["BLOCK_D"]
     state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
     params = (self_offset, loss_params(param_a, param_b, x))
@@ -371,7 +387,7 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
         for acc, statistic, rows, norms, out in finish:
             _lse_kernels.finish_gradient[(triton.cdiv(rows.shape[0], 32), triton.cdiv(d, width))](
                 acc, statistic, scale, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1),
-                BLOCK_R=32, BLOCK_D=width, ACC=_accumulator(x.dtype))
+                BLOCK_R=32, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
     return dx, dy
 
 
