@@ -42,12 +42,15 @@ void check_cpu(const glue::Rows& rows) {
 }
 
 template <typename T>
-PairRowsParams<T> make_params(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
-                              const at::Tensor& y_labels, int64_t self_offset, int64_t kind, double a, double b) {
+PairRowsParams<T> make_params(const glue::Rows& rows, const glue::RowNorms& norms, int64_t self_offset, int64_t kind,
+                              int64_t pair_value, double a, double b) {
+  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const auto pointer = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
   return PairRowsParams<T>{x.data_ptr<T>(), y.data_ptr<T>(), x_labels.data_ptr<int64_t>(),
                            y_labels.data_ptr<int64_t>(), x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0),
                            self_offset, static_cast<int>(kind), static_cast<T>(a), static_cast<T>(b),
-                           &aten_gemm<T>, at::get_num_threads()};
+                           &aten_gemm<T>, at::get_num_threads(), static_cast<int>(pair_value), pointer(norms.x_sq),
+                           pointer(norms.y_sq)};
 }
 
 at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
@@ -56,10 +59,11 @@ at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_i
   glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cpu(rows);
-  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const at::Tensor& x = rows.x;
+  const glue::RowNorms norms = glue::row_norms(rows, x.scalar_type(), glue::needs_norms(pair_value));
   at::Tensor stats = at::empty({3, x.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_lse_rows", [&] {
-    cpu::lse_rows_forward(make_params<scalar_t>(x, y, x_labels, y_labels, self_offset, kind, a, b),
+    cpu::lse_rows_forward(make_params<scalar_t>(rows, norms, self_offset, kind, pair_value, a, b),
                           stats.data_ptr<scalar_t>());
   });
   return stats;
@@ -79,15 +83,16 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
   glue::check_row_state(grad_in, stats_in, rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(), stats = stats_in.to(x.scalar_type()).contiguous();
+  const glue::RowNorms norms = glue::row_norms(rows, x.scalar_type(), glue::needs_norms(pair_value));
   if (same) need_dx = need_dx || need_dy, need_dy = false;
   at::Tensor dx = at::empty({need_dx ? x.size(0) : 0, x.size(1)}, x.options());
   at::Tensor dy = at::empty({need_dy ? y.size(0) : 0, y.size(1)}, y.options());
   if (x.size(1) > 0 && (need_dx || need_dy)) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_lse_rows_backward", [&] {
-      PairRowsBackwardParams<scalar_t> params{make_params<scalar_t>(x, y, x_labels, y_labels, self_offset, kind, a, b),
-                                              grad.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(),
-                                              need_dx ? dx.data_ptr<scalar_t>() : nullptr,
-                                              need_dy ? dy.data_ptr<scalar_t>() : nullptr, false};
+      PairRowsBackwardParams<scalar_t> params{
+          make_params<scalar_t>(rows, norms, self_offset, kind, pair_value, a, b), grad.data_ptr<scalar_t>(),
+          stats.data_ptr<scalar_t>(), need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+          need_dy ? dy.data_ptr<scalar_t>() : nullptr, false};
       if (same) params.dy = params.dx, params.accumulate_dy = true;
       cpu::lse_rows_backward(params);
     });
@@ -101,12 +106,10 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
                              const at::Tensor& y_labels_in, int64_t self_offset) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cpu(rows);
-  const auto& [x, y, x_labels, y_labels, same] = rows;
-  at::Tensor choices = at::empty({2, x.size(0)}, x_labels.options());
-  const at::Tensor x_sq = x.pow(2).sum(1), y_sq = y.pow(2).sum(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_batch_hard_select", [&] {
-    cpu::batch_hard_select(make_params<scalar_t>(x, y, x_labels, y_labels, self_offset, 0, 0, 0),
-                           x_sq.data_ptr<scalar_t>(), y_sq.data_ptr<scalar_t>(), choices.data_ptr<int64_t>());
+  at::Tensor choices = at::empty({2, rows.x.size(0)}, rows.x_labels.options());
+  const glue::RowNorms norms = glue::row_norms(rows, rows.x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(rows.x.scalar_type(), "metric_kernels::cpu_batch_hard_select", [&] {
+    cpu::batch_hard_select(make_params<scalar_t>(rows, norms, self_offset, 0, 0, 0, 0), choices.data_ptr<int64_t>());
   });
   return choices;
 }

@@ -1,10 +1,12 @@
 // Per-loss math of the fused engine, shared by the CPU and CUDA kernels (and mirrored by the Triton kernels):
-// which pairs a loss folds, its logits and their derivatives in s, the online logsumexp, and dS of one tile entry.
+// what a pair contributes (its pair value) and its derivative, which pairs a loss folds, its logits and their
+// derivatives, the online logsumexp, and dS of one tile entry.
 //
-// Every loss is a row reduction over a masked similarity matrix. For query row i the engine keeps
-//   stats[0][i] = logsumexp over mask1 of logit1(s_ij)   (Circle, Proxy-Anchor: positives)
-//   stats[1][i] = logsumexp over mask2 of logit2(s_ij)   (Circle, Proxy-Anchor: negatives; SupCon: all pairs)
-//   stats[2][i] = sum over positives of s_ij             (SupCon)
+// Every loss is a row reduction over a masked matrix of pair values v_ij, formed from the tile entry s_ij = x_i . y_j
+// (pair_value below). For query row i the engine keeps
+//   stats[0][i] = logsumexp over mask1 of logit1(v_ij)   (Circle, Proxy-Anchor: positives)
+//   stats[1][i] = logsumexp over mask2 of logit2(v_ij)   (Circle, Proxy-Anchor: negatives; SupCon: all pairs)
+//   stats[2][i] = sum over positives of v_ij             (SupCon)
 // and the losses are cheap functions of these (metric_kernels/_row_epilogues.py).
 #pragma once
 
@@ -22,23 +24,50 @@ namespace metric_kernels {
 
 enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2 };
 
+// What a pair contributes (metric_kernels/_pairs.py), from s = x_i . y_j and the squared row norms of the rows as
+// given: s itself, or minus the squared or plain Euclidean distance, with q = |x_i|^2 + |y_j|^2 - 2 s clamped at 0.
+enum PairValue : int { kSimilarity = 0, kSquaredEuclidean = 1, kEuclidean = 2 };
+
+template <typename T>
+MK_HD T pair_value(int pair, T s, T x_sq, T y_sq) {
+  if (pair == kSimilarity) return s;
+  const T q = x_sq + y_sq - 2 * s;
+  const T clamped = q > 0 ? q : T(0);
+  return pair == kSquaredEuclidean ? -clamped : -std::sqrt(clamped);
+}
+
+// dL/ds of a pair from G = dL/dv (v its pair value). The distances go through W = dL/dq: -G (squared), G / (2 v)
+// (plain), 0 where q clamps or the distance is 0 (v = 0, as torch.cdist's gradient); then dL/ds = -2 W.
+template <typename T>
+MK_HD T pair_slope(int pair, T gradient, T v) {
+  if (pair == kSimilarity) return gradient;
+  if (v >= 0) return T(0);
+  return pair == kSquaredEuclidean ? 2 * gradient : -gradient / v;
+}
+
+// Whether the pair value depends on the row norms. q has the terms |x_i|^2 and |y_j|^2, so with dS = dL/ds the
+// gradients are dX_i = sum_j dS_ij y_j + 2 (sum_j W_ij) x_i = sum_j dS_ij y_j - (sum_j dS_ij) x_i and likewise
+// dY_j = sum_i dS_ij x_i - (sum_i dS_ij) y_j: the kernels add the products of dS and then the norm terms, minus each
+// row's (column's) sum of dS times the row itself.
+MK_HD bool has_norm_term(int pair) { return pair != kSimilarity; }
+
 template <typename T>
 struct Logits {
-  T value1, slope1;  // logit of the first logsumexp and its derivative in s
+  T value1, slope1;  // logit of the first logsumexp and its derivative in the pair value
   T value2, slope2;  // the same for the second
 };
 
 // Circle: a = m, b = gamma, weights relu(.) treated as constants (the paper, PML). Proxy-Anchor: a = margin,
 // b = alpha. SupCon: b = 1 / temperature.
 template <typename T>
-MK_HD Logits<T> loss_logits(int kind, T s, T a, T b) {
+MK_HD Logits<T> loss_logits(int kind, T v, T a, T b) {
   if (kind == kCircle) {
-    const T w1 = b * (1 + a - s > 0 ? 1 + a - s : T(0));
-    const T w2 = b * (s + a > 0 ? s + a : T(0));
-    return {-w1 * (s - (1 - a)), -w1, w2 * (s - a), w2};
+    const T w1 = b * (1 + a - v > 0 ? 1 + a - v : T(0));
+    const T w2 = b * (v + a > 0 ? v + a : T(0));
+    return {-w1 * (v - (1 - a)), -w1, w2 * (v - a), w2};
   }
-  if (kind == kProxyAnchor) return {-b * (s - a), -b, b * (s + a), b};
-  return {s, T(0), s * b, b};
+  if (kind == kProxyAnchor) return {-b * (v - a), -b, b * (v + a), b};
+  return {v, T(0), v * b, b};
 }
 
 MK_HD bool in_first(int kind, bool positive) { return kind != kSupCon && positive; }
@@ -82,15 +111,23 @@ struct OnlineLse {
   MK_HD T finish() const { return sum > 0 ? max + std::log(sum) : -std::numeric_limits<T>::infinity(); }
 };
 
-// dS_ij: the derivative of g1 * lse1_i + g2 * lse2_i + g3 * lin_i in s_ij.
+// The derivative of g1 * lse1_i + g2 * lse2_i + g3 * lin_i in the pair value v_ij.
 template <typename T>
-MK_HD T ds_entry(int kind, T s, T a, T b, bool positive, bool negative, T g1, T g2, T g3, T lse1, T lse2) {
-  const Logits<T> l = loss_logits(kind, s, a, b);
-  T ds = 0;
-  if (in_first(kind, positive)) ds += g1 * std::exp(l.value1 - lse1) * l.slope1;
-  if (in_second(kind, positive, negative)) ds += g2 * std::exp(l.value2 - lse2) * l.slope2;
-  if (kind == kSupCon && positive) ds += g3;
-  return ds;
+MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T g2, T g3, T lse1, T lse2) {
+  const Logits<T> l = loss_logits(kind, v, a, b);
+  T dv = 0;
+  if (in_first(kind, positive)) dv += g1 * std::exp(l.value1 - lse1) * l.slope1;
+  if (in_second(kind, positive, negative)) dv += g2 * std::exp(l.value2 - lse2) * l.slope2;
+  if (kind == kSupCon && positive) dv += g3;
+  return dv;
+}
+
+// dS_ij: the same derivative in s_ij = x_i . y_j (x_sq, y_sq: the rows' squared norms, unused by the similarity).
+template <typename T>
+MK_HD T ds_entry(int kind, int pair, T s, T x_sq, T y_sq, T a, T b, bool positive, bool negative, T g1, T g2, T g3,
+                 T lse1, T lse2) {
+  const T v = pair_value(pair, s, x_sq, y_sq);
+  return pair_slope(pair, dv_entry(kind, v, a, b, positive, negative, g1, g2, g3, lse1, lse2), v);
 }
 
 }  // namespace metric_kernels

@@ -47,13 +47,27 @@ inline void check_row_state(const at::Tensor& grad, const at::Tensor& stats, con
               "grad and stats must be on the rows' device");
 }
 
-// What a pair contributes (metric_kernels/_pairs.py): 0 the dot product of the rows as given. The distances
-// (1: minus the squared Euclidean distance, 2: minus the Euclidean distance) are not computed by these kernels yet;
-// the Python layer never sends them here (the backends' PAIR_VALUES), and a direct call is refused.
+// What a pair contributes (metric_kernels/_pairs.py, epilogue.h's PairValue): 0 the dot product of the rows as given,
+// 1 minus their squared Euclidean distance, 2 minus their Euclidean distance.
 inline void check_pair_value(int64_t pair_value, const char* op) {
-  TORCH_CHECK(pair_value == 0, op, ": pair_value ", pair_value,
-              " (a Euclidean distance) is not computed by the native kernels yet; only 0 (the dot product)");
+  TORCH_CHECK(pair_value >= 0 && pair_value <= 2, op, ": pair_value must be 0 (the dot product), 1 (minus the squared ",
+              "Euclidean distance) or 2 (minus the Euclidean distance), got ", pair_value);
 }
+
+// The rows' squared norms in `dtype`, which the distances (pair_value 1, 2) and batch-hard's selection form
+// q = |x|^2 + |y|^2 - 2 x . y from: O((N + M) D), once per call; y's are x's when the references are the queries.
+// Undefined tensors when not `needed`.
+struct RowNorms {
+  at::Tensor x_sq, y_sq;
+};
+
+inline RowNorms row_norms(const Rows& rows, at::ScalarType dtype, bool needed = true) {
+  if (!needed) return {};
+  const at::Tensor x_sq = rows.x.to(dtype).pow(2).sum(1);
+  return {x_sq, rows.same ? x_sq : rows.y.to(dtype).pow(2).sum(1)};
+}
+
+inline bool needs_norms(int64_t pair_value) { return pair_value != 0; }
 
 // The three ops of a fused backend, metric_kernels::<prefix>_lse_rows, _lse_rows_backward, _batch_hard_select.
 inline void define_fused_ops(torch::Library& library, const std::string& prefix) {

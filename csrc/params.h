@@ -24,6 +24,9 @@ struct PairRowsParams {
   T a, b;                   // loss parameters (epilogue.h)
   GemmFn<T> gemm;
   int num_threads;          // CPU kernels: OpenMP threads (the bindings pass torch.get_num_threads())
+  int pair_value = 0;       // PairValue (epilogue.h): what a pair contributes to the log-sum-exp losses
+  const T* x_sq = nullptr;  // N squared row norms of x: the distances (pair_value 1, 2) and batch-hard need them
+  const T* y_sq = nullptr;  // M squared row norms of y (equal to x_sq when y is x)
 };
 
 template <typename T>
@@ -51,6 +54,9 @@ struct CudaPairRowsParams {
   int kind;                 // LossKind
   double a, b;              // loss parameters (epilogue.h), rounded to the statistics' type in the kernels
   Operand operand;
+  int pair_value = 0;          // PairValue (epilogue.h): what a pair contributes to the log-sum-exp losses
+  const void* x_sq = nullptr;  // N squared row norms of x in the accumulation type: distances and batch-hard
+  const void* y_sq = nullptr;  // M squared row norms of y (equal to x_sq when y is x)
 };
 
 struct CudaPairRowsBackwardParams {

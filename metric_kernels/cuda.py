@@ -7,6 +7,9 @@ compile in CI, and their code computes on the CPU there through backend "cuda-em
 """
 import torch
 
+# The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
+PAIR_VALUES = (0, 1, 2)
+
 try:
     from . import _C
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1

@@ -8,6 +8,9 @@ The backend contract is in metric_kernels/backends.py; the ops' contract in metr
 """
 import torch
 
+# The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
+PAIR_VALUES = (0, 1, 2)
+
 try:
     from . import _C
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1

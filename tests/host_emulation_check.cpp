@@ -245,13 +245,21 @@ int kernels(Operand operand, std::mt19937& rng) {
   std::vector<int64_t> x_labels(n), y_labels(m);
   for (auto& l : x_labels) l = rng() % 4;
   for (auto& l : y_labels) l = rng() % 4;
+  std::vector<Acc> x_sq(n), y_sq(m);  // squared row norms, for the distances
+  for (int i = 0; i < n; ++i)
+    for (int e = 0; e < d; ++e) x_sq[i] += static_cast<Acc>(x[i * d + e]) * static_cast<Acc>(x[i * d + e]);
+  for (int j = 0; j < m; ++j)
+    for (int e = 0; e < d; ++e) y_sq[j] += static_cast<Acc>(y[j * d + e]) * static_cast<Acc>(y[j * d + e]);
   int errors = 0;
-  for (int kind = 0; kind < 2; ++kind) {  // Circle with references y, SupCon on the queries (one gradient buffer)
-    {
+  // Circle with references y, SupCon on the queries (one gradient buffer); the dot product, then the Euclidean
+  // distance (the norm terms' sums in shared memory)
+  for (int pair = 0; pair <= 2; pair += 2) {
+    for (int kind = 0; kind < 2; ++kind) {
       const bool same = kind == 1;
-      const CudaPairRowsParams p{x.data(), same ? x.data() : y.data(), x_labels.data(),
-                                 same ? x_labels.data() : y_labels.data(), n, same ? n : m, d, d, d, same ? 0 : -1,
-                                 kind, 0.25, 8.0, operand};
+      CudaPairRowsParams p{x.data(), same ? x.data() : y.data(), x_labels.data(),
+                           same ? x_labels.data() : y_labels.data(), n, same ? n : m, d, d, d, same ? 0 : -1,
+                           kind, 0.25, 8.0, operand};
+      p.pair_value = pair, p.x_sq = x_sq.data(), p.y_sq = same ? x_sq.data() : y_sq.data();
       std::vector<Acc> stats(3 * n), grad(3 * n, Acc(0.5)), dx(n * d, 0), dy(m * d, 0);
       errors += lse_rows_forward(p, stats.data(), nullptr) != 0;
       for (int atomic = 0; atomic < (supports_atomic_backward(operand) ? 2 : 1); ++atomic) {
@@ -263,10 +271,10 @@ int kernels(Operand operand, std::mt19937& rng) {
       }
     }
   }
-  std::vector<Acc> x_sq(n, Acc(1)), y_sq(m, Acc(1));
   std::vector<int64_t> choices(2 * n);
-  const CudaPairRowsParams p{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, 3, 0, 0, 0, operand};
-  errors += batch_hard_select(p, x_sq.data(), y_sq.data(), choices.data(), nullptr) != 0;
+  CudaPairRowsParams p{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, 3, 0, 0, 0, operand};
+  p.x_sq = x_sq.data(), p.y_sq = y_sq.data();
+  errors += batch_hard_select(p, choices.data(), nullptr) != 0;
   return errors;
 }
 

@@ -60,27 +60,36 @@ class _tf32:
 
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("operand", list(OPERANDS))
+@pytest.mark.parametrize("pair_value", [0, 1, 2])
 @pytest.mark.parametrize("kind", [0, 1, 2])
 @pytest.mark.parametrize("refs", ["ref_emb", "self"])
-def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
+def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministic):
     """Statistics and (dX, dY) on rows of each operand type against the CPU op in float64 on the same rounded values;
-    N, M past one 64-row tile, D = 72: two D slices of the backward, a ragged last chunk (8 of 32 columns)."""
+    N, M past one 64-row tile, D = 72: two D slices of the backward, a ragged last chunk (8 of 32 columns). Each pair
+    value (the dot product of unit rows; minus the squared or plain Euclidean distance of rows with norms from 0.5 to
+    1.5, whose gradients have the norm terms)."""
     dtype = OPERANDS[operand]
-    g = torch.Generator().manual_seed(kind * 7 + len(operand))
+    g = torch.Generator().manual_seed(kind * 7 + len(operand) + 101 * pair_value)
     n, m, dim = 150, 97, 72
-    x = torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
-    y = None if refs == "self" else torch.nn.functional.normalize(
-        torch.randn(m, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+
+    def rows(count):
+        unit = torch.nn.functional.normalize(torch.randn(count, dim, generator=g, dtype=torch.float64), dim=1)
+        scale = 1.0 if pair_value == 0 else 0.5 + torch.rand(count, 1, generator=g, dtype=torch.float64)
+        return (unit * scale).to(dtype)
+
+    x = rows(n)
+    y = None if refs == "self" else rows(m)
     labels = torch.randint(0, 6, (n,), generator=g)
     y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
     offset = 0 if refs == "self" else -1
     a, b = (0.25, 32.0) if kind != 1 else (0.0, 10.0)
-    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, 0, a, b, True)
+    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, pair_value, a, b,
+                  True)
     expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
     grad = torch.randn(3, n, generator=g, dtype=torch.float64)
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
                                                                               True, y is not None)
-    args = (x, y, labels, y_labels, offset, kind, 0, a, b, deterministic)
+    args = (x, y, labels, y_labels, offset, kind, pair_value, a, b, deterministic)
     with _tf32(operand == "tf32"):
         stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args)
         dx, dy = torch.ops.metric_kernels.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, *args[:-1],
@@ -88,12 +97,12 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     value_tol, grad_tol = OPERAND_TOLERANCE[operand]
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(stats), finite), "empty rows (-inf) differ"
-    assert_rel_close(stats[finite], expected[finite], value_tol, f"{operand} kind={kind} stats")
+    assert_rel_close(stats[finite], expected[finite], value_tol, f"{operand} kind={kind} pair={pair_value} stats")
     assert dx.dtype == dtype
-    assert_rel_close(dx, expected_dx, grad_tol, f"{operand} kind={kind} dX")
+    assert_rel_close(dx, expected_dx, grad_tol, f"{operand} kind={kind} pair={pair_value} dX")
     if y is not None:
         assert dy.dtype == dtype
-        assert_rel_close(dy, expected_dy, grad_tol, f"{operand} kind={kind} dY")
+        assert_rel_close(dy, expected_dy, grad_tol, f"{operand} kind={kind} pair={pair_value} dY")
 
 
 @pytest.mark.parametrize("operand", ["fp32", "tf32", "bf16", "fp16"])
@@ -202,6 +211,20 @@ def test_ops_take_cpu_tensors_only():
             torch.ops.metric_kernels.cuda_emulated_lse_rows(x.cuda(), None, labels.cuda(), labels.cuda(), 0, 0,
                                                             0, 0.25, 8.0, True)
 
+
+
+@pytest.mark.parametrize("prefix", ["cpu", "cuda_emulated"])
+def test_native_ops_refuse_an_unknown_pair_value(prefix):
+    """pair_value is 0, 1 or 2 (csrc/op_glue.h); anything else stops with what the values mean."""
+    x, labels = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    ops = torch.ops.metric_kernels
+    match = r"pair_value must be 0 \(the dot product\), 1 .* or 2 .*, got "
+    with pytest.raises(RuntimeError, match=match + "3"):
+        getattr(ops, f"{prefix}_lse_rows")(x, None, labels, labels, 0, 1, 3, 0.0, 10.0, True)
+    stats = torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match=match + "-1"):
+        getattr(ops, f"{prefix}_lse_rows_backward")(stats, stats, x, None, labels, labels, 0, 1, -1, 0.0, 10.0, True,
+                                                    True, False)
 
 FORK_SCRIPT = """
 import os, torch, metric_kernels as mk

@@ -8,7 +8,7 @@
 
 namespace metric_kernels::cpu {
 
-// stats: 3 x N (see epilogue.h).
+// stats: 3 x N (see epilogue.h). The distances (p.pair_value 1, 2) need p.x_sq and p.y_sq.
 template <typename T>
 void lse_rows_forward(const PairRowsParams<T>& p, T* stats);
 
@@ -16,9 +16,9 @@ void lse_rows_forward(const PairRowsParams<T>& p, T* stats);
 template <typename T>
 void lse_rows_backward(const PairRowsBackwardParams<T>& p);
 
-// choices: 2 x N, the farthest positive and nearest negative reference per query (-1: none). x_sq, y_sq: squared
-// row norms. Ties go to the lowest index.
+// choices: 2 x N, the farthest positive and nearest negative reference per query (-1: none), by the squared
+// distances from p.x_sq and p.y_sq. Ties go to the lowest index.
 template <typename T>
-void batch_hard_select(const PairRowsParams<T>& p, const T* x_sq, const T* y_sq, int64_t* choices);
+void batch_hard_select(const PairRowsParams<T>& p, int64_t* choices);
 
 }  // namespace metric_kernels::cpu

@@ -25,19 +25,17 @@ __device__ __forceinline__ void keep_better(T& value, int64_t& index, T other, i
 
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const CudaPairRowsParams p,
-                                                                       const typename Policy::Acc* x_sq,
-                                                                       const typename Policy::Acc* y_sq,
                                                                        int64_t* choices) {
   using Acc = typename Policy::Acc;
   SharedLayout<Policy> shared = block_shared<Policy>();
   const QueryRow query = query_row(p);
-  const Acc row_sq = query.live ? x_sq[query.row] : Acc(0);
+  const Acc row_sq = query.live ? squared_norm<Acc>(p.x_sq, query.row) : Acc(0);
   Acc far = -std::numeric_limits<Acc>::infinity(), near = std::numeric_limits<Acc>::infinity();
   int64_t far_at = -1, near_at = -1;
   // Columns ascend, so a strict comparison keeps the lowest index among equals; as in the CPU kernel, a NaN distance
   // is never chosen, nor a farthest positive at -inf or a nearest negative at +inf.
   for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool negative) {
-    const Acc squared = row_sq + y_sq[column] - 2 * s;
+    const Acc squared = row_sq + squared_norm<Acc>(p.y_sq, column) - 2 * s;
     if (positive && squared > far) far = squared, far_at = column;
     if (negative && squared < near) near = squared, near_at = column;
   });
@@ -52,26 +50,22 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
 }
 
 template <class Policy>
-cudaError_t select(const CudaPairRowsParams& p, const void* x_sq, const void* y_sq, int64_t* choices,
-                   cudaStream_t stream) {
-  using Acc = typename Policy::Acc;
+cudaError_t select(const CudaPairRowsParams& p, int64_t* choices, cudaStream_t stream) {
   return launch(batch_hard_select_kernel<Policy>, dim3(static_cast<unsigned>((p.n + kTile - 1) / kTile)),
-                SharedLayout<Policy>::kForwardBytes, stream, p, static_cast<const Acc*>(x_sq),
-                static_cast<const Acc*>(y_sq), choices);
+                SharedLayout<Policy>::kForwardBytes, stream, p, choices);
 }
 
 }  // namespace
 
-int batch_hard_select(const CudaPairRowsParams& p, const void* x_sq, const void* y_sq, int64_t* choices,
-                      void* stream) {
+int batch_hard_select(const CudaPairRowsParams& p, int64_t* choices, void* stream) {
   if (p.n == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.operand) {
-    case Operand::kFloat32: return select<SimtTile<float>>(p, x_sq, y_sq, choices, s);
-    case Operand::kTf32: return select<WmmaTile<Tf32>>(p, x_sq, y_sq, choices, s);
-    case Operand::kFloat16: return select<WmmaTile<__half>>(p, x_sq, y_sq, choices, s);
-    case Operand::kBFloat16: return select<WmmaTile<__nv_bfloat16>>(p, x_sq, y_sq, choices, s);
-    case Operand::kFloat64: return select<SimtTile<double>>(p, x_sq, y_sq, choices, s);
+    case Operand::kFloat32: return select<SimtTile<float>>(p, choices, s);
+    case Operand::kTf32: return select<WmmaTile<Tf32>>(p, choices, s);
+    case Operand::kFloat16: return select<WmmaTile<__half>>(p, choices, s);
+    case Operand::kBFloat16: return select<WmmaTile<__nv_bfloat16>>(p, choices, s);
+    case Operand::kFloat64: return select<SimtTile<double>>(p, choices, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -36,7 +36,8 @@ struct SharedLayout {
   static constexpr int64_t kRowState = kColLabels + align128(kTile * sizeof(int64_t));
   static constexpr int64_t kDs = kRowState + align128(5 * kTile * sizeof(Acc));
   static constexpr int64_t kOut = kDs + align128(kTile * kTileLd * sizeof(Operand));
-  static constexpr int64_t kOutRows = kOut + align128(kTile * kTileLd * sizeof(Operand));
+  static constexpr int64_t kSums = kOut + align128(kTile * kTileLd * sizeof(Operand));
+  static constexpr int64_t kOutRows = kSums + align128(kTile * sizeof(Acc));
   static constexpr int64_t kEnd = kOutRows + align128(kTile * kTileLd * sizeof(Operand));
 
   // What each kernel uses: the forward and the selection stop before dS; only the atomic dX pass needs kOutRows.
@@ -52,6 +53,7 @@ struct SharedLayout {
   Acc* row_state;       // 5 x 64: upstream gradients g1, g2, g3 and statistics lse1, lse2 of the tile's rows
   Operand* ds;          // the 64 x 64 dS tile, as an MMA operand (kTileLd)
   Operand* out;         // 64 x 64 of Y (dX pass) or X (dY pass) at the output's D columns
+  Acc* sums;            // 64 row or column sums of dS: the distances' norm terms (epilogue.h, has_norm_term)
   Operand* out_rows;    // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
 
   __device__ explicit SharedLayout(unsigned char* base)
@@ -63,6 +65,7 @@ struct SharedLayout {
         row_state(reinterpret_cast<Acc*>(base + kRowState)),
         ds(reinterpret_cast<Operand*>(base + kDs)),
         out(reinterpret_cast<Operand*>(base + kOut)),
+        sums(reinterpret_cast<Acc*>(base + kSums)),
         out_rows(reinterpret_cast<Operand*>(base + kOutRows)) {}
 };
 
@@ -104,6 +107,12 @@ __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t
   }
   Policy::store(acc, shared.s, Layout::kAccLd);
   __syncthreads();
+}
+
+// Entry `index` of the squared row norms `sq` (p.x_sq, p.y_sq) where the pair value needs them (nullptr: 0).
+template <class Acc>
+__device__ __forceinline__ Acc squared_norm(const void* sq, int64_t index) {
+  return sq != nullptr ? static_cast<const Acc*>(sq)[index] : Acc(0);
 }
 
 // The epilogues' split of a tile: this thread's row within the tile and its first column (then every second one).

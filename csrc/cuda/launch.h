@@ -8,17 +8,16 @@
 
 namespace metric_kernels::cuda {
 
-// stats: 3 x N in the accumulation type (epilogue.h).
+// stats: 3 x N in the accumulation type (epilogue.h). The distances (p.pair_value 1, 2) need p.x_sq and p.y_sq.
 int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream);
 
 // Deterministic: a dX pass over row blocks, then a dY pass over column blocks, each summing in a fixed order.
 // p.atomic: dY is added from the dX pass with atomics (the caller zeroes dy; when dy is dx, dx is zeroed too).
 int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
 
-// choices: 2 x N int64, the farthest positive and nearest negative per query (-1: none), ties to the lowest index.
-// x_sq, y_sq: squared row norms in the accumulation type.
-int batch_hard_select(const CudaPairRowsParams& p, const void* x_sq, const void* y_sq, int64_t* choices,
-                      void* stream);
+// choices: 2 x N int64, the farthest positive and nearest negative per query (-1: none), ties to the lowest index,
+// by the squared distances from p.x_sq and p.y_sq.
+int batch_hard_select(const CudaPairRowsParams& p, int64_t* choices, void* stream);
 
 // Whether an atomic backward exists for this operand (fp64 has none: its tiles would need 174 KB of shared memory).
 bool supports_atomic_backward(Operand operand);

@@ -27,13 +27,15 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
   SharedLayout<Policy> shared = block_shared<Policy>();
   const QueryRow query = query_row(p);
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
+  const Acc row_sq = query.live ? squared_norm<Acc>(p.x_sq, query.row) : Acc(0);
   OnlineLse<Acc> first, second;
   Acc linear = 0;
-  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t, bool positive, bool negative) {
-    const Logits<Acc> logits = loss_logits(p.kind, s, a, b);
+  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool negative) {
+    const Acc v = pair_value(p.pair_value, s, row_sq, squared_norm<Acc>(p.y_sq, column));
+    const Logits<Acc> logits = loss_logits(p.kind, v, a, b);
     if (in_first(p.kind, positive)) first.add(logits.value1);
     if (in_second(p.kind, positive, negative)) second.add(logits.value2);
-    if (p.kind == kSupCon && positive) linear += s;
+    if (p.kind == kSupCon && positive) linear += v;
   });
   const Acc first_max = from_partner(first.max), first_sum = from_partner(first.sum);
   const Acc second_max = from_partner(second.max), second_sum = from_partner(second.sum);
@@ -65,9 +67,11 @@ __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0,
 }
 
 // shared.ds = dS of the tile in shared.s (rows r0.., columns c0..); zero past N or M. Needs the row state and both
-// label vectors in shared memory; the caller synchronises before using dS.
+// label vectors in shared memory; the caller synchronises before using dS. Returns this thread's part of its row's
+// sum of dS (as stored: the operand the products read), which the distances' norm term needs.
 template <class Policy>
-__device__ void ds_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
+__device__ typename Policy::Acc ds_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0,
+                                        SharedLayout<Policy>& shared) {
   using Acc = typename Policy::Acc;
   using Layout = SharedLayout<Policy>;
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
@@ -76,6 +80,8 @@ __device__ void ds_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, Sha
   const Acc g1 = shared.row_state[local], g2 = shared.row_state[kTile + local];
   const Acc g3 = shared.row_state[2 * kTile + local];
   const Acc lse1 = shared.row_state[3 * kTile + local], lse2 = shared.row_state[4 * kTile + local];
+  const Acc row_sq = row < p.n ? squared_norm<Acc>(p.x_sq, row) : Acc(0);
+  Acc sum = 0;
 #pragma unroll 1
   for (int j = epilogue_column(); j < kTile; j += 2) {
     const int64_t col = c0 + j;
@@ -83,24 +89,51 @@ __device__ void ds_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, Sha
     if (row < p.n && col < p.m) {
       bool positive, negative;
       pair_kind(shared.row_labels[local], shared.col_labels[j], row, col, p.self_offset, positive, negative);
-      ds = ds_entry(p.kind, shared.s[local * Layout::kAccLd + j], a, b, positive, negative, g1, g2, g3, lse1, lse2);
+      ds = ds_entry(p.kind, p.pair_value, shared.s[local * Layout::kAccLd + j], row_sq,
+                    squared_norm<Acc>(p.y_sq, col), a, b, positive, negative, g1, g2, g3, lse1, lse2);
     }
-    shared.ds[local * Layout::kTileLd + j] = Policy::to_operand(ds);
+    const auto stored = Policy::to_operand(ds);
+    shared.ds[local * Layout::kTileLd + j] = stored;
+    sum += static_cast<Acc>(stored);
   }
+  return sum;
+}
+
+// Thread t < 64: shared.sums[t] = column t's sum of the dS tile (threads past 64 do nothing). Between the barrier
+// after ds_tile and the next write of dS.
+template <class Policy>
+__device__ void column_sums(SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  if (threadIdx.x >= kTile) return;
+  Acc sum = 0;
+#pragma unroll 1
+  for (int i = 0; i < kTile; ++i) sum += static_cast<Acc>(shared.ds[i * SharedLayout<Policy>::kTileLd + threadIdx.x]);
+  shared.sums[threadIdx.x] = sum;
 }
 
 // out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s, within rows_total x d.
+// With a norm term (the distances, epilogue.h): minus sums[i] times the gradient's own row, own[i * own_ld + j]
+// (own: those rows at D columns e0..).
 enum class Write { kStore, kAdd, kAtomicAdd };
 
 template <class Policy>
+struct NormTerm {
+  const typename Policy::Acc* sums = nullptr;  // nullptr: none
+  const typename Policy::Operand* own = nullptr;
+  int64_t own_ld = 0;
+};
+
+template <class Policy>
 __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows_total, int64_t e0, int64_t d,
-                           Write mode, const SharedLayout<Policy>& shared) {
+                           Write mode, const SharedLayout<Policy>& shared, const NormTerm<Policy>& norm = {}) {
+  using Acc = typename Policy::Acc;
 #pragma unroll 1
   for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
     const int i = index / kTile, j = index % kTile;
     const int64_t row = row0 + i, col = e0 + j;
     if (row >= rows_total || col >= d) continue;
-    const auto value = shared.s[i * SharedLayout<Policy>::kAccLd + j];
+    Acc value = shared.s[i * SharedLayout<Policy>::kAccLd + j];
+    if (norm.sums != nullptr) value -= norm.sums[i] * static_cast<Acc>(norm.own[i * norm.own_ld + j]);
     auto* target = out + row * d + col;
     if (mode == Write::kAtomicAdd) {
       atomicAdd(target, value);
@@ -121,35 +154,43 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   const auto* y = static_cast<const Operand*>(p.y);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
 
+  const bool norm_term = has_norm_term(p.pair_value);
   load_row_state(bp, r0, shared);
   if (kAtomic) load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
   typename Policy::Accumulator dx;
   Policy::zero(dx);
+  Acc row_sum = 0;  // this thread's part of its row's sum of dS
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels, p.y_labels, c0, p.m);
     similarity_tile<Policy>(p, r0, c0, shared);
-    ds_tile<Policy>(p, r0, c0, shared);
+    row_sum += ds_tile<Policy>(p, r0, c0, shared);
     load_tile(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
     __syncthreads();
     Policy::template mma<RowMajor, RowMajor>(dx, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
     if (kAtomic) {
-      // dY[c0.., e0..] += dS^T X[r0.., e0..]: a column-major read of dS is its transpose
+      // dY[c0.., e0..] += dS^T X[r0.., e0..]: a column-major read of dS is its transpose; the norm term's rows
+      // Y[c0.., e0..] are in shared.out
+      if (norm_term) column_sums(shared);
       typename Policy::Accumulator dy;
       Policy::zero(dy);
       Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out_rows, Layout::kTileLd,
                                                kTile);
       Policy::store(dy, shared.s, Layout::kAccLd);  // S was last read by ds_tile, before the barrier above
       __syncthreads();
-      write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared);
+      write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
+                         {norm_term ? shared.sums : nullptr, shared.out, Layout::kTileLd});
     }
-    __syncthreads();  // the next tile rewrites the chunks, S, dS and the labels
+    __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums and the labels
   }
   if (bp.dx == nullptr) return;
+  row_sum += from_partner(row_sum);
+  if (epilogue_column() == 0) shared.sums[epilogue_row()] = row_sum;
   Policy::store(dx, shared.s, Layout::kAccLd);
   __syncthreads();
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
-  write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared);
+  write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared,
+                     {norm_term ? shared.sums : nullptr, x + r0 * p.x_stride + e0, p.x_stride});
 }
 
 template <class Policy>
@@ -160,11 +201,14 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
   Layout shared = block_shared<Policy>();
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
+  const auto* y = static_cast<const Operand*>(p.y);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const bool norm_term = has_norm_term(p.pair_value);
 
   load_labels(shared.col_labels, p.y_labels, c0, p.m);
   typename Policy::Accumulator dy;
   Policy::zero(dy);
+  Acc column_sum = 0;  // threads t < 64: column t's sum of dS
   for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
     load_row_state(bp, r0, shared);
     similarity_tile<Policy>(p, r0, c0, shared);
@@ -172,12 +216,17 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
     load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
     __syncthreads();
     Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+    if (norm_term) {
+      column_sums(shared);
+      if (threadIdx.x < kTile) column_sum += shared.sums[threadIdx.x];  // this thread's own entry
+    }
     __syncthreads();
   }
+  if (threadIdx.x < kTile) shared.sums[threadIdx.x] = column_sum;
   Policy::store(dy, shared.s, Layout::kAccLd);
   __syncthreads();
   write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
-                     shared);
+                     shared, {norm_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride});
 }
 
 int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }

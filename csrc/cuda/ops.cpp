@@ -83,12 +83,14 @@ void check_cuda(const glue::Rows& rows) {
   TORCH_CHECK(x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the grid of the backward kernels");
 }
 
-CudaPairRowsParams make_params(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
-                               const at::Tensor& y_labels, int64_t self_offset, int64_t kind, double a, double b) {
-  return CudaPairRowsParams{x.data_ptr(),  y.data_ptr(),  x_labels.data_ptr<int64_t>(), y_labels.data_ptr<int64_t>(),
-                            x.size(0),     y.size(0),     x.size(1),                    x.stride(0),
-                            y.stride(0),   self_offset,   static_cast<int>(kind),       a,
-                            b,             operand_of(x)};
+CudaPairRowsParams make_params(const glue::Rows& rows, const glue::RowNorms& norms, int64_t self_offset, int64_t kind,
+                               int64_t pair_value, double a, double b) {
+  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const auto pointer = [](const at::Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
+  return CudaPairRowsParams{x.data_ptr(), y.data_ptr(), x_labels.data_ptr<int64_t>(), y_labels.data_ptr<int64_t>(),
+                            x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0), self_offset,
+                            static_cast<int>(kind), a, b, operand_of(x), static_cast<int>(pair_value),
+                            pointer(norms.x_sq), pointer(norms.y_sq)};
 }
 
 at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
@@ -97,11 +99,12 @@ at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_i
   glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
-  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const at::Tensor& x = rows.x;
   const c10::DeviceGuard guard(x.device());
+  const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x), glue::needs_norms(pair_value));
   at::Tensor stats = uninitialized({3, x.size(0)}, x.options().dtype(accumulation_type(x)));
-  check_launch(cuda::lse_rows_forward(make_params(x, y, x_labels, y_labels, self_offset, kind, a, b),
-                                      stats.data_ptr(), current_stream(x)),
+  check_launch(cuda::lse_rows_forward(make_params(rows, norms, self_offset, kind, pair_value, a, b), stats.data_ptr(),
+                                      current_stream(x)),
                "lse_rows");
   return stats;
 }
@@ -124,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
   const auto acc = accumulation_type(x);
   const at::Tensor grad = grad_in.to(acc).contiguous(), stats = stats_in.to(acc).contiguous();
   if (same) need_dx = need_dx || need_dy, need_dy = false;
-  const CudaPairRowsParams params = make_params(x, y, x_labels, y_labels, self_offset, kind, a, b);
+  const glue::RowNorms norms = glue::row_norms(rows, acc, glue::needs_norms(pair_value));
+  const CudaPairRowsParams params = make_params(rows, norms, self_offset, kind, pair_value, a, b);
   const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device());
   // Atomics only where they save a pass: both gradients wanted (dY alone is one deterministic pass already).
   const bool atomic = !deterministic && !at::globalContext().deterministicAlgorithms() && need_dx &&
@@ -162,13 +166,12 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
                              const at::Tensor& y_labels_in, int64_t self_offset) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
-  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const at::Tensor& x = rows.x;
   const c10::DeviceGuard guard(x.device());
-  const auto acc = accumulation_type(x);
-  const at::Tensor x_sq = x.to(acc).pow(2).sum(1), y_sq = y.to(acc).pow(2).sum(1);
-  at::Tensor choices = uninitialized({2, x.size(0)}, x_labels.options());
-  check_launch(cuda::batch_hard_select(make_params(x, y, x_labels, y_labels, self_offset, 0, 0, 0), x_sq.data_ptr(),
-                                       y_sq.data_ptr(), choices.data_ptr<int64_t>(), current_stream(x)),
+  const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x));
+  at::Tensor choices = uninitialized({2, x.size(0)}, rows.x_labels.options());
+  check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0), choices.data_ptr<int64_t>(),
+                                       current_stream(x)),
                "batch_hard_select");
   return choices;
 }
