@@ -1,10 +1,10 @@
 """The log-sum-exp losses on PML's other distances (the engine's pair values, metric_kernels/_pairs.py): the dot
 product of the rows as they are, and LpDistance(power=1 or 2), normalised or not, for SupCon and Proxy-Anchor.
 
-The reference against PML (values and gradients, float64); every fused backend that lists the pair value in its
-PAIR_VALUES against the reference (the same cases as tests/test_fused.py: fp32 at SPEC tolerances, fp64, half
-precision no worse than the eager reference in that precision + 1e-2, the deterministic and atomic backward paths,
-rows whose norm is clamped); a backend without it refuses by name and "auto" passes over it.
+The reference against PML (values and gradients, float64); every fused backend against the reference (the same cases
+as tests/test_fused.py: fp32 at SPEC tolerances, fp64, half precision no worse than the eager reference in that
+precision + 1e-2, the deterministic and atomic backward paths, rows whose norm is clamped); a backend that does not
+list a pair value in its PAIR_VALUES refuses it by name and "auto" passes over it.
 """
 import pytest
 import torch
@@ -33,8 +33,7 @@ def _computes(backend, distance):
     return module is not None and backends.computes(module, PAIR_VALUES[distance])
 
 
-# (backend, distance, normalize) where the backend computes the distance (the others: the refusal, below)
-COMPUTED = [(b, d, n) for b in BACKENDS for d, n in DISTANCES if _computes(b, d)]
+COMPUTED = [(b, d, n) for b in BACKENDS for d, n in DISTANCES]
 COMPUTED_IDS = [f"{b}-{d}-{'normalized' if n else 'raw'}" for b, d, n in COMPUTED]
 
 
@@ -86,12 +85,9 @@ def test_fused_backends_match_reference(backend, loss, distance, normalize, refs
                                          dtype=torch.float64)]
     if not normalize:  # raw rows of moderate length keep the logits in the range the losses are used at
         leaves = [t * 0.3 for t in leaves]
-    options = dict(distance=distance, normalize_embeddings=normalize)
-    if not _computes(backend, distance):
-        with pytest.raises(NotImplementedError, match=f"backend '{backend}' does not compute Euclidean distances"):
-            _compare(backend, loss, leaves, labels, y_labels, offset, dtype, **options)
-        return
-    _compare(backend, loss, leaves, labels, y_labels, offset, dtype, **options)
+    assert _computes(backend, distance), f"backend {backend!r} lists no pair value {PAIR_VALUES[distance]}"
+    _compare(backend, loss, leaves, labels, y_labels, offset, dtype, distance=distance,
+             normalize_embeddings=normalize)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
@@ -137,10 +133,18 @@ def test_rows_with_clamped_norms(backend, distance, normalize):
              normalize_embeddings=normalize)
 
 
-def test_auto_passes_over_a_backend_without_the_distance():
-    for distance, value in PAIR_VALUES.items():
-        chosen = backends.resolve("auto", torch.device("cpu"), value)
-        assert backends.computes(chosen, value), distance
+def test_auto_passes_over_a_backend_without_the_distance(monkeypatch):
+    """A backend that does not list a pair value (as the native ones did not at first) is refused by name and passed
+    over by "auto"."""
+    module, _ = backends._load("cpu")
+    monkeypatch.setattr(module, "PAIR_VALUES", (0,))
+    x, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(NotImplementedError, match="backend 'cpu' does not compute Euclidean distances"):
+        mk.supcon_loss(x, labels, distance="euclidean", backend="cpu")
+    assert backends.resolve("auto", torch.device("cpu"), 2) is not module
+    assert backends.resolve("auto", torch.device("cpu"), 0) is module
+    expected = mk.supcon_loss(x, labels, distance="euclidean", backend="reference")
+    assert_rel_close(mk.supcon_loss(x, labels, distance="euclidean"), expected, 1e-6, "auto")
 
 
 @pytest.mark.parametrize("bad,message", [
