@@ -25,7 +25,9 @@ class CrossBatchMemory(nn.Module):
     indices_tuple=None, enqueue_mask=None). `supported_losses()` names the losses it takes, as PML's does.
 
     State (PML's names): `embedding_memory` (memory_size x embedding_size) and `label_memory` buffers, `queue_idx`
-    (the next slot to write), `has_been_filled`; `reset_queue()` empties the memory. With `enqueue_mask`, the rows
+    (the next slot to write), `has_been_filled`, `curr_batch_idx` (the slots of the rows last enqueued);
+    `reset_queue()` empties the memory; `add_to_memory(embeddings, labels, batch_size)` enqueues without computing a
+    loss (PML's method, e.g. to pre-fill the memory). With `enqueue_mask`, the rows
     where it is True are enqueued and the others are the queries (no slot is left out), as in PML.
 
     Differences from PML: miners (`indices_tuple`, and `miner=` other than None, which raises NotImplementedError)
@@ -69,14 +71,22 @@ class CrossBatchMemory(nn.Module):
         self.has_been_filled = False
         self.queue_idx = 0
 
+    def add_to_memory(self, embeddings, labels, batch_size):
+        """PML's method: writes the rows (detached) at queue_idx.. (mod memory_size), sets curr_batch_idx to their
+        slots and advances queue_idx, as forward does before it computes the loss. batch_size is the number of rows.
+        The memory keeps its device and dtype (forward moves it to the batch's); the rows are cast to them."""
+        labels = self._checked_batch(embeddings, labels)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+        if batch_size != embeddings.shape[0]:
+            raise ValueError(f"batch_size must be the number of rows of embeddings ({embeddings.shape[0]}), "
+                             f"got {batch_size}")
+        self._check_fits(batch_size)
+        self._enqueue(embeddings, labels)
+
     def forward(self, embeddings, labels=None, indices_tuple=None, enqueue_mask=None):
         _no_miners(indices_tuple)
-        check.check_embeddings(embeddings, "embeddings")
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), "
-                             f"got shape {tuple(embeddings.shape)}")
-        labels = _labels_on(labels, embeddings, "labels")
-        check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        labels = self._checked_batch(embeddings, labels)
         # PML keeps the memory in the embeddings' device and dtype.
         self.embedding_memory = self.embedding_memory.to(device=embeddings.device, dtype=embeddings.dtype)
         self.label_memory = self.label_memory.to(device=labels.device, dtype=labels.dtype)
@@ -93,14 +103,27 @@ class CrossBatchMemory(nn.Module):
         else:
             to_queue, queue_labels = queries, query_labels = embeddings, labels
         batch = to_queue.shape[0]
-        if batch > self.memory_size:
-            raise ValueError(f"cannot enqueue {batch} rows into a memory of {self.memory_size} (memory_size)")
+        self._check_fits(batch)
 
         start = self._enqueue(to_queue, queue_labels)
         references, reference_labels, self_offset = self._references(start, batch)
         if enqueue_mask is not None:
             self_offset = None  # the queries were not enqueued: nothing to leave out
         return self.loss(queries, query_labels, None, references, reference_labels, self_offset=self_offset)
+
+    def _checked_batch(self, embeddings, labels):
+        """Checks a batch (embedding_size columns, one integer label per row); returns the labels on its device."""
+        check.check_embeddings(embeddings, "embeddings")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), "
+                             f"got shape {tuple(embeddings.shape)}")
+        labels = _labels_on(labels, embeddings, "labels")
+        check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        return labels
+
+    def _check_fits(self, rows: int) -> None:
+        if rows > self.memory_size:
+            raise ValueError(f"cannot enqueue {rows} rows into a memory of {self.memory_size} (memory_size)")
 
     def _enqueue(self, embeddings, labels) -> int:
         """Writes the rows at queue_idx.. (mod memory_size); returns where they start."""

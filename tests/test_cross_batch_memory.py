@@ -135,3 +135,42 @@ def test_bad_arguments():
         xbm(torch.randn(2, 5), labels[:2])
     with pytest.raises(ValueError, match="enqueue_mask"):
         xbm(x[:2], labels[:2], enqueue_mask=torch.tensor([True]))
+
+
+def test_add_to_memory_prefills_as_pml():
+    """PML's public add_to_memory(embeddings, labels, batch_size): enqueues without a loss (e.g. to pre-fill the
+    memory). The state after a sequence that wraps, and the loss of the next forward, equal PML's."""
+    ours = mk.CrossBatchMemory(mk.SupConLoss(temperature=0.2, backend="reference"), DIM, memory_size=9)
+    theirs = losses.CrossBatchMemory(losses.SupConLoss(temperature=0.2), DIM, memory_size=9)
+    g = torch.Generator().manual_seed(11)
+    for batch in (4, 3, 4, 5):  # fills at the 3rd, which wraps; the 4th wraps again
+        x = torch.randn(batch, DIM, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        for xbm in (ours, theirs):
+            xbm.embedding_memory = xbm.embedding_memory.to(torch.float64)
+            assert xbm.add_to_memory(x, labels, batch) is None
+        assert torch.equal(ours.curr_batch_idx, theirs.curr_batch_idx)
+        assert (ours.queue_idx, ours.has_been_filled) == (theirs.queue_idx, theirs.has_been_filled)
+        assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
+        assert torch.equal(ours.label_memory, theirs.label_memory)
+        assert not ours.embedding_memory.requires_grad
+    x = torch.randn(5, DIM, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (5,), generator=g)
+    assert_rel_close(ours(x, labels), theirs(x, labels), TOL, "forward after add_to_memory")
+    assert torch.equal(ours.curr_batch_idx, theirs.curr_batch_idx)
+
+
+def test_add_to_memory_bad_arguments():
+    xbm = mk.CrossBatchMemory(mk.CircleLoss(backend="reference"), 4, memory_size=3)
+    x, labels = torch.randn(2, 4), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        xbm.add_to_memory(x, labels, 3)
+    with pytest.raises(TypeError, match="batch_size"):
+        xbm.add_to_memory(x, labels, 2.0)
+    with pytest.raises(ValueError, match="memory_size"):
+        xbm.add_to_memory(torch.randn(4, 4), torch.zeros(4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="embedding_size"):
+        xbm.add_to_memory(torch.randn(2, 5), labels, 2)
+    with pytest.raises(ValueError, match="labels"):
+        xbm.add_to_memory(x, labels[:1], 2)
+    assert xbm.queue_idx == 0 and not xbm.embedding_memory.any()  # nothing written by a refused call
