@@ -415,7 +415,7 @@ def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, 
 
 # Values of a triplet kernel's tile in 32-bit registers per thread: the kernels keep three or four such tiles live
 # (u, v, their gradient), and more spilled (fp64 rows of D >= 256, D = 8192) in the compile proof.
-_TRIPLET_TILE_REGISTERS = 32
+_TRIPLET_TILE_REGISTERS = 16
 
 
 def _triplet_blocks(d: int, element_size: int):
