@@ -1,10 +1,26 @@
 #include "pair_rows.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../epilogue.h"
+#include "vec_exp.h"
+
+// The per-row loops below are written for the vectoriser: the loss and the pair value are template arguments (no
+// branch per entry), masks are selects, and each row's exponentials run in a loop of their own over a buffer (vexp,
+// vec_exp.h), with OpenMP simd reductions for the sums and maxima. On x86-64 each row function is compiled twice,
+// for the baseline ISA and for AVX2 + FMA, and picked per call (METRIC_KERNELS_CPU_BASELINE=1 forces the
+// baseline).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MK_AVX2 __attribute__((target("avx2,fma")))
+#define MK_HAS_AVX2_BUILD 1
+#else
+#define MK_AVX2
+#define MK_HAS_AVX2_BUILD 0
+#endif
 
 namespace metric_kernels::cpu {
 namespace {
@@ -12,38 +28,249 @@ namespace {
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kBlockCols = 256;
 
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
+}
+
+// The backward keeps the whole N x M matrix dS (S computed once, each exponential once, dX and dY each one GEMM per
+// block) when it has at most this many entries (16 MiB in float32, 32 MiB in float64); above it, the tiled passes
+// (S and dS recomputed per pass, extra memory two tiles per thread). METRIC_KERNELS_CPU_KEEP_ENTRIES overrides it
+// (tests: 0 forces the tiled passes).
+int64_t keep_entries() {
+  const char* value = std::getenv("METRIC_KERNELS_CPU_KEEP_ENTRIES");
+  return value != nullptr && value[0] != '\0' ? std::strtoll(value, nullptr, 10) : int64_t(1) << 22;
+}
+
+// Whether the AVX2 + FMA row functions run: the CPU has them, and METRIC_KERNELS_CPU_BASELINE is not set (tests
+// compare both). Read per call (a getenv), so tests can switch it.
+bool use_avx2() {
+#if MK_HAS_AVX2_BUILD
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return supported && !env_flag("METRIC_KERNELS_CPU_BASELINE");
+#else
+  return false;
+#endif
+}
+
 int64_t blocks(int64_t size, int64_t block) { return (size + block - 1) / block; }
 
-// tile[rows x cols] = X[r0 : r0 + rows] . Y[c0 : c0 + cols]^T
+// tile[rows x cols] (leading dimension cols) = X[r0 : r0 + rows] . Y[c0 : c0 + cols]^T
 template <typename T>
 void similarity_tile(const PairRowsParams<T>& p, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* tile) {
   p.gemm(false, true, rows, cols, p.d, p.x + r0 * p.x_stride, p.x_stride, p.y + c0 * p.y_stride, p.y_stride, T(0),
          tile, cols);
 }
 
-// A row's squared norm where the pair value needs it (0 otherwise: the similarity ignores it).
+// One query row against `cols` consecutive references c0 ..: what the row functions read beside the tile row.
 template <typename T>
-T squared_norm(const T* sq, int64_t index) {
-  return sq != nullptr ? sq[index] : T(0);
+struct RowArgs {
+  const int64_t* y_labels;  // the references' labels from c0
+  const T* y_sq;            // their squared norms from c0 (nullptr for the similarity)
+  int64_t x_label;
+  int64_t self_col;  // column (from c0) of the pair that is neither positive nor negative; outside [0, cols): none
+  int64_t cols;
+  T x_sq, a, b;
+};
+
+template <typename T>
+RowArgs<T> row_args(const PairRowsParams<T>& p, int64_t row, int64_t c0, int64_t cols) {
+  return RowArgs<T>{p.y_labels + c0,
+                    p.y_sq != nullptr ? p.y_sq + c0 : nullptr,
+                    p.x_labels[row],
+                    p.self_offset < 0 ? int64_t(-1) : row + p.self_offset - c0,
+                    cols,
+                    p.x_sq != nullptr ? p.x_sq[row] : T(0),
+                    p.a,
+                    p.b};
 }
 
-// tile <- dS of the tile, from the saved statistics and upstream gradients of rows r0 ..
+// The sum of values[0 : count] in 8 interleaved partial sums (which the compiler keeps in vector registers, where
+// one running sum would be a serial chain), then the partial sums and the tail in order.
 template <typename T>
-void ds_tile(const PairRowsBackwardParams<T>& b, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* tile) {
+inline __attribute__((always_inline)) T lane_sum(const T* values, int64_t count) {
+  constexpr int64_t kLanes = 8;
+  T partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) partial[k] += values[j + k];
+  T sum = 0;
+  for (int64_t k = 0; k < kLanes; ++k) sum += partial[k];
+  for (; j < count; ++j) sum += values[j];
+  return sum;
+}
+
+// Folds a tile row's partial logsumexp (its max `top` and its sum of exp(logit - top)) into a row's online state;
+// `bad`: a NaN logit was seen (it poisons the state, as OnlineLse::add would).
+template <typename T>
+inline void fold(T top, T sum, bool bad, OnlineLse<T>& state) {
+  if (bad) {
+    state.merge(top, std::numeric_limits<T>::quiet_NaN());
+  } else if (top != -std::numeric_limits<T>::infinity()) {  // else nothing of this logsumexp in the tile row
+    state.merge(top, sum);
+  }
+}
+
+// One tile row of the forward. A pair is in at most one of Circle's and Proxy-Anchor's two logsumexps, SupCon has
+// one: the first loop writes each pair's one logit (-inf: in neither) and which logsumexp it is in, and takes the
+// maxima; the second takes one exponential per pair, against its logsumexp's max.
+template <typename T, int Kind, int Pair>
+inline __attribute__((always_inline)) void forward_row_impl(const RowArgs<T>& r, const T* s, T* logit, T* in1,
+                                                            OnlineLse<T>& first, OnlineLse<T>& second, T& linear) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  T top1 = -kInf, top2 = -kInf, lin = 0;
+  T bad1 = 0, bad2 = 0;  // NaN logits seen (counted in T: every reduction of the loop has one vector type)
+#pragma omp simd reduction(max : top1, top2) reduction(+ : lin, bad1, bad2)
+  for (int64_t j = 0; j < r.cols; ++j) {
+    const bool allowed = j != r.self_col, same = r.y_labels[j] == r.x_label;
+    const bool positive = allowed && same, negative = allowed && !same;
+    const T v = pair_value(Pair, s[j], r.x_sq, Pair == kSimilarity ? T(0) : r.y_sq[j]);
+    const Logits<T> l = loss_logits(Kind, v, r.a, r.b);
+    const bool one = in_first(Kind, positive), two = in_second(Kind, positive, negative);
+    const T v1 = one ? l.value1 : -kInf, v2 = two ? l.value2 : -kInf;
+    logit[j] = one ? v1 : v2;
+    if constexpr (Kind != kSupCon) in1[j] = one ? T(1) : T(0);
+    top1 = v1 > top1 ? v1 : top1;
+    top2 = v2 > top2 ? v2 : top2;
+    bad1 += v1 != v1 ? T(1) : T(0);
+    bad2 += v2 != v2 ? T(1) : T(0);
+    if constexpr (Kind == kSupCon) lin += positive ? v : T(0);
+  }
+  // A logsumexp without entries here has max -inf; its pairs' logits are then -inf too: shift them by 0.
+  const T shift1 = top1 == -kInf ? T(0) : top1, shift2 = top2 == -kInf ? T(0) : top2;
+  if constexpr (Kind == kSupCon) {
+#pragma omp simd
+    for (int64_t j = 0; j < r.cols; ++j) logit[j] = vexp(logit[j] - shift2);
+    fold(top2, lane_sum(logit, r.cols), bad2 != 0, second);
+    linear += lin;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < r.cols; ++j) {
+      const bool one = in1[j] != T(0);
+      const T e = vexp(logit[j] - (one ? shift1 : shift2));
+      in1[j] = one ? e : T(0);
+      logit[j] = one ? T(0) : e;
+    }
+    fold(top1, lane_sum(in1, r.cols), bad1 != 0, first);
+    fold(top2, lane_sum(logit, r.cols), bad2 != 0, second);
+  }
+}
+
+// s[cols] in: the similarities; out: dS (epilogue.h's ds_entry, one exponential per pair). Returns the row's sum
+// of dS where the pair value has a norm term (0 otherwise). arg, coef, extra: cols entries of scratch.
+template <typename T, int Kind, int Pair>
+inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1,
+                                                    T g2, T g3, T lse1, T lse2) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < r.cols; ++j) {
+    const bool allowed = j != r.self_col, same = r.y_labels[j] == r.x_label;
+    const bool positive = allowed && same, negative = allowed && !same;
+    const T v = pair_value(Pair, s[j], r.x_sq, Pair == kSimilarity ? T(0) : r.y_sq[j]);
+    const Logits<T> l = loss_logits(Kind, v, r.a, r.b);
+    // A pair is in at most one logsumexp of Circle and Proxy-Anchor (positives, negatives) and SupCon has one.
+    if constexpr (Kind == kSupCon) {
+      arg[j] = allowed ? l.value2 - lse2 : -kInf;
+      coef[j] = allowed ? g2 * l.slope2 : T(0);
+      extra[j] = positive ? g3 : T(0);
+    } else {
+      arg[j] = positive ? l.value1 - lse1 : (negative ? l.value2 - lse2 : -kInf);
+      coef[j] = positive ? g1 * l.slope1 : (negative ? g2 * l.slope2 : T(0));
+    }
+    if constexpr (Pair != kSimilarity) s[j] = v;
+  }
+  const auto ds_entry = [&](int64_t j) {
+    T dv = coef[j] * vexp(arg[j]);
+    if constexpr (Kind == kSupCon) dv += extra[j];
+    return pair_slope(Pair, dv, s[j]);
+  };
+  T sum = 0;
+  if constexpr (Pair == kSimilarity) {
+#pragma omp simd
+    for (int64_t j = 0; j < r.cols; ++j) s[j] = ds_entry(j);
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < r.cols; ++j) {
+      const T ds = ds_entry(j);
+      s[j] = ds;
+      sum += ds;
+    }
+  }
+  return sum;
+}
+
+template <typename T>
+using ForwardRowFn = void (*)(const RowArgs<T>&, const T*, T*, T*, OnlineLse<T>&, OnlineLse<T>&, T&);
+template <typename T>
+using DsRowFn = T (*)(const RowArgs<T>&, T*, T*, T*, T*, T, T, T, T, T);
+
+template <typename T, int Kind, int Pair>
+struct RowKernels {
+  static void forward(const RowArgs<T>& r, const T* s, T* logit, T* in1, OnlineLse<T>& first,
+                      OnlineLse<T>& second, T& linear) {
+    forward_row_impl<T, Kind, Pair>(r, s, logit, in1, first, second, linear);
+  }
+  MK_AVX2 static void forward_avx2(const RowArgs<T>& r, const T* s, T* logit, T* in1, OnlineLse<T>& first,
+                                   OnlineLse<T>& second, T& linear) {
+    forward_row_impl<T, Kind, Pair>(r, s, logit, in1, first, second, linear);
+  }
+  static T ds(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1, T g2, T g3, T lse1, T lse2) {
+    return ds_row_impl<T, Kind, Pair>(r, s, arg, coef, extra, g1, g2, g3, lse1, lse2);
+  }
+  MK_AVX2 static T ds_avx2(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1, T g2, T g3, T lse1,
+                           T lse2) {
+    return ds_row_impl<T, Kind, Pair>(r, s, arg, coef, extra, g1, g2, g3, lse1, lse2);
+  }
+};
+
+template <typename T>
+struct RowFns {
+  ForwardRowFn<T> forward;
+  DsRowFn<T> ds;
+};
+
+template <typename T, int Kind, int Pair>
+RowFns<T> row_fns_for() {
+  using K = RowKernels<T, Kind, Pair>;
+  return use_avx2() ? RowFns<T>{&K::forward_avx2, &K::ds_avx2} : RowFns<T>{&K::forward, &K::ds};
+}
+
+template <typename T, int Kind>
+RowFns<T> row_fns_kind(int pair) {
+  if (pair == kSquaredEuclidean) return row_fns_for<T, Kind, kSquaredEuclidean>();
+  if (pair == kEuclidean) return row_fns_for<T, Kind, kEuclidean>();
+  return row_fns_for<T, Kind, kSimilarity>();
+}
+
+template <typename T>
+RowFns<T> row_fns(int kind, int pair) {
+  if (kind == kSupCon) return row_fns_kind<T, kSupCon>(pair);
+  if (kind == kProxyAnchor) return row_fns_kind<T, kProxyAnchor>(pair);
+  return row_fns_kind<T, kCircle>(pair);
+}
+
+// Per-thread scratch of the dS rows: cols entries each.
+template <typename T>
+struct DsScratch {
+  std::vector<T> arg, coef, extra;
+  explicit DsScratch(int64_t cols) : arg(cols), coef(cols), extra(cols) {}
+};
+
+// tile[rows x cols] (leading dimension ld) in: S of rows r0 .. and columns c0 ..; out: dS. sums[i] += the row sums
+// of dS (norm terms), when `sums` is not null.
+template <typename T>
+void ds_rows(const PairRowsBackwardParams<T>& b, DsRowFn<T> ds_row, int64_t r0, int64_t rows, int64_t c0,
+             int64_t cols, T* tile, int64_t ld, DsScratch<T>& scratch, T* sums) {
   const PairRowsParams<T>& p = b.pair;
-  similarity_tile(p, r0, rows, c0, cols, tile);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = r0 + i;
-    const T g1 = b.grad[row], g2 = b.grad[p.n + row], g3 = b.grad[2 * p.n + row];
-    const T lse1 = b.stats[row], lse2 = b.stats[p.n + row];
-    const T row_sq = squared_norm(p.x_sq, row);
-    T* out = tile + i * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      bool positive, negative;
-      pair_kind(p.x_labels[row], p.y_labels[c0 + j], row, c0 + j, p.self_offset, positive, negative);
-      out[j] = ds_entry(p.kind, p.pair_value, out[j], row_sq, squared_norm(p.y_sq, c0 + j), p.a, p.b, positive,
-                        negative, g1, g2, g3, lse1, lse2);
-    }
+    const T sum = ds_row(row_args(p, row, c0, cols), tile + i * ld, scratch.arg.data(), scratch.coef.data(),
+                         scratch.extra.data(), b.grad[row], b.grad[p.n + row], b.grad[2 * p.n + row], b.stats[row],
+                         b.stats[p.n + row]);
+    if (sums != nullptr) sums[i] += sum;
   }
 }
 
@@ -55,13 +282,103 @@ void subtract_norm_term(T* out, const T* sums, const T* rows, int64_t stride, in
     for (int64_t e = 0; e < d; ++e) out[k * d + e] -= sums[k] * rows[k * stride + e];
 }
 
+// dS <- dS + dS^T of the square N x N matrix (ld n) for rows r0 .. r0 + rows against every column from r0 on: the
+// pairs of square sub-blocks (I, J >= I), each read and written through a row-major copy of block (J, I), since a
+// column walk with a stride of a power of two bytes would evict itself from the cache. Every entry is written by the
+// owner of the lower of its two row blocks only, so row blocks may run in parallel.
+template <typename T>
+void add_transpose(T* ds, int64_t n, int64_t r0, int64_t rows) {
+  constexpr int64_t kSquare = 32;
+  T lower[kSquare * kSquare];  // lower[jj * kSquare + ii] = dS[j0 + jj][i0 + ii]
+  for (int64_t i0 = r0; i0 < r0 + rows; i0 += kSquare) {
+    const int64_t ni = std::min(kSquare, r0 + rows - i0);
+    for (int64_t j0 = i0; j0 < n; j0 += kSquare) {
+      const int64_t nj = std::min(kSquare, n - j0);
+      for (int64_t jj = 0; jj < nj; ++jj)
+        for (int64_t ii = 0; ii < ni; ++ii) lower[jj * kSquare + ii] = ds[(j0 + jj) * n + i0 + ii];
+      for (int64_t ii = 0; ii < ni; ++ii) {
+        T* row = ds + (i0 + ii) * n + j0;
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const T both = row[jj] + lower[jj * kSquare + ii];  // the diagonal block: from the untouched copy
+          row[jj] = both;
+          lower[jj * kSquare + ii] = both;
+        }
+      }
+      if (j0 != i0)
+        for (int64_t jj = 0; jj < nj; ++jj)
+          for (int64_t ii = 0; ii < ni; ++ii) ds[(j0 + jj) * n + i0 + ii] = lower[jj * kSquare + ii];
+    }
+  }
+}
+
+// The backward with the whole dS kept (N x M <= keep_entries()): per row block, S with one GEMM and dS in place;
+// then dX with one GEMM per row block and dY with one per column block. When the references are the queries (dY
+// adds into dX), dX + dY = (dS + dS^T) X: one GEMM. Fixed order everywhere: deterministic.
+template <typename T>
+void backward_kept(const PairRowsBackwardParams<T>& b, DsRowFn<T> ds_row) {
+  const PairRowsParams<T>& p = b.pair;
+  const bool norm_term = has_norm_term(p.pair_value);
+  const bool symmetric = b.dx != nullptr && b.dy == b.dx && b.accumulate_dy && p.x == p.y && p.n == p.m &&
+                         p.x_stride == p.y_stride;
+  const std::unique_ptr<T[]> ds(new T[p.n * p.m]);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    DsScratch<T> scratch(p.m);
+    std::vector<T> sums(std::max(kBlockRows, kBlockCols));
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks(p.n, kBlockRows); ++block) {
+      const int64_t r0 = block * kBlockRows, rows = std::min(kBlockRows, p.n - r0);
+      T* tile = ds.get() + r0 * p.m;
+      similarity_tile(p, r0, rows, 0, p.m, tile);
+      ds_rows(b, ds_row, r0, rows, 0, p.m, tile, p.m, scratch, static_cast<T*>(nullptr));
+    }
+    if (symmetric) {
+#pragma omp for schedule(static, 1)
+      for (int64_t block = 0; block < blocks(p.n, kBlockRows); ++block)
+        add_transpose(ds.get(), p.n, block * kBlockRows, std::min(kBlockRows, p.n - block * kBlockRows));
+    }
+    if (b.dx != nullptr) {
+#pragma omp for schedule(static)
+      for (int64_t block = 0; block < blocks(p.n, kBlockRows); ++block) {
+        const int64_t r0 = block * kBlockRows, rows = std::min(kBlockRows, p.n - r0);
+        const T* tile = ds.get() + r0 * p.m;
+        T* dx = b.dx + r0 * p.d;
+        p.gemm(false, false, rows, p.d, p.m, tile, p.m, p.y, p.y_stride, T(0), dx, p.d);  // dX = dS Y
+        if (norm_term) {
+          for (int64_t i = 0; i < rows; ++i) sums[i] = lane_sum(tile + i * p.m, p.m);
+          subtract_norm_term(dx, sums.data(), p.x + r0 * p.x_stride, p.x_stride, rows, p.d);
+        }
+      }
+    }
+    // (each omp for ends in a barrier: dS complete before it is read across blocks, dX written before dY adds in)
+    if (b.dy != nullptr && !symmetric) {
+#pragma omp for schedule(static)
+      for (int64_t block = 0; block < blocks(p.m, kBlockCols); ++block) {
+        const int64_t c0 = block * kBlockCols, cols = std::min(kBlockCols, p.m - c0);
+        T* dy = b.dy + c0 * p.d;
+        p.gemm(true, false, cols, p.d, p.n, ds.get() + c0, p.m, p.x, p.x_stride, T(b.accumulate_dy ? 1 : 0), dy,
+               p.d);  // dY (+)= dS^T X
+        if (norm_term) {
+          std::fill(sums.begin(), sums.end(), T(0));
+          for (int64_t i = 0; i < p.n; ++i) {
+            const T* row = ds.get() + i * p.m + c0;
+            for (int64_t j = 0; j < cols; ++j) sums[j] += row[j];
+          }
+          subtract_norm_term(dy, sums.data(), p.y + c0 * p.y_stride, p.y_stride, cols, p.d);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
 void lse_rows_forward(const PairRowsParams<T>& p, T* stats) {
+  const ForwardRowFn<T> forward_row = row_fns<T>(p.kind, p.pair_value).forward;
 #pragma omp parallel num_threads(p.num_threads)
   {
-    std::vector<T> tile(kBlockRows * kBlockCols);
+    std::vector<T> tile(kBlockRows * kBlockCols), logit(kBlockCols), in1(kBlockCols);
     std::vector<OnlineLse<T>> first(kBlockRows), second(kBlockRows);
     std::vector<T> linear(kBlockRows);
 #pragma omp for schedule(static)
@@ -73,20 +390,9 @@ void lse_rows_forward(const PairRowsParams<T>& p, T* stats) {
       for (int64_t c0 = 0; c0 < p.m; c0 += kBlockCols) {
         const int64_t cols = std::min(kBlockCols, p.m - c0);
         similarity_tile(p, r0, rows, c0, cols, tile.data());
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = r0 + i;
-          const T* s = tile.data() + i * cols;
-          const T row_sq = squared_norm(p.x_sq, row);
-          for (int64_t j = 0; j < cols; ++j) {
-            bool positive, negative;
-            pair_kind(p.x_labels[row], p.y_labels[c0 + j], row, c0 + j, p.self_offset, positive, negative);
-            const T v = pair_value(p.pair_value, s[j], row_sq, squared_norm(p.y_sq, c0 + j));
-            const Logits<T> l = loss_logits(p.kind, v, p.a, p.b);
-            if (in_first(p.kind, positive)) first[i].add(l.value1);
-            if (in_second(p.kind, positive, negative)) second[i].add(l.value2);
-            if (p.kind == kSupCon && positive) linear[i] += v;
-          }
-        }
+        for (int64_t i = 0; i < rows; ++i)
+          forward_row(row_args(p, r0 + i, c0, cols), tile.data() + i * cols, logit.data(), in1.data(), first[i],
+                      second[i], linear[i]);
       }
       for (int64_t i = 0; i < rows; ++i) {
         stats[r0 + i] = first[i].finish();
@@ -100,10 +406,17 @@ void lse_rows_forward(const PairRowsParams<T>& p, T* stats) {
 template <typename T>
 void lse_rows_backward(const PairRowsBackwardParams<T>& b) {
   const PairRowsParams<T>& p = b.pair;
+  const DsRowFn<T> ds_row = row_fns<T>(p.kind, p.pair_value).ds;
+  if (p.n * p.m <= keep_entries()) {
+    backward_kept(b, ds_row);
+    return;
+  }
+  const bool norm_term = has_norm_term(p.pair_value);
   if (b.dx != nullptr) {
 #pragma omp parallel num_threads(p.num_threads)
     {
       std::vector<T> tile(kBlockRows * kBlockCols), sums(kBlockRows);
+      DsScratch<T> scratch(kBlockCols);
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks(p.n, kBlockRows); ++block) {
         const int64_t r0 = block * kBlockRows, rows = std::min(kBlockRows, p.n - r0);
@@ -112,15 +425,12 @@ void lse_rows_backward(const PairRowsBackwardParams<T>& b) {
         std::fill(sums.begin(), sums.end(), T(0));
         for (int64_t c0 = 0; c0 < p.m; c0 += kBlockCols) {
           const int64_t cols = std::min(kBlockCols, p.m - c0);
-          ds_tile(b, r0, rows, c0, cols, tile.data());
+          similarity_tile(p, r0, rows, c0, cols, tile.data());
+          ds_rows(b, ds_row, r0, rows, c0, cols, tile.data(), cols, scratch, norm_term ? sums.data() : nullptr);
           p.gemm(false, false, rows, p.d, cols, tile.data(), cols, p.y + c0 * p.y_stride, p.y_stride, T(1), dx,
                  p.d);  // dX += dS Y
-          if (has_norm_term(p.pair_value))
-            for (int64_t i = 0; i < rows; ++i)
-              for (int64_t j = 0; j < cols; ++j) sums[i] += tile[i * cols + j];
         }
-        if (has_norm_term(p.pair_value))
-          subtract_norm_term(dx, sums.data(), p.x + r0 * p.x_stride, p.x_stride, rows, p.d);
+        if (norm_term) subtract_norm_term(dx, sums.data(), p.x + r0 * p.x_stride, p.x_stride, rows, p.d);
       }
     }
   }
@@ -129,6 +439,7 @@ void lse_rows_backward(const PairRowsBackwardParams<T>& b) {
 #pragma omp parallel num_threads(p.num_threads)
     {
       std::vector<T> tile(kBlockRows * kBlockCols), sums(kBlockCols);
+      DsScratch<T> scratch(kBlockCols);
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks(p.m, kBlockCols); ++block) {
         const int64_t c0 = block * kBlockCols, cols = std::min(kBlockCols, p.m - c0);
@@ -137,15 +448,15 @@ void lse_rows_backward(const PairRowsBackwardParams<T>& b) {
         std::fill(sums.begin(), sums.end(), T(0));
         for (int64_t r0 = 0; r0 < p.n; r0 += kBlockRows) {
           const int64_t rows = std::min(kBlockRows, p.n - r0);
-          ds_tile(b, r0, rows, c0, cols, tile.data());
+          similarity_tile(p, r0, rows, c0, cols, tile.data());
+          ds_rows(b, ds_row, r0, rows, c0, cols, tile.data(), cols, scratch, static_cast<T*>(nullptr));
           p.gemm(true, false, cols, p.d, rows, tile.data(), cols, p.x + r0 * p.x_stride, p.x_stride, T(1), dy,
                  p.d);  // dY += dS^T X
-          if (has_norm_term(p.pair_value))
+          if (norm_term)
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t j = 0; j < cols; ++j) sums[j] += tile[i * cols + j];
         }
-        if (has_norm_term(p.pair_value))
-          subtract_norm_term(dy, sums.data(), p.y + c0 * p.y_stride, p.y_stride, cols, p.d);
+        if (norm_term) subtract_norm_term(dy, sums.data(), p.y + c0 * p.y_stride, p.y_stride, cols, p.d);
       }
     }
   }

@@ -1,5 +1,7 @@
 // Fused CPU kernels: the engine of epilogue.h over row blocks, OpenMP across blocks, tile GEMMs through
-// PairRowsParams::gemm. Extra memory is two BLOCK_ROWS x BLOCK_COLS tiles per thread, never N x M.
+// PairRowsParams::gemm, the per-pair math in vectorised row loops (vec_exp.h). Extra memory: a few tiles per thread,
+// and in the backward of a small problem (N x M <= 4M entries, at most 16 MiB in float32) the whole dS, which saves
+// recomputing S and the exponentials for the dY pass; above that, never N x M.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +15,7 @@ template <typename T>
 void lse_rows_forward(const PairRowsParams<T>& p, T* stats);
 
 // dX over row blocks, then dY over column blocks (each block summed in a fixed order: deterministic, no atomics).
+// N x M <= 4M entries: dS is formed once and kept (dX + dY = (dS + dS^T) X when the references are the queries).
 template <typename T>
 void lse_rows_backward(const PairRowsBackwardParams<T>& p);
 
