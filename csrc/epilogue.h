@@ -22,7 +22,7 @@
 
 namespace metric_kernels {
 
-enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2 };
+enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2, kMultiSimilarity = 3 };
 
 // What a pair contributes (metric_kernels/_pairs.py), from s = x_i . y_j and the squared row norms of the rows as
 // given: s itself, or minus the squared or plain Euclidean distance, with q = |x_i|^2 + |y_j|^2 - 2 s clamped at 0.
@@ -58,7 +58,8 @@ struct Logits {
 };
 
 // Circle: a = m, b = gamma, weights relu(.) treated as constants (the paper, PML). Proxy-Anchor: a = margin,
-// b = alpha. SupCon: b = 1 / temperature.
+// b = alpha. Multi-Similarity: a = alpha, b = beta, unshifted (the shift by base is a per-row constant the Python
+// layer adds to the statistics). SupCon: b = 1 / temperature.
 template <typename T>
 MK_HD Logits<T> loss_logits(int kind, T v, T a, T b) {
   if (kind == kCircle) {
@@ -67,6 +68,7 @@ MK_HD Logits<T> loss_logits(int kind, T v, T a, T b) {
     return {-w1 * (v - (1 - a)), -w1, w2 * (v - a), w2};
   }
   if (kind == kProxyAnchor) return {-b * (v - a), -b, b * (v + a), b};
+  if (kind == kMultiSimilarity) return {-a * v, -a, b * v, b};
   return {v, T(0), v * b, b};
 }
 

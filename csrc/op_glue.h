@@ -49,6 +49,12 @@ inline void check_row_state(const at::Tensor& grad, const at::Tensor& stats, con
 
 // What a pair contributes (metric_kernels/_pairs.py, epilogue.h's PairValue): 0 the dot product of the rows as given,
 // 1 minus their squared Euclidean distance, 2 minus their Euclidean distance.
+// The loss (epilogue.h's LossKind): Circle, SupCon, Proxy-Anchor, Multi-Similarity.
+inline void check_kind(int64_t kind, const char* op) {
+  TORCH_CHECK(kind >= 0 && kind <= 3, op, ": kind ", kind, " is not a loss of the engine (0 Circle, 1 SupCon, ",
+              "2 Proxy-Anchor, 3 Multi-Similarity)");
+}
+
 inline void check_pair_value(int64_t pair_value, const char* op) {
   TORCH_CHECK(pair_value >= 0 && pair_value <= 2, op, ": pair_value must be 0 (the dot product), 1 (minus the squared ",
               "Euclidean distance) or 2 (minus the Euclidean distance), got ", pair_value);

@@ -5,8 +5,9 @@ backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels whe
 """
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
-from .functional import batch_hard_triplet_loss, circle_loss, multiview, proxy_anchor_loss, supcon_loss
-from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss
+from .functional import (batch_hard_triplet_loss, circle_loss, multi_similarity_loss, multiview, proxy_anchor_loss,
+                         supcon_loss)
+from .modules import BatchHardTripletLoss, CircleLoss, MultiSimilarityLoss, ProxyAnchorLoss, SupConLoss
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 
@@ -16,11 +17,13 @@ __all__ = [
     "CircleLoss",
     "CrossBatchMemory",
     "DistributedLoss",
+    "MultiSimilarityLoss",
     "ProxyAnchorLoss",
     "SupConLoss",
     "available_backends",
     "batch_hard_triplet_loss",
     "circle_loss",
+    "multi_similarity_loss",
     "multiview",
     "proxy_anchor_loss",
     "supcon_loss",

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 
 from ._pairs import SIMILARITY, pair_counts
-from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, proxy_anchor_from_stats, stats_dtype,
-                             supcon_from_stats)
+from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, multi_similarity_from_stats,
+                             proxy_anchor_from_stats, stats_dtype, supcon_from_stats)
 
-KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
+KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3}
 
 
 def check_row_state(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor) -> None:
@@ -112,6 +112,12 @@ class FusedRows:
         positives, _ = pair_counts(x_labels, y_labels, self_offset)
         return supcon_from_stats(stats[1], stats[2], positives, temperature)
 
+    def multi_similarity_rows(self, x, y, x_labels, y_labels, self_offset, *, alpha, beta, base, deterministic,
+                              pair_value=SIMILARITY, **options):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "multi_similarity", alpha, beta, deterministic,
+                            pair_value, *options.values())
+        return multi_similarity_from_stats(stats[0], stats[1], alpha, beta, base)
+
     def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
         choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
         return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
@@ -125,8 +131,8 @@ class FusedRows:
 
 
 def fused_backend(prefix: str, rows_class=FusedRows):
-    """Registers the <prefix>_* ops' fake implementations and autograd, and returns the backend contract's four
-    per-row functions over them: (circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows)."""
+    """Registers the <prefix>_* ops' fake implementations and autograd, and returns the backend contract's per-row
+    functions over them: (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows, proxy_anchor_rows)."""
     register_ops(prefix)
     rows = rows_class(prefix)
-    return rows.circle_rows, rows.supcon_rows, rows.batch_hard_rows, rows.proxy_anchor_rows
+    return rows.circle_rows, rows.supcon_rows, rows.multi_similarity_rows, rows.batch_hard_rows, rows.proxy_anchor_rows

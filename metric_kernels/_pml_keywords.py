@@ -63,6 +63,7 @@ LP_DISTANCES = tuple(DistanceSpec("lp", power=power, normalize=normalize)
 SUPPORTED_DISTANCES = {
     "CircleLoss": (COSINE,),
     "SupConLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
+    "MultiSimilarityLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "ProxyAnchorLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
 }
@@ -83,7 +84,8 @@ PML_DISTANCE_CLASSES = {"CircleLoss": ("CosineSimilarity",)}
 #   "element": one loss per query (Circle, SupCon);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default.
-LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "BatchHardTripletLoss": "triplet",
+LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
+              "BatchHardTripletLoss": "triplet",
               "ProxyAnchorLoss": "proxy"}
 
 # What each reducer mode means as the functional `reduction=` (None: no functional reduction says the same).

@@ -24,6 +24,22 @@ def supcon_from_stats(lse_all, positive_sum, positives, temperature):
     return torch.where(positives > 0, lse_all - positive_sum / (temperature * count), torch.zeros_like(lse_all))
 
 
+def log_one_plus_exp_as_pml(value):
+    """log(1 + exp(value)) rounded as PML's logsumexp with an added 0 rounds it: below 0 as log(1 + exp(value)), so
+    that a term under half an ulp of 1 gives exactly 0, as in PML (AvgNonZeroReducer counts the rows that are not 0);
+    -inf (an empty sum) gives 0."""
+    positive = value > 0
+    return torch.where(positive, value + torch.log1p(torch.exp(-value.abs())),
+                       torch.log(1 + torch.exp(torch.where(positive, -value, value))))
+
+
+def multi_similarity_from_stats(lse_positive, lse_negative, alpha, beta, base):
+    """(1/alpha) log(1 + sum exp(-alpha (s - base))) + (1/beta) log(1 + sum exp(beta (s - base))) from the kernels'
+    unshifted log-sum-exps of -alpha s and beta s (-inf for an empty side)."""
+    return (log_one_plus_exp_as_pml(lse_positive + alpha * base) / alpha
+            + log_one_plus_exp_as_pml(lse_negative - beta * base) / beta)
+
+
 def proxy_anchor_from_stats(lse_positive, lse_negative):
     # log(1 + exp(lse)) exactly, as PML's logsumexp with an added 0 computes it (F.softplus would return lse itself
     # above 20); lse = -inf (a proxy with no positive, or no negative, in the batch) gives log(1 + 0) = 0.

@@ -5,6 +5,7 @@ A backend is a module that exposes
     unavailable_reason(device: torch.device) -> str | None
     circle_rows(x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic) -> Tensor[N]
     supcon_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic) -> Tensor[N]
+    multi_similarity_rows(x, y, x_labels, y_labels, self_offset, *, alpha, beta, base, deterministic) -> Tensor[N]
     batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic) -> Tensor[N]
     proxy_anchor_rows(proxies, x, labels, *, margin, alpha, deterministic) -> (Tensor[C], Tensor[C])
 
@@ -124,15 +125,15 @@ def available_backends(device="cpu") -> Dict[str, Optional[str]]:
     return {name: unavailable_reason(name, device) for name in NAMES}
 
 
-def computes(module: ModuleType, pair_value: int) -> bool:
+def computes(module: ModuleType, pair_value: int, rows: Optional[str] = None) -> bool:
     """Whether a backend's log-sum-exp losses compute this pair value (metric_kernels/_pairs.py): its PAIR_VALUES,
-    the dot product alone when it has none."""
-    return pair_value in getattr(module, "PAIR_VALUES", (0,))
+    the dot product alone when it has none; and, given `rows`, whether it has that per-row function."""
+    return pair_value in getattr(module, "PAIR_VALUES", (0,)) and (rows is None or hasattr(module, rows))
 
 
-def resolve(name: str, device: torch.device, pair_value: int = 0) -> ModuleType:
-    """The backend module that computes losses for tensors on `device` (and `pair_value`: "auto" passes over a
-    backend that does not compute it; a backend named for it raises NotImplementedError)."""
+def resolve(name: str, device: torch.device, pair_value: int = 0, rows: Optional[str] = None) -> ModuleType:
+    """The backend module that computes losses for tensors on `device` (and `pair_value` and the per-row function
+    `rows`: "auto" passes over a backend without them; a backend named for them raises NotImplementedError)."""
     check_backend_name(name)
     if name == "auto":
         override = os.environ.get(ENV_VAR, "").strip()
@@ -144,7 +145,8 @@ def resolve(name: str, device: torch.device, pair_value: int = 0) -> ModuleType:
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()) + ("reference",):
             module, _ = _load(candidate)
-            if module is not None and module.unavailable_reason(device) is None and computes(module, pair_value):
+            if (module is not None and module.unavailable_reason(device) is None
+                    and computes(module, pair_value, rows)):
                 return module
         raise BackendUnavailableError(f"no backend can run on device {device}")  # unreachable: the reference runs anywhere
     module, reason = _load(name)
@@ -153,6 +155,10 @@ def resolve(name: str, device: torch.device, pair_value: int = 0) -> ModuleType:
     reason = module.unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    if rows is not None and not hasattr(module, rows):
+        loss = rows[:-len("_rows")]
+        raise NotImplementedError(f"backend {name!r} does not compute the {loss} loss yet; backend='auto' picks one "
+                                  "that does")
     if not computes(module, pair_value):
         raise NotImplementedError(f"backend {name!r} does not compute Euclidean distances yet (distance="
                                   f"'euclidean' or 'squared_euclidean'); backend='auto' picks one that does")

@@ -13,7 +13,8 @@ else:
     from ._fused import fused_backend
 
     _missing = None
-    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("cpu")
+    (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows,
+     proxy_anchor_rows) = fused_backend("cpu")
 
 
 def unavailable_reason(device: torch.device):

@@ -22,7 +22,8 @@ else:
 if _missing is None:
     from ._fused import fused_backend
 
-    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("cuda_emulated")
+    (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows,
+     proxy_anchor_rows) = fused_backend("cuda_emulated")
 
 
 def unavailable_reason(device: torch.device):

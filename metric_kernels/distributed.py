@@ -38,9 +38,10 @@ from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
-from .modules import BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss, _labels_on, _no_miners
+from .modules import (BatchHardTripletLoss, CircleLoss, MultiSimilarityLoss, ProxyAnchorLoss, SupConLoss, _labels_on,
+                      _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, BatchHardTripletLoss, ProxyAnchorLoss)
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, BatchHardTripletLoss, ProxyAnchorLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -136,6 +137,12 @@ def _pair_spec(loss):
     """(per-row function of the functional layer, normalise, PML's batch-level rule, hyper-parameters, final scale)."""
     if isinstance(loss, CircleLoss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
+    if isinstance(loss, MultiSimilarityLoss):
+        distance = keywords.functional_distance(loss.distance_spec)
+        pair_value, normalize = check.check_distance(distance["distance"], distance["normalize_embeddings"])
+        base = loss.base if pair_value == 0 else -loss.base  # as functional.multi_similarity_loss
+        return ("multi_similarity_rows", normalize, "pairs",
+                dict(alpha=loss.alpha, beta=loss.beta, base=base, pair_value=pair_value), 1.0)
     if isinstance(loss, SupConLoss):
         scale = 1.0 if loss.base_temperature is None else loss.temperature / loss.base_temperature
         distance = keywords.functional_distance(loss.distance_spec)
@@ -160,7 +167,8 @@ class DistributedLoss(nn.Module):
     def __init__(self, loss, process_group=None):
         super().__init__()
         if not isinstance(loss, _LOSSES):
-            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, BatchHardTripletLoss or "
+            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, "
+                            "BatchHardTripletLoss or "
                             f"ProxyAnchorLoss, got {type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:

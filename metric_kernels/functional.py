@@ -139,7 +139,7 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     check.check_reduction(reduction)
     check_backend_name(backend)
     deterministic = check.check_deterministic(deterministic)
-    implementation = resolve(backend, embeddings.device, params.get("pair_value", SIMILARITY))
+    implementation = resolve(backend, embeddings.device, params.get("pair_value", SIMILARITY), rows_name)
 
     if _folds_normalization(implementation):
         x, y = _raw_rows(embeddings, references)
@@ -200,6 +200,24 @@ def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
     loss = _pair_loss("supcon_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
                       deterministic, normalize, "both", temperature=temperature, pair_value=pair_value)
     return loss if scale == 1.0 else loss * scale
+
+
+def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=2.0, beta=50.0, base=0.5,
+                          self_offset=None, reduction="mean", backend="auto", deterministic=None,
+                          distance="cosine", normalize_embeddings=True):
+    """Multi-Similarity loss (Wang et al. 2019) with PML's semantics (without its miner): per query
+    (1/alpha) log(1 + sum_pos exp(-alpha (s - base))) + (1/beta) log(1 + sum_neg exp(beta (s - base))).
+    The default reduction is PML's for this loss, MeanReducer ("mean" over every query).
+    See docs/losses/multi-similarity.md; distance as supcon_loss's (a distance d: these on -d with base negated)."""
+    alpha = check.check_positive(alpha, "alpha")
+    beta = check.check_positive(beta, "beta")
+    base = check.check_real(base, "base")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    if pair_value != SIMILARITY:
+        base = -base  # PML's terms on a distance d are these on -d with base negated (reference/multi_similarity.py)
+    return _pair_loss("multi_similarity_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction,
+                      backend, deterministic, normalize, "pairs", alpha=alpha, beta=beta, base=base,
+                      pair_value=pair_value)
 
 
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,

@@ -69,13 +69,14 @@ class _PairLoss(nn.Module):
     """forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, self_offset=None)."""
 
     _PML_NAME = ""  # the module's name in metric_kernels/_pml_keywords.py's tables
+    _PML_DEFAULT_REDUCTION = "mean_nonzero"  # what PML's default reducer for the loss does (AvgNonZeroReducer)
 
     def __init__(self, reduction, backend, deterministic, distance, reducer, embedding_regularizer,
                  embedding_reg_weight, collect_stats):
         super().__init__()
         self.reduction = _accept_pml_keywords(self, self._PML_NAME, distance, reducer, reduction,
                                               embedding_regularizer, embedding_reg_weight, collect_stats,
-                                              "mean_nonzero")
+                                              self._PML_DEFAULT_REDUCTION)
         self.backend = check_backend_name(backend)
         if deterministic is not None:
             check.check_bool(deterministic, "deterministic")
@@ -163,6 +164,35 @@ class SupConLoss(_PairLoss):
     def extra_repr(self):
         return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}" + _keywords_repr(self))
+
+
+class MultiSimilarityLoss(_PairLoss):
+    """PML's MultiSimilarityLoss(alpha=2, beta=50, base=0.5): see docs/losses/multi-similarity.md.
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over every query), or what `reducer=`
+    says; PML's keywords as SupConLoss's.
+    """
+
+    _PML_NAME = "MultiSimilarityLoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, alpha=2, beta=50, base=0.5, *, reduction=None, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.alpha = check.check_positive(alpha, "alpha")
+        self.beta = check.check_positive(beta, "beta")
+        self.base = check.check_real(base, "base")
+
+    def _loss(self, *args, **kwargs):
+        return functional.multi_similarity_loss(*args, alpha=self.alpha, beta=self.beta, base=self.base,
+                                                **keywords.functional_distance(self.distance_spec), **kwargs)
+
+    _pml_rows = staticmethod(CircleLoss._pml_rows)  # PML keeps these per-query losses as an N x 1 column too
+
+    def extra_repr(self):
+        return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
 
 
 class BatchHardTripletLoss(_PairLoss):

@@ -38,6 +38,13 @@ def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
     return losses.SupConLoss(temperature=temperature)(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
+def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=2.0, beta=50.0, base=0.5,
+                          indices_tuple=None):
+    losses, _, _ = _pml()
+    return losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(embeddings, labels, indices_tuple, ref_emb,
+                                                                         ref_labels)
+
+
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
                             normalize_embeddings=True):
     """BatchHardMiner + TripletMarginLoss, both on LpDistance(normalize_embeddings), smooth_loss=soft."""

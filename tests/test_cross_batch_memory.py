@@ -21,6 +21,9 @@ def _losses(name, reducer=None):
         return mk.CircleLoss(m=0.3, gamma=40, backend="reference", **kw), losses.CircleLoss(m=0.3, gamma=40, **kw), None
     if name == "supcon":
         return mk.SupConLoss(temperature=0.2, backend="reference", **kw), losses.SupConLoss(temperature=0.2, **kw), None
+    if name == "multi_similarity":
+        return (mk.MultiSimilarityLoss(2, 20, 0.3, backend="reference", **kw),
+                losses.MultiSimilarityLoss(2, 20, 0.3, **kw), None)
     if name == "batch_hard":
         return (mk.BatchHardTripletLoss(margin=0.1, backend="reference", **kw),
                 losses.TripletMarginLoss(margin=0.1, **kw), miners.BatchHardMiner())
@@ -65,7 +68,7 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer
     return ours
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "batch_hard_soft"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "batch_hard", "batch_hard_soft"])
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
     assert ours.has_been_filled

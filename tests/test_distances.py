@@ -73,6 +73,7 @@ def test_reference_proxy_anchor_equals_pml(distance, normalize):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("loss,refs", [("supcon", "self"), ("supcon", "ref_emb"), ("supcon", "self_offset"),
+                                       ("multi_similarity", "ref_emb"),
                                        ("proxy_anchor", "self")])  # Proxy-Anchor's references are its proxies
 @pytest.mark.parametrize("distance,normalize", DISTANCES, ids=IDS)
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -60,6 +60,7 @@ def _cases(world):
             Case("circle", (1, 2), labels=(5, 5, 7)),
             Case("circle", (5, 3), "hand", ref_sizes=(4, 7)),
             Case("supcon", (6, 6), kwargs=dict(temperature=0.2)),
+            Case("multi_similarity", (5, 6), kwargs=dict(alpha=2.0, beta=20.0, base=0.3)),
             Case("supcon", (3, 8), "hand", kwargs=dict(temperature=0.1, base_temperature=0.07, reduction="mean")),
             Case("supcon", (7, 0), kwargs=dict(reduction="sum")),
             # No negative pair in the global batch: PML's SupCon rule gives 0 (and zero gradients).
@@ -110,6 +111,8 @@ def _make_loss(case):
         return mk.CircleLoss(**kwargs)
     if case.loss == "supcon":
         return mk.SupConLoss(**kwargs)
+    if case.loss == "multi_similarity":
+        return mk.MultiSimilarityLoss(**kwargs)
     if case.loss == "batch_hard":
         return mk.BatchHardTripletLoss(**kwargs)
     return mk.ProxyAnchorLoss(case.classes, D_OUT, **kwargs).double()

@@ -9,7 +9,7 @@ import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_grads_close, assert_rel_close, grads
 
-PAIR_LOSSES = ["circle", "supcon", "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet"]
 REDUCTIONS = ["mean_nonzero", "mean", "sum", "none"]
 
 
@@ -58,7 +58,19 @@ def test_proxy_anchor_on_empty_and_single_row_batches():
             assert_grads_close(out, expected, [x, proxies], 1e-10, "one row")
 
 
-@pytest.mark.parametrize("loss", PAIR_LOSSES)
+@pytest.mark.parametrize("labels", ["one_class", "all_distinct"])
+def test_multi_similarity_one_class_and_all_distinct(labels):
+    """Multi-Similarity's two sides are independent (PML's too): one class leaves the positives' term, all-distinct
+    labels the negatives' term; neither is 0."""
+    x = torch.randn(17, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(17, dtype=torch.long) if labels == "one_class" else torch.arange(17)
+    out, expected = mk.multi_similarity_loss(x, y), pml.multi_similarity_loss(x, y)
+    assert out.item() > 0
+    assert_rel_close(out, expected, 1e-10, labels)
+    assert_grads_close(out, expected, [x], 1e-10, labels)
+
+
+@pytest.mark.parametrize("loss", [name for name in PAIR_LOSSES if name != "multi_similarity"])
 @pytest.mark.parametrize("labels", ["one_class", "all_distinct"])
 def test_pair_losses_are_zero_without_positives_or_negatives(loss, labels):
     n = 17

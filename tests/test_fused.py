@@ -31,8 +31,9 @@ def _fused_backend_is_built(request):
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 HALF = (torch.float16, torch.bfloat16)
 SIZES = [(1, 1, 1), (37, 65, 17), (65, 130, 100), (130, 63, 3)]  # (N, M, D): ragged against 64-wide blocks
-PAIR_LOSSES = ["circle", "supcon", "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, base_temperature=0.1),
+          "multi_similarity": dict(alpha=2.0, beta=40.0, base=0.4),
           "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
 
 
@@ -212,6 +213,8 @@ def _loss_and_inputs(loss_name, backend):
         "circle_self": lambda a, b, p: mk.circle_loss(a, labels, backend=backend) + 0 * (p.sum() + b.sum()),
         "supcon": lambda a, b, p: mk.supcon_loss(a, labels, b, y_labels, self_offset=5, backend=backend,
                                                  deterministic=False) + 0 * p.sum(),
+        "multi_similarity": lambda a, b, p: mk.multi_similarity_loss(a, labels, b, y_labels, distance="euclidean",
+                                                                     backend=backend) + 0 * p.sum(),
         "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend=backend)
         + 0 * p.sum(),
         "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend=backend) + 0 * b.sum(),

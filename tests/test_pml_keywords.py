@@ -56,6 +56,10 @@ OTHER_DISTANCES = ("dot_raw", "lp", "lp_raw", "lp2", "lp2_raw")
 PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
               + [("supcon", r, d) for r in REDUCERS for d in ("implicit", "cosine", "dot")]
               + [("supcon", r, d) for r in ("default", "Mean", "DoNothing") for d in OTHER_DISTANCES]
+              + [("multi_similarity", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
+              # (not AvgNonZero here: with a distance, rows of 1e-20 in fp64 are 0 in fp32, and its count of
+              # nonzero rows, so its mean, differs between fp32 and the fp64 oracle in PML as much as here)
+              + [("multi_similarity", r, d) for r in ("default", "Sum") for d in OTHER_DISTANCES]
               + [("batch_hard", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "lp", "lp_raw")])
 
 
@@ -76,6 +80,9 @@ def _pair_modules(loss, reducer, distance, backend="reference"):
         ours, pml_loss = mk.CircleLoss(m=0.3, gamma=60, backend=backend, **kw), losses.CircleLoss(m=0.3, gamma=60, **kw)
     elif loss == "supcon":
         ours, pml_loss = mk.SupConLoss(0.2, backend=backend, **kw), losses.SupConLoss(0.2, **kw)
+    elif loss == "multi_similarity":
+        ours = mk.MultiSimilarityLoss(2, 30, 0.4, backend=backend, **kw)
+        pml_loss = losses.MultiSimilarityLoss(2, 30, 0.4, **kw)
     else:
         ours = mk.BatchHardTripletLoss(margin=0.1, backend=backend, **kw)
         pml_loss = losses.TripletMarginLoss(margin=0.1, **kw)
@@ -412,7 +419,8 @@ def test_unsupported_keyword_values_raise_naming_them(build, keyword, value, mes
 def test_cross_batch_memory_supported_losses_mirror_pmls():
     """PML's supported_losses() is a static method returning class names (strings); ours names our classes."""
     assert all(isinstance(name, str) for name in losses.CrossBatchMemory.supported_losses())
-    assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "BatchHardTripletLoss"]
+    assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "MultiSimilarityLoss",
+                                                      "BatchHardTripletLoss"]
     xbm = mk.CrossBatchMemory(mk.SupConLoss(), 4)
     assert xbm.supported_losses() == mk.CrossBatchMemory.supported_losses()
     mk.CrossBatchMemory.check_loss_support("CircleLoss")

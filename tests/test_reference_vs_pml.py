@@ -14,7 +14,8 @@ from tests.helpers import assert_grads_close, assert_rel_close, random_pair_case
 CASES_PER_LOSS = 200
 BLOCKS = 10
 TOL = 1e-10
-SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000}
+SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000}
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet"]
 
 
 def _pairs_without_self(labels, ref_labels, self_offset):
@@ -35,6 +36,8 @@ def _random_params(seed, loss):
         return dict(m=u(0.1, 0.5), gamma=u(10, 300))
     if loss == "supcon":
         return dict(temperature=u(0.03, 1.0))
+    if loss == "multi_similarity":
+        return dict(alpha=u(0.5, 10.0), beta=u(5.0, 80.0), base=u(-0.2, 0.9))
     if loss == "batch_hard_triplet":
         return dict(margin=u(0.0, 0.5), soft=bool(torch.rand((), generator=g) < 0.5),
                     normalize_embeddings=bool(torch.rand((), generator=g) < 0.7))
@@ -59,11 +62,12 @@ def _pml_value_exact(loss, case, params):
     if case.self_offset is not None:
         kwargs["indices_tuple"] = _pairs_without_self(case.labels, case.y_labels, case.self_offset)
     fn = getattr(pml, f"{loss}_loss")
-    return fn(case.x, case.labels, case.y, case.y_labels, **params, **kwargs), "mean_nonzero"
+    reduction = "mean" if loss == "multi_similarity" else "mean_nonzero"  # PML's default reducer for each loss
+    return fn(case.x, case.labels, case.y, case.y_labels, **params, **kwargs), reduction
 
 
 @pytest.mark.parametrize("block", range(BLOCKS))
-@pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
 def test_pair_losses_equal_pml(loss, block):
     per_block = CASES_PER_LOSS // BLOCKS
     for seed in range(block * per_block, (block + 1) * per_block):
@@ -114,7 +118,8 @@ def _pml_rows_exact(loss, x, labels, y, y_labels, **params):
         out = losses.TripletMarginLoss(margin=params["margin"], smooth_loss=params["soft"], distance=distance,
                                        reducer=reducer)(x, labels, triplets, y, y_labels)
     else:
-        cls = losses.CircleLoss if loss == "circle" else losses.SupConLoss
+        cls = {"circle": losses.CircleLoss, "supcon": losses.SupConLoss,
+               "multi_similarity": losses.MultiSimilarityLoss}[loss]
         out = cls(**params, reducer=reducer)(x, labels, None, y, y_labels)
     rows = x.new_zeros(x.shape[0])
     info = out["loss"]
@@ -124,7 +129,7 @@ def _pml_rows_exact(loss, x, labels, y, y_labels, **params):
     return rows.index_add(0, index, info["losses"].reshape(-1))
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
 def test_every_reduction_matches_pml_rows(loss):
     """'none' equals PML's unreduced losses; 'sum', 'mean' and 'mean_nonzero' reduce exactly those rows."""
     for seed in range(30):
@@ -144,7 +149,7 @@ def test_every_reduction_matches_pml_rows(loss):
         assert_grads_close(call("sum"), expected.sum(), case.inputs, TOL, f"{loss} seed={seed} sum")
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity"])
 def test_pml_generic_pair_rule_is_followed(loss):
     """PML's GenericPairLoss returns 0 when the batch has at most one positive and at most one negative pair, even
     though such a batch has a defined loss; SPEC.md does not say so, PML does, and we follow PML."""

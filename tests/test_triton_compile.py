@@ -129,7 +129,7 @@ def _launches(monkeypatch):
             y = torch.randn(m, d, generator=generator).to(dtype)
             x_labels = torch.randint(0, 3, (n,), generator=generator)
             y_labels = torch.randint(0, 3, (m,), generator=generator)
-            for kind in (0,) if chunked else (0, 1, 2):
+            for kind in (0,) if chunked else (0, 1, 2, 3):
                 for other, labels, offset in ((None, x_labels, 0), (y, y_labels, -1)):
                     stats = ops.lse_rows(x, other, x_labels, labels, offset, kind, 0, 0.25, 2.0, False)
                     grad = torch.ones_like(stats)

@@ -14,13 +14,13 @@ import torch
 import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss, batch_hard_triplet_loss,
-                            circle_loss, multiview, proxy_anchor_loss, supcon_loss)
+                            circle_loss, multi_similarity_loss, multiview, proxy_anchor_loss, supcon_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
 
-PAIR_LOSSES = [circle_loss, supcon_loss, batch_hard_triplet_loss]
-PAIR_IDS = ["circle", "supcon", "batch_hard"]
+PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, batch_hard_triplet_loss]
+PAIR_IDS = ["circle", "supcon", "multi_similarity", "batch_hard"]
 
 
 @pytest.fixture(autouse=True)
@@ -271,7 +271,7 @@ def _with_param(loss_name, name, value):
 
 
 POSITIVE_PARAMS = [("circle", "gamma"), ("supcon", "temperature"), ("supcon", "base_temperature"),
-                   ("proxy_anchor", "alpha")]
+                   ("multi_similarity", "alpha"), ("multi_similarity", "beta"), ("proxy_anchor", "alpha")]
 
 
 @pytest.mark.parametrize("loss_name,name", POSITIVE_PARAMS)

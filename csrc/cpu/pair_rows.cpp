@@ -249,6 +249,7 @@ template <typename T>
 RowFns<T> row_fns(int kind, int pair) {
   if (kind == kSupCon) return row_fns_kind<T, kSupCon>(pair);
   if (kind == kProxyAnchor) return row_fns_kind<T, kProxyAnchor>(pair);
+  if (kind == kMultiSimilarity) return row_fns_kind<T, kMultiSimilarity>(pair);
   return row_fns_kind<T, kCircle>(pair);
 }
 

@@ -96,6 +96,7 @@ CudaPairRowsParams make_params(const glue::Rows& rows, const glue::RowNorms& nor
 at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
                     const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a,
                     double b, bool deterministic) {
+  glue::check_kind(kind, "lse_rows");
   glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
@@ -118,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, 
                                                      int64_t self_offset, int64_t kind, int64_t pair_value,
                                                      double a, double b, bool deterministic, bool need_dx,
                                                      bool need_dy) {
+  glue::check_kind(kind, "lse_rows_backward");
   glue::check_pair_value(pair_value, "lse_rows_backward");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);

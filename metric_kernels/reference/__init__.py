@@ -5,6 +5,7 @@ docs/losses/ and can be checked against pytorch-metric-learning line by line. Ev
 """
 from .batch_hard import batch_hard_rows
 from .circle import circle_rows
+from .multi_similarity import multi_similarity_rows
 from .proxy_anchor import proxy_anchor_rows
 from .supcon import supcon_rows
 
@@ -16,4 +17,5 @@ def unavailable_reason(device):
     return None  # plain torch ops: runs wherever torch does
 
 
-__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]
+__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "multi_similarity_rows", "proxy_anchor_rows", "supcon_rows",
+           "unavailable_reason"]

@@ -27,7 +27,8 @@ if _installed:
                                           normalize)
             return triplet_losses(distances[0], distances[1], choices[0], choices[1], margin, soft)
 
-    circle_rows, supcon_rows, batch_hard_rows, proxy_anchor_rows = fused_backend("triton", _RawRows)
+    (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows,
+     proxy_anchor_rows) = fused_backend("triton", _RawRows)
 
 
 def unavailable_reason(device: torch.device):

@@ -55,9 +55,9 @@ DTYPES = (("bf16", "bfloat16", "bf16", "ieee"), ("fp16", "float16", "fp16", "iee
 SIXTEEN_BIT = ("bf16", "fp16")
 LEVELS = ("core", "ci", "sweep", "full")
 DOT_KERNELS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
-KINDS = (0, 1, 2)  # circle, supcon, proxy_anchor
-# The log-sum-exp kernels' pair values (metric_kernels/_pairs.py) with and without normalising, for SupCon and
-# Proxy-Anchor (Circle: the cosine only), and the lowest level that compiles each: (pair value, normalize) -> level.
+KINDS = (0, 1, 2, 3)  # circle, supcon, proxy_anchor, multi_similarity
+# The log-sum-exp kernels' pair values (metric_kernels/_pairs.py) with and without normalising, for SupCon,
+# Proxy-Anchor and Multi-Similarity (Circle: the cosine only), and the lowest level that compiles each: (pair value, normalize) -> level.
 PAIR_CASES = {(0, True): "core", (2, True): "ci", (2, False): "sweep", (1, True): "sweep", (1, False): "full",
               (0, False): "sweep"}
 BACKWARD_PASSES = ("rows", "columns")  # of ops._pruner's passes

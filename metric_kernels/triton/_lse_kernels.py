@@ -29,7 +29,8 @@ SQUARED_EUCLIDEAN = tl.constexpr(1)
 CIRCLE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 PROXY_ANCHOR = tl.constexpr(2)
-KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2}
+MULTI_SIMILARITY = tl.constexpr(3)
+KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3}
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -145,7 +146,8 @@ def _logits(s, positive, negative, param_a, param_b, KIND: tl.constexpr):
     first log-sum-exp (the rest of the finite ones belong to the second).
 
     Circle: a = m, b = gamma; the weights relu(.) are constants, as in the paper and PML. Proxy-Anchor: a = margin,
-    b = alpha. SupCon: b = 1 / temperature, a single log-sum-exp over every pair (its first set is empty).
+    b = alpha. Multi-Similarity: a = alpha, b = beta, unshifted (its shift by base is a per-row constant, added to the
+    statistics afterwards). SupCon: b = 1 / temperature, a single log-sum-exp over every pair (its first set is empty).
     """
     if KIND == CIRCLE:
         weight_positive = param_b * tl.maximum(1 + param_a - s, 0.0)
@@ -156,6 +158,10 @@ def _logits(s, positive, negative, param_a, param_b, KIND: tl.constexpr):
     elif KIND == PROXY_ANCHOR:
         z = tl.where(positive, -param_b * (s - param_a), param_b * (s + param_a))
         dz = tl.where(positive, -param_b, param_b)
+        first = positive
+    elif KIND == MULTI_SIMILARITY:
+        dz = tl.where(positive, -param_a, param_b)
+        z = dz * s
         first = positive
     else:
         z = s * param_b
