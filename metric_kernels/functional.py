@@ -47,8 +47,13 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rows, norms = ctx.saved_tensors
-        out = torch.empty_like(rows)
         chunk = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))
+        if rows.shape[0] <= chunk:  # one chunk: the same formula in fewer ops (small batches pay per op)
+            unit = rows.to(ctx.dtype) / norms
+            dot = (unit * grad).sum(dim=1, keepdim=True)
+            tangent = torch.where(norms > _NORM_EPS, torch.addcmul(grad, unit, dot, value=-1), grad)
+            return tangent.div_(norms).to(rows.dtype), None
+        out = torch.empty_like(rows)
         for start in range(0, rows.shape[0], chunk):
             stop = start + chunk
             norm, g = norms[start:stop], grad[start:stop]

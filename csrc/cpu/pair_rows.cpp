@@ -353,9 +353,10 @@ void backward_kept(const PairRowsBackwardParams<T>& b, DsRowFn<T> ds_row) {
     }
     // (each omp for ends in a barrier: dS complete before it is read across blocks, dX written before dY adds in)
     if (b.dy != nullptr && !symmetric) {
+      // column blocks as narrow as the row blocks: more blocks than threads at small M
 #pragma omp for schedule(static)
-      for (int64_t block = 0; block < blocks(p.m, kBlockCols); ++block) {
-        const int64_t c0 = block * kBlockCols, cols = std::min(kBlockCols, p.m - c0);
+      for (int64_t block = 0; block < blocks(p.m, kBlockRows); ++block) {
+        const int64_t c0 = block * kBlockRows, cols = std::min(kBlockRows, p.m - c0);
         T* dy = b.dy + c0 * p.d;
         p.gemm(true, false, cols, p.d, p.n, ds.get() + c0, p.m, p.x, p.x_stride, T(b.accumulate_dy ? 1 : 0), dy,
                p.d);  // dY (+)= dS^T X
