@@ -53,7 +53,7 @@ SIZE = (70, 300, 33)  # ragged against the 64-row and 256-column blocks
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("refs", ["self", "ref_emb", "self_offset"])
-@pytest.mark.parametrize("loss", ["circle", "supcon"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity"])
 @pytest.mark.parametrize("path", PATHS)
 def test_pair_loss_paths_match_reference(path, loss, refs, dtype, monkeypatch):
     for name, value in PATHS[path].items():
@@ -80,7 +80,7 @@ def test_kept_and_tiled_backward_agree_on_the_ops(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(130, 40, generator=g), torch.randn(300, 40, generator=g)
     x_labels, y_labels = torch.randint(0, 9, (130,), generator=g), torch.randint(0, 9, (300,), generator=g)
-    for kind, (a, b) in enumerate([(0.25, 16.0), (0.0, 2.0), (0.1, 4.0)]):
+    for kind, (a, b) in enumerate([(0.25, 16.0), (0.0, 2.0), (0.1, 4.0), (2.0, 4.0)]):  # kinds as epilogue.h
         for pair_value in (0, 1, 2):
             args = (x, y, x_labels, y_labels, -1, kind, pair_value, a, b, True)
             stats = ops.cpu_lse_rows(*args)
