@@ -181,3 +181,21 @@ def test_ref_emb_is_never_paired_with_itself_by_identity():
     assert_rel_close(ours, pml_copy, TOL, "no pair left out")
     assert_rel_close(mk.circle_loss(x, labels, x, labels, self_offset=0), pml_same_object, TOL, "self_offset=0")
     assert_rel_close(mk.circle_loss(x, labels, x, labels, self_offset=0), mk.circle_loss(x, labels), TOL, "no ref")
+
+
+def test_multi_similarity_default_reduction_is_pmls_mean_reducer():
+    """SPEC.md lists reduction="mean_nonzero" for Multi-Similarity, but PML's MultiSimilarityLoss keeps the base
+    class's MeanReducer (it does not override get_default_reducer as CircleLoss and SupConLoss do): we follow PML,
+    in the functional default and the module's. The batch has rows that are exactly 0, so the two means differ."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    # the first 12 rows in pairs, the other 12 alone: a row without a positive whose negatives' term rounds to 0
+    labels = torch.cat([torch.arange(12) // 2, torch.arange(12) + 100])
+    expected = pml.multi_similarity_loss(x, labels, alpha=2.0, beta=200.0, base=1.0)
+    rows = mk.multi_similarity_loss(x, labels, alpha=2.0, beta=200.0, base=1.0, reduction="none")
+    assert (rows == 0).any() and (rows > 0).any()
+    for ours in (mk.multi_similarity_loss(x, labels, alpha=2.0, beta=200.0, base=1.0),
+                 mk.MultiSimilarityLoss(2.0, 200.0, 1.0)(x, labels)):
+        assert_rel_close(ours, expected, TOL, "default reduction")
+        assert_rel_close(ours, rows.mean(), TOL, "the mean over every query")
+    assert mk.MultiSimilarityLoss().reduction == "mean"
