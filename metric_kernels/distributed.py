@@ -137,16 +137,14 @@ def _pair_spec(loss):
     """(per-row function of the functional layer, normalise, PML's batch-level rule, hyper-parameters, final scale)."""
     if isinstance(loss, CircleLoss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
+    if isinstance(loss, (MultiSimilarityLoss, SupConLoss)):
+        pair_value, normalize = check.check_distance(**keywords.functional_distance(loss.distance_spec))
     if isinstance(loss, MultiSimilarityLoss):
-        distance = keywords.functional_distance(loss.distance_spec)
-        pair_value, normalize = check.check_distance(distance["distance"], distance["normalize_embeddings"])
-        base = loss.base if pair_value == 0 else -loss.base  # as functional.multi_similarity_loss
         return ("multi_similarity_rows", normalize, "pairs",
-                dict(alpha=loss.alpha, beta=loss.beta, base=base, pair_value=pair_value), 1.0)
+                dict(alpha=loss.alpha, beta=loss.beta, base=functional._engine_shift(loss.base, pair_value),
+                     pair_value=pair_value), 1.0)
     if isinstance(loss, SupConLoss):
         scale = 1.0 if loss.base_temperature is None else loss.temperature / loss.base_temperature
-        distance = keywords.functional_distance(loss.distance_spec)
-        pair_value, normalize = check.check_distance(distance["distance"], distance["normalize_embeddings"])
         return "supcon_rows", normalize, "both", dict(temperature=loss.temperature, pair_value=pair_value), scale
     return ("batch_hard_rows", loss.normalize_embeddings, None, dict(margin=loss.margin, soft=loss.soft), 1.0)
 

@@ -207,6 +207,13 @@ def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
     return loss if scale == 1.0 else loss * scale
 
 
+def _engine_shift(shift: float, pair_value: int) -> float:
+    """A loss's shift (Proxy-Anchor's margin, Multi-Similarity's base) as the engine takes it: PML's terms on a
+    distance d are the similarity's terms on -d with the shift negated (reference/proxy_anchor.py,
+    reference/multi_similarity.py)."""
+    return shift if pair_value == SIMILARITY else -shift
+
+
 def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=2.0, beta=50.0, base=0.5,
                           self_offset=None, reduction="mean", backend="auto", deterministic=None,
                           distance="cosine", normalize_embeddings=True):
@@ -218,11 +225,9 @@ def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
     beta = check.check_positive(beta, "beta")
     base = check.check_real(base, "base")
     pair_value, normalize = check.check_distance(distance, normalize_embeddings)
-    if pair_value != SIMILARITY:
-        base = -base  # PML's terms on a distance d are these on -d with base negated (reference/multi_similarity.py)
     return _pair_loss("multi_similarity_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction,
-                      backend, deterministic, normalize, "pairs", alpha=alpha, beta=beta, base=base,
-                      pair_value=pair_value)
+                      backend, deterministic, normalize, "pairs", alpha=alpha, beta=beta,
+                      base=_engine_shift(base, pair_value), pair_value=pair_value)
 
 
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
@@ -257,9 +262,7 @@ def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, 
     else:
         dtype = _compute_dtype(embeddings, proxies)
         x, p = _prepare(embeddings, dtype, normalize), _prepare(proxies, dtype, normalize)
-    if pair_value != SIMILARITY:
-        # PML's terms on a distance d are the cosine's on -d with the margin negated (reference/proxy_anchor.py).
-        margin = -margin
+    margin = _engine_shift(margin, pair_value)
     labels = labels.long()
     if x.shape[0] == 0:
         positive_terms = negative_terms = p.sum(dim=1) * 0 + x.sum() * 0  # log(1 + empty sum) = 0
