@@ -48,23 +48,15 @@ def _load_rows(ptr, rows, dims, n, d, stride_n, stride_d):
 
 
 @triton.jit
-def _inverse_norms(norm_ptr, rows, n):
-    """r = 1 / max(||row||, eps), and whether the clamp is inactive (the normalisation's Jacobian has a radial part)."""
-    norms = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
-    unclamped = norms > NORM_EPS
-    # tl.where, not tl.maximum: tl.maximum would round eps to fp32 first, off by 4e-9 relative for fp64 rows
-    return 1.0 / tl.where(unclamped, norms, NORM_EPS), unclamped
-
-
-@triton.jit
 def _row_scales(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
     """(r, where the normalisation has a radial part, (||row|| r)^2) of the rows: r = 1 / max(||row||, eps) when
     normalising (radial where the clamp is inactive), else r = 1 and no radial part."""
+    norms = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
     if NORMALIZE:
-        inverse, unclamped = _inverse_norms(norm_ptr, rows, n)
-        norms = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
+        unclamped = norms > NORM_EPS
+        # tl.where, not tl.maximum: tl.maximum would round eps to fp32 first, off by 4e-9 relative for fp64 rows
+        inverse = 1.0 / tl.where(unclamped, norms, NORM_EPS)
     else:
-        norms = tl.load(norm_ptr + rows, mask=rows < n, other=0.0)
         inverse = tl.zeros_like(norms) + 1.0
         unclamped = rows < 0
     length = norms * inverse
