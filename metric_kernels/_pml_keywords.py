@@ -66,6 +66,8 @@ SUPPORTED_DISTANCES = {
     "MultiSimilarityLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "ProxyAnchorLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
+    "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
+    "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
 }
 
 
@@ -83,10 +85,11 @@ PML_DISTANCE_CLASSES = {"CircleLoss": ("CosineSimilarity",)}
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
 #   "element": one loss per query (Circle, SupCon);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
-#   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default.
+#   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
+#   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive).
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "BatchHardTripletLoss": "triplet",
-              "ProxyAnchorLoss": "proxy"}
+              "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair"}
 
 # What each reducer mode means as the functional `reduction=` (None: no functional reduction says the same).
 #   "unreduced" (DoNothingReducer): the module returns PML's loss dictionary of unreduced losses.
@@ -178,6 +181,10 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         mode = "mean" if name == "MeanReducer" else "sum"
         if loss_type == "triplet" and mode == "mean":
             mode = "mean_over_triplets"
+    elif name in ("DoNothingReducer", "PerAnchorReducer") and loss_type == "pair":
+        raise _unsupported("reducer", reducer, owner,
+                           f"PML's {name} works on the per-pair losses, which the fused kernels never form (there "
+                           "are O(N M) of them); reduction='none' gives each query's sum over its pairs")
     elif name == "DoNothingReducer" and inner is None:
         if loss_type == "triplet":
             raise _unsupported("reducer", reducer, owner,
@@ -197,7 +204,7 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         mode = "divisor"
     if mode is None:
         honoured = "AvgNonZeroReducer(), MeanReducer(), SumReducer()"
-        if loss_type != "triplet":
+        if loss_type in ("element", "proxy"):
             honoured += ", DoNothingReducer(), PerAnchorReducer(reducer=one of the first three)"
         if loss_type == "proxy":
             honoured += ", DivisorReducer() (PML's default here)"

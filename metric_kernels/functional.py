@@ -230,6 +230,86 @@ def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
                       base=_engine_shift(base, pair_value), pair_value=pair_value)
 
 
+def _reduce_pairs(parts, reduction: str) -> torch.Tensor:
+    """PML's reducers on per-pair losses, from per-query sums: `parts` holds one (sums, nonzero, pairs) per sub-loss
+    (NT-Xent: its positive pairs; Contrastive: its positive and its negative pairs), each a vector over the queries:
+    the sum of the query's pair losses, how many of them are nonzero, how many pairs it has. Each sub-loss is reduced
+    over its pairs and the results added, as PML's reducers treat a loss dictionary: "mean_nonzero"
+    (AvgNonZeroReducer) divides by the nonzero pairs (0 if none; NaN sums are counted so that they reach the
+    result), "mean" (MeanReducer) by all pairs, "sum" adds; "none" gives each query's sum over all its pairs (a
+    per-pair output would be O(N M))."""
+    if reduction == "none":
+        return sum(sums for sums, _, _ in parts)
+    total = None
+    for sums, nonzero, pairs in parts:
+        if reduction == "sum":
+            value = sums.sum()
+        else:
+            count = nonzero + sums.isnan() if reduction == "mean_nonzero" else pairs
+            value = sums.sum() / count.sum().clamp(min=1).to(sums.dtype)
+        total = value if total is None else total + value
+    return total
+
+
+def _pair_reduced_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                       deterministic, normalize: bool, generic_pair_gate: str, **params):
+    """_pair_loss for the losses PML reduces per pair (NT-Xent, Contrastive): the backend's row function returns, per
+    query, the sums and nonzero counts of each sub-loss (positives; then negatives for Contrastive), which
+    _reduce_pairs reduces with the label-derived pair counts."""
+    rows, x_labels, y_labels, self_offset, guard = _pair_rows(
+        rows_name, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic, normalize,
+        **params)
+    parts = _pair_parts(rows, x_labels, y_labels, self_offset)
+    if x_labels.shape[0] > 0 and y_labels.shape[0] > 0:
+        gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=generic_pair_gate == "both")
+        parts = [(torch.where(gate, sums, torch.zeros_like(sums)), nonzero * gate, pairs * gate)
+                 for sums, nonzero, pairs in parts]
+    return _reduce_pairs(parts, reduction) + guard
+
+
+def _pair_parts(rows, x_labels, y_labels, self_offset):
+    """The (sums, nonzero, pairs) of each sub-loss (see _reduce_pairs) from a pair-reduced row function's output:
+    (sums, nonzero) for NT-Xent, (positive sums, negative sums, positive nonzero, negative nonzero) for Contrastive;
+    an empty batch gives one zero vector (_pair_rows)."""
+    if isinstance(rows, torch.Tensor):  # nothing to pair
+        zeros = torch.zeros(rows.shape, dtype=torch.long, device=rows.device)
+        return [(rows, zeros, zeros)]
+    positives, negatives = pair_counts(x_labels, y_labels, self_offset)
+    if len(rows) == 2:
+        return [(rows[0], rows[1], positives)]
+    return [(rows[0], rows[2], positives), (rows[1], rows[3], negatives)]
+
+
+def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, self_offset=None,
+                reduction="mean", backend="auto", deterministic=None, distance="cosine", normalize_embeddings=True):
+    """NT-Xent with PML's semantics: one loss per positive pair (i, p), log(1 + sum over i's negatives k of
+    exp((s_ik - s_ip) / t)), 0 when i has no negative, and 0 for a batch without a positive or a negative pair.
+    The default reduction is PML's for this loss, MeanReducer ("mean" over every positive pair); "mean_nonzero"
+    averages over the pairs PML counts as nonzero; "none" gives each query's sum over its positive pairs.
+    See docs/losses/ntxent.md; distance as supcon_loss's (a distance d: -d / t)."""
+    temperature = check.check_positive(temperature, "temperature")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    return _pair_reduced_loss("ntxent_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                              deterministic, normalize, "both", temperature=temperature, pair_value=pair_value)
+
+
+def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
+                     self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None,
+                     distance="euclidean", normalize_embeddings=True):
+    """Contrastive loss with PML's semantics: relu(d - pos_margin) per positive pair and relu(neg_margin - d) per
+    negative pair on the distance d (default: Euclidean on normalised rows, PML's LpDistance()); with a similarity s
+    (distance="cosine" or "dot") relu(pos_margin - s) and relu(s - neg_margin). Each side is reduced over its pairs
+    and the two added (default "mean_nonzero", PML's AvgNonZeroReducer); "none" gives each query's sum over all its
+    pairs. See docs/losses/contrastive.md."""
+    pos_margin = check.check_real(pos_margin, "pos_margin")
+    neg_margin = check.check_real(neg_margin, "neg_margin")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    return _pair_reduced_loss("contrastive_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction,
+                              backend, deterministic, normalize, "pairs",
+                              pos_margin=_engine_shift(pos_margin, pair_value),
+                              neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
+
+
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
                             normalize_embeddings=True, self_offset=None, reduction="mean_nonzero", backend="auto",
                             deterministic=None):

@@ -195,6 +195,60 @@ class MultiSimilarityLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
+class NTXentLoss(_PairLoss):
+    """PML's NTXentLoss(temperature=0.07): see docs/losses/ntxent.md.
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
+    `reducer=` says (AvgNonZeroReducer, MeanReducer, SumReducer: over the pairs); reduction="none" gives each query's
+    sum over its positive pairs. PML's keywords as SupConLoss's.
+    """
+
+    _PML_NAME = "NTXentLoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, temperature=0.07, *, reduction=None, backend="auto", deterministic=None, distance=None,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.temperature = check.check_positive(temperature, "temperature")
+
+    def _loss(self, *args, **kwargs):
+        return functional.ntxent_loss(*args, temperature=self.temperature,
+                                      **keywords.functional_distance(self.distance_spec), **kwargs)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + _keywords_repr(self))
+
+
+class ContrastiveLoss(_PairLoss):
+    """PML's ContrastiveLoss(pos_margin=0, neg_margin=1) on PML's default distance, LpDistance() (Euclidean on
+    normalised rows): see docs/losses/contrastive.md.
+
+    reduction: None means PML's default ("mean_nonzero": each side averaged over its nonzero pairs, then added), or
+    what `reducer=` says (AvgNonZeroReducer, MeanReducer, SumReducer); reduction="none" gives each query's sum over
+    all its pairs. PML's keywords: distance (LpDistance(p=2, power=1 or 2, normalised or not), CosineSimilarity(),
+    DotProductSimilarity()), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "ContrastiveLoss"
+
+    def __init__(self, pos_margin=0, neg_margin=1, *, reduction=None, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.pos_margin = check.check_real(pos_margin, "pos_margin")
+        self.neg_margin = check.check_real(neg_margin, "neg_margin")
+
+    def _loss(self, *args, **kwargs):
+        return functional.contrastive_loss(*args, pos_margin=self.pos_margin, neg_margin=self.neg_margin,
+                                           **keywords.functional_distance(self.distance_spec), **kwargs)
+
+    def extra_repr(self):
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
+
+
 class BatchHardTripletLoss(_PairLoss):
     """PML's BatchHardMiner + TripletMarginLoss(margin=0.05, smooth_loss=soft) in one module: see
     docs/losses/batch-hard-triplet.md.

@@ -45,6 +45,20 @@ def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
                                                                          ref_labels)
 
 
+def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, indices_tuple=None,
+                reducer=None):
+    losses, _, _ = _pml()
+    return losses.NTXentLoss(temperature=temperature, reducer=reducer)(embeddings, labels, indices_tuple, ref_emb,
+                                                                       ref_labels)
+
+
+def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
+                     indices_tuple=None, reducer=None):
+    losses, _, _ = _pml()
+    return losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin, reducer=reducer)(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
                             normalize_embeddings=True):
     """BatchHardMiner + TripletMarginLoss, both on LpDistance(normalize_embeddings), smooth_loss=soft."""

@@ -9,13 +9,17 @@ import torch
 import metric_kernels as mk
 from metric_kernels import pml
 from metric_kernels.pml import exact_cdist
+from metric_kernels.reference import ntxent_rows
 from tests.helpers import assert_grads_close, assert_rel_close, random_pair_case
 
 CASES_PER_LOSS = 200
 BLOCKS = 10
 TOL = 1e-10
-SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000}
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet"]
+SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000,
+             "ntxent": 400_000, "contrastive": 500_000}
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "contrastive"]
+# PML's default reducer for each loss: AvgNonZeroReducer, except MeanReducer for these (they keep the base class's)
+MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent")
 
 
 def _pairs_without_self(labels, ref_labels, self_offset):
@@ -34,8 +38,10 @@ def _random_params(seed, loss):
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
     if loss == "circle":
         return dict(m=u(0.1, 0.5), gamma=u(10, 300))
-    if loss == "supcon":
+    if loss in ("supcon", "ntxent"):
         return dict(temperature=u(0.03, 1.0))
+    if loss == "contrastive":
+        return dict(pos_margin=u(0.0, 0.6), neg_margin=u(0.4, 1.6))
     if loss == "multi_similarity":
         return dict(alpha=u(0.5, 10.0), beta=u(5.0, 80.0), base=u(-0.2, 0.9))
     if loss == "batch_hard_triplet":
@@ -62,7 +68,7 @@ def _pml_value_exact(loss, case, params):
     if case.self_offset is not None:
         kwargs["indices_tuple"] = _pairs_without_self(case.labels, case.y_labels, case.self_offset)
     fn = getattr(pml, f"{loss}_loss")
-    reduction = "mean" if loss == "multi_similarity" else "mean_nonzero"  # PML's default reducer for each loss
+    reduction = "mean" if loss in MEAN_REDUCER_LOSSES else "mean_nonzero"
     return fn(case.x, case.labels, case.y, case.y_labels, **params, **kwargs), reduction
 
 
@@ -71,7 +77,10 @@ def _pml_value_exact(loss, case, params):
 def test_pair_losses_equal_pml(loss, block):
     per_block = CASES_PER_LOSS // BLOCKS
     for seed in range(block * per_block, (block + 1) * per_block):
-        case = random_pair_case(SEED_BASE[loss] + seed, max_offset_rows=40 if loss == "batch_hard_triplet" else 300)
+        # PML's NT-Xent holds a (positive pairs) x (negative pairs) matrix: 100 rows keep it under 100 MB
+        rows = 100 if loss == "ntxent" else 300
+        case = random_pair_case(SEED_BASE[loss] + seed, max_rows=rows,
+                                max_offset_rows=40 if loss == "batch_hard_triplet" else rows)
         params = _random_params(seed, loss)
         expected, reduction = _pml_value(loss, case, params)
         ours = getattr(mk, f"{loss}_loss")(case.x, case.labels, case.y, case.y_labels, self_offset=case.self_offset,
@@ -129,7 +138,7 @@ def _pml_rows_exact(loss, x, labels, y, y_labels, **params):
     return rows.index_add(0, index, info["losses"].reshape(-1))
 
 
-@pytest.mark.parametrize("loss", PAIR_LOSSES)
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "batch_hard_triplet"])
 def test_every_reduction_matches_pml_rows(loss):
     """'none' equals PML's unreduced losses; 'sum', 'mean' and 'mean_nonzero' reduce exactly those rows."""
     for seed in range(30):
@@ -149,7 +158,7 @@ def test_every_reduction_matches_pml_rows(loss):
         assert_grads_close(call("sum"), expected.sum(), case.inputs, TOL, f"{loss} seed={seed} sum")
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive"])
 def test_pml_generic_pair_rule_is_followed(loss):
     """PML's GenericPairLoss returns 0 when the batch has at most one positive and at most one negative pair, even
     though such a batch has a defined loss; SPEC.md does not say so, PML does, and we follow PML."""
@@ -199,3 +208,96 @@ def test_multi_similarity_default_reduction_is_pmls_mean_reducer():
         assert_rel_close(ours, expected, TOL, "default reduction")
         assert_rel_close(ours, rows.mean(), TOL, "the mean over every query")
     assert mk.MultiSimilarityLoss().reduction == "mean"
+
+
+def _pml_pair_reduced(loss, case, params, reducer):
+    from pytorch_metric_learning import reducers
+    with exact_cdist():
+        return getattr(pml, f"{loss}_loss")(case.x, case.labels, case.y, case.y_labels, **params,
+                                            reducer=getattr(reducers, reducer)())
+
+
+def _pml_query_sums(loss, case, params):
+    """PML's per-pair losses (DoNothingReducer) added up per query: our reduction="none"."""
+    out = _pml_pair_reduced(loss, case, params, "DoNothingReducer")
+    rows = case.x.new_zeros(case.x.shape[0])
+    for info in out.values():
+        if info["reduction_type"] == "already_reduced" or not torch.is_tensor(info["losses"]):
+            rows = rows + info["losses"]
+        else:
+            rows = rows.index_add(0, info["indices"][0], info["losses"].reshape(-1))
+    return rows
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "contrastive"])
+def test_pair_reduced_losses_match_every_pml_reducer(loss):
+    """NT-Xent and Contrastive are reduced per pair in PML: AvgNonZeroReducer ("mean_nonzero"), MeanReducer ("mean")
+    and SumReducer ("sum") over the pairs, each of Contrastive's two sides apart; DoNothingReducer's per-pair losses
+    added up per query are reduction="none"."""
+    for seed in range(40):
+        case = random_pair_case(60_000 + seed, max_rows=80)
+        params = _random_params(seed, loss)
+        what = f"{loss} seed={seed} N={case.x.shape[0]} offset={case.self_offset} {params}"
+        if case.self_offset is not None:
+            continue  # PML has no self_offset; the seeded cases above cover it through indices_tuple
+        fn = getattr(mk, f"{loss}_loss")
+        call = lambda reduction: fn(case.x, case.labels, case.y, case.y_labels, reduction=reduction,
+                                    backend="reference", **params)
+        for reduction, reducer in (("mean_nonzero", "AvgNonZeroReducer"), ("mean", "MeanReducer"),
+                                   ("sum", "SumReducer")):
+            expected = _pml_pair_reduced(loss, case, params, reducer)
+            ours = call(reduction)
+            assert_rel_close(ours, expected, TOL, f"{what} {reduction}")
+            assert_grads_close(ours, expected, case.inputs, TOL, f"{what} {reduction}")
+        assert_rel_close(call("none"), _pml_query_sums(loss, case, params), TOL, f"{what} none")
+
+
+def test_ntxent_default_reduction_is_pmls_mean_reducer():
+    """SPEC.md lists reduction="mean_nonzero" for NT-Xent, but PML's NTXentLoss keeps the base class's MeanReducer:
+    we follow PML. The batch's embeddings are well separated, so that PML rounds some pair losses to exactly 0 and
+    the two means differ."""
+    x, labels = _separated_and_overlapping(torch.float64)
+    x.requires_grad_()
+    expected = pml.ntxent_loss(x, labels, temperature=0.01)
+    for ours in (mk.ntxent_loss(x, labels, temperature=0.01), mk.NTXentLoss(0.01)(x, labels)):
+        assert_rel_close(ours, expected, TOL, "default reduction")
+        assert_grads_close(ours, expected, [x], TOL, "default reduction")
+    assert mk.NTXentLoss().reduction == "mean"
+    nonzero = mk.ntxent_loss(x, labels, temperature=0.01, reduction="mean_nonzero")
+    assert_rel_close(nonzero, pml.ntxent_loss(x, labels, temperature=0.01, reducer=_reducer("AvgNonZeroReducer")),
+                     TOL, "mean_nonzero")
+    assert nonzero.item() > 1.5 * expected.item()  # the pairs PML rounds to 0 are left out of this mean
+
+
+def _separated_and_overlapping(dtype):
+    """Four tight classes around distinct centres (their pair losses round to 0 in PML) and two classes around one
+    centre (pair losses of order 1)."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.nn.functional.normalize(torch.randn(5, 32, generator=g, dtype=dtype), dim=1)
+    labels = torch.arange(36) % 6
+    noise = torch.where(labels[:, None] < 4, 0.01, 0.5).to(dtype)
+    x = centres[labels.clamp(max=4)] + noise * torch.randn(36, 32, generator=g, dtype=dtype)
+    return x, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ntxent_nonzero_pairs_are_pmls(dtype):
+    """AvgNonZeroReducer averages over the pair losses PML does not round to 0 (the ratio of exponentials rounds to 1
+    when the negatives are far below the positive): our count is PML's, in fp32 and fp64."""
+    from pytorch_metric_learning import reducers
+    x, labels = _separated_and_overlapping(dtype)
+    counts = set()
+    for temperature in (0.005, 0.01, 0.03, 0.1):
+        out = pml.ntxent_loss(x, labels, temperature=temperature, reducer=reducers.DoNothingReducer())
+        pml_nonzero = int((out["loss"]["losses"] > 0).sum())
+        _, nonzero = ntxent_rows(torch.nn.functional.normalize(x, dim=1),
+                                              torch.nn.functional.normalize(x, dim=1), labels, labels, 0,
+                                              temperature=temperature)
+        assert int(nonzero.sum()) == pml_nonzero, f"t={temperature}"
+        counts.add(pml_nonzero)
+    assert len(counts) > 1  # the temperatures round different numbers of pairs to 0
+
+
+def _reducer(name):
+    from pytorch_metric_learning import reducers
+    return getattr(reducers, name)()

@@ -1,0 +1,31 @@
+"""NT-Xent (Sohn 2016's N-pair / SimCLR's normalised-temperature cross entropy), per query, as pytorch-metric-learning
+computes it.
+
+PML's NTXentLoss has one loss per positive pair (i, p): with A_i the logsumexp of s_ik / t over i's negatives k,
+
+    l_ip = -log(exp(s_ip / t) / (exp(s_ip / t) + sum_k exp(s_ik / t))) = log(1 + exp(A_i - s_ip / t)),
+
+0 when i has no negative. A row of the fused contract is the sum of its query's pair losses plus, for the reductions
+over pairs, how many of them PML counts as nonzero: PML's ratio exp(s_ip / t) / (...) rounds to exactly 1 (its loss
+to exactly 0) when 1 + exp(A_i - s_ip / t) rounds to 1 in the loss's dtype, and AvgNonZeroReducer leaves those pairs
+out. With a distance d PML uses -d / t: the pair value (metric_kernels/_pairs.py) is -d already.
+"""
+import torch
+
+from .._pairs import SIMILARITY
+from ._masks import pair_masks, pair_values
+
+
+def ntxent_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic=False, pair_value=SIMILARITY):
+    """(sum over each query's positives of its pair losses, how many of them are nonzero as PML rounds them)."""
+    logits = pair_values(x, y, pair_value) / temperature
+    positive, negative = pair_masks(x_labels, y_labels, self_offset)
+    lowest = torch.finfo(logits.dtype).min
+    negatives_lse = torch.logsumexp(logits.masked_fill(~negative, lowest), dim=1, keepdim=True)
+    has_negative = negative.any(dim=1, keepdim=True)
+    excess = negatives_lse - logits  # A_i - s_ip / t
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    counted = positive & has_negative
+    pair_losses = torch.where(counted, torch.logaddexp(excess, zero), zero)
+    nonzero = counted & (1 + torch.exp(excess.detach()) > 1)
+    return pair_losses.sum(dim=1), nonzero.sum(dim=1)
