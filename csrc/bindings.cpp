@@ -62,7 +62,7 @@ at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_i
   check_cpu(rows);
   const at::Tensor& x = rows.x;
   const glue::RowNorms norms = glue::row_norms(rows, x.scalar_type(), glue::needs_norms(pair_value));
-  at::Tensor stats = at::empty({3, x.size(0)}, x.options());
+  at::Tensor stats = at::empty({kStatRows, x.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_lse_rows", [&] {
     cpu::lse_rows_forward(make_params<scalar_t>(rows, norms, self_offset, kind, pair_value, a, b),
                           stats.data_ptr<scalar_t>());

@@ -3,11 +3,21 @@
 // derivatives, the online logsumexp, and dS of one tile entry.
 //
 // Every loss is a row reduction over a masked matrix of pair values v_ij, formed from the tile entry s_ij = x_i . y_j
-// (pair_value below). For query row i the engine keeps
-//   stats[0][i] = logsumexp over mask1 of logit1(v_ij)   (Circle, Proxy-Anchor: positives)
-//   stats[1][i] = logsumexp over mask2 of logit2(v_ij)   (Circle, Proxy-Anchor: negatives; SupCon: all pairs)
+// (pair_value below). For query row i the engine keeps four statistics (kStatRows):
+//   stats[0][i] = logsumexp over mask1 of logit1(v_ij)   (Circle, Proxy-Anchor, Multi-Similarity: positives)
+//   stats[1][i] = logsumexp over mask2 of logit2(v_ij)   (the same: negatives; SupCon: all pairs)
 //   stats[2][i] = sum over positives of v_ij             (SupCon)
-// and the losses are cheap functions of these (metric_kernels/_row_epilogues.py).
+//   stats[3][i] = 0
+// and the losses are cheap functions of these (metric_kernels/_row_epilogues.py). The losses PML reduces per pair
+// keep per-query sums and nonzero counts instead:
+//   NT-Xent (b = 1 / temperature), two sweeps over the references: first A_i = logsumexp over negatives of b v_ij
+//     (stats[1], as mask2 above), then over positives, with x_ij = A_i - b v_ij (ntxent_positive):
+//     stats[0] = sum of softplus(x_ij) (the query's pair losses), stats[2] = W_i = sum of sigmoid(x_ij) (what the
+//     backward needs), stats[3] = how many pair losses are nonzero as PML rounds them;
+//   Contrastive (a, b: the margins in pair-value form), one sweep (contrastive_pair): stats[0] = sum over positives
+//     of relu(a - v_ij), stats[1] = sum over negatives of relu(v_ij - b), stats[2] and stats[3]: how many of each
+//     are nonzero.
+// The counts and W are never differentiated: the backward ignores their upstream gradients.
 #pragma once
 
 #include <cmath>
@@ -22,7 +32,9 @@
 
 namespace metric_kernels {
 
-enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2, kMultiSimilarity = 3 };
+enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2, kMultiSimilarity = 3, kNTXent = 4, kContrastive = 5 };
+
+constexpr int kStatRows = 4;  // statistics per query row
 
 // What a pair contributes (metric_kernels/_pairs.py), from s = x_i . y_j and the squared row norms of the rows as
 // given: s itself, or minus the squared or plain Euclidean distance, with q = |x_i|^2 + |y_j|^2 - 2 s clamped at 0.
@@ -59,7 +71,8 @@ struct Logits {
 
 // Circle: a = m, b = gamma, weights relu(.) treated as constants (the paper, PML). Proxy-Anchor: a = margin,
 // b = alpha. Multi-Similarity: a = alpha, b = beta, unshifted (the shift by base is a per-row constant the Python
-// layer adds to the statistics). SupCon: b = 1 / temperature.
+// layer adds to the statistics). SupCon and NT-Xent: b = 1 / temperature (NT-Xent's first sweep: the second
+// logsumexp, over negatives). Contrastive has no logsumexp.
 template <typename T>
 MK_HD Logits<T> loss_logits(int kind, T v, T a, T b) {
   if (kind == kCircle) {
@@ -69,12 +82,34 @@ MK_HD Logits<T> loss_logits(int kind, T v, T a, T b) {
   }
   if (kind == kProxyAnchor) return {-b * (v - a), -b, b * (v + a), b};
   if (kind == kMultiSimilarity) return {-a * v, -a, b * v, b};
+  if (kind == kContrastive) return {T(0), T(0), T(0), T(0)};
   return {v, T(0), v * b, b};
 }
 
-MK_HD bool in_first(int kind, bool positive) { return kind != kSupCon && positive; }
+MK_HD bool in_first(int kind, bool positive) {
+  return kind != kSupCon && kind != kNTXent && kind != kContrastive && positive;
+}
 MK_HD bool in_second(int kind, bool positive, bool negative) {
-  return kind == kSupCon ? (positive || negative) : negative;
+  return kind == kSupCon ? (positive || negative) : kind != kContrastive && negative;
+}
+
+// NT-Xent's second sweep: adds positive pair (i, j)'s loss softplus(x), x = A_i - b v_ij, to `loss`, sigmoid(x) to
+// `weight` and 1 to `nonzero` where PML's loss is not exactly 0 (its ratio exp(b v) / (exp(b v) + exp(A)) rounds to
+// 1 when 1 + exp(x) does, in the statistics' type); one exponential. A_i = -inf (no negative) adds nothing.
+template <typename T>
+MK_HD void ntxent_positive(T excess, T& loss, T& weight, T& nonzero) {
+  const T e = std::exp(-std::fabs(excess));
+  const bool above = excess > 0;
+  loss += (above ? excess : T(0)) + std::log1p(e);
+  weight += (above ? T(1) : e) / (T(1) + e);
+  nonzero += (above || T(1) + e > T(1)) ? T(1) : T(0);
+}
+
+// Contrastive: a pair's hinge, relu(a - v) for a positive, relu(v - b) for a negative, 0 otherwise.
+template <typename T>
+MK_HD T contrastive_hinge(T v, T a, T b, bool positive, bool negative) {
+  const T h = positive ? a - v : (negative ? v - b : T(0));
+  return h > 0 ? h : T(0);
 }
 
 // (positive, negative) for query row i and reference j; the pair (i, i + self_offset) is neither
@@ -113,9 +148,19 @@ struct OnlineLse {
   MK_HD T finish() const { return sum > 0 ? max + std::log(sum) : -std::numeric_limits<T>::infinity(); }
 };
 
-// The derivative of g1 * lse1_i + g2 * lse2_i + g3 * lin_i in the pair value v_ij.
+// The derivative of g1 * stats[0]_i + g2 * stats[1]_i + g3 * stats[2]_i in the pair value v_ij (lse1, lse2, aux:
+// the row's stats[0..2]). NT-Xent: g1 weighs the pair losses and g2 A_i, which the losses depend on through W_i
+// (aux): dA = g2 + g1 W_i, one exponential per pair. Contrastive: the hinges' slopes.
 template <typename T>
-MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T g2, T g3, T lse1, T lse2) {
+MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T g2, T g3, T lse1, T lse2, T aux) {
+  if (kind == kNTXent) {
+    const T e = std::exp(b * v - lse2);
+    return positive ? -b * g1 / (T(1) + e) : (negative ? b * (g2 + g1 * aux) * e : T(0));
+  }
+  if (kind == kContrastive) {
+    if (positive) return a - v > 0 ? -g1 : T(0);
+    return negative && v - b > 0 ? g2 : T(0);
+  }
   const Logits<T> l = loss_logits(kind, v, a, b);
   T dv = 0;
   if (in_first(kind, positive)) dv += g1 * std::exp(l.value1 - lse1) * l.slope1;
@@ -127,9 +172,9 @@ MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T 
 // dS_ij: the same derivative in s_ij = x_i . y_j (x_sq, y_sq: the rows' squared norms, unused by the similarity).
 template <typename T>
 MK_HD T ds_entry(int kind, int pair, T s, T x_sq, T y_sq, T a, T b, bool positive, bool negative, T g1, T g2, T g3,
-                 T lse1, T lse2) {
+                 T lse1, T lse2, T aux) {
   const T v = pair_value(pair, s, x_sq, y_sq);
-  return pair_slope(pair, dv_entry(kind, v, a, b, positive, negative, g1, g2, g3, lse1, lse2), v);
+  return pair_slope(pair, dv_entry(kind, v, a, b, positive, negative, g1, g2, g3, lse1, lse2, aux), v);
 }
 
 }  // namespace metric_kernels

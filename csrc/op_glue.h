@@ -9,6 +9,8 @@
 #include <optional>
 #include <string>
 
+#include "epilogue.h"
+
 namespace metric_kernels::glue {
 
 // The rows as the kernels read them (unit column stride, any row stride) and contiguous labels. Without y the
@@ -36,23 +38,23 @@ inline Rows prepare_rows(const at::Tensor& x, const std::optional<at::Tensor>& y
   return rows;
 }
 
-// The backward's row state: upstream gradients and forward statistics, 3 x N each, beside the rows.
+// The backward's row state: upstream gradients and forward statistics, kStatRows x N each, beside the rows.
 inline void check_row_state(const at::Tensor& grad, const at::Tensor& stats, const Rows& rows) {
   const int64_t n = rows.x.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == 3 && grad.size(1) == n, "grad must be 3 x N = 3 x ", n, ", got ",
-              grad.sizes());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == n, "stats must be 3 x N = 3 x ", n,
-              ", got ", stats.sizes());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == kStatRows && grad.size(1) == n, "grad must be ", kStatRows,
+              " x N = ", kStatRows, " x ", n, ", got ", grad.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kStatRows && stats.size(1) == n, "stats must be ", kStatRows,
+              " x N = ", kStatRows, " x ", n, ", got ", stats.sizes());
   TORCH_CHECK(grad.device() == rows.x.device() && stats.device() == rows.x.device(),
               "grad and stats must be on the rows' device");
 }
 
 // What a pair contributes (metric_kernels/_pairs.py, epilogue.h's PairValue): 0 the dot product of the rows as given,
 // 1 minus their squared Euclidean distance, 2 minus their Euclidean distance.
-// The loss (epilogue.h's LossKind): Circle, SupCon, Proxy-Anchor, Multi-Similarity.
+// The loss (epilogue.h's LossKind): Circle, SupCon, Proxy-Anchor, Multi-Similarity, NT-Xent, Contrastive.
 inline void check_kind(int64_t kind, const char* op) {
-  TORCH_CHECK(kind >= 0 && kind <= 3, op, ": kind ", kind, " is not a loss of the engine (0 Circle, 1 SupCon, ",
-              "2 Proxy-Anchor, 3 Multi-Similarity)");
+  TORCH_CHECK(kind >= 0 && kind <= 5, op, ": kind ", kind, " is not a loss of the engine (0 Circle, 1 SupCon, ",
+              "2 Proxy-Anchor, 3 Multi-Similarity, 4 NT-Xent, 5 Contrastive)");
 }
 
 inline void check_pair_value(int64_t pair_value, const char* op) {

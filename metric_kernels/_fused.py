@@ -3,14 +3,16 @@ per-row loss functions built on them. A fused backend provides three ops, named 
 <prefix>_lse_rows_backward and <prefix>_batch_hard_select in the metric_kernels namespace:
 
     lse_rows(x, y?, x_labels, y_labels, self_offset, kind, pair_value, param_a, param_b, deterministic)
-        -> stats [3, N]
-    lse_rows_backward(grad [3, N], stats, x, y?, x_labels, y_labels, self_offset, kind, pair_value, param_a,
+        -> stats [4, N]
+    lse_rows_backward(grad [4, N], stats, x, y?, x_labels, y_labels, self_offset, kind, pair_value, param_a,
                       param_b, deterministic, need_dx, need_dy) -> (dx, dy)   (an unneeded gradient has 0 rows;
                       y = None: the references are the queries, dx holds the whole gradient)
     batch_hard_select(x, y, x_labels, y_labels, self_offset) -> [2, N] int64 (-1: none)
 
 with self_offset -1 for "no query is a reference" and pair_value what a pair contributes (metric_kernels/_pairs.py:
-the dot product, or minus the squared or plain Euclidean distance). The statistics are those of csrc/epilogue.h. The
+the dot product, or minus the squared or plain Euclidean distance). The statistics are those of csrc/epilogue.h
+(STAT_ROWS of them per query; the backward ignores the upstream gradient of the ones no loss differentiates: the
+counts, NT-Xent's W). The
 cpu and cuda ops take rows already normalised (where the loss's distance normalises), in float32 or float64; the
 triton ops take the raw rows in their own dtype and normalise inside the kernels (the backend's FOLDS_NORMALIZATION):
 their lse ops and batch_hard_select take a last argument `normalize`.
@@ -26,15 +28,16 @@ from ._pairs import SIMILARITY, pair_counts
 from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, multi_similarity_from_stats,
                              proxy_anchor_from_stats, stats_dtype, supcon_from_stats)
 
-KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3}
+KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
+STAT_ROWS = 4  # statistics per query row (csrc/epilogue.h)
 
 
 def check_row_state(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor) -> None:
-    """The backward's upstream gradients and statistics: 3 x N each, on the rows' device (csrc/op_glue.h checks the
-    native ops' the same way)."""
+    """The backward's upstream gradients and statistics: STAT_ROWS x N each, on the rows' device (csrc/op_glue.h
+    checks the native ops' the same way)."""
     for name, tensor in (("grad", grad), ("stats", stats)):
-        if tuple(tensor.shape) != (3, x.shape[0]):
-            raise ValueError(f"{name} must be 3 x N = 3 x {x.shape[0]}, got {tuple(tensor.shape)}")
+        if tuple(tensor.shape) != (STAT_ROWS, x.shape[0]):
+            raise ValueError(f"{name} must be {STAT_ROWS} x N = {STAT_ROWS} x {x.shape[0]}, got {tuple(tensor.shape)}")
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on the rows' device ({x.device}), got {tensor.device}")
 
@@ -56,7 +59,7 @@ def register_ops(prefix: str) -> None:
 
     @torch.library.register_fake(forward)
     def _(x, y, *options):
-        return x.new_empty((3, x.shape[0]), dtype=stats_dtype(x.dtype))
+        return x.new_empty((STAT_ROWS, x.shape[0]), dtype=stats_dtype(x.dtype))
 
     @torch.library.register_fake(backward)
     def _(grad, stats, x, y, *options):  # options end with (need_dx, need_dy), or with normalize after them
@@ -118,6 +121,18 @@ class FusedRows:
                             pair_value, *options.values())
         return multi_similarity_from_stats(stats[0], stats[1], alpha, beta, base)
 
+    def ntxent_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic, pair_value=SIMILARITY,
+                    **options):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "ntxent", 0.0, 1.0 / temperature, deterministic,
+                            pair_value, *options.values())
+        return stats[0], stats[3]
+
+    def contrastive_rows(self, x, y, x_labels, y_labels, self_offset, *, pos_margin, neg_margin, deterministic,
+                         pair_value=SIMILARITY, **options):
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "contrastive", pos_margin, neg_margin,
+                            deterministic, pair_value, *options.values())
+        return stats[0], stats[1], stats[2], stats[3]
+
     def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
         choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
         return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
@@ -130,9 +145,14 @@ class FusedRows:
         return proxy_anchor_from_stats(stats[0], stats[1])
 
 
-def fused_backend(prefix: str, rows_class=FusedRows):
-    """Registers the <prefix>_* ops' fake implementations and autograd, and returns the backend contract's per-row
-    functions over them: (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows, proxy_anchor_rows)."""
+ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "ntxent_rows", "contrastive_rows",
+                 "batch_hard_rows", "proxy_anchor_rows")
+
+
+def fused_backend(prefix: str, namespace: dict, rows_class=FusedRows, names=ROW_FUNCTIONS) -> None:
+    """Registers the <prefix>_* ops' fake implementations and autograd, and puts the backend contract's per-row
+    functions over them (`names`, of ROW_FUNCTIONS: those whose kinds the backend's kernels compute) into
+    `namespace`, the backend module's globals()."""
     register_ops(prefix)
     rows = rows_class(prefix)
-    return rows.circle_rows, rows.supcon_rows, rows.multi_similarity_rows, rows.batch_hard_rows, rows.proxy_anchor_rows
+    namespace.update({name: getattr(rows, name) for name in names})

@@ -13,8 +13,7 @@ else:
     from ._fused import fused_backend
 
     _missing = None
-    (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows,
-     proxy_anchor_rows) = fused_backend("cpu")
+    fused_backend("cpu", globals())
 
 
 def unavailable_reason(device: torch.device):

@@ -22,8 +22,7 @@ else:
 if _missing is None:
     from ._fused import fused_backend
 
-    (circle_rows, supcon_rows, multi_similarity_rows, batch_hard_rows,
-     proxy_anchor_rows) = fused_backend("cuda")
+    fused_backend("cuda", globals())
 
 
 def unavailable_reason(device: torch.device):

@@ -80,11 +80,12 @@ def test_kept_and_tiled_backward_agree_on_the_ops(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(130, 40, generator=g), torch.randn(300, 40, generator=g)
     x_labels, y_labels = torch.randint(0, 9, (130,), generator=g), torch.randint(0, 9, (300,), generator=g)
-    for kind, (a, b) in enumerate([(0.25, 16.0), (0.0, 2.0), (0.1, 4.0), (2.0, 4.0)]):  # kinds as epilogue.h
+    kinds = [(0.25, 16.0), (0.0, 2.0), (0.1, 4.0), (2.0, 4.0), (0.0, 5.0), (0.2, 0.1)]  # as epilogue.h's LossKind
+    for kind, (a, b) in enumerate(kinds):
         for pair_value in (0, 1, 2):
             args = (x, y, x_labels, y_labels, -1, kind, pair_value, a, b, True)
             stats = ops.cpu_lse_rows(*args)
-            grad = torch.randn(3, 130, generator=g)
+            grad = torch.randn(4, 130, generator=g)
             kept = ops.cpu_lse_rows_backward(grad, stats, *args, True, True)
             monkeypatch.setenv("METRIC_KERNELS_CPU_KEEP_ENTRIES", "0")
             tiled = ops.cpu_lse_rows_backward(grad, stats, *args, True, True)

@@ -61,7 +61,7 @@ class _tf32:
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("operand", list(OPERANDS))
 @pytest.mark.parametrize("pair_value", [0, 1, 2])
-@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2, 4, 5])
 @pytest.mark.parametrize("refs", ["ref_emb", "self"])
 def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministic):
     """Statistics and (dX, dY) on rows of each operand type against the CPU op in float64 on the same rounded values;
@@ -82,11 +82,13 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
     labels = torch.randint(0, 6, (n,), generator=g)
     y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
     offset = 0 if refs == "self" else -1
-    a, b = (0.25, 32.0) if kind != 1 else (0.0, 10.0)
-    exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, pair_value, a, b,
-                  True)
+    a, b = _op_params(kind, pair_value)
+    # tf32 rounds the rows inside the products: the exact op runs on the rounded rows, so that a pair near
+    # Contrastive's margins falls on the same side in both (its counts are statistics too)
+    exact = (lambda t: _tf32_rounded(t)) if operand == "tf32" else (lambda t: t.double())
+    exact_args = (exact(x), None if y is None else exact(y), labels, y_labels, offset, kind, pair_value, a, b, True)
     expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
-    grad = torch.randn(3, n, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, n, generator=g, dtype=torch.float64)
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
                                                                               True, y is not None)
     args = (x, y, labels, y_labels, offset, kind, pair_value, a, b, deterministic)
@@ -105,6 +107,22 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
         assert_rel_close(dy, expected_dy, grad_tol, f"{operand} kind={kind} pair={pair_value} dY")
 
 
+def _tf32_rounded(rows):
+    """fp32 rows rounded to nearest (ties away) at 10 mantissa bits, as cvt.rna.tf32.f32, in float64."""
+    bits = rows.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+
+
+def _op_params(kind, pair_value):
+    """(param_a, param_b) of an engine kind (csrc/epilogue.h) for rows of norm 0.5 to 1.5: a temperature of 0.1 for
+    SupCon and NT-Xent, Contrastive's margins in pair-value form inside the pair values' range."""
+    if kind in (1, 4):
+        return 0.0, 10.0
+    if kind == 5:
+        return (0.3, 0.1) if pair_value == 0 else (-0.5, -1.5)
+    return 0.25, 32.0
+
+
 @pytest.mark.parametrize("operand", ["fp32", "tf32", "bf16", "fp16"])
 def test_tensor_core_operands_round_like_their_type(operand):
     """The emulated tensor cores are not fp32 in disguise: the statistics of 16-bit and tf32 tiles differ from fp32
@@ -115,10 +133,7 @@ def test_tensor_core_operands_round_like_their_type(operand):
     args = (None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
     with _tf32(operand == "tf32"):
         stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args)
-    rounded = x.to(OPERANDS[operand]).double()
-    if operand == "tf32":  # round to nearest (ties away) at 10 mantissa bits, as cvt.rna.tf32.f32
-        bits = rounded.float().view(torch.int32)
-        rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+    rounded = _tf32_rounded(x) if operand == "tf32" else x.to(OPERANDS[operand]).double()
     on_rounded = torch.ops.metric_kernels.cpu_lse_rows(rounded, *args)
     on_exact = torch.ops.metric_kernels.cpu_lse_rows(x, *args)
     assert_rel_close(stats[1:], on_rounded[1:], 1e-5, f"{operand} on its rounded rows")
@@ -221,7 +236,7 @@ def test_native_ops_refuse_an_unknown_pair_value(prefix):
     match = r"pair_value must be 0 \(the dot product\), 1 .* or 2 .*, got "
     with pytest.raises(RuntimeError, match=match + "3"):
         getattr(ops, f"{prefix}_lse_rows")(x, None, labels, labels, 0, 1, 3, 0.0, 10.0, True)
-    stats = torch.zeros(3, 4)
+    stats = torch.zeros(4, 4)
     with pytest.raises(RuntimeError, match=match + "-1"):
         getattr(ops, f"{prefix}_lse_rows_backward")(stats, stats, x, None, labels, labels, 0, 1, -1, 0.0, 10.0, True,
                                                     True, False)

@@ -70,7 +70,7 @@ OPERANDS = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
 
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("operand", list(OPERANDS))
-@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("refs", ["ref_emb", "self"])
 def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     """Statistics and (dX, dY) of the cuda ops on rows of each operand type, against the CPU op in float64 on the same
@@ -86,10 +86,10 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     labels = torch.randint(0, 6, (n,), generator=g)
     y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
     offset = 0 if refs == "self" else -1
-    a, b = (0.25, 32.0) if kind != 1 else (0.0, 10.0)
+    a, b = {1: (0.0, 10.0), 3: (2.0, 40.0), 4: (0.0, 10.0), 5: (0.3, 0.1)}.get(kind, (0.25, 32.0))
     exact_args = (x.double(), None if y is None else y.double(), labels, y_labels, offset, kind, 0, a, b, True)
     expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
-    grad = torch.randn(3, n, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, n, generator=g, dtype=torch.float64)
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
                                                                               True, y is not None)
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -171,7 +171,7 @@ def _op_samples():
     return x.cuda().requires_grad_(), y.cuda().requires_grad_(), labels.cuda(), y_labels.cuda()
 
 
-@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5])
 def test_opcheck(kind):
     ops = torch.ops.metric_kernels
     x, y, labels, y_labels = _op_samples()
@@ -216,7 +216,7 @@ def test_backward_op_without_pairs_gives_zero_gradients(empty, deterministic):
     x, y = torch.randn(n, 5, generator=g).cuda(), torch.randn(m, 5, generator=g).cuda()
     labels, y_labels = torch.randint(0, 3, (n,), generator=g).cuda(), torch.randint(0, 3, (m,), generator=g).cuda()
     stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
-    dx, dy = ops.cuda_lse_rows_backward(torch.randn(3, n, generator=g).cuda(), stats, x, y, labels, y_labels, -1, 0,
+    dx, dy = ops.cuda_lse_rows_backward(torch.randn(4, n, generator=g).cuda(), stats, x, y, labels, y_labels, -1, 0,
                                         0.25, 8.0, deterministic, True, True)
     assert torch.equal(dx.cpu(), torch.zeros(n, 5)) and torch.equal(dy.cpu(), torch.zeros(m, 5))
 
@@ -226,7 +226,7 @@ def test_backward_op_checks_the_row_state():
     x, y, labels, y_labels = (t.detach() for t in _op_samples())
     stats = ops.cuda_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
     args = (x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True, True, True)
-    with pytest.raises(RuntimeError, match="grad must be 3 x N"):
-        ops.cuda_lse_rows_backward(torch.randn(3, 19, device="cuda"), stats, *args)
+    with pytest.raises(RuntimeError, match="grad must be 4 x N"):
+        ops.cuda_lse_rows_backward(torch.randn(4, 19, device="cuda"), stats, *args)
     with pytest.raises(RuntimeError, match="must be on the rows' device"):
-        ops.cuda_lse_rows_backward(torch.randn(3, 20), stats, *args)
+        ops.cuda_lse_rows_backward(torch.randn(4, 20), stats, *args)

@@ -31,9 +31,10 @@ def _fused_backend_is_built(request):
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 HALF = (torch.float16, torch.bfloat16)
 SIZES = [(1, 1, 1), (37, 65, 17), (65, 130, 100), (130, 63, 3)]  # (N, M, D): ragged against 64-wide blocks
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard_triplet"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, base_temperature=0.1),
-          "multi_similarity": dict(alpha=2.0, beta=40.0, base=0.4),
+          "multi_similarity": dict(alpha=2.0, beta=40.0, base=0.4), "ntxent": dict(temperature=0.1),
+          "contrastive": dict(pos_margin=0.3, neg_margin=1.3),
           "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
 
 
@@ -156,7 +157,8 @@ def test_half_inputs(backend, loss, dtype):
 
 
 @backend_param
-@pytest.mark.parametrize("loss", ["circle", "supcon", "proxy_anchor", "circle_self", "supcon_self"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "ntxent", "contrastive", "proxy_anchor", "circle_self",
+                                  "supcon_self", "ntxent_self"])
 def test_deterministic_and_atomic_backward_agree(backend, loss):
     """Both backward paths, including the single-buffer one used when the references are the queries."""
     refs = "self" if loss.endswith("_self") else "ref_emb"
@@ -215,6 +217,10 @@ def _loss_and_inputs(loss_name, backend):
                                                  deterministic=False) + 0 * p.sum(),
         "multi_similarity": lambda a, b, p: mk.multi_similarity_loss(a, labels, b, y_labels, distance="euclidean",
                                                                      backend=backend) + 0 * p.sum(),
+        "ntxent": lambda a, b, p: mk.ntxent_loss(a, labels, b, y_labels, temperature=0.2, backend=backend)
+        + 0 * p.sum(),
+        "contrastive": lambda a, b, p: mk.contrastive_loss(a, labels, b, y_labels, self_offset=3, backend=backend)
+        + 0 * p.sum(),
         "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend=backend)
         + 0 * p.sum(),
         "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend=backend) + 0 * b.sum(),
@@ -251,7 +257,7 @@ def _ops(backend):
 
 
 @backend_param
-@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5])
 def test_opcheck_lse_rows(backend, kind):
     lse_rows, _, _ = _ops(backend)
     x, y, labels, y_labels = _op_samples()
@@ -288,7 +294,7 @@ def test_backward_op_without_pairs_gives_zero_gradients(backend, empty, determin
     x, y = torch.randn(n, 5, generator=g), torch.randn(m, 5, generator=g)
     labels, y_labels = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
     stats = lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
-    dx, dy = lse_rows_backward(torch.randn(3, n, generator=g), stats, x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0,
+    dx, dy = lse_rows_backward(torch.randn(4, n, generator=g), stats, x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0,
                                deterministic, True, True)
     assert torch.equal(dx, torch.zeros(n, 5)) and torch.equal(dy, torch.zeros(m, 5))
 
@@ -299,10 +305,10 @@ def test_backward_op_checks_the_row_state(backend):
     x, y, labels, y_labels = (t.detach() for t in _op_samples())
     stats = lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True)
     args = (x, y, labels, y_labels, -1, 0, 0, 0.25, 8.0, True, True, True)
-    with pytest.raises((RuntimeError, ValueError), match="grad must be 3 x N"):
-        lse_rows_backward(torch.randn(3, 19), stats, *args)
-    with pytest.raises((RuntimeError, ValueError), match="stats must be 3 x N"):
-        lse_rows_backward(torch.randn(3, 20), stats[:2], *args)
+    with pytest.raises((RuntimeError, ValueError), match="grad must be 4 x N"):
+        lse_rows_backward(torch.randn(4, 19), stats, *args)
+    with pytest.raises((RuntimeError, ValueError), match="stats must be 4 x N"):
+        lse_rows_backward(torch.randn(4, 20), stats[:3], *args)
 
 
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
@@ -316,7 +322,7 @@ def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
 
 
 @backend_param
-@pytest.mark.parametrize("loss", ["supcon", "batch_hard_triplet", "proxy_anchor"])
+@pytest.mark.parametrize("loss", ["supcon", "ntxent", "batch_hard_triplet", "proxy_anchor"])
 def test_float64_gradcheck(backend, loss):
     """Finite differences against the fused backward (Circle's detached weights are checked by its closed form in
     test_gradients.py; here its gradients equal the reference's, in test_pair_losses_match_reference)."""
@@ -326,10 +332,12 @@ def test_float64_gradcheck(backend, loss):
     labels, y_labels = torch.randint(0, 3, (9,), generator=g), torch.randint(0, 3, (11,), generator=g)
     if loss == "proxy_anchor":
         fn = lambda a, b: mk.proxy_anchor_loss(a, labels, b[:3], alpha=4.0, backend=backend)
-    elif loss == "supcon":
-        fn = lambda a, b: mk.supcon_loss(a, labels, b, y_labels, temperature=0.5, self_offset=1, backend=backend)
+    elif loss in ("supcon", "ntxent"):
+        fn = lambda a, b: getattr(mk, f"{loss}_loss")(a, labels, b, y_labels, temperature=0.5, self_offset=1,
+                                                      backend=backend)
     else:
         fn = lambda a, b: mk.batch_hard_triplet_loss(a, labels, b, y_labels, margin=2.5, backend=backend)
     assert torch.autograd.gradcheck(fn, (x, y))
-    self_fn = lambda a: mk.supcon_loss(a, labels, temperature=0.5, backend=backend) if loss == "supcon" else fn(a, y)
+    self_fn = lambda a: (getattr(mk, f"{loss}_loss")(a, labels, temperature=0.5, backend=backend)
+                         if loss in ("supcon", "ntxent") else fn(a, y))
     assert torch.autograd.gradcheck(self_fn, (x,))

@@ -159,11 +159,46 @@ inline __attribute__((always_inline)) void forward_row_impl(const RowArgs<T>& r,
   }
 }
 
+// Per-query sums of the losses reduced per pair (epilogue.h): Contrastive's hinges and counts in one sweep;
+// NT-Xent's second sweep over the positives, with A = the row's logsumexp over its negatives from the first.
+template <typename T>
+struct PairSums {
+  T first = 0, second = 0, third = 0, fourth = 0;  // stats[0 .. 3] (NT-Xent's stats[1] is its logsumexp instead)
+};
+
+template <typename T, int Pair>
+inline __attribute__((always_inline)) void contrastive_row_impl(const RowArgs<T>& r, const T* s, PairSums<T>& out) {
+  T positive_sum = 0, negative_sum = 0, positive_count = 0, negative_count = 0;
+#pragma omp simd reduction(+ : positive_sum, negative_sum, positive_count, negative_count)
+  for (int64_t j = 0; j < r.cols; ++j) {
+    const bool allowed = j != r.self_col, same = r.y_labels[j] == r.x_label;
+    const bool positive = allowed && same, negative = allowed && !same;
+    const T v = pair_value(Pair, s[j], r.x_sq, Pair == kSimilarity ? T(0) : r.y_sq[j]);
+    const T h = contrastive_hinge(v, r.a, r.b, positive, negative);
+    positive_sum += positive ? h : T(0);
+    negative_sum += negative ? h : T(0);
+    positive_count += positive && h > 0 ? T(1) : T(0);
+    negative_count += negative && h > 0 ? T(1) : T(0);
+  }
+  out.first += positive_sum, out.second += negative_sum, out.third += positive_count, out.fourth += negative_count;
+}
+
+template <typename T, int Pair>
+inline __attribute__((always_inline)) void ntxent_row_impl(const RowArgs<T>& r, const T* s, T lse, PairSums<T>& out) {
+  T loss = 0, weight = 0, nonzero = 0;
+  for (int64_t j = 0; j < r.cols; ++j) {
+    if (j == r.self_col || r.y_labels[j] != r.x_label) continue;
+    const T v = pair_value(Pair, s[j], r.x_sq, Pair == kSimilarity ? T(0) : r.y_sq[j]);
+    ntxent_positive(lse - r.b * v, loss, weight, nonzero);
+  }
+  out.first += loss, out.third += weight, out.fourth += nonzero;
+}
+
 // s[cols] in: the similarities; out: dS (epilogue.h's ds_entry, one exponential per pair). Returns the row's sum
 // of dS where the pair value has a norm term (0 otherwise). arg, coef, extra: cols entries of scratch.
 template <typename T, int Kind, int Pair>
 inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1,
-                                                    T g2, T g3, T lse1, T lse2) {
+                                                    T g2, T g3, T lse1, T lse2, T aux) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
 #pragma omp simd
   for (int64_t j = 0; j < r.cols; ++j) {
@@ -172,7 +207,14 @@ inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T
     const T v = pair_value(Pair, s[j], r.x_sq, Pair == kSimilarity ? T(0) : r.y_sq[j]);
     const Logits<T> l = loss_logits(Kind, v, r.a, r.b);
     // A pair is in at most one logsumexp of Circle and Proxy-Anchor (positives, negatives) and SupCon has one.
-    if constexpr (Kind == kSupCon) {
+    if constexpr (Kind == kNTXent) {
+      // epilogue.h's dv_entry: exp(b v - A) for both kinds of pair; a positive takes -b g1 / (1 + it)
+      arg[j] = allowed ? r.b * v - lse2 : -kInf;
+      coef[j] = positive ? -r.b * g1 : (negative ? r.b * (g2 + g1 * aux) : T(0));
+      extra[j] = positive ? T(1) : T(0);
+    } else if constexpr (Kind == kContrastive) {
+      coef[j] = positive ? (r.a - v > 0 ? -g1 : T(0)) : (negative && v - r.b > 0 ? g2 : T(0));
+    } else if constexpr (Kind == kSupCon) {
       arg[j] = allowed ? l.value2 - lse2 : -kInf;
       coef[j] = allowed ? g2 * l.slope2 : T(0);
       extra[j] = positive ? g3 : T(0);
@@ -183,8 +225,16 @@ inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T
     if constexpr (Pair != kSimilarity) s[j] = v;
   }
   const auto ds_entry = [&](int64_t j) {
-    T dv = coef[j] * vexp(arg[j]);
-    if constexpr (Kind == kSupCon) dv += extra[j];
+    T dv;
+    if constexpr (Kind == kContrastive) {
+      dv = coef[j];
+    } else if constexpr (Kind == kNTXent) {
+      const T e = vexp(arg[j]);
+      dv = extra[j] != T(0) ? coef[j] / (T(1) + e) : coef[j] * e;
+    } else {
+      dv = coef[j] * vexp(arg[j]);
+      if constexpr (Kind == kSupCon) dv += extra[j];
+    }
     return pair_slope(Pair, dv, s[j]);
   };
   T sum = 0;
@@ -205,7 +255,11 @@ inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T
 template <typename T>
 using ForwardRowFn = void (*)(const RowArgs<T>&, const T*, T*, T*, OnlineLse<T>&, OnlineLse<T>&, T&);
 template <typename T>
-using DsRowFn = T (*)(const RowArgs<T>&, T*, T*, T*, T*, T, T, T, T, T);
+using DsRowFn = T (*)(const RowArgs<T>&, T*, T*, T*, T*, T, T, T, T, T, T);
+template <typename T>
+using ContrastiveRowFn = void (*)(const RowArgs<T>&, const T*, PairSums<T>&);
+template <typename T>
+using NTXentRowFn = void (*)(const RowArgs<T>&, const T*, T, PairSums<T>&);
 
 template <typename T, int Kind, int Pair>
 struct RowKernels {
@@ -217,12 +271,24 @@ struct RowKernels {
                                    OnlineLse<T>& second, T& linear) {
     forward_row_impl<T, Kind, Pair>(r, s, logit, in1, first, second, linear);
   }
-  static T ds(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1, T g2, T g3, T lse1, T lse2) {
-    return ds_row_impl<T, Kind, Pair>(r, s, arg, coef, extra, g1, g2, g3, lse1, lse2);
+  static T ds(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1, T g2, T g3, T lse1, T lse2, T aux) {
+    return ds_row_impl<T, Kind, Pair>(r, s, arg, coef, extra, g1, g2, g3, lse1, lse2, aux);
   }
   MK_AVX2 static T ds_avx2(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1, T g2, T g3, T lse1,
-                           T lse2) {
-    return ds_row_impl<T, Kind, Pair>(r, s, arg, coef, extra, g1, g2, g3, lse1, lse2);
+                           T lse2, T aux) {
+    return ds_row_impl<T, Kind, Pair>(r, s, arg, coef, extra, g1, g2, g3, lse1, lse2, aux);
+  }
+  static void contrastive(const RowArgs<T>& r, const T* s, PairSums<T>& out) {
+    contrastive_row_impl<T, Pair>(r, s, out);
+  }
+  MK_AVX2 static void contrastive_avx2(const RowArgs<T>& r, const T* s, PairSums<T>& out) {
+    contrastive_row_impl<T, Pair>(r, s, out);
+  }
+  static void ntxent(const RowArgs<T>& r, const T* s, T lse, PairSums<T>& out) {
+    ntxent_row_impl<T, Pair>(r, s, lse, out);
+  }
+  MK_AVX2 static void ntxent_avx2(const RowArgs<T>& r, const T* s, T lse, PairSums<T>& out) {
+    ntxent_row_impl<T, Pair>(r, s, lse, out);
   }
 };
 
@@ -230,12 +296,15 @@ template <typename T>
 struct RowFns {
   ForwardRowFn<T> forward;
   DsRowFn<T> ds;
+  ContrastiveRowFn<T> contrastive;  // the per-pair sums of Contrastive and of NT-Xent's second sweep
+  NTXentRowFn<T> ntxent;
 };
 
 template <typename T, int Kind, int Pair>
 RowFns<T> row_fns_for() {
   using K = RowKernels<T, Kind, Pair>;
-  return use_avx2() ? RowFns<T>{&K::forward_avx2, &K::ds_avx2} : RowFns<T>{&K::forward, &K::ds};
+  return use_avx2() ? RowFns<T>{&K::forward_avx2, &K::ds_avx2, &K::contrastive_avx2, &K::ntxent_avx2}
+                    : RowFns<T>{&K::forward, &K::ds, &K::contrastive, &K::ntxent};
 }
 
 template <typename T, int Kind>
@@ -250,6 +319,8 @@ RowFns<T> row_fns(int kind, int pair) {
   if (kind == kSupCon) return row_fns_kind<T, kSupCon>(pair);
   if (kind == kProxyAnchor) return row_fns_kind<T, kProxyAnchor>(pair);
   if (kind == kMultiSimilarity) return row_fns_kind<T, kMultiSimilarity>(pair);
+  if (kind == kNTXent) return row_fns_kind<T, kNTXent>(pair);
+  if (kind == kContrastive) return row_fns_kind<T, kContrastive>(pair);
   return row_fns_kind<T, kCircle>(pair);
 }
 
@@ -270,7 +341,7 @@ void ds_rows(const PairRowsBackwardParams<T>& b, DsRowFn<T> ds_row, int64_t r0, 
     const int64_t row = r0 + i;
     const T sum = ds_row(row_args(p, row, c0, cols), tile + i * ld, scratch.arg.data(), scratch.coef.data(),
                          scratch.extra.data(), b.grad[row], b.grad[p.n + row], b.grad[2 * p.n + row], b.stats[row],
-                         b.stats[p.n + row]);
+                         b.stats[p.n + row], b.stats[2 * p.n + row]);
     if (sums != nullptr) sums[i] += sum;
   }
 }
@@ -377,29 +448,53 @@ void backward_kept(const PairRowsBackwardParams<T>& b, DsRowFn<T> ds_row) {
 
 template <typename T>
 void lse_rows_forward(const PairRowsParams<T>& p, T* stats) {
-  const ForwardRowFn<T> forward_row = row_fns<T>(p.kind, p.pair_value).forward;
+  const RowFns<T> fns = row_fns<T>(p.kind, p.pair_value);
 #pragma omp parallel num_threads(p.num_threads)
   {
     std::vector<T> tile(kBlockRows * kBlockCols), logit(kBlockCols), in1(kBlockCols);
     std::vector<OnlineLse<T>> first(kBlockRows), second(kBlockRows);
     std::vector<T> linear(kBlockRows);
+    std::vector<PairSums<T>> sums(kBlockRows);
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks(p.n, kBlockRows); ++block) {
       const int64_t r0 = block * kBlockRows, rows = std::min(kBlockRows, p.n - r0);
       std::fill(first.begin(), first.end(), OnlineLse<T>{});
       std::fill(second.begin(), second.end(), OnlineLse<T>{});
       std::fill(linear.begin(), linear.end(), T(0));
+      std::fill(sums.begin(), sums.end(), PairSums<T>{});
       for (int64_t c0 = 0; c0 < p.m; c0 += kBlockCols) {
         const int64_t cols = std::min(kBlockCols, p.m - c0);
         similarity_tile(p, r0, rows, c0, cols, tile.data());
-        for (int64_t i = 0; i < rows; ++i)
-          forward_row(row_args(p, r0 + i, c0, cols), tile.data() + i * cols, logit.data(), in1.data(), first[i],
-                      second[i], linear[i]);
+        for (int64_t i = 0; i < rows; ++i) {
+          const RowArgs<T> r = row_args(p, r0 + i, c0, cols);
+          if (p.kind == kContrastive) {
+            fns.contrastive(r, tile.data() + i * cols, sums[i]);
+          } else {
+            fns.forward(r, tile.data() + i * cols, logit.data(), in1.data(), first[i], second[i], linear[i]);
+          }
+        }
+      }
+      if (p.kind == kNTXent) {  // the second sweep, over the positives, with each row's A known
+        for (int64_t c0 = 0; c0 < p.m; c0 += kBlockCols) {
+          const int64_t cols = std::min(kBlockCols, p.m - c0);
+          similarity_tile(p, r0, rows, c0, cols, tile.data());
+          for (int64_t i = 0; i < rows; ++i)
+            fns.ntxent(row_args(p, r0 + i, c0, cols), tile.data() + i * cols, second[i].finish(), sums[i]);
+        }
       }
       for (int64_t i = 0; i < rows; ++i) {
-        stats[r0 + i] = first[i].finish();
-        stats[p.n + r0 + i] = second[i].finish();
-        stats[2 * p.n + r0 + i] = linear[i];
+        T* out = stats + r0 + i;
+        if (p.kind == kContrastive || p.kind == kNTXent) {
+          out[0] = sums[i].first;
+          out[p.n] = p.kind == kNTXent ? second[i].finish() : sums[i].second;
+          out[2 * p.n] = sums[i].third;
+          out[3 * p.n] = sums[i].fourth;
+        } else {
+          out[0] = first[i].finish();
+          out[p.n] = second[i].finish();
+          out[2 * p.n] = linear[i];
+          out[3 * p.n] = T(0);
+        }
       }
     }
   }

@@ -34,7 +34,7 @@ struct SharedLayout {
   static constexpr int64_t kRowLabels = kS + align128(kTile * kAccLd * sizeof(Acc));
   static constexpr int64_t kColLabels = kRowLabels + align128(kTile * sizeof(int64_t));
   static constexpr int64_t kRowState = kColLabels + align128(kTile * sizeof(int64_t));
-  static constexpr int64_t kDs = kRowState + align128(5 * kTile * sizeof(Acc));
+  static constexpr int64_t kDs = kRowState + align128(6 * kTile * sizeof(Acc));
   static constexpr int64_t kOut = kDs + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kSums = kOut + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kOutRows = kSums + align128(kTile * sizeof(Acc));
@@ -50,7 +50,7 @@ struct SharedLayout {
   Acc* s;               // the 64 x 64 S tile (kAccLd); also where accumulators are staged for global writes
   int64_t* row_labels;  // labels of the tile's rows
   int64_t* col_labels;  // labels of the tile's columns
-  Acc* row_state;       // 5 x 64: upstream gradients g1, g2, g3 and statistics lse1, lse2 of the tile's rows
+  Acc* row_state;       // 6 x 64: upstream gradients g1, g2, g3 and statistics 0..2 of the tile's rows
   Operand* ds;          // the 64 x 64 dS tile, as an MMA operand (kTileLd)
   Operand* out;         // 64 x 64 of Y (dX pass) or X (dY pass) at the output's D columns
   Acc* sums;            // 64 row or column sums of dS: the distances' norm terms (epilogue.h, has_norm_term)

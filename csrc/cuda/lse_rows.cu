@@ -1,6 +1,6 @@
-// CUDA kernels of the log-sum-exp family (Circle, SupCon, Proxy-Anchor) on the engine of engine.cuh, with the
+// CUDA kernels of the row-statistics family (every loss but batch-hard) on the engine of engine.cuh, with the
 // per-loss math of epilogue.h (the same functions as the CPU kernels):
-//   forward:  per 64-row block, walk the column tiles, fold each S tile into three statistics per row;
+//   forward:  per 64-row block, walk the column tiles, fold each S tile into four statistics per row (NT-Xent: twice);
 //   backward: recompute each tile, form dS from the saved statistics and upstream gradients, and accumulate
 //             dX = dS Y (grid: row blocks x 64-wide D slices) and dY = dS^T X (column blocks x D slices), or dY
 //             atomically from the dX pass.
@@ -29,24 +29,49 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
   const Acc row_sq = query.live ? squared_norm<Acc>(p.x_sq, query.row) : Acc(0);
   OnlineLse<Acc> first, second;
-  Acc linear = 0;
+  Acc linear = 0;  // SupCon: the sum of the positives' values
+  Acc positive_sum = 0, negative_sum = 0, positive_count = 0, negative_count = 0;  // Contrastive (epilogue.h)
   for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool negative) {
     const Acc v = pair_value(p.pair_value, s, row_sq, squared_norm<Acc>(p.y_sq, column));
+    if (p.kind == kContrastive) {
+      const Acc h = contrastive_hinge(v, a, b, positive, negative);
+      if (positive) positive_sum += h, positive_count += h > 0 ? Acc(1) : Acc(0);
+      if (negative) negative_sum += h, negative_count += h > 0 ? Acc(1) : Acc(0);
+      return;
+    }
     const Logits<Acc> logits = loss_logits(p.kind, v, a, b);
     if (in_first(p.kind, positive)) first.add(logits.value1);
     if (in_second(p.kind, positive, negative)) second.add(logits.value2);
     if (p.kind == kSupCon && positive) linear += v;
   });
-  const Acc first_max = from_partner(first.max), first_sum = from_partner(first.sum);
-  const Acc second_max = from_partner(second.max), second_sum = from_partner(second.sum);
-  linear += from_partner(linear);
-  first.merge(first_max, first_sum);
-  second.merge(second_max, second_sum);
-  if (query.live && epilogue_column() == 0) {
-    stats[query.row] = first.finish();
-    stats[p.n + query.row] = second.finish();
-    stats[2 * p.n + query.row] = linear;
+  Acc out[kStatRows];
+  if (p.kind == kContrastive) {
+    out[0] = positive_sum + from_partner(positive_sum);
+    out[1] = negative_sum + from_partner(negative_sum);
+    out[2] = positive_count + from_partner(positive_count);
+    out[3] = negative_count + from_partner(negative_count);
+  } else {
+    const Acc first_max = from_partner(first.max), first_sum = from_partner(first.sum);
+    const Acc second_max = from_partner(second.max), second_sum = from_partner(second.sum);
+    linear += from_partner(linear);
+    first.merge(first_max, first_sum);
+    second.merge(second_max, second_sum);
+    out[0] = first.finish(), out[1] = second.finish(), out[2] = linear, out[3] = 0;
   }
+  if (p.kind == kNTXent) {
+    // The second sweep, over the positives, with the row's logsumexp over its negatives (both threads hold it).
+    const Acc lse = out[1];
+    Acc loss = 0, weight = 0, nonzero = 0;
+    for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool) {
+      if (positive) ntxent_positive(lse - b * pair_value(p.pair_value, s, row_sq, squared_norm<Acc>(p.y_sq, column)),
+                                    loss, weight, nonzero);
+    });
+    out[0] = loss + from_partner(loss);
+    out[2] = weight + from_partner(weight);
+    out[3] = nonzero + from_partner(nonzero);
+  }
+  if (query.live && epilogue_column() == 0)
+    for (int q = 0; q < kStatRows; ++q) stats[q * p.n + query.row] = out[q];
 }
 
 // Upstream gradients, statistics and labels of rows r0 .. r0 + 63 into shared memory (zeros past N).
@@ -60,7 +85,7 @@ __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0,
     const int64_t row = r0 + threadIdx.x;
     const bool live = row < p.n;
     for (int q = 0; q < 3; ++q) shared.row_state[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
-    for (int q = 0; q < 2; ++q)
+    for (int q = 0; q < 3; ++q)
       shared.row_state[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
     shared.row_labels[threadIdx.x] = live ? p.x_labels[row] : 0;
   }
@@ -80,6 +105,7 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsParams& p, int64_t r0,
   const Acc g1 = shared.row_state[local], g2 = shared.row_state[kTile + local];
   const Acc g3 = shared.row_state[2 * kTile + local];
   const Acc lse1 = shared.row_state[3 * kTile + local], lse2 = shared.row_state[4 * kTile + local];
+  const Acc aux = shared.row_state[5 * kTile + local];
   const Acc row_sq = row < p.n ? squared_norm<Acc>(p.x_sq, row) : Acc(0);
   Acc sum = 0;
 #pragma unroll 1
@@ -90,7 +116,7 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsParams& p, int64_t r0,
       bool positive, negative;
       pair_kind(shared.row_labels[local], shared.col_labels[j], row, col, p.self_offset, positive, negative);
       ds = ds_entry(p.kind, p.pair_value, shared.s[local * Layout::kAccLd + j], row_sq,
-                    squared_norm<Acc>(p.y_sq, col), a, b, positive, negative, g1, g2, g3, lse1, lse2);
+                    squared_norm<Acc>(p.y_sq, col), a, b, positive, negative, g1, g2, g3, lse1, lse2, aux);
     }
     const auto stored = Policy::to_operand(ds);
     shared.ds[local * Layout::kTileLd + j] = stored;

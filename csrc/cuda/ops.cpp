@@ -103,7 +103,7 @@ at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_i
   const at::Tensor& x = rows.x;
   const c10::DeviceGuard guard(x.device());
   const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x), glue::needs_norms(pair_value));
-  at::Tensor stats = uninitialized({3, x.size(0)}, x.options().dtype(accumulation_type(x)));
+  at::Tensor stats = uninitialized({kStatRows, x.size(0)}, x.options().dtype(accumulation_type(x)));
   check_launch(cuda::lse_rows_forward(make_params(rows, norms, self_offset, kind, pair_value, a, b), stats.data_ptr(),
                                       current_stream(x)),
                "lse_rows");
