@@ -14,15 +14,16 @@ from torch import nn
 
 from . import _pml_keywords as keywords
 from . import _validation as check
-from .modules import BatchHardTripletLoss, CircleLoss, MultiSimilarityLoss, SupConLoss, _labels_on, _no_miners
+from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, MultiSimilarityLoss, NTXentLoss, SupConLoss,
+                      _labels_on, _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, BatchHardTripletLoss)
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss)
 
 
 class CrossBatchMemory(nn.Module):
     """`CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` for CircleLoss, SupConLoss,
-    MultiSimilarityLoss and
-    BatchHardTripletLoss, as pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels,
+    MultiSimilarityLoss, NTXentLoss, ContrastiveLoss and BatchHardTripletLoss, as pytorch-metric-learning's
+    CrossBatchMemory: forward(embeddings, labels,
     indices_tuple=None, enqueue_mask=None). `supported_losses()` names the losses it takes, as PML's does.
 
     State (PML's names): `embedding_memory` (memory_size x embedding_size) and `label_memory` buffers, `queue_idx`
@@ -39,8 +40,8 @@ class CrossBatchMemory(nn.Module):
     def __init__(self, loss, embedding_size, memory_size=1024, miner=None, *, collect_stats=None):
         super().__init__()
         if not isinstance(loss, _LOSSES):
-            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss or "
-                            "BatchHardTripletLoss, got "
+            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
+                            "ContrastiveLoss or BatchHardTripletLoss, got "
                             f"{type(loss).__name__}")
         keywords.check_none("CrossBatchMemory", miner=miner)
         keywords.check_collect_stats("CrossBatchMemory", collect_stats)

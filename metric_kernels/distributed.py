@@ -11,11 +11,13 @@ whose backward sums the gradients of every rank's share into each rank's slice (
 therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. The returned tensor carries the
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
-- Circle, SupCon, batch-hard: l_r comes from rank r's queries against the gathered references (self_offset = the
-  rank's row offset, so a query still leaves out only itself and the fused kernels stay O(local + global)). PML's
-  batch-level rules are evaluated on the global labels (every rank has them) and the reduction's denominator is global
-  (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows; batch-hard's MeanReducer: the global
-  batch's queries with a positive and a negative). DoNothingReducer's dictionary holds the gathered global rows.
+- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, batch-hard: l_r comes from rank r's queries against the
+  gathered references (self_offset = the rank's row offset, so a query still leaves out only itself and the fused
+  kernels stay O(local + global)). PML's batch-level rules are evaluated on the global labels (every rank has them)
+  and the reduction's denominator is global (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows;
+  batch-hard's MeanReducer: the global batch's queries with a positive and a negative; NT-Xent and Contrastive, reduced
+  per pair: the all-reduced counts of each sub-loss's pairs or nonzero pairs). DoNothingReducer's dictionary holds the
+  gathered global rows.
 - Proxy-Anchor is a sum over proxies of terms that each depend on the whole batch, so it is split by proxies: rank r
   computes its contiguous slice of the proxies against the gathered embeddings, with the global |P+|. Rank r's proxy
   gradient is then W times its slice's and zero elsewhere, and DDP's average gives the one-process gradient. The
@@ -38,10 +40,11 @@ from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
-from .modules import (BatchHardTripletLoss, CircleLoss, MultiSimilarityLoss, ProxyAnchorLoss, SupConLoss, _labels_on,
-                      _no_miners)
+from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, MultiSimilarityLoss, NTXentLoss,
+                      ProxyAnchorLoss, SupConLoss, _labels_on, _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, BatchHardTripletLoss, ProxyAnchorLoss)
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss,
+           ProxyAnchorLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -137,8 +140,14 @@ def _pair_spec(loss):
     """(per-row function of the functional layer, normalise, PML's batch-level rule, hyper-parameters, final scale)."""
     if isinstance(loss, CircleLoss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
-    if isinstance(loss, (MultiSimilarityLoss, SupConLoss)):
+    if isinstance(loss, (MultiSimilarityLoss, SupConLoss, NTXentLoss, ContrastiveLoss)):
         pair_value, normalize = check.check_distance(**keywords.functional_distance(loss.distance_spec))
+    if isinstance(loss, NTXentLoss):
+        return "ntxent_rows", normalize, "both", dict(temperature=loss.temperature, pair_value=pair_value), 1.0
+    if isinstance(loss, ContrastiveLoss):
+        return ("contrastive_rows", normalize, "pairs",
+                dict(pos_margin=functional._engine_shift(loss.pos_margin, pair_value),
+                     neg_margin=functional._engine_shift(loss.neg_margin, pair_value), pair_value=pair_value), 1.0)
     if isinstance(loss, MultiSimilarityLoss):
         return ("multi_similarity_rows", normalize, "pairs",
                 dict(alpha=loss.alpha, beta=loss.beta, base=functional._engine_shift(loss.base, pair_value),
@@ -150,7 +159,8 @@ def _pair_spec(loss):
 
 
 class DistributedLoss(nn.Module):
-    """Wraps CircleLoss, SupConLoss, BatchHardTripletLoss or ProxyAnchorLoss (kept as `.loss`) for data-parallel
+    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss or
+    ProxyAnchorLoss (kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
     in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
     that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts (a PML
@@ -165,8 +175,8 @@ class DistributedLoss(nn.Module):
     def __init__(self, loss, process_group=None):
         super().__init__()
         if not isinstance(loss, _LOSSES):
-            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, "
-                            "BatchHardTripletLoss or "
+            raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
+                            "ContrastiveLoss, BatchHardTripletLoss or "
                             f"ProxyAnchorLoss, got {type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:
@@ -226,13 +236,22 @@ class DistributedLoss(nn.Module):
             self_offset, gate_references, gate_offset = None, reference_labels, None
 
         rows_name, normalize, rule, params, scale = _pair_spec(loss)
-        rows, _, _, _, guard = functional._pair_rows(
+        rows, x_labels, y_labels, _, guard = functional._pair_rows(
             rows_name, embeddings, labels, references, reference_labels, self_offset, loss.reduction, loss.backend,
             loss.deterministic, normalize, **params)
+        gate = None
         if rule is not None and total_rows > 0 and gate_references.shape[0] > 0:
             # PML's batch-level rule, on the global batch: every rank holds all the labels, so no communication.
             gate = functional._generic_pair_gate(all_labels, gate_references, gate_offset,
                                                  needs_both_kinds=rule == "both")
+        if isinstance(loss, (NTXentLoss, ContrastiveLoss)):
+            parts = functional._pair_parts(rows, x_labels, y_labels, self_offset)
+            if gate is not None:
+                parts = functional._gated_parts(parts, gate)
+            if loss.reduction != "none":
+                return self._pair_reduced(parts, loss.reduction, guard, world, group)
+            rows = sum(sums for sums, _, _ in parts)
+        elif gate is not None:
             rows = torch.where(gate, rows, torch.zeros_like(rows))
         if scale != 1.0:
             rows = rows * scale
@@ -271,6 +290,25 @@ class DistributedLoss(nn.Module):
             denominator = 1
         share = local_sum / denominator + guard
         return _GlobalValue.apply(share, totals[0] / denominator, None, float(world))
+
+    @staticmethod
+    def _pair_reduced(parts, reduction, guard, world, group):
+        """The losses PML reduces per pair (functional._reduce_pairs) over the global batch: each sub-loss's sum over
+        this rank's queries, divided by the all-reduced count of its nonzero pairs ("mean_nonzero") or of its pairs
+        ("mean")."""
+        local_sums = torch.stack([sums.sum() for sums, _, _ in parts])
+        if reduction == "sum":
+            counts = torch.zeros_like(local_sums)  # denominators of 1 after the clamp
+        else:
+            counts = torch.stack([(nonzero + sums.isnan() if reduction == "mean_nonzero" else pairs).sum()
+                                  for sums, nonzero, pairs in parts]).to(local_sums.dtype)
+        totals = torch.cat([local_sums.detach(), counts.detach(), guard.detach().reshape(1)])
+        dist.all_reduce(totals, group=group)
+        count = len(parts)
+        denominators = totals[count:2 * count].clamp(min=1)
+        share = (local_sums / denominators).sum() + guard
+        value = (totals[:count] / denominators).sum() + totals[-1]
+        return _GlobalValue.apply(share, value, None, float(world))
 
     # Proxy-Anchor: this rank's slice of the proxies against every rank's embeddings. ----------------------------------
     def _proxy_anchor(self, embeddings, labels, group):

@@ -262,9 +262,14 @@ def _pair_reduced_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, 
     parts = _pair_parts(rows, x_labels, y_labels, self_offset)
     if x_labels.shape[0] > 0 and y_labels.shape[0] > 0:
         gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=generic_pair_gate == "both")
-        parts = [(torch.where(gate, sums, torch.zeros_like(sums)), nonzero * gate, pairs * gate)
-                 for sums, nonzero, pairs in parts]
+        parts = _gated_parts(parts, gate)
     return _reduce_pairs(parts, reduction) + guard
+
+
+def _gated_parts(parts, gate: torch.Tensor):
+    """The (sums, nonzero, pairs) of each sub-loss, zeroed where PML's batch-level rule (a 0-d bool) says no loss."""
+    return [(torch.where(gate, sums, torch.zeros_like(sums)), nonzero * gate, pairs * gate)
+            for sums, nonzero, pairs in parts]
 
 
 def _pair_parts(rows, x_labels, y_labels, self_offset):

@@ -35,7 +35,7 @@ D_IN, D_OUT = 6, 5
 
 @dataclass
 class Case:
-    loss: str                       # circle | supcon | batch_hard | proxy_anchor
+    loss: str                       # circle | supcon | multi_similarity | ntxent | contrastive | batch_hard | proxy_anchor
     sizes: Tuple[int, ...]          # rows per rank
     how: str = "ddp"                # ddp (model and loss in separate DDPs) | joint (one DDP over both) | hand
     kwargs: dict = field(default_factory=dict)
@@ -61,6 +61,12 @@ def _cases(world):
             Case("circle", (5, 3), "hand", ref_sizes=(4, 7)),
             Case("supcon", (6, 6), kwargs=dict(temperature=0.2)),
             Case("multi_similarity", (5, 6), kwargs=dict(alpha=2.0, beta=20.0, base=0.3)),
+            Case("ntxent", (5, 6), kwargs=dict(temperature=0.2)),
+            Case("ntxent", (3, 7), "hand", kwargs=dict(reduction="mean_nonzero"), ref_sizes=(4, 5)),
+            Case("ntxent", (4, 0), kwargs=dict(reduction="none")),
+            Case("contrastive", (6, 5), kwargs=dict(pos_margin=0.2, neg_margin=1.1)),
+            Case("contrastive", (3, 8), "hand", kwargs=dict(reducer=reducers.MeanReducer())),
+            Case("contrastive", (5, 4), kwargs=dict(reduction="sum"), ref_sizes=(3, 6)),
             Case("supcon", (3, 8), "hand", kwargs=dict(temperature=0.1, base_temperature=0.07, reduction="mean")),
             Case("supcon", (7, 0), kwargs=dict(reduction="sum")),
             # No negative pair in the global batch: PML's SupCon rule gives 0 (and zero gradients).
@@ -102,6 +108,9 @@ def _cases(world):
         Case("circle", (3, 0, 4), "hand", kwargs=dict(reducer=reducers.DoNothingReducer())),
         Case("proxy_anchor", (3, 4, 4), "hand", classes=2, kwargs=dict(reducer=reducers.DoNothingReducer())),
         Case("proxy_anchor", (5, 3, 4), classes=7, kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
+        Case("ntxent", (2, 6, 3), "hand", kwargs=dict(temperature=0.5, reducer=reducers.AvgNonZeroReducer())),
+        Case("contrastive", (4, 1, 4), kwargs=dict(reduction="none")),
+        Case("contrastive", (3, 5, 2), "hand", kwargs=dict(neg_margin=0.8)),
     ]
 
 
@@ -113,6 +122,10 @@ def _make_loss(case):
         return mk.SupConLoss(**kwargs)
     if case.loss == "multi_similarity":
         return mk.MultiSimilarityLoss(**kwargs)
+    if case.loss == "ntxent":
+        return mk.NTXentLoss(**kwargs)
+    if case.loss == "contrastive":
+        return mk.ContrastiveLoss(**kwargs)
     if case.loss == "batch_hard":
         return mk.BatchHardTripletLoss(**kwargs)
     return mk.ProxyAnchorLoss(case.classes, D_OUT, **kwargs).double()
@@ -266,7 +279,7 @@ def test_global_batch_value_and_ddp_gradients(world, tmp_path):
 
 # Outside a process group ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "proxy_anchor"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "batch_hard", "proxy_anchor"])
 def test_outside_a_process_group_it_is_the_plain_loss(name):
     assert not (dist.is_available() and dist.is_initialized())
     torch.manual_seed(0)

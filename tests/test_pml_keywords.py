@@ -41,6 +41,7 @@ REDUCERS = {
     "PerAnchorMean": reducers.PerAnchorReducer,
 }
 TRIPLET_REDUCERS = ["default", "AvgNonZero", "Mean", "Sum", "ThresholdLow0"]  # PML's PerAnchor / DoNothing: below
+PAIR_REDUCERS = TRIPLET_REDUCERS
 DISTANCES = {
     "implicit": lambda: None,
     "cosine": distances.CosineSimilarity,
@@ -60,7 +61,13 @@ PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine"
               # (not AvgNonZero here: with a distance, rows of 1e-20 in fp64 are 0 in fp32, and its count of
               # nonzero rows, so its mean, differs between fp32 and the fp64 oracle in PML as much as here)
               + [("multi_similarity", r, d) for r in ("default", "Sum") for d in OTHER_DISTANCES]
-              + [("batch_hard", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "lp", "lp_raw")])
+              + [("batch_hard", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "lp", "lp_raw")]
+              # the losses PML reduces per pair: its reducers over pairs (DoNothing and PerAnchor: UNSUPPORTED)
+              + [(loss, r, d) for loss in ("ntxent", "contrastive") for r in PAIR_REDUCERS
+                 for d in ("implicit", "cosine")]
+              # (NT-Xent's AvgNonZero: as Multi-Similarity's above, the pairs rounded to 0 differ in fp32 and fp64)
+              + [("ntxent", r, d) for r in ("default", "Sum") for d in ("dot",) + OTHER_DISTANCES]
+              + [("contrastive", r, d) for r in PAIR_REDUCERS for d in ("dot", "dot_raw", "lp_raw", "lp2", "lp2_raw")])
 
 
 def _keywords(reducer, distance):
@@ -83,6 +90,16 @@ def _pair_modules(loss, reducer, distance, backend="reference"):
     elif loss == "multi_similarity":
         ours = mk.MultiSimilarityLoss(2, 30, 0.4, backend=backend, **kw)
         pml_loss = losses.MultiSimilarityLoss(2, 30, 0.4, **kw)
+    elif loss == "ntxent":
+        ours, pml_loss = mk.NTXentLoss(0.3, backend=backend, **kw), losses.NTXentLoss(0.3, **kw)
+    elif loss == "contrastive":
+        ours = mk.ContrastiveLoss(0.2, 1.1, backend=backend, **kw)
+        pml_loss = losses.ContrastiveLoss(0.2, 1.1, **kw)
+
+        def theirs(x, labels, indices_tuple, y, y_labels):
+            with exact_cdist():
+                return pml_loss(x, labels, indices_tuple, y, y_labels)
+        return ours, theirs
     else:
         ours = mk.BatchHardTripletLoss(margin=0.1, backend=backend, **kw)
         pml_loss = losses.TripletMarginLoss(margin=0.1, **kw)
@@ -401,6 +418,12 @@ UNSUPPORTED = [
      "BatchHardTripletLoss"),
     (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "reducer", lambda: reducers.ThresholdReducer(low=1),
      "reducer=ThresholdReducer(low=1, high=None) is not supported by ProxyAnchorLoss"),
+    (mk.NTXentLoss, "reducer", reducers.DoNothingReducer,
+     "reducer=DoNothingReducer() is not supported by NTXentLoss yet: PML's DoNothingReducer works on the per-pair"),
+    (mk.ContrastiveLoss, "reducer", lambda: reducers.PerAnchorReducer(reducers.AvgNonZeroReducer()),
+     "PML's PerAnchorReducer works on the per-pair losses"),
+    (mk.ContrastiveLoss, "distance", lambda: distances.LpDistance(p=1),
+     "distance=LpDistance(normalize_embeddings=True, p=1, power=1) is not supported by ContrastiveLoss"),
     (lambda **kw: mk.CrossBatchMemory(mk.SupConLoss(), 4, **kw), "miner", miners.MultiSimilarityMiner,
      "miner=MultiSimilarityMiner("),
     (lambda **kw: mk.CrossBatchMemory(mk.BatchHardTripletLoss(), 4, **kw), "miner", miners.BatchHardMiner,
@@ -420,7 +443,10 @@ def test_cross_batch_memory_supported_losses_mirror_pmls():
     """PML's supported_losses() is a static method returning class names (strings); ours names our classes."""
     assert all(isinstance(name, str) for name in losses.CrossBatchMemory.supported_losses())
     assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "MultiSimilarityLoss",
-                                                      "BatchHardTripletLoss"]
+                                                      "NTXentLoss", "ContrastiveLoss", "BatchHardTripletLoss"]
+    # every one PML's takes too (batch-hard as PML's TripletMarginLoss with its BatchHardMiner)
+    ours = set(mk.CrossBatchMemory.supported_losses()) - {"BatchHardTripletLoss"} | {"TripletMarginLoss"}
+    assert ours <= set(losses.CrossBatchMemory.supported_losses())
     xbm = mk.CrossBatchMemory(mk.SupConLoss(), 4)
     assert xbm.supported_losses() == mk.CrossBatchMemory.supported_losses()
     mk.CrossBatchMemory.check_loss_support("CircleLoss")
