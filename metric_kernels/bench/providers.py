@@ -21,11 +21,14 @@ from .. import pml as pml_module
 from ..backends import NAMES as BACKEND_NAMES
 from ..backends import available_backends
 
-LOSSES = ("circle", "supcon", "batch_hard", "proxy_anchor")
-LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor"}
-# The log-sum-exp losses: forward 2NMD (S = X Y^T), backward 6NMD (recompute S, dX = dS Y, dY = dS^T X).
-# Batch-hard: forward 2NMD (distances), backward O((N + M) D), counted as 0.
-LSE_LOSSES = ("circle", "supcon", "proxy_anchor")
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor")
+LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
+                "ms": "multi_similarity", "nt_xent": "ntxent"}
+# Products of N x M x D a fused kernel needs, in units of 2NMD (one S = X Y^T), forward and backward: the row-statistics
+# losses form S once forward and recompute it backward beside dX = dS Y and dY = dS^T X; NT-Xent's forward sweeps the
+# references twice; batch-hard's backward is O((N + M) D), counted as 0.
+PRODUCTS = {"ntxent": (2, 3), "batch_hard": (1, 0)}
+DEFAULT_PRODUCTS = (1, 3)
 MODES = ("forward", "backward", "full")
 EXTRA_PROVIDERS = ("compile", "pml")
 PROVIDER_NAMES = BACKEND_NAMES + EXTRA_PROVIDERS
@@ -33,14 +36,14 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half": "float16", "f16": "float16",
                  "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "double": "float64", "float": "float32"}
 
-_FUNCTIONAL = {"circle": "circle_loss", "supcon": "supcon_loss", "batch_hard": "batch_hard_triplet_loss"}
+_FUNCTIONAL = {"circle": "circle_loss", "supcon": "supcon_loss", "multi_similarity": "multi_similarity_loss",
+               "ntxent": "ntxent_loss", "contrastive": "contrastive_loss", "batch_hard": "batch_hard_triplet_loss"}
 
 
 def flops(loss: str, mode: str, n: int, m: int, d: int) -> float:
-    """Floating-point operations a fused kernel needs (see the module docstring); 0 where none is counted."""
-    if loss in LSE_LOSSES:
-        return {"forward": 2.0, "backward": 6.0, "full": 8.0}[mode] * n * m * d
-    return {"forward": 2.0, "backward": 0.0, "full": 2.0}[mode] * n * m * d
+    """Floating-point operations a fused kernel needs (PRODUCTS); 0 where none is counted."""
+    forward, backward = PRODUCTS.get(loss, DEFAULT_PRODUCTS)
+    return 2.0 * {"forward": forward, "backward": backward, "full": forward + backward}[mode] * n * m * d
 
 
 def classes_for(loss: str, n: int, m: int) -> int:
