@@ -21,19 +21,23 @@ import torch
 from . import report
 from .runner import FreshProcesses, device_name, triton_version
 
-LOSSES = ("circle", "supcon", "batch_hard")
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard")
+# (our module, PML's loss inside its CrossBatchMemory) per loss
+_MODULES = {"circle": ("CircleLoss", "CircleLoss"), "supcon": ("SupConLoss", "SupConLoss"),
+            "multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss"), "ntxent": ("NTXentLoss", "NTXentLoss"),
+            "contrastive": ("ContrastiveLoss", "ContrastiveLoss"),
+            "batch_hard": ("BatchHardTripletLoss", "TripletMarginLoss")}
 PROVIDERS = ("cpu", "reference", "pml")
 
 
 def _build(loss: str, provider: str, dim: int, memory_size: int):
     if provider == "pml":
         from pytorch_metric_learning import losses, miners
-        inner = {"circle": losses.CircleLoss, "supcon": losses.SupConLoss,
-                 "batch_hard": losses.TripletMarginLoss}[loss]()
+        inner = getattr(losses, _MODULES[loss][1])()
         miner = miners.BatchHardMiner() if loss == "batch_hard" else None
         return losses.CrossBatchMemory(inner, dim, memory_size=memory_size, miner=miner)
     import metric_kernels as mk
-    inner = {"circle": mk.CircleLoss, "supcon": mk.SupConLoss, "batch_hard": mk.BatchHardTripletLoss}[loss]
+    inner = getattr(mk, _MODULES[loss][0])
     return mk.CrossBatchMemory(inner(backend=provider), dim, memory_size=memory_size)
 
 
