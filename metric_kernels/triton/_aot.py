@@ -54,10 +54,16 @@ DTYPES = (("bf16", "bfloat16", "bf16", "ieee"), ("fp16", "float16", "fp16", "iee
           ("fp64", "float64", "fp64", "ieee"))
 SIXTEEN_BIT = ("bf16", "fp16")
 LEVELS = ("core", "ci", "sweep", "full")
-DOT_KERNELS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
-KINDS = (0, 1, 2, 3)  # circle, supcon, proxy_anchor, multi_similarity
-# The log-sum-exp kernels' pair values (metric_kernels/_pairs.py) with and without normalising, for SupCon,
-# Proxy-Anchor and Multi-Similarity (Circle: the cosine only), and the lowest level that compiles each: (pair value, normalize) -> level.
+DOT_KERNELS = ("lse_rows_forward", "pair_sums_forward", "lse_rows_backward_rows", "lse_rows_backward_columns",
+               "batch_hard_select")
+KINDS = (0, 1, 2, 3, 4, 5)  # circle, supcon, proxy_anchor, multi_similarity, ntxent, contrastive
+# The kinds each loss kernel is launched with (ops.lse_rows, ops.lse_rows_backward): the log-sum-exp pass all but
+# Contrastive (NT-Xent: its first sweep), the pass of sums NT-Xent (its second) and Contrastive, the backward every
+# kind. The first is the kernel's primary kind, which _selection compiles most (on the cosine).
+KERNEL_KINDS = {"lse_rows_forward": (0, 1, 2, 3, 4), "pair_sums_forward": (4, 5), "lse_rows_backward_rows": KINDS,
+                "lse_rows_backward_columns": KINDS}
+# The loss kernels' pair values (metric_kernels/_pairs.py) with and without normalising, for every kind but Circle
+# (the cosine only), and the lowest level that compiles each: (pair value, normalize) -> level.
 PAIR_CASES = {(0, True): "core", (2, True): "ci", (2, False): "sweep", (1, True): "sweep", (1, False): "full",
               (0, False): "sweep"}
 BACKWARD_PASSES = ("rows", "columns")  # of ops._pruner's passes
@@ -161,6 +167,7 @@ def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: 
     common = dict(x_ptr=r, y_ptr=r, x_labels_ptr="*i64", y_labels_ptr="*i64")
     return {
         "lse_rows_forward": common,
+        "pair_sums_forward": common,
         "lse_rows_backward_rows": dict(common, dx_ptr=r if dx == "rows" else a),
         "lse_rows_backward_columns": dict(common, partial_ptr=r if partial == "rows" else a, dy_ptr=r),
         "batch_hard_select": dict(common, choice_ptr="*i64"),
@@ -210,7 +217,7 @@ def _signature(kernel: str, pointers: Dict[str, str], acc: str, constexprs: Dict
 def _product_rows(kernel: str, constexprs) -> List[int]:
     """Rows (M) of each product: S = X Y^T has BLOCK_M, dX = P Y BLOCK_M, dY = P^T X BLOCK_N."""
     m, n = constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")
-    return {"lse_rows_forward": [m], "batch_hard_select": [m],
+    return {"lse_rows_forward": [m], "pair_sums_forward": [m], "batch_hard_select": [m],
             "lse_rows_backward_rows": [m, m] + ([n] if constexprs.get("WITH_DY") else []),
             "lse_rows_backward_columns": [m, n]}.get(kernel, [])
 
@@ -265,7 +272,8 @@ def _plain_selected(level: str, heaviest: bool, count: str) -> bool:
 
 def _selection(level: str, dtype: str, primary: bool, heaviest_or_kind0: bool, width: str, widest: str):
     """How many autotune configs of a (kernel, dtype, kind, flags, width) a level compiles: "all" the kept ones,
-    "one" (the kept config with the largest tiles) or None.
+    "one" (the kept config with the largest tiles) or None. KIND 0 stands for the kernel's primary kind
+    (KERNEL_KINDS).
 
     core:  each kernel and dtype once: the heaviest flags, KIND 0, the widest on-chip D.
     ci:    core, plus D in chunks (bf16, fp32-tf32, fp64) and, for bf16, every flag set (KIND 0), every loss kind
@@ -339,8 +347,11 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
 
         # per kernel: (its pass in ops._pruner, [(kind or None, flags label, constexprs, pointer options, heaviest
         # flags?)])
-        pairs = [(kind, pair_value, nz) for kind in KINDS for (pair_value, nz), pair_level in PAIR_CASES.items()
-                 if (kind != 0 or (pair_value, nz) == (0, True)) and LEVELS.index(pair_level) <= LEVELS.index(level)]
+        def pairs(kernel):  # (kind, pair value, normalize) of the kernel's launches
+            return [(kind, pair_value, nz) for kind in KERNEL_KINDS[kernel]
+                    for (pair_value, nz), pair_level in PAIR_CASES.items()
+                    if (kind != 0 or (pair_value, nz) == (0, True))
+                    and LEVELS.index(pair_level) <= LEVELS.index(level)]
 
         def loss(kind, pair_value, nz, flags=""):  # the loss's constexprs and its flags label
             label = flags if (pair_value, nz) == (0, True) else \
@@ -350,23 +361,30 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         row_cases = [(kind, loss(kind, pv, nz, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}")[1],
                       dict(loss(kind, pv, nz)[0], WITH_DY=dy, ATOMIC_DX=adx), dict(dx=dx),
                       (dy, adx, dx) == (True, False, "rows"))
-                     for kind, pv, nz in pairs for (dy, adx), dxs in ROW_FLAGS for dx in dxs]
+                     for kind, pv, nz in pairs("lse_rows_backward_rows") for (dy, adx), dxs in ROW_FLAGS
+                     for dx in dxs]
         column_cases = [(kind, loss(kind, pv, nz, f"accumulate={int(acc_)}")[1],
                          dict(loss(kind, pv, nz)[0], ACCUMULATE=acc_), dict(partial="acc" if acc_ else "rows"), acc_)
-                        for kind, pv, nz in pairs for acc_ in (False, True)]
-        plans = [("lse_rows_forward", "forward", [(kind, loss(kind, pv, nz)[1], loss(kind, pv, nz)[0], {}, True)
-                                                  for kind, pv, nz in pairs]),
+                        for kind, pv, nz in pairs("lse_rows_backward_columns") for acc_ in (False, True)]
+        forward_cases = {kernel: [(kind, loss(kind, pv, nz)[1], loss(kind, pv, nz)[0], {}, True)
+                                  for kind, pv, nz in pairs(kernel)]
+                         for kernel in ("lse_rows_forward", "pair_sums_forward")}
+        plans = [("lse_rows_forward", "forward", forward_cases["lse_rows_forward"]),
+                 ("pair_sums_forward", "sums", forward_cases["pair_sums_forward"]),
                  ("lse_rows_backward_rows", "rows", row_cases),
                  ("lse_rows_backward_columns", "columns", column_cases),
                  ("batch_hard_select", "select", [(None, f"normalize={int(nz)}", dict(NORMALIZE=nz), {}, nz)
                                                   for nz in (True, False)])]
         for kernel, kernel_pass, cases in plans:
             backward = kernel_pass in BACKWARD_PASSES
+            primary_kind = KERNEL_KINDS.get(kernel, (None,))[0]
             for kind, flags, extra, pointer_options, heaviest in cases:
                 pointers = _pointer_types(kernel, rows, acc, **pointer_options)
-                primary = heaviest and kind in (None, 0)
+                # the primary kind on the cosine, as Circle (KIND 0) has no other pair value
+                primary = heaviest and kind == primary_kind and extra.get("PAIR_VALUE", 0) == 0 \
+                    and extra.get("NORMALIZE", True)
                 for width_label, block_d, full_d in widths:
-                    count = _selection(level, dtype, primary, heaviest or kind in (None, 0), width_label, widest)
+                    count = _selection(level, dtype, primary, heaviest or kind == primary_kind, width_label, widest)
                     chosen = configs(block_d, full_d, kernel_pass, count, pair_value=extra.get("PAIR_VALUE", 0)) \
                         if count else ()
                     for config in chosen:

@@ -1,4 +1,5 @@
-"""Triton kernels of the log-sum-exp family (Circle, SupCon, Proxy-Anchor): one tiled engine, one epilogue per loss.
+"""Triton kernels of the fused pair losses (Circle, SupCon, Proxy-Anchor, Multi-Similarity, NT-Xent, Contrastive): one
+tiled engine, one epilogue per loss.
 
 The kernels read the raw rows X (N x D) and Y (M x D) in their own dtype and fp32 (fp64 for fp64 rows) row norms.
 A program owns BLOCK_M query rows and walks its share of the references in BLOCK_N tiles. Each tile of
@@ -6,15 +7,23 @@ A program owns BLOCK_M query rows and walks its share of the references in BLOCK
     s_ij = (x_i . y_j) r_i r_j,    r = 1 / max(||row||, eps)
 
 is formed on chip by one tl.dot over the whole of D (16-bit operands for 16-bit rows, fp32 accumulation; D is walked
-in BLOCK_D chunks only above the widest tile), masked from the label vectors and self_offset, and folded into three
-statistics per row, never an N x M buffer:
+in BLOCK_D chunks only above the widest tile), masked from the label vectors and self_offset, and folded into STAT_ROWS
+statistics per row, never an N x M buffer. The log-sum-exp kinds (lse_rows_forward):
 
     stats[0, i] = logsumexp over the first set of z_ij      (Circle, Proxy-Anchor: positives)
     stats[1, i] = logsumexp over the second set of z_ij     (Circle, Proxy-Anchor: negatives; SupCon: all pairs)
     stats[2, i] = sum over positives of s_ij                (SupCon only)
+    stats[3, i] = 0
 
 The two sets are disjoint, so each pair costs one exponential: it is shifted by the running maximum of its own set.
-The losses are cheap functions of these statistics (metric_kernels/_row_epilogues.py).
+The losses are cheap functions of these statistics (metric_kernels/_row_epilogues.py). The kinds whose statistics
+are sums over pairs (pair_sums_forward, partial sums of a split merged by addition), with v_ij the pair value:
+
+    Contrastive (one sweep): the sums of relu(a - v) over positives and of relu(v - b) over negatives, and how many of
+    each are nonzero.
+    NT-Xent (b = 1 / temperature): a first sweep (lse_rows_forward) gives A_i = logsumexp over negatives of b v_ik in
+    stats[1], then with x_ij = A_i - b v_ij over positives stats[0] = sum softplus(x_ij), stats[2] = W_i =
+    sum sigmoid(x_ij), stats[3] = how many have 1 + exp(x_ij) > 1 in the statistics dtype (PML's nonzero pairs).
 
 The backward kernels recompute each tile once from the saved statistics and the upstream gradient g of each statistic,
 form G = dL/dS on chip, and take both products from the same tile: with P = G r_i r_j (times a power-of-two scale that
@@ -24,13 +33,18 @@ t_i = sum_j G_ij s_ij (rows) or sum_i G_ij s_ij (columns) is accumulated on chip
 import triton
 import triton.language as tl
 
+from .._fused import STAT_ROWS as _STAT_ROWS
+
 SIMILARITY = tl.constexpr(0)  # the pair values, metric_kernels/_pairs.py
 SQUARED_EUCLIDEAN = tl.constexpr(1)
 CIRCLE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 PROXY_ANCHOR = tl.constexpr(2)
 MULTI_SIMILARITY = tl.constexpr(3)
-KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3}
+NTXENT = tl.constexpr(4)
+CONTRASTIVE = tl.constexpr(5)
+KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
+STAT_ROWS = tl.constexpr(_STAT_ROWS)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -140,6 +154,7 @@ def _logits(s, positive, negative, param_a, param_b, KIND: tl.constexpr):
     Circle: a = m, b = gamma; the weights relu(.) are constants, as in the paper and PML. Proxy-Anchor: a = margin,
     b = alpha. Multi-Similarity: a = alpha, b = beta, unshifted (its shift by base is a per-row constant, added to the
     statistics afterwards). SupCon: b = 1 / temperature, a single log-sum-exp over every pair (its first set is empty).
+    NT-Xent's first sweep: SupCon's over the negatives only (A_i). Contrastive has no logits.
     """
     if KIND == CIRCLE:
         weight_positive = param_b * tl.maximum(1 + param_a - s, 0.0)
@@ -159,7 +174,11 @@ def _logits(s, positive, negative, param_a, param_b, KIND: tl.constexpr):
         z = s * param_b
         dz = tl.zeros_like(s) + param_b
         first = positive & negative
-    return tl.where(positive | negative, z, float("-inf")), dz, first
+    if KIND == NTXENT:
+        folded = negative
+    else:
+        folded = positive | negative
+    return tl.where(folded, z, float("-inf")), dz, first
 
 
 @triton.jit
@@ -171,7 +190,7 @@ def _finite_or_zero(value):
 def _fold_tile(max1, sum1, max2, sum2, z, first, TWO_SETS: tl.constexpr):
     """Folds a tile's logits into two running (max, sum of 2^(v - max)) states in base 2, one exponential per pair:
     each pair is shifted by the new maximum of its own set. Rows with nothing yet keep max = -inf, sum = 0. Without
-    TWO_SETS (SupCon) every pair is in the second set and the first state is left as it is."""
+    TWO_SETS (SupCon, NT-Xent's A) every pair is in the second set and the first state is left as it is."""
     v = z * LOG2E
     new2 = tl.maximum(max2, tl.max(tl.where(first, float("-inf"), v), axis=1))
     if TWO_SETS:
@@ -202,14 +221,33 @@ def _column_range(split, M, SPLIT, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _forward_tile(x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0,
+                  N, stop, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """(pair values, positive, negative) of the tile of references [n0, n0 + BLOCK_N) (those below stop) against the
+    program's rows: what both forward kernels fold."""
+    cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
+    y_inverse, y_radial, y_length2 = _row_scales(y_norm_ptr, cols, stop, NORMALIZE)
+    y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
+    dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
+                    stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+    value = _pair_value(dot * x_inverse[:, None] * y_inverse[None, :], x_length2, y_length2, PAIR_VALUE)
+    positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
+    return value, positive, negative
+
+
+@triton.jit
 def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, stats_ptr,
                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
                      N_BUCKET, M_BUCKET, ALIGNED,
                      KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, PAIR_VALUE: tl.constexpr,
                      NORMALIZE: tl.constexpr):
-    """stats[split, 0..2, rows] over the references of one split (SPLIT = 1: the final statistics).
-    N_BUCKET, M_BUCKET and ALIGNED are the autotuner's key only (ops.tuning_key)."""
+    """stats[split, 0..3, rows] of a log-sum-exp kind (NT-Xent: its first sweep) over the references of one split
+    (SPLIT = 1: the final statistics). N_BUCKET, M_BUCKET and ALIGNED are the autotuner's key only
+    (ops.tuning_key)."""
     param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,46 +262,163 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
     linear = tl.zeros((BLOCK_M,), ACC)
     start, stop = _column_range(split, M, SPLIT, BLOCK_N)
     for n0 in range(start, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        y_labels = tl.load(y_labels_ptr + cols, mask=cols < stop, other=0)
-        y_inverse, y_radial, y_length2 = _row_scales(y_norm_ptr, cols, stop, NORMALIZE)
-        y_tile = _load_rows(y_ptr, cols, dims, stop, D, stride_yn, stride_yd) if FULL_D else x_tile
-        dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, stop, D, stride_xn, stride_xd, stride_yn,
-                        stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
-        value = _pair_value(dot * x_inverse[:, None] * y_inverse[None, :], x_length2, y_length2, PAIR_VALUE)
-        positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
+        value, positive, negative = _forward_tile(
+            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, stop,
+            D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+            PRECISION, PAIR_VALUE, NORMALIZE)
         z, dz, first = _logits(value, positive, negative, param_a, param_b, KIND)
-        max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first, KIND != SUPCON)
+        max1, sum1, max2, sum2 = _fold_tile(max1, sum1, max2, sum2, z, first, KIND != SUPCON and KIND != NTXENT)
         if KIND == SUPCON:
             linear += tl.sum(tl.where(positive, value, 0.0), axis=1)
-    out = stats_ptr + split.to(tl.int64) * 3 * N + rows
+    out = stats_ptr + split.to(tl.int64) * STAT_ROWS * N + rows
     tl.store(out, _finish_logsumexp(max1, sum1), mask=rows < N)
     tl.store(out + N, _finish_logsumexp(max2, sum2), mask=rows < N)
     tl.store(out + 2 * N, linear, mask=rows < N)
+    tl.store(out + 3 * N, tl.zeros_like(linear), mask=rows < N)
 
 
 @triton.jit
-def _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N):
+def _relu(value):
+    """max(value, 0) keeping NaN, as torch.relu does (tl.maximum may return the 0 on a GPU)."""
+    return tl.where(value <= 0, 0.0, value)
+
+
+@triton.jit
+def _add_triples(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _ntxent_sums(value, positive, negatives_lse, param_b):
+    """Per row, over the positives, with x = A - b v: (sum of softplus(x), W = sum of sigmoid(x), how many have
+    1 + exp(x) > 1 in the statistics dtype, the pairs PML does not round to 0). One exponential per pair, e =
+    exp(-|x|), serves all three: exp(x) = e where x < 0, and x >= 0 always counts. Pairs other than positives get
+    x = -inf, as do the positives of a query without negatives (A = -inf): 0 in each sum."""
+    excess = tl.where(positive, negatives_lse[:, None] - param_b * value, float("-inf"))
+    e = tl.exp2(-tl.abs(excess) * LOG2E)
+    one_plus = 1 + e
+    above = excess >= 0  # NaN is not, and still reaches softplus through e
+    # log(1 + e) to an ulp (libdevice.log1p has no interpreter fallback): the log of the rounded 1 + e plus its
+    # rounding error e - (one_plus - 1), exact for e <= 1 (log(1 + r / u) = r / u to first order; r <= half an ulp,
+    # so leaving out the 1 / u in [1/2, 1] costs at most r e).
+    softplus = tl.where(above, excess, 0.0) + (tl.log(one_plus) + (e - (one_plus - 1)))
+    sigmoid = tl.where(above, 1.0, e) / one_plus
+    nonzero = above | (one_plus > 1)
+    # one reduction of the three: three separate ones made ptxas spill at some tiles
+    return tl.reduce((softplus, sigmoid, nonzero.to(value.dtype)), 1, _add_triples)
+
+
+@triton.jit
+def _contrastive_sums(value, positive, negative, param_a, param_b):
+    """Per row: the sums of relu(a - v) over the positives and relu(v - b) over the negatives, and how many of each
+    are nonzero."""
+    below_margin = param_a - value
+    above_margin = value - param_b
+    return (tl.sum(tl.where(positive, _relu(below_margin), 0.0), axis=1),
+            tl.sum(tl.where(negative, _relu(above_margin), 0.0), axis=1),
+            tl.sum((positive & (below_margin > 0)).to(value.dtype), axis=1),
+            tl.sum((negative & (above_margin > 0)).to(value.dtype), axis=1))
+
+
+@triton.jit
+def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, lse_ptr, stats_ptr,
+                      N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
+                      N_BUCKET, M_BUCKET, ALIGNED,
+                      KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, PAIR_VALUE: tl.constexpr,
+                      NORMALIZE: tl.constexpr):
+    """stats[split, 0..3, rows] of a kind whose statistics are sums over pairs, over the references of one split:
+    the splits' partial sums add up to the statistics. Contrastive: all four. NT-Xent: its second sweep, from
+    A = lse_ptr[rows] (merged over the splits), with stats[1] left 0 for the op to put A there (keeping A live past
+    the loop to store it made ptxas spill on sm_80). lse_ptr is not read for Contrastive."""
+    param_a, param_b = _load_params(params_ptr)
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    if KIND == NTXENT:
+        negatives_lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+    sum0 = tl.zeros((BLOCK_M,), ACC)  # the split's stats[0..3]
+    sum1 = tl.zeros((BLOCK_M,), ACC)
+    sum2 = tl.zeros((BLOCK_M,), ACC)
+    sum3 = tl.zeros((BLOCK_M,), ACC)
+    start, stop = _column_range(split, M, SPLIT, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
+        value, positive, negative = _forward_tile(
+            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, stop,
+            D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+            PRECISION, PAIR_VALUE, NORMALIZE)
+        if KIND == NTXENT:
+            softplus, sigmoid, nonzero = _ntxent_sums(value, positive, negatives_lse, param_b)
+            sum0 += softplus
+            sum2 += sigmoid
+            sum3 += nonzero
+        else:
+            positive_sum, negative_sum, positive_nonzero, negative_nonzero = _contrastive_sums(
+                value, positive, negative, param_a, param_b)
+            sum0 += positive_sum
+            sum1 += negative_sum
+            sum2 += positive_nonzero
+            sum3 += negative_nonzero
+    out = stats_ptr + split.to(tl.int64) * STAT_ROWS * N + rows
+    tl.store(out, sum0, mask=rows < N)
+    tl.store(out + N, sum1, mask=rows < N)
+    tl.store(out + 2 * N, sum2, mask=rows < N)
+    tl.store(out + 3 * N, sum3, mask=rows < N)
+
+
+@triton.jit
+def _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N, KIND: tl.constexpr):
+    """(labels, g1, g2, g3, stats[0], stats[1]) of the rows, g the upstream gradients of stats[0..2] (the counts in
+    stats[3] have none). NT-Xent's g2 is that of A, G_A = g2 + g1 W (stats[0] depends on A through each positive's
+    softplus, whose derivative sums to W), so that a tile needs no W."""
     ok = rows < N
-    return (tl.load(x_labels_ptr + rows, mask=ok, other=0),
-            tl.load(grad_ptr + rows, mask=ok, other=0.0), tl.load(grad_ptr + N + rows, mask=ok, other=0.0),
+    grad1 = tl.load(grad_ptr + rows, mask=ok, other=0.0)
+    grad2 = tl.load(grad_ptr + N + rows, mask=ok, other=0.0)
+    if KIND == NTXENT:
+        grad2 += grad1 * tl.load(stats_ptr + 2 * N + rows, mask=ok, other=0.0)
+    return (tl.load(x_labels_ptr + rows, mask=ok, other=0), grad1, grad2,
             tl.load(grad_ptr + 2 * N + rows, mask=ok, other=0.0),
             tl.load(stats_ptr + rows, mask=ok, other=0.0), tl.load(stats_ptr + N + rows, mask=ok, other=0.0))
 
 
 @triton.jit
+def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_b):
+    """dL/dv of NT-Xent's pairs, L = sum_i g1_i stats[0]_i + G_A_i A_i: -b g1 sigmoid(x) for a positive
+    (x = A - b v), b G_A exp(b v - A) for a negative (its softmax weight in A). One exponential per pair: exp(-|x|)
+    for a positive, exp(-x) <= 1 for a negative."""
+    excess = lse[:, None] - param_b * s
+    exponent = tl.where(positive, -tl.abs(excess), -excess)
+    e = tl.exp2(tl.where(positive | negative, exponent, float("-inf")) * LOG2E)
+    sigmoid = tl.where(excess >= 0, 1.0, e) / (1 + e)
+    return tl.where(positive, -param_b * grad1[:, None] * sigmoid,
+                    tl.where(negative, param_b * grad_lse[:, None] * e, 0.0))
+
+
+@triton.jit
 def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M, self_offset,
                    param_a, param_b, KIND: tl.constexpr):
-    """G = dL/dS of a tile, L = sum_i g1_i lse1_i + g2_i lse2_i + g3_i lin_i, from the saved statistics: one
-    exponential per pair (softmax_ij = exp(z_ij - lse_i) of the pair's own set)."""
+    """G = dL/dS of a tile, L = sum_i g1_i stats[0]_i + g2_i stats[1]_i + g3_i stats[2]_i, from the saved
+    statistics (lse1, lse2: stats[0], stats[1]). The log-sum-exp kinds: one exponential per pair
+    (softmax_ij = exp(z_ij - lse_i) of the pair's own set); NT-Xent: _ntxent_gradient, with g2 = G_A
+    (_load_row_state); Contrastive: -g1 where a positive's relu(a - v) is active, g2 where a negative's
+    relu(v - b) is."""
     positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
-    z, dz, first = _logits(s, positive, negative, param_a, param_b, KIND)
-    lse = tl.where(first, lse1[:, None], lse2[:, None])
-    # Masking the exponent keeps the -inf of an empty set (and the inf * 0 it would make) out of the arithmetic.
-    softmax = tl.exp2(tl.where(z == float("-inf"), float("-inf"), (z - _finite_or_zero(lse)) * LOG2E))
-    gradient = tl.where(first, grad1[:, None], grad2[:, None]) * softmax * dz
-    if KIND == SUPCON:
-        gradient += tl.where(positive, grad3[:, None], 0.0)
+    if KIND == NTXENT:
+        gradient = _ntxent_gradient(s, positive, negative, grad1, grad2, lse2, param_b)
+    elif KIND == CONTRASTIVE:
+        gradient = tl.where(positive & (param_a - s > 0), -grad1[:, None],
+                            tl.where(negative & (s - param_b > 0), grad2[:, None], 0.0))
+    else:
+        z, dz, first = _logits(s, positive, negative, param_a, param_b, KIND)
+        lse = tl.where(first, lse1[:, None], lse2[:, None])
+        # Masking the exponent keeps the -inf of an empty set (and the inf * 0 it would make) out of the arithmetic.
+        softmax = tl.exp2(tl.where(z == float("-inf"), float("-inf"), (z - _finite_or_zero(lse)) * LOG2E))
+        gradient = tl.where(first, grad1[:, None], grad2[:, None]) * softmax * dz
+        if KIND == SUPCON:
+            gradient += tl.where(positive, grad3[:, None], 0.0)
     return gradient
 
 
@@ -295,7 +450,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
     operand = x_ptr.dtype.element_ty
     scale = tl.load(scale_ptr)
     first_dims = tl.program_id(2) == 0  # the statistics t are added once, not once per D block
-    x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
+    x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N, KIND)
     x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
     dx = tl.zeros((BLOCK_M, BLOCK_D), ACC)
@@ -355,7 +510,7 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
     t_columns = tl.zeros((BLOCK_N,), ACC)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N)
+        x_labels, grad1, grad2, grad3, lse1, lse2 = _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N, KIND)
         x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
         x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
         dot = _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused import check_row_state, fake_gradients, stats_dtype
+from .._fused import KIND, STAT_ROWS, check_row_state, fake_gradients, stats_dtype
 from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
 
 # The widest D kept on chip whole (one tl.dot per tile); wider rows are walked in chunks of this width.
@@ -138,19 +138,28 @@ def register_estimate(config, block_d_: int, element_size: int, backward: bool, 
 
 
 # Per thread, of register_estimate: above these the compile sweep (bench/results/compile) found spills. By pass
-# ("forward", "select" for batch-hard, "backward"), then by layout of the rows ("full": all of D on chip, "chunked":
+# ("forward", "sums" for the sums over pairs of NT-Xent and Contrastive, "select" for batch-hard, "backward"), then by
+# layout of the rows ("full": all of D on chip, "chunked":
 # D walked in chunks, "unaligned": rows the compiler cannot load in vectors, see rows_aligned), a pair (products on
 # tensor cores, products on the CUDA cores: fp32 at "highest" precision and fp64, multiplied from registers). The
 # backward holds a gradient block and its atomic partial besides the epilogue's tiles: at D = 256 only 16 x 16 tiles
 # stay clear. Unaligned rows are loaded element by element, each with its own address: far smaller tiles.
 REGISTER_LIMIT = {
     "forward": {"full": (384, 112), "chunked": (384, 112), "unaligned": (256, 74), "unaligned-chunked": (96, 28)},
+    "sums": {"full": (384, 112), "chunked": (384, 112), "unaligned": (256, 74), "unaligned-chunked": (96, 28)},
     "select": {"full": (384, 112), "chunked": (160, 74), "unaligned": (216, 63), "unaligned-chunked": (96, 28)},
     "backward": {"full": (64, 40), "chunked": (64, 40), "unaligned": (64, 40), "unaligned-chunked": (64, 40)},
 }
 # Configs within the limits that the compile sweep still found spilling a few registers, (pass, layout) ->
-# (BLOCK_M, BLOCK_N, num_warps): batch-hard selection's 32 x 64 tiles with D in chunks (sm_90a, 2 registers).
-MEASURED_SPILLS = {("select", "chunked"): {(32, 64, 4), (32, 64, 8)}}
+# (BLOCK_M, BLOCK_N, num_warps): batch-hard selection's 32 x 64 tiles with D in chunks (sm_90a, 2 registers); NT-Xent's
+# sums (three per pair from an exponential, a log and a division), 2 to 12 registers over kinds, dtypes and
+# architectures, at the largest tiles the forward keeps and at some small ones, whatever the register count (ptxas
+# saving values live across the loop's exit).
+MEASURED_SPILLS = {("select", "chunked"): {(32, 64, 4), (32, 64, 8)},
+                   ("sums", "full"): {(128, 64, 8), (64, 64, 4), (32, 32, 8), (16, 16, 8), (16, 16, 4)},
+                   ("sums", "chunked"): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 16, 8),
+                                         (16, 64, 4), (16, 16, 8), (16, 16, 4)},
+                   ("sums", "unaligned-chunked"): {(32, 16, 8)}}
 # When no config is within the limit (fp32 rows at D = 256: the backward's smallest tile), the 16 x 16 tile with the
 # warps that the compile proof found free of spills, by (pass, precision, architecture); 4 where not listed.
 FALLBACK_WARPS = {("rows", "ieee", 80): 8, ("rows", "ieee", 90): 8, ("columns", "tf32", 80): 8}
@@ -172,7 +181,7 @@ def _arch(device) -> Optional[int]:
 
 
 def _pruner(kernel_pass: str):
-    """Autotune pruning for a pass ("forward", "select", "rows", "columns"): configs within the shared memory of
+    """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
     the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS)."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
@@ -205,6 +214,8 @@ _KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRE
         "NORMALIZE"]
 _forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("forward")
                            )(_lse_kernels.lse_rows_forward)
+_pair_sums = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("sums")
+                             )(_lse_kernels.pair_sums_forward)
 # Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed before each run.
 _backward_rows = triton.autotune(_configs(), key=_KEY + ["WITH_DY", "ATOMIC_DX"], prune_configs_by=_pruner("rows"),
                                  reset_to_zero=["dx_ptr", "dx_t_ptr", "dy_ptr", "dy_t_ptr"]
@@ -288,25 +299,45 @@ def _kernel_rows(x: torch.Tensor, y: torch.Tensor):
     return queries, (queries if y is x else unit(y))
 
 
+def _merge_splits(partial: torch.Tensor, logsumexp_rows: int) -> torch.Tensor:
+    """The statistics [STAT_ROWS, N] from each split's [splits, STAT_ROWS, N]: the first `logsumexp_rows` rows are
+    log-sum-exps (-inf where a split saw nothing), the others sums, merged in a fixed order: O(splits x N)."""
+    if partial.shape[0] == 1:
+        return partial[0]
+    return torch.cat([torch.logsumexp(partial[:, :logsumexp_rows], dim=0), partial[:, logsumexp_rows:].sum(dim=0)])
+
+
 @torch.library.custom_op("metric_kernels::triton_lse_rows", mutates_args=())
 def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
              self_offset: int, kind: int, pair_value: int, param_a: float, param_b: float, deterministic: bool,
              normalize: bool = True) -> torch.Tensor:
-    """Per-row statistics [3, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py), normalised
-    inside the kernels when `normalize`."""
+    """Per-row statistics [STAT_ROWS, N] of the raw rows x and y (see _lse_kernels and metric_kernels/_fused.py),
+    normalised inside the kernels when `normalize`. The log-sum-exp kinds take one pass (lse_rows_forward),
+    Contrastive one pass of sums (pair_sums_forward), NT-Xent both: its sums need A_i, merged over every split
+    first."""
     y = x if y is None else y
     x, y, n, x_norms, y_norms, splits = _walk_setup(x, y)
-    partial = torch.empty((splits, 3, n), dtype=stats_dtype(x.dtype), device=x.device)
     sizes, constexprs = _shape_args(x, y)
+    params = loss_params(param_a, param_b, x)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
+    rows = (x, y, x_norms, y_norms, x_labels, y_labels)
+    options = dict(KIND=kind, PAIR_VALUE=pair_value, NORMALIZE=normalize, **constexprs)
+    partial = lambda: torch.empty((splits, STAT_ROWS, n), dtype=stats_dtype(x.dtype), device=x.device)  # noqa: E731
+    stats = None
     with _device_guard(x):
-        _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
-            x, y, x_norms, y_norms, x_labels, y_labels, partial, *sizes, self_offset,
-            loss_params(param_a, param_b, x), splits,
-            *tuning_key(x, y), KIND=kind, PAIR_VALUE=pair_value, NORMALIZE=normalize, **constexprs)
-    if splits == 1:
-        return partial[0]
-    # Each split's log-sum-exps (-inf where it saw nothing) and sums merge in a fixed order: O(splits x N).
-    return torch.cat([torch.logsumexp(partial[:, :2], dim=0), partial[:, 2:].sum(dim=0)])
+        if kind != KIND["contrastive"]:
+            stats = partial()
+            _forward[grid](*rows, stats, *sizes, self_offset, params, splits, *tuning_key(x, y), **options)
+            stats = _merge_splits(stats, logsumexp_rows=2)
+        if kind in (KIND["ntxent"], KIND["contrastive"]):
+            negatives_lse = x_norms if stats is None else stats[1]  # Contrastive's is not read
+            stats = partial()
+            _pair_sums[grid](*rows, negatives_lse, stats, *sizes, self_offset, params, splits, *tuning_key(x, y),
+                             **options)
+            stats = _merge_splits(stats, logsumexp_rows=0)
+            if kind == KIND["ntxent"]:  # A, which pair_sums_forward leaves to the op (its row 1 is 0)
+                stats[1] = negatives_lse
+    return stats
 
 
 # Of P's bound, the factor dL/ds / dL/dv of each pair value: 2 for -q; for -sqrt(q) it is 1 / d, which no bound
@@ -315,17 +346,30 @@ def lse_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor,
 _PAIR_VALUE_SLOPE = {0: 1.0, 1: 2.0, 2: 2.0 ** 11}
 
 
-def gradient_scale(grad: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor, dtype: torch.dtype,
-                   param_a: float, param_b: float, pair_value: int = 0, normalize: bool = True) -> torch.Tensor:
+def _pair_gradient_bound(grad: torch.Tensor, stats: torch.Tensor, kind: int, param_a: float,
+                         param_b: float) -> torch.Tensor:
+    """Per row, a bound of |dL/dv_ij| (v the pair value) from the upstream gradients g of the statistics: the
+    log-sum-exp kinds (g1 + g2) b (2 + |a|) + g3 (Circle: |v| <= 1); NT-Xent b (g1 (1 + W) + g2) (a sigmoid or a
+    softmax weight times b g1 or b G_A); Contrastive g1 + g2."""
+    g = grad.abs()
+    if kind == KIND["ntxent"]:
+        return abs(param_b) * (g[0] * (1 + stats[2]) + g[1])
+    if kind == KIND["contrastive"]:
+        return g[0] + g[1]
+    return (g[0] + g[1]) * (abs(param_b) * (2 + abs(param_a))) + g[2]
+
+
+def gradient_scale(grad: torch.Tensor, stats: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor,
+                   dtype: torch.dtype, kind: int, param_a: float, param_b: float, pair_value: int = 0,
+                   normalize: bool = True) -> torch.Tensor:
     """A power of two that brings P = G_s r_i r_j to at most 1 in magnitude before it is cast to fp16 (whose range
     would flush the small softmax terms of a large batch to zero); 1 for the other dtypes. A 1-element tensor, so
-    no host synchronisation: |G_ij| <= (|g1_i| + |g2_i|) b (2 + |a|) + |g3_i| for every loss (Circle: |s| <= 1),
-    times the pair value's slope (_PAIR_VALUE_SLOPE); r = 1 without normalising."""
+    no host synchronisation: |G_ij| <= _pair_gradient_bound times the pair value's slope (_PAIR_VALUE_SLOPE);
+    r = 1 without normalising."""
     one = torch.ones((1,), dtype=stats_dtype(dtype), device=grad.device)
     if dtype != torch.float16 or grad.shape[1] == 0 or y_norms.numel() == 0:
         return one
-    bound = ((grad[0].abs() + grad[1].abs()) * (abs(param_b) * (2 + abs(param_a))) + grad[2].abs()) \
-        * _PAIR_VALUE_SLOPE[pair_value]
+    bound = _pair_gradient_bound(grad, stats, kind, param_a, param_b) * _PAIR_VALUE_SLOPE[pair_value]
     inverse = lambda norms: (1.0 / norms.clamp(min=1e-12) if normalize  # noqa: E731
                              else torch.ones_like(norms))
     largest = ((bound * inverse(x_norms)).max() * inverse(y_norms).max()).clamp(min=2.0 ** -100, max=2.0 ** 100)
@@ -349,7 +393,7 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     acc_dtype = stats_dtype(x.dtype)
     x_norms, y_norms = _norms_of(x, y)
-    scale = gradient_scale(grad, x_norms, y_norms, x.dtype, param_a, param_b, pair_value, normalize)
+    scale = gradient_scale(grad, stats, x_norms, y_norms, x.dtype, kind, param_a, param_b, pair_value, normalize)
     sizes, constexprs = _shape_args(x, y)
     constexprs.update(PAIR_VALUE=pair_value, NORMALIZE=normalize)
     width = constexprs["BLOCK_D"]
