@@ -1,8 +1,10 @@
 """Builds metric_kernels._C by driving CMakeLists.txt with Ninja (the way vLLM does), so `pip install
 --no-build-isolation .`, `pip install --no-build-isolation -e .` and a plain `cmake -G Ninja` build give the same
-module. Install without build isolation: the extension must be built against the torch that will import it. The
-build writes _C_build.json next to the module (CMakeLists.txt): the torch it was built against, which
-metric_kernels/backends.py compares with the running torch before anything loads _C.
+library, metric_kernels/_C.so. Install without build isolation: an isolated build would download a torch of its own
+to build against. _C uses torch's stable ABI only, so it serves the torch it was built against and every later one
+from its target version on (TORCH_TARGET_VERSION, CMakeLists.txt). The build writes _C_build.json next to the library
+(CMakeLists.txt): the torch it was built against, that target version and the build's flags, which
+metric_kernels/_native.py reads before it loads _C with torch.ops.load_library.
 
 Environment variables:
   METRIC_KERNELS_BUILD_TYPE   CMake build type (default Release; Debug for a debug build)
@@ -17,14 +19,13 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SKIP_EXT = os.environ.get("METRIC_KERNELS_SKIP_EXT") == "1"
-BUILD_RECORD = "_C_build.json"  # the torch the module was built against (CMakeLists.txt writes it)
+BUILD_RECORD = "_C_build.json"  # beside _C.so: what it was built against and with (CMakeLists.txt writes it)
 
 
 class CMakeExtension(Extension):
@@ -33,6 +34,11 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    def get_ext_filename(self, fullname):
+        # _C is a library for torch.ops.load_library, not a Python module: no interpreter tag in its name (and
+        # nothing imports it)
+        return os.path.join(*fullname.split(".")) + ".so"
+
     def run(self):
         if SKIP_EXT:
             print("metric_kernels: METRIC_KERNELS_SKIP_EXT=1, not building the native extension")
@@ -63,17 +69,11 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(configure)
         subprocess.check_call(["cmake", "--build", build_dir, "--parallel", jobs])
-        # CMake names the module for this interpreter (e.g. _C.cpython-311-x86_64-linux-gnu.so), as setuptools does.
-        expected = self.get_ext_fullpath(ext.name)
-        suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        built = os.path.join(output_dir, "_C" + suffix)
-        if os.path.abspath(built) != os.path.abspath(expected):
-            shutil.copyfile(built, expected)
         self._record_dirs = {**getattr(self, "_record_dirs", {}), ext.name: output_dir}
 
     def copy_extensions_to_source(self):
-        # An editable install builds into a temporary directory and copies the module into the source tree; the build
-        # record (_C_build.json, written by CMakeLists.txt beside the module) must follow it there.
+        # An editable install builds into a temporary directory and copies the library into the source tree; the
+        # build record (_C_build.json, written by CMakeLists.txt beside the library) must follow it there.
         super().copy_extensions_to_source()
         for ext in self.extensions:
             record = os.path.join(getattr(self, "_record_dirs", {}).get(ext.name, ""), BUILD_RECORD)

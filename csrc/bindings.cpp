@@ -1,11 +1,10 @@
-// Torch glue of metric_kernels._C: tensors in, params structs out, kernels called, ops registered with
-// TORCH_LIBRARY so they are torch.ops.metric_kernels.* (fake implementations and autograd formulas are registered
-// from Python, in metric_kernels/_lse_op.py, shared with the Triton ops).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <pybind11/pybind11.h>
-#include <torch/library.h>
+// Torch glue of the CPU kernels: tensors in, params structs out, kernels called, ops registered with
+// STABLE_TORCH_LIBRARY so they are torch.ops.metric_kernels.cpu_* once metric_kernels/_native.py has loaded the
+// library (fake implementations and autograd formulas are registered from Python, in metric_kernels/_fused.py, shared
+// with the other fused backends). Stable ABI only: see op_glue.h.
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -15,103 +14,123 @@
 namespace metric_kernels {
 namespace {
 
-// The kernels' GEMM on tiles, through ATen (MKL or OpenBLAS). Called inside the kernels' OpenMP regions, where
-// ATen and the BLAS run single-threaded.
+using glue::ScalarType;
+using glue::Tensor;
+
+// The kernels' GEMM on tiles: the C shim's out= variants of ATen's CPU mm / addmm (MKL or OpenBLAS) on views of the
+// caller's buffers, so the product lands in place, as at::mm_out would put it. Called inside the kernels' OpenMP
+// regions, where ATen and the BLAS run single-threaded. A failure here would stop the process (an exception cannot
+// leave an OpenMP region), as it did with ATen's own calls.
 template <typename T>
-void aten_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+void shim_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
                const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto* a_data = const_cast<T*>(a);
-  auto* b_data = const_cast<T*>(b);
-  at::Tensor A = transpose_a ? at::from_blob(a_data, {k, m}, {lda, 1}, options).t()
-                             : at::from_blob(a_data, {m, k}, {lda, 1}, options);
-  at::Tensor B = transpose_b ? at::from_blob(b_data, {n, k}, {ldb, 1}, options).t()
-                             : at::from_blob(b_data, {k, n}, {ldb, 1}, options);
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  const auto view = [](const T* data, int64_t rows, int64_t cols, int64_t ld, bool transposed) {
+    // op(M) is rows x cols; M itself is stored row-major with leading dimension ld (cols x rows when transposed)
+    const std::array<int64_t, 2> sizes{rows, cols};
+    const std::array<int64_t, 2> strides = transposed ? std::array<int64_t, 2>{1, ld} : std::array<int64_t, 2>{ld, 1};
+    return torch::stable::from_blob(const_cast<T*>(data), sizes, strides,
+                                    torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                    torch::headeronly::CppTypeToScalarType<T>::value);
+  };
+  const Tensor A = view(a, m, k, lda, transpose_a), B = view(b, k, n, ldb, transpose_b), C = view(c, m, n, ldc, false);
   if (beta == T(0)) {
-    at::mm_out(C, A, B);
-  } else {
-    C.addmm_(A, B, beta, 1);
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(C.get(), A.get(), B.get()));
+  } else {  // C = beta C + A B, C both the input and the output (as addmm_ does: no copy of C into itself)
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(C.get(), C.get(), A.get(), B.get(), beta, 1.0));
   }
 }
 
 void check_cpu(const glue::Rows& rows) {
-  TORCH_CHECK(rows.x.device().is_cpu() && rows.y.device().is_cpu(), "metric_kernels cpu ops take CPU tensors");
-  TORCH_CHECK(rows.x.scalar_type() == at::kFloat || rows.x.scalar_type() == at::kDouble,
-              "metric_kernels cpu ops compute in float32 or float64");
+  STD_TORCH_CHECK(rows.x.is_cpu() && rows.y.is_cpu(), "metric_kernels cpu ops take CPU tensors");
+  STD_TORCH_CHECK(rows.x.scalar_type() == ScalarType::Float || rows.x.scalar_type() == ScalarType::Double,
+                  "metric_kernels cpu ops compute in float32 or float64");
+}
+
+// Calls body(T{}) with T the rows' type, float or double (check_cpu refuses the others).
+template <typename Body>
+void with_rows_type(ScalarType type, Body&& body) {
+  if (type == ScalarType::Double) {
+    body(double{});
+  } else {
+    body(float{});
+  }
 }
 
 template <typename T>
 PairRowsParams<T> make_params(const glue::Rows& rows, const glue::RowNorms& norms, int64_t self_offset, int64_t kind,
                               int64_t pair_value, double a, double b) {
   const auto& [x, y, x_labels, y_labels, same] = rows;
-  const auto pointer = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-  return PairRowsParams<T>{x.data_ptr<T>(), y.data_ptr<T>(), x_labels.data_ptr<int64_t>(),
-                           y_labels.data_ptr<int64_t>(), x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0),
-                           self_offset, static_cast<int>(kind), static_cast<T>(a), static_cast<T>(b),
-                           &aten_gemm<T>, at::get_num_threads(), static_cast<int>(pair_value), pointer(norms.x_sq),
-                           pointer(norms.y_sq)};
+  const auto pointer = [](const std::optional<Tensor>& t) { return t ? t->const_data_ptr<T>() : nullptr; };
+  return PairRowsParams<T>{x.const_data_ptr<T>(), y.const_data_ptr<T>(), x_labels.const_data_ptr<int64_t>(),
+                           y_labels.const_data_ptr<int64_t>(), x.size(0), y.size(0), x.size(1), x.stride(0),
+                           y.stride(0), self_offset, static_cast<int>(kind), static_cast<T>(a), static_cast<T>(b),
+                           &shim_gemm<T>, static_cast<int>(torch::stable::get_num_threads()),
+                           static_cast<int>(pair_value), pointer(norms.x_sq), pointer(norms.y_sq)};
 }
 
-at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
-                    const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a,
-                    double b, bool deterministic) {
+Tensor lse_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
+                const Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a, double b,
+                bool deterministic) {
   glue::check_kind(kind, "lse_rows");
   glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cpu(rows);
-  const at::Tensor& x = rows.x;
+  const Tensor& x = rows.x;
   const glue::RowNorms norms = glue::row_norms(rows, x.scalar_type(), glue::needs_norms(pair_value));
-  at::Tensor stats = at::empty({kStatRows, x.size(0)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_lse_rows", [&] {
-    cpu::lse_rows_forward(make_params<scalar_t>(rows, norms, self_offset, kind, pair_value, a, b),
-                          stats.data_ptr<scalar_t>());
+  Tensor stats = torch::stable::new_empty(x, {kStatRows, x.size(0)});
+  with_rows_type(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    cpu::lse_rows_forward(make_params<T>(rows, norms, self_offset, kind, pair_value, a, b),
+                          stats.mutable_data_ptr<T>());
   });
   return stats;
 }
 
 // (dX, dY); an unneeded gradient comes back with 0 rows. Without y (the references are the queries) dX holds the
 // whole gradient. The CPU backward is always deterministic: `deterministic` is accepted for a uniform signature.
-std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, const at::Tensor& stats_in,
-                                                     const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
-                                                     const at::Tensor& x_labels_in, const at::Tensor& y_labels_in,
-                                                     int64_t self_offset, int64_t kind, int64_t pair_value,
-                                                     double a, double b, bool deterministic, bool need_dx,
-                                                     bool need_dy) {
+std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor& stats_in, const Tensor& x_in,
+                                             const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
+                                             const Tensor& y_labels_in, int64_t self_offset, int64_t kind,
+                                             int64_t pair_value, double a, double b, bool deterministic,
+                                             bool need_dx, bool need_dy) {
   glue::check_kind(kind, "lse_rows_backward");
   glue::check_pair_value(pair_value, "lse_rows_backward");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cpu(rows);
   glue::check_row_state(grad_in, stats_in, rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
-  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(), stats = stats_in.to(x.scalar_type()).contiguous();
-  const glue::RowNorms norms = glue::row_norms(rows, x.scalar_type(), glue::needs_norms(pair_value));
+  const ScalarType dtype = x.scalar_type();
+  const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, dtype));
+  const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, dtype));
+  const glue::RowNorms norms = glue::row_norms(rows, dtype, glue::needs_norms(pair_value));
   if (same) need_dx = need_dx || need_dy, need_dy = false;
-  at::Tensor dx = at::empty({need_dx ? x.size(0) : 0, x.size(1)}, x.options());
-  at::Tensor dy = at::empty({need_dy ? y.size(0) : 0, y.size(1)}, y.options());
+  Tensor dx = torch::stable::new_empty(x, {need_dx ? x.size(0) : 0, x.size(1)});
+  Tensor dy = torch::stable::new_empty(y, {need_dy ? y.size(0) : 0, y.size(1)});
   if (x.size(1) > 0 && (need_dx || need_dy)) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "metric_kernels::cpu_lse_rows_backward", [&] {
-      PairRowsBackwardParams<scalar_t> params{
-          make_params<scalar_t>(rows, norms, self_offset, kind, pair_value, a, b), grad.data_ptr<scalar_t>(),
-          stats.data_ptr<scalar_t>(), need_dx ? dx.data_ptr<scalar_t>() : nullptr,
-          need_dy ? dy.data_ptr<scalar_t>() : nullptr, false};
+    with_rows_type(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      PairRowsBackwardParams<T> params{make_params<T>(rows, norms, self_offset, kind, pair_value, a, b),
+                                       grad.const_data_ptr<T>(), stats.const_data_ptr<T>(),
+                                       need_dx ? dx.mutable_data_ptr<T>() : nullptr,
+                                       need_dy ? dy.mutable_data_ptr<T>() : nullptr, false};
       if (same) params.dy = params.dx, params.accumulate_dy = true;
       cpu::lse_rows_backward(params);
     });
   } else {
-    dx.zero_(), dy.zero_();
+    torch::stable::zero_(dx), torch::stable::zero_(dy);
   }
   return {dx, dy};
 }
 
-at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels_in,
-                             const at::Tensor& y_labels_in, int64_t self_offset) {
+Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x_labels_in, const Tensor& y_labels_in,
+                         int64_t self_offset) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cpu(rows);
-  at::Tensor choices = at::empty({2, rows.x.size(0)}, rows.x_labels.options());
+  Tensor choices = torch::stable::new_empty(rows.x_labels, {2, rows.x.size(0)});
   const glue::RowNorms norms = glue::row_norms(rows, rows.x.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(rows.x.scalar_type(), "metric_kernels::cpu_batch_hard_select", [&] {
-    cpu::batch_hard_select(make_params<scalar_t>(rows, norms, self_offset, 0, 0, 0, 0), choices.data_ptr<int64_t>());
+  with_rows_type(rows.x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    cpu::batch_hard_select(make_params<T>(rows, norms, self_offset, 0, 0, 0, 0), choices.mutable_data_ptr<int64_t>());
   });
   return choices;
 }
@@ -119,18 +138,11 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
 }  // namespace
 }  // namespace metric_kernels
 
-// A fragment: the Triton ops (defined from Python) share the metric_kernels namespace.
-TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, "cpu"); }
+// A fragment: the CUDA kernels' ops (cuda/ops.cpp) and the Triton ops (defined from Python) share the namespace.
+STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, "cpu"); }
 
-TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
-  m.impl("cpu_lse_rows", &metric_kernels::lse_rows);
-  m.impl("cpu_lse_rows_backward", &metric_kernels::lse_rows_backward);
-  m.impl("cpu_batch_hard_select", &metric_kernels::batch_hard_select);
-}
-
-// Importing metric_kernels._C runs the registrations above; the module itself exposes only what it was built with.
-PYBIND11_MODULE(_C, module) {
-  module.doc() = "metric_kernels native kernels (registered as torch.ops.metric_kernels.*)";
-  module.attr("with_cuda") = static_cast<bool>(METRIC_KERNELS_WITH_CUDA);
-  module.attr("with_cuda_emulation") = true;  // the cuda_emulated_* ops (csrc/cuda/emulated_ops.cpp)
+STABLE_TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
+  m.impl("cpu_lse_rows", TORCH_BOX(&metric_kernels::lse_rows));
+  m.impl("cpu_lse_rows_backward", TORCH_BOX(&metric_kernels::lse_rows_backward));
+  m.impl("cpu_batch_hard_select", TORCH_BOX(&metric_kernels::batch_hard_select));
 }

@@ -15,7 +15,10 @@ the dot product, or minus the squared or plain Euclidean distance). The statisti
 counts, NT-Xent's W). The
 cpu and cuda ops take rows already normalised (where the loss's distance normalises), in float32 or float64; the
 triton ops take the raw rows in their own dtype and normalise inside the kernels (the backend's FOLDS_NORMALIZATION):
-their lse ops and batch_hard_select take a last argument `normalize`.
+their lse ops and batch_hard_select take a last argument `normalize`. The cuda and cuda_emulated ops (the CUDA
+kernels, built on torch's stable ABI, which does not reach torch's global settings) take a last argument
+`allow_tf32=False`, and their `deterministic` is what makes the backward deterministic: CudaKernelRows passes torch's
+settings in both.
 
 A backend lists the pair values its lse ops compute in PAIR_VALUES (default: SIMILARITY only); "auto" skips a backend
 that lacks the one a loss needs.
@@ -98,9 +101,14 @@ class FusedRows:
         return -1 if self_offset is None else self_offset
 
     def _stats(self, x, y, x_labels, y_labels, self_offset, kind, a, b, deterministic, pair_value, *options):
+        """The lse op's statistics: every per-row function calls the op here."""
         # y is x: the op gets None and writes a single gradient (as query and as reference)
         return self._lse_rows(x, None if y is x else y, x_labels, y_labels, self._offset(self_offset), KIND[kind],
                               pair_value, a, b, deterministic, *options)
+
+    def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
+        """batch_hard_select's choices: every per-row function calls the op here."""
+        return self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset), *options)
 
     def circle_rows(self, x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic, **options):
         stats = self._stats(x, y, x_labels, y_labels, self_offset, "circle", m, gamma, deterministic, SIMILARITY,
@@ -134,15 +142,33 @@ class FusedRows:
         return stats[0], stats[1], stats[2], stats[3]
 
     def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
-        choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset))
+        choices = self._choices(x, y, x_labels, y_labels, self_offset)
         return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft)
 
     def proxy_anchor_rows(self, proxies, x, labels, *, margin, alpha, deterministic, pair_value=SIMILARITY,
                           **options):
         proxy_labels = torch.arange(proxies.shape[0], device=proxies.device)
-        stats = self._lse_rows(proxies, x, proxy_labels, labels, -1, KIND["proxy_anchor"], pair_value, margin, alpha,
-                               deterministic, *options.values())
+        stats = self._stats(proxies, x, proxy_labels, labels, None, "proxy_anchor", margin, alpha, deterministic,
+                            pair_value, *options.values())
         return proxy_anchor_from_stats(stats[0], stats[1])
+
+
+class CudaKernelRows(FusedRows):
+    """The per-row functions over the CUDA kernels' ops (backends "cuda" and "cuda-emulated"), which are built on
+    torch's stable ABI and so cannot read torch's global settings: each call passes them. fp32 tiles go to tensor
+    cores in tf32 only where torch allows tf32 matmuls (torch.backends.cuda.matmul.allow_tf32, also set by
+    torch.set_float32_matmul_precision), the ops' last argument; torch's deterministic mode makes the backward
+    deterministic whatever `deterministic` says (the atomic dY pass runs only where neither asks for determinism).
+    The autograd formula hands the backward op its forward's arguments: a backward follows the settings of its
+    forward."""
+
+    def _stats(self, x, y, x_labels, y_labels, self_offset, kind, a, b, deterministic, pair_value, *options):
+        return super()._stats(x, y, x_labels, y_labels, self_offset, kind, a, b,
+                              deterministic or torch.are_deterministic_algorithms_enabled(), pair_value, *options,
+                              torch.backends.cuda.matmul.allow_tf32)
+
+    def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
+        return super()._choices(x, y, x_labels, y_labels, self_offset, *options, torch.backends.cuda.matmul.allow_tf32)
 
 
 ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "ntxent_rows", "contrastive_rows",

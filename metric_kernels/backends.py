@@ -19,13 +19,13 @@ normalisation, batch-level rules, reductions) lives once in metric_kernels.funct
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import json
 import os
 from types import ModuleType
 from typing import Dict, Optional
 
 import torch
+
+from . import _native
 
 ENV_VAR = "METRIC_KERNELS_BACKEND"
 
@@ -46,9 +46,8 @@ _AUTO_ORDER = {
 }
 
 
-# The backends whose modules load the native extension metric_kernels._C.
+# The backends whose modules load the native extension metric_kernels._C (metric_kernels/_native.py).
 _NATIVE = ("cuda", "cpu", "cuda-emulated")
-BUILD_RECORD = "_C_build.json"  # written beside _C by CMakeLists.txt: {"torch": the torch version it was built against}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -76,24 +75,26 @@ def _import(name: str):
 
 def native_build_mismatch() -> Optional[str]:
     """Why metric_kernels._C must not be loaded by this process, or None (it may be, or it is not built, which the
-    native backends then say themselves). Decided from the build record beside the module, before anything loads
-    it: a module built against another torch has that torch's C++ ABI, so loading it may fail, or load and crash
-    later."""
-    spec = importlib.util.find_spec(__name__.rpartition(".")[0] + "._C")
-    if spec is None or not spec.origin:
+    native backends then say themselves). Decided from the build record beside it, before anything loads it: _C
+    uses torch's stable ABI from its target version on, so it serves that torch and every later one, whichever it
+    was built against; an older torch lacks functions it calls."""
+    if not os.path.isfile(_native.LIBRARY_PATH):
         return None
-    record = os.path.join(os.path.dirname(spec.origin), BUILD_RECORD)
     try:
-        with open(record, encoding="utf-8") as file:
-            built = json.load(file)["torch"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return (f"metric_kernels._C has no readable record of the torch it was built against ({record}: {error}); "
-                "reinstall metric_kernels against this torch (see 'Building the native extension' in README.md)")
+        record = _native.build_record()
+    except (OSError, ValueError) as error:
+        return (f"metric_kernels._C has no readable record of the torch it was built against "
+                f"({_native.BUILD_RECORD_PATH}: {error}); reinstall metric_kernels against this torch "
+                "(see 'Building the native extension' in README.md)")
     running = str(torch.__version__)
-    if built != running:
-        return (f"metric_kernels._C was built against torch {built}, running {running}; reinstall metric_kernels "
-                "against this torch (`pip install --no-build-isolation ...`, see 'Building the native extension' in "
-                "README.md)")
+    try:
+        served = _native.serves(record, running)
+    except ValueError:  # a version string PEP 440 cannot read
+        served = False
+    if not served:
+        return (f"metric_kernels._C serves torch {record['torch_target']} and later (built against torch "
+                f"{record['torch']}), running {running}; upgrade torch "
+                "(see 'Building the native extension' in README.md)")
     return None
 
 

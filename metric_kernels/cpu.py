@@ -2,11 +2,13 @@
 blocks, extra memory O(block x M) at most. The backend contract is in metric_kernels/backends.py."""
 import torch
 
+from . import _native
+
 # The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
 PAIR_VALUES = (0, 1, 2)
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.metric_kernels.cpu_*)
+    _native.load()  # registers torch.ops.metric_kernels.cpu_*
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
     _missing = str(error)
 else:

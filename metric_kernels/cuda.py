@@ -7,22 +7,24 @@ compile in CI, and their code computes on the CPU there through backend "cuda-em
 """
 import torch
 
+from . import _native
+
 # The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
 PAIR_VALUES = (0, 1, 2)
 
 try:
-    from . import _C
+    _build = _native.load()
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
     _missing = f"backend 'cuda' needs the native extension metric_kernels._C, which is not built: {error}"
 else:
-    _missing = None if getattr(_C, "with_cuda", False) else (
+    _missing = None if _build["with_cuda"] else (
         "backend 'cuda' needs the CUDA kernels of metric_kernels._C, which was built without them (they need a CUDA "
         "build of torch and nvcc at install time; see 'Building the native extension' in README.md)")
 
 if _missing is None:
-    from ._fused import fused_backend
+    from ._fused import CudaKernelRows, fused_backend
 
-    fused_backend("cuda", globals())
+    fused_backend("cuda", globals(), CudaKernelRows)
 
 
 def unavailable_reason(device: torch.device):

@@ -8,21 +8,23 @@ The backend contract is in metric_kernels/backends.py; the ops' contract in metr
 """
 import torch
 
+from . import _native
+
 # The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
 PAIR_VALUES = (0, 1, 2)
 
 try:
-    from . import _C
+    _build = _native.load()
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
     _missing = f"it is not built: {error}"
 else:
-    _missing = None if getattr(_C, "with_cuda_emulation", False) else (
+    _missing = None if _build["with_cuda_emulation"] else (
         "this build of it predates the emulation (reinstall: `pip install --no-build-isolation -e .`)")
 
 if _missing is None:
-    from ._fused import fused_backend
+    from ._fused import CudaKernelRows, fused_backend
 
-    fused_backend("cuda_emulated", globals())
+    fused_backend("cuda_emulated", globals(), CudaKernelRows)
 
 
 def unavailable_reason(device: torch.device):

@@ -62,8 +62,8 @@ def test_every_cuda_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
          "-DMETRIC_KERNELS_CUDA_COMPILE_ONLY=ON", "-DMETRIC_KERNELS_CUDA_ARCHS=80;90"],
         capture_output=True, text=True, timeout=600)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
-    compiled = subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--verbose"], capture_output=True,
-                              text=True, timeout=1200)
+    compiled = subprocess.run(["cmake", "--build", str(build), "--parallel", os.environ.get("MAX_JOBS", "2"),
+                               "--verbose"], capture_output=True, text=True, timeout=1200)
     log = compiled.stdout + compiled.stderr
     assert compiled.returncode == 0, log[-6000:]
     assert "ops.cpp.o" in log  # the torch glue was compiled too

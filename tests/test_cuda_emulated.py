@@ -44,20 +44,6 @@ OPERAND_TOLERANCE = {"fp64": (1e-10, 1e-10), "fp32": (1e-5, 1e-4), "tf32": (2e-2
                      "fp16": (1e-4, 5e-3)}
 
 
-class _tf32:
-    """fp32 tiles in tf32 for the ops (torch.backends.cuda.matmul.allow_tf32, which the glue reads) when `on`."""
-
-    def __init__(self, on):
-        self.on = on
-
-    def __enter__(self):
-        self.before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.before
-
-
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("operand", list(OPERANDS))
 @pytest.mark.parametrize("pair_value", [0, 1, 2])
@@ -92,10 +78,10 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
                                                                               True, y is not None)
     args = (x, y, labels, y_labels, offset, kind, pair_value, a, b, deterministic)
-    with _tf32(operand == "tf32"):
-        stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args)
-        dx, dy = torch.ops.metric_kernels.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, *args[:-1],
-                                                                          deterministic, True, y is not None)
+    allow_tf32 = operand == "tf32"
+    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args, allow_tf32)
+    dx, dy = torch.ops.metric_kernels.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, *args[:-1],
+                                                                      deterministic, True, y is not None, allow_tf32)
     value_tol, grad_tol = OPERAND_TOLERANCE[operand]
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(stats), finite), "empty rows (-inf) differ"
@@ -131,8 +117,8 @@ def test_tensor_core_operands_round_like_their_type(operand):
     x = torch.nn.functional.normalize(torch.randn(70, 40, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (70,), generator=g)
     args = (None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
-    with _tf32(operand == "tf32"):
-        stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args)
+    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args,
+                                                            allow_tf32=operand == "tf32")
     rounded = _tf32_rounded(x) if operand == "tf32" else x.to(OPERANDS[operand]).double()
     on_rounded = torch.ops.metric_kernels.cpu_lse_rows(rounded, *args)
     on_exact = torch.ops.metric_kernels.cpu_lse_rows(x, *args)
@@ -150,8 +136,8 @@ def test_batch_hard_selection_on_every_operand_type(operand):
     x = torch.randn(130, 40, generator=g, dtype=torch.float64).to(dtype)
     y = torch.randn(170, 40, generator=g, dtype=torch.float64).to(dtype)
     labels, y_labels = torch.randint(0, 5, (130,), generator=g), torch.randint(0, 5, (170,), generator=g)
-    with _tf32(operand == "tf32"):
-        choices = torch.ops.metric_kernels.cuda_emulated_batch_hard_select(x, y, labels, y_labels, 3)
+    choices = torch.ops.metric_kernels.cuda_emulated_batch_hard_select(x, y, labels, y_labels, 3,
+                                                                       allow_tf32=operand == "tf32")
     expected = torch.ops.metric_kernels.cpu_batch_hard_select(x.double(), y.double(), labels, y_labels, 3)
     assert torch.equal(choices < 0, expected < 0)
     distances = torch.cdist(x.double(), y.double())
@@ -196,6 +182,42 @@ def test_losses_in_tf32(loss):
     highest, _ = run("cuda-emulated", torch.float32)
     if loss != "batch_hard_triplet":  # the chosen triplets' distances are recomputed exactly in Python
         assert not torch.equal(plain, highest), "tf32 and IEEE fp32 gave the same bits: tf32 was not used"
+
+
+def test_ops_get_torch_settings_from_the_backend():
+    """The ops cannot read torch's global settings (stable ABI): backend "cuda-emulated" passes torch's TF32
+    permission as their last argument, and torch's deterministic mode inside `deterministic`; the ops themselves
+    default to IEEE fp32 products."""
+    from metric_kernels._fused import CudaKernelRows
+
+    calls = []
+
+    class Recorded(CudaKernelRows):
+        def __init__(self):
+            super().__init__("cuda_emulated")
+            lse_rows, select = self._lse_rows, self._select
+            self._lse_rows = lambda *args: calls.append(("lse_rows", args[9], args[-1])) or lse_rows(*args)
+            self._select = lambda *args: calls.append(("select", None, args[-1])) or select(*args)
+
+    g = torch.Generator().manual_seed(3)
+    x, labels = torch.randn(20, 8, generator=g), torch.randint(0, 3, (20,), generator=g)
+    rows = Recorded()
+    precision, deterministic_mode = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.use_deterministic_algorithms(True)
+        rows.supcon_rows(x, x, labels, labels, 0, temperature=0.1, deterministic=False)
+        rows.batch_hard_rows(x, x, labels, labels, 0, margin=0.1, soft=False, deterministic=False)
+        torch.set_float32_matmul_precision("highest")
+        torch.use_deterministic_algorithms(False)
+        rows.supcon_rows(x, x, labels, labels, 0, temperature=0.1, deterministic=False)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(deterministic_mode)
+    assert calls == [("lse_rows", True, True), ("select", None, True), ("lse_rows", False, False)], calls
+    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x, None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
+    assert torch.equal(stats, torch.ops.metric_kernels.cuda_emulated_lse_rows(x, None, labels, labels, 0, 1, 0, 0.0,
+                                                                              10.0, True, False))
 
 
 def test_shared_memory_limits_of_a_99_kb_gpu(monkeypatch):

@@ -1,18 +1,18 @@
 // Torch glue of the CUDA kernels: tensors in, CudaPairRowsParams out, kernels launched on torch's current stream,
 // ops registered as torch.ops.metric_kernels.cuda_* (their fake implementations and autograd formula come from
-// Python, metric_kernels/_fused.py, shared with the other fused backends). It needs no CUDA header: the stream is
-// reached through c10's device-generic interface, so this file also compiles against a CPU-only torch (the CI
+// Python, metric_kernels/_fused.py, shared with the other fused backends). Stable ABI only (see ../op_glue.h), and no
+// CUDA header: the current stream comes from the C shim, so this file also compiles against a CPU-only torch (the CI
 // compile check does that).
+//
+// torch's global settings are not part of the stable ABI, so the two this glue follows arrive as arguments from
+// Python (metric_kernels/_fused.py's CudaKernelRows): `allow_tf32`, torch's TF32 permission for matmuls, ends each
+// op's arguments, and `deterministic` already includes torch's deterministic mode.
 //
 // emulated_ops.cpp compiles this file a second time with METRIC_KERNELS_HOST_EMULATION: the same glue over the kernels
 // built for the host emulation (host_emulation.h), as the ops cuda_emulated_* on CPU tensors.
-#include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
-#include <torch/library.h>
-
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "../op_glue.h"
@@ -23,6 +23,7 @@
 #define cuda cuda_emulated
 #define METRIC_KERNELS_OPS_DISPATCH CPU
 #else
+#include <torch/csrc/stable/accelerator.h>
 #define METRIC_KERNELS_OPS_DISPATCH CUDA
 #endif
 #include "launch.h"
@@ -30,150 +31,172 @@
 namespace metric_kernels {
 namespace {
 
+using glue::ScalarType;
+using glue::Tensor;
+
 #ifdef METRIC_KERNELS_HOST_EMULATION
 constexpr const char* kPrefix = "cuda_emulated";
-constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+constexpr const char* kDeviceName = "CPU";
 
-void* current_stream(const at::Tensor&) { return nullptr; }  // launches complete before they return
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+
+void* current_stream(const Tensor&) { return nullptr; }  // launches complete before they return
+
+// CPU tensors need no device guard.
+struct OnDeviceOf {
+  explicit OnDeviceOf(const Tensor&) {}
+};
 
 // Outputs the kernels must write in full start as NaN (-1 for indices), so an element they miss shows.
-at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-  if (at::isFloatingType(out.scalar_type())) return out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out.fill_(-1);
+Tensor uninitialized(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype) {
+  Tensor out = torch::stable::new_empty(like, sizes, dtype);
+  const bool indices = dtype == ScalarType::Long;
+  return torch::stable::fill_(out, indices ? -1.0 : std::numeric_limits<double>::quiet_NaN());
 }
 #else
 constexpr const char* kPrefix = "cuda";
-constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+constexpr const char* kDeviceName = "CUDA";
 
-void* current_stream(const at::Tensor& tensor) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(tensor.device()).native_handle();
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+
+void* current_stream(const Tensor& tensor) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(tensor.get_device_index(), &stream));
+  return stream;
 }
 
-at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+// Makes the tensor's GPU the current device for the call (allocations and launches).
+struct OnDeviceOf {
+  torch::stable::accelerator::DeviceGuard guard;
+  explicit OnDeviceOf(const Tensor& t) : guard(t.get_device_index()) {}
+};
+
+Tensor uninitialized(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype) {
+  return torch::stable::new_empty(like, sizes, dtype);
+}
 #endif
 
 void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, "metric_kernels::", kPrefix, "_", op, ": CUDA error: ", cuda::error_string(code));
+  STD_TORCH_CHECK(code == 0, "metric_kernels::", kPrefix, "_", op, ": CUDA error: ", cuda::error_string(code));
 }
 
 // fp32 tiles go to tensor cores in tf32 only where torch allows it for matmuls (torch.backends.cuda.matmul.allow_tf32,
-// torch.set_float32_matmul_precision("high"/"medium")).
-Operand operand_of(const at::Tensor& x) {
+// torch.set_float32_matmul_precision("high"/"medium")), which Python reads and passes as allow_tf32.
+Operand operand_of(const Tensor& x, bool allow_tf32) {
   switch (x.scalar_type()) {
-    case at::kHalf: return Operand::kFloat16;
-    case at::kBFloat16: return Operand::kBFloat16;
-    case at::kDouble: return Operand::kFloat64;
-    default: return at::globalContext().allowTF32CuBLAS() ? Operand::kTf32 : Operand::kFloat32;
+    case ScalarType::Half: return Operand::kFloat16;
+    case ScalarType::BFloat16: return Operand::kBFloat16;
+    case ScalarType::Double: return Operand::kFloat64;
+    default: return allow_tf32 ? Operand::kTf32 : Operand::kFloat32;
   }
 }
 
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+ScalarType accumulation_type(const Tensor& x) {
+  return x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
 void check_cuda(const glue::Rows& rows) {
-  const at::Tensor& x = rows.x;
-  TORCH_CHECK(x.device().type() == kDevice && rows.y.device() == x.device() && rows.x_labels.device() == x.device() &&
-                  rows.y_labels.device() == x.device(),
-              "metric_kernels ", kPrefix, " ops take ", c10::DeviceTypeName(kDevice), " tensors on one device");
+  const Tensor& x = rows.x;
+  STD_TORCH_CHECK(on_device(x) && rows.y.device() == x.device() && rows.x_labels.device() == x.device() &&
+                      rows.y_labels.device() == x.device(),
+                  "metric_kernels ", kPrefix, " ops take ", kDeviceName, " tensors on one device");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "metric_kernels ", kPrefix, " ops take float32, float64, float16 or bfloat16 rows");
-  TORCH_CHECK(x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the grid of the backward kernels");
+  STD_TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::Half ||
+                      dtype == ScalarType::BFloat16,
+                  "metric_kernels ", kPrefix, " ops take float32, float64, float16 or bfloat16 rows");
+  STD_TORCH_CHECK(x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the grid of the backward kernels");
 }
 
 CudaPairRowsParams make_params(const glue::Rows& rows, const glue::RowNorms& norms, int64_t self_offset, int64_t kind,
-                               int64_t pair_value, double a, double b) {
+                               int64_t pair_value, double a, double b, bool allow_tf32) {
   const auto& [x, y, x_labels, y_labels, same] = rows;
-  const auto pointer = [](const at::Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
-  return CudaPairRowsParams{x.data_ptr(), y.data_ptr(), x_labels.data_ptr<int64_t>(), y_labels.data_ptr<int64_t>(),
-                            x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0), self_offset,
-                            static_cast<int>(kind), a, b, operand_of(x), static_cast<int>(pair_value),
-                            pointer(norms.x_sq), pointer(norms.y_sq)};
+  const auto pointer = [](const std::optional<Tensor>& t) -> const void* { return t ? t->const_data_ptr() : nullptr; };
+  return CudaPairRowsParams{x.const_data_ptr(), y.const_data_ptr(), x_labels.const_data_ptr<int64_t>(),
+                            y_labels.const_data_ptr<int64_t>(), x.size(0), y.size(0), x.size(1), x.stride(0),
+                            y.stride(0), self_offset, static_cast<int>(kind), a, b, operand_of(x, allow_tf32),
+                            static_cast<int>(pair_value), pointer(norms.x_sq), pointer(norms.y_sq)};
 }
 
-at::Tensor lse_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in, const at::Tensor& x_labels_in,
-                    const at::Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a,
-                    double b, bool deterministic) {
+Tensor lse_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
+                const Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a, double b,
+                bool deterministic, bool allow_tf32) {
   glue::check_kind(kind, "lse_rows");
   glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
-  const at::Tensor& x = rows.x;
-  const c10::DeviceGuard guard(x.device());
+  const Tensor& x = rows.x;
+  const OnDeviceOf on_device_of(x);
   const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x), glue::needs_norms(pair_value));
-  at::Tensor stats = uninitialized({kStatRows, x.size(0)}, x.options().dtype(accumulation_type(x)));
-  check_launch(cuda::lse_rows_forward(make_params(rows, norms, self_offset, kind, pair_value, a, b), stats.data_ptr(),
-                                      current_stream(x)),
+  Tensor stats = uninitialized(x, {kStatRows, x.size(0)}, accumulation_type(x));
+  check_launch(cuda::lse_rows_forward(make_params(rows, norms, self_offset, kind, pair_value, a, b, allow_tf32),
+                                      stats.mutable_data_ptr(), current_stream(x)),
                "lse_rows");
   return stats;
 }
 
 // (dX, dY) in the rows' dtype; an unneeded gradient has 0 rows; without y (the references are the queries) dX holds
-// the whole gradient. Deterministic unless asked otherwise and torch's deterministic mode is off: then dY comes from
-// the dX pass through atomics (one pass instead of two).
-std::tuple<at::Tensor, at::Tensor> lse_rows_backward(const at::Tensor& grad_in, const at::Tensor& stats_in,
-                                                     const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
-                                                     const at::Tensor& x_labels_in, const at::Tensor& y_labels_in,
-                                                     int64_t self_offset, int64_t kind, int64_t pair_value,
-                                                     double a, double b, bool deterministic, bool need_dx,
-                                                     bool need_dy) {
+// the whole gradient. Deterministic unless asked otherwise (Python folds torch's deterministic mode into
+// `deterministic`): then dY comes from the dX pass through atomics (one pass instead of two).
+std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor& stats_in, const Tensor& x_in,
+                                             const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
+                                             const Tensor& y_labels_in, int64_t self_offset, int64_t kind,
+                                             int64_t pair_value, double a, double b, bool deterministic,
+                                             bool need_dx, bool need_dy, bool allow_tf32) {
   glue::check_kind(kind, "lse_rows_backward");
   glue::check_pair_value(pair_value, "lse_rows_backward");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
   glue::check_row_state(grad_in, stats_in, rows);
   const auto& [x, y, x_labels, y_labels, same] = rows;
-  const c10::DeviceGuard guard(x.device());
-  const auto acc = accumulation_type(x);
-  const at::Tensor grad = grad_in.to(acc).contiguous(), stats = stats_in.to(acc).contiguous();
+  const OnDeviceOf on_device_of(x);
+  const ScalarType acc = accumulation_type(x);
+  const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
+  const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   if (same) need_dx = need_dx || need_dy, need_dy = false;
   const glue::RowNorms norms = glue::row_norms(rows, acc, glue::needs_norms(pair_value));
-  const CudaPairRowsParams params = make_params(rows, norms, self_offset, kind, pair_value, a, b);
-  const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device());
+  const CudaPairRowsParams params = make_params(rows, norms, self_offset, kind, pair_value, a, b, allow_tf32);
+  const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
   // Atomics only where they save a pass: both gradients wanted (dY alone is one deterministic pass already).
-  const bool atomic = !deterministic && !at::globalContext().deterministicAlgorithms() && need_dx &&
-                      (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
+  const bool atomic = !deterministic && need_dx && (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
                       cuda::backward_shared_bytes(params.operand, true) <= shared_limit;
   const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic);
-  TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ", x.scalar_type(),
-              " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU allows ", shared_limit,
-              "; use float32 rows or backend='triton'");
-  const auto options = x.options().dtype(acc);
+  STD_TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ",
+                  x.scalar_type(), " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU ",
+                  "allows ", shared_limit, "; use float32 rows or backend='triton'");
   // The atomic pass adds into zeros; the deterministic passes write every element.
   const auto buffer = [&](int64_t rows, bool zeroed) {
-    return zeroed ? at::zeros({rows, x.size(1)}, options) : uninitialized({rows, x.size(1)}, options);
+    const std::array<int64_t, 2> sizes{rows, x.size(1)};
+    return zeroed ? torch::stable::new_zeros(x, sizes, acc) : uninitialized(x, sizes, acc);
   };
-  at::Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
-  at::Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
+  Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
+  Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
   // With no pairs (N, M or D zero) the gradients are zeros and no kernel runs.
   if (x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0 && (need_dx || need_dy)) {
     CudaPairRowsBackwardParams backward{params,
-                                        grad.data_ptr(),
-                                        stats.data_ptr(),
-                                        need_dx ? dx.data_ptr() : nullptr,
-                                        need_dy || same ? dy.data_ptr() : nullptr,
+                                        grad.const_data_ptr(),
+                                        stats.const_data_ptr(),
+                                        need_dx ? dx.mutable_data_ptr() : nullptr,
+                                        need_dy || same ? dy.mutable_data_ptr() : nullptr,
                                         same,
                                         atomic};
     check_launch(cuda::lse_rows_backward(backward, current_stream(x)), "lse_rows_backward");
   } else {
-    dx.zero_(), dy.zero_();
+    torch::stable::zero_(dx), torch::stable::zero_(dy);
   }
-  at::Tensor dy_out = same ? at::empty({0, x.size(1)}, x.options()) : dy.to(y.scalar_type());
-  return {dx.to(x.scalar_type()), dy_out};
+  Tensor dy_out = same ? torch::stable::new_empty(x, {0, x.size(1)}) : torch::stable::to(dy, y.scalar_type());
+  return {torch::stable::to(dx, x.scalar_type()), dy_out};
 }
 
-at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels_in,
-                             const at::Tensor& y_labels_in, int64_t self_offset) {
+Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x_labels_in, const Tensor& y_labels_in,
+                         int64_t self_offset, bool allow_tf32) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
-  const at::Tensor& x = rows.x;
-  const c10::DeviceGuard guard(x.device());
+  const Tensor& x = rows.x;
+  const OnDeviceOf on_device_of(x);
   const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x));
-  at::Tensor choices = uninitialized({2, x.size(0)}, rows.x_labels.options());
-  check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0), choices.data_ptr<int64_t>(),
-                                       current_stream(x)),
+  Tensor choices = uninitialized(x, {2, x.size(0)}, ScalarType::Long);
+  check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0, allow_tf32),
+                                       choices.mutable_data_ptr<int64_t>(), current_stream(x)),
                "batch_hard_select");
   return choices;
 }
@@ -181,11 +204,14 @@ at::Tensor batch_hard_select(const at::Tensor& x_in, const at::Tensor& y_in, con
 }  // namespace
 }  // namespace metric_kernels
 
-TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix); }
+// allow_tf32 defaults to IEEE fp32 products for direct callers of the ops; the backends always pass it.
+STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
+  metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
+}
 
-TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
+STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
   const std::string prefix = metric_kernels::kPrefix;
-  m.impl((prefix + "_lse_rows").c_str(), &metric_kernels::lse_rows);
-  m.impl((prefix + "_lse_rows_backward").c_str(), &metric_kernels::lse_rows_backward);
-  m.impl((prefix + "_batch_hard_select").c_str(), &metric_kernels::batch_hard_select);
+  m.impl((prefix + "_lse_rows").c_str(), TORCH_BOX(&metric_kernels::lse_rows));
+  m.impl((prefix + "_lse_rows_backward").c_str(), TORCH_BOX(&metric_kernels::lse_rows_backward));
+  m.impl((prefix + "_batch_hard_select").c_str(), TORCH_BOX(&metric_kernels::batch_hard_select));
 }
