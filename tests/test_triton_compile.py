@@ -19,7 +19,8 @@ import torch
 from metric_kernels.triton import _aot
 
 REPORT = Path(os.environ.get("METRIC_KERNELS_COMPILE_REPORT", _aot.ROOT / "out" / "compile-report"))
-PRODUCTS = ("lse_rows_forward", "lse_rows_backward_rows", "lse_rows_backward_columns", "batch_hard_select")
+PRODUCTS = ("lse_rows_forward", "pair_sums_forward", "lse_rows_backward_rows", "lse_rows_backward_columns",
+            "batch_hard_select")
 KERNELS = PRODUCTS + ("finish_gradient", "row_norms", "triplet_distances", "triplet_distances_backward_rows",
                       "triplet_distances_backward_references")
 _RUNS = {}
@@ -129,7 +130,7 @@ def _launches(monkeypatch):
             y = torch.randn(m, d, generator=generator).to(dtype)
             x_labels = torch.randint(0, 3, (n,), generator=generator)
             y_labels = torch.randint(0, 3, (m,), generator=generator)
-            for kind in (0,) if chunked else (0, 1, 2, 3):
+            for kind in (0,) if chunked else (0, 1, 2, 3, 4, 5):
                 for other, labels, offset in ((None, x_labels, 0), (y, y_labels, -1)):
                     stats = ops.lse_rows(x, other, x_labels, labels, offset, kind, 0, 0.25, 2.0, False)
                     grad = torch.ones_like(stats)
