@@ -6,11 +6,12 @@ N = M = 256 (Proxy-Anchor: 256 embeddings against 256 proxies), D in (64, 256), 
 and dY are computed), and Circle also with ref_emb=None ("self", at D = 64). The budgets:
 
 - bf16 inputs: 100 % of the dot FLOPs on 16-bit operands (as the kernel hands them to tl.dot).
-- matmul-equivalents (dot FLOPs / 2NMD, forward + backward): Circle, SupCon, Proxy-Anchor <= 4 default (S forward;
-  S, dX, dY backward) and <= 5 deterministic (S twice more: a row pass and a column pass); batch-hard <= 1.1
-  (the forward's distances; its backward is O((N + M) D)).
+- matmul-equivalents (dot FLOPs / 2NMD, forward + backward): Circle, SupCon, Multi-Similarity, Contrastive,
+  Proxy-Anchor <= 4 default (S forward; S, dX, dY backward) and <= 5 deterministic (S twice more: a row pass and a
+  column pass); NT-Xent one more (its forward's second sweep); batch-hard <= 1.1 (the forward's distances; its
+  backward is O((N + M) D)).
 - exponentials per pair (the exp and exp2 evaluated on pair tiles, / NM), log-sum-exp losses: <= 2 default, <= 3
-  deterministic: one per pair per pass. The online log-sum-exp's rescaling of its running sums is counted apart (exps
+  deterministic: one per pair per pass (NT-Xent: one more, its second sweep; Contrastive has none). The online log-sum-exp's rescaling of its running sums is counted apart (exps
   on per-row vectors): at most 2 per row per reference tile of the forward, i.e. <= 2 / 64 per pair at the
   interpreter's 64-wide tiles (1 for SupCon, whose second set is empty).
 - host tensors of N x D elements or more that the step allocates (new storage, not views or in-place results):
@@ -40,8 +41,12 @@ SIZE = 256
 DIMS = (64, 256)
 DTYPES = ("bf16", "fp32")
 MODES = ("default", "deterministic")
-LSE_CASES = (("circle", "ref_emb"), ("circle", "self"), ("supcon", "ref_emb"), ("proxy_anchor", "proxies"))
-ALL_CASES = LSE_CASES + (("batch_hard", "ref_emb"),)
+LSE_CASES = (("circle", "ref_emb"), ("circle", "self"), ("supcon", "ref_emb"), ("multi_similarity", "ref_emb"),
+             ("ntxent", "ref_emb"), ("proxy_anchor", "proxies"))
+ALL_CASES = LSE_CASES + (("contrastive", "ref_emb"), ("batch_hard", "ref_emb"))
+# NT-Xent's forward sweeps the references twice (its pair terms need the negatives' log-sum-exp first): one
+# matmul-equivalent and one exponential per pair more than the others.
+SECOND_SWEEP = {"ntxent": 1}
 MODES_OF = {"batch_hard": ("default",)}
 # The self case (ref_emb=None) runs the same kernels for every loss: Circle's stands for all, at the smaller D, so
 # that the module stays near a minute on 2 cores (the interpreter takes 1 to 4 s per case).
@@ -93,16 +98,17 @@ def test_bf16_inputs_put_every_dot_flop_on_16_bit_operands(counted, loss, refs, 
 @pytest.mark.parametrize("loss, refs, dtype, dim, mode", _params("matmul_equivalents", ALL_CASES))
 def test_matmul_equivalents_of_forward_and_backward(counted, loss, refs, dtype, dim, mode):
     r = counted(loss, refs, dtype, dim, mode)
-    budget = 1.1 if loss == "batch_hard" else {"default": 4, "deterministic": 5}[mode]
+    sweeps = 1 + SECOND_SWEEP.get(loss, 0)
+    budget = 1.1 if loss == "batch_hard" else {"default": 3, "deterministic": 4}[mode] + sweeps
     assert r["matmul_equivalents"] <= budget
-    assert r["forward_matmul_equivalents"] <= 1.0  # S = X Y^T once; a forward never needs more
+    assert r["forward_matmul_equivalents"] <= sweeps  # S = X Y^T once per sweep
 
 
 @pytest.mark.parametrize("loss, refs, dtype, dim, mode", _params("exponentials_per_pair", LSE_CASES))
 def test_exponentials_per_pair(counted, loss, refs, dtype, dim, mode):
     r = counted(loss, refs, dtype, dim, mode)
-    assert r["exponentials_per_pair"] <= {"default": 2, "deterministic": 3}[mode]
-    rescales_per_row_and_tile = 1 if loss == "supcon" else 2
+    assert r["exponentials_per_pair"] <= {"default": 2, "deterministic": 3}[mode] + SECOND_SWEEP.get(loss, 0)
+    rescales_per_row_and_tile = 1 if loss in ("supcon", "ntxent") else 2
     assert r["row_exponentials_per_pair"] <= rescales_per_row_and_tile / INTERPRETER_BLOCK_N
 
 

@@ -1,8 +1,8 @@
 """The GPU cost report, `metric-kernels cost`: what one training step of each loss would make a GPU do, counted, not
 timed, by running the Triton kernels under Triton's CPU interpreter through the public API.
 
-For each loss (forward + backward through mk.circle_loss, mk.supcon_loss, mk.batch_hard_triplet_loss,
-mk.proxy_anchor_loss with backend="triton"), each mode (deterministic=False, "default", and True, "deterministic"),
+For each loss (forward + backward through its functional form, mk.circle_loss, ..., mk.proxy_anchor_loss, with
+backend="triton"), each mode (deterministic=False, "default", and True, "deterministic"),
 input dtype and D, it counts, from the interpreter's builder (the object every tl.* operation goes through):
 
     dot FLOPs     2 M N K per tl.dot, keyed by the operand dtype the kernel gives it and the input precision
@@ -51,13 +51,14 @@ H100_SXM = {
 }
 MODEL_LABEL = "H100 model, not a measurement"
 
-LOSSES = ("circle", "supcon", "batch_hard", "proxy_anchor")
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor")
 MODES = {"default": False, "deterministic": True}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 CLASSES = 16
-# Useful work in matmul-equivalents (2 N M D each) of one forward + backward: the log-sum-exp losses need S = X Y^T
+# Useful work in matmul-equivalents (2 N M D each) of one forward + backward: the row-statistics losses need S = X Y^T
 # (forward) and dX = G Y, dY = G^T X (backward); batch-hard needs the distances (forward) and an O((N + M) D) backward.
-USEFUL_MATMULS = {"circle": 3, "supcon": 3, "proxy_anchor": 3, "batch_hard": 1}
+USEFUL_MATMULS = {"circle": 3, "supcon": 3, "multi_similarity": 3, "ntxent": 3, "contrastive": 3, "proxy_anchor": 3,
+                  "batch_hard": 1}
 
 _EXPONENTIALS = ("create_exp", "create_exp2")
 _SPECIAL = ("create_log", "create_log2", "create_sqrt", "create_precise_sqrt", "create_rsqrt", "create_sin",
@@ -392,7 +393,8 @@ def _inputs(case: Case, seed: int = 0):
 
 def _loss_fn(loss: str):
     import metric_kernels as mk
-    return {"circle": mk.circle_loss, "supcon": mk.supcon_loss, "batch_hard": mk.batch_hard_triplet_loss,
+    return {"circle": mk.circle_loss, "supcon": mk.supcon_loss, "multi_similarity": mk.multi_similarity_loss,
+            "ntxent": mk.ntxent_loss, "contrastive": mk.contrastive_loss, "batch_hard": mk.batch_hard_triplet_loss,
             "proxy_anchor": mk.proxy_anchor_loss}[loss]
 
 
@@ -540,7 +542,7 @@ def markdown(rows: List[dict], meta: dict) -> str:
         f"those on per-row vectors (the online log-sum-exp's rescaling) / NM. *MB ld*, *MB st*: bytes the programs "
         f"load and store (masked-off elements not counted); *atomics*: elements added atomically. *host NxD*: host "
         f"tensors of N x D elements or more that the step allocates. The last three columns are an "
-        f"**{MODEL_LABEL}**: max(compute, memory, exponentials) at H100 SXM rates, and the useful work (log-sum-exp "
+        f"**{MODEL_LABEL}**: max(compute, memory, exponentials) at H100 SXM rates, and the useful work (row-statistics "
         f"losses 3, batch-hard 1 matmul-equivalents) over that time as a fraction of the bf16 tensor-core peak. "
         f"bench/README.md explains each figure; cost.json has every count, per kernel too.",
         "",
