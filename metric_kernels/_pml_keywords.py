@@ -95,8 +95,10 @@ LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarity
 #   "unreduced" (DoNothingReducer): the module returns PML's loss dictionary of unreduced losses.
 #   "mean_over_triplets" (MeanReducer on batch-hard): the mean over the queries that have a positive and a negative.
 #   "divisor" (ProxyAnchor's default DivisorReducer): sum of positive terms / |P+| + sum of negative terms / C.
+#   "per_anchor_<mode>" (PerAnchorReducer on the losses reduced per pair): each query's mean over its pairs, then <mode>.
 MODE_REDUCTION = {"mean_nonzero": "mean_nonzero", "mean": "mean", "sum": "sum", "none": "none", "unreduced": "none",
-                  "mean_over_triplets": None, "divisor": None}
+                  "mean_over_triplets": None, "divisor": None, "per_anchor_mean_nonzero": None, "per_anchor_mean": None,
+                  "per_anchor_sum": None}
 
 
 def _pml_class_name(value, module: str) -> Optional[str]:
@@ -181,10 +183,20 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         mode = "mean" if name == "MeanReducer" else "sum"
         if loss_type == "triplet" and mode == "mean":
             mode = "mean_over_triplets"
-    elif name in ("DoNothingReducer", "PerAnchorReducer") and loss_type == "pair":
+    elif name == "PerAnchorReducer" and loss_type == "pair" and inner is None:
+        # each query's mean over its pairs (PML's default aggregation_func), then the inner reducer over the queries
+        if reducer.aggregation_func is not getattr(sys.modules[type(reducer).__module__], "aggregation_func", None):
+            raise _unsupported("reducer", reducer, owner, "only PerAnchorReducer's default aggregation_func (the "
+                               "mean over each query's pairs) is computed")
+        inner_mode = _reducer_mode(owner, reducer, inner=reducer.reducer)
+        if inner_mode not in ("mean_nonzero", "mean", "sum"):
+            raise _unsupported("reducer", reducer, owner, "PerAnchorReducer's inner reducer must be "
+                               "AvgNonZeroReducer(), MeanReducer() or SumReducer()")
+        return "per_anchor_" + inner_mode
+    elif name == "DoNothingReducer" and loss_type == "pair":
         raise _unsupported("reducer", reducer, owner,
-                           f"PML's {name} works on the per-pair losses, which the fused kernels never form (there "
-                           "are O(N M) of them); reduction='none' gives each query's sum over its pairs")
+                           "PML's DoNothingReducer returns the per-pair losses, which the fused kernels never form "
+                           "(there are O(N M) of them); reduction='none' gives each query's sum over its pairs")
     elif name == "DoNothingReducer" and inner is None:
         if loss_type == "triplet":
             raise _unsupported("reducer", reducer, owner,

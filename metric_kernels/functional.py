@@ -230,14 +230,18 @@ def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
                       base=_engine_shift(base, pair_value), pair_value=pair_value)
 
 
-def _reduce_pairs(parts, reduction: str) -> torch.Tensor:
+def _reduce_pairs(parts, reduction: str, per_anchor: bool = False) -> torch.Tensor:
     """PML's reducers on per-pair losses, from per-query sums: `parts` holds one (sums, nonzero, pairs) per sub-loss
     (NT-Xent: its positive pairs; Contrastive: its positive and its negative pairs), each a vector over the queries:
     the sum of the query's pair losses, how many of them are nonzero, how many pairs it has. Each sub-loss is reduced
     over its pairs and the results added, as PML's reducers treat a loss dictionary: "mean_nonzero"
     (AvgNonZeroReducer) divides by the nonzero pairs (0 if none; NaN sums are counted so that they reach the
     result), "mean" (MeanReducer) by all pairs, "sum" adds; "none" gives each query's sum over all its pairs (a
-    per-pair output would be O(N M))."""
+    per-pair output would be O(N M)). per_anchor: PML's PerAnchorReducer around the reducer `reduction` names: each
+    query's mean over its pairs (0 without pairs), then `reduction` over the queries, per sub-loss."""
+    if per_anchor:
+        return sum(_reduce(torch.where(pairs > 0, sums / pairs.clamp(min=1).to(sums.dtype), torch.zeros_like(sums)),
+                           reduction) for sums, _, pairs in parts)
     if reduction == "none":
         return sum(sums for sums, _, _ in parts)
     total = None
@@ -252,7 +256,7 @@ def _reduce_pairs(parts, reduction: str) -> torch.Tensor:
 
 
 def _pair_reduced_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-                       deterministic, normalize: bool, generic_pair_gate: str, **params):
+                       deterministic, normalize: bool, generic_pair_gate: str, per_anchor: bool = False, **params):
     """_pair_loss for the losses PML reduces per pair (NT-Xent, Contrastive): the backend's row function returns, per
     query, the sums and nonzero counts of each sub-loss (positives; then negatives for Contrastive), which
     _reduce_pairs reduces with the label-derived pair counts."""
@@ -263,7 +267,7 @@ def _pair_reduced_loss(rows_name: str, embeddings, labels, ref_emb, ref_labels, 
     if x_labels.shape[0] > 0 and y_labels.shape[0] > 0:
         gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=generic_pair_gate == "both")
         parts = _gated_parts(parts, gate)
-    return _reduce_pairs(parts, reduction) + guard
+    return _reduce_pairs(parts, reduction, per_anchor) + guard
 
 
 def _gated_parts(parts, gate: torch.Tensor):
@@ -286,7 +290,8 @@ def _pair_parts(rows, x_labels, y_labels, self_offset):
 
 
 def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, self_offset=None,
-                reduction="mean", backend="auto", deterministic=None, distance="cosine", normalize_embeddings=True):
+                reduction="mean", backend="auto", deterministic=None, distance="cosine", normalize_embeddings=True,
+                _per_anchor=False):
     """NT-Xent with PML's semantics: one loss per positive pair (i, p), log(1 + sum over i's negatives k of
     exp((s_ik - s_ip) / t)), 0 when i has no negative, and 0 for a batch without a positive or a negative pair.
     The default reduction is PML's for this loss, MeanReducer ("mean" over every positive pair); "mean_nonzero"
@@ -295,12 +300,13 @@ def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
     temperature = check.check_positive(temperature, "temperature")
     pair_value, normalize = check.check_distance(distance, normalize_embeddings)
     return _pair_reduced_loss("ntxent_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-                              deterministic, normalize, "both", temperature=temperature, pair_value=pair_value)
+                              deterministic, normalize, "both", _per_anchor, temperature=temperature,
+                              pair_value=pair_value)
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
                      self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None,
-                     distance="euclidean", normalize_embeddings=True):
+                     distance="euclidean", normalize_embeddings=True, _per_anchor=False):
     """Contrastive loss with PML's semantics: relu(d - pos_margin) per positive pair and relu(neg_margin - d) per
     negative pair on the distance d (default: Euclidean on normalised rows, PML's LpDistance()); with a similarity s
     (distance="cosine" or "dot") relu(pos_margin - s) and relu(s - neg_margin). Each side is reduced over its pairs
@@ -310,7 +316,7 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
     neg_margin = check.check_real(neg_margin, "neg_margin")
     pair_value, normalize = check.check_distance(distance, normalize_embeddings)
     return _pair_reduced_loss("contrastive_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction,
-                              backend, deterministic, normalize, "pairs",
+                              backend, deterministic, normalize, "pairs", _per_anchor,
                               pos_margin=_engine_shift(pos_margin, pair_value),
                               neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
 

@@ -195,12 +195,22 @@ class MultiSimilarityLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
+def _per_anchor(module, kwargs: dict) -> dict:
+    """The functional keywords of a loss reduced per pair: PML's PerAnchorReducer (reducer mode "per_anchor_<inner>")
+    reduces each query's mean over its pairs with the inner reducer."""
+    mode = module._reducer_mode
+    if mode.startswith("per_anchor_"):
+        kwargs = dict(kwargs, reduction=mode[len("per_anchor_"):], _per_anchor=True)
+    return kwargs
+
+
 class NTXentLoss(_PairLoss):
     """PML's NTXentLoss(temperature=0.07): see docs/losses/ntxent.md.
 
     reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
-    `reducer=` says (AvgNonZeroReducer, MeanReducer, SumReducer: over the pairs); reduction="none" gives each query's
-    sum over its positive pairs. PML's keywords as SupConLoss's.
+    `reducer=` says (AvgNonZeroReducer, MeanReducer, SumReducer: over the pairs; PerAnchorReducer of one of them: each
+    query's mean over its pairs, reduced over the queries); reduction="none" gives each query's sum over its positive
+    pairs. PML's keywords as SupConLoss's.
     """
 
     _PML_NAME = "NTXentLoss"
@@ -214,7 +224,7 @@ class NTXentLoss(_PairLoss):
 
     def _loss(self, *args, **kwargs):
         return functional.ntxent_loss(*args, temperature=self.temperature,
-                                      **keywords.functional_distance(self.distance_spec), **kwargs)
+                                      **keywords.functional_distance(self.distance_spec), **_per_anchor(self, kwargs))
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
@@ -242,7 +252,8 @@ class ContrastiveLoss(_PairLoss):
 
     def _loss(self, *args, **kwargs):
         return functional.contrastive_loss(*args, pos_margin=self.pos_margin, neg_margin=self.neg_margin,
-                                           **keywords.functional_distance(self.distance_spec), **kwargs)
+                                           **keywords.functional_distance(self.distance_spec),
+                                           **_per_anchor(self, kwargs))
 
     def extra_repr(self):
         return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, reduction={self.reduction!r}, "

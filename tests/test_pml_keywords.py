@@ -39,6 +39,7 @@ REDUCERS = {
     "DoNothing": reducers.DoNothingReducer,
     "PerAnchorAvgNonZero": lambda: reducers.PerAnchorReducer(reducers.AvgNonZeroReducer()),
     "PerAnchorMean": reducers.PerAnchorReducer,
+    "PerAnchorSum": lambda: reducers.PerAnchorReducer(reducers.SumReducer()),
 }
 TRIPLET_REDUCERS = ["default", "AvgNonZero", "Mean", "Sum", "ThresholdLow0"]  # PML's PerAnchor / DoNothing: below
 PAIR_REDUCERS = TRIPLET_REDUCERS
@@ -168,6 +169,16 @@ def _compare_pair(loss, reducer, distance, refs, dtype, backend, seed):
 @pytest.mark.parametrize("loss,reducer,distance", PAIR_CASES)
 def test_pair_modules_with_pml_keywords_equal_pml(loss, reducer, distance, refs, dtype):
     _compare_pair(loss, reducer, distance, refs, dtype, "reference", seed=PAIR_CASES.index((loss, reducer, distance)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reducer", ["PerAnchorAvgNonZero", "PerAnchorMean", "PerAnchorSum"])
+@pytest.mark.parametrize("loss", ["ntxent", "contrastive"])
+def test_per_anchor_reducer_on_the_losses_reduced_per_pair(loss, reducer, dtype):
+    """PML's PerAnchorReducer on per-pair losses: each query's mean over its pairs (its sub-losses apart), then the
+    inner reducer over the queries (PML indexes a batch x batch array, so without ref_emb)."""
+    _compare_pair(loss, reducer, "implicit", False, dtype, "reference", seed=7)
+    _compare_pair(loss, reducer, "cosine", False, dtype, "auto", seed=8)
 
 
 @pytest.mark.parametrize("loss,reducer", [(loss, r) for loss, r, d in PAIR_CASES if d == "implicit"])
@@ -419,9 +430,11 @@ UNSUPPORTED = [
     (lambda **kw: mk.ProxyAnchorLoss(3, 4, **kw), "reducer", lambda: reducers.ThresholdReducer(low=1),
      "reducer=ThresholdReducer(low=1, high=None) is not supported by ProxyAnchorLoss"),
     (mk.NTXentLoss, "reducer", reducers.DoNothingReducer,
-     "reducer=DoNothingReducer() is not supported by NTXentLoss yet: PML's DoNothingReducer works on the per-pair"),
-    (mk.ContrastiveLoss, "reducer", lambda: reducers.PerAnchorReducer(reducers.AvgNonZeroReducer()),
-     "PML's PerAnchorReducer works on the per-pair losses"),
+     "reducer=DoNothingReducer() is not supported by NTXentLoss yet: PML's DoNothingReducer returns the per-pair"),
+    (mk.ContrastiveLoss, "reducer", lambda: reducers.PerAnchorReducer(aggregation_func=lambda x, n: x.sum(dim=1)),
+     "only PerAnchorReducer's default aggregation_func"),
+    (mk.NTXentLoss, "reducer", lambda: reducers.PerAnchorReducer(reducers.DoNothingReducer()),
+     "PML's DoNothingReducer returns the per-pair losses"),
     (mk.ContrastiveLoss, "distance", lambda: distances.LpDistance(p=1),
      "distance=LpDistance(normalize_embeddings=True, p=1, power=1) is not supported by ContrastiveLoss"),
     (lambda **kw: mk.CrossBatchMemory(mk.SupConLoss(), 4, **kw), "miner", miners.MultiSimilarityMiner,
