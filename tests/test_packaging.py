@@ -135,16 +135,23 @@ def dists(tmp_path_factory):
     return {"sdist": sdist, "wheel": wheel, "pure": pure}
 
 
+def _venv_with_torch(tmp_path_factory, name: str, torch_version: str, timeout: int):
+    """A new venv holding torch==torch_version and nothing else installed by hand: (its folder, its python, where
+    metric_kernels will be in its site-packages)."""
+    venv = tmp_path_factory.mktemp(name) / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], 300)
+    python = str(venv / "bin" / "python")
+    _run([python, "-m", "pip", "install", "-q", f"torch=={torch_version}"], timeout, env=_clean_env())
+    where = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60).stdout.strip()
+    return venv, python, os.path.join(where, "metric_kernels")
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory):
     """A new venv with the torch this session runs (its distribution's version, e.g. 2.13.0+cpu: the same build),
     nothing else installed by hand. Returns (python, site-packages/metric_kernels)."""
-    venv = tmp_path_factory.mktemp("venv") / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], 300)
-    python = str(venv / "bin" / "python")
-    _run([python, "-m", "pip", "install", "-q", f"torch=={importlib.metadata.version('torch')}"], 900, env=_clean_env())
-    where = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60).stdout.strip()
-    yield python, os.path.join(where, "metric_kernels")
+    venv, python, package = _venv_with_torch(tmp_path_factory, "venv", importlib.metadata.version("torch"), 900)
+    yield python, package
     shutil.rmtree(venv, ignore_errors=True)  # about 1 GB; pytest keeps its last temporary directories
 
 
@@ -159,12 +166,8 @@ def later_torch_venv(tmp_path_factory):
     if not re.search(rf"\b{re.escape(LATER_TORCH)}\b", versions.stdout):
         pytest.skip(f"torch {LATER_TORCH} is not installable here (pip index versions torch: "
                     f"{(versions.stdout or versions.stderr).strip()[-300:]})")
-    venv = tmp_path_factory.mktemp("later_torch") / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], 300)
-    python = str(venv / "bin" / "python")
-    _run([python, "-m", "pip", "install", "-q", f"torch=={LATER_TORCH}"], 1200, env=_clean_env())
-    where = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60).stdout.strip()
-    yield python, os.path.join(where, "metric_kernels")
+    venv, python, package = _venv_with_torch(tmp_path_factory, "later_torch", LATER_TORCH, 1200)
+    yield python, package
     shutil.rmtree(venv, ignore_errors=True)  # 5.4 GB
 
 
