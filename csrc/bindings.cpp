@@ -8,6 +8,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/margin_softmax.h"
 #include "cpu/pair_rows.h"
 #include "op_glue.h"
 
@@ -135,14 +136,85 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
   return choices;
 }
 
+template <typename T>
+MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64_t sub_centers, double scale) {
+  return MarginSoftmaxParams<T>{rows.x.const_data_ptr<T>(),
+                                rows.weight.const_data_ptr<T>(),
+                                rows.labels.const_data_ptr<int64_t>(),
+                                rows.x.size(0),
+                                rows.x.size(1),
+                                rows.classes,
+                                sub_centers,
+                                rows.x.stride(0),
+                                rows.weight.stride(0),
+                                static_cast<T>(scale),
+                                &shim_gemm<T>,
+                                static_cast<int>(torch::stable::get_num_threads())};
+}
+
+glue::ClassifierRows classifier_rows_on_cpu(const Tensor& x, const Tensor& weight, const Tensor& labels,
+                                            int64_t sub_centers) {
+  glue::ClassifierRows rows = glue::prepare_classifier_rows(x, weight, labels, sub_centers);
+  STD_TORCH_CHECK(rows.x.is_cpu() && rows.weight.is_cpu() && rows.labels.is_cpu(),
+                  "metric_kernels cpu ops take CPU tensors");
+  STD_TORCH_CHECK(rows.x.scalar_type() == ScalarType::Float || rows.x.scalar_type() == ScalarType::Double,
+                  "metric_kernels cpu ops compute in float32 or float64");
+  const int64_t* label = rows.labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.labels.numel(); ++i)
+    STD_TORCH_CHECK(label[i] >= 0 && label[i] < rows.classes, "labels must lie in [0, ", rows.classes, "), got ",
+                    label[i]);
+  return rows;
+}
+
+// stats [2, N]: the log-sum-exp of scale * cosine over the other classes, and the label's cosine.
+Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& labels, int64_t sub_centers,
+                           double scale, bool deterministic) {
+  const glue::ClassifierRows rows = classifier_rows_on_cpu(x, weight, labels, sub_centers);
+  Tensor stats = torch::stable::new_empty(rows.x, {2, rows.x.size(0)});
+  with_rows_type(rows.x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    cpu::margin_softmax_forward(classifier_params<T>(rows, sub_centers, scale), stats.mutable_data_ptr<T>());
+  });
+  return stats;
+}
+
+// (dX, dW); an unneeded gradient comes back with 0 rows. Always deterministic on the CPU.
+std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, const Tensor& stats_in,
+                                                        const Tensor& x, const Tensor& weight, const Tensor& labels,
+                                                        int64_t sub_centers, double scale, bool deterministic,
+                                                        bool need_dx, bool need_dw) {
+  const glue::ClassifierRows rows = classifier_rows_on_cpu(x, weight, labels, sub_centers);
+  const int64_t n = rows.x.size(0);
+  STD_TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == 2 && grad_in.size(1) == n && stats_in.dim() == 2 &&
+                      stats_in.size(0) == 2 && stats_in.size(1) == n,
+                  "grad and stats must be 2 x N");
+  const ScalarType dtype = rows.x.scalar_type();
+  const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, dtype));
+  const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, dtype));
+  Tensor dx = torch::stable::new_empty(rows.x, {need_dx ? n : 0, rows.x.size(1)});
+  Tensor dw = torch::stable::new_empty(rows.weight, {need_dw ? rows.weight.size(0) : 0, rows.weight.size(1)});
+  with_rows_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    cpu::margin_softmax_backward(MarginSoftmaxBackwardParams<T>{
+        classifier_params<T>(rows, sub_centers, scale), grad.const_data_ptr<T>(), stats.const_data_ptr<T>(),
+        need_dx ? dx.mutable_data_ptr<T>() : nullptr, need_dw ? dw.mutable_data_ptr<T>() : nullptr});
+  });
+  return {dx, dw};
+}
+
 }  // namespace
 }  // namespace metric_kernels
 
 // A fragment: the CUDA kernels' ops (cuda/ops.cpp) and the Triton ops (defined from Python) share the namespace.
-STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) { metric_kernels::glue::define_fused_ops(m, "cpu"); }
+STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
+  metric_kernels::glue::define_fused_ops(m, "cpu");
+  metric_kernels::glue::define_margin_softmax_ops(m, "cpu");
+}
 
 STABLE_TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
   m.impl("cpu_lse_rows", TORCH_BOX(&metric_kernels::lse_rows));
   m.impl("cpu_lse_rows_backward", TORCH_BOX(&metric_kernels::lse_rows_backward));
   m.impl("cpu_batch_hard_select", TORCH_BOX(&metric_kernels::batch_hard_select));
+  m.impl("cpu_margin_softmax_rows", TORCH_BOX(&metric_kernels::margin_softmax_rows));
+  m.impl("cpu_margin_softmax_rows_backward", TORCH_BOX(&metric_kernels::margin_softmax_rows_backward));
 }

@@ -122,4 +122,36 @@ inline void define_fused_ops(torch::stable::detail::StableLibrary& library, cons
   def("_batch_hard_select", "Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, int self_offset", "Tensor");
 }
 
+// The margin-softmax classifiers' two ops, metric_kernels::<prefix>_margin_softmax_rows and its _backward
+// (metric_kernels/_fused.py): stats [2, N] from the raw rows x (N x D) and class matrix weight (D x C * sub_centers).
+inline void define_margin_softmax_ops(torch::stable::detail::StableLibrary& library, const std::string& prefix,
+                                      const std::string& backend_arguments = "") {
+  library.def((prefix + "_margin_softmax_rows(Tensor x, Tensor weight, Tensor labels, int sub_centers, float scale, "
+               "bool deterministic" + backend_arguments + ") -> Tensor").c_str());
+  library.def((prefix + "_margin_softmax_rows_backward(Tensor grad, Tensor stats, Tensor x, Tensor weight, "
+               "Tensor labels, int sub_centers, float scale, bool deterministic, bool need_dx, bool need_dw" +
+               backend_arguments + ") -> (Tensor, Tensor)").c_str());
+}
+
+// The margin-softmax ops' tensors, checked: x N x D and weight D x J with unit column strides (a copy only where
+// the caller's have none), J = classes * sub_centers, one int64 label per row, each in [0, classes) (read on the
+// host: the CPU ops' labels live there).
+struct ClassifierRows {
+  Tensor x, weight, labels;
+  int64_t classes;
+};
+
+inline ClassifierRows prepare_classifier_rows(const Tensor& x, const Tensor& weight, const Tensor& labels,
+                                              int64_t sub_centers) {
+  STD_TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(0),
+                  "x must be N x D and weight D x J");
+  STD_TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype");
+  STD_TORCH_CHECK(sub_centers >= 1 && weight.size(1) % sub_centers == 0,
+                  "weight's columns must be a whole number of classes of sub_centers columns each");
+  STD_TORCH_CHECK(labels.scalar_type() == ScalarType::Long && labels.dim() == 1 && labels.size(0) == x.size(0),
+                  "labels must be int64, one per row");
+  return {rows_contiguous(x), rows_contiguous(weight), torch::stable::contiguous(labels),
+          weight.size(1) / sub_centers};
+}
+
 }  // namespace metric_kernels::glue

@@ -39,6 +39,31 @@ struct PairRowsBackwardParams {
   bool accumulate_dy;  // add dY into what dy holds (the dX of the same rows)
 };
 
+// The margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): queries against the columns
+// of a class matrix W kept as PML keeps it, D x J with J = classes * sub_centers (column j: class j / sub_centers).
+// Rows and columns are read raw and normalised on the fly with O(N + J) inverse norms: W is never copied.
+template <typename T>
+struct MarginSoftmaxParams {
+  const T* x;             // N x D, unit column stride, row stride x_stride
+  const T* w;             // D x J, unit column stride, row stride w_stride (>= J)
+  const int64_t* labels;  // N, each in [0, classes)
+  int64_t n, d, classes, sub_centers, x_stride, w_stride;
+  T scale;                // the logits are scale * cosine
+  GemmFn<T> gemm;
+  int num_threads;
+};
+
+// stats (2 x N): 0 the log-sum-exp of scale * cosine over the classes other than the row's label, 1 the cosine of
+// the label's class; a class's cosine is the largest of its sub-centres'.
+template <typename T>
+struct MarginSoftmaxBackwardParams {
+  MarginSoftmaxParams<T> rows;
+  const T* grad;   // 2 x N upstream gradients of the statistics
+  const T* stats;  // 2 x N saved statistics
+  T* dx;           // N x D contiguous, or nullptr
+  T* dw;           // D x J contiguous, or nullptr
+};
+
 // The CUDA kernels' view of the same problem. Operands are stored as the inputs are (fp32, fp16, bf16 or fp64);
 // `operand` also says how fp32 tiles are multiplied (tf32 tensor cores where torch allows it, IEEE FMA otherwise).
 // Statistics, upstream gradients and the dX/dY buffers are float64 for fp64 operands and float32 for all others.

@@ -20,6 +20,15 @@ kernels, built on torch's stable ABI, which does not reach torch's global settin
 `allow_tf32=False`, and their `deterministic` is what makes the backward deterministic: CudaKernelRows passes torch's
 settings in both.
 
+A backend whose kernels compute the margin-softmax classifiers also provides <prefix>_margin_softmax_rows and
+<prefix>_margin_softmax_rows_backward:
+
+    margin_softmax_rows(x, weight, labels, sub_centers, scale, deterministic) -> stats [2, N]
+        (0: log-sum-exp of scale * cosine over the classes other than the label, 1: the label's cosine; raw rows x
+        N x D and weight D x (C * sub_centers), normalised inside the kernels)
+    margin_softmax_rows_backward(grad [2, N], stats, x, weight, labels, sub_centers, scale, deterministic, need_dx,
+                                 need_dw) -> (dx, dw)   (an unneeded gradient has 0 rows)
+
 A backend lists the pair values its lse ops compute in PAIR_VALUES (default: SIMILARITY only); "auto" skips a backend
 that lacks the one a loss needs.
 """
@@ -89,12 +98,42 @@ def register_ops(prefix: str) -> None:
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
+def register_margin_softmax_ops(prefix: str) -> None:
+    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_margin_softmax_*."""
+    forward = f"metric_kernels::{prefix}_margin_softmax_rows"
+    backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_margin_softmax_rows_backward")
+
+    @torch.library.register_fake(forward)
+    def _(x, weight, *options):
+        return x.new_empty((2, x.shape[0]), dtype=stats_dtype(x.dtype))
+
+    @torch.library.register_fake(f"{forward}_backward")
+    def _(grad, stats, x, weight, labels, sub_centers, scale, deterministic, need_dx, need_dw, *options):
+        return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
+                weight.new_empty((weight.shape[0] if need_dw else 0, weight.shape[1])))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, labels = inputs[:3]
+        ctx.save_for_backward(x, weight, labels, output)
+        ctx.params, ctx.options = inputs[3:6], inputs[6:]  # (sub_centers, scale, deterministic), backend options
+
+    def backward_fn(ctx, grad):
+        x, weight, labels, stats = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dw = backward_op(grad.to(stats.dtype).contiguous(), stats, x, weight, labels, *ctx.params, need_dx,
+                             need_dw, *ctx.options)
+        return (dx if need_dx else None, dw if need_dw else None) + (None,) * (4 + len(ctx.options))
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
 class FusedRows:
     """The backend contract's four per-row functions (metric_kernels/backends.py) over a fused backend's ops."""
 
     def __init__(self, prefix: str):
         self._lse_rows = getattr(torch.ops.metric_kernels, f"{prefix}_lse_rows")
         self._select = getattr(torch.ops.metric_kernels, f"{prefix}_batch_hard_select")
+        self._margin_softmax = getattr(torch.ops.metric_kernels, f"{prefix}_margin_softmax_rows", None)
 
     @staticmethod
     def _offset(self_offset):
@@ -152,6 +191,10 @@ class FusedRows:
                             pair_value, *options.values())
         return proxy_anchor_from_stats(stats[0], stats[1])
 
+    def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, **options):
+        stats = self._margin_softmax(x, weight, labels, sub_centers, scale, deterministic, *options.values())
+        return stats[0], stats[1]
+
 
 class CudaKernelRows(FusedRows):
     """The per-row functions over the CUDA kernels' ops (backends "cuda" and "cuda-emulated"), which are built on
@@ -173,12 +216,15 @@ class CudaKernelRows(FusedRows):
 
 ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "ntxent_rows", "contrastive_rows",
                  "batch_hard_rows", "proxy_anchor_rows")
+CLASSIFIER_ROWS = "margin_softmax_rows"  # the margin-softmax ops, where a backend's kernels compute them
 
 
 def fused_backend(prefix: str, namespace: dict, rows_class=FusedRows, names=ROW_FUNCTIONS) -> None:
     """Registers the <prefix>_* ops' fake implementations and autograd, and puts the backend contract's per-row
-    functions over them (`names`, of ROW_FUNCTIONS: those whose kinds the backend's kernels compute) into
-    `namespace`, the backend module's globals()."""
+    functions over them (`names`, of ROW_FUNCTIONS and CLASSIFIER_ROWS: those the backend's kernels compute) into
+    `namespace`, the backend module's globals(). CLASSIFIER_ROWS among them registers the margin-softmax ops too."""
     register_ops(prefix)
+    if CLASSIFIER_ROWS in names:
+        register_margin_softmax_ops(prefix)
     rows = rows_class(prefix)
     namespace.update({name: getattr(rows, name) for name in names})

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../epilogue.h"
+#include "tiling.h"
 #include "vec_exp.h"
 
 // The per-row loops below are written for the vectoriser: the loss and the pair value are template arguments (no
@@ -56,8 +57,6 @@ bool use_avx2() {
 #endif
 }
 
-int64_t blocks(int64_t size, int64_t block) { return (size + block - 1) / block; }
-
 // tile[rows x cols] (leading dimension cols) = X[r0 : r0 + rows] . Y[c0 : c0 + cols]^T
 template <typename T>
 void similarity_tile(const PairRowsParams<T>& p, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* tile) {
@@ -86,21 +85,6 @@ RowArgs<T> row_args(const PairRowsParams<T>& p, int64_t row, int64_t c0, int64_t
                     p.x_sq != nullptr ? p.x_sq[row] : T(0),
                     p.a,
                     p.b};
-}
-
-// The sum of values[0 : count] in 8 interleaved partial sums (which the compiler keeps in vector registers, where
-// one running sum would be a serial chain), then the partial sums and the tail in order.
-template <typename T>
-inline __attribute__((always_inline)) T lane_sum(const T* values, int64_t count) {
-  constexpr int64_t kLanes = 8;
-  T partial[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= count; j += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) partial[k] += values[j + k];
-  T sum = 0;
-  for (int64_t k = 0; k < kLanes; ++k) sum += partial[k];
-  for (; j < count; ++j) sum += values[j];
-  return sum;
 }
 
 // Folds a tile row's partial logsumexp (its max `top` and its sum of exp(logit - top)) into a row's online state;
