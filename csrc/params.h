@@ -94,4 +94,27 @@ struct CudaPairRowsBackwardParams {
   bool atomic;         // dY is added atomically from the dX pass (dy zeroed by the caller), no dY pass
 };
 
+// The margin-softmax classifiers on the CUDA kernels (MarginSoftmaxParams' problem): operands as the inputs are
+// stored, inverse norms (1 / max(|row|, eps), in the accumulation type) computed by the kernels into buffers the
+// caller provides; statistics, upstream gradients and the dX / dW buffers in the accumulation type (float64 for fp64
+// operands, else float32).
+struct CudaMarginSoftmaxParams {
+  const void* x;          // N x D, unit column stride, row stride x_stride (elements)
+  const void* w;          // D x J, unit column stride, row stride w_stride (>= J)
+  const int64_t* labels;  // N, each in [0, classes)
+  void* x_inverse;        // N: written by the kernels
+  void* w_inverse;        // J: written by the kernels
+  int64_t n, d, classes, sub_centers, x_stride, w_stride;  // sub_centers <= 64 (a class within one 64-column tile)
+  double scale;
+  Operand operand;
+};
+
+struct CudaMarginSoftmaxBackwardParams {
+  CudaMarginSoftmaxParams rows;
+  const void* grad;   // 2 x N upstream gradients of the statistics
+  const void* stats;  // 2 x N saved statistics
+  void* dx;           // N x D contiguous, or nullptr
+  void* dw;           // D x J contiguous, or nullptr
+};
+
 }  // namespace metric_kernels

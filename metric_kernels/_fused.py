@@ -213,6 +213,12 @@ class CudaKernelRows(FusedRows):
     def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
         return super()._choices(x, y, x_labels, y_labels, self_offset, *options, torch.backends.cuda.matmul.allow_tf32)
 
+    def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, **options):
+        # the classifiers' backward has no atomic path: deterministic either way
+        return super().margin_softmax_rows(x, weight, labels, scale=scale, sub_centers=sub_centers,
+                                           deterministic=True, **options,
+                                           allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+
 
 ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "ntxent_rows", "contrastive_rows",
                  "batch_hard_rows", "proxy_anchor_rows")

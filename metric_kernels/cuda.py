@@ -22,9 +22,9 @@ else:
         "build of torch and nvcc at install time; see 'Building the native extension' in README.md)")
 
 if _missing is None:
-    from ._fused import CudaKernelRows, fused_backend
+    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, CudaKernelRows, fused_backend
 
-    fused_backend("cuda", globals(), CudaKernelRows)
+    fused_backend("cuda", globals(), CudaKernelRows, ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
 
 
 def unavailable_reason(device: torch.device):

@@ -22,9 +22,9 @@ else:
         "this build of it predates the emulation (reinstall: `pip install --no-build-isolation -e .`)")
 
 if _missing is None:
-    from ._fused import CudaKernelRows, fused_backend
+    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, CudaKernelRows, fused_backend
 
-    fused_backend("cuda_emulated", globals(), CudaKernelRows)
+    fused_backend("cuda_emulated", globals(), CudaKernelRows, ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
 
 
 def unavailable_reason(device: torch.device):

@@ -18,6 +18,9 @@ constexpr int kChunk = 32;  // D columns per step of S = X Y^T
 
 constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
+// How many 64-wide tiles cover `size`.
+inline int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
+
 // Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded by 16 bytes,
 // which keeps WMMA's leading dimensions legal and spreads rows over the banks.
 template <class Policy>
@@ -87,18 +90,29 @@ __device__ __forceinline__ void load_labels(int64_t* dst, const int64_t* labels,
   }
 }
 
-// shared.s = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T, accumulated over D in kChunk steps. Ends synchronised.
-template <class Policy>
-__device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
+// dst[64 x width] (leading dimension ld) = the transpose of src[row0 :, col0 :], src's rows read along: element
+// (j, k) is src[(row0 + k) * stride + col0 + j] (a D x J matrix read as J x D: the classifiers' W), zeros past
+// rows_total (D) and cols_total (J). Consecutive threads read consecutive columns of src.
+template <class T>
+__device__ __forceinline__ void load_transposed_tile(T* dst, int ld, int width, const T* src, int64_t stride,
+                                                     int64_t row0, int64_t rows_total, int64_t col0,
+                                                     int64_t cols_total) {
+  for (int index = threadIdx.x; index < kTile * width; index += kThreads) {
+    const int j = index % kTile, k = index / kTile;
+    const int64_t row = row0 + k, col = col0 + j;
+    dst[j * ld + k] = (row < rows_total && col < cols_total) ? src[row * stride + col] : T(0.0f);
+  }
+}
+
+// shared.s = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0) fills
+// shared.x_chunk and shared.y_chunk with their columns d0 .. d0 + kChunk. Ends synchronised.
+template <class Policy, class LoadChunks>
+__device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks) {
   using Layout = SharedLayout<Policy>;
-  using Operand = typename Policy::Operand;
-  const auto* x = static_cast<const Operand*>(p.x);
-  const auto* y = static_cast<const Operand*>(p.y);
   typename Policy::Accumulator acc;
   Policy::zero(acc);
-  for (int64_t d0 = 0; d0 < p.d; d0 += kChunk) {
-    load_tile(shared.x_chunk, Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
-    load_tile(shared.y_chunk, Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
+  for (int64_t d0 = 0; d0 < d; d0 += kChunk) {
+    load_chunks(d0);
     __syncthreads();
     // B = Y^T: element (k, j) is Y[j][k], a column-major read of the Y chunk
     Policy::template mma<RowMajor, ColMajor>(acc, shared.x_chunk, Layout::kChunkLd, shared.y_chunk,
@@ -107,6 +121,19 @@ __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t
   }
   Policy::store(acc, shared.s, Layout::kAccLd);
   __syncthreads();
+}
+
+// shared.s = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T. Ends synchronised.
+template <class Policy>
+__device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
+  using Layout = SharedLayout<Policy>;
+  using Operand = typename Policy::Operand;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* y = static_cast<const Operand*>(p.y);
+  product_tile<Policy>(p.d, shared, [&](int64_t d0) {
+    load_tile(shared.x_chunk, Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    load_tile(shared.y_chunk, Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
+  });
 }
 
 // Entry `index` of the squared row norms `sq` (p.x_sq, p.y_sq) where the pair value needs them (nullptr: 0).
@@ -161,6 +188,38 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
       }
     }
     __syncthreads();  // the next tile rewrites S and the labels
+  }
+}
+
+// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s, within rows_total x d.
+// With a norm term (the distances, epilogue.h): minus sums[i] times the gradient's own row, own[i * own_ld + j]
+// (own: those rows at D columns e0..).
+enum class Write { kStore, kAdd, kAtomicAdd };
+
+template <class Policy>
+struct NormTerm {
+  const typename Policy::Acc* sums = nullptr;  // nullptr: none
+  const typename Policy::Operand* own = nullptr;
+  int64_t own_ld = 0;
+};
+
+template <class Policy>
+__device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows_total, int64_t e0, int64_t d,
+                           Write mode, const SharedLayout<Policy>& shared, const NormTerm<Policy>& norm = {}) {
+  using Acc = typename Policy::Acc;
+#pragma unroll 1
+  for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
+    const int i = index / kTile, j = index % kTile;
+    const int64_t row = row0 + i, col = e0 + j;
+    if (row >= rows_total || col >= d) continue;
+    Acc value = shared.s[i * SharedLayout<Policy>::kAccLd + j];
+    if (norm.sums != nullptr) value -= norm.sums[i] * static_cast<Acc>(norm.own[i * norm.own_ld + j]);
+    auto* target = out + row * d + col;
+    if (mode == Write::kAtomicAdd) {
+      atomicAdd(target, value);
+    } else {
+      *target = mode == Write::kAdd ? *target + value : value;
+    }
   }
 }
 

@@ -27,6 +27,13 @@ bool supports_atomic_backward(Operand operand);
 int64_t backward_shared_bytes(Operand operand, bool atomic);
 int64_t shared_bytes_per_block(int device);
 
+// The margin-softmax classifiers: stats 2 x N in the accumulation type (params.h); p.x_inverse and p.w_inverse are
+// written first. Labels must lie in [0, classes) (the Python layer checks) and sub_centers in [1, 64].
+int margin_softmax_forward(const CudaMarginSoftmaxParams& p, void* stats, void* stream);
+
+// dX over row blocks x D slices, then dW over class tiles x D slices, each summed in a fixed order (deterministic).
+int margin_softmax_backward(const CudaMarginSoftmaxBackwardParams& p, void* stream);
+
 const char* error_string(int code);
 
 }  // namespace metric_kernels::cuda

@@ -137,38 +137,6 @@ __device__ void column_sums(SharedLayout<Policy>& shared) {
   shared.sums[threadIdx.x] = sum;
 }
 
-// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s, within rows_total x d.
-// With a norm term (the distances, epilogue.h): minus sums[i] times the gradient's own row, own[i * own_ld + j]
-// (own: those rows at D columns e0..).
-enum class Write { kStore, kAdd, kAtomicAdd };
-
-template <class Policy>
-struct NormTerm {
-  const typename Policy::Acc* sums = nullptr;  // nullptr: none
-  const typename Policy::Operand* own = nullptr;
-  int64_t own_ld = 0;
-};
-
-template <class Policy>
-__device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows_total, int64_t e0, int64_t d,
-                           Write mode, const SharedLayout<Policy>& shared, const NormTerm<Policy>& norm = {}) {
-  using Acc = typename Policy::Acc;
-#pragma unroll 1
-  for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
-    const int i = index / kTile, j = index % kTile;
-    const int64_t row = row0 + i, col = e0 + j;
-    if (row >= rows_total || col >= d) continue;
-    Acc value = shared.s[i * SharedLayout<Policy>::kAccLd + j];
-    if (norm.sums != nullptr) value -= norm.sums[i] * static_cast<Acc>(norm.own[i * norm.own_ld + j]);
-    auto* target = out + row * d + col;
-    if (mode == Write::kAtomicAdd) {
-      atomicAdd(target, value);
-    } else {
-      *target = mode == Write::kAdd ? *target + value : value;
-    }
-  }
-}
-
 template <class Policy, bool kAtomic>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const CudaPairRowsBackwardParams bp) {
   using Acc = typename Policy::Acc;
@@ -254,8 +222,6 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
   write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
                      shared, {norm_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride});
 }
-
-int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
 template <class Policy>
 cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t stream) {

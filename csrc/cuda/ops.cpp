@@ -201,12 +201,82 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
   return choices;
 }
 
+// The margin-softmax ops' tensors on the device, and the kernels' parameters over them with the inverse-norm buffers
+// (N + J entries in the accumulation type) in `inverse`.
+glue::ClassifierRows classifier_rows_on_device(const Tensor& x, const Tensor& weight, const Tensor& labels,
+                                               int64_t sub_centers) {
+  const glue::ClassifierRows rows = glue::prepare_classifier_rows(x, weight, labels, sub_centers);
+  STD_TORCH_CHECK(on_device(rows.x) && rows.weight.device() == rows.x.device() &&
+                      rows.labels.device() == rows.x.device(),
+                  "metric_kernels ", kPrefix, " ops take ", kDeviceName, " tensors on one device");
+  const auto dtype = rows.x.scalar_type();
+  STD_TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::Half ||
+                      dtype == ScalarType::BFloat16,
+                  "metric_kernels ", kPrefix, " ops take float32, float64, float16 or bfloat16 rows");
+  STD_TORCH_CHECK(sub_centers <= 64, "sub_centers is limited to 64 (a class's columns within one 64-column tile)");
+  STD_TORCH_CHECK(rows.x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the backward's grid");
+  return rows;
+}
+
+CudaMarginSoftmaxParams classifier_params(const glue::ClassifierRows& rows, Tensor& inverse, int64_t sub_centers,
+                                          double scale, bool allow_tf32) {
+  const int64_t n = rows.x.size(0);
+  auto* base = static_cast<unsigned char*>(inverse.mutable_data_ptr());
+  return CudaMarginSoftmaxParams{rows.x.const_data_ptr(), rows.weight.const_data_ptr(),
+                                 rows.labels.const_data_ptr<int64_t>(), base,
+                                 base + n * inverse.element_size(), n, rows.x.size(1), rows.classes, sub_centers,
+                                 rows.x.stride(0), rows.weight.stride(0), scale, operand_of(rows.x, allow_tf32)};
+}
+
+Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& labels, int64_t sub_centers,
+                           double scale, bool deterministic, bool allow_tf32) {
+  const glue::ClassifierRows rows = classifier_rows_on_device(x, weight, labels, sub_centers);
+  const OnDeviceOf on_device_of(rows.x);
+  const ScalarType acc = accumulation_type(rows.x);
+  Tensor inverse = uninitialized(rows.x, {rows.x.size(0) + rows.weight.size(1)}, acc);
+  Tensor stats = uninitialized(rows.x, {2, rows.x.size(0)}, acc);
+  check_launch(cuda::margin_softmax_forward(classifier_params(rows, inverse, sub_centers, scale, allow_tf32),
+                                            stats.mutable_data_ptr(), current_stream(rows.x)),
+               "margin_softmax_rows");
+  return stats;
+}
+
+// (dX, dW) in the inputs' dtype; an unneeded gradient has 0 rows. Always deterministic (no atomics).
+std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, const Tensor& stats_in,
+                                                        const Tensor& x, const Tensor& weight, const Tensor& labels,
+                                                        int64_t sub_centers, double scale, bool deterministic,
+                                                        bool need_dx, bool need_dw, bool allow_tf32) {
+  const glue::ClassifierRows rows = classifier_rows_on_device(x, weight, labels, sub_centers);
+  const OnDeviceOf on_device_of(rows.x);
+  const int64_t n = rows.x.size(0), d = rows.x.size(1), columns = rows.weight.size(1);
+  STD_TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == 2 && grad_in.size(1) == n && stats_in.dim() == 2 &&
+                      stats_in.size(0) == 2 && stats_in.size(1) == n,
+                  "grad and stats must be 2 x N");
+  const ScalarType acc = accumulation_type(rows.x);
+  const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
+  const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
+  Tensor inverse = uninitialized(rows.x, {n + columns}, acc);
+  Tensor dx = uninitialized(rows.x, {need_dx ? n : 0, d}, acc);
+  Tensor dw = uninitialized(rows.x, {need_dw ? d : 0, columns}, acc);
+  if (n > 0 && d > 0 && rows.classes > 0 && (need_dx || need_dw)) {
+    const CudaMarginSoftmaxBackwardParams backward{classifier_params(rows, inverse, sub_centers, scale, allow_tf32),
+                                                   grad.const_data_ptr(), stats.const_data_ptr(),
+                                                   need_dx ? dx.mutable_data_ptr() : nullptr,
+                                                   need_dw ? dw.mutable_data_ptr() : nullptr};
+    check_launch(cuda::margin_softmax_backward(backward, current_stream(rows.x)), "margin_softmax_rows_backward");
+  } else {
+    torch::stable::zero_(dx), torch::stable::zero_(dw);
+  }
+  return {torch::stable::to(dx, rows.x.scalar_type()), torch::stable::to(dw, rows.weight.scalar_type())};
+}
+
 }  // namespace
 }  // namespace metric_kernels
 
 // allow_tf32 defaults to IEEE fp32 products for direct callers of the ops; the backends always pass it.
 STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
   metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
+  metric_kernels::glue::define_margin_softmax_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
@@ -214,4 +284,7 @@ STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
   m.impl((prefix + "_lse_rows").c_str(), TORCH_BOX(&metric_kernels::lse_rows));
   m.impl((prefix + "_lse_rows_backward").c_str(), TORCH_BOX(&metric_kernels::lse_rows_backward));
   m.impl((prefix + "_batch_hard_select").c_str(), TORCH_BOX(&metric_kernels::batch_hard_select));
+  m.impl((prefix + "_margin_softmax_rows").c_str(), TORCH_BOX(&metric_kernels::margin_softmax_rows));
+  m.impl((prefix + "_margin_softmax_rows_backward").c_str(),
+         TORCH_BOX(&metric_kernels::margin_softmax_rows_backward));
 }

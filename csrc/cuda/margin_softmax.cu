@@ -1,0 +1,362 @@
+// CUDA kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) on the
+// engine of engine.cuh, the same problem as the CPU kernels (csrc/cpu/margin_softmax.cpp, whose comment has the
+// math): the queries X (N x D) against the columns of W (D x J, J = classes * sub_centers), both read raw, with
+// inverse norms (a kernel here) folded into each tile, cos = (x . w) rx rw:
+//   forward:  per 64-row block, walk W in tiles of whole classes (64 / sub_centers of them), a class's cosine the
+//             largest of its sub-centres'; fold scale * cos of the other classes into an online log-sum-exp and keep
+//             the label's cosine;
+//   backward: recompute each tile, dS at each class's chosen column scaled by the inverse norms, and accumulate
+//             dX = dS W^T (grid: row blocks x 64-wide D slices) and dW = X^T dS (class tiles x D slices), each with
+//             the normalisation's radial term from the row (column) sums of dS cos. Deterministic, no atomics.
+#ifdef METRIC_KERNELS_HOST_EMULATION
+#include "host_emulation.h"
+#else
+#include <cuda_runtime.h>
+#endif
+
+#include <cmath>
+
+#include "engine.cuh"
+#include "launch.h"
+
+namespace metric_kernels::cuda {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // F.normalize's eps: a row is divided by max(|row|, eps)
+
+// Where the norm is clamped at eps, the normalisation is a plain division and has no radial term.
+template <class Acc>
+__device__ __forceinline__ bool clamped(Acc inverse) {
+  return inverse >= Acc(1) / Acc(kNormEps);
+}
+
+// out[i] = 1 / max(|v_i|, eps) of `count` vectors of `length` elements, element k of vector i at
+// data[i * count_stride + k * length_stride] (X's rows: (x_stride, 1); W's columns: (1, w_stride), coalesced).
+template <class T, class Acc>
+__global__ void __launch_bounds__(kThreads) inverse_norms_kernel(const T* data, int64_t count, int64_t length,
+                                                                 int64_t count_stride, int64_t length_stride,
+                                                                 Acc* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= count) return;
+  Acc sum = 0;
+  for (int64_t k = 0; k < length; ++k) {
+    const Acc value = static_cast<Acc>(data[i * count_stride + k * length_stride]);
+    sum += value * value;
+  }
+  const Acc norm = std::sqrt(sum);
+  out[i] = Acc(1) / (norm > Acc(kNormEps) ? norm : Acc(kNormEps));
+}
+
+// shared.s = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products. Ends synchronised.
+template <class Policy>
+__device__ void classifier_tile(const CudaMarginSoftmaxParams& p, int64_t r0, int64_t j0, int64_t j_end,
+                                SharedLayout<Policy>& shared) {
+  using Layout = SharedLayout<Policy>;
+  using Operand = typename Policy::Operand;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* w = static_cast<const Operand*>(p.w);
+  product_tile<Policy>(p.d, shared, [&](int64_t d0) {
+    load_tile(shared.x_chunk, Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    load_transposed_tile(shared.y_chunk, Layout::kChunkLd, kChunk, w, p.w_stride, d0, p.d, j0, j_end);
+  });
+}
+
+// The class tiles: 64 / sub_centers whole classes each.
+struct ClassTile {
+  int64_t c0;   // first class
+  int classes;  // how many
+  int64_t j0;   // first column of W
+  int64_t j_end;
+};
+
+__device__ __forceinline__ ClassTile class_tile(const CudaMarginSoftmaxParams& p, int64_t c0) {
+  const int64_t per_tile = kTile / p.sub_centers, left = p.classes - c0;
+  const int classes = static_cast<int>(left < per_tile ? left : per_tile);
+  const int64_t j0 = c0 * p.sub_centers;
+  return {c0, classes, j0, j0 + classes * p.sub_centers};
+}
+
+template <class Acc>
+struct ClassCosine {
+  Acc value;
+  int pick;  // the sub-centre it came from
+};
+
+// Class c of the tile row s_row: its largest sub-centre cosine (the first of equal ones; NaN wins).
+template <class Acc>
+__device__ __forceinline__ ClassCosine<Acc> class_cosine(const Acc* s_row, const Acc* w_inverse, int64_t j0, int c,
+                                                         int sub_centers, Acc rx) {
+  const int base = c * sub_centers;
+  ClassCosine<Acc> best{s_row[base] * w_inverse[j0 + base] * rx, 0};
+  for (int k = 1; k < sub_centers; ++k) {
+    const Acc value = s_row[base + k] * w_inverse[j0 + base + k] * rx;
+    if (value > best.value || value != value) best = {value, k};
+  }
+  return best;
+}
+
+template <class Policy>
+__global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(const CudaMarginSoftmaxParams p,
+                                                                            typename Policy::Acc* stats) {
+  using Acc = typename Policy::Acc;
+  using Layout = SharedLayout<Policy>;
+  Layout shared = block_shared<Policy>();
+  const auto* x_inverse = static_cast<const Acc*>(p.x_inverse);
+  const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int local = epilogue_row();
+  const int64_t row = r0 + local;
+  const bool live = row < p.n;
+  const int64_t label = live ? p.labels[row] : -1;
+  const Acc rx = live ? x_inverse[row] : Acc(0), scale = static_cast<Acc>(p.scale);
+  const int sub_centers = static_cast<int>(p.sub_centers);
+  OnlineLse<Acc> others;
+  Acc target = 0;  // the label's cosine, held by the thread whose columns have it
+  for (int64_t c0 = 0; c0 < p.classes; c0 += kTile / p.sub_centers) {
+    const ClassTile tile = class_tile(p, c0);
+    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
+    if (live) {
+      const Acc* s_row = shared.s + local * Layout::kAccLd;
+#pragma unroll 1
+      for (int c = epilogue_column(); c < tile.classes; c += 2) {
+        const Acc cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx).value;
+        if (c0 + c == label) {
+          target = cosine;
+        } else {
+          others.add(scale * cosine);
+        }
+      }
+    }
+    __syncthreads();  // the next tile rewrites S
+  }
+  const Acc partner_max = from_partner(others.max), partner_sum = from_partner(others.sum);
+  others.merge(partner_max, partner_sum);
+  target += from_partner(target);
+  if (live && epilogue_column() == 0) {
+    stats[row] = others.sum != others.sum ? others.sum : others.finish();  // NaN stays NaN
+    stats[p.n + row] = target;
+  }
+}
+
+// Rows r0 .. r0 + 63's upstream gradients, log-sum-exp, inverse norm and label into shared memory.
+template <class Policy>
+__device__ void load_classifier_rows(const CudaMarginSoftmaxBackwardParams& bp, int64_t r0,
+                                     SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  const CudaMarginSoftmaxParams& p = bp.rows;
+  const auto* grad = static_cast<const Acc*>(bp.grad);
+  const auto* stats = static_cast<const Acc*>(bp.stats);
+  const auto* x_inverse = static_cast<const Acc*>(p.x_inverse);
+  if (threadIdx.x < kTile) {
+    const int64_t row = r0 + threadIdx.x;
+    const bool live = row < p.n;
+    shared.row_state[threadIdx.x] = live ? grad[row] : Acc(0);
+    shared.row_state[kTile + threadIdx.x] = live ? grad[p.n + row] : Acc(0);
+    shared.row_state[2 * kTile + threadIdx.x] = live ? stats[row] : Acc(0);
+    shared.row_state[3 * kTile + threadIdx.x] = live ? x_inverse[row] : Acc(0);
+    shared.row_labels[threadIdx.x] = live ? p.labels[row] : -1;
+  }
+}
+
+// From the tile of raw products in shared.s: shared.ds = dS rx rw at each class's chosen column (0 at the other
+// sub-centres, past N and past the tile's classes), as the products' operand; shared.s = dS cos at the same columns
+// (the dW pass's column sums read it). dS = g_target for the label's class, g_lse scale softmax for the others.
+// Returns this thread's part of its row's sum of dS cos. The caller synchronises before reading either tile.
+template <class Policy>
+__device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams& p, int64_t r0, const ClassTile& tile,
+                                                   SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  using Layout = SharedLayout<Policy>;
+  const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
+  const int local = epilogue_row();
+  const bool live = r0 + local < p.n;
+  const Acc g_lse = shared.row_state[local], g_target = shared.row_state[kTile + local];
+  const Acc lse = shared.row_state[2 * kTile + local], rx = shared.row_state[3 * kTile + local];
+  const int64_t label = shared.row_labels[local];
+  const Acc scale = static_cast<Acc>(p.scale);
+  const int sub_centers = static_cast<int>(p.sub_centers);
+  Acc* s_row = shared.s + local * Layout::kAccLd;
+  auto* ds_row = shared.ds + local * Layout::kTileLd;
+  Acc dot = 0;
+#pragma unroll 1
+  for (int c = epilogue_column(); c < tile.classes; c += 2) {
+    ClassCosine<Acc> cosine{Acc(0), 0};
+    Acc ds = 0;
+    if (live) {
+      cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx);
+      ds = tile.c0 + c == label ? g_target : g_lse * scale * std::exp(scale * cosine.value - lse);
+    }
+    dot += ds * cosine.value;
+    for (int k = 0; k < sub_centers; ++k) {
+      const int j = c * sub_centers + k;
+      const bool chosen = k == cosine.pick;
+      ds_row[j] = Policy::to_operand(chosen ? ds * rx * w_inverse[tile.j0 + j] : Acc(0));
+      s_row[j] = chosen ? ds * cosine.value : Acc(0);
+    }
+  }
+  for (int j = tile.classes * sub_centers + epilogue_column(); j < kTile; j += 2) {
+    ds_row[j] = Policy::to_operand(Acc(0));
+    s_row[j] = 0;
+  }
+  return dot;
+}
+
+template <class Policy>
+__global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const CudaMarginSoftmaxBackwardParams bp) {
+  using Acc = typename Policy::Acc;
+  using Operand = typename Policy::Operand;
+  using Layout = SharedLayout<Policy>;
+  Layout shared = block_shared<Policy>();
+  const CudaMarginSoftmaxParams& p = bp.rows;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* w = static_cast<const Operand*>(p.w);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  load_classifier_rows(bp, r0, shared);
+  typename Policy::Accumulator dx;
+  Policy::zero(dx);
+  Acc row_dot = 0;
+  for (int64_t c0 = 0; c0 < p.classes; c0 += kTile / p.sub_centers) {
+    const ClassTile tile = class_tile(p, c0);
+    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
+    row_dot += classifier_ds_tile<Policy>(p, r0, tile, shared);
+    // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the output's D columns, as rows
+    load_transposed_tile(shared.out, Layout::kTileLd, kTile, w, p.w_stride, e0, p.d, tile.j0, tile.j_end);
+    __syncthreads();
+    Policy::template mma<RowMajor, RowMajor>(dx, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+    __syncthreads();  // the next tile rewrites the chunks, S, dS and W's rows
+  }
+  row_dot += from_partner(row_dot);
+  if (epilogue_column() == 0) {
+    const Acc rx = shared.row_state[3 * kTile + epilogue_row()];
+    shared.sums[epilogue_row()] = clamped(rx) ? Acc(0) : rx * rx * row_dot;
+  }
+  Policy::store(dx, shared.s, Layout::kAccLd);
+  __syncthreads();
+  write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, Write::kStore, shared,
+                     {shared.sums, x + r0 * p.x_stride + e0, p.x_stride});
+}
+
+template <class Policy>
+__global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const CudaMarginSoftmaxBackwardParams bp) {
+  using Acc = typename Policy::Acc;
+  using Operand = typename Policy::Operand;
+  using Layout = SharedLayout<Policy>;
+  Layout shared = block_shared<Policy>();
+  const CudaMarginSoftmaxParams& p = bp.rows;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* w = static_cast<const Operand*>(p.w);
+  const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
+  const ClassTile tile = class_tile(p, static_cast<int64_t>(blockIdx.x) * (kTile / p.sub_centers));
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  typename Policy::Accumulator dw;
+  Policy::zero(dw);
+  Acc column_dot = 0;  // threads t < 64: column t's sum of dS cos
+  for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
+    load_classifier_rows(bp, r0, shared);
+    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
+    classifier_ds_tile<Policy>(p, r0, tile, shared);
+    load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+    __syncthreads();
+    // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
+    Policy::template mma<ColMajor, RowMajor>(dw, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+    if (threadIdx.x < kTile) {
+#pragma unroll 1
+      for (int i = 0; i < kTile; ++i) column_dot += shared.s[i * Layout::kAccLd + threadIdx.x];
+    }
+    __syncthreads();  // the next block rewrites the row state, the chunks, S, dS and X's rows
+  }
+  if (threadIdx.x < kTile) {
+    const int64_t column = tile.j0 + threadIdx.x;
+    const Acc rw = column < tile.j_end ? w_inverse[column] : Acc(0);
+    shared.sums[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * column_dot;
+  }
+  Policy::store(dw, shared.s, Layout::kAccLd);
+  __syncthreads();
+  // dW is D x J: element (e0 + e, j0 + j) = the staged [j][e] minus the radial term; consecutive threads write
+  // consecutive columns.
+  auto* out = static_cast<Acc*>(bp.dw);
+  const int64_t columns = p.classes * p.sub_centers;
+#pragma unroll 1
+  for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
+    const int j = index % kTile, e = index / kTile;
+    const int64_t column = tile.j0 + j, dim = e0 + e;
+    if (column >= tile.j_end || dim >= p.d) continue;
+    out[dim * columns + column] = shared.s[j * Layout::kAccLd + e] -
+                                  shared.sums[j] * static_cast<Acc>(w[dim * p.w_stride + column]);
+  }
+}
+
+template <class Policy>
+cudaError_t inverse_norms(const CudaMarginSoftmaxParams& p, cudaStream_t stream) {
+  using Acc = typename Policy::Acc;
+  using Operand = typename Policy::Operand;
+  const auto* x = static_cast<const Operand*>(p.x);
+  const auto* w = static_cast<const Operand*>(p.w);
+  const int64_t columns = p.classes * p.sub_centers;
+  const auto grid = [](int64_t count) { return dim3(static_cast<unsigned>((count + kThreads - 1) / kThreads)); };
+  if (p.n > 0) {
+    if (cudaError_t error = launch(inverse_norms_kernel<Operand, Acc>, grid(p.n), 0, stream, x, p.n, p.d, p.x_stride,
+                                   int64_t{1}, static_cast<Acc*>(p.x_inverse)))
+      return error;
+  }
+  if (columns == 0) return cudaSuccess;
+  return launch(inverse_norms_kernel<Operand, Acc>, grid(columns), 0, stream, w, columns, p.d, int64_t{1},
+                p.w_stride, static_cast<Acc*>(p.w_inverse));
+}
+
+template <class Policy>
+cudaError_t forward(const CudaMarginSoftmaxParams& p, void* stats, cudaStream_t stream) {
+  if (cudaError_t error = inverse_norms<Policy>(p, stream)) return error;
+  return launch(margin_softmax_forward_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n))),
+                SharedLayout<Policy>::kForwardBytes, stream, p, static_cast<typename Policy::Acc*>(stats));
+}
+
+template <class Policy>
+cudaError_t backward(const CudaMarginSoftmaxBackwardParams& bp, cudaStream_t stream) {
+  const CudaMarginSoftmaxParams& p = bp.rows;
+  if (cudaError_t error = inverse_norms<Policy>(p, stream)) return error;
+  const auto slices = static_cast<unsigned>(blocks(p.d));
+  const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
+  if (bp.dx != nullptr) {
+    if (cudaError_t error = launch(margin_softmax_dx_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n)), slices),
+                                   bytes, stream, bp))
+      return error;
+  }
+  if (bp.dw != nullptr) {
+    const int64_t per_tile = kTile / p.sub_centers;
+    const auto tiles = static_cast<unsigned>((p.classes + per_tile - 1) / per_tile);
+    return launch(margin_softmax_dw_kernel<Policy>, dim3(tiles, slices), bytes, stream, bp);
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int margin_softmax_forward(const CudaMarginSoftmaxParams& p, void* stats, void* stream) {
+  if (p.n == 0 || p.classes == 0) return cudaSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.operand) {
+    case Operand::kFloat32: return forward<SimtTile<float>>(p, stats, s);
+    case Operand::kTf32: return forward<WmmaTile<Tf32>>(p, stats, s);
+    case Operand::kFloat16: return forward<WmmaTile<__half>>(p, stats, s);
+    case Operand::kBFloat16: return forward<WmmaTile<__nv_bfloat16>>(p, stats, s);
+    case Operand::kFloat64: return forward<SimtTile<double>>(p, stats, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int margin_softmax_backward(const CudaMarginSoftmaxBackwardParams& bp, void* stream) {
+  const CudaMarginSoftmaxParams& p = bp.rows;
+  if (p.n == 0 || p.classes == 0 || p.d == 0) return cudaSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.operand) {
+    case Operand::kFloat32: return backward<SimtTile<float>>(bp, s);
+    case Operand::kTf32: return backward<WmmaTile<Tf32>>(bp, s);
+    case Operand::kFloat16: return backward<WmmaTile<__half>>(bp, s);
+    case Operand::kBFloat16: return backward<WmmaTile<__nv_bfloat16>>(bp, s);
+    case Operand::kFloat64: return backward<SimtTile<double>>(bp, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace metric_kernels::cuda
