@@ -19,7 +19,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ["SimtTile<float>", "SimtTile<double>", "WmmaTile<Tf32>", "WmmaTile<__half>", "WmmaTile<__nv_bfloat16>"]
 KERNELS = ["lse_rows_forward_kernel<{}>", "lse_rows_backward_dx_kernel<{},false>",
-           "lse_rows_backward_dx_kernel<{},true>", "lse_rows_backward_dy_kernel<{}>", "batch_hard_select_kernel<{}>"]
+           "lse_rows_backward_dx_kernel<{},true>", "lse_rows_backward_dy_kernel<{}>", "batch_hard_select_kernel<{}>",
+           "margin_softmax_forward_kernel<{}>", "margin_softmax_dx_kernel<{}>", "margin_softmax_dw_kernel<{}>"]
+# The classifiers' inverse norms, per (operand, accumulation) type.
+NORM_KERNELS = ["inverse_norms_kernel<float,float>", "inverse_norms_kernel<double,double>",
+                "inverse_norms_kernel<__half,float>", "inverse_norms_kernel<__nv_bfloat16,float>"]
 ARCHS = ["sm_80", "sm_90"]
 
 needs_nvcc = pytest.mark.skipif(
@@ -69,6 +73,7 @@ def test_every_cuda_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert "ops.cpp.o" in log  # the torch glue was compiled too
     report = _ptxas_report(log)
     expected = {(arch, kernel.format(policy)) for arch in ARCHS for kernel in KERNELS for policy in POLICIES}
+    expected |= {(arch, kernel) for arch in ARCHS for kernel in NORM_KERNELS}
     missing = expected - set(report)
     assert not missing, f"kernels without a ptxas report: {sorted(missing)[:5]}; got {sorted(report)[:5]}"
     spilling = {key: figures for key, figures in report.items() if figures[1] or figures[2]}
