@@ -3,13 +3,15 @@
 //                          pattern, written to OUT for comparison with torch
 //   check semantics        kernels whose results are known: indices, shared memory, barriers, shuffles, atomics,
 //                          WMMA against plain loops, launch errors; prints "ok"
-//   check kernels          the kernels of csrc/cuda on every operand type, forward, both backward paths (built with
-//                          -fsanitize=thread by the test: a data race between the threads of a block is reported)
+//   check kernels          the kernels of csrc/cuda on every operand type (forward, both backward paths, the
+//                          classifiers'), built with -fsanitize=thread by the test: a data race between the threads
+//                          of a block is reported
 //   check <failure>        a kernel the emulation must stop, with its message (FAILURES in the test)
 #include "cuda/host_emulation.h"
 #define cuda cuda_emulated  // as CMakeLists.txt builds them
 #include "cuda/batch_hard.cu"
 #include "cuda/lse_rows.cu"
+#include "cuda/margin_softmax.cu"
 #undef cuda
 
 #include <cstdio>
@@ -275,6 +277,18 @@ int kernels(Operand operand, std::mt19937& rng) {
   CudaPairRowsParams p{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, 3, 0, 0, 0, operand};
   p.x_sq = x_sq.data(), p.y_sq = y_sq.data();
   errors += batch_hard_select(p, choices.data(), nullptr) != 0;
+  // The classifiers: y's rows as the columns of W (D x J, J = m), 30 classes of 3 sub-centres
+  std::vector<T> w(d * m);
+  for (int j = 0; j < m; ++j)
+    for (int e = 0; e < d; ++e) w[e * m + j] = y[j * d + e];
+  std::vector<int64_t> classes(n);
+  for (auto& l : classes) l = rng() % 30;
+  std::vector<Acc> inverse(n + m), class_stats(2 * n), class_grad(2 * n, Acc(0.5)), class_dx(n * d), dw(d * m);
+  const CudaMarginSoftmaxParams c{x.data(), w.data(), classes.data(), inverse.data(), inverse.data() + n, n, d, 30, 3,
+                                  d, m, 8.0, operand};
+  errors += margin_softmax_forward(c, class_stats.data(), nullptr) != 0;
+  const CudaMarginSoftmaxBackwardParams cb{c, class_grad.data(), class_stats.data(), class_dx.data(), dw.data()};
+  errors += margin_softmax_backward(cb, nullptr) != 0;
   return errors;
 }
 
