@@ -68,6 +68,13 @@ SUPPORTED_DISTANCES = {
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
     "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
+    # The margin-softmax classifiers: the cosine of the embeddings to W's columns. PML's LargeMarginSoftmaxLoss
+    # family asserts a CosineSimilarity; NormalizedSoftmaxLoss normalises W's columns, and its default
+    # DotProductSimilarity() normalises the embeddings.
+    "ArcFaceLoss": (COSINE,),
+    "CosFaceLoss": (COSINE,),
+    "SubCenterArcFaceLoss": (COSINE,),
+    "NormalizedSoftmaxLoss": (NORMALIZED_DOT, COSINE),
 }
 
 
@@ -80,16 +87,19 @@ def functional_distance(spec: DistanceSpec) -> dict:
 
 
 # Where PML's own loss accepts only some distance classes (c_f.assert_distance_type), no table entry can add others.
-PML_DISTANCE_CLASSES = {"CircleLoss": ("CosineSimilarity",)}
+PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
+                        for name in ("CircleLoss", "ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss")}
 
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
-#   "element": one loss per query (Circle, SupCon);
+#   "element": one loss per query (Circle, SupCon, Multi-Similarity, the margin-softmax classifiers);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
 #   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive).
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "BatchHardTripletLoss": "triplet",
-              "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair"}
+              "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair",
+              "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
+              "NormalizedSoftmaxLoss": "element"}
 
 # What each reducer mode means as the functional `reduction=` (None: no functional reduction says the same).
 #   "unreduced" (DoNothingReducer): the module returns PML's loss dictionary of unreduced losses.

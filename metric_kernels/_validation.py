@@ -16,13 +16,13 @@ REDUCTIONS = ("mean_nonzero", "mean", "sum", "none")
 DISTANCES = {"cosine": 0, "dot": 0, "euclidean": 2, "squared_euclidean": 1}
 
 
-def check_embeddings(value, name: str) -> torch.Tensor:
+def check_embeddings(value, name: str, layout: str = "rows x embedding size") -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows x embedding size), got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must be 2-D ({layout}), got shape {tuple(value.shape)}")
     return value
 
 
@@ -58,6 +58,23 @@ def check_real(value, name: str) -> float:
     if not abs(value) < float("inf"):  # rejects NaN and +-Inf
         raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
+
+
+def check_count(value, name: str) -> int:
+    """A whole number >= 1 (num_classes, embedding_size, sub_centers); bool is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_angle_degrees(value, name: str) -> float:
+    """An angular margin in degrees (ArcFace's): finite, 0 <= value < 180."""
+    value = check_real(value, name)
+    if not 0 <= value < 180:
+        raise ValueError(f"{name} must lie in [0, 180) degrees, got {value}")
+    return value
 
 
 def check_bool(value, name: str) -> bool:
@@ -136,15 +153,42 @@ def check_proxy_inputs(embeddings, labels, proxies):
         raise ValueError(
             f"proxies must be C x {embeddings.shape[1]} (the embeddings' width), got shape {tuple(proxies.shape)}")
     check_same_device(embeddings, "embeddings", proxies=proxies)
-    num_classes = proxies.shape[0]
+    check_labels_in_range(labels, proxies.shape[0], "one proxy per class")
+
+
+def check_labels_in_range(labels: torch.Tensor, num_classes: int, meaning: str) -> None:
+    """labels in [0, num_classes): an out-of-range label would index past the class rows inside a kernel. Eagerly:
+    one host sync and a ValueError. Under torch.compile a host sync would break the graph, so the check becomes an
+    in-graph assertion."""
     if labels.numel() == 0:
         return
-    # An out-of-range label would index past the proxies inside a kernel. Eagerly: one host sync and a ValueError.
-    # Under torch.compile a host sync would break the graph, so the check becomes an in-graph assertion.
     if torch.compiler.is_compiling():
         torch._assert_async((labels.min() >= 0) & (labels.max() < num_classes),
-                            "labels must lie in [0, C) (one proxy per class)")
+                            f"labels must lie in [0, C) ({meaning})")
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) (one proxy per class), got values in [{low}, {high}]")
+        raise ValueError(f"labels must lie in [0, {num_classes}) ({meaning}), got values in [{low}, {high}]")
+
+
+def check_classifier_inputs(embeddings, labels, weight, sub_centers: int) -> int:
+    """The margin-softmax classifiers' inputs: embeddings N x D, labels [N] in [0, C), weight D x (C * sub_centers)
+    (PML's W: column j is class j // sub_centers). sub_centers must be checked already. Returns C."""
+    check_embeddings(embeddings, "embeddings")
+    check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+    check_same_device(embeddings, "embeddings", labels=labels)
+    check_embeddings(weight, "weight", "embedding size x classes * sub_centers")
+    width = embeddings.shape[1]
+    if weight.shape[0] != width:
+        raise ValueError(f"weight must be {width} x (C * sub_centers) (its rows: the embeddings' width, "
+                         f"embedding_size), got shape {tuple(weight.shape)}")
+    if weight.shape[1] == 0:
+        raise ValueError("weight must have at least one column (one per class and sub-centre)")
+    if weight.shape[1] % sub_centers:
+        raise ValueError(f"weight has {weight.shape[1]} columns, not a multiple of sub_centers={sub_centers} "
+                         "(it holds C * sub_centers columns)")
+    check_same_device(embeddings, "embeddings", weight=weight)
+    num_classes = weight.shape[1] // sub_centers
+    check_labels_in_range(labels, num_classes, "one class per sub_centers columns of weight" if sub_centers > 1
+                          else "one class per column of weight")
+    return num_classes

@@ -5,6 +5,7 @@ that per-row contract is decided here, so every backend behaves the same way.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from . import _validation as check
 from ._pairs import SIMILARITY, pair_counts
+from ._row_epilogues import stats_dtype
 from .backends import check_backend_name, resolve
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -378,6 +380,94 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, ba
     positive_part = torch.where(with_positive > 0, positive_terms.sum() / with_positive.clamp(min=1),
                                 positive_terms.sum() * 0)
     return positive_part + negative_terms.sum() / num_classes + guard
+
+
+def _arcface_margin(cosine: torch.Tensor, margin: float) -> torch.Tensor:
+    """PML's ArcFaceLoss.modify_cosine_of_target_classes, op for op, with the margin in radians: cos(theta + m),
+    or cos(theta) - m sin(m) past theta = 180 degrees - m, where cos(theta + m) would turn back up."""
+    angles = torch.acos(torch.clamp(cosine, -1, 1))
+    return torch.where(angles <= math.radians(180) - margin, torch.cos(angles + margin),
+                       torch.cos(angles) - margin * math.sin(margin))
+
+
+_MARGINS = {
+    "arcface": _arcface_margin,
+    "cosface": lambda cosine, margin: cosine - margin,  # PML's CosFaceLoss
+    "none": lambda cosine, margin: cosine,  # NormalizedSoftmax: the label's cosine as it is
+}
+
+
+def _margin_softmax_loss(embeddings, labels, weight, *, kind: str, margin: float, scale: float, sub_centers: int,
+                         reduction, backend, deterministic):
+    """The margin-softmax classifiers: validation, dispatch of the backend's margin_softmax_rows (per row the
+    log-sum-exp of scale * cosine over the other classes, and the label's cosine; metric_kernels/backends.py), then
+    on O(N) vectors the margin of `kind` (margin in radians for "arcface") and PML's cross-entropy
+    L_i = log(exp(lse_other_i) + exp(logit_i)) - logit_i with logit_i = scale * margin(cos_i, label). `scale`,
+    `margin` and `sub_centers` arrive checked."""
+    check.check_classifier_inputs(embeddings, labels, weight, sub_centers)
+    check.check_reduction(reduction)
+    check_backend_name(backend)
+    deterministic = check.check_deterministic(deterministic)
+    implementation = resolve(backend, embeddings.device, rows="margin_softmax_rows")
+
+    if _folds_normalization(implementation):
+        x, w = _raw_rows(embeddings, weight)
+    else:
+        dtype = _compute_dtype(embeddings, weight)
+        x, w = embeddings.to(dtype), weight.to(dtype)
+    labels = labels.long().contiguous()
+    if x.shape[0] == 0:  # no query: zeros that stay connected to the graph of the embeddings and the weight
+        rows = (x.sum(dim=1) * 0 + w.sum() * 0).to(stats_dtype(x.dtype))
+    else:
+        lse_other, target_cosine = implementation.margin_softmax_rows(
+            x, w, labels, scale=scale, sub_centers=sub_centers, deterministic=deterministic)
+        logits = scale * _MARGINS[kind](target_cosine, margin)
+        rows = torch.logaddexp(lse_other, logits) - logits
+    return _reduce(rows, reduction) + _nonfinite_guard(x, w)
+
+
+def arcface_loss(embeddings, labels, weight, *, margin=28.6, scale=64.0, reduction="mean", backend="auto",
+                 deterministic=None):
+    """ArcFace (Deng et al. 2019) with PML's semantics: cross-entropy over scale * cos(x_i, W_c), the label's cosine
+    replaced by cos(theta + m) (m = margin in degrees; cos(theta) - m sin(m) past theta = 180 - margin degrees).
+    weight: D x C, PML's W (one column per class). reduction "mean" is PML's MeanReducer over the N queries.
+    See docs/losses/margin-softmax.md."""
+    margin = math.radians(check.check_angle_degrees(margin, "margin"))
+    scale = check.check_positive(scale, "scale")
+    return _margin_softmax_loss(embeddings, labels, weight, kind="arcface", margin=margin, scale=scale,
+                                sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
+
+
+def cosface_loss(embeddings, labels, weight, *, margin=0.35, scale=64.0, reduction="mean", backend="auto",
+                 deterministic=None):
+    """CosFace (Wang et al. 2018) with PML's semantics: cross-entropy over scale * cos(x_i, W_c), the label's cosine
+    minus margin. weight: D x C, PML's W. See docs/losses/margin-softmax.md."""
+    margin = check.check_real(margin, "margin")
+    scale = check.check_positive(scale, "scale")
+    return _margin_softmax_loss(embeddings, labels, weight, kind="cosface", margin=margin, scale=scale,
+                                sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
+
+
+def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers=3, margin=28.6, scale=64.0, reduction="mean",
+                           backend="auto", deterministic=None):
+    """Sub-center ArcFace (Deng et al. 2020) with PML's semantics: ArcFace on each class's largest cosine over its
+    sub_centers columns of weight (D x (C * sub_centers), PML's W: column j is class j // sub_centers).
+    See docs/losses/margin-softmax.md."""
+    sub_centers = check.check_count(sub_centers, "sub_centers")
+    margin = math.radians(check.check_angle_degrees(margin, "margin"))
+    scale = check.check_positive(scale, "scale")
+    return _margin_softmax_loss(embeddings, labels, weight, kind="arcface", margin=margin, scale=scale,
+                                sub_centers=sub_centers, reduction=reduction, backend=backend,
+                                deterministic=deterministic)
+
+
+def normalized_softmax_loss(embeddings, labels, weight, *, temperature=0.05, reduction="mean", backend="auto",
+                            deterministic=None):
+    """Normalized softmax (NormFace, Wang et al. 2017) with PML's semantics: cross-entropy over
+    cos(x_i, W_c) / temperature. weight: D x C, PML's W. See docs/losses/margin-softmax.md."""
+    temperature = check.check_positive(temperature, "temperature")
+    return _margin_softmax_loss(embeddings, labels, weight, kind="none", margin=0.0, scale=1.0 / temperature,
+                                sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
 
 
 def multiview(features, labels=None):

@@ -6,13 +6,14 @@ They are thin: each holds its hyper-parameters and calls the functional loss, so
 PML's base-class keywords are accepted with PML's defaults: `distance=` (each loss's PML default distance),
 `reducer=` (AvgNonZeroReducer, MeanReducer, SumReducer, DoNothingReducer, PerAnchorReducer of one of the first three;
 ProxyAnchorLoss also DivisorReducer), `embedding_regularizer=None`, `embedding_reg_weight`, `collect_stats=None/False`,
-and ProxyAnchorLoss's `weight_regularizer=None`, `weight_reg_weight` and `weight_init_func`. A value the fused kernels
+and the weight-owning modules' (ProxyAnchorLoss and the margin-softmax classifiers ArcFaceLoss, CosFaceLoss,
+SubCenterArcFaceLoss, NormalizedSoftmaxLoss) `weight_regularizer=None`, `weight_reg_weight` and `weight_init_func`. A value the fused kernels
 cannot honour raises NotImplementedError naming the keyword and the value (see metric_kernels/_pml_keywords.py and
 docs/index.md, "PML's constructor keywords").
 """
 from __future__ import annotations
 
-import numbers
+import math
 
 import torch
 from torch import nn
@@ -65,6 +66,51 @@ def _keywords_repr(module: nn.Module) -> str:
     return "".join(", " + part for part in parts)
 
 
+def _accept_backend(module: nn.Module, backend, deterministic) -> None:
+    """The modules' own keywords, stored as the functional losses take them."""
+    module.backend = check_backend_name(backend)
+    if deterministic is not None:
+        check.check_bool(deterministic, "deterministic")
+    module.deterministic = deterministic
+
+
+def _accept_weight_keywords(module: nn.Module, owner: str, weight_regularizer, weight_reg_weight, weight_init_func,
+                            weights: str) -> None:
+    """PML's WeightRegularizerMixin keywords of a module that owns weights (`weights` names them for messages):
+    weight_regularizer None only, weight_reg_weight stored, weight_init_func None (the module's PML default) or a
+    callable applied to the weights."""
+    keywords.check_none(owner, weight_regularizer=weight_regularizer)
+    module.weight_regularizer = None
+    module.weight_reg_weight = keywords.check_reg_weight(weight_reg_weight, "weight_reg_weight")
+    if weight_init_func is not None and not callable(weight_init_func):
+        raise TypeError(f"weight_init_func must be callable (it is called on {weights}), got "
+                        f"{type(weight_init_func).__name__}")
+    module.weight_init_func = weight_init_func
+
+
+def _checked_logit_inputs(module: nn.Module, embeddings, **weights) -> None:
+    """get_logits' embeddings: a float N x embedding_size tensor on the weights' device."""
+    check.check_embeddings(embeddings, "embeddings")
+    if embeddings.shape[1] != module.embedding_size:
+        raise ValueError(f"embeddings must have {module.embedding_size} columns (embedding_size), "
+                         f"got shape {tuple(embeddings.shape)}")
+    check.check_same_device(embeddings, "embeddings", **weights)
+
+
+def _cosines(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """PML's CosineSimilarity matrix of the embeddings to the rows of `references`, in the embeddings' dtype (PML
+    casts its weights to it)."""
+    references = references.to(embeddings.dtype)
+    return functional._prepare(embeddings, embeddings.dtype, True) @ functional._prepare(
+        references, references.dtype, True).T
+
+
+def _element_losses(rows: torch.Tensor) -> dict:
+    """PML's DoNothingReducer output for a loss with one "element" loss per query."""
+    indices = torch.arange(rows.shape[0], device=rows.device)
+    return {"loss": {"losses": rows, "indices": indices, "reduction_type": "element"}}
+
+
 class _PairLoss(nn.Module):
     """forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, self_offset=None)."""
 
@@ -77,10 +123,7 @@ class _PairLoss(nn.Module):
         self.reduction = _accept_pml_keywords(self, self._PML_NAME, distance, reducer, reduction,
                                               embedding_regularizer, embedding_reg_weight, collect_stats,
                                               self._PML_DEFAULT_REDUCTION)
-        self.backend = check_backend_name(backend)
-        if deterministic is not None:
-            check.check_bool(deterministic, "deterministic")
-        self.deterministic = deterministic
+        _accept_backend(self, backend, deterministic)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 self_offset=None):
@@ -91,8 +134,7 @@ class _PairLoss(nn.Module):
         value = self._loss(embeddings, labels, ref_emb, ref_labels, self_offset=self_offset,
                            reduction=self.reduction, backend=self.backend, deterministic=self.deterministic)
         if self._reducer_mode == "unreduced":  # PML's DoNothingReducer: its loss dictionary, one loss per query
-            indices = torch.arange(value.shape[0], device=value.device)
-            return {"loss": {"losses": self._pml_rows(value), "indices": indices, "reduction_type": "element"}}
+            return _element_losses(self._pml_rows(value))
         if self._reducer_mode == "mean_over_triplets":  # PML's MeanReducer over the mined triplets
             y_labels = labels if ref_emb is None else ref_labels
             positives, negatives = pair_counts(labels.long(), y_labels.long(), 0 if ref_emb is None else self_offset)
@@ -313,29 +355,16 @@ class ProxyAnchorLoss(nn.Module):
                  distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1,
                  weight_regularizer=None, weight_reg_weight=1, weight_init_func=None, collect_stats=None):
         super().__init__()
-        for value, name in ((num_classes, "num_classes"), (embedding_size, "embedding_size")):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_classes = num_classes = check.check_count(num_classes, "num_classes")
+        self.embedding_size = embedding_size = check.check_count(embedding_size, "embedding_size")
         self._term_reduction = _accept_pml_keywords(self, "ProxyAnchorLoss", distance, reducer, None,
                                                     embedding_regularizer, embedding_reg_weight, collect_stats,
                                                     "divisor")
-        keywords.check_none("ProxyAnchorLoss", weight_regularizer=weight_regularizer)
-        self.weight_regularizer = None
-        self.weight_reg_weight = keywords.check_reg_weight(weight_reg_weight, "weight_reg_weight")
-        if weight_init_func is not None and not callable(weight_init_func):
-            raise TypeError(f"weight_init_func must be callable (it is called on the proxies), got "
-                            f"{type(weight_init_func).__name__}")
-        self.weight_init_func = weight_init_func
-        self.num_classes = num_classes = int(num_classes)
-        self.embedding_size = embedding_size = int(embedding_size)
+        _accept_weight_keywords(self, "ProxyAnchorLoss", weight_regularizer, weight_reg_weight, weight_init_func,
+                                "the proxies")
         self.margin = check.check_real(margin, "margin")
         self.alpha = check.check_positive(alpha, "alpha")
-        self.backend = check_backend_name(backend)
-        if deterministic is not None:
-            check.check_bool(deterministic, "deterministic")
-        self.deterministic = deterministic
+        _accept_backend(self, backend, deterministic)
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
         if weight_init_func is None:
             nn.init.kaiming_normal_(self.proxies, mode="fan_out")
@@ -366,15 +395,188 @@ class ProxyAnchorLoss(nn.Module):
 
     def get_logits(self, embeddings):
         """Cosine similarities of the embeddings to every proxy, N x C (PML's get_logits)."""
-        check.check_embeddings(embeddings, "embeddings")
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), "
-                             f"got shape {tuple(embeddings.shape)}")
-        check.check_same_device(embeddings, "embeddings", proxies=self.proxies)
-        proxies = self.proxies.to(embeddings.dtype)
-        return functional._prepare(embeddings, embeddings.dtype, True) @ functional._prepare(
-            proxies, proxies.dtype, True).T
+        _checked_logit_inputs(self, embeddings, proxies=self.proxies)
+        return _cosines(embeddings, self.proxies)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
                 f"alpha={self.alpha}, backend={self.backend!r}" + _keywords_repr(self))
+
+
+class _MarginSoftmaxLoss(nn.Module):
+    """The margin-softmax classifiers (PML's LargeMarginSoftmaxLoss family and NormalizedSoftmaxLoss): own
+    `W`, an embedding_size x (num_classes * sub_centers) nn.Parameter (PML's layout: column j is class
+    j // sub_centers) initialised as PML does (torch.nn.init.normal_, or `weight_init_func` called on W), so the same
+    seed gives PML's W.
+
+    forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None) computes in the promoted dtype of
+    the embeddings and W (float32 for half inputs) and leaves W as it is: PML's forward instead moves W.data to the
+    embeddings' dtype and device (cast_types), in place; here W must be on the embeddings' device. PML's keywords:
+    reducer (MeanReducer, PML's default: the mean over the queries; AvgNonZeroReducer, SumReducer, DoNothingReducer:
+    PML's loss dictionary of per-query losses; PerAnchorReducer of one of the first three), distance (see each
+    class), weight_regularizer and embedding_regularizer (None), weight_reg_weight, embedding_reg_weight,
+    weight_init_func, collect_stats (None or False).
+    """
+
+    _PML_NAME = ""
+
+    def __init__(self, num_classes, embedding_size, *, backend="auto", deterministic=None, distance=None,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, weight_regularizer=None,
+                 weight_reg_weight=1, weight_init_func=None, collect_stats=None, _sub_centers=1):
+        super().__init__()
+        self.num_classes = check.check_count(num_classes, "num_classes")
+        self.embedding_size = check.check_count(embedding_size, "embedding_size")
+        self._reduction = _accept_pml_keywords(self, self._PML_NAME, distance, reducer, None, embedding_regularizer,
+                                               embedding_reg_weight, collect_stats, "mean")
+        _accept_weight_keywords(self, self._PML_NAME, weight_regularizer, weight_reg_weight, weight_init_func, "W")
+        _accept_backend(self, backend, deterministic)
+        self.W = nn.Parameter(torch.empty(self.embedding_size, self.num_classes * _sub_centers))
+        (nn.init.normal_ if weight_init_func is None else weight_init_func)(self.W)
+
+    def _sub_centers(self) -> int:
+        return 1
+
+    def _margin(self) -> dict:
+        """The functional layer's (kind, margin, scale) of this loss."""
+        raise NotImplementedError
+
+    def _class_cosines(self, embeddings):
+        """N x C: the cosine of each embedding to each class (its largest sub-centre's), in the embeddings' dtype."""
+        _checked_logit_inputs(self, embeddings, W=self.W)
+        cosine = _cosines(embeddings, self.W.t())
+        return cosine.view(embeddings.shape[0], self.num_classes, self._sub_centers()).max(dim=2).values
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        _no_miners(indices_tuple)
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(f"ref_emb is not supported for this loss function ({self._PML_NAME} compares the "
+                             "embeddings with its W; PML raises this ValueError too)")
+        labels = _labels_on(labels, embeddings, "labels")
+        value = functional._margin_softmax_loss(embeddings, labels, self.W, sub_centers=self._sub_centers(),
+                                                reduction=self._reduction, backend=self.backend,
+                                                deterministic=self.deterministic, **self._margin())
+        return _element_losses(value) if self._reducer_mode == "unreduced" else value
+
+    def get_logits(self, embeddings):
+        """scale * cosine of the embeddings to every class, N x C (PML's get_logits: no margin)."""
+        return self._class_cosines(embeddings) * self.scale
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {self._repr_params()}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
+
+
+class ArcFaceLoss(_MarginSoftmaxLoss):
+    """PML's ArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64): see docs/losses/margin-softmax.md.
+
+    margin is given in degrees and stored in radians, as PML stores it (`self.margin`). distance: CosineSimilarity()
+    only (PML's ArcFaceLoss asserts a CosineSimilarity). The rest as _MarginSoftmaxLoss's docstring says.
+    """
+
+    _PML_NAME = "ArcFaceLoss"
+
+    def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, **kwargs):
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.margin = math.radians(check.check_angle_degrees(margin, "margin"))
+        self.scale = check.check_positive(scale, "scale")
+
+    def _margin(self):
+        return dict(kind="arcface", margin=self.margin, scale=self.scale)
+
+    def _repr_params(self):
+        return f"margin={math.degrees(self.margin):g} degrees, scale={self.scale}"
+
+
+class CosFaceLoss(_MarginSoftmaxLoss):
+    """PML's CosFaceLoss(num_classes, embedding_size, margin=0.35, scale=64): see docs/losses/margin-softmax.md.
+
+    distance: CosineSimilarity() only (PML's CosFaceLoss asserts a CosineSimilarity). The rest as
+    _MarginSoftmaxLoss's docstring says.
+    """
+
+    _PML_NAME = "CosFaceLoss"
+
+    def __init__(self, num_classes, embedding_size, margin=0.35, scale=64, **kwargs):
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.margin = check.check_real(margin, "margin")
+        self.scale = check.check_positive(scale, "scale")
+
+    def _margin(self):
+        return dict(kind="cosface", margin=self.margin, scale=self.scale)
+
+    def _repr_params(self):
+        return f"margin={self.margin}, scale={self.scale}"
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """PML's SubCenterArcFaceLoss(num_classes=..., embedding_size=..., margin=28.6, scale=64, sub_centers=3): see
+    docs/losses/margin-softmax.md. num_classes and embedding_size may be given by position too (PML requires them as
+    keywords). W holds num_classes * sub_centers columns, column j for class j // sub_centers; num_classes is the
+    number of classes, as PML stores it. The rest as ArcFaceLoss's.
+    """
+
+    _PML_NAME = "SubCenterArcFaceLoss"
+
+    def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, sub_centers=3, **kwargs):
+        sub_centers = check.check_count(sub_centers, "sub_centers")
+        super().__init__(num_classes, embedding_size, margin, scale, _sub_centers=sub_centers, **kwargs)
+        self.sub_centers = sub_centers
+
+    def _sub_centers(self):
+        return self.sub_centers
+
+    def _repr_params(self):
+        return f"{super()._repr_params()}, sub_centers={self.sub_centers}"
+
+    def get_outliers(self, embeddings, labels, threshold=75, return_dominant_centers=True):
+        """PML's get_outliers, step for step: per class present in `labels`, the sub-centre most of its embeddings
+        are closest to (the dominant one), and the indices of the embeddings whose cosine to it is below
+        cos(threshold degrees). Returns (outliers, dominant_centers), an embedding_size x num_classes tensor with the
+        dominant sub-centre of each present class; as in PML, a tuple even when return_dominant_centers is False.
+        The columns of absent classes are zeros (PML leaves them uninitialised), W is read in the embeddings' dtype
+        without being cast in place."""
+        check.check_embeddings(embeddings, "embeddings")
+        check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        dtype, device = embeddings.dtype, embeddings.device
+        weight = self.W.detach().to(dtype=dtype, device=device)
+        cos_threshold = math.cos(math.radians(threshold))
+        outliers = []
+        dominant_centers = torch.zeros(weight.shape[0], self.num_classes, dtype=dtype, device=device)
+        with torch.no_grad():
+            for label in range(self.num_classes):
+                target_samples = labels == label
+                if not target_samples.any():
+                    continue
+                target_indices = target_samples.nonzero()
+                sub_centers = weight[:, label * self.sub_centers:(label + 1) * self.sub_centers]
+                cosines = _cosines(embeddings[target_samples], sub_centers.t())
+                dominant_idx = torch.argmax(torch.bincount(torch.argmax(cosines, dim=1)))
+                dominant_centers[:, label] = sub_centers[:, dominant_idx]
+                outliers.extend(target_indices[cosines[:, dominant_idx] < cos_threshold].tolist())
+        outliers = torch.tensor(outliers, device=device).flatten()
+        return outliers, dominant_centers  # PML's "a if not flag else a, b" is this tuple whatever the flag says
+
+
+class NormalizedSoftmaxLoss(_MarginSoftmaxLoss):
+    """PML's NormalizedSoftmaxLoss(num_classes, embedding_size, temperature=0.05): see docs/losses/margin-softmax.md.
+
+    distance: PML's default DotProductSimilarity() or CosineSimilarity() (both the cosine, since PML normalises W's
+    columns). num_classes and embedding_size hold the sizes (PML's class leaves both attributes 0). The rest as
+    _MarginSoftmaxLoss's docstring says.
+    """
+
+    _PML_NAME = "NormalizedSoftmaxLoss"
+
+    def __init__(self, num_classes, embedding_size, temperature=0.05, **kwargs):
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.temperature = check.check_positive(temperature, "temperature")
+
+    def _margin(self):
+        return dict(kind="none", margin=0.0, scale=1.0 / self.temperature)
+
+    def get_logits(self, embeddings):
+        """cosine / temperature of the embeddings to every class, N x C (PML's get_logits)."""
+        return self._class_cosines(embeddings) / self.temperature
+
+    def _repr_params(self):
+        return f"temperature={self.temperature}"

@@ -6,6 +6,7 @@ docs/losses/ and can be checked against pytorch-metric-learning line by line. Ev
 from .batch_hard import batch_hard_rows
 from .circle import circle_rows
 from .contrastive import contrastive_rows
+from .margin_softmax import margin_softmax_rows
 from .multi_similarity import multi_similarity_rows
 from .ntxent import ntxent_rows
 from .proxy_anchor import proxy_anchor_rows
@@ -19,5 +20,5 @@ def unavailable_reason(device):
     return None  # plain torch ops: runs wherever torch does
 
 
-__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "contrastive_rows", "multi_similarity_rows", "ntxent_rows",
-           "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]
+__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "contrastive_rows", "margin_softmax_rows",
+           "multi_similarity_rows", "ntxent_rows", "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]
