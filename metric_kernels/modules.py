@@ -7,9 +7,9 @@ PML's base-class keywords are accepted with PML's defaults: `distance=` (each lo
 `reducer=` (AvgNonZeroReducer, MeanReducer, SumReducer, DoNothingReducer, PerAnchorReducer of one of the first three;
 ProxyAnchorLoss also DivisorReducer), `embedding_regularizer=None`, `embedding_reg_weight`, `collect_stats=None/False`,
 and the weight-owning modules' (ProxyAnchorLoss and the margin-softmax classifiers ArcFaceLoss, CosFaceLoss,
-SubCenterArcFaceLoss, NormalizedSoftmaxLoss) `weight_regularizer=None`, `weight_reg_weight` and `weight_init_func`. A value the fused kernels
-cannot honour raises NotImplementedError naming the keyword and the value (see metric_kernels/_pml_keywords.py and
-docs/index.md, "PML's constructor keywords").
+SubCenterArcFaceLoss, NormalizedSoftmaxLoss) `weight_regularizer=None`, `weight_reg_weight` and `weight_init_func`.
+A value the fused kernels cannot honour raises NotImplementedError naming the keyword and the value (see
+metric_kernels/_pml_keywords.py and docs/index.md, "PML's constructor keywords").
 """
 from __future__ import annotations
 

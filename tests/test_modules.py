@@ -1,10 +1,12 @@
 """The nn.Module losses are drop-in replacements for PML's classes: same constructor defaults, same forward order,
 and one optimisation step of a PML-style training loop gives the same parameters."""
 import copy
+import math
 
 import pytest
 import torch
-from pytorch_metric_learning import distances, losses, miners
+from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
+from pytorch_metric_learning.utils import common_functions as c_f
 
 import metric_kernels as mk
 from metric_kernels.pml import exact_cdist
@@ -131,3 +133,140 @@ def test_modules_work_under_deterministic_algorithms():
     finally:
         torch.use_deterministic_algorithms(before)
     assert torch.equal(first, second)
+
+
+# --- the margin-softmax classifiers ---------------------------------------------------------------------------------
+
+CLASSIFIERS = {  # name -> (our class, PML's class, constructor keywords both take)
+    "arcface": (mk.ArcFaceLoss, losses.ArcFaceLoss, dict(margin=20.0, scale=32)),
+    "cosface": (mk.CosFaceLoss, losses.CosFaceLoss, dict(margin=0.2, scale=32)),
+    "subcenter_arcface": (mk.SubCenterArcFaceLoss, losses.SubCenterArcFaceLoss,
+                          dict(margin=20.0, scale=32, sub_centers=2)),
+    "normalized_softmax": (mk.NormalizedSoftmaxLoss, losses.NormalizedSoftmaxLoss, dict(temperature=0.1)),
+}
+
+
+def _classifier_pair(name, classes=10, dim=16, **keywords):
+    """Ours (reference backend) and PML's, built from the same seed (so with the same W), and the same keywords."""
+    ours_cls, pml_cls, params = CLASSIFIERS[name]
+    torch.manual_seed(5)
+    ours = ours_cls(num_classes=classes, embedding_size=dim, **params, backend="reference", **keywords)
+    torch.manual_seed(5)
+    theirs = pml_cls(num_classes=classes, embedding_size=dim, **params, **keywords)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_modules_match_pml_init_logits_and_step(name):
+    ours, theirs = _classifier_pair(name)
+    assert torch.equal(ours.W, theirs.W)  # the same torch.nn.init.normal_ draw
+    assert isinstance(ours.W, torch.nn.Parameter) and list(ours.state_dict()) == ["W"]
+    ours.double(), theirs.double()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(12, 16).double()
+    twin = copy.deepcopy(model)
+    data, labels = torch.randn(40, 12, dtype=torch.float64), torch.randint(0, 10, (40,))
+    assert_rel_close(ours.get_logits(model(data)), theirs.get_logits(model(data)), TOL, "get_logits")
+    our_loss = _one_step(model, ours, data, labels, [ours.W])
+    expected_loss = _one_step(twin, theirs, data, labels, [theirs.W])
+    assert_rel_close(our_loss, expected_loss, TOL, "loss")
+    assert_rel_close(ours.W, theirs.W, TOL, "W after the step")
+    assert_rel_close(model.weight, twin.weight, TOL, "weights after the step")
+
+
+def test_classifier_constructor_defaults_and_attributes_are_pmls():
+    for ours, theirs in ((mk.ArcFaceLoss(3, 4), losses.ArcFaceLoss(3, 4)),
+                         (mk.CosFaceLoss(3, 4), losses.CosFaceLoss(3, 4)),
+                         (mk.SubCenterArcFaceLoss(num_classes=3, embedding_size=4),
+                          losses.SubCenterArcFaceLoss(num_classes=3, embedding_size=4))):
+        assert (ours.num_classes, ours.margin, ours.scale) == (theirs.num_classes, theirs.margin, theirs.scale)
+        assert ours.W.shape == theirs.W.shape
+    assert mk.ArcFaceLoss(3, 4).margin == losses.ArcFaceLoss(3, 4).margin == math.radians(28.6)  # radians, as PML
+    assert mk.SubCenterArcFaceLoss(3, 4).sub_centers == 3 and mk.SubCenterArcFaceLoss(3, 4).W.shape == (4, 9)
+    assert mk.SubCenterArcFaceLoss(3, 4, 10.0, 8, 2).sub_centers == 2  # every argument by position too
+    ours, theirs = mk.NormalizedSoftmaxLoss(3, 4), losses.NormalizedSoftmaxLoss(3, 4)
+    assert ours.temperature == theirs.temperature and ours.W.shape == theirs.W.shape
+    assert (ours.num_classes, ours.embedding_size) == (3, 4)  # PML's class leaves both attributes 0
+
+
+def test_classifier_weight_init_func_as_pml():
+    init = c_f.TorchInitWrapper(torch.nn.init.uniform_, a=-0.5, b=0.5)
+    for name in CLASSIFIERS:
+        ours, theirs = _classifier_pair(name, weight_init_func=init)
+        assert torch.equal(ours.W, theirs.W) and ours.W.abs().max() <= 0.5, name
+        assert ours.weight_init_func is init
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_modules_pass_their_options_through(name):
+    ours, _ = _classifier_pair(name, classes=5, dim=8)
+    ours.double()
+    x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
+    params = dict(CLASSIFIERS[name][2])
+    assert_rel_close(ours(x, labels), getattr(mk, f"{name}_loss")(x, labels, ours.W, backend="reference", **params),
+                     0, name)
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_forward_leaves_w_in_its_dtype(name):
+    """PML's forward casts W.data to the embeddings' dtype in place; ours computes in the promoted dtype instead."""
+    ours, _ = _classifier_pair(name, classes=5, dim=8)
+    x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
+    value = ours(x, labels)
+    assert ours.W.dtype == torch.float32 and value.dtype == torch.float64
+    params = dict(CLASSIFIERS[name][2])
+    assert_rel_close(value, getattr(mk, f"{name}_loss")(x, labels, ours.W.double(), backend="reference",
+                                                                **params), 0, "promoted")
+    assert ours(x.half(), labels).dtype == torch.float32
+    assert ours.get_logits(x).dtype == torch.float64 and ours.W.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_supported_distances_equal_pml(name):
+    distance_list = [distances.CosineSimilarity()]
+    if name == "normalized_softmax":
+        distance_list.append(distances.DotProductSimilarity())
+    x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
+    for distance in distance_list:
+        ours, theirs = _classifier_pair(name, classes=5, dim=8, distance=distance)
+        ours.double(), theirs.double()
+        assert_rel_close(ours(x, labels), theirs(x, labels), TOL, f"{name} {distance}")
+        assert ours.distance is distance
+
+
+UNSUPPORTED_CLASSIFIER_KEYWORDS = [
+    ("distance", lambda: distances.LpDistance(), "LpDistance"),
+    ("distance", lambda: distances.DotProductSimilarity(normalize_embeddings=False), "DotProductSimilarity"),
+    ("distance", lambda: distances.CosineSimilarity(power=2), "CosineSimilarity"),
+    ("reducer", lambda: reducers.DivisorReducer(), "DivisorReducer"),
+    ("weight_regularizer", lambda: regularizers.RegularFaceRegularizer(), "RegularFaceRegularizer"),
+    ("embedding_regularizer", lambda: regularizers.LpRegularizer(), "LpRegularizer"),
+    ("collect_stats", lambda: True, "True"),
+]
+
+
+@pytest.mark.parametrize("keyword,value,text", UNSUPPORTED_CLASSIFIER_KEYWORDS,
+                         ids=[f"{k}-{t}" for k, _, t in UNSUPPORTED_CLASSIFIER_KEYWORDS])
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_unsupported_keywords_raise_naming_them(name, keyword, value, text):
+    ours_cls, _, params = CLASSIFIERS[name]
+    with pytest.raises(NotImplementedError, match=rf"{keyword}=.*{text}.*{ours_cls.__name__}"):
+        ours_cls(5, 8, **params, **{keyword: value()})
+
+
+def test_arcface_with_dot_product_similarity_is_refused_as_pml_refuses_it():
+    with pytest.raises(AssertionError):
+        losses.ArcFaceLoss(5, 8, distance=distances.DotProductSimilarity())
+    with pytest.raises(NotImplementedError, match="PML's ArcFaceLoss accepts only CosineSimilarity"):
+        mk.ArcFaceLoss(5, 8, distance=distances.DotProductSimilarity())
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_rejects_miners_and_references_as_pml(name):
+    ours, theirs = _classifier_pair(name, classes=5, dim=8)
+    x, labels = torch.randn(16, 8), torch.randint(0, 5, (16,))
+    with pytest.raises(NotImplementedError, match="indices_tuple"):
+        ours(x, labels, (torch.arange(3),) * 3)
+    for module in (ours, theirs):
+        with pytest.raises(ValueError, match="ref_emb is not supported for this loss function"):
+            module(x, labels, None, x[:4].clone(), labels[:4].clone())

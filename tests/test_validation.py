@@ -13,8 +13,10 @@ import torch
 
 import metric_kernels
 import metric_kernels.reference
-from metric_kernels import (BatchHardTripletLoss, CircleLoss, ProxyAnchorLoss, SupConLoss, batch_hard_triplet_loss,
-                            circle_loss, multi_similarity_loss, multiview, proxy_anchor_loss, supcon_loss)
+from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, NormalizedSoftmaxLoss,
+                            ProxyAnchorLoss, SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss,
+                            circle_loss, cosface_loss, multi_similarity_loss, multiview, normalized_softmax_loss,
+                            proxy_anchor_loss, subcenter_arcface_loss, supcon_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
@@ -54,8 +56,31 @@ def call_proxy(x, labels, **kwargs):
     return proxy_anchor_loss(x, labels, proxies, **kwargs)
 
 
-ALL_LOSSES = PAIR_LOSSES + [call_proxy]
-ALL_IDS = PAIR_IDS + ["proxy_anchor"]
+K = 2  # sub-centres of the subcenter_arcface calls below
+CLASSIFIERS = {"arcface": (arcface_loss, 1), "cosface": (cosface_loss, 1),
+               "subcenter_arcface": (subcenter_arcface_loss, K), "normalized_softmax": (normalized_softmax_loss, 1)}
+
+
+def _classifier_call(name):
+    """The classifier loss `name` with a valid weight, D x (C * sub_centers), of the embeddings' width (when it can
+    be read) unless weight= is given."""
+    fn, sub_centers = CLASSIFIERS[name]
+
+    def call(x, labels, **kwargs):
+        width = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else D
+        weight = kwargs.pop("weight", torch.randn(width, C * sub_centers, dtype=torch.float64))
+        if sub_centers > 1:
+            kwargs.setdefault("sub_centers", sub_centers)
+        return fn(x, labels, weight, **kwargs)
+
+    call.__name__ = f"call_{name}"
+    return call
+
+
+CLASSIFIER_CALLS = [_classifier_call(name) for name in CLASSIFIERS]
+CLASSIFIER_IDS = list(CLASSIFIERS)
+ALL_LOSSES = PAIR_LOSSES + [call_proxy] + CLASSIFIER_CALLS
+ALL_IDS = PAIR_IDS + ["proxy_anchor"] + CLASSIFIER_IDS
 
 
 # --- the valid inputs used below are valid: each bad-input test changes exactly one thing -------------------------
@@ -261,17 +286,105 @@ def test_proxy_anchor_labels_at_range_ends_are_valid():
     assert torch.isfinite(proxy_anchor_loss(x, labels, proxies))
 
 
+# --- the classifiers' weight and labels ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", CLASSIFIER_CALLS, ids=CLASSIFIER_IDS)
+def test_classifier_weight_bad_type_dtype_shape_or_device(loss):
+    x, labels, *_ = make()
+    weight = torch.randn(D, C * K, dtype=torch.float64)
+    with raises(TypeError, "weight"):
+        loss(x, labels, weight=weight.tolist())
+    with raises(TypeError, "weight"):
+        loss(x, labels, weight=weight.long())
+    for shape in [(D * C * K,), (D, C * K, 1), ()]:
+        with raises(ValueError, "weight"):
+            loss(x, labels, weight=torch.randn(shape, dtype=torch.float64))
+    for rows in (D - 1, D + 1):  # the rows of W are the embeddings' width
+        with raises(ValueError, "weight"):
+            loss(x, labels, weight=torch.randn(rows, C * K, dtype=torch.float64))
+    with raises(ValueError, "weight"):
+        loss(x, torch.zeros(N, dtype=torch.long), weight=torch.empty(D, 0, dtype=torch.float64))
+    with raises(ValueError, "weight"):
+        loss(x, labels, weight=weight.to("meta"))
+
+
+def test_subcenter_weight_columns_not_a_multiple_of_sub_centers():
+    x, labels, *_ = make()
+    for name in ("weight", "sub_centers"):
+        with raises(ValueError, name):
+            subcenter_arcface_loss(x, labels, torch.randn(D, 3 * C + 1, dtype=torch.float64), sub_centers=3)
+
+
+@pytest.mark.parametrize("value,exc", [(0, ValueError), (-1, ValueError), (1.0, TypeError), (True, TypeError),
+                                       ("3", TypeError), (None, TypeError)])
+def test_sub_centers_not_a_positive_int(value, exc):
+    x, labels, *_ = make()
+    with raises(exc, "sub_centers"):
+        subcenter_arcface_loss(x, labels, torch.randn(D, C * K, dtype=torch.float64), sub_centers=value)
+
+
+@pytest.mark.parametrize("loss", CLASSIFIER_CALLS, ids=CLASSIFIER_IDS)
+@pytest.mark.parametrize("bad", [-1, C, C + 5, -100])
+def test_classifier_labels_outside_range(loss, bad):
+    x, labels, *_ = make()
+    labels = labels.clone()
+    labels[2] = bad
+    with raises(ValueError, "labels"):
+        loss(x, labels)
+
+
+@pytest.mark.parametrize("loss", CLASSIFIER_CALLS, ids=CLASSIFIER_IDS)
+def test_classifier_labels_at_range_ends_are_valid(loss):
+    x, *_ = make()
+    assert torch.isfinite(loss(x, torch.tensor([0, C - 1] * (N // 2))))
+
+
+@pytest.mark.parametrize("loss", [arcface_loss, subcenter_arcface_loss], ids=["arcface", "subcenter_arcface"])
+@pytest.mark.parametrize("margin", [-1, -1e-9, 180, 180.0, 360, float("inf"), NAN])
+def test_arcface_margin_outside_0_to_180_degrees(loss, margin):
+    x, labels, *_ = make()
+    with raises(ValueError, "margin"):
+        loss(x, labels, torch.randn(D, C * 3, dtype=torch.float64), margin=margin)
+
+
+@pytest.mark.parametrize("loss", [arcface_loss, subcenter_arcface_loss], ids=["arcface", "subcenter_arcface"])
+def test_arcface_margin_range_ends_are_valid(loss):
+    x, labels, *_ = make()
+    for margin in (0, 179.9):
+        assert torch.isfinite(loss(x, labels, torch.randn(D, C * 3, dtype=torch.float64), margin=margin))
+
+
+@pytest.mark.parametrize("loss", CLASSIFIER_CALLS[:3], ids=CLASSIFIER_IDS[:3])
+def test_classifier_scale_infinite(loss):
+    x, labels, *_ = make()
+    with raises(ValueError, "scale"):
+        loss(x, labels, scale=float("inf"))
+
+
+def test_cosface_margin_any_finite_real():
+    x, labels, *_ = make()
+    weight = torch.randn(D, C, dtype=torch.float64)
+    for margin in (-0.5, 0, 2):
+        assert torch.isfinite(cosface_loss(x, labels, weight, margin=margin))
+    with raises(ValueError, "margin"):
+        cosface_loss(x, labels, weight, margin=float("-inf"))
+
+
 # --- hyper-parameters ----------------------------------------------------------------------------------------------
 
 def _with_param(loss_name, name, value):
     x, labels, _, _, proxies = make()
     if loss_name == "proxy_anchor":
         return proxy_anchor_loss(x, labels, proxies, **{name: value})
+    if loss_name in CLASSIFIERS:
+        return _classifier_call(loss_name)(x, labels, **{name: value})
     return getattr(metric_kernels, f"{loss_name}_loss")(x, labels, **{name: value})
 
 
 POSITIVE_PARAMS = [("circle", "gamma"), ("supcon", "temperature"), ("supcon", "base_temperature"),
-                   ("multi_similarity", "alpha"), ("multi_similarity", "beta"), ("proxy_anchor", "alpha")]
+                   ("multi_similarity", "alpha"), ("multi_similarity", "beta"), ("proxy_anchor", "alpha"),
+                   ("arcface", "scale"), ("cosface", "scale"), ("subcenter_arcface", "scale"),
+                   ("normalized_softmax", "temperature")]
 
 
 @pytest.mark.parametrize("loss_name,name", POSITIVE_PARAMS)
@@ -300,7 +413,8 @@ def test_positive_parameter_small_positive_is_valid(loss_name, name):
 
 
 @pytest.mark.parametrize("loss_name,name", [("circle", "m"), ("batch_hard_triplet", "margin"),
-                                            ("proxy_anchor", "margin")])
+                                            ("proxy_anchor", "margin"), ("arcface", "margin"),
+                                            ("cosface", "margin"), ("subcenter_arcface", "margin")])
 def test_real_parameter_nan_or_not_a_number(loss_name, name):
     with raises(ValueError, name):
         _with_param(loss_name, name, NAN)
@@ -336,7 +450,7 @@ def test_self_offset_not_an_int(loss, k):
 
 # --- reduction, backend, deterministic, flags ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss", PAIR_LOSSES, ids=PAIR_IDS)
+@pytest.mark.parametrize("loss", PAIR_LOSSES + CLASSIFIER_CALLS, ids=PAIR_IDS + CLASSIFIER_IDS)
 @pytest.mark.parametrize("reduction", ["bogus", "MEAN", "avg", None, ""])
 def test_unknown_reduction(loss, reduction):
     x, labels, *_ = make()
@@ -404,6 +518,25 @@ MODULE_CONSTRUCTORS = [
     (lambda: ProxyAnchorLoss(C, D, backend="bogus"), ValueError, "backend"),
     (lambda: CircleLoss(deterministic="yes"), TypeError, "deterministic"),
     (lambda: ProxyAnchorLoss(C, D, deterministic=1), TypeError, "deterministic"),
+    (lambda: ProxyAnchorLoss(C, D, weight_init_func="normal"), TypeError, "weight_init_func"),
+    (lambda: ArcFaceLoss(0, D), ValueError, "num_classes"),
+    (lambda: ArcFaceLoss(C, 2.5), TypeError, "embedding_size"),
+    (lambda: ArcFaceLoss(C, D, margin=180), ValueError, "margin"),
+    (lambda: ArcFaceLoss(C, D, margin=-1), ValueError, "margin"),
+    (lambda: ArcFaceLoss(C, D, scale=0), ValueError, "scale"),
+    (lambda: ArcFaceLoss(C, D, scale="64"), TypeError, "scale"),
+    (lambda: CosFaceLoss(C, D, margin=NAN), ValueError, "margin"),
+    (lambda: CosFaceLoss(C, D, scale=-1), ValueError, "scale"),
+    (lambda: CosFaceLoss(True, D), TypeError, "num_classes"),
+    (lambda: SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=0), ValueError, "sub_centers"),
+    (lambda: SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=True), TypeError, "sub_centers"),
+    (lambda: SubCenterArcFaceLoss(num_classes=C, embedding_size=D, margin=NAN), ValueError, "margin"),
+    (lambda: SubCenterArcFaceLoss(num_classes=-1, embedding_size=D), ValueError, "num_classes"),
+    (lambda: NormalizedSoftmaxLoss(C, D, temperature=0), ValueError, "temperature"),
+    (lambda: NormalizedSoftmaxLoss(C, 0), ValueError, "embedding_size"),
+    (lambda: NormalizedSoftmaxLoss(C, D, backend="bogus"), ValueError, "backend"),
+    (lambda: ArcFaceLoss(C, D, deterministic="yes"), TypeError, "deterministic"),
+    (lambda: CosFaceLoss(C, D, weight_init_func=3), TypeError, "weight_init_func"),
 ]
 
 
@@ -415,19 +548,22 @@ def test_module_constructor_rejects(make_module, exc, name):
 
 
 def _modules():
-    return [CircleLoss(), SupConLoss(), BatchHardTripletLoss(), ProxyAnchorLoss(C, D)]
+    return [CircleLoss(), SupConLoss(), BatchHardTripletLoss(), ProxyAnchorLoss(C, D), ArcFaceLoss(C, D),
+            CosFaceLoss(C, D), SubCenterArcFaceLoss(C, D), NormalizedSoftmaxLoss(C, D)]
 
 
-MODULE_IDS = ["CircleLoss", "SupConLoss", "BatchHardTripletLoss", "ProxyAnchorLoss"]
+MODULE_IDS = ["CircleLoss", "SupConLoss", "BatchHardTripletLoss", "ProxyAnchorLoss", "ArcFaceLoss", "CosFaceLoss",
+              "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss"]
+WEIGHT_MODULES = range(3, 8)  # the modules that own their class weights: no references
 
 
-@pytest.mark.parametrize("index", range(4), ids=MODULE_IDS)
+@pytest.mark.parametrize("index", range(len(MODULE_IDS)), ids=MODULE_IDS)
 def test_module_default_forward_works(index):
     x, labels, *_ = make()
     assert torch.isfinite(_modules()[index](x.float(), labels))
 
 
-@pytest.mark.parametrize("index", range(4), ids=MODULE_IDS)
+@pytest.mark.parametrize("index", range(len(MODULE_IDS)), ids=MODULE_IDS)
 def test_module_rejects_indices_tuple(index):
     x, labels, *_ = make()
     idx = torch.arange(N)
@@ -438,7 +574,7 @@ def test_module_rejects_indices_tuple(index):
             _modules()[index](x.float(), labels, indices_tuple=indices_tuple)
 
 
-@pytest.mark.parametrize("index", range(4), ids=MODULE_IDS)
+@pytest.mark.parametrize("index", range(len(MODULE_IDS)), ids=MODULE_IDS)
 def test_module_forward_without_labels(index):
     x, *_ = make()
     with raises(ValueError, "labels"):
@@ -447,9 +583,10 @@ def test_module_forward_without_labels(index):
         _modules()[index](x.float(), None)
 
 
-def test_proxy_anchor_module_rejects_ref_emb():
+@pytest.mark.parametrize("index", WEIGHT_MODULES, ids=MODULE_IDS[3:])
+def test_weight_module_rejects_ref_emb(index):
     x, labels, y, y_labels, _ = make()
-    module = ProxyAnchorLoss(C, D)
+    module = _modules()[index]
     with raises(ValueError, "ref_emb"):
         module(x.float(), labels, None, y.float(), y_labels)
     with raises(ValueError, "ref_emb"):
@@ -470,15 +607,23 @@ def test_module_forward_passes_bad_input_to_validation(index):
         module(x, labels, None, y, y_labels, self_offset=M)
 
 
-def test_proxy_anchor_module_rejects_bad_embeddings_and_labels():
+@pytest.mark.parametrize("index", WEIGHT_MODULES, ids=MODULE_IDS[3:])
+def test_weight_module_rejects_bad_embeddings_and_labels(index):
     x, labels, *_ = make()
-    module = ProxyAnchorLoss(C, D)
-    with raises(ValueError, "proxies"):  # width D + 1 against proxies of width D
+    module = _modules()[index]
+    weights = "proxies" if index == 3 else "weight"
+    with raises(ValueError, weights):  # width D + 1 against weights of width D
         module(torch.randn(N, D + 1), labels)
     with raises(ValueError, "labels"):
         module(x.float(), torch.full((N,), C))
     with raises(TypeError, "embeddings"):
         module(x.long(), labels)
+    with raises(TypeError, "labels"):
+        module(x.float(), labels.float())
+    with raises(ValueError, "embeddings"):  # get_logits: the width is the module's embedding_size
+        module.get_logits(torch.randn(N, D + 1))
+    with raises(TypeError, "embeddings"):
+        module.get_logits(x.long())
 
 
 # --- multiview -----------------------------------------------------------------------------------------------------
@@ -538,6 +683,17 @@ BAD_BEFORE_KERNEL = [
      TypeError, "labels"),
     ("proxy_anchor_rows", lambda x, l, y, yl, p: proxy_anchor_loss(x, l + C, p, backend="reference"),
      ValueError, "labels"),
+    ("margin_softmax_rows", lambda x, l, y, yl, p: arcface_loss(x, l + C, p.T, backend="reference"),
+     ValueError, "labels"),
+    ("margin_softmax_rows", lambda x, l, y, yl, p: cosface_loss(x, l, p.T, scale=0, backend="reference"),
+     ValueError, "scale"),
+    ("margin_softmax_rows", lambda x, l, y, yl, p: subcenter_arcface_loss(x, l, p.T, sub_centers=2,
+                                                                          backend="reference"),
+     ValueError, "sub_centers"),
+    ("margin_softmax_rows", lambda x, l, y, yl, p: normalized_softmax_loss(x, l, p, backend="reference"),
+     ValueError, "weight"),
+    ("margin_softmax_rows", lambda x, l, y, yl, p: arcface_loss(x, l, p.T, reduction="bogus", backend="reference"),
+     ValueError, "reduction"),
 ]
 
 
@@ -552,6 +708,7 @@ def test_error_comes_before_any_computation(monkeypatch, rows_name, bad_call, ex
         "supcon_rows": lambda: supcon_loss(x, labels, backend="reference"),
         "batch_hard_rows": lambda: batch_hard_triplet_loss(x, labels, backend="reference"),
         "proxy_anchor_rows": lambda: proxy_anchor_loss(x, labels, proxies, backend="reference"),
+        "margin_softmax_rows": lambda: arcface_loss(x, labels, proxies.T, backend="reference"),
     }[rows_name]
     with pytest.raises(AssertionError, match="was called"):
         valid()
