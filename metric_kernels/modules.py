@@ -466,7 +466,28 @@ class _MarginSoftmaxLoss(nn.Module):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
-class ArcFaceLoss(_MarginSoftmaxLoss):
+class _ScaledMarginLoss(_MarginSoftmaxLoss):
+    """ArcFace's and CosFace's shared part: a margin (checked and stored by _stored_margin) and a scale."""
+
+    _KIND = ""  # the functional layer's margin function (metric_kernels/functional.py, _MARGINS)
+
+    def __init__(self, num_classes, embedding_size, margin, scale, **kwargs):
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.margin = self._stored_margin(margin)
+        self.scale = check.check_positive(scale, "scale")
+
+    @staticmethod
+    def _stored_margin(margin) -> float:
+        return check.check_real(margin, "margin")
+
+    def _margin(self):
+        return dict(kind=self._KIND, margin=self.margin, scale=self.scale)
+
+    def _repr_params(self):
+        return f"margin={self.margin}, scale={self.scale}"
+
+
+class ArcFaceLoss(_ScaledMarginLoss):
     """PML's ArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64): see docs/losses/margin-softmax.md.
 
     margin is given in degrees and stored in radians, as PML stores it (`self.margin`). distance: CosineSimilarity()
@@ -474,20 +495,20 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
     """
 
     _PML_NAME = "ArcFaceLoss"
+    _KIND = "arcface"
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, **kwargs):
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.margin = math.radians(check.check_angle_degrees(margin, "margin"))
-        self.scale = check.check_positive(scale, "scale")
+        super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
 
-    def _margin(self):
-        return dict(kind="arcface", margin=self.margin, scale=self.scale)
+    @staticmethod
+    def _stored_margin(margin) -> float:
+        return math.radians(check.check_angle_degrees(margin, "margin"))
 
     def _repr_params(self):
         return f"margin={math.degrees(self.margin):g} degrees, scale={self.scale}"
 
 
-class CosFaceLoss(_MarginSoftmaxLoss):
+class CosFaceLoss(_ScaledMarginLoss):
     """PML's CosFaceLoss(num_classes, embedding_size, margin=0.35, scale=64): see docs/losses/margin-softmax.md.
 
     distance: CosineSimilarity() only (PML's CosFaceLoss asserts a CosineSimilarity). The rest as
@@ -495,17 +516,10 @@ class CosFaceLoss(_MarginSoftmaxLoss):
     """
 
     _PML_NAME = "CosFaceLoss"
+    _KIND = "cosface"
 
     def __init__(self, num_classes, embedding_size, margin=0.35, scale=64, **kwargs):
-        super().__init__(num_classes, embedding_size, **kwargs)
-        self.margin = check.check_real(margin, "margin")
-        self.scale = check.check_positive(scale, "scale")
-
-    def _margin(self):
-        return dict(kind="cosface", margin=self.margin, scale=self.scale)
-
-    def _repr_params(self):
-        return f"margin={self.margin}, scale={self.scale}"
+        super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
 
 
 class SubCenterArcFaceLoss(ArcFaceLoss):

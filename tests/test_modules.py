@@ -59,27 +59,6 @@ def test_one_training_step_matches_pml(name):
     assert not torch.equal(model[0].weight, initial[0].weight)  # the loss had a gradient: the step moved the model
 
 
-def test_proxy_anchor_module_matches_pml_init_logits_and_step():
-    torch.manual_seed(5)
-    ours = mk.ProxyAnchorLoss(10, 16)
-    torch.manual_seed(5)
-    theirs = losses.ProxyAnchorLoss(10, 16)
-    assert torch.equal(ours.proxies, theirs.proxies)  # same kaiming_normal_(mode="fan_out") draw
-    assert isinstance(ours.proxies, torch.nn.Parameter) and "proxies" in ours.state_dict()
-    ours.double(), theirs.double()
-
-    torch.manual_seed(1)
-    model = torch.nn.Linear(12, 16).double()
-    twin = copy.deepcopy(model)
-    data, labels = torch.randn(40, 12, dtype=torch.float64), torch.randint(0, 10, (40,))
-    assert_rel_close(ours.get_logits(model(data)), theirs.get_logits(model(data)), TOL, "get_logits")
-    our_loss = _one_step(model, ours, data, labels, [ours.proxies])
-    expected_loss = _one_step(twin, theirs, data, labels, [theirs.proxies])
-    assert_rel_close(our_loss, expected_loss, TOL, "loss")
-    assert_rel_close(ours.proxies, theirs.proxies, TOL, "proxies after the step")
-    assert_rel_close(model.weight, twin.weight, TOL, "weights after the step")
-
-
 def test_constructor_defaults_are_pmls():
     assert (mk.CircleLoss().m, mk.CircleLoss().gamma) == (losses.CircleLoss().m, losses.CircleLoss().gamma)
     assert mk.SupConLoss().temperature == losses.SupConLoss().temperature
@@ -156,21 +135,30 @@ def _classifier_pair(name, classes=10, dim=16, **keywords):
     return ours, theirs
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
-def test_classifier_modules_match_pml_init_logits_and_step(name):
-    ours, theirs = _classifier_pair(name)
-    assert torch.equal(ours.W, theirs.W)  # the same torch.nn.init.normal_ draw
-    assert isinstance(ours.W, torch.nn.Parameter) and list(ours.state_dict()) == ["W"]
+@pytest.mark.parametrize("name", ["proxy_anchor", *CLASSIFIERS])
+def test_weight_modules_match_pml_init_logits_and_step(name):
+    """Proxy-Anchor (on backend "auto") and the classifiers: the same weights from the same seed (PML's init), the
+    same get_logits, and one optimisation step of the model and the weights gives the same parameters."""
+    if name == "proxy_anchor":
+        torch.manual_seed(5)
+        ours = mk.ProxyAnchorLoss(10, 16)
+        torch.manual_seed(5)
+        theirs = losses.ProxyAnchorLoss(10, 16)
+        weights = "proxies"
+    else:
+        (ours, theirs), weights = _classifier_pair(name), "W"
+    assert torch.equal(getattr(ours, weights), getattr(theirs, weights))  # the same draw
+    assert isinstance(getattr(ours, weights), torch.nn.Parameter) and list(ours.state_dict()) == [weights]
     ours.double(), theirs.double()
     torch.manual_seed(1)
     model = torch.nn.Linear(12, 16).double()
     twin = copy.deepcopy(model)
     data, labels = torch.randn(40, 12, dtype=torch.float64), torch.randint(0, 10, (40,))
     assert_rel_close(ours.get_logits(model(data)), theirs.get_logits(model(data)), TOL, "get_logits")
-    our_loss = _one_step(model, ours, data, labels, [ours.W])
-    expected_loss = _one_step(twin, theirs, data, labels, [theirs.W])
+    our_loss = _one_step(model, ours, data, labels, [getattr(ours, weights)])
+    expected_loss = _one_step(twin, theirs, data, labels, [getattr(theirs, weights)])
     assert_rel_close(our_loss, expected_loss, TOL, "loss")
-    assert_rel_close(ours.W, theirs.W, TOL, "W after the step")
+    assert_rel_close(getattr(ours, weights), getattr(theirs, weights), TOL, f"{weights} after the step")
     assert_rel_close(model.weight, twin.weight, TOL, "weights after the step")
 
 
