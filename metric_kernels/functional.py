@@ -96,11 +96,15 @@ def _nonfinite_guard(*tensors: torch.Tensor) -> torch.Tensor:
     rows are ones the loss leaves out (no positive, a reduction that skips zeros). It costs one O(N D) reduction and
     needs no host sync. It is built on detached inputs: its gradient would be zeros, which autograd would add to each
     input's gradient as one more N x D tensor. The graph stays connected through the per-row losses (and the
-    fallbacks for empty batches), so an all-zero loss still has zero gradients.
+    fallbacks for empty batches), so an all-zero loss still has zero gradients. Half-precision rows (those a
+    normalising backend takes raw) are summed in fp32: their fp16 sum overflows to Inf past 65504 (e.g. 1000 x 100
+    entries of 1), which would make a finite input's loss NaN.
     """
-    total = tensors[0].detach().sum()
-    for tensor in tensors[1:]:
-        total = total + tensor.detach().sum()
+    total = None
+    for tensor in tensors:
+        tensor = tensor.detach()
+        part = tensor.sum(dtype=torch.float32) if tensor.dtype in _HALF else tensor.sum()
+        total = part if total is None else total + part
     return total * 0
 
 

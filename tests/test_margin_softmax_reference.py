@@ -296,6 +296,20 @@ def test_nonfinite_input_gives_nan(loss, bad, where):
         assert value.isnan(), f"{reduction}: {value}"
 
 
+def test_the_nonfinite_guard_sums_half_rows_in_float32():
+    """The guard is 0 for finite half rows whose fp16 sum would overflow (a normalising backend hands it the raw
+    rows), NaN for a NaN or Inf among them."""
+    from metric_kernels.functional import _nonfinite_guard
+    for half in (torch.float16, torch.bfloat16):
+        rows = torch.ones(1000, 100, dtype=half)
+        assert torch.isinf(rows.sum()) or half == torch.bfloat16
+        assert _nonfinite_guard(rows, rows).item() == 0
+        for bad in (float("nan"), float("inf")):
+            broken = rows.clone()
+            broken[3, 4] = bad
+            assert _nonfinite_guard(rows, broken).isnan()
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_half_inputs_give_float32(loss):
     x, labels, weight, params = _case(loss, 5, max_rows=30, max_classes=20)
