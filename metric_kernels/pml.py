@@ -79,6 +79,40 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
     return loss(embeddings, labels)
 
 
+def _classifier(module, weight, classes, embeddings, labels):
+    """A PML classifier loss module, built with a 1 x 1 W (so that building it allocates nothing of the case's size),
+    given `weight` and its number of classes, so the result is differentiable in the weight."""
+    del module.W  # a plain tensor attribute instead of the module's own Parameter
+    module.W = weight.to(embeddings.dtype)
+    module.num_classes = classes
+    return module(embeddings, labels)
+
+
+def arcface_loss(embeddings, labels, weight, *, margin=28.6, scale=64.0):
+    losses, _, _ = _pml()
+    return _classifier(losses.ArcFaceLoss(1, 1, margin=margin, scale=scale), weight, weight.shape[1], embeddings,
+                       labels)
+
+
+def cosface_loss(embeddings, labels, weight, *, margin=0.35, scale=64.0):
+    losses, _, _ = _pml()
+    return _classifier(losses.CosFaceLoss(1, 1, margin=margin, scale=scale), weight, weight.shape[1], embeddings,
+                       labels)
+
+
+def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers=3, margin=28.6, scale=64.0):
+    losses, _, _ = _pml()
+    module = losses.SubCenterArcFaceLoss(num_classes=1, embedding_size=1, margin=margin, scale=scale,
+                                         sub_centers=sub_centers)
+    return _classifier(module, weight, weight.shape[1] // sub_centers, embeddings, labels)
+
+
+def normalized_softmax_loss(embeddings, labels, weight, *, temperature=0.05):
+    losses, _, _ = _pml()
+    return _classifier(losses.NormalizedSoftmaxLoss(1, 1, temperature=temperature), weight, weight.shape[1],
+                       embeddings, labels)
+
+
 @contextlib.contextmanager
 def exact_cdist():
     """Within this block torch.cdist (which PML's LpDistance calls) uses direct differences instead of the

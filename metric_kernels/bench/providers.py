@@ -21,13 +21,19 @@ from .. import pml as pml_module
 from ..backends import NAMES as BACKEND_NAMES
 from ..backends import available_backends
 
-LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor")
+# The margin-softmax classifiers: M is their number of classes, and their class matrix W (D x M * sub-centres, PML's
+# layout) gets gradients like the proxies.
+CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax")
+SUB_CENTERS = {"subcenter_arcface": 3}  # PML's default
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor") + CLASSIFIERS
 LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
-                "ms": "multi_similarity", "nt_xent": "ntxent"}
+                "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
+                "normalized": "normalized_softmax"}
 # Products of N x M x D a fused kernel needs, in units of 2NMD (one S = X Y^T), forward and backward: the row-statistics
 # losses form S once forward and recompute it backward beside dX = dS Y and dY = dS^T X; NT-Xent's forward sweeps the
-# references twice; batch-hard's backward is O((N + M) D), counted as 0.
-PRODUCTS = {"ntxent": (2, 3), "batch_hard": (1, 0)}
+# references twice; batch-hard's backward is O((N + M) D), counted as 0. The classifiers count N x C x D per
+# sub-centre (SubCenterArcFace's M classes have 3 columns each).
+PRODUCTS = {"ntxent": (2, 3), "batch_hard": (1, 0), "subcenter_arcface": (3, 9)}
 DEFAULT_PRODUCTS = (1, 3)
 MODES = ("forward", "backward", "full")
 EXTRA_PROVIDERS = ("compile", "pml")
@@ -47,8 +53,9 @@ def flops(loss: str, mode: str, n: int, m: int, d: int) -> float:
 
 
 def classes_for(loss: str, n: int, m: int) -> int:
-    """Number of classes in a case: M for Proxy-Anchor (one proxy per class), else about 4 samples per class."""
-    return m if loss == "proxy_anchor" else max(2, n // 4)
+    """Number of classes in a case: M for Proxy-Anchor (one proxy per class) and the classifiers, else about 4 samples
+    per class."""
+    return m if loss == "proxy_anchor" or loss in CLASSIFIERS else max(2, n // 4)
 
 
 @dataclasses.dataclass
@@ -60,13 +67,16 @@ class Inputs:
     y: Optional[torch.Tensor] = None
     y_labels: Optional[torch.Tensor] = None
     proxies: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None  # a classifier's W, D x (classes * sub-centres)
 
     def leaves(self) -> List[torch.Tensor]:
-        return [t for t in (self.x, self.y, self.proxies) if t is not None]
+        return [t for t in (self.x, self.y, self.proxies, self.weight) if t is not None]
 
     def args(self) -> Tuple:
         if self.loss == "proxy_anchor":
             return (self.x, self.labels, self.proxies)
+        if self.loss in CLASSIFIERS:
+            return (self.x, self.labels, self.weight)
         return (self.x, self.labels, self.y, self.y_labels)
 
     def zero_grad(self) -> None:
@@ -77,7 +87,8 @@ class Inputs:
         """The same values in another dtype, as fresh leaves (for the float64 reference)."""
         def leaf(t):
             return None if t is None else t.detach().to(dtype).requires_grad_()
-        return Inputs(self.loss, leaf(self.x), self.labels, leaf(self.y), self.y_labels, leaf(self.proxies))
+        return Inputs(self.loss, leaf(self.x), self.labels, leaf(self.y), self.y_labels, leaf(self.proxies),
+                      leaf(self.weight))
 
 
 def make_inputs(loss: str, n: int, m: int, d: int, dtype: torch.dtype, device, *, with_refs: bool,
@@ -95,6 +106,9 @@ def make_inputs(loss: str, n: int, m: int, d: int, dtype: torch.dtype, device, *
     x, x_labels = rows(n), labels(n)
     if loss == "proxy_anchor":
         return Inputs(loss, x, x_labels, proxies=rows(m))
+    if loss in CLASSIFIERS:
+        weight = torch.randn(d, m * SUB_CENTERS.get(loss, 1), generator=generator)
+        return Inputs(loss, x, x_labels, weight=weight.to(device=device, dtype=dtype).requires_grad_())
     if not with_refs:
         return Inputs(loss, x, x_labels)
     return Inputs(loss, x, x_labels, rows(m), labels(m))
@@ -104,6 +118,9 @@ def make_inputs(loss: str, n: int, m: int, d: int, dtype: torch.dtype, device, *
 def _functional_loss(loss: str, backend: str) -> Callable:
     if loss == "proxy_anchor":
         return lambda x, labels, proxies: functional.proxy_anchor_loss(x, labels, proxies, backend=backend)
+    if loss in CLASSIFIERS:
+        classifier = getattr(functional, f"{loss}_loss")
+        return lambda x, labels, weight: classifier(x, labels, weight, backend=backend)
     fn = getattr(functional, _FUNCTIONAL[loss])
     return lambda x, labels, y, y_labels: fn(x, labels, y, y_labels, backend=backend)
 
@@ -150,6 +167,9 @@ def _compile_provider(loss: str):
 def _pml_provider(loss: str):
     if loss == "proxy_anchor":
         return lambda i: pml_module.proxy_anchor_loss(i.x, i.labels, i.proxies)
+    if loss in CLASSIFIERS:
+        classifier = getattr(pml_module, f"{loss}_loss")
+        return lambda i: classifier(i.x, i.labels, i.weight)
     fn = getattr(pml_module, _FUNCTIONAL[loss])
     return lambda i: fn(i.x, i.labels, i.y, i.y_labels)
 
