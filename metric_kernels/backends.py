@@ -8,12 +8,19 @@ A backend is a module that exposes
     multi_similarity_rows(x, y, x_labels, y_labels, self_offset, *, alpha, beta, base, deterministic) -> Tensor[N]
     batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic) -> Tensor[N]
     proxy_anchor_rows(proxies, x, labels, *, margin, alpha, deterministic) -> (Tensor[C], Tensor[C])
+    margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic) -> (Tensor[N], Tensor[N])
 
+(ntxent_rows and contrastive_rows return per-query sums and counts, see metric_kernels/_fused.py.) A backend may
+lack some of them: "auto" then passes over it for that loss.
 x and y arrive validated, normalised where the loss says so, in the compute dtype (float32 for half inputs), with N > 0
 and M > 0; y may be x itself. A backend whose module sets FOLDS_NORMALIZATION = True gets the raw rows instead
 (one dtype, any float type, not normalised; its batch_hard_rows also takes `normalize`) and normalises inside its
 kernels. "Query i is reference i + self_offset" (self_offset is None when no query is a reference).
-The returned rows must be differentiable with respect to x, y and the proxies. Everything else (validation,
+The classifiers' margin_softmax_rows gets x (N x D) and the class matrix weight (D x C * sub_centers, column j of
+class j // sub_centers) raw, never normalised (a backend normalises inside, W is never copied), in the compute dtype,
+or in their own dtype where the module sets FOLDS_NORMALIZATION or RAW_CLASSIFIER_ROWS; it returns the log-sum-exp of
+scale * cos over the classes other than each label (a class's cosine: its largest sub-centre's) and the label's
+cosine. The returned rows must be differentiable with respect to x, y, the proxies and the weight. Everything else (validation,
 normalisation, batch-level rules, reductions) lives once in metric_kernels.functional.
 """
 from __future__ import annotations

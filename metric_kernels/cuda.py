@@ -11,6 +11,8 @@ from . import _native
 
 # The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
 PAIR_VALUES = (0, 1, 2)
+# The classifiers' kernels take x and W raw in their own dtype (16-bit operands on the tensor cores; W never copied).
+RAW_CLASSIFIER_ROWS = True
 
 try:
     _build = _native.load()
