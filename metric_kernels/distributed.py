@@ -25,6 +25,9 @@ value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalVal
   be the same on every rank (DDP broadcasts them at construction). Another reducer than the default DivisorReducer
   reduces each of the two per-proxy terms over all C proxies (mean_nonzero: all-reduced counts of nonzero terms), and
   DoNothingReducer's dictionary holds the ranks' slices gathered.
+- The classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): a query's loss depends on that query and W
+  alone, so each rank computes its own queries' losses (no gather) and the reduction's denominator is global. W, like
+  the proxies, must be the same on every rank and averaged by DDP.
 
 Every reducer mode the wrapped module can have is reproduced exactly; __init__ rejects any other (_MODES).
 """
@@ -40,11 +43,12 @@ from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
-from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, MultiSimilarityLoss, NTXentLoss,
-                      ProxyAnchorLoss, SupConLoss, _labels_on, _no_miners)
+from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
+                      MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, SubCenterArcFaceLoss,
+                      SupConLoss, _labels_on, _MarginSoftmaxLoss, _no_miners)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss,
-           ProxyAnchorLoss)
+           ProxyAnchorLoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -159,8 +163,9 @@ def _pair_spec(loss):
 
 
 class DistributedLoss(nn.Module):
-    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss or
-    ProxyAnchorLoss (kept as `.loss`) for data-parallel
+    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss,
+    ProxyAnchorLoss or a classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss; kept as
+    `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
     in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
     that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts (a PML
@@ -168,7 +173,7 @@ class DistributedLoss(nn.Module):
     initialised process group (or with one rank) it is the plain loss. See the module docstring for how, and
     docs/distributed.md for an example.
 
-    The loss's own parameters (ProxyAnchorLoss.proxies) must be the same on every rank and have their gradients
+    The loss's own parameters (ProxyAnchorLoss.proxies, the classifiers' W) must be the same on every rank and have their gradients
     averaged like the network's: put the DistributedLoss under DDP too (or inside the DDP-wrapped module).
     """
 
@@ -176,8 +181,8 @@ class DistributedLoss(nn.Module):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "ContrastiveLoss, BatchHardTripletLoss or "
-                            f"ProxyAnchorLoss, got {type(loss).__name__}")
+                            "ContrastiveLoss, BatchHardTripletLoss, ProxyAnchorLoss, ArcFaceLoss, CosFaceLoss, "
+                            f"SubCenterArcFaceLoss or NormalizedSoftmaxLoss, got {type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:
             reducer = keywords.describe(getattr(loss, "reducer", None))
@@ -204,6 +209,11 @@ class DistributedLoss(nn.Module):
         check.check_embeddings(embeddings, "embeddings")
         labels = _labels_on(labels, embeddings, "labels")
         check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        if isinstance(self.loss, _MarginSoftmaxLoss):
+            if ref_emb is not None or ref_labels is not None:
+                raise ValueError(f"ref_emb is not supported for this loss function ({type(self.loss).__name__} "
+                                 "compares the embeddings with its W)")
+            return self._classifier(embeddings, labels, group)
         if isinstance(self.loss, ProxyAnchorLoss):
             if ref_emb is not None or ref_labels is not None:
                 raise ValueError("ref_emb and ref_labels are not supported by ProxyAnchorLoss: the proxies are the "
@@ -256,19 +266,44 @@ class DistributedLoss(nn.Module):
         if scale != 1.0:
             rows = rows * scale
 
-        mode, reduction = loss._reducer_mode, loss.reduction
-        if mode == "mean_over_triplets":
+        triplets = None
+        if loss._reducer_mode == "mean_over_triplets":
             # PML's MeanReducer over the mined triplets: the global batch's queries with a positive and a negative.
             positives, negatives = pair_counts(all_labels, gate_references, gate_offset)
             triplets = ((positives > 0) & (negatives > 0)).sum().clamp(min=1)
+        pml_rows = loss._pml_rows if loss._reducer_mode == "unreduced" else None
+        return self._reduce_rows(rows, guard, loss.reduction, sizes, world, group, pml_rows, triplets)
+
+    def _classifier(self, embeddings, labels, group):
+        """The classifiers' loss of a query depends on that query and W alone: each rank computes its own queries'
+        losses and the reduction is global. W's gradient on rank r is world times its queries' share; DDP's average
+        gives the one-process gradient."""
+        loss = self.loss
+        rows = functional._margin_softmax_loss(embeddings, labels, loss.W, sub_centers=loss._sub_centers(),
+                                               reduction="none", backend=loss.backend,
+                                               deterministic=loss.deterministic, **loss._margin())
+        sizes = _gather_sizes(embeddings.shape[0], embeddings.device, group)
+        pml_rows = (lambda out: out) if loss._reducer_mode == "unreduced" else None
+        return self._reduce_rows(rows, rows.new_zeros(()), loss._reduction, sizes, dist.get_world_size(group), group,
+                                 pml_rows)
+
+    @staticmethod
+    def _reduce_rows(rows, guard, reduction, sizes, world, group, pml_rows, triplets=None):
+        """The global reduction of per-query losses, this rank's `rows` among the ranks' `sizes`: the value of the
+        global batch, and this rank's share of its gradient. `triplets`: batch-hard's MeanReducer over the global
+        batch's queries with a positive and a negative; pml_rows: the module's DoNothingReducer rows."""
+        rank = dist.get_rank(group)
+        offset, total_rows = sum(sizes[:rank]), sum(sizes)
+        mode = "mean_over_triplets" if triplets is not None else reduction
+        if triplets is not None:
             reduction = "sum"
         elif reduction == "none":
             share = rows + guard
             value = _gather_rows(share.detach(), sizes, group)
             out = _GlobalValue.apply(share, value, offset, float(world))
-            if mode == "unreduced":  # PML's DoNothingReducer: the module's dictionary of the global batch
+            if pml_rows is not None:  # PML's DoNothingReducer: the module's dictionary of the global batch
                 indices = torch.arange(total_rows, device=out.device)
-                return {"loss": {"losses": loss._pml_rows(out), "indices": indices, "reduction_type": "element"}}
+                return {"loss": {"losses": pml_rows(out), "indices": indices, "reduction_type": "element"}}
             return out
         if reduction == "mean_nonzero":
             # PML's AvgNonZeroReducer over the global batch: NaN rows are counted so that they reach the result.

@@ -1,6 +1,6 @@
 """DistributedLoss: on 2 and 3 CPU processes (gloo), the value on every rank and the parameter gradients after DDP's
 averaging (a real DistributedDataParallel, or averaged by hand) equal the one-process loss of the global batch, in
-float64 at 1e-10 relative, for the four losses, equal and unequal (also empty) local batches, several reductions and
+float64 at 1e-10 relative, for every loss (the classifiers too), equal and unequal (also empty) local batches, several reductions and
 PML's reducers (DoNothingReducer's dictionary, MeanReducer on batch-hard, Proxy-Anchor's AvgNonZero, Mean, Sum).
 
 Each world size is one spawned process group that runs every check of its list; a rank records failed checks instead
@@ -33,9 +33,13 @@ TOL = 1e-10
 D_IN, D_OUT = 6, 5
 
 
+CLASSIFIERS = {"arcface": mk.ArcFaceLoss, "cosface": mk.CosFaceLoss, "subcenter_arcface": mk.SubCenterArcFaceLoss,
+               "normalized_softmax": mk.NormalizedSoftmaxLoss}
+
+
 @dataclass
 class Case:
-    loss: str                       # circle | supcon | multi_similarity | ntxent | contrastive | batch_hard | proxy_anchor
+    loss: str                       # circle | supcon | ... | proxy_anchor | a classifier (CLASSIFIERS)
     sizes: Tuple[int, ...]          # rows per rank
     how: str = "ddp"                # ddp (model and loss in separate DDPs) | joint (one DDP over both) | hand
     kwargs: dict = field(default_factory=dict)
@@ -94,6 +98,12 @@ def _cases(world):
                  kwargs=dict(reducer=reducers.MeanReducer())),
             Case("proxy_anchor", (2, 6), classes=3, kwargs=dict(reducer=reducers.SumReducer())),
             Case("proxy_anchor", (4, 6), "hand", classes=5, kwargs=dict(reducer=reducers.DoNothingReducer())),
+            # The classifiers: each rank its own queries against W, a global reduction.
+            Case("arcface", (6, 6), classes=5),
+            Case("subcenter_arcface", (3, 8), "hand", classes=4,
+                 kwargs=dict(sub_centers=2, reducer=reducers.AvgNonZeroReducer())),
+            Case("cosface", (5, 4), "joint", classes=6, kwargs=dict(reducer=reducers.SumReducer())),
+            Case("normalized_softmax", (4, 0), classes=3, kwargs=dict(reducer=reducers.DoNothingReducer())),
         ]
     return [
         Case("circle", (4, 4, 4), kwargs=dict(m=0.4, gamma=80)),
@@ -111,6 +121,7 @@ def _cases(world):
         Case("ntxent", (2, 6, 3), "hand", kwargs=dict(temperature=0.5, reducer=reducers.AvgNonZeroReducer())),
         Case("contrastive", (4, 1, 4), kwargs=dict(reduction="none")),
         Case("contrastive", (3, 5, 2), "hand", kwargs=dict(neg_margin=0.8)),
+        Case("arcface", (2, 6, 3), "hand", classes=4, kwargs=dict(margin=40.0, scale=16)),
     ]
 
 
@@ -128,6 +139,8 @@ def _make_loss(case):
         return mk.ContrastiveLoss(**kwargs)
     if case.loss == "batch_hard":
         return mk.BatchHardTripletLoss(**kwargs)
+    if case.loss in CLASSIFIERS:
+        return CLASSIFIERS[case.loss](case.classes, D_OUT, **kwargs).double()
     return mk.ProxyAnchorLoss(case.classes, D_OUT, **kwargs).double()
 
 
