@@ -16,19 +16,12 @@ import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_rel_close, grads
 from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _tf32_rounded
+from tests.test_fused import MISSING, _fused_backend_is_built  # noqa: F401 (the autouse fixture)
 
-# The fused backends whose kernels compute the classifiers (metric_kernels/_fused.py, CLASSIFIER_ROWS).
+# The fused backends whose kernels compute the classifiers (metric_kernels/_fused.py, CLASSIFIER_ROWS); one missing
+# here fails its tests (tests/test_fused.py's autouse fixture), it is not skipped.
 BACKENDS = ["cpu", "cuda-emulated"]
-MISSING = {name: reason for name, reason in mk.available_backends("cpu").items() if name in BACKENDS and reason}
 backend_param = pytest.mark.parametrize("backend", BACKENDS)
-
-
-@pytest.fixture(autouse=True)
-def _fused_backend_is_built(request):
-    """A fused backend missing from the test machine is a failure, not a skip: CI builds it."""
-    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
-    if backend in MISSING:
-        pytest.fail(f"backend {backend!r} is not usable here: {MISSING[backend]}")
 
 
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}

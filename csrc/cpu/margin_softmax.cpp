@@ -110,6 +110,16 @@ void inverse_column_norms(const MarginSoftmaxParams<T>& p, T* out) {
   }
 }
 
+// The inverse norms of X's rows and W's columns, computed once per call.
+template <typename T>
+struct InverseNorms {
+  std::vector<T> rx, rw;
+  explicit InverseNorms(const MarginSoftmaxParams<T>& p) : rx(p.n), rw(p.classes * p.sub_centers) {
+    inverse_row_norms(p, rx.data());
+    inverse_column_norms(p, rw.data());
+  }
+};
+
 // tile[rows x cols] (leading dimension cols) = X[r0 : r0 + rows] W[:, j0 : j0 + cols], the raw products.
 template <typename T>
 void product_tile(const MarginSoftmaxParams<T>& p, int64_t r0, int64_t rows, int64_t j0, int64_t cols, T* tile) {
@@ -316,9 +326,8 @@ void backward_dw(const MarginSoftmaxBackwardParams<T>& b, const Grid& g, const s
 template <typename T>
 void margin_softmax_forward(const MarginSoftmaxParams<T>& p, T* stats) {
   const Grid g = make_grid(p);
-  std::vector<T> rx(p.n), rw(p.classes * p.sub_centers);
-  inverse_row_norms(p, rx.data());
-  inverse_column_norms(p, rw.data());
+  const InverseNorms<T> norms(p);
+  const std::vector<T>&rx = norms.rx, &rw = norms.rw;
   std::vector<OnlineLse<T>> partial(g.splits * p.n);
   T* target = stats + p.n;
   std::fill(target, target + p.n, std::numeric_limits<T>::quiet_NaN());  // every valid label overwrites it
@@ -357,11 +366,9 @@ template <typename T>
 void margin_softmax_backward(const MarginSoftmaxBackwardParams<T>& b) {
   const MarginSoftmaxParams<T>& p = b.rows;
   const Grid g = make_grid(p);
-  std::vector<T> rx(p.n), rw(p.classes * p.sub_centers);
-  inverse_row_norms(p, rx.data());
-  inverse_column_norms(p, rw.data());
-  if (b.dx != nullptr) backward_dx(b, g, rx, rw);
-  if (b.dw != nullptr) backward_dw(b, g, rx, rw);
+  const InverseNorms<T> norms(p);
+  if (b.dx != nullptr) backward_dx(b, g, norms.rx, norms.rw);
+  if (b.dw != nullptr) backward_dw(b, g, norms.rx, norms.rw);
 }
 
 template void margin_softmax_forward<float>(const MarginSoftmaxParams<float>&, float*);

@@ -60,14 +60,8 @@ cudaError_t select(const CudaPairRowsParams& p, int64_t* choices, cudaStream_t s
 int batch_hard_select(const CudaPairRowsParams& p, int64_t* choices, void* stream) {
   if (p.n == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (p.operand) {
-    case Operand::kFloat32: return select<SimtTile<float>>(p, choices, s);
-    case Operand::kTf32: return select<WmmaTile<Tf32>>(p, choices, s);
-    case Operand::kFloat16: return select<WmmaTile<__half>>(p, choices, s);
-    case Operand::kBFloat16: return select<WmmaTile<__nv_bfloat16>>(p, choices, s);
-    case Operand::kFloat64: return select<SimtTile<double>>(p, choices, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_policy(p.operand, cudaErrorInvalidValue,
+                     [&](auto policy) { return select<decltype(policy)>(p, choices, s); });
 }
 
 }  // namespace metric_kernels::cuda

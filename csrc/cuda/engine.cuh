@@ -228,6 +228,19 @@ __device__ __forceinline__ T from_partner(T value) {
   return __shfl_xor_sync(0xffffffffu, value, 1);
 }
 
+// body(Policy{}) with the tile policy of the operand type (tile_mma.cuh), or `fallback` for an unknown one.
+template <class Result, class Body>
+Result with_policy(Operand operand, Result fallback, Body&& body) {
+  switch (operand) {
+    case Operand::kFloat32: return body(SimtTile<float>{});
+    case Operand::kTf32: return body(WmmaTile<Tf32>{});
+    case Operand::kFloat16: return body(WmmaTile<__half>{});
+    case Operand::kBFloat16: return body(WmmaTile<__nv_bfloat16>{});
+    case Operand::kFloat64: return body(SimtTile<double>{});
+  }
+  return fallback;
+}
+
 // Launches `kernel` on `grid` blocks of kThreads threads with `bytes` of dynamic shared memory (opting in past the
 // default 48 KB). cudaLaunchKernelEx rather than <<< >>>: it is plain C++, so the host emulation compiles it too.
 template <class... Params, class... Args>

@@ -255,28 +255,16 @@ cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) 
 int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream) {
   if (p.n == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (p.operand) {
-    case Operand::kFloat32: return forward<SimtTile<float>>(p, stats, s);
-    case Operand::kTf32: return forward<WmmaTile<Tf32>>(p, stats, s);
-    case Operand::kFloat16: return forward<WmmaTile<__half>>(p, stats, s);
-    case Operand::kBFloat16: return forward<WmmaTile<__nv_bfloat16>>(p, stats, s);
-    case Operand::kFloat64: return forward<SimtTile<double>>(p, stats, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_policy(p.operand, cudaErrorInvalidValue,
+                     [&](auto policy) { return forward<decltype(policy)>(p, stats, s); });
 }
 
 int lse_rows_backward(const CudaPairRowsBackwardParams& bp, void* stream) {
   if (bp.pair.n == 0 || bp.pair.m == 0 || bp.pair.d == 0) return cudaSuccess;
   if (bp.atomic && !supports_atomic_backward(bp.pair.operand)) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (bp.pair.operand) {
-    case Operand::kFloat32: return backward<SimtTile<float>>(bp, s);
-    case Operand::kTf32: return backward<WmmaTile<Tf32>>(bp, s);
-    case Operand::kFloat16: return backward<WmmaTile<__half>>(bp, s);
-    case Operand::kBFloat16: return backward<WmmaTile<__nv_bfloat16>>(bp, s);
-    case Operand::kFloat64: return backward<SimtTile<double>>(bp, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_policy(bp.pair.operand, cudaErrorInvalidValue,
+                     [&](auto policy) { return backward<decltype(policy)>(bp, s); });
 }
 
 bool supports_atomic_backward(Operand operand) { return operand != Operand::kFloat64; }
@@ -289,14 +277,8 @@ int64_t backward_bytes(bool atomic) {
 }  // namespace
 
 int64_t backward_shared_bytes(Operand operand, bool atomic) {
-  switch (operand) {
-    case Operand::kFloat32: return backward_bytes<SimtTile<float>>(atomic);
-    case Operand::kTf32: return backward_bytes<WmmaTile<Tf32>>(atomic);
-    case Operand::kFloat16: return backward_bytes<WmmaTile<__half>>(atomic);
-    case Operand::kBFloat16: return backward_bytes<WmmaTile<__nv_bfloat16>>(atomic);
-    case Operand::kFloat64: return backward_bytes<SimtTile<double>>(atomic);
-  }
-  return 0;
+  return with_policy(operand, int64_t{0},
+                     [&](auto policy) { return backward_bytes<decltype(policy)>(atomic); });
 }
 
 int64_t shared_bytes_per_block(int device) {

@@ -335,28 +335,16 @@ cudaError_t backward(const CudaMarginSoftmaxBackwardParams& bp, cudaStream_t str
 int margin_softmax_forward(const CudaMarginSoftmaxParams& p, void* stats, void* stream) {
   if (p.n == 0 || p.classes == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (p.operand) {
-    case Operand::kFloat32: return forward<SimtTile<float>>(p, stats, s);
-    case Operand::kTf32: return forward<WmmaTile<Tf32>>(p, stats, s);
-    case Operand::kFloat16: return forward<WmmaTile<__half>>(p, stats, s);
-    case Operand::kBFloat16: return forward<WmmaTile<__nv_bfloat16>>(p, stats, s);
-    case Operand::kFloat64: return forward<SimtTile<double>>(p, stats, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_policy(p.operand, cudaErrorInvalidValue,
+                     [&](auto policy) { return forward<decltype(policy)>(p, stats, s); });
 }
 
 int margin_softmax_backward(const CudaMarginSoftmaxBackwardParams& bp, void* stream) {
   const CudaMarginSoftmaxParams& p = bp.rows;
   if (p.n == 0 || p.classes == 0 || p.d == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (p.operand) {
-    case Operand::kFloat32: return backward<SimtTile<float>>(bp, s);
-    case Operand::kTf32: return backward<WmmaTile<Tf32>>(bp, s);
-    case Operand::kFloat16: return backward<WmmaTile<__half>>(bp, s);
-    case Operand::kBFloat16: return backward<WmmaTile<__nv_bfloat16>>(bp, s);
-    case Operand::kFloat64: return backward<SimtTile<double>>(bp, s);
-  }
-  return cudaErrorInvalidValue;
+  return with_policy(p.operand, cudaErrorInvalidValue,
+                     [&](auto policy) { return backward<decltype(policy)>(bp, s); });
 }
 
 }  // namespace metric_kernels::cuda
