@@ -1,7 +1,7 @@
 """DistributedLoss: on 2 and 3 CPU processes (gloo), the value on every rank and the parameter gradients after DDP's
 averaging (a real DistributedDataParallel, or averaged by hand) equal the one-process loss of the global batch, in
-float64 at 1e-10 relative, for every loss (the classifiers too), equal and unequal (also empty) local batches, several reductions and
-PML's reducers (DoNothingReducer's dictionary, MeanReducer on batch-hard, Proxy-Anchor's AvgNonZero, Mean, Sum).
+float64 at 1e-10 relative, for every loss (the classifiers too), equal and unequal (also empty) local batches, several
+reductions and PML's reducers (DoNothingReducer's dictionary, MeanReducer on batch-hard, Proxy-Anchor's AvgNonZero, Mean, Sum).
 
 Each world size is one spawned process group that runs every check of its list; a rank records failed checks instead
 of stopping (the collectives stay in step) and the parent asserts on them.
