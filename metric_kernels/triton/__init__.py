@@ -13,8 +13,9 @@ PAIR_VALUES = (0, 1, 2)  # the dot product and both Euclidean distances (metric_
 
 _installed = importlib.util.find_spec("triton") is not None
 if _installed:
-    from .._fused import FusedRows, fused_backend
+    from .._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, FusedRows, fused_backend
     from .._row_epilogues import triplet_losses
+    from . import margin_softmax_ops  # noqa: F401  (defines the metric_kernels::triton_margin_softmax_* ops)
     from .ops import interpreting, triplet_distances  # defines the metric_kernels::triton_* ops
 
     class _RawRows(FusedRows):
@@ -27,7 +28,7 @@ if _installed:
                                           normalize)
             return triplet_losses(distances[0], distances[1], choices[0], choices[1], margin, soft)
 
-    fused_backend("triton", globals(), _RawRows)
+    fused_backend("triton", globals(), _RawRows, names=ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
 
 
 def unavailable_reason(device: torch.device):

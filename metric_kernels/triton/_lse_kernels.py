@@ -550,10 +550,12 @@ def finish_gradient(acc_ptr, t_ptr, scale_ptr, x_ptr, x_norm_ptr, out_ptr, N, D,
 @triton.jit
 def row_norms(x_ptr, out_ptr, N, D, stride_xn, stride_xd, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
               ACC: tl.constexpr):
-    """||x_i|| in ACC (not clamped: the kernels clamp, and need to know where they did)."""
+    """||x_i|| in ACC (not clamped: the kernels clamp, and need to know where they did). The D indices are 64-bit:
+    the margin-softmax ops take the column norms of W (D x J) through its transpose, whose stride_xd is J."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     total = tl.zeros((BLOCK_R,), ACC)
     for d0 in range(0, D, BLOCK_D):
-        x = _load_rows(x_ptr, rows, d0 + tl.arange(0, BLOCK_D), N, D, stride_xn, stride_xd).to(ACC)
+        dims = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd).to(ACC)
         total += tl.sum(x * x, axis=1)
     tl.store(out_ptr + rows, tl.sqrt(total), mask=rows < N)

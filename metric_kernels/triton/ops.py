@@ -366,14 +366,20 @@ def gradient_scale(grad: torch.Tensor, stats: torch.Tensor, x_norms: torch.Tenso
     would flush the small softmax terms of a large batch to zero); 1 for the other dtypes. A 1-element tensor, so
     no host synchronisation: |G_ij| <= _pair_gradient_bound times the pair value's slope (_PAIR_VALUE_SLOPE);
     r = 1 without normalising."""
-    one = torch.ones((1,), dtype=stats_dtype(dtype), device=grad.device)
     if dtype != torch.float16 or grad.shape[1] == 0 or y_norms.numel() == 0:
-        return one
+        return torch.ones((1,), dtype=stats_dtype(dtype), device=grad.device)
     bound = _pair_gradient_bound(grad, stats, kind, param_a, param_b) * _PAIR_VALUE_SLOPE[pair_value]
+    return power_of_two_below(bound, x_norms, y_norms, normalize)
+
+
+def power_of_two_below(bound: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor,
+                       normalize: bool = True) -> torch.Tensor:
+    """The power of two 2^-ceil(log2(max_ij bound_i r_i r_j)) (r = 1 / max(norm, eps), or 1 without normalising),
+    as a 1-element tensor in the norms' dtype: what brings P = G r_i r_j, |G_ij| <= bound_i, to at most 1."""
     inverse = lambda norms: (1.0 / norms.clamp(min=1e-12) if normalize  # noqa: E731
                              else torch.ones_like(norms))
     largest = ((bound * inverse(x_norms)).max() * inverse(y_norms).max()).clamp(min=2.0 ** -100, max=2.0 ** 100)
-    return torch.exp2(-torch.ceil(torch.log2(largest))).reshape(1).to(one.dtype)
+    return torch.exp2(-torch.ceil(torch.log2(largest))).reshape(1).to(x_norms.dtype)
 
 
 @torch.library.custom_op("metric_kernels::triton_lse_rows_backward", mutates_args=())

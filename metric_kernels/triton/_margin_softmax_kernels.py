@@ -1,0 +1,253 @@
+"""Triton kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): per
+query row x_i, over the classes c of W (D x J, J = C K columns, column j = class j // K, K sub-centres)
+
+    cos_ij = (x_i . w_j) r_i r_j,   r = 1 / max(||.||, eps),   cos_ic = max over the class's K columns of cos_ij
+    lse_i = logsumexp over c != label_i of scale * cos_ic          (-inf for C == 1)
+    target_i = cos_i,label_i
+
+as csrc/cpu/margin_softmax.cpp computes them, with the engine's tiles and helpers (_lse_kernels.py): the raw rows and
+W in their own dtype, fp32 (fp64 for fp64 rows) norms, one tl.dot over the whole of D per (row block, class tile,
+sub-centre) (D walked in chunks only above the widest tile), never an N x C buffer and never a copy of W. W is read
+in place through its strides: sub-centre k of the classes is the matrix W_k[c, d] = W[d, c K + k], loaded as the
+engine loads reference rows ([BLOCK_N classes, BLOCK_D], row stride K stride_wj, column stride stride_wd). A class's
+cosine is the largest of its sub-centres' (the first of equal ones; NaN wins, so that it reaches the loss), and its
+gradient lands on that one column.
+
+The backward recomputes each tile's cosines and takes dS_c = dL/dcos_c (g_target for the label, g_lse scale
+softmax_c for the others), then P = dS r_i r_j at each class's chosen column (times a power-of-two `power` that keeps
+fp16 operands in range, ops.gradient_scale), dX = P W_k^T and dW_k^T = P^T X per sub-centre, minus the
+normalisation's radial part:
+
+    dx_i = r_i sum_j dS_ij r_j w_j - r_i^2 (sum_c dS_ic cos_ic) x_i     (the second term only where ||x_i|| > eps)
+
+and the same for each column w_j with the roles swapped. Both passes write every output element from one program,
+summing in a fixed order: deterministic, no atomics.
+
+BLOCK_N is the class tile (the engine's reference tile, so its autotune configs and pruning apply as they are).
+"""
+import triton
+import triton.language as tl
+
+from ._lse_kernels import (LN2, LOG2E, _column_range, _dot_tile, _finite_or_zero, _fold_tile, _load_params,
+                           _load_rows, _radial_part, _row_scales)
+
+NORMALIZE = tl.constexpr(True)  # the classifiers always compare directions
+# stride_wd is W's row stride (J for a contiguous W), multiplied by D indices: kept a 64-bit integer in the kernels,
+# since D J passes 2^31 for a million classes, and never specialised to a constant.
+_W_STRIDE = ["stride_wd"]
+
+
+@triton.jit
+def _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D, K,
+                stride_xn, stride_xd, stride_wd, stride_wj,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+                ACC: tl.constexpr, PRECISION: tl.constexpr, LOAD_TILE: tl.constexpr):
+    """(cosines, W_k tile, inverse norms, radial) of sub-centre k of the classes `cols` (those below C) against the
+    rows: the W_k tile at `dims` when LOAD_TILE (the forward only loads it when it holds the whole of D), and the
+    columns' r and where their norm is not clamped. w_norm_ptr holds the column norms sub-centre by sub-centre
+    ([K, C])."""
+    w_k = w_ptr + k * stride_wj
+    w_inverse, w_radial, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+    w_tile = _load_rows(w_k, cols, dims, C, D, K * stride_wj, stride_wd) if LOAD_TILE else x_tile
+    dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, K * stride_wj, stride_wd,
+                    BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+    return dot * x_inverse[:, None] * w_inverse[None, :], w_tile, w_inverse, w_radial
+
+
+@triton.jit
+def _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+                   stride_xn, stride_xd, stride_wd, stride_wj,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+                   ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """(cos, pick) of a tile's classes with K > 1 sub-centres: the largest sub-centre cosine and which k gave it
+    (the first of equal ones; NaN wins, as in the cpu kernel)."""
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), ACC)
+    pick = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    for k in range(K):
+        cosine, _, _, _ = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D, K,
+                                      stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
+                                      ACC, PRECISION, FULL_D)
+        better = (cosine > best) | (cosine != cosine)
+        best = tl.where(better, cosine, best)
+        pick = tl.where(better, k, pick)
+    return best, pick
+
+
+@triton.jit
+def _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N):
+    """(labels, g_lse, g_target, lse) of the rows: the upstream gradients of both statistics and the saved
+    log-sum-exp (rows past N: label -1, gradients 0)."""
+    ok = rows < N
+    return (tl.load(labels_ptr + rows, mask=ok, other=-1), tl.load(grad_ptr + rows, mask=ok, other=0.0),
+            tl.load(grad_ptr + N + rows, mask=ok, other=0.0), tl.load(stats_ptr + rows, mask=ok, other=0.0))
+
+
+@triton.jit
+def _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C):
+    """dS = dL/dcos of each (row, class) of a tile, L = g_lse lse + g_target target: g_target at the label,
+    g_lse scale softmax_c = g_lse scale exp(scale cos_c - lse) at the other classes below C, 0 past C. The exponent
+    is masked, so that an lse of -inf (no other class) never meets an inf."""
+    target = cols[None, :] == labels[:, None]
+    other = (cols[None, :] < C) & ~target
+    softmax = tl.exp2(tl.where(other, (scale * cosine - _finite_or_zero(lse)[:, None]) * LOG2E, float("-inf")))
+    return tl.where(target, g_target[:, None], (g_lse * scale)[:, None] * softmax)
+
+
+@triton.jit
+def _product_operand(ds, row_factor, w_inverse, operand: tl.constexpr):
+    """P = dS r_i power r_j in the operand dtype of the products (row_factor = r_i power)."""
+    return (ds * row_factor[:, None] * w_inverse[None, :]).to(operand)
+
+
+@triton.jit(do_not_specialize=_W_STRIDE)
+def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, params_ptr, lse_ptr, target_ptr,
+                           N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, SPLIT,
+                           N_BUCKET, M_BUCKET, ALIGNED,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr):
+    """Over the class tiles of split program_id(1) (SPLIT = 1: all of them): lse_ptr[split, rows] = the log-sum-exp of
+    scale * cos over the classes other than the label (-inf where the split has none; NaN is kept), and
+    target_ptr[rows] = the label's cosine, stored by the split that holds the label. MULTI: K > 1 (with K == 1 the
+    class tile loop is the innermost, which the compiler pipelines). N_BUCKET, M_BUCKET and ALIGNED are the
+    autotuner's key only."""
+    scale, _ = _load_params(params_ptr)
+    stride_wd = stride_wd.to(tl.int64)
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1)
+    x_inverse, _, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    unused_max = tl.full((BLOCK_M,), float("-inf"), ACC)  # _fold_tile's first set, which one set leaves alone
+    unused_sum = tl.zeros((BLOCK_M,), ACC)
+    running_max = tl.full((BLOCK_M,), float("-inf"), ACC)
+    running_sum = tl.zeros((BLOCK_M,), ACC)
+    target = tl.zeros((BLOCK_M,), ACC)
+    start, stop = _column_range(split, C, SPLIT, BLOCK_N)
+    for c0 in range(start, stop, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        if MULTI:
+            cosine, _ = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+                                       stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
+                                       FULL_D, ACC, PRECISION)
+        else:
+            cosine, _, _, _ = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N, C, D,
+                                          K, stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
+                                          FULL_D, ACC, PRECISION, FULL_D)
+        is_target = cols[None, :] == labels[:, None]
+        target += tl.sum(tl.where(is_target, cosine, 0.0), axis=1)
+        logits = tl.where((cols[None, :] < C) & ~is_target, scale * cosine, float("-inf"))
+        unused_max, unused_sum, running_max, running_sum = _fold_tile(unused_max, unused_sum, running_max,
+                                                                      running_sum, logits, is_target, False)
+    # A NaN logit makes the sum NaN for good; the engine's _finish_logsumexp would turn that into -inf.
+    lse = tl.where(running_sum == 0, float("-inf"),
+                   (running_max + tl.log2(tl.where(running_sum == 0, 1.0, running_sum))) * LN2)
+    tl.store(lse_ptr + split.to(tl.int64) * N + rows, lse, mask=rows < N)
+    tl.store(target_ptr + rows, target, mask=(rows < N) & (labels >= start) & (labels < stop))
+
+
+@triton.jit(do_not_specialize=_W_STRIDE)
+def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr, w_norm_ptr,
+                                 labels_ptr, dx_ptr, t_ptr,
+                                 N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, SPLIT,
+                                 N_BUCKET, M_BUCKET, ALIGNED,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                 MULTI: tl.constexpr, PARTIAL: tl.constexpr):
+    """dX of BLOCK_M rows (on chip) for the D columns of program_id(2), over the class tiles of split program_id(1).
+    PARTIAL (several splits): the split's sum_j P_ij w_j (times power) into dx_ptr[split] (fp32/fp64) and its
+    t_i = sum_c dS_ic cos_ic into t_ptr[split], summed over the splits and finished by the op. Otherwise the
+    gradient itself, radial part included, in dx_ptr's dtype."""
+    scale, _ = _load_params(params_ptr)
+    stride_wd = stride_wd.to(tl.int64)
+    power = tl.load(power_ptr)
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    operand = x_ptr.dtype.element_ty
+    labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
+    x_inverse, x_radial, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    row_factor = x_inverse * power
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
+    dx = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    t_rows = tl.zeros((BLOCK_M,), ACC)
+    start, stop = _column_range(split, C, SPLIT, BLOCK_N)
+    for c0 in range(start, stop, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        if MULTI:
+            cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+                                          stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
+                                          FULL_D, ACC, PRECISION)
+            ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
+            for k in range(K):  # each class's dS to its chosen column: one product per sub-centre
+                w_inverse, _, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+                w_tile = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, K * stride_wj, stride_wd)
+                p = _product_operand(tl.where(pick == k, ds, 0.0), row_factor, w_inverse, operand)
+                dx = tl.dot(p, w_tile, dx, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            cosine, w_tile, w_inverse, _ = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims,
+                                                       0, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
+                                                       BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True)
+            ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
+            dx = tl.dot(_product_operand(ds, row_factor, w_inverse, operand), w_tile, dx, input_precision=PRECISION,
+                        out_dtype=ACC)
+        t_rows += tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
+    out_mask = (rows[:, None] < N) & (dims[None, :] < D)
+    if PARTIAL:
+        at = split.to(tl.int64) * N
+        tl.store(dx_ptr + (at + rows[:, None]) * D + dims[None, :], dx, mask=out_mask)
+        tl.store(t_ptr + at + rows, t_rows, mask=(rows < N) & (tl.program_id(2) == 0))
+    else:
+        dx = dx / power - _radial_part(t_rows, x_inverse)[:, None] * x_tile.to(ACC)
+        tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=_W_STRIDE)
+def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr,
+                                    w_norm_ptr, labels_ptr, dw_ptr,
+                                    N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
+                                    N_BUCKET, M_BUCKET, ALIGNED,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                    FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                    MULTI: tl.constexpr):
+    """dW of the columns of sub-centre k = program_id(1) of the class tile program_id(0), for the D rows of
+    program_id(2): dW_k^T = P_k^T X summed over every row block in order, radial part included, written into dw_ptr
+    (D x J, contiguous, W's dtype). With K > 1 each row block's cosines are recomputed for every sub-centre, to know
+    which columns the classes chose."""
+    scale, _ = _load_params(params_ptr)
+    stride_wd = stride_wd.to(tl.int64)
+    power = tl.load(power_ptr)
+    k = tl.program_id(1)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    operand = w_ptr.dtype.element_ty
+    w_k = w_ptr + k * stride_wj
+    w_inverse, w_radial, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+    w_tile = _load_rows(w_k, cols, dims, C, D, K * stride_wj, stride_wd)
+    dw = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    t_columns = tl.zeros((BLOCK_N,), ACC)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
+        x_inverse, _, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+        x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
+        if MULTI:
+            cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+                                          stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
+                                          FULL_D, ACC, PRECISION)
+            chosen = pick == k
+            ds = tl.where(chosen, _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C), 0.0)
+            terms = tl.where(chosen, ds * cosine, 0.0)  # not 0 * cos: a NaN of another sub-centre stays out
+        else:
+            dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, K * stride_wj,
+                            stride_wd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
+            cosine = dot * x_inverse[:, None] * w_inverse[None, :]
+            ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
+            terms = ds * cosine
+        t_columns += tl.sum(terms, axis=0)
+        p = _product_operand(ds, x_inverse * power, w_inverse, operand)
+        dw = tl.dot(tl.trans(p), x_tile, dw, input_precision=PRECISION, out_dtype=ACC)
+    dw = dw / power - _radial_part(tl.where(w_radial, t_columns, 0.0), w_inverse)[:, None] * w_tile.to(ACC)
+    columns = cols * K + k
+    tl.store(dw_ptr + dims[None, :] * (C * K) + columns[:, None], dw.to(dw_ptr.dtype.element_ty),
+             mask=(cols[:, None] < C) & (dims[None, :] < D))

@@ -1,0 +1,150 @@
+"""The Triton backend's margin-softmax ops (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax):
+
+    metric_kernels::triton_margin_softmax_rows, triton_margin_softmax_rows_backward
+
+with the contract of every fused backend's margin-softmax ops (metric_kernels/_fused.py, which registers their fake
+implementations and autograd formula) and the kernels of _margin_softmax_kernels.py. Like the engine's ops (ops.py)
+they read the raw rows x (N x D) and the class matrix W (D x C K) in their own dtype (fp16, bf16, fp32, fp64; one
+dtype for both), normalise inside, and return the statistics in fp32 (fp64 for fp64 rows) and the gradients in the
+inputs' dtype. W is read in place through its strides, never copied; nothing of size N x C is allocated. The
+backward is always deterministic (every output element written by one program, sums in a fixed order): the
+`deterministic` argument changes nothing.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+
+from .._row_epilogues import stats_dtype
+from . import _lse_kernels
+from . import _margin_softmax_kernels as _kernels
+from .ops import (_accumulator, _configs, _device_guard, _kernel_rows, _precision, _pruner, block_d, loss_params,
+                  power_of_two_below, reference_splits, row_norms)
+
+_KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "MULTI"]  # + pointer dtypes
+_forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("forward"))(_kernels.margin_softmax_forward)
+_backward_rows = triton.autotune(_configs(), key=_KEY + ["PARTIAL"], prune_configs_by=_pruner("rows")
+                                 )(_kernels.margin_softmax_backward_rows)
+_backward_columns = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("columns")
+                                    )(_kernels.margin_softmax_backward_columns)
+
+
+def _classifier_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, sub_centers: int):
+    """(x with unit column strides (ops._kernel_rows: a copy of x only where it has none), labels, C), the tensors
+    checked as the native ops check them; W is left as it is. Labels are not read on the host (that would wait for
+    the GPU): a label outside [0, C) gives a NaN target."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[0]:
+        raise ValueError(f"x must be N x D and weight D x J, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x and weight must have one dtype, got {x.dtype} and {weight.dtype}")
+    if sub_centers < 1 or weight.shape[1] % sub_centers:
+        raise ValueError(f"weight's {weight.shape[1]} columns must be a whole number of classes of {sub_centers} "
+                         "sub-centres each")
+    if labels.dtype != torch.int64 or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        raise ValueError("labels must be int64, one per row")
+    x, _ = _kernel_rows(x, x)
+    return x, labels.contiguous(), weight.shape[1] // sub_centers
+
+
+def _column_norms(weight: torch.Tensor, sub_centers: int) -> torch.Tensor:
+    """||w_j|| of W's columns, laid out sub-centre by sub-centre ([K, C]: the kernels read sub-centre k's norms at
+    k C + c), by the engine's row_norms kernel on W's transpose (a view)."""
+    norms = row_norms(weight.t())
+    if sub_centers == 1:
+        return norms
+    return norms.view(-1, sub_centers).t().contiguous()  # O(J): the norms, not W
+
+
+def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int):
+    """(sizes and strides, autotune key, constexprs) every margin-softmax kernel takes."""
+    n, d = x.shape
+    classes = weight.shape[1] // sub_centers
+    width = block_d(d, x.element_size())
+    sizes = (n, classes, d, sub_centers, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+    # Vector loads: rows of x along D, W along its columns (unit stride, one sub-centre).
+    aligned = (x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x.stride(1) == 1 and d % 16 == 0
+               and x.stride(0) % 16 == 0 and weight.stride(1) == 1 and sub_centers == 1
+               and weight.stride(0) % 16 == 0)
+    key = (triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(classes, 1)), int(aligned))
+    constexprs = dict(BLOCK_D=width, FULL_D=d <= width, ACC=_accumulator(x.dtype), PRECISION=_precision(x.dtype),
+                      MULTI=sub_centers > 1)
+    return sizes, key, constexprs
+
+
+@torch.library.custom_op("metric_kernels::triton_margin_softmax_rows", mutates_args=())
+def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, sub_centers: int, scale: float,
+                        deterministic: bool) -> torch.Tensor:
+    """stats [2, N]: the log-sum-exp of scale * cos over the classes other than the label (-inf for C == 1), and
+    the label's cosine. The classes are split across programs where the row blocks alone cannot fill the GPU
+    (ops.reference_splits); the splits' log-sum-exps are merged here, O(splits x N)."""
+    x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
+    n = x.shape[0]
+    dtype = stats_dtype(x.dtype)
+    splits = reference_splits(n, classes, x.device)
+    lse = torch.full((splits, n), float("-inf"), dtype=dtype, device=x.device)
+    target = torch.full((n,), float("nan"), dtype=dtype, device=x.device)  # the split holding the label writes it
+    if n and classes:
+        sizes, key, constexprs = _launch_args(x, weight, sub_centers)
+        with _device_guard(x):
+            _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
+                x, weight, row_norms(x), _column_norms(weight, sub_centers), labels, loss_params(scale, 0.0, x), lse,
+                target, *sizes, splits, *key, **constexprs)
+    return torch.stack([lse[0] if splits == 1 else torch.logsumexp(lse, dim=0), target])
+
+
+def _gradient_power(grad: torch.Tensor, x: torch.Tensor, x_norms: torch.Tensor, w_norms: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """fp16: the power of two that brings P = dS r_i r_j to at most 1 before its cast to fp16 (whose range would
+    flush the small softmax terms to 0), from |dS_ic| <= |g_lse| |scale| + |g_target| (softmax_c <= 1, one
+    target); 1 for the other dtypes (ops.gradient_scale does the same for the pair losses)."""
+    if x.dtype != torch.float16:
+        return torch.ones((1,), dtype=x_norms.dtype, device=x.device)
+    return power_of_two_below(grad[0].abs() * abs(scale) + grad[1].abs(), x_norms, w_norms)
+
+
+@torch.library.custom_op("metric_kernels::triton_margin_softmax_rows_backward", mutates_args=())
+def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                 labels: torch.Tensor, sub_centers: int, scale: float, deterministic: bool,
+                                 need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dW) in the inputs' dtype (an unneeded one with 0 rows). dX: a row pass over row blocks x class splits x
+    D blocks (several splits: fp32 partials, one per split, added in split order, then ops' finish_gradient); dW: a
+    column pass over class tiles x sub-centres x D blocks, each over every row block in order."""
+    x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
+    n, d = x.shape
+    if tuple(grad.shape) != (2, n) or tuple(stats.shape) != (2, n):
+        raise ValueError(f"grad and stats must be 2 x N = 2 x {n}, got {tuple(grad.shape)} and {tuple(stats.shape)}")
+    work = n > 0 and classes > 0 and d > 0
+    new = torch.empty if work else torch.zeros
+    dx = new((n if need_dx else 0, d), dtype=x.dtype, device=x.device)
+    dw = new((d if need_dw else 0, weight.shape[1]), dtype=weight.dtype, device=x.device)
+    if not work or not (need_dx or need_dw):
+        return dx, dw
+    dtype = stats_dtype(x.dtype)
+    grad, stats = grad.to(dtype).contiguous(), stats.to(dtype).contiguous()
+    x_norms, w_norms = row_norms(x), _column_norms(weight, sub_centers)
+    power = _gradient_power(grad, x, x_norms, w_norms, scale)
+    sizes, key, constexprs = _launch_args(x, weight, sub_centers)
+    width = constexprs["BLOCK_D"]
+    state = (grad, stats, power, loss_params(scale, 0.0, x), x, weight, x_norms, w_norms, labels)
+    with _device_guard(x):
+        if need_dx:
+            splits = reference_splits(n, classes, x.device)
+            partial = splits > 1
+            if partial:
+                dx_acc = torch.empty((splits, n, d), dtype=dtype, device=x.device)
+                t = torch.empty((splits, n), dtype=dtype, device=x.device)
+            else:
+                dx_acc, t = dx, torch.empty((1,), dtype=dtype, device=x.device)
+            _backward_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits, triton.cdiv(d, width))](
+                *state, dx_acc, t, *sizes, splits, *key, PARTIAL=partial, **constexprs)
+            if partial:
+                _lse_kernels.finish_gradient[(triton.cdiv(n, 32), triton.cdiv(d, width))](
+                    dx_acc.sum(dim=0), t.sum(dim=0), power, x, x_norms, dx, n, d, x.stride(0), x.stride(1),
+                    BLOCK_R=32, BLOCK_D=width, ACC=constexprs["ACC"], NORMALIZE=True)
+        if need_dw:
+            _backward_columns[lambda meta: (triton.cdiv(classes, meta["BLOCK_N"]), sub_centers,
+                                            triton.cdiv(d, width))](
+                *state, dw, *sizes, *key, **constexprs)
+    return dx, dw
