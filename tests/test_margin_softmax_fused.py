@@ -20,7 +20,7 @@ from tests.test_fused import MISSING, _fused_backend_is_built  # noqa: F401 (the
 
 # The fused backends whose kernels compute the classifiers (metric_kernels/_fused.py, CLASSIFIER_ROWS); one missing
 # here fails its tests (tests/test_fused.py's autouse fixture), it is not skipped.
-BACKENDS = ["cpu", "cuda-emulated"]
+BACKENDS = ["triton", "cpu", "cuda-emulated"]
 backend_param = pytest.mark.parametrize("backend", BACKENDS)
 
 
