@@ -51,14 +51,19 @@ H100_SXM = {
 }
 MODEL_LABEL = "H100 model, not a measurement"
 
-LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor")
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor", "arcface",
+          "subcenter_arcface")
+# The classifiers: N queries against C = N classes of W (D x C * sub-centres); CosFace and NormalizedSoftmax run
+# ArcFace's kernels (only the O(N) margin differs), SubCenterArcFace with PML's 3 sub-centres.
+CLASSIFIERS = {"arcface": 1, "subcenter_arcface": 3}
 MODES = {"default": False, "deterministic": True}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 CLASSES = 16
 # Useful work in matmul-equivalents (2 N M D each) of one forward + backward: the row-statistics losses need S = X Y^T
 # (forward) and dX = G Y, dY = G^T X (backward); batch-hard needs the distances (forward) and an O((N + M) D) backward.
+# The classifiers' unit is 2 N C D (C classes): SubCenterArcFace's 3 sub-centres make it three times the work.
 USEFUL_MATMULS = {"circle": 3, "supcon": 3, "multi_similarity": 3, "ntxent": 3, "contrastive": 3, "proxy_anchor": 3,
-                  "batch_hard": 1}
+                  "batch_hard": 1, "arcface": 3, "subcenter_arcface": 9}
 
 _EXPONENTIALS = ("create_exp", "create_exp2")
 _SPECIAL = ("create_log", "create_log2", "create_sqrt", "create_precise_sqrt", "create_rsqrt", "create_sin",
@@ -352,7 +357,8 @@ def prepare_interpreter() -> bool:
 @dataclass(frozen=True)
 class Case:
     loss: str        # one of LOSSES
-    refs: str        # "ref_emb": a separate M x D reference batch; "self": ref_emb=None; "proxies": C x D proxies
+    refs: str        # "ref_emb": a separate M x D reference batch; "self": ref_emb=None; "proxies": C x D proxies;
+                     # "weight": a classifier's D x (C * sub-centres) W
     dtype: str       # a key of DTYPES
     dim: int
     mode: str        # a key of MODES
@@ -365,7 +371,10 @@ def cases(dims: Sequence[int], dtypes: Sequence[str], size: int, losses: Sequenc
     for dtype in dtypes:
         for dim in dims:
             for loss in losses:
-                refs = ("proxies",) if loss == "proxy_anchor" else (("ref_emb", "self") if self_refs else ("ref_emb",))
+                if loss in CLASSIFIERS or loss == "proxy_anchor":
+                    refs = ("weight",) if loss in CLASSIFIERS else ("proxies",)
+                else:
+                    refs = ("ref_emb", "self") if self_refs else ("ref_emb",)
                 for ref in refs:
                     for mode in modes:
                         out.append(Case(loss, ref, dtype, dim, mode, size))
@@ -383,6 +392,9 @@ def _inputs(case: Case, seed: int = 0):
         return torch.randint(0, CLASSES, (n,), generator=generator)
 
     x, x_labels = rows(), labels()
+    if case.refs == "weight":
+        weight = torch.randn(case.dim, n * CLASSIFIERS[case.loss], generator=generator).to(dtype).requires_grad_()
+        return (x, weight), (x, x_labels, weight)
     if case.refs == "self":
         return (x,), (x, x_labels)
     y, y_labels = rows(), labels()
@@ -395,7 +407,8 @@ def _loss_fn(loss: str):
     import metric_kernels as mk
     return {"circle": mk.circle_loss, "supcon": mk.supcon_loss, "multi_similarity": mk.multi_similarity_loss,
             "ntxent": mk.ntxent_loss, "contrastive": mk.contrastive_loss, "batch_hard": mk.batch_hard_triplet_loss,
-            "proxy_anchor": mk.proxy_anchor_loss}[loss]
+            "proxy_anchor": mk.proxy_anchor_loss, "arcface": mk.arcface_loss,
+            "subcenter_arcface": mk.subcenter_arcface_loss}[loss]
 
 
 @contextlib.contextmanager
@@ -537,13 +550,15 @@ def markdown(rows: List[dict], meta: dict) -> str:
         f"What the Triton kernels would make a GPU do in one forward + backward through the public API "
         f"(backend=\"triton\"), counted under Triton's interpreter (its one tile config: {meta['interpreter_tiles']}); "
         f"N = M = {size} (Proxy-Anchor: {size} embeddings against {size} proxies), {CLASSES} classes; refs: "
-        f"`ref_emb` a separate reference batch, `self` ref_emb=None. *matmul-eq*: dot FLOPs / 2NMD. *16-bit*: share "
+        f"`ref_emb` a separate reference batch, `self` ref_emb=None, `weight` a classifier's W: {size} embeddings "
+        f"against M = {size} classes of one column (SubCenterArcFace: 3 sub-centre columns each; CosFace and "
+        f"NormalizedSoftmax run ArcFace's kernels). *matmul-eq*: dot FLOPs / 2NMD. *16-bit*: share "
         f"of the dot FLOPs on 16-bit operands. *exp/pair*: exponentials on pair tiles / NM; *row exp*: "
         f"those on per-row vectors (the online log-sum-exp's rescaling) / NM. *MB ld*, *MB st*: bytes the programs "
         f"load and store (masked-off elements not counted); *atomics*: elements added atomically. *host NxD*: host "
         f"tensors of N x D elements or more that the step allocates. The last three columns are an "
         f"**{MODEL_LABEL}**: max(compute, memory, exponentials) at H100 SXM rates, and the useful work (row-statistics "
-        f"losses 3, batch-hard 1 matmul-equivalents) over that time as a fraction of the bf16 tensor-core peak. "
+        f"losses and ArcFace 3, SubCenterArcFace 9, batch-hard 1 matmul-equivalents) over that time as a fraction of the bf16 tensor-core peak. "
         f"bench/README.md explains each figure; cost.json has every count, per kernel too.",
         "",
         "| loss | refs | dtype | D | mode | launches | programs | matmul-eq | 16-bit | exp/pair | row exp | MB ld "
