@@ -75,6 +75,9 @@ def _classifier_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"x must be N x D and weight D x J, got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x and weight must have one dtype, got {x.dtype} and {weight.dtype}")
+    if weight.device != x.device or labels.device != x.device:
+        raise ValueError(f"weight and labels must be on x's device ({x.device}), got {weight.device} and "
+                         f"{labels.device}")
     if sub_centers < 1 or weight.shape[1] % sub_centers:
         raise ValueError(f"weight's {weight.shape[1]} columns must be a whole number of classes of {sub_centers} "
                          "sub-centres each")
