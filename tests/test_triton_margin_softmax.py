@@ -197,6 +197,16 @@ def test_ops_gradients_and_nan():
     assert stats[1].isnan().tolist() == [i == 4 for i in range(20)]
 
 
+def test_refuses_what_the_contract_does_not_allow():
+    x, weight, labels, _ = _case(6, 4, 6, 8, 2)
+    op = torch.ops.metric_kernels.triton_margin_softmax_rows
+    for args, message in (((x, weight.float(), labels, 2), "one dtype"), ((x, weight, labels, 5), "whole number"),
+                          ((x, weight[:5], labels, 2), "N x D"), ((x, weight, labels.int(), 2), "int64"),
+                          ((x, weight, labels[:3], 2), "one per row")):
+        with pytest.raises(ValueError, match=message):
+            op(*args, SCALE, True)
+
+
 def test_opcheck():
     x, weight, labels, upstream = _case(4, 12, 70, 8, 2, torch.float32)
     args = (x, weight, labels, 2, SCALE, True)

@@ -55,10 +55,15 @@ DOT_CHUNK = tl.constexpr(64)
 
 
 @triton.jit
-def _load_rows(ptr, rows, dims, n, d, stride_n, stride_d):
-    """A [rows, dims] tile in the rows' own dtype; entries past n or d are 0."""
-    return tl.load(ptr + rows[:, None] * stride_n + dims[None, :] * stride_d,
-                   mask=(rows[:, None] < n) & (dims[None, :] < d), other=0.0)
+def _load_rows(ptr, rows, dims, n, d, stride_n, stride_d, ROWS_IN_RANGE: tl.constexpr = False):
+    """A [rows, dims] tile in the rows' own dtype; entries past n or d are 0. ROWS_IN_RANGE: the caller knows every
+    row is below n, and the mask leaves them out (the margin-softmax kernels read W's columns as rows: unit stride
+    along `rows`, which a mask varying along them would keep from being loaded in vectors)."""
+    if ROWS_IN_RANGE:
+        mask = dims[None, :] < d
+    else:
+        mask = (rows[:, None] < n) & (dims[None, :] < d)
+    return tl.load(ptr + rows[:, None] * stride_n + dims[None, :] * stride_d, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -122,9 +127,9 @@ def _load_params(params_ptr):
 @triton.jit
 def _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
-              ACC: tl.constexpr, PRECISION: tl.constexpr):
+              ACC: tl.constexpr, PRECISION: tl.constexpr, Y_IN_RANGE: tl.constexpr = False):
     """X[rows] . Y[cols] accumulated in ACC: from the tiles on chip when FULL_D (D <= BLOCK_D), else over D in
-    BLOCK_D chunks read from memory."""
+    BLOCK_D chunks read from memory (Y_IN_RANGE: every col is below M, _load_rows)."""
     if FULL_D:
         dot = tl.dot(x_tile, tl.trans(y_tile), input_precision=PRECISION, out_dtype=ACC)
     else:
@@ -132,7 +137,7 @@ def _dot_tile(x_ptr, y_ptr, x_tile, y_tile, rows, cols, N, M, D, stride_xn, stri
         for d0 in range(0, D, DOT_CHUNK):
             dims = d0 + tl.arange(0, DOT_CHUNK)
             x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
-            y = _load_rows(y_ptr, cols, dims, M, D, stride_yn, stride_yd)
+            y = _load_rows(y_ptr, cols, dims, M, D, stride_yn, stride_yd, Y_IN_RANGE)
             dot = tl.dot(x, tl.trans(y), dot, input_precision=PRECISION, out_dtype=ACC)
     return dot
 

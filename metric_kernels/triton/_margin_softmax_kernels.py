@@ -7,23 +7,28 @@ query row x_i, over the classes c of W (D x J, J = C K columns, column j = class
 
 as csrc/cpu/margin_softmax.cpp computes them, with the engine's tiles and helpers (_lse_kernels.py): the raw rows and
 W in their own dtype, fp32 (fp64 for fp64 rows) norms, one tl.dot over the whole of D per (row block, class tile,
-sub-centre) (D walked in chunks only above the widest tile), never an N x C buffer and never a copy of W. W is read
-in place through its strides: sub-centre k of the classes is the matrix W_k[c, d] = W[d, c K + k], loaded as the
-engine loads reference rows ([BLOCK_N classes, BLOCK_D], row stride K stride_wj, column stride stride_wd). A class's
-cosine is the largest of its sub-centres' (the first of equal ones; NaN wins, so that it reaches the loss), and its
-gradient lands on that one column.
+sub-centre) (D walked in chunks only above the widest tile), never an N x C buffer and never a copy of W.
+
+W is read in place through its strides: sub-centre k of the classes is the matrix W_k[c, d] = W[d, c K + k], loaded
+as the engine loads reference rows, [BLOCK_N classes, BLOCK_D] tiles with row stride stride_wc = K stride_wj (1 for a
+contiguous W with one sub-centre: the launch specialises it, and the compiler loads vectors of classes) and column
+stride stride_wd (J; a 64-bit integer here, as D J passes 2^31 for a million classes). A mask along the classes
+would keep those vector loads (and the asynchronous copies that pipeline them) from forming, so the class loops walk
+the whole tiles unmasked and the last, partial one apart (EVEN). A class's cosine is the largest of its
+sub-centres' (the first of equal ones; NaN wins, so that it reaches the loss), and its gradient lands on that one
+column.
 
 The backward recomputes each tile's cosines and takes dS_c = dL/dcos_c (g_target for the label, g_lse scale
-softmax_c for the others), then P = dS r_i r_j at each class's chosen column (times a power-of-two `power` that keeps
-fp16 operands in range, ops.gradient_scale), dX = P W_k^T and dW_k^T = P^T X per sub-centre, minus the
-normalisation's radial part:
+softmax_c for the others), then P = dS r_i r_j at each class's chosen column (times a power of two, `power`, that
+keeps fp16 operands in range: margin_softmax_ops._gradient_power), dX = P W_k^T and dW_k^T = P^T X per
+sub-centre, minus the normalisation's radial part:
 
     dx_i = r_i sum_j dS_ij r_j w_j - r_i^2 (sum_c dS_ic cos_ic) x_i     (the second term only where ||x_i|| > eps)
 
 and the same for each column w_j with the roles swapped. Both passes write every output element from one program,
 summing in a fixed order: deterministic, no atomics.
 
-BLOCK_N is the class tile (the engine's reference tile, so its autotune configs and pruning apply as they are).
+BLOCK_N is the class tile (the engine's reference tile, so that its autotune configs and pruning apply).
 """
 import triton
 import triton.language as tl
@@ -32,45 +37,48 @@ from ._lse_kernels import (LN2, LOG2E, _column_range, _dot_tile, _finite_or_zero
                            _load_rows, _radial_part, _row_scales)
 
 NORMALIZE = tl.constexpr(True)  # the classifiers always compare directions
-# stride_wd is W's row stride (J for a contiguous W), multiplied by D indices: kept a 64-bit integer in the kernels,
-# since D J passes 2^31 for a million classes, and never specialised to a constant.
-_W_STRIDE = ["stride_wd"]
 
 
 @triton.jit
-def _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D, K,
-                stride_xn, stride_xd, stride_wd, stride_wj,
+def _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D,
+                stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
-                ACC: tl.constexpr, PRECISION: tl.constexpr, LOAD_TILE: tl.constexpr):
-    """(cosines, W_k tile, inverse norms, radial) of sub-centre k of the classes `cols` (those below C) against the
-    rows: the W_k tile at `dims` when LOAD_TILE (the forward only loads it when it holds the whole of D), and the
-    columns' r and where their norm is not clamped. w_norm_ptr holds the column norms sub-centre by sub-centre
-    ([K, C])."""
+                ACC: tl.constexpr, PRECISION: tl.constexpr, LOAD_TILE: tl.constexpr, EVEN: tl.constexpr):
+    """(cosines, W_k tile, inverse norms) of sub-centre k of the classes `cols` (those below C; EVEN: all of them)
+    against the rows: the W_k tile at `dims` when LOAD_TILE (the forward loads it only when it holds the whole of D),
+    and the columns' r. w_norm_ptr holds the column norms sub-centre by sub-centre ([K, C])."""
     w_k = w_ptr + k * stride_wj
-    w_inverse, w_radial, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
-    w_tile = _load_rows(w_k, cols, dims, C, D, K * stride_wj, stride_wd) if LOAD_TILE else x_tile
-    dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, K * stride_wj, stride_wd,
-                    BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
-    return dot * x_inverse[:, None] * w_inverse[None, :], w_tile, w_inverse, w_radial
+    w_inverse = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)[0]
+    w_tile = _load_rows(w_k, cols, dims, C, D, stride_wc, stride_wd, EVEN) if LOAD_TILE else x_tile
+    dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
+                    BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, EVEN)
+    return dot * x_inverse[:, None] * w_inverse[None, :], w_tile, w_inverse
 
 
 @triton.jit
 def _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                   stride_xn, stride_xd, stride_wd, stride_wj,
+                   stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
-                   ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """(cos, pick) of a tile's classes with K > 1 sub-centres: the largest sub-centre cosine and which k gave it
-    (the first of equal ones; NaN wins, as in the cpu kernel)."""
+                   ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_PICK: tl.constexpr, EVEN: tl.constexpr):
+    """(cos, pick) of a class tile with K > 1 sub-centres: the largest sub-centre cosine and, WITH_PICK, which k
+    gave it (the first of equal ones; NaN wins, as in the cpu kernel), else 0."""
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), ACC)
     pick = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for k in range(K):
-        cosine, _, _, _ = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D, K,
-                                      stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
-                                      ACC, PRECISION, FULL_D)
+        cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D, stride_xn,
+                             stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+                             PRECISION, FULL_D, EVEN)[0]
         better = (cosine > best) | (cosine != cosine)
         best = tl.where(better, cosine, best)
-        pick = tl.where(better, k, pick)
+        if WITH_PICK:
+            pick = tl.where(better, k, pick)
     return best, pick
+
+
+@triton.jit
+def _even_stop(start, stop, BLOCK_N: tl.constexpr):
+    """The end of the whole BLOCK_N tiles of [start, stop) (start itself when it has none)."""
+    return start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
 
 
 @triton.jit
@@ -94,14 +102,44 @@ def _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C):
 
 
 @triton.jit
+def _backward_scalars(params_ptr, power_ptr, stride_wd):
+    """(scale, the power of two P is multiplied by, W's row stride as a 64-bit integer) of a backward program."""
+    return _load_params(params_ptr)[0], tl.load(power_ptr), tl.cast(stride_wd, tl.int64)
+
+
+@triton.jit
 def _product_operand(ds, row_factor, w_inverse, operand: tl.constexpr):
     """P = dS r_i power r_j in the operand dtype of the products (row_factor = r_i power)."""
     return (ds * row_factor[:, None] * w_inverse[None, :]).to(operand)
 
 
-@triton.jit(do_not_specialize=_W_STRIDE)
+@triton.jit
+def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse,
+                  rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, EVEN: tl.constexpr):
+    """The class tile at c0 folded into the rows' log-sum-exp state (the classes other than the label) and the
+    label's cosine added to `target` where the tile holds it."""
+    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    if MULTI:
+        cosine = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K, stride_xn,
+                                stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+                                PRECISION, False, EVEN)[0]
+    else:
+        cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N, C, D, stride_xn,
+                             stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+                             PRECISION, FULL_D, EVEN)[0]
+    is_target = cols[None, :] == labels[:, None]
+    target += tl.sum(tl.where(is_target, cosine, 0.0), axis=1)
+    logits = tl.where((cols[None, :] < C) & ~is_target, scale * cosine, float("-inf"))
+    # one set: _fold_tile leaves its first state (here the same one) as it is
+    folded = _fold_tile(running_max, running_sum, running_max, running_sum, logits, is_target, False)
+    return folded[2], folded[3], target
+
+
+@triton.jit
 def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, params_ptr, lse_ptr, target_ptr,
-                           N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, SPLIT,
+                           N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, SPLIT,
                            N_BUCKET, M_BUCKET, ALIGNED,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr):
@@ -110,35 +148,30 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, par
     target_ptr[rows] = the label's cosine, stored by the split that holds the label. MULTI: K > 1 (with K == 1 the
     class tile loop is the innermost, which the compiler pipelines). N_BUCKET, M_BUCKET and ALIGNED are the
     autotuner's key only."""
-    scale, _ = _load_params(params_ptr)
-    stride_wd = stride_wd.to(tl.int64)
+    scale = _load_params(params_ptr)[0]
+    stride_wd = tl.cast(stride_wd, tl.int64)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D).to(tl.int64)
     labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1)
-    x_inverse, _, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_inverse = _row_scales(x_norm_ptr, rows, N, NORMALIZE)[0]
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
-    unused_max = tl.full((BLOCK_M,), float("-inf"), ACC)  # _fold_tile's first set, which one set leaves alone
-    unused_sum = tl.zeros((BLOCK_M,), ACC)
     running_max = tl.full((BLOCK_M,), float("-inf"), ACC)
     running_sum = tl.zeros((BLOCK_M,), ACC)
     target = tl.zeros((BLOCK_M,), ACC)
     start, stop = _column_range(split, C, SPLIT, BLOCK_N)
-    for c0 in range(start, stop, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        if MULTI:
-            cosine, _ = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                                       stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
-                                       FULL_D, ACC, PRECISION)
-        else:
-            cosine, _, _, _ = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N, C, D,
-                                          K, stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
-                                          FULL_D, ACC, PRECISION, FULL_D)
-        is_target = cols[None, :] == labels[:, None]
-        target += tl.sum(tl.where(is_target, cosine, 0.0), axis=1)
-        logits = tl.where((cols[None, :] < C) & ~is_target, scale * cosine, float("-inf"))
-        unused_max, unused_sum, running_max, running_sum = _fold_tile(unused_max, unused_sum, running_max,
-                                                                      running_sum, logits, is_target, False)
+    even_stop = _even_stop(start, stop, BLOCK_N)
+    for c0 in range(start, even_stop, BLOCK_N):
+        running_max, running_sum, target = _forward_step(
+            running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows,
+            dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
+            FULL_D, ACC, PRECISION, MULTI, True)
+    for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (a loop: an `if` here made the compiler
+        # load the dot's row operand once for both, and keep it in registers across the first loop)
+        running_max, running_sum, target = _forward_step(
+            running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse,
+            rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
+            FULL_D, ACC, PRECISION, MULTI, False)
     # A NaN logit makes the sum NaN for good; the engine's _finish_logsumexp would turn that into -inf.
     lse = tl.where(running_sum == 0, float("-inf"),
                    (running_max + tl.log2(tl.where(running_sum == 0, 1.0, running_sum))) * LN2)
@@ -146,10 +179,39 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, par
     tl.store(target_ptr + rows, target, mask=(rows < N) & (labels >= start) & (labels < stop))
 
 
-@triton.jit(do_not_specialize=_W_STRIDE)
+@triton.jit
+def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr, w_norm_ptr,
+               x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
+               ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, EVEN: tl.constexpr):
+    """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos."""
+    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    operand = x_ptr.dtype.element_ty
+    if MULTI:
+        cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+                                      stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+                                      BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
+        ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
+        for k in range(K):  # each class's dS to its chosen column: one product per sub-centre
+            inverse_k = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)[0]
+            tile_k = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, stride_wc, stride_wd, EVEN)
+            p = _product_operand(tl.where(pick == k, ds, 0.0), row_factor, inverse_k, operand)
+            dx = tl.dot(p, tile_k, dx, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N,
+                                                C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
+                                                BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
+        ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
+        dx = tl.dot(_product_operand(ds, row_factor, w_inverse, operand), w_tile, dx, input_precision=PRECISION,
+                    out_dtype=ACC)
+    t_rows += tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
+    return dx, t_rows
+
+
+@triton.jit
 def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr, w_norm_ptr,
                                  labels_ptr, dx_ptr, t_ptr,
-                                 N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, SPLIT,
+                                 N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, SPLIT,
                                  N_BUCKET, M_BUCKET, ALIGNED,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                  FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -158,40 +220,28 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     PARTIAL (several splits): the split's sum_j P_ij w_j (times power) into dx_ptr[split] (fp32/fp64) and its
     t_i = sum_c dS_ic cos_ic into t_ptr[split], summed over the splits and finished by the op. Otherwise the
     gradient itself, radial part included, in dx_ptr's dtype."""
-    scale, _ = _load_params(params_ptr)
-    stride_wd = stride_wd.to(tl.int64)
-    power = tl.load(power_ptr)
+    scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    operand = x_ptr.dtype.element_ty
     labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
-    x_inverse, x_radial, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     row_factor = x_inverse * power
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
     dx = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     t_rows = tl.zeros((BLOCK_M,), ACC)
     start, stop = _column_range(split, C, SPLIT, BLOCK_N)
-    for c0 in range(start, stop, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        if MULTI:
-            cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                                          stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
-                                          FULL_D, ACC, PRECISION)
-            ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
-            for k in range(K):  # each class's dS to its chosen column: one product per sub-centre
-                w_inverse, _, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
-                w_tile = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, K * stride_wj, stride_wd)
-                p = _product_operand(tl.where(pick == k, ds, 0.0), row_factor, w_inverse, operand)
-                dx = tl.dot(p, w_tile, dx, input_precision=PRECISION, out_dtype=ACC)
-        else:
-            cosine, w_tile, w_inverse, _ = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims,
-                                                       0, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
-                                                       BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True)
-            ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
-            dx = tl.dot(_product_operand(ds, row_factor, w_inverse, operand), w_tile, dx, input_precision=PRECISION,
-                        out_dtype=ACC)
-        t_rows += tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
+    even_stop = _even_stop(start, stop, BLOCK_N)
+    for c0 in range(start, even_stop, BLOCK_N):
+        dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr,
+                                w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd,
+                                stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION,
+                                MULTI, True)
+    for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (margin_softmax_forward)
+        dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial,
+                                x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn,
+                                stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+                                PRECISION, MULTI, False)
     out_mask = (rows[:, None] < N) & (dims[None, :] < D)
     if PARTIAL:
         at = split.to(tl.int64) * N
@@ -202,10 +252,10 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
         tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=_W_STRIDE)
+@triton.jit
 def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr,
                                     w_norm_ptr, labels_ptr, dw_ptr,
-                                    N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
+                                    N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                                     N_BUCKET, M_BUCKET, ALIGNED,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                     FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -214,32 +264,30 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
     program_id(2): dW_k^T = P_k^T X summed over every row block in order, radial part included, written into dw_ptr
     (D x J, contiguous, W's dtype). With K > 1 each row block's cosines are recomputed for every sub-centre, to know
     which columns the classes chose."""
-    scale, _ = _load_params(params_ptr)
-    stride_wd = stride_wd.to(tl.int64)
-    power = tl.load(power_ptr)
+    scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     k = tl.program_id(1)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = w_ptr.dtype.element_ty
     w_k = w_ptr + k * stride_wj
-    w_inverse, w_radial, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
-    w_tile = _load_rows(w_k, cols, dims, C, D, K * stride_wj, stride_wd)
+    w_inverse, w_radial, w_length2 = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+    w_tile = _load_rows(w_k, cols, dims, C, D, stride_wc, stride_wd)
     dw = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     t_columns = tl.zeros((BLOCK_N,), ACC)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
-        x_inverse, _, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+        x_inverse = _row_scales(x_norm_ptr, rows, N, NORMALIZE)[0]
         x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
         if MULTI:
             cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                                          stride_xn, stride_xd, stride_wd, stride_wj, BLOCK_M, BLOCK_N, BLOCK_D,
-                                          FULL_D, ACC, PRECISION)
+                                          stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+                                          BLOCK_D, FULL_D, ACC, PRECISION, True, False)
             chosen = pick == k
             ds = tl.where(chosen, _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C), 0.0)
             terms = tl.where(chosen, ds * cosine, 0.0)  # not 0 * cos: a NaN of another sub-centre stays out
         else:
-            dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, K * stride_wj,
+            dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, stride_wc,
                             stride_wd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
             cosine = dot * x_inverse[:, None] * w_inverse[None, :]
             ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)

@@ -23,11 +23,47 @@ from . import _margin_softmax_kernels as _kernels
 from .ops import (_accumulator, _configs, _device_guard, _kernel_rows, _precision, _pruner, block_d, loss_params,
                   power_of_two_below, reference_splits, row_norms)
 
+# The engine's autotune configs and pruning (ops._pruner), with these kernels' own measurements: of the configs
+# within the engine's register limits, those that a compile sweep of these kernels (triton 3.7.1, sm_80 and sm_90a,
+# every dtype, the widest D on chip and D in chunks, both layouts of W: _launch_args) found spilling, by (pass,
+# layout, tensor cores, K > 1). The backward passes keep only the smallest tile, which spilled least with 8 warps (a
+# few registers at some dtypes, as the engine's backward at D = 256).
+MEASURED_SPILLS = {
+    ("forward", "full", False, True): {(32, 16, 8), (16, 16, 4)},
+    ("forward", "full", True, False): {(128, 32, 8), (64, 128, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 32, 4),
+                                       (16, 64, 4)},
+    ("forward", "full", True, True): {(128, 64, 8), (128, 32, 8), (64, 128, 8), (64, 64, 4), (64, 32, 8), (32, 64, 8),
+                                      (32, 64, 4), (32, 32, 8), (32, 32, 4), (16, 16, 8), (16, 16, 4)},
+    ("forward", "chunked", False, False): {(64, 32, 8), (32, 64, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("forward", "chunked", False, True): {(64, 32, 8), (32, 64, 8), (32, 32, 4), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("forward", "chunked", True, False): {(64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (16, 16, 8),
+                                          (16, 16, 4)},
+    ("forward", "chunked", True, True): {(64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 8),
+                                         (32, 32, 4), (16, 64, 4), (16, 16, 8), (16, 16, 4)},
+    ("forward", "unaligned", False, False): {(32, 16, 8)},
+    ("forward", "unaligned", False, True): {(32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("forward", "unaligned", True, False): {(32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4)},
+    ("forward", "unaligned", True, True): {(64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
+                                           (16, 64, 4)},
+    ("forward", "unaligned-chunked", False, False): {(32, 16, 8), (16, 16, 8)},
+    ("forward", "unaligned-chunked", False, True): {(32, 16, 8), (16, 16, 8)},
+    ("forward", "unaligned-chunked", True, False): {(64, 32, 8), (32, 64, 8), (32, 32, 8), (32, 32, 4), (32, 16, 8),
+                                                    (16, 16, 8), (16, 16, 4)},
+    ("forward", "unaligned-chunked", True, True): {(32, 32, 8), (32, 32, 4), (32, 16, 8), (16, 64, 4), (16, 16, 4)},
+}
+FALLBACK_WARPS = 8
+
+
+def _pruning(kernel_pass: str):
+    return _pruner(kernel_pass, MEASURED_SPILLS, FALLBACK_WARPS)
+
+
 _KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "MULTI"]  # + pointer dtypes
-_forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("forward"))(_kernels.margin_softmax_forward)
-_backward_rows = triton.autotune(_configs(), key=_KEY + ["PARTIAL"], prune_configs_by=_pruner("rows")
+_forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruning("forward")
+                           )(_kernels.margin_softmax_forward)
+_backward_rows = triton.autotune(_configs(), key=_KEY + ["PARTIAL"], prune_configs_by=_pruning("rows")
                                  )(_kernels.margin_softmax_backward_rows)
-_backward_columns = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruner("columns")
+_backward_columns = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruning("columns")
                                     )(_kernels.margin_softmax_backward_columns)
 
 
@@ -39,6 +75,9 @@ def _classifier_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"x must be N x D and weight D x J, got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x and weight must have one dtype, got {x.dtype} and {weight.dtype}")
+    if weight.device != x.device or labels.device != x.device:
+        raise ValueError(f"weight and labels must be on x's device ({x.device}), got {weight.device} and "
+                         f"{labels.device}")
     if sub_centers < 1 or weight.shape[1] % sub_centers:
         raise ValueError(f"weight's {weight.shape[1]} columns must be a whole number of classes of {sub_centers} "
                          "sub-centres each")
@@ -62,11 +101,17 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int):
     n, d = x.shape
     classes = weight.shape[1] // sub_centers
     width = block_d(d, x.element_size())
-    sizes = (n, classes, d, sub_centers, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
-    # Vector loads: rows of x along D, W along its columns (unit stride, one sub-centre).
+    # W's strides, and the stride between one sub-centre's classes (1 for a contiguous W with one sub-centre, which
+    # the launch specialises: the compiler then loads vectors of classes)
+    sizes = (n, classes, d, sub_centers, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+             sub_centers * weight.stride(1))
+    # The pruner's layout class (ops.rows_aligned): x's rows and W's columns both loaded in vectors along D, as the
+    # engine loads its rows, which W's columns are when W is stored class by class (a transposed view of a J x D
+    # matrix). W's own D x J layout is loaded along the classes (vectors of classes for one sub-centre, single
+    # elements for several), which takes more registers in the products on sm_80 and on the CUDA cores: pruned as
+    # unaligned, as are rows the compiler cannot load in vectors.
     aligned = (x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x.stride(1) == 1 and d % 16 == 0
-               and x.stride(0) % 16 == 0 and weight.stride(1) == 1 and sub_centers == 1
-               and weight.stride(0) % 16 == 0)
+               and x.stride(0) % 16 == 0 and weight.stride(0) == 1 and weight.stride(1) % 16 == 0)
     key = (triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(classes, 1)), int(aligned))
     constexprs = dict(BLOCK_D=width, FULL_D=d <= width, ACC=_accumulator(x.dtype), PRECISION=_precision(x.dtype),
                       MULTI=sub_centers > 1)

@@ -180,9 +180,11 @@ def _arch(device) -> Optional[int]:
     return 10 * major + minor
 
 
-def _pruner(kernel_pass: str):
+def _pruner(kernel_pass: str, measured_spills=None, fallback_warps=None):
     """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
-    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS)."""
+    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS). Another
+    kernel family passes its own measurements (the margin-softmax kernels, margin_softmax_ops): measured_spills by
+    (pass, layout, tensor cores, the MULTI constexpr), and fallback_warps, the fallback tile's warps."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
 
@@ -197,14 +199,17 @@ def _pruner(kernel_pass: str):
         fits = [c for c in configs if shared_memory_estimate(c, width, element, backward, full_d) <= limit]
         tensor_cores = element <= 2 or args.get("PRECISION") == "tf32"
         limit_registers = REGISTER_LIMIT[limits_pass][rows_layout][0 if tensor_cores else 1]
-        excluded = MEASURED_SPILLS.get((limits_pass, rows_layout), set())
+        if measured_spills is None:
+            excluded = MEASURED_SPILLS.get((limits_pass, rows_layout), set())
+        else:
+            excluded = measured_spills.get((kernel_pass, rows_layout, tensor_cores, bool(args.get("MULTI"))), set())
         kept = [c for c in fits if estimate(c) <= limit_registers
                 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in excluded]
         if kept:
             return kept
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
-        warps = FALLBACK_WARPS.get((kernel_pass, args.get("PRECISION"), _arch(x.device)), 4)
+        warps = fallback_warps or FALLBACK_WARPS.get((kernel_pass, args.get("PRECISION"), _arch(x.device)), 4)
         return [next((c for c in tiles if c.num_warps == warps), tiles[0])]
     return {"early_config_prune": prune}
 
