@@ -57,6 +57,17 @@ inline TileRange split_tiles(const Grid& g, int64_t split) {
   return {first, std::min(g.class_tiles, first + g.tiles_per_split)};
 }
 
+// Task `task` of the forward's and the dX pass's grid (row blocks x class splits): its split, first row and rows.
+struct RowTask {
+  int64_t split, r0, rows;
+};
+
+template <typename T>
+RowTask row_task(const MarginSoftmaxParams<T>& p, const Grid& g, int64_t task) {
+  const int64_t r0 = task / g.splits * kBlockRows;
+  return {task % g.splits, r0, std::min(kBlockRows, p.n - r0)};
+}
+
 // Class tile t: its first class, class count, first column and column count.
 struct ClassTile {
   int64_t c0, classes, j0, cols;
@@ -246,8 +257,7 @@ void backward_dx(const MarginSoftmaxBackwardParams<T>& b, const Grid& g, const s
     Scratch<T> s(kBlockRows, g, p.sub_centers);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.row_blocks * g.splits; ++task) {
-      const int64_t block = task / g.splits, split = task % g.splits;
-      const int64_t r0 = block * kBlockRows, rows = std::min(kBlockRows, p.n - r0);
+      const auto [split, r0, rows] = row_task(p, g, task);
       T* dx = buffer(split) + r0 * p.d;
       T* dot = dots.data() + split * p.n + r0;
       const TileRange range = split_tiles(g, split);
@@ -336,8 +346,7 @@ void margin_softmax_forward(const MarginSoftmaxParams<T>& p, T* stats) {
     Scratch<T> s(kBlockRows, g, p.sub_centers);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.row_blocks * g.splits; ++task) {
-      const int64_t block = task / g.splits, split = task % g.splits;
-      const int64_t r0 = block * kBlockRows, rows = std::min(kBlockRows, p.n - r0);
+      const auto [split, r0, rows] = row_task(p, g, task);
       OnlineLse<T>* state = partial.data() + split * p.n + r0;
       const TileRange range = split_tiles(g, split);
       for (int64_t t = range.first; t < range.last; ++t) {
