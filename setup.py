@@ -9,7 +9,7 @@ metric_kernels/_native.py reads before it loads _C with torch.ops.load_library.
 Environment variables:
   METRIC_KERNELS_BUILD_TYPE   CMake build type (default Release; Debug for a debug build)
   MAX_JOBS                    parallel compile jobs (default: the number of CPUs)
-  METRIC_KERNELS_CUDA_ARCHS   CUDA architectures when CUDA sources are built (default "80;90")
+  METRIC_KERNELS_CUDA_ARCHS   CUDA architectures when CUDA sources are built (default "80;90a")
   METRIC_KERNELS_SKIP_EXT=1   install the pure-Python package only (backend="cpu" then reports it is not built); a
                               wheel built so is a pure one (py3-none-any)
   METRIC_KERNELS_REQUIRE_EXT=1  fail the install when the extension does not build (CI sets it); otherwise a failed
@@ -62,7 +62,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('METRIC_KERNELS_BUILD_TYPE', 'Release')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DMETRIC_KERNELS_OUTPUT_DIR={output_dir}",
-            f"-DMETRIC_KERNELS_CUDA_ARCHS={os.environ.get('METRIC_KERNELS_CUDA_ARCHS', '80;90')}",
+            f"-DMETRIC_KERNELS_CUDA_ARCHS={os.environ.get('METRIC_KERNELS_CUDA_ARCHS', '80;90a')}",
         ]
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]

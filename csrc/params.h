@@ -80,8 +80,9 @@ struct CudaPairRowsParams {
   double a, b;              // loss parameters (epilogue.h), rounded to the statistics' type in the kernels
   Operand operand;
   int pair_value = 0;          // PairValue (epilogue.h): what a pair contributes to the log-sum-exp losses
-  const void* x_sq = nullptr;  // N squared row norms of x in the accumulation type: distances and batch-hard
+  const void* x_sq = nullptr;  // N squared row norms of x in the accumulation type: distances, batch-hard, normalize
   const void* y_sq = nullptr;  // M squared row norms of y (equal to x_sq when y is x)
+  bool normalize = false;      // the rows are raw: s_ij = (x_i . y_j) r_i r_j, r = 1 / max(|row|, eps) (engine.cuh)
 };
 
 struct CudaPairRowsBackwardParams {
@@ -92,6 +93,10 @@ struct CudaPairRowsBackwardParams {
   void* dy;            // M x D contiguous accumulator, or nullptr; equal to dx when the references are the queries
   bool accumulate_dy;  // the dY pass adds into what dy holds (the dX of the same rows)
   bool atomic;         // dY is added atomically from the dX pass (dy zeroed by the caller), no dY pass
+  // fp16 operands: 1 element of the accumulation type where lse_rows_backward first writes a power of two g by which
+  // dS r_i r_j is multiplied before it becomes an fp16 operand (fp16's range would flush a large batch's small
+  // softmax terms to zero); the gradients are divided by it again. nullptr: g = 1.
+  void* gradient_scale = nullptr;
 };
 
 // The margin-softmax classifiers on the CUDA kernels (MarginSoftmaxParams' problem): operands as the inputs are

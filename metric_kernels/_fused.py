@@ -13,12 +13,12 @@ with self_offset -1 for "no query is a reference" and pair_value what a pair con
 the dot product, or minus the squared or plain Euclidean distance). The statistics are those of csrc/epilogue.h
 (STAT_ROWS of them per query; the backward ignores the upstream gradient of the ones no loss differentiates: the
 counts, NT-Xent's W). The
-cpu and cuda ops take rows already normalised (where the loss's distance normalises), in float32 or float64; the
-triton ops take the raw rows in their own dtype and normalise inside the kernels (the backend's FOLDS_NORMALIZATION):
-their lse ops and batch_hard_select take a last argument `normalize`. The cuda and cuda_emulated ops (the CUDA
-kernels, built on torch's stable ABI, which does not reach torch's global settings) take a last argument
-`allow_tf32=False`, and their `deterministic` is what makes the backward deterministic: CudaKernelRows passes torch's
-settings in both.
+cpu ops take rows already normalised (where the loss's distance normalises), in float32 or float64; the triton, cuda
+and cuda_emulated ops take the raw rows in their own dtype and normalise inside the kernels (the backend's
+FOLDS_NORMALIZATION): their lse ops and batch_hard_select take an argument `normalize` after the others. The cuda and
+cuda_emulated ops (the CUDA kernels, built on torch's stable ABI, which does not reach torch's global settings) end
+with `allow_tf32=False` after it, and their `deterministic` is what makes the backward deterministic: CudaKernelRows
+passes torch's settings in both.
 
 A backend whose kernels compute the margin-softmax classifiers also provides <prefix>_margin_softmax_rows and
 <prefix>_margin_softmax_rows_backward:
@@ -212,6 +212,10 @@ class CudaKernelRows(FusedRows):
 
     def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
         return super()._choices(x, y, x_labels, y_labels, self_offset, *options, torch.backends.cuda.matmul.allow_tf32)
+
+    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
+        choices = self._choices(x, y, x_labels, y_labels, self_offset, normalize)
+        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft, normalize)
 
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, **options):
         # the classifiers' backward has no atomic path: deterministic either way

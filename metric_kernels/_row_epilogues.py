@@ -47,11 +47,18 @@ def proxy_anchor_from_stats(lse_positive, lse_negative):
     return torch.logaddexp(lse_positive, zero), torch.logaddexp(lse_negative, zero)
 
 
-def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft):
+def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft, normalize=False):
     """Losses of the chosen triplets (index -1: none), recomputing only the 2 N chosen distances: O(N D) backward,
-    and ||x_i - y_j|| has gradient 0 where it is 0."""
-    positive_distance = torch.linalg.vector_norm(x - y[hardest_positive.clamp(min=0)], dim=1)
-    negative_distance = torch.linalg.vector_norm(x - y[hardest_negative.clamp(min=0)], dim=1)
+    and ||x_i - y_j|| has gradient 0 where it is 0. normalize: x and y are raw rows (a backend's
+    FOLDS_NORMALIZATION): the anchors and the chosen references are normalised here, in float32 for 16-bit rows
+    (O(N D): only the N anchors and 2 N chosen rows)."""
+    def unit(rows):
+        rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+        return F.normalize(rows, p=2, dim=1, eps=1e-12) if normalize else rows
+
+    anchors = unit(x)
+    positive_distance = torch.linalg.vector_norm(anchors - unit(y[hardest_positive.clamp(min=0)]), dim=1)
+    negative_distance = torch.linalg.vector_norm(anchors - unit(y[hardest_negative.clamp(min=0)]), dim=1)
     return triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft)
 
 

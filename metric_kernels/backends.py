@@ -18,7 +18,7 @@ and M > 0; y may be x itself. A backend whose module sets FOLDS_NORMALIZATION = 
 kernels. "Query i is reference i + self_offset" (self_offset is None when no query is a reference).
 The classifiers' margin_softmax_rows gets x (N x D) and the class matrix weight (D x C * sub_centers, column j of
 class j // sub_centers) raw, never normalised (a backend normalises inside, W is never copied), in the compute dtype,
-or in their own dtype where the module sets FOLDS_NORMALIZATION or RAW_CLASSIFIER_ROWS; it returns the log-sum-exp of
+or in their own dtype where the module sets FOLDS_NORMALIZATION; it returns the log-sum-exp of
 scale * cos over the classes other than each label (a class's cosine: its largest sub-centre's) and the label's
 cosine. The returned rows must be differentiable with respect to x, y, the proxies and the weight. Everything else (validation,
 normalisation, batch-level rules, reductions) lives once in metric_kernels.functional.

@@ -11,8 +11,9 @@ from . import _native
 
 # The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
 PAIR_VALUES = (0, 1, 2)
-# The classifiers' kernels take x and W raw in their own dtype (16-bit operands on the tensor cores; W never copied).
-RAW_CLASSIFIER_ROWS = True
+# The kernels take the raw rows (and the classifiers' W) in their own dtype and normalise inside: 16-bit rows reach the
+# tensor cores as 16-bit operands, and no normalised or converted copy of the rows is made.
+FOLDS_NORMALIZATION = True
 
 try:
     _build = _native.load()

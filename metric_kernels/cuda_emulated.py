@@ -1,8 +1,8 @@
 """The "cuda-emulated" backend: the CUDA kernels of csrc/cuda compiled for the host (csrc/cuda/host_emulation.h) and
 run on CPU tensors, a block's 128 threads as host threads, blocks one after another. It exists to check the CUDA
 kernels' code against the reference where no GPU is (CI): the same kernels, launch code and torch glue as backend
-"cuda", on the same inputs (rows normalised, in float32 or float64; fp32 tiles in tf32 where torch allows tf32
-matmuls, as on a GPU). It is slow, and "auto" never picks it. What it cannot show (speed, concurrency between blocks,
+"cuda", on the same inputs (raw rows in their own dtype, normalised inside the kernels; fp32 tiles in tf32 where
+torch allows tf32 matmuls, as on a GPU). It is slow, and "auto" never picks it. What it cannot show (speed, concurrency between blocks,
 the tensor cores' own rounding) needs a GPU: see the README.
 The backend contract is in metric_kernels/backends.py; the ops' contract in metric_kernels/_fused.py.
 """
@@ -12,8 +12,9 @@ from . import _native
 
 # The pair values the lse ops compute (metric_kernels/_pairs.py): the dot product and both Euclidean distances.
 PAIR_VALUES = (0, 1, 2)
-# The classifiers' kernels take x and W raw in their own dtype (16-bit operands on the tensor cores; W never copied).
-RAW_CLASSIFIER_ROWS = True
+# The kernels take the raw rows (and the classifiers' W) in their own dtype and normalise inside: 16-bit rows reach the
+# tensor cores as 16-bit operands, and no normalised or converted copy of the rows is made.
+FOLDS_NORMALIZATION = True
 
 try:
     _build = _native.load()

@@ -414,7 +414,7 @@ def _margin_softmax_loss(embeddings, labels, weight, *, kind: str, margin: float
     deterministic = check.check_deterministic(deterministic)
     implementation = resolve(backend, embeddings.device, rows="margin_softmax_rows")
 
-    if _folds_normalization(implementation) or getattr(implementation, "RAW_CLASSIFIER_ROWS", False):
+    if _folds_normalization(implementation):
         x, w = _raw_rows(embeddings, weight)  # W in its own dtype: a 16-bit W is never copied to fp32
     else:
         dtype = _compute_dtype(embeddings, weight)

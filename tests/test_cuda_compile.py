@@ -1,5 +1,6 @@
 """The CUDA sources compile on this GPU-less machine: CMakeLists.txt's compile-only build (METRIC_KERNELS_CUDA_COMPILE_ONLY)
-compiles every kernel in csrc/cuda for sm_80 and sm_90 with ptxas's resource report, and the torch glue
+compiles every kernel in csrc/cuda for sm_80 and sm_90a (Hopper's architecture-specific target, what the package
+builds by default) with ptxas's resource report, and the torch glue
 (csrc/cuda/ops.cpp) against the installed torch. Every kernel instance must be there for both architectures, with no
 local-memory spills. The per-loss math the kernels share with the CPU kernels (csrc/epilogue.h) is checked
 numerically by the CPU suite; the one piece only the CUDA kernels use, merging two partial log-sum-exp states, is
@@ -21,10 +22,13 @@ POLICIES = ["SimtTile<float>", "SimtTile<double>", "WmmaTile<Tf32>", "WmmaTile<_
 KERNELS = ["lse_rows_forward_kernel<{}>", "lse_rows_backward_dx_kernel<{},false>",
            "lse_rows_backward_dx_kernel<{},true>", "lse_rows_backward_dy_kernel<{}>", "batch_hard_select_kernel<{}>",
            "margin_softmax_forward_kernel<{}>", "margin_softmax_dx_kernel<{}>", "margin_softmax_dw_kernel<{}>"]
-# The classifiers' inverse norms, per (operand, accumulation) type.
-NORM_KERNELS = ["inverse_norms_kernel<float,float>", "inverse_norms_kernel<double,double>",
-                "inverse_norms_kernel<__half,float>", "inverse_norms_kernel<__nv_bfloat16,float>"]
-ARCHS = ["sm_80", "sm_90"]
+# The rows' squared norms (the pair-row kernels) and the classifiers' inverse norms, per (operand, accumulation)
+# type, and the fp16 backward's gradient scale per accumulation type.
+NORM_KERNELS = [f"vector_norms_kernel<{operand},{acc},{inverse}>"
+                for operand, acc in (("float", "float"), ("double", "double"), ("__half", "float"),
+                                     ("__nv_bfloat16", "float"))
+                for inverse in ("false", "true")] + ["gradient_scale_kernel<float>", "gradient_scale_kernel<double>"]
+ARCHS = ["sm_80", "sm_90a"]
 
 needs_nvcc = pytest.mark.skipif(
     shutil.which("nvcc") is None and os.environ.get("METRIC_KERNELS_REQUIRE_NVCC") != "1",
@@ -36,7 +40,7 @@ def _ptxas_report(log: str):
     report, current = {}, None
     entries = []
     for line in log.splitlines():
-        match = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        match = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'", line)
         if match:
             entries.append(match.groups())
             current = [match.group(2), match.group(1), None, None]
@@ -59,11 +63,11 @@ def _ptxas_report(log: str):
 
 
 @needs_nvcc
-def test_every_cuda_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+def test_every_cuda_kernel_compiles_for_sm80_and_sm90a_without_spills(tmp_path):
     build = tmp_path / "build"
     configure = subprocess.run(
         ["cmake", "-G", "Ninja", "-S", ROOT, "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
-         "-DMETRIC_KERNELS_CUDA_COMPILE_ONLY=ON", "-DMETRIC_KERNELS_CUDA_ARCHS=80;90"],
+         "-DMETRIC_KERNELS_CUDA_COMPILE_ONLY=ON", "-DMETRIC_KERNELS_CUDA_ARCHS=80;90a"],
         capture_output=True, text=True, timeout=600)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     compiled = subprocess.run(["cmake", "--build", str(build), "--parallel", os.environ.get("MAX_JOBS", "2"),

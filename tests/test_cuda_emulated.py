@@ -44,23 +44,27 @@ OPERAND_TOLERANCE = {"fp64": (1e-10, 1e-10), "fp32": (1e-5, 1e-4), "tf32": (2e-2
                      "fp16": (1e-4, 5e-3)}
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("operand", list(OPERANDS))
 @pytest.mark.parametrize("pair_value", [0, 1, 2])
 @pytest.mark.parametrize("kind", [0, 1, 2, 4, 5])
 @pytest.mark.parametrize("refs", ["ref_emb", "self"])
-def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministic):
+def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministic, normalize):
     """Statistics and (dX, dY) on rows of each operand type against the CPU op in float64 on the same rounded values;
     N, M past one 64-row tile, D = 72: two D slices of the backward, a ragged last chunk (8 of 32 columns). Each pair
     value (the dot product of unit rows; minus the squared or plain Euclidean distance of rows with norms from 0.5 to
-    1.5, whose gradients have the norm terms)."""
+    1.5, whose gradients have the norm terms). normalize: the rows (norms 0.5 to 1.5 for every pair value) are raw
+    and the kernels fold in their normalisation, against the CPU op on the normalised float64 rows, its gradients
+    taken back through the normalisation by autograd."""
     dtype = OPERANDS[operand]
-    g = torch.Generator().manual_seed(kind * 7 + len(operand) + 101 * pair_value)
+    g = torch.Generator().manual_seed(kind * 7 + len(operand) + 101 * pair_value + 1000 * normalize)
     n, m, dim = 150, 97, 72
 
     def rows(count):
         unit = torch.nn.functional.normalize(torch.randn(count, dim, generator=g, dtype=torch.float64), dim=1)
-        scale = 1.0 if pair_value == 0 else 0.5 + torch.rand(count, 1, generator=g, dtype=torch.float64)
+        scale = 1.0 if pair_value == 0 and not normalize else 0.5 + torch.rand(count, 1, generator=g,
+                                                                                dtype=torch.float64)
         return (unit * scale).to(dtype)
 
     x = rows(n)
@@ -72,25 +76,42 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
     # tf32 rounds the rows inside the products: the exact op runs on the rounded rows, so that a pair near
     # Contrastive's margins falls on the same side in both (its counts are statistics too)
     exact = (lambda t: _tf32_rounded(t)) if operand == "tf32" else (lambda t: t.double())
-    exact_args = (exact(x), None if y is None else exact(y), labels, y_labels, offset, kind, pair_value, a, b, True)
+    raw_x, raw_y = exact(x).clone().requires_grad_(), None if y is None else exact(y).clone().requires_grad_()
+
+    def unit(raw, rows):
+        if not normalize:
+            return raw
+        # the kernels divide the (tf32-rounded) products by the norms of the rows as stored
+        stored_norm = rows.detach().double().norm(dim=1, keepdim=True)
+        return torch.nn.functional.normalize(raw, dim=1) * (raw.detach().norm(dim=1, keepdim=True) / stored_norm)
+
+    exact_x, exact_y = unit(raw_x, x), None if y is None else unit(raw_y, y)
+    exact_args = (exact_x.detach(), None if y is None else exact_y.detach(), labels, y_labels, offset, kind,
+                  pair_value, a, b, True)
     expected = torch.ops.metric_kernels.cpu_lse_rows(*exact_args)
     grad = torch.randn(4, n, generator=g, dtype=torch.float64)
     expected_dx, expected_dy = torch.ops.metric_kernels.cpu_lse_rows_backward(grad, expected, *exact_args[:-1], True,
                                                                               True, y is not None)
+    if normalize:  # through the normalisation's Jacobian
+        expected_dx = torch.autograd.grad(exact_x, raw_x, expected_dx)[0]
+        if y is not None:
+            expected_dy = torch.autograd.grad(exact_y, raw_y, expected_dy)[0]
     args = (x, y, labels, y_labels, offset, kind, pair_value, a, b, deterministic)
     allow_tf32 = operand == "tf32"
-    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args, allow_tf32)
+    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(*args, normalize, allow_tf32)
     dx, dy = torch.ops.metric_kernels.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, *args[:-1],
-                                                                      deterministic, True, y is not None, allow_tf32)
+                                                                      deterministic, True, y is not None, normalize,
+                                                                      allow_tf32)
     value_tol, grad_tol = OPERAND_TOLERANCE[operand]
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(stats), finite), "empty rows (-inf) differ"
-    assert_rel_close(stats[finite], expected[finite], value_tol, f"{operand} kind={kind} pair={pair_value} stats")
+    what = f"{operand} kind={kind} pair={pair_value} normalize={normalize}"
+    assert_rel_close(stats[finite], expected[finite], value_tol, f"{what} stats")
     assert dx.dtype == dtype
-    assert_rel_close(dx, expected_dx, grad_tol, f"{operand} kind={kind} pair={pair_value} dX")
+    assert_rel_close(dx, expected_dx, grad_tol, f"{what} dX")
     if y is not None:
         assert dy.dtype == dtype
-        assert_rel_close(dy, expected_dy, grad_tol, f"{operand} kind={kind} pair={pair_value} dY")
+        assert_rel_close(dy, expected_dy, grad_tol, f"{what} dY")
 
 
 def _tf32_rounded(rows):
@@ -117,7 +138,7 @@ def test_tensor_core_operands_round_like_their_type(operand):
     x = torch.nn.functional.normalize(torch.randn(70, 40, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (70,), generator=g)
     args = (None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
-    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args,
+    stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args, normalize=False,
                                                             allow_tf32=operand == "tf32")
     rounded = _tf32_rounded(x) if operand == "tf32" else x.to(OPERANDS[operand]).double()
     on_rounded = torch.ops.metric_kernels.cpu_lse_rows(rounded, *args)
@@ -127,20 +148,24 @@ def test_tensor_core_operands_round_like_their_type(operand):
         assert (stats[1:].double() - on_exact[1:]).abs().max() > 1e-4, f"{operand} looks like fp32"
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("operand", list(OPERANDS))
-def test_batch_hard_selection_on_every_operand_type(operand):
+def test_batch_hard_selection_on_every_operand_type(operand, normalize):
     """The chosen pairs are the hardest ones: their exact distance equals the exact optimum (near-ties may pick
-    another index at the same distance)."""
+    another index at the same distance); normalize: of the rows the kernels normalise (raw norms 0.5 to 1.5)."""
     dtype = OPERANDS[operand]
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(130, 40, generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randn(170, 40, generator=g, dtype=torch.float64).to(dtype)
+    scale = (lambda count: 0.5 + torch.rand(count, 1, generator=g, dtype=torch.float64)) if normalize else (
+        lambda count: 1.0)
+    x = (torch.randn(130, 40, generator=g, dtype=torch.float64) * scale(130)).to(dtype)
+    y = (torch.randn(170, 40, generator=g, dtype=torch.float64) * scale(170)).to(dtype)
     labels, y_labels = torch.randint(0, 5, (130,), generator=g), torch.randint(0, 5, (170,), generator=g)
-    choices = torch.ops.metric_kernels.cuda_emulated_batch_hard_select(x, y, labels, y_labels, 3,
+    choices = torch.ops.metric_kernels.cuda_emulated_batch_hard_select(x, y, labels, y_labels, 3, normalize=normalize,
                                                                        allow_tf32=operand == "tf32")
-    expected = torch.ops.metric_kernels.cpu_batch_hard_select(x.double(), y.double(), labels, y_labels, 3)
+    unit = (lambda t: torch.nn.functional.normalize(t.double(), dim=1)) if normalize else (lambda t: t.double())
+    expected = torch.ops.metric_kernels.cpu_batch_hard_select(unit(x), unit(y), labels, y_labels, 3)
     assert torch.equal(choices < 0, expected < 0)
-    distances = torch.cdist(x.double(), y.double())
+    distances = torch.cdist(unit(x), unit(y))
     rows = torch.arange(130)
     tol = {"fp64": 1e-12, "fp32": 1e-5}.get(operand, 1e-2)
     for side in (0, 1):
@@ -206,23 +231,23 @@ def test_ops_get_torch_settings_from_the_backend():
     try:
         torch.set_float32_matmul_precision("high")
         torch.use_deterministic_algorithms(True)
-        rows.supcon_rows(x, x, labels, labels, 0, temperature=0.1, deterministic=False)
-        rows.batch_hard_rows(x, x, labels, labels, 0, margin=0.1, soft=False, deterministic=False)
+        rows.supcon_rows(x, x, labels, labels, 0, temperature=0.1, deterministic=False, normalize=True)
+        rows.batch_hard_rows(x, x, labels, labels, 0, margin=0.1, soft=False, deterministic=False, normalize=True)
         torch.set_float32_matmul_precision("highest")
         torch.use_deterministic_algorithms(False)
-        rows.supcon_rows(x, x, labels, labels, 0, temperature=0.1, deterministic=False)
+        rows.supcon_rows(x, x, labels, labels, 0, temperature=0.1, deterministic=False, normalize=True)
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.use_deterministic_algorithms(deterministic_mode)
     assert calls == [("lse_rows", True, True), ("select", None, True), ("lse_rows", False, False)], calls
     stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x, None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
     assert torch.equal(stats, torch.ops.metric_kernels.cuda_emulated_lse_rows(x, None, labels, labels, 0, 1, 0, 0.0,
-                                                                              10.0, True, False))
+                                                                              10.0, True, True, False))
 
 
 def test_shared_memory_limits_of_a_99_kb_gpu(monkeypatch):
-    """On a GPU that allows 99 KB of shared memory per block (sm_86, sm_89, sm_120) the fp64 backward (137 KB) stops
-    with the glue's clear error; fp32's atomic pass (88 KB) and fp64's forward still run."""
+    """On a GPU that allows 99 KB of shared memory per block (sm_86, sm_89, sm_120) the fp64 backward (140.5 KB)
+    stops with the glue's clear error; fp32's atomic pass (90.25 KB) and fp64's forward still run."""
     monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
     g = torch.Generator().manual_seed(0)
     x, labels = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)

@@ -95,9 +95,9 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     allow_tf32 = operand == "tf32"  # the ops' own argument (torch's setting reaches them through the backend)
     cuda_args = (x.cuda(), None if y is None else y.cuda(), labels.cuda(), y_labels.cuda(), offset, kind, 0, a, b,
                  deterministic)
-    stats = torch.ops.metric_kernels.cuda_lse_rows(*cuda_args, allow_tf32)
+    stats = torch.ops.metric_kernels.cuda_lse_rows(*cuda_args, False, allow_tf32)  # unit rows, not normalised again
     dx, dy = torch.ops.metric_kernels.cuda_lse_rows_backward(grad.to(stats.dtype).cuda(), stats, *cuda_args[:-1],
-                                                             deterministic, True, y is not None, allow_tf32)
+                                                             deterministic, True, y is not None, False, allow_tf32)
     value_tol, grad_tol = {"fp64": (1e-10, 1e-10), "fp32": (1e-5, 1e-4), "tf32": (2e-2, 5e-2),
                            "bf16": (1e-4, 3e-2), "fp16": (1e-4, 5e-3)}[operand]
     finite = torch.isfinite(expected)
@@ -119,7 +119,7 @@ def test_batch_hard_selection_on_every_operand_type(operand):
     y = torch.randn(170, 40, generator=g, dtype=torch.float64).to(dtype)
     labels, y_labels = torch.randint(0, 5, (130,), generator=g), torch.randint(0, 5, (170,), generator=g)
     choices = torch.ops.metric_kernels.cuda_batch_hard_select(x.cuda(), y.cuda(), labels.cuda(), y_labels.cuda(), 3,
-                                                              allow_tf32=operand == "tf32").cpu()
+                                                              normalize=False, allow_tf32=operand == "tf32").cpu()
     expected = torch.ops.metric_kernels.cpu_batch_hard_select(x.double(), y.double(), labels, y_labels, 3)
     assert torch.equal(choices < 0, expected < 0)
     distances = torch.cdist(x.double(), y.double())

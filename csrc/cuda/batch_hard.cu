@@ -1,5 +1,5 @@
 // CUDA selection of batch-hard triplets on the engine of engine.cuh: per query, the farthest positive and the
-// nearest negative by squared distance |x|^2 + |y|^2 - 2 s, ties to the lowest index (as the CPU kernel and the
+// nearest negative by squared distance |u|^2 + |v|^2 - 2 s of the (when asked, normalised) rows, ties to the lowest index (as the CPU kernel and the
 // reference). Only the indices leave the kernel; the loss and its O(N D) backward are computed on the chosen pairs.
 #ifdef METRIC_KERNELS_HOST_EMULATION
 #include "host_emulation.h"
@@ -28,14 +28,14 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
                                                                        int64_t* choices) {
   using Acc = typename Policy::Acc;
   SharedLayout<Policy> shared = block_shared<Policy>();
-  const QueryRow query = query_row(p);
-  const Acc row_sq = query.live ? squared_norm<Acc>(p.x_sq, query.row) : Acc(0);
+  const QueryRow<Acc> query = query_row<Acc>(p);
   Acc far = -std::numeric_limits<Acc>::infinity(), near = std::numeric_limits<Acc>::infinity();
   int64_t far_at = -1, near_at = -1;
   // Columns ascend, so a strict comparison keeps the lowest index among equals; as in the CPU kernel, a NaN distance
   // is never chosen, nor a farthest positive at -inf or a nearest negative at +inf.
-  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool negative) {
-    const Acc squared = row_sq + squared_norm<Acc>(p.y_sq, column) - 2 * s;
+  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t column, bool positive,
+                                                  bool negative) {
+    const Acc squared = query.scale.length2 + column_length2 - 2 * s;
     if (positive && squared > far) far = squared, far_at = column;
     if (negative && squared < near) near = squared, near_at = column;
   });

@@ -15,6 +15,7 @@
 namespace metric_kernels::cuda {
 
 constexpr int kChunk = 32;  // D columns per step of S = X Y^T
+constexpr double kNormEps = 1e-12;  // F.normalize's eps: a row is divided by max(|row|, eps)
 
 constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
@@ -30,14 +31,17 @@ struct SharedLayout {
   static constexpr int kChunkLd = kChunk + 16 / static_cast<int>(sizeof(Operand));
   static constexpr int kTileLd = kTile + 16 / static_cast<int>(sizeof(Operand));
   static constexpr int kAccLd = kTile + 16 / static_cast<int>(sizeof(Acc));
+  static constexpr int kScaleRows = 3;      // RowScale's inverse, squared length and radial flag
+  static constexpr int kRowStateRows = 9;   // upstream gradients g1..g3, statistics 0..2, the RowScale
 
   static constexpr int64_t kXChunk = 0;
   static constexpr int64_t kYChunk = kXChunk + align128(kTile * kChunkLd * sizeof(Operand));
   static constexpr int64_t kS = kYChunk + align128(kTile * kChunkLd * sizeof(Operand));
   static constexpr int64_t kRowLabels = kS + align128(kTile * kAccLd * sizeof(Acc));
   static constexpr int64_t kColLabels = kRowLabels + align128(kTile * sizeof(int64_t));
-  static constexpr int64_t kRowState = kColLabels + align128(kTile * sizeof(int64_t));
-  static constexpr int64_t kDs = kRowState + align128(6 * kTile * sizeof(Acc));
+  static constexpr int64_t kColScales = kColLabels + align128(kTile * sizeof(int64_t));
+  static constexpr int64_t kRowState = kColScales + align128(kScaleRows * kTile * sizeof(Acc));
+  static constexpr int64_t kDs = kRowState + align128(kRowStateRows * kTile * sizeof(Acc));
   static constexpr int64_t kOut = kDs + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kSums = kOut + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kOutRows = kSums + align128(kTile * sizeof(Acc));
@@ -53,7 +57,8 @@ struct SharedLayout {
   Acc* s;               // the 64 x 64 S tile (kAccLd); also where accumulators are staged for global writes
   int64_t* row_labels;  // labels of the tile's rows
   int64_t* col_labels;  // labels of the tile's columns
-  Acc* row_state;       // 6 x 64: upstream gradients g1, g2, g3 and statistics 0..2 of the tile's rows
+  Acc* col_scales;      // 3 x 64: the RowScale of the tile's columns (inverse, squared length, radial as 0 / 1)
+  Acc* row_state;       // 9 x 64: upstream gradients g1, g2, g3, statistics 0..2 and the RowScale of the tile's rows
   Operand* ds;          // the 64 x 64 dS tile, as an MMA operand (kTileLd)
   Operand* out;         // 64 x 64 of Y (dX pass) or X (dY pass) at the output's D columns
   Acc* sums;            // 64 row or column sums of dS: the distances' norm terms (epilogue.h, has_norm_term)
@@ -65,6 +70,7 @@ struct SharedLayout {
         s(reinterpret_cast<Acc*>(base + kS)),
         row_labels(reinterpret_cast<int64_t*>(base + kRowLabels)),
         col_labels(reinterpret_cast<int64_t*>(base + kColLabels)),
+        col_scales(reinterpret_cast<Acc*>(base + kColScales)),
         row_state(reinterpret_cast<Acc*>(base + kRowState)),
         ds(reinterpret_cast<Operand*>(base + kDs)),
         out(reinterpret_cast<Operand*>(base + kOut)),
@@ -136,10 +142,68 @@ __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t
   });
 }
 
-// Entry `index` of the squared row norms `sq` (p.x_sq, p.y_sq) where the pair value needs them (nullptr: 0).
+// How a row enters the pair values when the kernels fold in the normalisation (params.h, CudaPairRowsParams):
+// s_ij = (x_i . y_j) r_i r_j with r = 1 / max(|row|, eps) and |u|^2 = (|row| r)^2 the scaled row's squared length;
+// radial where the clamp is inactive (the normalisation's Jacobian then removes the row's own direction). Without
+// normalising, r = 1, |u|^2 = |row|^2 and nothing is radial.
 template <class Acc>
-__device__ __forceinline__ Acc squared_norm(const void* sq, int64_t index) {
-  return sq != nullptr ? static_cast<const Acc*>(sq)[index] : Acc(0);
+struct RowScale {
+  Acc inverse;
+  Acc length2;
+  bool radial;
+};
+
+// The RowScale of entry `index` of the squared row norms `sq` (nullptr: 0, where nothing needs them).
+template <class Acc>
+__device__ __forceinline__ RowScale<Acc> row_scale(const void* sq, int64_t index, bool normalize) {
+  const Acc squared = sq != nullptr ? static_cast<const Acc*>(sq)[index] : Acc(0);
+  if (!normalize) return {Acc(1), squared, false};
+  const Acc norm = std::sqrt(squared);
+  const bool radial = norm > Acc(kNormEps);
+  const Acc inverse = Acc(1) / (radial ? norm : Acc(kNormEps));
+  return {inverse, squared * inverse * inverse, radial};
+}
+
+// Threads t < 64: the RowScale of the tile's column t (reference c0 + t; r = 1 past M) into shared.col_scales.
+template <class Policy>
+__device__ __forceinline__ void load_column_scales(const CudaPairRowsParams& p, int64_t c0,
+                                                   SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  if (threadIdx.x < kTile) {
+    const int64_t column = c0 + threadIdx.x;
+    const RowScale<Acc> scale = column < p.m ? row_scale<Acc>(p.y_sq, column, p.normalize) : RowScale<Acc>{1, 0, false};
+    shared.col_scales[threadIdx.x] = scale.inverse;
+    shared.col_scales[kTile + threadIdx.x] = scale.length2;
+    shared.col_scales[2 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
+  }
+}
+
+// Column j's RowScale as load_column_scales left it.
+template <class Policy>
+__device__ __forceinline__ RowScale<typename Policy::Acc> column_scale(const SharedLayout<Policy>& shared, int j) {
+  return {shared.col_scales[j], shared.col_scales[kTile + j], shared.col_scales[2 * kTile + j] != 0};
+}
+
+// out[i] = |v_i|^2 (kInverse: 1 / max(|v_i|, eps)) of `count` vectors of `length` elements, element k of vector i
+// at data[i * count_stride + k * length_stride] (rows: (stride, 1); W's columns: (1, w_stride), coalesced), summed
+// in the accumulation type from the rows as stored: no converted copy of the rows.
+template <class T, class Acc, bool kInverse>
+__global__ void __launch_bounds__(kThreads) vector_norms_kernel(const T* data, int64_t count, int64_t length,
+                                                                int64_t count_stride, int64_t length_stride,
+                                                                Acc* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= count) return;
+  Acc sum = 0;
+  for (int64_t k = 0; k < length; ++k) {
+    const Acc value = static_cast<Acc>(data[i * count_stride + k * length_stride]);
+    sum += value * value;
+  }
+  if (kInverse) {
+    const Acc norm = std::sqrt(sum);
+    out[i] = Acc(1) / (norm > Acc(kNormEps) ? norm : Acc(kNormEps));
+  } else {
+    out[i] = sum;
+  }
 }
 
 // The epilogues' split of a tile: this thread's row within the tile and its first column (then every second one).
@@ -147,36 +211,48 @@ __device__ __forceinline__ int epilogue_row() { return threadIdx.x >> 1; }
 __device__ __forceinline__ int epilogue_column() { return threadIdx.x & 1; }
 
 // The query row this thread folds in a row-block kernel (block blockIdx.x, rows r0 ..).
+template <class Acc>
 struct QueryRow {
-  int64_t r0;     // the block's first row
-  int local;      // this thread's row within the tile
-  int64_t row;    // r0 + local
-  bool live;      // row < N
-  int64_t label;  // its label (0 past N)
+  int64_t r0;            // the block's first row
+  int local;             // this thread's row within the tile
+  int64_t row;           // r0 + local
+  bool live;             // row < N
+  int64_t label;         // its label (0 past N)
+  RowScale<Acc> scale;   // how it enters the pair values
 };
 
-__device__ __forceinline__ QueryRow query_row(const CudaPairRowsParams& p) {
+template <class Acc>
+__device__ __forceinline__ QueryRow<Acc> query_row(const CudaPairRowsParams& p) {
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int local = epilogue_row();
   const bool live = r0 + local < p.n;
-  return {r0, local, r0 + local, live, live ? p.x_labels[r0 + local] : 0};
+  return {r0, local, r0 + local, live, live ? p.x_labels[r0 + local] : 0,
+          live ? row_scale<Acc>(p.x_sq, r0 + local, p.normalize) : RowScale<Acc>{1, 0, false}};
 }
 
-// The block's dynamic shared memory, carved into the regions of SharedLayout.
+// The block's dynamic shared memory, 128-byte aligned.
+template <class T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  return reinterpret_cast<T*>(shared_bytes);
+}
+
+// The same, carved into the regions of SharedLayout.
 template <class Policy>
 __device__ __forceinline__ SharedLayout<Policy> block_shared() {
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  return SharedLayout<Policy>(shared_bytes);
+  return SharedLayout<Policy>(dynamic_shared<unsigned char>());
 }
 
 // The row pass of a forward epilogue: walks the column tiles of the block's rows and calls
-// visit(s, column, positive, negative) on each pair of this thread's row (its half of the columns). Every thread of
-// the block calls it (it synchronises); the caller then meets its partner thread through from_partner.
+// visit(s, column_length2, column, positive, negative) on each pair of this thread's row (its half of the columns),
+// s the scaled product (x_i . y_j) r_i r_j and column_length2 the reference's |u|^2. Every thread of the block calls
+// it (it synchronises); the caller then meets its partner thread through from_partner.
 template <class Policy, class Visit>
-__device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, const QueryRow& query,
+__device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, const QueryRow<typename Policy::Acc>& query,
                                                   SharedLayout<Policy>& shared, Visit&& visit) {
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    load_column_scales(p, c0, shared);
     similarity_tile<Policy>(p, query.r0, c0, shared);
     if (query.live) {
       const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
@@ -184,36 +260,39 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
       for (int j = epilogue_column(); j < cols; j += 2) {
         bool positive, negative;
         pair_kind(query.label, shared.col_labels[j], query.row, c0 + j, p.self_offset, positive, negative);
-        visit(shared.s[query.local * SharedLayout<Policy>::kAccLd + j], c0 + j, positive, negative);
+        const auto column = column_scale(shared, j);
+        visit(shared.s[query.local * SharedLayout<Policy>::kAccLd + j] * query.scale.inverse * column.inverse,
+              column.length2, c0 + j, positive, negative);
       }
     }
-    __syncthreads();  // the next tile rewrites S and the labels
+    __syncthreads();  // the next tile rewrites S, the labels and the scales
   }
 }
 
-// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s, within rows_total x d.
-// With a norm term (the distances, epilogue.h): minus sums[i] times the gradient's own row, own[i * own_ld + j]
-// (own: those rows at D columns e0..).
+// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s times `unscale`, within
+// rows_total x d, minus the radial or norm term coefficients[i] times the gradient's own row, own[i * own_ld + j]
+// (own: those rows at D columns e0..; coefficients nullptr: no such term).
 enum class Write { kStore, kAdd, kAtomicAdd };
 
 template <class Policy>
-struct NormTerm {
-  const typename Policy::Acc* sums = nullptr;  // nullptr: none
+struct OwnRowTerm {
+  const typename Policy::Acc* coefficients = nullptr;  // nullptr: none
   const typename Policy::Operand* own = nullptr;
   int64_t own_ld = 0;
 };
 
 template <class Policy>
 __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows_total, int64_t e0, int64_t d,
-                           Write mode, const SharedLayout<Policy>& shared, const NormTerm<Policy>& norm = {}) {
+                           Write mode, const SharedLayout<Policy>& shared, const OwnRowTerm<Policy>& term = {},
+                           typename Policy::Acc unscale = 1) {
   using Acc = typename Policy::Acc;
 #pragma unroll 1
   for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
     const int i = index / kTile, j = index % kTile;
     const int64_t row = row0 + i, col = e0 + j;
     if (row >= rows_total || col >= d) continue;
-    Acc value = shared.s[i * SharedLayout<Policy>::kAccLd + j];
-    if (norm.sums != nullptr) value -= norm.sums[i] * static_cast<Acc>(norm.own[i * norm.own_ld + j]);
+    Acc value = shared.s[i * SharedLayout<Policy>::kAccLd + j] * unscale;
+    if (term.coefficients != nullptr) value -= term.coefficients[i] * static_cast<Acc>(term.own[i * term.own_ld + j]);
     auto* target = out + row * d + col;
     if (mode == Write::kAtomicAdd) {
       atomicAdd(target, value);

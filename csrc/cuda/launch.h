@@ -8,7 +8,8 @@
 
 namespace metric_kernels::cuda {
 
-// stats: 3 x N in the accumulation type (epilogue.h). The distances (p.pair_value 1, 2) need p.x_sq and p.y_sq.
+// stats: 3 x N in the accumulation type (epilogue.h). The distances (p.pair_value 1, 2) and p.normalize need p.x_sq
+// and p.y_sq (squared_row_norms).
 int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream);
 
 // Deterministic: a dX pass over row blocks, then a dY pass over column blocks, each summing in a fixed order.
@@ -16,8 +17,13 @@ int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream);
 int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
 
 // choices: 2 x N int64, the farthest positive and nearest negative per query (-1: none), ties to the lowest index,
-// by the squared distances from p.x_sq and p.y_sq.
+// by the squared distances from p.x_sq and p.y_sq (of the normalised rows where p.normalize).
 int batch_hard_select(const CudaPairRowsParams& p, int64_t* choices, void* stream);
+
+// out[i] = |row i|^2 in the accumulation type (float64 for fp64 operands, else float32) of `count` rows of d elements
+// stored as `operand` says, row stride `stride`, unit column stride: what CudaPairRowsParams' x_sq and y_sq hold.
+int squared_row_norms(Operand operand, const void* rows, int64_t count, int64_t d, int64_t stride, void* out,
+                      void* stream);
 
 // Whether an atomic backward exists for this operand (fp64 has none: its tiles would need 174 KB of shared memory).
 bool supports_atomic_backward(Operand operand);

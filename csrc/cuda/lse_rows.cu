@@ -25,14 +25,14 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
                                                                       typename Policy::Acc* stats) {
   using Acc = typename Policy::Acc;
   SharedLayout<Policy> shared = block_shared<Policy>();
-  const QueryRow query = query_row(p);
+  const QueryRow<Acc> query = query_row<Acc>(p);
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
-  const Acc row_sq = query.live ? squared_norm<Acc>(p.x_sq, query.row) : Acc(0);
+  const Acc row_length2 = query.scale.length2;
   OnlineLse<Acc> first, second;
   Acc linear = 0;  // SupCon: the sum of the positives' values
   Acc positive_sum = 0, negative_sum = 0, positive_count = 0, negative_count = 0;  // Contrastive (epilogue.h)
-  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool negative) {
-    const Acc v = pair_value(p.pair_value, s, row_sq, squared_norm<Acc>(p.y_sq, column));
+  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t, bool positive, bool negative) {
+    const Acc v = pair_value(p.pair_value, s, row_length2, column_length2);
     if (p.kind == kContrastive) {
       const Acc h = contrastive_hinge(v, a, b, positive, negative);
       if (positive) positive_sum += h, positive_count += h > 0 ? Acc(1) : Acc(0);
@@ -62,9 +62,9 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
     // The second sweep, over the positives, with the row's logsumexp over its negatives (both threads hold it).
     const Acc lse = out[1];
     Acc loss = 0, weight = 0, nonzero = 0;
-    for_each_row_pair<Policy>(p, query, shared, [&](Acc s, int64_t column, bool positive, bool) {
-      if (positive) ntxent_positive(lse - b * pair_value(p.pair_value, s, row_sq, squared_norm<Acc>(p.y_sq, column)),
-                                    loss, weight, nonzero);
+    for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t, bool positive, bool) {
+      if (positive) ntxent_positive(lse - b * pair_value(p.pair_value, s, row_length2, column_length2), loss, weight,
+                                    nonzero);
     });
     out[0] = loss + from_partner(loss);
     out[2] = weight + from_partner(weight);
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
     for (int q = 0; q < kStatRows; ++q) stats[q * p.n + query.row] = out[q];
 }
 
-// Upstream gradients, statistics and labels of rows r0 .. r0 + 63 into shared memory (zeros past N).
+// Upstream gradients, statistics, RowScale and labels of rows r0 .. r0 + 63 into shared memory (zeros past N).
 template <class Policy>
 __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0, SharedLayout<Policy>& shared) {
   using Acc = typename Policy::Acc;
@@ -87,54 +87,93 @@ __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0,
     for (int q = 0; q < 3; ++q) shared.row_state[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
     for (int q = 0; q < 3; ++q)
       shared.row_state[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
+    const RowScale<Acc> scale = live ? row_scale<Acc>(p.x_sq, row, p.normalize) : RowScale<Acc>{1, 0, false};
+    shared.row_state[6 * kTile + threadIdx.x] = scale.inverse;
+    shared.row_state[7 * kTile + threadIdx.x] = scale.length2;
+    shared.row_state[8 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
     shared.row_labels[threadIdx.x] = live ? p.x_labels[row] : 0;
   }
 }
 
-// shared.ds = dS of the tile in shared.s (rows r0.., columns c0..); zero past N or M. Needs the row state and both
-// label vectors in shared memory; the caller synchronises before using dS. Returns this thread's part of its row's
-// sum of dS (as stored: the operand the products read), which the distances' norm term needs.
 template <class Policy>
-__device__ typename Policy::Acc ds_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0,
+__device__ __forceinline__ RowScale<typename Policy::Acc> row_state_scale(const SharedLayout<Policy>& shared, int i) {
+  return {shared.row_state[6 * kTile + i], shared.row_state[7 * kTile + i], shared.row_state[8 * kTile + i] != 0};
+}
+
+template <class Acc>
+__device__ __forceinline__ Acc gradient_scale_of(const CudaPairRowsBackwardParams& bp) {
+  return bp.gradient_scale != nullptr ? *static_cast<const Acc*>(bp.gradient_scale) : Acc(1);
+}
+
+// A row's (or column's) coefficient c of its own direction in its gradient, dX_i = sum_j P_ij y_j / g - c_i r_i^2 x_i
+// (P = dS r_i r_j g, what the products read): sum dS s where the normalisation is radial (unit rows), else the
+// distances' norm term sum dS (q's |u|^2 term: dL/d|u|^2 = -dS / 2 twice), else nothing. One pair's share.
+template <class Acc>
+__device__ __forceinline__ Acc own_direction_term(Acc ds, Acc s, bool radial, bool norm_term) {
+  return radial ? ds * s : (norm_term ? ds : Acc(0));
+}
+
+// From the raw products in shared.s (rows r0.., columns c0..; the column scales loaded): shared.ds = P, the
+// products' operand (0 past N or M), and shared.s = each pair's share of its column's own-direction coefficient
+// (own_direction_term). Needs the row state and both label vectors in shared memory; the caller synchronises before
+// reading either tile. Returns this thread's share of its row's coefficient. dS is taken back from P as stored, so
+// the products and the own-direction term see the same rounded 16-bit gradient.
+template <class Policy>
+__device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, int64_t r0, int64_t c0,
                                         SharedLayout<Policy>& shared) {
   using Acc = typename Policy::Acc;
+  using Operand = typename Policy::Operand;
   using Layout = SharedLayout<Policy>;
-  const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
+  const CudaPairRowsParams& p = bp.pair;
+  const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b), g = gradient_scale_of<Acc>(bp);
+  const bool norm_term = has_norm_term(p.pair_value);
   const int local = epilogue_row();
   const int64_t row = r0 + local;
   const Acc g1 = shared.row_state[local], g2 = shared.row_state[kTile + local];
   const Acc g3 = shared.row_state[2 * kTile + local];
   const Acc lse1 = shared.row_state[3 * kTile + local], lse2 = shared.row_state[4 * kTile + local];
   const Acc aux = shared.row_state[5 * kTile + local];
-  const Acc row_sq = row < p.n ? squared_norm<Acc>(p.x_sq, row) : Acc(0);
+  const RowScale<Acc> row_scale_ = row_state_scale(shared, local);
+  Acc* s_row = shared.s + local * Layout::kAccLd;
   Acc sum = 0;
 #pragma unroll 1
   for (int j = epilogue_column(); j < kTile; j += 2) {
     const int64_t col = c0 + j;
-    Acc ds = 0;
+    Acc ds = 0, s = 0;
+    Operand stored = Policy::to_operand(Acc(0));
+    const RowScale<Acc> column = column_scale(shared, j);
     if (row < p.n && col < p.m) {
       bool positive, negative;
       pair_kind(shared.row_labels[local], shared.col_labels[j], row, col, p.self_offset, positive, negative);
-      ds = ds_entry(p.kind, p.pair_value, shared.s[local * Layout::kAccLd + j], row_sq,
-                    squared_norm<Acc>(p.y_sq, col), a, b, positive, negative, g1, g2, g3, lse1, lse2, aux);
+      s = s_row[j] * row_scale_.inverse * column.inverse;
+      ds = ds_entry(p.kind, p.pair_value, s, row_scale_.length2, column.length2, a, b, positive, negative, g1, g2, g3,
+                    lse1, lse2, aux);
+      const Acc scaled = ds * row_scale_.inverse * column.inverse * g;
+      stored = Policy::to_operand(scaled);
+      if (!std::is_same<Operand, Acc>::value) ds = scaled != Acc(0) ? ds * (static_cast<Acc>(stored) / scaled) : Acc(0);
     }
-    const auto stored = Policy::to_operand(ds);
     shared.ds[local * Layout::kTileLd + j] = stored;
-    sum += static_cast<Acc>(stored);
+    sum += own_direction_term(ds, s, row_scale_.radial, norm_term);
+    s_row[j] = own_direction_term(ds, s, column.radial, norm_term);
   }
   return sum;
 }
 
-// Thread t < 64: shared.sums[t] = column t's sum of the dS tile (threads past 64 do nothing). Between the barrier
-// after ds_tile and the next write of dS.
+// Thread t < 64: shared.sums[t] = column t's sum of shared.s (what ds_tile left there: the columns' own-direction
+// shares). Between the barrier after ds_tile and the next write of S.
 template <class Policy>
 __device__ void column_sums(SharedLayout<Policy>& shared) {
   using Acc = typename Policy::Acc;
   if (threadIdx.x >= kTile) return;
   Acc sum = 0;
 #pragma unroll 1
-  for (int i = 0; i < kTile; ++i) sum += static_cast<Acc>(shared.ds[i * SharedLayout<Policy>::kTileLd + threadIdx.x]);
+  for (int i = 0; i < kTile; ++i) sum += shared.s[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
   shared.sums[threadIdx.x] = sum;
+}
+
+// Whether the gradients have an own-direction term at all (the normalisation or the distances' norms).
+__device__ __forceinline__ bool has_own_direction_term(const CudaPairRowsParams& p) {
+  return p.normalize || has_norm_term(p.pair_value);
 }
 
 template <class Policy, bool kAtomic>
@@ -147,44 +186,55 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
-
-  const bool norm_term = has_norm_term(p.pair_value);
+  const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
+  const bool own_term = has_own_direction_term(p);
   load_row_state(bp, r0, shared);
   if (kAtomic) load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
   typename Policy::Accumulator dx;
   Policy::zero(dx);
-  Acc row_sum = 0;  // this thread's part of its row's sum of dS
+  Acc row_sum = 0;  // this thread's share of its row's own-direction coefficient
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    load_column_scales(p, c0, shared);
     similarity_tile<Policy>(p, r0, c0, shared);
-    row_sum += ds_tile<Policy>(p, r0, c0, shared);
+    row_sum += ds_tile<Policy>(bp, r0, c0, shared);
     load_tile(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
     __syncthreads();
     Policy::template mma<RowMajor, RowMajor>(dx, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
     if (kAtomic) {
-      // dY[c0.., e0..] += dS^T X[r0.., e0..]: a column-major read of dS is its transpose; the norm term's rows
-      // Y[c0.., e0..] are in shared.out
-      if (norm_term) column_sums(shared);
+      // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term: a column-major read of P is
+      // its transpose; the term's rows Y[c0.., e0..] are in shared.out
+      if (own_term) {
+        column_sums(shared);
+        if (threadIdx.x < kTile) {
+          const Acc inverse = shared.col_scales[threadIdx.x];
+          shared.sums[threadIdx.x] = shared.sums[threadIdx.x] * inverse * inverse;
+        }
+      }
       typename Policy::Accumulator dy;
       Policy::zero(dy);
       Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out_rows, Layout::kTileLd,
                                                kTile);
-      Policy::store(dy, shared.s, Layout::kAccLd);  // S was last read by ds_tile, before the barrier above
+      __syncthreads();  // column_sums has read S
+      Policy::store(dy, shared.s, Layout::kAccLd);
       __syncthreads();
       write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
-                         {norm_term ? shared.sums : nullptr, shared.out, Layout::kTileLd});
+                         {own_term ? shared.sums : nullptr, shared.out, Layout::kTileLd}, unscale);
     }
-    __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums and the labels
+    __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums, the labels and the scales
   }
   if (bp.dx == nullptr) return;
   row_sum += from_partner(row_sum);
-  if (epilogue_column() == 0) shared.sums[epilogue_row()] = row_sum;
+  if (epilogue_column() == 0) {
+    const Acc inverse = shared.row_state[6 * kTile + epilogue_row()];
+    shared.sums[epilogue_row()] = row_sum * inverse * inverse;
+  }
   Policy::store(dx, shared.s, Layout::kAccLd);
   __syncthreads();
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
   write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared,
-                     {norm_term ? shared.sums : nullptr, x + r0 * p.x_stride + e0, p.x_stride});
+                     {own_term ? shared.sums : nullptr, x + r0 * p.x_stride + e0, p.x_stride}, unscale);
 }
 
 template <class Policy>
@@ -197,30 +247,35 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const bool norm_term = has_norm_term(p.pair_value);
+  const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
+  const bool own_term = has_own_direction_term(p);
 
   load_labels(shared.col_labels, p.y_labels, c0, p.m);
+  load_column_scales(p, c0, shared);
   typename Policy::Accumulator dy;
   Policy::zero(dy);
-  Acc column_sum = 0;  // threads t < 64: column t's sum of dS
+  Acc column_sum = 0;  // threads t < 64: column t's own-direction coefficient
   for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
     load_row_state(bp, r0, shared);
     similarity_tile<Policy>(p, r0, c0, shared);
-    ds_tile<Policy>(p, r0, c0, shared);
+    ds_tile<Policy>(bp, r0, c0, shared);
     load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
     __syncthreads();
     Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
-    if (norm_term) {
+    if (own_term) {
       column_sums(shared);
       if (threadIdx.x < kTile) column_sum += shared.sums[threadIdx.x];  // this thread's own entry
     }
     __syncthreads();
   }
-  if (threadIdx.x < kTile) shared.sums[threadIdx.x] = column_sum;
+  if (threadIdx.x < kTile) {
+    const Acc inverse = shared.col_scales[threadIdx.x];
+    shared.sums[threadIdx.x] = column_sum * inverse * inverse;
+  }
   Policy::store(dy, shared.s, Layout::kAccLd);
   __syncthreads();
   write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
-                     shared, {norm_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride});
+                     shared, {own_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
 }
 
 template <class Policy>
@@ -229,9 +284,68 @@ cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t strea
                 static_cast<typename Policy::Acc*>(stats));
 }
 
+// The pair value's slope bound |dv/ds| (a distance's plain form: 2^11 keeps 1 / (2 v) in range down to distances of
+// about 2.4e-4, where a 16-bit operand's rounding dominates anyway).
+template <class Acc>
+__device__ __forceinline__ Acc pair_value_slope(int pair) {
+  return pair == kSimilarity ? Acc(1) : (pair == kSquaredEuclidean ? Acc(2) : Acc(2048));
+}
+
+// Per row, a bound of |dL/dv_ij| from the upstream gradients g of its statistics: the log-sum-exp kinds
+// (g1 + g2) |b| (2 + |a|) + g3 (a softmax weight times a logit's slope; Circle's |v| <= 1), NT-Xent
+// |b| (g1 (1 + W) + g2), Contrastive g1 + g2.
+template <class Acc>
+__device__ __forceinline__ Acc pair_gradient_bound(const CudaPairRowsBackwardParams& bp, int64_t row) {
+  const CudaPairRowsParams& p = bp.pair;
+  const auto* grad = static_cast<const Acc*>(bp.grad);
+  const auto* stats = static_cast<const Acc*>(bp.stats);
+  const Acc g1 = std::fabs(grad[row]), g2 = std::fabs(grad[p.n + row]), g3 = std::fabs(grad[2 * p.n + row]);
+  const Acc a = std::fabs(static_cast<Acc>(p.a)), b = std::fabs(static_cast<Acc>(p.b));
+  if (p.kind == kNTXent) return b * (g1 * (Acc(1) + stats[2 * p.n + row]) + g2);
+  if (p.kind == kContrastive) return g1 + g2;
+  return (g1 + g2) * (b * (Acc(2) + a)) + g3;
+}
+
+// One block: *bp.gradient_scale = 2^(14 - ceil(log2(max_i bound_i r_i * max_j r_j))), the product clamped to
+// [2^-100, 2^100] before the log, which brings every P = dS r_i r_j g to at most 2^14 in magnitude: the small
+// softmax terms stay clear of fp16's subnormals and the largest of its range (65504) keeps a factor 4 of headroom
+// for plain distances shorter than the slope bound assumes (P saturates there, WmmaTile::to_operand). A NaN bound
+// makes g NaN, as the gradients.
+template <class Acc>
+__global__ void __launch_bounds__(kThreads) gradient_scale_kernel(const CudaPairRowsBackwardParams bp) {
+  Acc* row_largest = dynamic_shared<Acc>();
+  Acc* column_largest = row_largest + kThreads;
+  const CudaPairRowsParams& p = bp.pair;
+  const Acc slope = pair_value_slope<Acc>(p.pair_value);
+  Acc rows = 0, columns = 0;
+  for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
+    const Acc bound = pair_gradient_bound<Acc>(bp, i) * slope * row_scale<Acc>(p.x_sq, i, p.normalize).inverse;
+    rows = bound > rows || bound != bound ? bound : rows;
+  }
+  for (int64_t j = threadIdx.x; j < p.m; j += kThreads) {
+    const Acc inverse = row_scale<Acc>(p.y_sq, j, p.normalize).inverse;
+    columns = inverse > columns ? inverse : columns;
+  }
+  row_largest[threadIdx.x] = rows, column_largest[threadIdx.x] = columns;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int t = 1; t < kThreads; ++t) {
+    rows = row_largest[t] > rows || row_largest[t] != row_largest[t] ? row_largest[t] : rows;
+    columns = column_largest[t] > columns ? column_largest[t] : columns;
+  }
+  Acc largest = rows * columns;
+  if (largest == largest) largest = largest < Acc(0x1p-100) ? Acc(0x1p-100) : (largest > Acc(0x1p100) ? Acc(0x1p100) : largest);
+  *static_cast<Acc*>(bp.gradient_scale) = std::exp2(Acc(14) - std::ceil(std::log2(largest)));
+}
+
 template <class Policy>
 cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) {
+  using Acc = typename Policy::Acc;
   const CudaPairRowsParams& p = bp.pair;
+  if (bp.gradient_scale != nullptr) {
+    if (cudaError_t error = launch(gradient_scale_kernel<Acc>, dim3(1), 2 * kThreads * sizeof(Acc), stream, bp))
+      return error;
+  }
   const auto slices = static_cast<unsigned>(blocks(p.d));
   if (bp.atomic) {
     return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), slices),
@@ -250,6 +364,13 @@ cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) 
   return cudaSuccess;
 }
 
+template <class Operand, class Acc>
+cudaError_t squared_norms(const void* rows, int64_t count, int64_t d, int64_t stride, void* out, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  return launch(vector_norms_kernel<Operand, Acc, false>, dim3(static_cast<unsigned>((count + kThreads - 1) / kThreads)),
+                0, stream, static_cast<const Operand*>(rows), count, d, stride, int64_t{1}, static_cast<Acc*>(out));
+}
+
 }  // namespace
 
 int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream) {
@@ -265,6 +386,15 @@ int lse_rows_backward(const CudaPairRowsBackwardParams& bp, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return with_policy(bp.pair.operand, cudaErrorInvalidValue,
                      [&](auto policy) { return backward<decltype(policy)>(bp, s); });
+}
+
+int squared_row_norms(Operand operand, const void* rows, int64_t count, int64_t d, int64_t stride, void* out,
+                      void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_policy(operand, cudaErrorInvalidValue, [&](auto policy) {
+    using Policy = decltype(policy);
+    return squared_norms<typename Policy::Operand, typename Policy::Acc>(rows, count, d, stride, out, s);
+  });
 }
 
 bool supports_atomic_backward(Operand operand) { return operand != Operand::kFloat64; }

@@ -22,29 +22,10 @@
 namespace metric_kernels::cuda {
 namespace {
 
-constexpr double kNormEps = 1e-12;  // F.normalize's eps: a row is divided by max(|row|, eps)
-
 // Where the norm is clamped at eps, the normalisation is a plain division and has no radial term.
 template <class Acc>
 __device__ __forceinline__ bool clamped(Acc inverse) {
   return inverse >= Acc(1) / Acc(kNormEps);
-}
-
-// out[i] = 1 / max(|v_i|, eps) of `count` vectors of `length` elements, element k of vector i at
-// data[i * count_stride + k * length_stride] (X's rows: (x_stride, 1); W's columns: (1, w_stride), coalesced).
-template <class T, class Acc>
-__global__ void __launch_bounds__(kThreads) inverse_norms_kernel(const T* data, int64_t count, int64_t length,
-                                                                 int64_t count_stride, int64_t length_stride,
-                                                                 Acc* out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= count) return;
-  Acc sum = 0;
-  for (int64_t k = 0; k < length; ++k) {
-    const Acc value = static_cast<Acc>(data[i * count_stride + k * length_stride]);
-    sum += value * value;
-  }
-  const Acc norm = std::sqrt(sum);
-  out[i] = Acc(1) / (norm > Acc(kNormEps) ? norm : Acc(kNormEps));
 }
 
 // shared.s = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products. Ends synchronised.
@@ -295,12 +276,12 @@ cudaError_t inverse_norms(const CudaMarginSoftmaxParams& p, cudaStream_t stream)
   const int64_t columns = p.classes * p.sub_centers;
   const auto grid = [](int64_t count) { return dim3(static_cast<unsigned>((count + kThreads - 1) / kThreads)); };
   if (p.n > 0) {
-    if (cudaError_t error = launch(inverse_norms_kernel<Operand, Acc>, grid(p.n), 0, stream, x, p.n, p.d, p.x_stride,
+    if (cudaError_t error = launch(vector_norms_kernel<Operand, Acc, true>, grid(p.n), 0, stream, x, p.n, p.d, p.x_stride,
                                    int64_t{1}, static_cast<Acc*>(p.x_inverse)))
       return error;
   }
   if (columns == 0) return cudaSuccess;
-  return launch(inverse_norms_kernel<Operand, Acc>, grid(columns), 0, stream, w, columns, p.d, int64_t{1},
+  return launch(vector_norms_kernel<Operand, Acc, true>, grid(columns), 0, stream, w, columns, p.d, int64_t{1},
                 p.w_stride, static_cast<Acc*>(p.w_inverse));
 }
 

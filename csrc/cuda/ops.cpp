@@ -107,29 +107,53 @@ void check_cuda(const glue::Rows& rows) {
   STD_TORCH_CHECK(x.size(1) <= int64_t{65535} * 64, "D is limited to 65535 * 64 by the grid of the backward kernels");
 }
 
-CudaPairRowsParams make_params(const glue::Rows& rows, const glue::RowNorms& norms, int64_t self_offset, int64_t kind,
-                               int64_t pair_value, double a, double b, bool allow_tf32) {
+// The rows' squared norms in the accumulation type, computed by a kernel from the rows as stored (no converted copy),
+// where the kernels need them: the distances, batch-hard's selection and the normalisation they fold in. The same
+// tensor twice when the references are the queries.
+struct SquaredNorms {
+  std::optional<Tensor> x_sq, y_sq;
+};
+
+SquaredNorms squared_norms(const glue::Rows& rows, bool needed, bool allow_tf32) {
+  if (!needed) return {};
+  const Operand operand = operand_of(rows.x, allow_tf32);
+  const auto of = [&](const Tensor& t) {
+    Tensor out = uninitialized(t, {t.size(0)}, accumulation_type(t));
+    check_launch(cuda::squared_row_norms(operand, t.const_data_ptr(), t.size(0), t.size(1), t.stride(0),
+                                         out.mutable_data_ptr(), current_stream(t)),
+                 "squared_row_norms");
+    return out;
+  };
+  const Tensor x_sq = of(rows.x);
+  return {x_sq, rows.same ? x_sq : of(rows.y)};
+}
+
+CudaPairRowsParams make_params(const glue::Rows& rows, const SquaredNorms& norms, int64_t self_offset, int64_t kind,
+                               int64_t pair_value, double a, double b, bool normalize, bool allow_tf32) {
   const auto& [x, y, x_labels, y_labels, same] = rows;
   const auto pointer = [](const std::optional<Tensor>& t) -> const void* { return t ? t->const_data_ptr() : nullptr; };
   return CudaPairRowsParams{x.const_data_ptr(), y.const_data_ptr(), x_labels.const_data_ptr<int64_t>(),
                             y_labels.const_data_ptr<int64_t>(), x.size(0), y.size(0), x.size(1), x.stride(0),
                             y.stride(0), self_offset, static_cast<int>(kind), a, b, operand_of(x, allow_tf32),
-                            static_cast<int>(pair_value), pointer(norms.x_sq), pointer(norms.y_sq)};
+                            static_cast<int>(pair_value), pointer(norms.x_sq), pointer(norms.y_sq), normalize};
 }
 
+// The rows arrive raw in their own dtype (16-bit rows reach the tensor cores as 16-bit operands); with `normalize`
+// the kernels fold in the normalisation: no normalised or converted N x D copy is made.
 Tensor lse_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
                 const Tensor& y_labels_in, int64_t self_offset, int64_t kind, int64_t pair_value, double a, double b,
-                bool deterministic, bool allow_tf32) {
+                bool deterministic, bool normalize, bool allow_tf32) {
   glue::check_kind(kind, "lse_rows");
   glue::check_pair_value(pair_value, "lse_rows");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
-  const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x), glue::needs_norms(pair_value));
+  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value), allow_tf32);
   Tensor stats = uninitialized(x, {kStatRows, x.size(0)}, accumulation_type(x));
-  check_launch(cuda::lse_rows_forward(make_params(rows, norms, self_offset, kind, pair_value, a, b, allow_tf32),
-                                      stats.mutable_data_ptr(), current_stream(x)),
+  check_launch(cuda::lse_rows_forward(
+                   make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32),
+                   stats.mutable_data_ptr(), current_stream(x)),
                "lse_rows");
   return stats;
 }
@@ -141,7 +165,7 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
                                              const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
                                              const Tensor& y_labels_in, int64_t self_offset, int64_t kind,
                                              int64_t pair_value, double a, double b, bool deterministic,
-                                             bool need_dx, bool need_dy, bool allow_tf32) {
+                                             bool need_dx, bool need_dy, bool normalize, bool allow_tf32) {
   glue::check_kind(kind, "lse_rows_backward");
   glue::check_pair_value(pair_value, "lse_rows_backward");
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
@@ -153,8 +177,9 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   if (same) need_dx = need_dx || need_dy, need_dy = false;
-  const glue::RowNorms norms = glue::row_norms(rows, acc, glue::needs_norms(pair_value));
-  const CudaPairRowsParams params = make_params(rows, norms, self_offset, kind, pair_value, a, b, allow_tf32);
+  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value), allow_tf32);
+  const CudaPairRowsParams params =
+      make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32);
   const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
   // Atomics only where they save a pass: both gradients wanted (dY alone is one deterministic pass already).
   const bool atomic = !deterministic && need_dx && (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
@@ -170,6 +195,9 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   };
   Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
   Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
+  // fp16 operands: the power of two that keeps dS r_i r_j within fp16's range (params.h), written by the kernels
+  std::optional<Tensor> gradient_scale;
+  if (params.operand == Operand::kFloat16) gradient_scale = uninitialized(x, {1}, acc);
   // With no pairs (N, M or D zero) the gradients are zeros and no kernel runs.
   if (x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0 && (need_dx || need_dy)) {
     CudaPairRowsBackwardParams backward{params,
@@ -178,7 +206,8 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
                                         need_dx ? dx.mutable_data_ptr() : nullptr,
                                         need_dy || same ? dy.mutable_data_ptr() : nullptr,
                                         same,
-                                        atomic};
+                                        atomic,
+                                        gradient_scale ? gradient_scale->mutable_data_ptr() : nullptr};
     check_launch(cuda::lse_rows_backward(backward, current_stream(x)), "lse_rows_backward");
   } else {
     torch::stable::zero_(dx), torch::stable::zero_(dy);
@@ -188,14 +217,14 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
 }
 
 Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x_labels_in, const Tensor& y_labels_in,
-                         int64_t self_offset, bool allow_tf32) {
+                         int64_t self_offset, bool normalize, bool allow_tf32) {
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
-  const glue::RowNorms norms = glue::row_norms(rows, accumulation_type(x));
+  const SquaredNorms norms = squared_norms(rows, true, allow_tf32);
   Tensor choices = uninitialized(x, {2, x.size(0)}, ScalarType::Long);
-  check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0, allow_tf32),
+  check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0, normalize, allow_tf32),
                                        choices.mutable_data_ptr<int64_t>(), current_stream(x)),
                "batch_hard_select");
   return choices;
@@ -273,9 +302,10 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
 }  // namespace
 }  // namespace metric_kernels
 
-// allow_tf32 defaults to IEEE fp32 products for direct callers of the ops; the backends always pass it.
+// allow_tf32 defaults to IEEE fp32 products for direct callers of the ops, normalize to the losses' cosine
+// similarity; the backends always pass both.
 STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
-  metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
+  metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool normalize=True, bool allow_tf32=False");
   metric_kernels::glue::define_margin_softmax_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
 }
 

@@ -127,7 +127,14 @@ struct WmmaTile {
                                         nvcuda::wmma::mem_row_major);
   }
 
-  __device__ static Operand to_operand(Acc value) { return Operand(value); }
+  // fp16 saturates at its largest finite value rather than overflowing to inf (NaN stays NaN).
+  __device__ static Operand to_operand(Acc value) {
+    if constexpr (std::is_same<Tag, __half>::value) {
+      constexpr float kLargest = 65504.0f;
+      value = value > kLargest ? kLargest : (value < -kLargest ? -kLargest : value);
+    }
+    return Operand(value);
+  }
 };
 
 template <class T>
