@@ -458,3 +458,73 @@ def test_emulation_refuses_cuda_outside_its_subset_check(what, tmp_path):
     """))
     result = subprocess.run(COMPILE + ["-fsyntax-only", str(source)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, f"{what} compiled on the host"
+
+
+def _dot_work(run):
+    """The emulated kernels' work while `run()` runs: (dot FLOPs by operand type [16-bit, tf32, fp32, fp64], atomic
+    additions)."""
+    counters = torch.ops.metric_kernels.cuda_emulated_work_counters
+    counters(True)
+    run()
+    work = counters(True).tolist()
+    return work[:4], work[4]
+
+
+@pytest.mark.parametrize("dim", [128, 256])
+@pytest.mark.parametrize("operand", ["bf16", "fp16", "tf32", "fp32"])
+def test_matmul_equivalents_of_each_pass(operand, dim):
+    """The work the CUDA kernels give a GPU, counted by the emulation (every mma_sync and SIMT step): with the whole
+    of D (up to 256) in one block, the forward forms each S tile once (1 matmul-equivalent, 2 N M D FLOPs), the
+    atomic backward recomputes it once and takes dX = P Y and dY = P^T X from it (3), the deterministic one recomputes
+    it in each of its two passes (4); every product of 16-bit rows runs on 16-bit operands, fp32 ones on tf32 only
+    where allowed. The atomic backward adds dY with one atomic per element of each (row block, column tile) product."""
+    dtype = OPERANDS[operand]
+    kind_of_dot = {"bf16": 0, "fp16": 0, "tf32": 1, "fp32": 2}[operand]
+    n = m = 128
+    g = torch.Generator().manual_seed(dim)
+    x, y = (torch.randn(rows, dim, generator=g).to(dtype) for rows in (n, m))
+    labels, y_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    ops = torch.ops.metric_kernels
+    args = (x, y, labels, y_labels, -1, 1, 0, 0.0, 10.0)
+    allow_tf32 = operand == "tf32"
+    stats = ops.cuda_emulated_lse_rows(*args, True, True, allow_tf32)
+    grad = torch.randn(4, n, generator=g)
+    matmul = 2.0 * n * m * dim
+    expected = {"forward": 1.0, "deterministic": 4.0, "atomic": 3.0}
+    for name in expected:
+        if name == "forward":
+            run = lambda: ops.cuda_emulated_lse_rows(*args, True, True, allow_tf32)  # noqa: E731
+        else:
+            run = lambda: ops.cuda_emulated_lse_rows_backward(  # noqa: E731
+                grad, stats, *args, name == "deterministic", True, True, True, allow_tf32)
+        flops, atomics = _dot_work(run)
+        assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
+        assert flops[kind_of_dot] / matmul == expected[name], f"{operand} {name}: {flops[kind_of_dot] / matmul}"
+        assert atomics == (m * dim * (n // 64) if name == "atomic" else 0), f"{operand} {name}: {atomics} atomics"
+
+
+@pytest.mark.parametrize("operand, dim", [("fp32", 300), ("bf16", 300), ("fp64", 130)])
+def test_backward_over_several_spans_of_d(operand, dim):
+    """D wider than one backward block holds (256 columns; fp64: 64): blocks along D, each recomputing S, both
+    backward paths, raw rows normalised inside, against the CPU op on the normalised float64 rows."""
+    dtype = OPERANDS[operand]
+    g = torch.Generator().manual_seed(dim + len(operand))
+    x = (torch.randn(70, dim, generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = (torch.randn(66, dim, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels, y_labels = torch.randint(0, 3, (70,), generator=g), torch.randint(0, 3, (66,), generator=g)
+    raw = [t.double().requires_grad_() for t in (x, y)]
+    unit = [torch.nn.functional.normalize(t, dim=1) for t in raw]
+    ops = torch.ops.metric_kernels
+    exact_args = (unit[0].detach(), unit[1].detach(), labels, y_labels, -1, 0, 0, 0.25, 32.0)
+    expected = ops.cpu_lse_rows(*exact_args, True)
+    grad = torch.randn(4, 70, generator=g, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(unit, raw, ops.cpu_lse_rows_backward(grad, expected, *exact_args, True, True,
+                                                                               True))
+    stats = ops.cuda_emulated_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 32.0, True, True, False)
+    value_tol, grad_tol = OPERAND_TOLERANCE[operand]
+    assert_rel_close(stats[:2], expected[:2], value_tol, f"{operand} D={dim} stats")
+    for deterministic in (True, False):
+        got = ops.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, x, y, labels, y_labels, -1, 0, 0, 0.25,
+                                                  32.0, deterministic, True, True, True, False)
+        for index, (a, b) in enumerate(zip(got, expected_grads)):
+            assert_rel_close(a, b, grad_tol, f"{operand} D={dim} deterministic={deterministic} grad {index}")

@@ -132,6 +132,16 @@ inline float bfloat16_bits_to_float(std::uint16_t bits) {
   return value;
 }
 
+// What the kernels would make a GPU do, counted as the emulation runs them (the work counters of
+// `metric_kernels.cuda_emulated.work()`): the products' floating-point operations by operand type (a WMMA mma_sync
+// counts 2 M N K for the warp, a SimtTile step its fmas) and the atomic additions to global memory.
+enum class Work : int { kDot16 = 0, kDotTf32 = 1, kDotFp32 = 2, kDotFp64 = 3, kAtomics = 4 };
+constexpr int kWorkKinds = 5;
+inline std::atomic<std::uint64_t> work_counters[kWorkKinds];
+inline void count_work(Work kind, std::uint64_t amount) {
+  work_counters[static_cast<int>(kind)].fetch_add(amount, std::memory_order_relaxed);
+}
+
 }  // namespace metric_kernels::host_emulation
 
 // Read-only, as on a GPU.
@@ -152,8 +162,14 @@ inline T __shfl_xor_sync(unsigned int mask, T value, int lane_mask) {
   return out;
 }
 
-inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
-inline double atomicAdd(double* address, double value) { return std::atomic_ref<double>(*address).fetch_add(value); }
+inline float atomicAdd(float* address, float value) {
+  metric_kernels::host_emulation::count_work(metric_kernels::host_emulation::Work::kAtomics, 1);
+  return std::atomic_ref<float>(*address).fetch_add(value);
+}
+inline double atomicAdd(double* address, double value) {
+  metric_kernels::host_emulation::count_work(metric_kernels::host_emulation::Work::kAtomics, 1);
+  return std::atomic_ref<double>(*address).fetch_add(value);
+}
 
 // CUDA's fma overloads (the C library declares only the double one globally): one rounding, as on the GPU.
 inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
@@ -303,6 +319,11 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
 template <int M, int N, int K, class T, class LayoutA, class LayoutB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LayoutA>& a,
                      const fragment<matrix_b, M, N, K, T, LayoutB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  // every lane computes the whole tile here; each counts its share of the warp's 2 M N K operations
+  metric_kernels::host_emulation::count_work(std::is_same_v<T, precision::tf32>
+                                                 ? metric_kernels::host_emulation::Work::kDotTf32
+                                                 : metric_kernels::host_emulation::Work::kDot16,
+                                             2 * M * N * K / metric_kernels::host_emulation::kWarpSize);
   float av[M * K], bv[K * N], out[M * N];
   for (int e = 0; e < M * K; ++e) av[e] = detail::Storage<T>::value(a.x[e]);
   for (int e = 0; e < K * N; ++e) bv[e] = detail::Storage<T>::value(b.x[e]);

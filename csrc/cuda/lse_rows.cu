@@ -1,9 +1,10 @@
 // CUDA kernels of the row-statistics family (every loss but batch-hard) on the engine of engine.cuh, with the
 // per-loss math of epilogue.h (the same functions as the CPU kernels):
 //   forward:  per 64-row block, walk the column tiles, fold each S tile into four statistics per row (NT-Xent: twice);
-//   backward: recompute each tile, form dS from the saved statistics and upstream gradients, and accumulate
-//             dX = dS Y (grid: row blocks x 64-wide D slices) and dY = dS^T X (column blocks x D slices), or dY
-//             atomically from the dX pass.
+//   backward: recompute each tile once per pass, form dS from the saved statistics and upstream gradients, and
+//             accumulate dX = dS Y (grid: row blocks x spans of D up to 256 wide) and dY = dS^T X (column blocks x
+//             spans), or dY atomically from the dX pass: 3 matmul-equivalents (atomic) or 4 (deterministic) for
+//             D <= 256 (fp64: 64).
 #ifdef METRIC_KERNELS_HOST_EMULATION
 #include "host_emulation.h"
 #else
@@ -176,6 +177,23 @@ __device__ __forceinline__ bool has_own_direction_term(const CudaPairRowsParams&
   return p.normalize || has_norm_term(p.pair_value);
 }
 
+// How many 64-wide slices of D one backward block holds, their accumulators in registers: the whole of D up to 256,
+// so that each pass recomputes every S tile once (blocks along D only above that, each recomputing S). fp64's
+// accumulators (64 registers a slice) allow one.
+template <class Policy>
+constexpr int kSlices = sizeof(typename Policy::Acc) == 8 ? 1 : 4;
+
+// Columns of D per backward block, and how many such blocks cover D.
+template <class Policy>
+constexpr int64_t kSpan = int64_t{kTile} * kSlices<Policy>;
+
+template <class Policy>
+unsigned spans(int64_t d) {
+  return static_cast<unsigned>((d + kSpan<Policy> - 1) / kSpan<Policy>);
+}
+
+// The dX pass: rows r0.. against every column tile, dX = P Y for the block's span of D (one S per tile); kAtomic also
+// adds dY = P^T X of each tile into dy atomically (3 matmul-equivalents in all instead of 4).
 template <class Policy, bool kAtomic>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const CudaPairRowsBackwardParams bp) {
   using Acc = typename Policy::Acc;
@@ -185,41 +203,49 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
   const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
   const bool own_term = has_own_direction_term(p);
   load_row_state(bp, r0, shared);
-  if (kAtomic) load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
-  typename Policy::Accumulator dx;
-  Policy::zero(dx);
+  typename Policy::Accumulator dx[kSlices<Policy>];
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dx[slice]);
   Acc row_sum = 0;  // this thread's share of its row's own-direction coefficient
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels, p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
     similarity_tile<Policy>(p, r0, c0, shared);
     row_sum += ds_tile<Policy>(bp, r0, c0, shared);
-    load_tile(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
     __syncthreads();
-    Policy::template mma<RowMajor, RowMajor>(dx, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
-    if (kAtomic) {
-      // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term: a column-major read of P is
-      // its transpose; the term's rows Y[c0.., e0..] are in shared.out
-      if (own_term) {
-        column_sums(shared);
-        if (threadIdx.x < kTile) {
-          const Acc inverse = shared.col_scales[threadIdx.x];
-          shared.sums[threadIdx.x] = shared.sums[threadIdx.x] * inverse * inverse;
-        }
+    if (kAtomic && own_term) {  // the columns' coefficients, from the shares ds_tile left in S
+      column_sums(shared);
+      if (threadIdx.x < kTile) {
+        const Acc inverse = shared.col_scales[threadIdx.x];
+        shared.sums[threadIdx.x] = shared.sums[threadIdx.x] * inverse * inverse;
       }
-      typename Policy::Accumulator dy;
-      Policy::zero(dy);
-      Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out_rows, Layout::kTileLd,
-                                               kTile);
-      __syncthreads();  // column_sums has read S
-      Policy::store(dy, shared.s, Layout::kAccLd);
+    }
+#pragma unroll
+    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+      const int64_t e0 = span0 + slice * kTile;
+      if (e0 >= p.d) break;
+      __syncthreads();  // the previous slice's readers of out, out_rows and S are done (and column_sums)
+      load_tile(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
+      if (kAtomic) load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
       __syncthreads();
-      write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
-                         {own_term ? shared.sums : nullptr, shared.out, Layout::kTileLd}, unscale);
+      Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd,
+                                               kTile);
+      if (kAtomic) {
+        // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term: a column-major read of P is
+        // its transpose; the term's rows Y[c0.., e0..] are in shared.out
+        typename Policy::Accumulator dy;
+        Policy::zero(dy);
+        Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out_rows, Layout::kTileLd,
+                                                 kTile);
+        Policy::store(dy, shared.s, Layout::kAccLd);
+        __syncthreads();
+        write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
+                           {own_term ? shared.sums : nullptr, shared.out, Layout::kTileLd}, unscale);
+      }
     }
     __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums, the labels and the scales
   }
@@ -229,14 +255,22 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
     const Acc inverse = shared.row_state[6 * kTile + epilogue_row()];
     shared.sums[epilogue_row()] = row_sum * inverse * inverse;
   }
-  Policy::store(dx, shared.s, Layout::kAccLd);
-  __syncthreads();
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
-  write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared,
-                     {own_term ? shared.sums : nullptr, x + r0 * p.x_stride + e0, p.x_stride}, unscale);
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= p.d) break;
+    Policy::store(dx[slice], shared.s, Layout::kAccLd);
+    __syncthreads();
+    write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared,
+                       {own_term ? shared.sums : nullptr, x + r0 * p.x_stride + e0, p.x_stride}, unscale);
+    __syncthreads();  // the next slice rewrites S
+  }
 }
 
+// The dY pass of the deterministic backward: columns c0.. against every row tile, dY = P^T X for the block's span of
+// D (one S per tile).
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const CudaPairRowsBackwardParams bp) {
   using Acc = typename Policy::Acc;
@@ -246,36 +280,51 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
   const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
   const bool own_term = has_own_direction_term(p);
 
   load_labels(shared.col_labels, p.y_labels, c0, p.m);
   load_column_scales(p, c0, shared);
-  typename Policy::Accumulator dy;
-  Policy::zero(dy);
+  typename Policy::Accumulator dy[kSlices<Policy>];
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dy[slice]);
   Acc column_sum = 0;  // threads t < 64: column t's own-direction coefficient
   for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
     load_row_state(bp, r0, shared);
     similarity_tile<Policy>(p, r0, c0, shared);
     ds_tile<Policy>(bp, r0, c0, shared);
-    load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
     __syncthreads();
-    Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
     if (own_term) {
       column_sums(shared);
       if (threadIdx.x < kTile) column_sum += shared.sums[threadIdx.x];  // this thread's own entry
     }
-    __syncthreads();
+#pragma unroll
+    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+      const int64_t e0 = span0 + slice * kTile;
+      if (e0 >= p.d) break;
+      if (slice > 0) __syncthreads();  // the previous slice's product has read out
+      load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+      __syncthreads();
+      Policy::template mma<ColMajor, RowMajor>(dy[slice], shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd,
+                                               kTile);
+    }
+    __syncthreads();  // the next tile rewrites the row state, the chunks, S, dS and out
   }
   if (threadIdx.x < kTile) {
     const Acc inverse = shared.col_scales[threadIdx.x];
     shared.sums[threadIdx.x] = column_sum * inverse * inverse;
   }
-  Policy::store(dy, shared.s, Layout::kAccLd);
-  __syncthreads();
-  write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
-                     shared, {own_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= p.d) break;
+    Policy::store(dy[slice], shared.s, Layout::kAccLd);
+    __syncthreads();
+    write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
+                       shared, {own_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
+    __syncthreads();  // the next slice rewrites S
+  }
 }
 
 template <class Policy>
@@ -346,7 +395,7 @@ cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) 
     if (cudaError_t error = launch(gradient_scale_kernel<Acc>, dim3(1), 2 * kThreads * sizeof(Acc), stream, bp))
       return error;
   }
-  const auto slices = static_cast<unsigned>(blocks(p.d));
+  const unsigned slices = spans<Policy>(p.d);
   if (bp.atomic) {
     return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), slices),
                   SharedLayout<Policy>::kAtomicBackwardBytes, stream, bp);

@@ -19,6 +19,7 @@
 #include "../params.h"
 
 #ifdef METRIC_KERNELS_HOST_EMULATION
+#include "host_emulation.h"  // its work counters
 // The emulated kernels' entry points are metric_kernels::cuda_emulated::* (CMakeLists.txt builds them so).
 #define cuda cuda_emulated
 #define METRIC_KERNELS_OPS_DISPATCH CPU
@@ -299,6 +300,21 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
   return {torch::stable::to(dx, rows.x.scalar_type()), torch::stable::to(dw, rows.weight.scalar_type())};
 }
 
+#ifdef METRIC_KERNELS_HOST_EMULATION
+// The emulation's work counters (host_emulation.h, Work): int64 [dot FLOPs on 16-bit operands, on tf32, fp32 and fp64
+// operands, atomic additions] since the last reset; reset: zero them after reading.
+Tensor work_counters(bool reset) {
+  const std::array<int64_t, 1> size{host_emulation::kWorkKinds};
+  Tensor out = torch::stable::empty(size, ScalarType::Long, std::nullopt,
+                                    torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  auto* values = out.mutable_data_ptr<int64_t>();
+  for (int kind = 0; kind < host_emulation::kWorkKinds; ++kind)
+    values[kind] = static_cast<int64_t>(reset ? host_emulation::work_counters[kind].exchange(0)
+                                              : host_emulation::work_counters[kind].load());
+  return out;
+}
+#endif
+
 }  // namespace
 }  // namespace metric_kernels
 
@@ -307,6 +323,9 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
 STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
   metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool normalize=True, bool allow_tf32=False");
   metric_kernels::glue::define_margin_softmax_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
+#ifdef METRIC_KERNELS_HOST_EMULATION
+  m.def("cuda_emulated_work_counters(bool reset=False) -> Tensor");
+#endif
 }
 
 STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
@@ -318,3 +337,10 @@ STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
   m.impl((prefix + "_margin_softmax_rows_backward").c_str(),
          TORCH_BOX(&metric_kernels::margin_softmax_rows_backward));
 }
+
+#ifdef METRIC_KERNELS_HOST_EMULATION
+// No tensor argument to dispatch on: registered for every dispatch key.
+STABLE_TORCH_LIBRARY_IMPL(metric_kernels, CompositeExplicitAutograd, m) {
+  m.impl("cuda_emulated_work_counters", TORCH_BOX(&metric_kernels::work_counters));
+}
+#endif

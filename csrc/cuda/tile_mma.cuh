@@ -97,6 +97,9 @@ struct WmmaTile {
     const int warp = threadIdx.x / 32, row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
     wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Precision, WmmaA> fa[2];
     wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Precision, WmmaB> fb[2];
+    // Not unrolled: the backward holds up to four 64 x 64 accumulators (D up to 256) and unrolling the k steps ran
+    // ptxas out of registers (spills).
+#pragma unroll 1
     for (int kk = 0; kk < k; kk += kK) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -157,6 +160,10 @@ struct SimtTile {
 
   template <class LayoutA, class LayoutB>
   __device__ static void mma(Accumulator& acc, const T* a, int lda, const T* b, int ldb, int k) {
+#ifdef METRIC_KERNELS_HOST_EMULATION
+    host_emulation::count_work(sizeof(T) == 8 ? host_emulation::Work::kDotFp64 : host_emulation::Work::kDotFp32,
+                               2ull * kRows * kCols * k);
+#endif
     const int row0 = (threadIdx.x / 16) * kRows, col0 = (threadIdx.x % 16) * kCols;
     for (int kk = 0; kk < k; ++kk) {
       T av[kRows], bv[kCols];
