@@ -123,3 +123,18 @@ def test_merging_partial_logsumexp_states_equals_one_pass(tmp_path):
                    check=True, capture_output=True, timeout=120)
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_shared_memory_accesses_are_free_of_bank_conflicts(tmp_path):
+    """tests/shared_bank_check.cpp computes, from the kernels' own index functions and shared-memory layouts, the
+    banks each warp touches: the SIMT products' reads of both operands and stores of C, WMMA's fragment rows (as
+    ldmatrix moves them), and the epilogues' reads of S and writes of dS, for every tile policy. (The layouts before
+    this check had an 8-way conflict on the fp32 Y chunk and 2-way ones in every epilogue.)"""
+    binary = tmp_path / "banks"
+    subprocess.run(["c++", "-std=c++20", "-pthread", "-Wno-unknown-pragmas", "-DMETRIC_KERNELS_HOST_EMULATION=1",
+                    f"-I{os.path.join(ROOT, 'csrc')}", "-O1", os.path.join(ROOT, "tests", "shared_bank_check.cpp"),
+                    os.path.join(ROOT, "csrc", "cuda", "host_emulation.cpp"), "-o", str(binary)],
+                   check=True, capture_output=True, timeout=300)
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:]

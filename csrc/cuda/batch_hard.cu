@@ -31,13 +31,14 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
   const QueryRow<Acc> query = query_row<Acc>(p);
   Acc far = -std::numeric_limits<Acc>::infinity(), near = std::numeric_limits<Acc>::infinity();
   int64_t far_at = -1, near_at = -1;
-  // Columns ascend, so a strict comparison keeps the lowest index among equals; as in the CPU kernel, a NaN distance
-  // is never chosen, nor a farthest positive at -inf or a nearest negative at +inf.
+  // The columns come in no particular order, so equal distances keep the lowest index; as in the CPU kernel, a NaN
+  // distance is never chosen, nor a farthest positive at -inf or a nearest negative at +inf.
   for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t column, bool positive,
                                                   bool negative) {
     const Acc squared = query.scale.length2 + column_length2 - 2 * s;
-    if (positive && squared > far) far = squared, far_at = column;
-    if (negative && squared < near) near = squared, near_at = column;
+    if (positive && (squared > far || (squared == far && far_at >= 0 && column < far_at))) far = squared, far_at = column;
+    if (negative && (squared < near || (squared == near && near_at >= 0 && column < near_at)))
+      near = squared, near_at = column;
   });
   const Acc partner_far = from_partner(far), partner_near = from_partner(near);
   const int64_t partner_far_at = from_partner(far_at), partner_near_at = from_partner(near_at);

@@ -22,15 +22,18 @@ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 // How many 64-wide tiles cover `size`.
 inline int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
-// Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded by 16 bytes,
-// which keeps WMMA's leading dimensions legal and spreads rows over the banks.
+// Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded as the tile policy
+// says (tile_mma.cuh): WMMA's leading dimensions legal, and a warp's accesses on distinct banks.
 template <class Policy>
 struct SharedLayout {
   using Operand = typename Policy::Operand;
   using Acc = typename Policy::Acc;
-  static constexpr int kChunkLd = kChunk + 16 / static_cast<int>(sizeof(Operand));
-  static constexpr int kTileLd = kTile + 16 / static_cast<int>(sizeof(Operand));
-  static constexpr int kAccLd = kTile + 16 / static_cast<int>(sizeof(Acc));
+  static constexpr int kChunkLd = kChunk + Policy::kChunkPad;
+  static constexpr int kTileLd = kTile + Policy::kTilePad;
+  static constexpr int kAccLd = kTile + Policy::kAccPad;
+  // Where a tile row's stride is a multiple of 4 banks (WMMA's 16-byte pads), the epilogue's 16 rows of a warp would
+  // meet in 8 banks: rows 8..15 of the warp start this many columns later (epilogue_column).
+  static constexpr int kEpilogueSkew = kAccLd * static_cast<int>(sizeof(Acc)) / 4 % 4 == 0 ? 2 : 0;
   static constexpr int kScaleRows = 3;      // RowScale's inverse, squared length and radial flag
   static constexpr int kRowStateRows = 9;   // upstream gradients g1..g3, statistics 0..2, the RowScale
 
@@ -207,8 +210,21 @@ __global__ void __launch_bounds__(kThreads) vector_norms_kernel(const T* data, i
 }
 
 // The epilogues' split of a tile: this thread's row within the tile and its first column (then every second one).
-__device__ __forceinline__ int epilogue_row() { return threadIdx.x >> 1; }
+__host__ __device__ constexpr int epilogue_row_of(int thread) { return thread >> 1; }
+__device__ __forceinline__ int epilogue_row() { return epilogue_row_of(threadIdx.x); }
 __device__ __forceinline__ int epilogue_column() { return threadIdx.x & 1; }
+
+// The k-th (k < 32) of a thread's columns of its tile row in the order the epilogues visit them: its half of the
+// columns, rotated by the layout's skew in rows 8..15 of each warp (SharedLayout::kEpilogueSkew).
+template <class Policy>
+__host__ __device__ constexpr int epilogue_column_of(int thread, int k) {
+  const int skew = (epilogue_row_of(thread) & 8) ? SharedLayout<Policy>::kEpilogueSkew : 0;
+  return ((thread & 1) + 2 * k + skew) & (kTile - 1);
+}
+template <class Policy>
+__device__ __forceinline__ int epilogue_column(int k) {
+  return epilogue_column_of<Policy>(threadIdx.x, k);
+}
 
 // The query row this thread folds in a row-block kernel (block blockIdx.x, rows r0 ..).
 template <class Acc>
@@ -244,7 +260,8 @@ __device__ __forceinline__ SharedLayout<Policy> block_shared() {
 }
 
 // The row pass of a forward epilogue: walks the column tiles of the block's rows and calls
-// visit(s, column_length2, column, positive, negative) on each pair of this thread's row (its half of the columns),
+// visit(s, column_length2, column, positive, negative) on each pair of this thread's row (its half of the columns, in
+// epilogue_column's order: not ascending),
 // s the scaled product (x_i . y_j) r_i r_j and column_length2 the reference's |u|^2. Every thread of the block calls
 // it (it synchronises); the caller then meets its partner thread through from_partner.
 template <class Policy, class Visit>
@@ -257,7 +274,9 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
     if (query.live) {
       const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
 #pragma unroll 1
-      for (int j = epilogue_column(); j < cols; j += 2) {
+      for (int k = 0; k < kTile / 2; ++k) {
+        const int j = epilogue_column<Policy>(k);
+        if (j >= cols) continue;
         bool positive, negative;
         pair_kind(query.label, shared.col_labels[j], query.row, c0 + j, p.self_offset, positive, negative);
         const auto column = column_scale(shared, j);

@@ -138,7 +138,8 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
   Acc* s_row = shared.s + local * Layout::kAccLd;
   Acc sum = 0;
 #pragma unroll 1
-  for (int j = epilogue_column(); j < kTile; j += 2) {
+  for (int k = 0; k < kTile / 2; ++k) {
+    const int j = epilogue_column<Policy>(k);
     const int64_t col = c0 + j;
     Acc ds = 0, s = 0;
     Operand stored = Policy::to_operand(Acc(0));

@@ -7,7 +7,8 @@
 //   WmmaTile<half | bf16>: tensor cores (WMMA m16n16k16), fp32 accumulation;
 //   WmmaTile<Tf32>:        tensor cores in tf32 (m16n16k8) on fp32 operands, for torch's "high" matmul precision;
 //   SimtTile<float | double>: IEEE fused multiply-adds on the CUDA cores (fp32 at "highest" precision, and fp64).
-// Each warp owns a 32 x 32 quarter of C (WMMA: 2 x 2 fragments); under SIMT each thread owns 8 rows x 4 columns.
+// Each warp owns a 32 x 32 quarter of C (WMMA: 2 x 2 fragments); under SIMT each thread owns 8 rows x 4 columns
+// (16 apart).
 //
 // WMMA's loads need 32-byte aligned pointers and leading dimensions that are multiples of 16 bytes: the kernels'
 // shared-memory layout (lse_rows.cu) keeps every tile base 128-byte aligned and pads rows by 16 bytes.
@@ -75,6 +76,12 @@ struct WmmaTile {
   using Operand = typename Traits::Storage;  // what the operand tiles hold in shared memory
   using Acc = float;                         // accumulation, statistics, gradients
   static constexpr int kK = Traits::kK;
+  // Elements added to each row of the shared tiles (engine.cuh's SharedLayout): 16 bytes keep WMMA's leading
+  // dimensions legal (multiples of 16 bytes) and make a row's stride an odd number of 16-byte units, so the 8 rows
+  // a fragment load reads at a time (16 bytes each) fall on distinct banks.
+  static constexpr int kChunkPad = 16 / static_cast<int>(sizeof(Operand));
+  static constexpr int kTilePad = kChunkPad;
+  static constexpr int kAccPad = 16 / static_cast<int>(sizeof(Acc));
   using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;
 
   struct Accumulator {
@@ -140,12 +147,27 @@ struct WmmaTile {
   }
 };
 
+// Thread t owns rows row0() + i (i < kRows) and columns col0() + kColStride j (j < kCols) of C. A warp's two row groups
+// are 8 rows apart and its 16 column lanes adjacent, so a step of the product reads, per warp, 2 elements of A and 16
+// of B, adjacent (row-major B) or ld apart (column-major B): with the pads below every read, and the stores of C, hit
+// distinct banks (4-byte words mod 32; for fp64 per half-warp), which tests/test_cuda_compile.py's bank check holds.
 template <class T>
 struct SimtTile {
   using Operand = T;
   using Acc = T;
   static constexpr int kK = 1;
   static constexpr int kRows = 8, kCols = 4;  // per thread; 8 x 16 threads cover the 64 x 64 tile
+  static constexpr int kColStride = 16;
+  // The chunks' leading dimension odd (33: a column-major read's 16 lanes ld apart), the 64-wide tiles' and C's
+  // 2 mod 4 (66: two row groups 8 rows apart land 16 banks apart; the epilogue's 16 rows 2 banks apart).
+  static constexpr int kChunkPad = 1;
+  static constexpr int kTilePad = 2;
+  static constexpr int kAccPad = 2;
+
+  __host__ __device__ static constexpr int row0_of(int thread) { return (thread / 16) * kRows; }
+  __host__ __device__ static constexpr int col0_of(int thread) { return thread % 16; }
+  __device__ static int row0() { return row0_of(threadIdx.x); }
+  __device__ static int col0() { return col0_of(threadIdx.x); }
 
   struct Accumulator {
     T c[kRows][kCols];
@@ -164,13 +186,13 @@ struct SimtTile {
     host_emulation::count_work(sizeof(T) == 8 ? host_emulation::Work::kDotFp64 : host_emulation::Work::kDotFp32,
                                2ull * kRows * kCols * k);
 #endif
-    const int row0 = (threadIdx.x / 16) * kRows, col0 = (threadIdx.x % 16) * kCols;
+    const int row0 = SimtTile::row0(), col0 = SimtTile::col0();
     for (int kk = 0; kk < k; ++kk) {
       T av[kRows], bv[kCols];
 #pragma unroll
       for (int i = 0; i < kRows; ++i) av[i] = at<LayoutA>(a, lda, row0 + i, kk);
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) bv[j] = at<LayoutB>(b, ldb, kk, col0 + j);
+      for (int j = 0; j < kCols; ++j) bv[j] = at<LayoutB>(b, ldb, kk, col0 + kColStride * j);
 #pragma unroll
       for (int i = 0; i < kRows; ++i)
 #pragma unroll
@@ -179,11 +201,11 @@ struct SimtTile {
   }
 
   __device__ static void store(const Accumulator& acc, Acc* c, int ldc) {
-    const int row0 = (threadIdx.x / 16) * kRows, col0 = (threadIdx.x % 16) * kCols;
+    const int row0 = SimtTile::row0(), col0 = SimtTile::col0();
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) c[(row0 + i) * ldc + col0 + j] = acc.c[i][j];
+      for (int j = 0; j < kCols; ++j) c[(row0 + i) * ldc + col0 + kColStride * j] = acc.c[i][j];
   }
 
   __device__ static Operand to_operand(Acc value) { return value; }
