@@ -122,6 +122,24 @@ void check_wmma(std::mt19937& rng) {
     }
 }
 
+// Each thread copies 16 bytes (4 floats) of `in` to shared memory asynchronously, the last 8 of them zero-filled
+// for odd threads; out gets what shared memory held before the wait (poison), after waiting for all but the newest
+// group (the first copy landed, the second not), and after waiting for all.
+__global__ void async_copy_kernel(const float* in, float* before, float* between, float* after) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  auto* values = reinterpret_cast<float*>(shared_bytes);
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(values + 8 * t, in + 4 * t, 16, t % 2 ? 8 : 0);
+  __pipeline_commit();
+  __pipeline_memcpy_async(values + 8 * t + 4, in + 4 * t, 16);
+  __pipeline_commit();
+  before[t] = values[8 * t];
+  __pipeline_wait_prior(1);
+  for (int i = 0; i < 8; ++i) between[8 * t + i] = values[8 * t + i];
+  __pipeline_wait_prior(0);
+  for (int i = 0; i < 8; ++i) after[8 * t + i] = values[8 * t + i];
+}
+
 __global__ void empty_kernel() {}
 
 int semantics() {
@@ -162,6 +180,20 @@ int semantics() {
     check_wmma<__half, 16, __half>(rng);
     check_wmma<__nv_bfloat16, 16, __nv_bfloat16>(rng);
     check_wmma<nvcuda::wmma::precision::tf32, 8, float>(rng);
+  }
+  {  // asynchronous copies land when waited for, zero-filled where asked
+    std::vector<float> in(4 * 32), before(32), between(8 * 32), after(8 * 32);
+    for (int i = 0; i < 4 * 32; ++i) in[i] = static_cast<float>(i + 1);
+    CHECK(run(async_copy_kernel, dim3(1), dim3(32), 8 * 32 * 4, in.data(), before.data(), between.data(),
+              after.data()) == cudaSuccess);
+    for (int t = 0; t < 32; ++t) {
+      CHECK(std::isnan(before[t]));
+      for (int i = 0; i < 4; ++i) {
+        const float first = t % 2 && i >= 2 ? 0.0f : in[4 * t + i];
+        CHECK(between[8 * t + i] == first && std::isnan(between[8 * t + 4 + i]));
+        CHECK(after[8 * t + i] == first && after[8 * t + 4 + i] == in[4 * t + i]);
+      }
+    }
   }
   {  // launches a GPU refuses are refused, with CUDA's error codes
     CHECK(run(empty_kernel, dim3(1), dim3(1025), 0) == cudaErrorInvalidConfiguration);
@@ -217,6 +249,18 @@ __global__ void shared_unmapped_kernel() {
   if (threadIdx.x == 0) shared_bytes[8192] = 1;  // pages past the launch's size are inaccessible
 }
 
+__global__ void async_unwaited_kernel(const float* in) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  __pipeline_memcpy_async(shared_bytes + 16 * threadIdx.x, in + 4 * threadIdx.x, 16);
+  __pipeline_commit();
+}
+
+__global__ void async_misaligned_kernel(const float* in) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  __pipeline_memcpy_async(shared_bytes + 16 * threadIdx.x, in + 4 * threadIdx.x + 1, 16);
+  __pipeline_wait_prior(0);
+}
+
 int failure(const std::string& which) {
   alignas(32) static __half a[16 * 32];
   static int out[128];
@@ -227,6 +271,9 @@ int failure(const std::string& which) {
   if (which == "wmma_leading_dimension") return run(wmma_leading_dimension_kernel, dim3(1), dim3(32), 0, +a);
   if (which == "shared_overflow") return run(shared_overflow_kernel, dim3(1), dim3(32), 1000);
   if (which == "shared_unmapped") return run(shared_unmapped_kernel, dim3(1), dim3(32), 1000);
+  alignas(16) static float floats[4 * 32 + 4];
+  if (which == "async_unwaited") return run(async_unwaited_kernel, dim3(1), dim3(32), 512, +floats);
+  if (which == "async_misaligned") return run(async_misaligned_kernel, dim3(1), dim3(32), 512, +floats);
   if (which == "outside_kernel") {
     __syncthreads();
     return 0;

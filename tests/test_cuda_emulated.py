@@ -416,6 +416,8 @@ FAILURES = {
     "shared_overflow": "a kernel wrote past its dynamic shared memory",
     "shared_unmapped": None,  # a segmentation fault: the pages past the launch's shared memory are inaccessible
     "outside_kernel": "called outside a kernel",
+    "async_unwaited": "a thread ended its kernel with asynchronous copies not waited for",
+    "async_misaligned": "__pipeline_memcpy_async: an address not aligned to the copy's size",
 }
 
 

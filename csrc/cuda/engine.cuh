@@ -37,9 +37,11 @@ struct SharedLayout {
   static constexpr int kScaleRows = 3;      // RowScale's inverse, squared length and radial flag
   static constexpr int kRowStateRows = 9;   // upstream gradients g1..g3, statistics 0..2, the RowScale
 
+  static constexpr int kStages = Policy::kStages;  // buffers of each chunk (tile_mma.cuh)
+  static constexpr int64_t kChunkBytes = align128(kTile * kChunkLd * sizeof(Operand));
   static constexpr int64_t kXChunk = 0;
-  static constexpr int64_t kYChunk = kXChunk + align128(kTile * kChunkLd * sizeof(Operand));
-  static constexpr int64_t kS = kYChunk + align128(kTile * kChunkLd * sizeof(Operand));
+  static constexpr int64_t kYChunk = kXChunk + kStages * kChunkBytes;
+  static constexpr int64_t kS = kYChunk + kStages * kChunkBytes;
   static constexpr int64_t kRowLabels = kS + align128(kTile * kAccLd * sizeof(Acc));
   static constexpr int64_t kColLabels = kRowLabels + align128(kTile * sizeof(int64_t));
   static constexpr int64_t kColScales = kColLabels + align128(kTile * sizeof(int64_t));
@@ -55,8 +57,8 @@ struct SharedLayout {
   static constexpr int64_t kBackwardBytes = kOutRows;
   static constexpr int64_t kAtomicBackwardBytes = kEnd;
 
-  Operand* x_chunk;     // 64 x kChunk rows of X (padded to kChunkLd)
-  Operand* y_chunk;     // 64 x kChunk rows of Y
+  Operand* x_chunks;    // kStages buffers of 64 x kChunk rows of X (padded to kChunkLd): x_chunk(stage)
+  Operand* y_chunks;    // the same of Y
   Acc* s;               // the 64 x 64 S tile (kAccLd); also where accumulators are staged for global writes
   int64_t* row_labels;  // labels of the tile's rows
   int64_t* col_labels;  // labels of the tile's columns
@@ -68,8 +70,8 @@ struct SharedLayout {
   Operand* out_rows;    // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
 
   __device__ explicit SharedLayout(unsigned char* base)
-      : x_chunk(reinterpret_cast<Operand*>(base + kXChunk)),
-        y_chunk(reinterpret_cast<Operand*>(base + kYChunk)),
+      : x_chunks(reinterpret_cast<Operand*>(base + kXChunk)),
+        y_chunks(reinterpret_cast<Operand*>(base + kYChunk)),
         s(reinterpret_cast<Acc*>(base + kS)),
         row_labels(reinterpret_cast<int64_t*>(base + kRowLabels)),
         col_labels(reinterpret_cast<int64_t*>(base + kColLabels)),
@@ -79,6 +81,9 @@ struct SharedLayout {
         out(reinterpret_cast<Operand*>(base + kOut)),
         sums(reinterpret_cast<Acc*>(base + kSums)),
         out_rows(reinterpret_cast<Operand*>(base + kOutRows)) {}
+
+  __device__ Operand* x_chunk(int stage) const { return x_chunks + stage * (kChunkBytes / sizeof(Operand)); }
+  __device__ Operand* y_chunk(int stage) const { return y_chunks + stage * (kChunkBytes / sizeof(Operand)); }
 };
 
 // dst[64 x width] (leading dimension ld) = src[row0 :, col0 :] with zeros past rows_total / cols_total.
@@ -90,6 +95,47 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, int width, const T* sr
     const int64_t row = row0 + r, col = col0 + c;
     dst[r * ld + c] = (row < rows_total && col < cols_total) ? src[row * stride + col] : T(0.0f);
   }
+}
+
+// The widest asynchronous copy (16, 8 or 4 bytes) that rows of T at `rows` (row stride `stride` elements) and shared
+// rows `ld` elements apart are both aligned to, for tiles starting at columns that are multiples of 32; 0 where
+// none is (2-byte rows at odd offsets or strides): such tiles are loaded by plain loads and stores.
+template <class T>
+__device__ __forceinline__ int async_copy_bytes(const T* rows, int64_t stride, int ld) {
+  for (int bytes = 16; bytes >= 4 && bytes >= static_cast<int>(sizeof(T)); bytes /= 2) {
+    if (reinterpret_cast<uintptr_t>(rows) % bytes == 0 && stride * static_cast<int64_t>(sizeof(T)) % bytes == 0 &&
+        ld * static_cast<int>(sizeof(T)) % bytes == 0)
+      return bytes;
+  }
+  return 0;
+}
+
+// load_tile's tile by asynchronous copies (cp.async, zero-filled past rows_total / cols_total; a plain load_tile where
+// async_copy_bytes finds no common alignment). The caller commits them (__pipeline_commit) and waits for them
+// (__pipeline_wait_prior) before the barrier after which the tile is read. width: a multiple of 8.
+template <class T>
+__device__ __forceinline__ void load_tile_async(T* dst, int ld, int width, const T* src, int64_t stride, int64_t row0,
+                                                int64_t rows_total, int64_t col0, int64_t cols_total) {
+  const int bytes = async_copy_bytes(src, stride, ld);
+  if (bytes == 0) {
+    load_tile(dst, ld, width, src, stride, row0, rows_total, col0, cols_total);
+    return;
+  }
+  const int per_copy = bytes / static_cast<int>(sizeof(T)), copies_per_row = width / per_copy;
+  for (int index = threadIdx.x; index < kTile * copies_per_row; index += kThreads) {
+    const int r = index / copies_per_row, c = (index % copies_per_row) * per_copy;
+    const int64_t row = row0 + r, col = col0 + c;
+    const int64_t in_range = row < rows_total ? cols_total - col : 0;
+    const int valid = in_range <= 0 ? 0 : (in_range >= per_copy ? per_copy : static_cast<int>(in_range));
+    __pipeline_memcpy_async(dst + r * ld + c, valid > 0 ? src + row * stride + col : src, bytes,
+                            (per_copy - valid) * sizeof(T));
+  }
+}
+
+// Starts the asynchronous copies issued so far and waits for all of them (the caller's barrier then publishes them).
+__device__ __forceinline__ void finish_async_copies() {
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
 }
 
 __device__ __forceinline__ void load_labels(int64_t* dst, const int64_t* labels, int64_t start, int64_t total) {
@@ -113,35 +159,56 @@ __device__ __forceinline__ void load_transposed_tile(T* dst, int ld, int width, 
   }
 }
 
-// shared.s = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0) fills
-// shared.x_chunk and shared.y_chunk with their columns d0 .. d0 + kChunk. Ends synchronised.
-template <class Policy, class LoadChunks>
+// shared.s = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0, stage) fills
+// shared.x_chunk(stage) and shared.y_chunk(stage) with their columns d0 .. d0 + kChunk, by asynchronous copies
+// (load_tile_async) or plain stores. With two stages the next chunk's copies are in flight during this chunk's
+// product; kPrefetch = false uses one (fewer registers: the atomic backward, which holds four dX accumulators, spilled
+// on sm_90a with two). Ends synchronised.
+template <class Policy, bool kPrefetch = true, class LoadChunks>
 __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks) {
   using Layout = SharedLayout<Policy>;
+  constexpr int kStages = kPrefetch ? Layout::kStages : 1;
   typename Policy::Accumulator acc;
   Policy::zero(acc);
+  if (d > 0) {
+    load_chunks(int64_t{0}, 0);
+    __pipeline_commit();
+  }
+  int stage = 0;
   for (int64_t d0 = 0; d0 < d; d0 += kChunk) {
-    load_chunks(d0);
+    const bool more = d0 + kChunk < d;
+    if (kStages > 1 && more) {
+      load_chunks(d0 + kChunk, stage ^ 1);
+      __pipeline_commit();
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
+    }
     __syncthreads();
     // B = Y^T: element (k, j) is Y[j][k], a column-major read of the Y chunk
-    Policy::template mma<RowMajor, ColMajor>(acc, shared.x_chunk, Layout::kChunkLd, shared.y_chunk,
+    Policy::template mma<RowMajor, ColMajor>(acc, shared.x_chunk(stage), Layout::kChunkLd, shared.y_chunk(stage),
                                              Layout::kChunkLd, kChunk);
     __syncthreads();
+    if (kStages == 1 && more) {
+      load_chunks(d0 + kChunk, 0);
+      __pipeline_commit();
+    }
+    if (kStages > 1) stage ^= 1;
   }
   Policy::store(acc, shared.s, Layout::kAccLd);
   __syncthreads();
 }
 
 // shared.s = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T. Ends synchronised.
-template <class Policy>
+template <class Policy, bool kPrefetch = true>
 __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
   using Layout = SharedLayout<Policy>;
   using Operand = typename Policy::Operand;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
-  product_tile<Policy>(p.d, shared, [&](int64_t d0) {
-    load_tile(shared.x_chunk, Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
-    load_tile(shared.y_chunk, Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
+  product_tile<Policy, kPrefetch>(p.d, shared, [&](int64_t d0, int stage) {
+    load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    load_tile_async(shared.y_chunk(stage), Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
   });
 }
 

@@ -119,6 +119,7 @@ void run_thread(Launch& launch, int linear) {
     state.block_idx = unflatten(b, launch.shape.grid);
     state.exchange_parity = 0;
     launch.body(launch.context);
+    if (!async_copies.empty()) fail("a thread ended its kernel with asynchronous copies not waited for");
     // Returned from the kernel: later barriers of this block no longer wait for this thread (and fail if they are
     // reached by the others).
     Warp& warp = *launch.block.warps[state.warp];

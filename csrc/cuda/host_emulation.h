@@ -17,7 +17,11 @@
 //   mask on 4- and 8-byte arithmetic types; atomicAdd on float and double; fma; __half and __nv_bfloat16 storage with
 //   exact round-to-nearest-even conversions from float (no arithmetic on them); WMMA fragments m16n16k16 (__half,
 //   __nv_bfloat16) and m16n16k8 (precision::tf32) with float accumulators: fill_fragment, load_matrix_sync (A and B),
-//   mma_sync, store_matrix_sync, __float_to_tf32 (round to nearest, ties away, as cvt.rna.tf32.f32); the runtime
+//   mma_sync, store_matrix_sync, __float_to_tf32 (round to nearest, ties away, as cvt.rna.tf32.f32); asynchronous
+//   copies to shared memory (cuda_pipeline_primitives.h's __pipeline_memcpy_async of 4, 8 or 16 aligned bytes with
+//   zero fill, __pipeline_commit, __pipeline_wait_prior: a group's bytes land when a wait lets it, not at issue, so a
+//   read before its wait sees the poisoned memory; a thread that ends with copies not waited for stops the process);
+//   the runtime
 //   calls cudaLaunchKernelEx, cudaFuncSetAttribute (cudaFuncAttributeMaxDynamicSharedMemorySize),
 //   cudaDeviceGetAttribute (cudaDevAttrMaxSharedMemoryPerBlockOptin: an sm_90 GPU's 227 KB unless
 //   METRIC_KERNELS_EMULATED_SHARED_BYTES says otherwise), cudaGetErrorString. Launches are checked as a GPU checks them
@@ -40,10 +44,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---- qualifiers ----------------------------------------------------------------------------------------------------
 #define __global__
@@ -132,6 +138,20 @@ inline float bfloat16_bits_to_float(std::uint16_t bits) {
   return value;
 }
 
+// A thread's asynchronous copies (__pipeline_memcpy_async): those issued since its last commit, and its committed
+// groups, oldest first, which land when __pipeline_wait_prior reaches them.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  std::size_t bytes, zero_fill;
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> committed;
+  bool empty() const { return open.empty() && committed.empty(); }
+};
+inline thread_local AsyncCopies async_copies;
+
 // What the kernels would make a GPU do, counted as the emulation runs them (the work counters of
 // `metric_kernels.cuda_emulated.work()`): the products' floating-point operations by operand type (a WMMA mma_sync
 // counts 2 M N K for the warp, a SimtTile step its fmas) and the atomic additions to global memory.
@@ -169,6 +189,38 @@ inline float atomicAdd(float* address, float value) {
 inline double atomicAdd(double* address, double value) {
   metric_kernels::host_emulation::count_work(metric_kernels::host_emulation::Work::kAtomics, 1);
   return std::atomic_ref<double>(*address).fetch_add(value);
+}
+
+// cp.async of `size` bytes (4, 8 or 16; both addresses aligned to it) of which the last `zero_fill` are zeros
+// instead of src's (src is not read past size - zero_fill).
+inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t size, std::size_t zero_fill = 0) {
+  using metric_kernels::host_emulation::fail;
+  metric_kernels::host_emulation::this_thread();
+  if (size != 4 && size != 8 && size != 16) fail("__pipeline_memcpy_async: only 4, 8 or 16 bytes are emulated");
+  if (zero_fill > size) fail("__pipeline_memcpy_async: more zero fill than bytes");
+  if (reinterpret_cast<std::uintptr_t>(dst) % size != 0 ||
+      (zero_fill < size && reinterpret_cast<std::uintptr_t>(src) % size != 0))
+    fail("__pipeline_memcpy_async: an address not aligned to the copy's size");
+  metric_kernels::host_emulation::async_copies.open.push_back({dst, src, size, zero_fill});
+}
+
+inline void __pipeline_commit() {
+  auto& copies = metric_kernels::host_emulation::async_copies;
+  copies.committed.push_back(std::move(copies.open));
+  copies.open.clear();
+}
+
+// Waits until at most `prior` of this thread's committed groups are in flight.
+inline void __pipeline_wait_prior(std::size_t prior) {
+  auto& copies = metric_kernels::host_emulation::async_copies;
+  while (copies.committed.size() > prior) {
+    for (const auto& copy : copies.committed.front()) {
+      const std::size_t read = copy.bytes - copy.zero_fill;
+      std::memcpy(copy.dst, copy.src, read);
+      std::memset(static_cast<char*>(copy.dst) + read, 0, copy.zero_fill);
+    }
+    copies.committed.pop_front();
+  }
 }
 
 // CUDA's fma overloads (the C library declares only the double one globally): one rounding, as on the GPU.

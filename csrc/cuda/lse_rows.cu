@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels, p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
-    similarity_tile<Policy>(p, r0, c0, shared);
+    similarity_tile<Policy, !kAtomic>(p, r0, c0, shared);
     row_sum += ds_tile<Policy>(bp, r0, c0, shared);
     __syncthreads();
     if (kAtomic && own_term) {  // the columns' coefficients, from the shares ds_tile left in S
@@ -225,28 +225,32 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
         shared.sums[threadIdx.x] = shared.sums[threadIdx.x] * inverse * inverse;
       }
     }
+    if (kAtomic) {
+      // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term (its rows Y[c0.., e0..] read
+      // from global memory): a column-major read of P is its transpose. A loop of its own, not unrolled, apart from
+      // the dX slices below: the four dX accumulators leave few registers.
+#pragma unroll 1
+      for (int64_t e0 = span0; e0 < span0 + kSpan<Policy> && e0 < p.d; e0 += kTile) {
+        __syncthreads();  // the previous slice's readers of out_rows and S are done (and column_sums)
+        load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+        __syncthreads();
+        Policy::template product_to<ColMajor, RowMajor>(shared.s, Layout::kAccLd, shared.ds, Layout::kTileLd,
+                                                        shared.out_rows, Layout::kTileLd, kTile);
+        __syncthreads();
+        write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
+                           {own_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
+      }
+    }
 #pragma unroll
     for (int slice = 0; slice < kSlices<Policy>; ++slice) {
       const int64_t e0 = span0 + slice * kTile;
       if (e0 >= p.d) break;
-      __syncthreads();  // the previous slice's readers of out, out_rows and S are done (and column_sums)
-      load_tile(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
-      if (kAtomic) load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+      __syncthreads();  // the previous readers of out are done (and column_sums' of S)
+      load_tile_async(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
+      finish_async_copies();
       __syncthreads();
       Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd,
                                                kTile);
-      if (kAtomic) {
-        // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term: a column-major read of P is
-        // its transpose; the term's rows Y[c0.., e0..] are in shared.out
-        typename Policy::Accumulator dy;
-        Policy::zero(dy);
-        Policy::template mma<ColMajor, RowMajor>(dy, shared.ds, Layout::kTileLd, shared.out_rows, Layout::kTileLd,
-                                                 kTile);
-        Policy::store(dy, shared.s, Layout::kAccLd);
-        __syncthreads();
-        write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
-                           {own_term ? shared.sums : nullptr, shared.out, Layout::kTileLd}, unscale);
-      }
     }
     __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums, the labels and the scales
   }
@@ -305,7 +309,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
       const int64_t e0 = span0 + slice * kTile;
       if (e0 >= p.d) break;
       if (slice > 0) __syncthreads();  // the previous slice's product has read out
-      load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+      load_tile_async(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+      finish_async_copies();
       __syncthreads();
       Policy::template mma<ColMajor, RowMajor>(dy[slice], shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd,
                                                kTile);

@@ -36,9 +36,9 @@ __device__ void classifier_tile(const CudaMarginSoftmaxParams& p, int64_t r0, in
   using Operand = typename Policy::Operand;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* w = static_cast<const Operand*>(p.w);
-  product_tile<Policy>(p.d, shared, [&](int64_t d0) {
-    load_tile(shared.x_chunk, Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
-    load_transposed_tile(shared.y_chunk, Layout::kChunkLd, kChunk, w, p.w_stride, d0, p.d, j0, j_end);
+  product_tile<Policy>(p.d, shared, [&](int64_t d0, int stage) {
+    load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    load_transposed_tile(shared.y_chunk(stage), Layout::kChunkLd, kChunk, w, p.w_stride, d0, p.d, j0, j_end);
   });
 }
 

@@ -19,6 +19,7 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 #endif
 
@@ -82,6 +83,7 @@ struct WmmaTile {
   static constexpr int kChunkPad = 16 / static_cast<int>(sizeof(Operand));
   static constexpr int kTilePad = kChunkPad;
   static constexpr int kAccPad = 16 / static_cast<int>(sizeof(Acc));
+  static constexpr int kStages = 2;  // D chunks in flight: the next one's asynchronous copy overlaps this one's product
   using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;
 
   struct Accumulator {
@@ -126,6 +128,37 @@ struct WmmaTile {
     }
   }
 
+  // c[64 x 64] (row-major, leading dimension ldc) = op(A)[64 x k] op(B)[k x 64], one 16 x 16 fragment at a time:
+  // for callers that hold other accumulators (one fragment's registers live instead of a whole Accumulator's).
+  template <class LayoutA, class LayoutB>
+  __device__ static void product_to(Acc* c, int ldc, const Operand* a, int lda, const Operand* b, int ldb, int k) {
+    namespace wmma = nvcuda::wmma;
+    using WmmaA = typename std::conditional<LayoutA::kColumnMajor, wmma::col_major, wmma::row_major>::type;
+    using WmmaB = typename std::conditional<LayoutB::kColumnMajor, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32, row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
+#pragma unroll 1
+    for (int part = 0; part < 4; ++part) {
+      const int i = part / 2, j = part % 2;
+      Fragment acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll 1
+      for (int kk = 0; kk < k; kk += kK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Precision, WmmaA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Precision, WmmaB> fb;
+        wmma::load_matrix_sync(fa, offset<LayoutA>(a, lda, row0 + 16 * i, kk), lda);
+        wmma::load_matrix_sync(fb, offset<LayoutB>(b, ldb, kk, col0 + 16 * j), ldb);
+        if constexpr (std::is_same<Tag, Tf32>::value) {
+#pragma unroll
+          for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+#pragma unroll
+          for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+        }
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(c + (row0 + 16 * i) * ldc + col0 + 16 * j, acc, ldc, wmma::mem_row_major);
+    }
+  }
+
   // c[64 x 64] (row-major, leading dimension ldc) = acc
   __device__ static void store(const Accumulator& acc, Acc* c, int ldc) {
     const int warp = threadIdx.x / 32, row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
@@ -163,6 +196,8 @@ struct SimtTile {
   static constexpr int kChunkPad = 1;
   static constexpr int kTilePad = 2;
   static constexpr int kAccPad = 2;
+  // fp64's second stage would take the backward's shared memory past an sm_80's 163 KB
+  static constexpr int kStages = sizeof(T) == 8 ? 1 : 2;
 
   __host__ __device__ static constexpr int row0_of(int thread) { return (thread / 16) * kRows; }
   __host__ __device__ static constexpr int col0_of(int thread) { return thread % 16; }
@@ -198,6 +233,14 @@ struct SimtTile {
 #pragma unroll
         for (int j = 0; j < kCols; ++j) acc.c[i][j] = fma(av[i], bv[j], acc.c[i][j]);
     }
+  }
+
+  template <class LayoutA, class LayoutB>
+  __device__ static void product_to(Acc* c, int ldc, const T* a, int lda, const T* b, int ldb, int k) {
+    Accumulator acc;
+    zero(acc);
+    mma<LayoutA, LayoutB>(acc, a, lda, b, ldb, k);
+    store(acc, c, ldc);
   }
 
   __device__ static void store(const Accumulator& acc, Acc* c, int ldc) {
