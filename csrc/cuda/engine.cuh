@@ -22,6 +22,21 @@ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 // How many 64-wide tiles cover `size`.
 inline int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
+// How many 64-wide slices of D one backward block holds (lse_rows.cu, margin_softmax.cu), their accumulators in
+// registers: the whole of D up to 256, so that each pass recomputes every product tile once (blocks along D only above
+// that, each recomputing the tile). fp64's accumulators (64 registers a slice) allow one.
+template <class Policy>
+constexpr int kSlices = sizeof(typename Policy::Acc) == 8 ? 1 : 4;
+
+// Columns of D per backward block, and how many such blocks cover D.
+template <class Policy>
+constexpr int64_t kSpan = int64_t{kTile} * kSlices<Policy>;
+
+template <class Policy>
+unsigned spans(int64_t d) {
+  return static_cast<unsigned>((d + kSpan<Policy> - 1) / kSpan<Policy>);
+}
+
 // Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded by 16 bytes,
 // which keeps WMMA's leading dimensions legal and spreads rows over the banks.
 template <class Policy>

@@ -177,21 +177,6 @@ __device__ __forceinline__ bool has_own_direction_term(const CudaPairRowsParams&
   return p.normalize || has_norm_term(p.pair_value);
 }
 
-// How many 64-wide slices of D one backward block holds, their accumulators in registers: the whole of D up to 256,
-// so that each pass recomputes every S tile once (blocks along D only above that, each recomputing S). fp64's
-// accumulators (64 registers a slice) allow one.
-template <class Policy>
-constexpr int kSlices = sizeof(typename Policy::Acc) == 8 ? 1 : 4;
-
-// Columns of D per backward block, and how many such blocks cover D.
-template <class Policy>
-constexpr int64_t kSpan = int64_t{kTile} * kSlices<Policy>;
-
-template <class Policy>
-unsigned spans(int64_t d) {
-  return static_cast<unsigned>((d + kSpan<Policy> - 1) / kSpan<Policy>);
-}
-
 // The dX pass: rows r0.. against every column tile, dX = P Y for the block's span of D (one S per tile); kAtomic also
 // adds dY = P^T X of each tile into dy atomically (3 matmul-equivalents in all instead of 4).
 template <class Policy, bool kAtomic>
