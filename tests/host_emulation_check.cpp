@@ -286,7 +286,8 @@ int failure(const std::string& which) {
 
 template <class T, class Acc>
 int kernels(Operand operand, std::mt19937& rng) {
-  const int n = 70, m = 90, d = 40;
+  // D = 136: three 64-wide slices in a backward block (the last ragged), two blocks along D in the atomic backward
+  const int n = 70, m = 90, d = 136;
   std::normal_distribution<float> normal(0.0f, 0.2f);
   std::vector<T> x(n * d), y(m * d);
   for (auto& e : x) e = T(normal(rng));
@@ -309,13 +310,15 @@ int kernels(Operand operand, std::mt19937& rng) {
                            same ? x_labels.data() : y_labels.data(), n, same ? n : m, d, d, d, same ? 0 : -1,
                            kind, 0.25, 8.0, operand};
       p.pair_value = pair, p.x_sq = x_sq.data(), p.y_sq = same ? x_sq.data() : y_sq.data();
-      std::vector<Acc> stats(3 * n), grad(3 * n, Acc(0.5)), dx(n * d, 0), dy(m * d, 0);
+      p.normalize = pair == 0;  // the normalisation's row and column terms in shared memory too
+      std::vector<Acc> stats(4 * n), grad(4 * n, Acc(0.5)), dx(n * d, 0), dy(m * d, 0), gradient_scale(1);
       errors += lse_rows_forward(p, stats.data(), nullptr) != 0;
       for (int atomic = 0; atomic < (supports_atomic_backward(operand) ? 2 : 1); ++atomic) {
         std::fill(dx.begin(), dx.end(), Acc(0));
         std::fill(dy.begin(), dy.end(), Acc(0));
-        const CudaPairRowsBackwardParams bp{p, grad.data(), stats.data(), dx.data(), same ? dx.data() : dy.data(),
-                                            same, atomic == 1};
+        const CudaPairRowsBackwardParams bp{p,    grad.data(), stats.data(), dx.data(), same ? dx.data() : dy.data(),
+                                            same, atomic == 1,
+                                            operand == Operand::kFloat16 ? gradient_scale.data() : nullptr};
         errors += lse_rows_backward(bp, nullptr) != 0;
       }
     }

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_rel_close, grads
-from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _tf32_rounded
+from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _dot_work, _tf32_rounded
 from tests.test_fused import MISSING, _fused_backend_is_built  # noqa: F401 (the autouse fixture)
 
 # The fused backends whose kernels compute the classifiers (metric_kernels/_fused.py, CLASSIFIER_ROWS); one missing
@@ -216,15 +216,11 @@ def _reference_stats(x, weight, labels, scale, sub_centers):
     return torch.logsumexp(others, dim=1), target
 
 
-@pytest.mark.parametrize("operand", list(OPERANDS))
-@pytest.mark.parametrize("sub_centers", [1, 3])
-def test_cuda_kernels_on_every_operand_type(operand, sub_centers):
-    """The CUDA kernels' ops under the host emulation with the operand types only the ops reach (the backends pass
-    fp32 rows for half inputs): 16-bit and tf32 tiles on the emulated tensor cores, against float64 on the rounded
-    rows (tf32 rounds inside the products)."""
+def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale):
+    """The ops of the CUDA kernels under the host emulation on rows of `operand`: statistics and both gradients
+    against float64 on the rounded rows (tf32 rounds inside the products)."""
     if "cuda-emulated" in MISSING:
         pytest.fail(f"backend 'cuda-emulated' is not usable here: {MISSING['cuda-emulated']}")
-    n, dim, classes, scale = 70, 40, 45, 6.0
     x, weight, labels = _inputs(17, n, dim, classes, sub_centers)
     dtype = OPERANDS[operand]
     xs, ws = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
@@ -243,6 +239,56 @@ def test_cuda_kernels_on_every_operand_type(operand, sub_centers):
     assert dx.dtype == dtype and dw.dtype == dtype
     assert_rel_close(dx, expected[0], grad_rtol, f"{operand} dx")
     assert_rel_close(dw, expected[1], grad_rtol, f"{operand} dw")
+
+
+@pytest.mark.parametrize("operand", list(OPERANDS))
+@pytest.mark.parametrize("sub_centers", [1, 3])
+def test_cuda_kernels_on_every_operand_type(operand, sub_centers):
+    """The CUDA kernels' ops under the host emulation with the operand types only the ops reach (the backends pass
+    fp32 rows for half inputs): 16-bit and tf32 tiles on the emulated tensor cores, against float64 on the rounded
+    rows (tf32 rounds inside the products)."""
+    _check_cuda_kernels(operand, sub_centers, 70, 40, 45, 6.0)
+
+
+@pytest.mark.parametrize("operand, dim, sub_centers", [("fp32", 300, 1), ("bf16", 300, 3), ("fp64", 130, 1)])
+def test_cuda_backward_over_several_spans_of_d(operand, dim, sub_centers):
+    """D wider than one backward block holds (256 columns; fp64: 64): blocks along D, each recomputing the product
+    tiles, a ragged last span and a ragged slice within it."""
+    _check_cuda_kernels(operand, sub_centers, 70, dim, 45, 6.0)
+
+
+@pytest.mark.parametrize("dim", [128, 256])
+@pytest.mark.parametrize("operand", ["bf16", "fp32"])
+def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
+    """The work the CUDA kernels give a GPU, counted by the emulation: the forward forms each product tile once
+    (1 matmul-equivalent, 2 N C D FLOPs); with the whole of D (up to 256) in one block, the dX pass recomputes each
+    tile once and takes dS W^T from it (2), the dW pass likewise X^T dS (2); every product of bf16 rows runs on 16-bit
+    operands, of fp32 rows on fp32 (tf32 not allowed); no atomics."""
+    if "cuda-emulated" in MISSING:
+        pytest.fail(f"backend 'cuda-emulated' is not usable here: {MISSING['cuda-emulated']}")
+    dtype = OPERANDS[operand]
+    kind_of_dot = {"bf16": 0, "fp32": 2}[operand]  # _dot_work's order: 16-bit, tf32, fp32, fp64
+    n = classes = 128
+    g = torch.Generator().manual_seed(dim)
+    x, weight = torch.randn(n, dim, generator=g).to(dtype), torch.randn(dim, classes, generator=g).to(dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    ops = torch.ops.metric_kernels
+    args = (x, weight, labels, 1, 10.0, True)
+    stats = ops.cuda_emulated_margin_softmax_rows(*args, False)
+    upstream = torch.randn(2, n, generator=g).to(stats.dtype)
+
+    def backward(need_dx):
+        return lambda: ops.cuda_emulated_margin_softmax_rows_backward(upstream, stats, *args, need_dx, not need_dx,
+                                                                      False)
+
+    runs = {"forward": (lambda: ops.cuda_emulated_margin_softmax_rows(*args, False), 1.0),
+            "dX pass": (backward(True), 2.0), "dW pass": (backward(False), 2.0)}
+    matmul = 2.0 * n * classes * dim
+    for name, (run, expected) in runs.items():
+        flops, atomics = _dot_work(run)
+        assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
+        assert flops[kind_of_dot] / matmul == expected, f"{operand} {name}: {flops[kind_of_dot] / matmul}"
+        assert atomics == 0, f"{operand} {name}: {atomics} atomics"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -22,6 +22,22 @@ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 // How many 64-wide tiles cover `size`.
 inline int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
+// How many 64-wide slices of D one backward block holds (lse_rows.cu, margin_softmax.cu), their accumulators in
+// registers: the whole of D up to 256, so that each pass recomputes every product tile once (blocks along D only above
+// that, each recomputing the tile). fp64's accumulators (64 registers a slice) allow one. kAtomic: the atomic dX pass,
+// which also forms dY = P^T X per slice, holds half as many (with four, ptxas spilled on sm_90a).
+template <class Policy, bool kAtomic = false>
+constexpr int kSlices = sizeof(typename Policy::Acc) == 8 ? 1 : (kAtomic ? 2 : 4);
+
+// Columns of D per backward block, and how many such blocks cover D.
+template <class Policy, bool kAtomic = false>
+constexpr int64_t kSpan = int64_t{kTile} * kSlices<Policy, kAtomic>;
+
+template <class Policy, bool kAtomic = false>
+unsigned spans(int64_t d) {
+  return static_cast<unsigned>((d + kSpan<Policy, kAtomic> - 1) / kSpan<Policy, kAtomic>);
+}
+
 // Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded as the tile policy
 // says (tile_mma.cuh): WMMA's leading dimensions legal, and a warp's accesses on distinct banks.
 template <class Policy>
@@ -57,33 +73,34 @@ struct SharedLayout {
   static constexpr int64_t kBackwardBytes = kOutRows;
   static constexpr int64_t kAtomicBackwardBytes = kEnd;
 
-  Operand* x_chunks;    // kStages buffers of 64 x kChunk rows of X (padded to kChunkLd): x_chunk(stage)
-  Operand* y_chunks;    // the same of Y
-  Acc* s;               // the 64 x 64 S tile (kAccLd); also where accumulators are staged for global writes
-  int64_t* row_labels;  // labels of the tile's rows
-  int64_t* col_labels;  // labels of the tile's columns
-  Acc* col_scales;      // 3 x 64: the RowScale of the tile's columns (inverse, squared length, radial as 0 / 1)
-  Acc* row_state;       // 9 x 64: upstream gradients g1, g2, g3, statistics 0..2 and the RowScale of the tile's rows
-  Operand* ds;          // the 64 x 64 dS tile, as an MMA operand (kTileLd)
-  Operand* out;         // 64 x 64 of Y (dX pass) or X (dY pass) at the output's D columns
-  Acc* sums;            // 64 row or column sums of dS: the distances' norm terms (epilogue.h, has_norm_term)
-  Operand* out_rows;    // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
+  // The regions, computed from the one base pointer where they are used (a kernel holding a dozen 64-bit pointers in
+  // registers ran short of them).
+  unsigned char* base;
 
-  __device__ explicit SharedLayout(unsigned char* base)
-      : x_chunks(reinterpret_cast<Operand*>(base + kXChunk)),
-        y_chunks(reinterpret_cast<Operand*>(base + kYChunk)),
-        s(reinterpret_cast<Acc*>(base + kS)),
-        row_labels(reinterpret_cast<int64_t*>(base + kRowLabels)),
-        col_labels(reinterpret_cast<int64_t*>(base + kColLabels)),
-        col_scales(reinterpret_cast<Acc*>(base + kColScales)),
-        row_state(reinterpret_cast<Acc*>(base + kRowState)),
-        ds(reinterpret_cast<Operand*>(base + kDs)),
-        out(reinterpret_cast<Operand*>(base + kOut)),
-        sums(reinterpret_cast<Acc*>(base + kSums)),
-        out_rows(reinterpret_cast<Operand*>(base + kOutRows)) {}
+  __device__ explicit SharedLayout(unsigned char* bytes) : base(bytes) {}
 
-  __device__ Operand* x_chunk(int stage) const { return x_chunks + stage * (kChunkBytes / sizeof(Operand)); }
-  __device__ Operand* y_chunk(int stage) const { return y_chunks + stage * (kChunkBytes / sizeof(Operand)); }
+  template <class T>
+  __device__ T* at(int64_t offset) const {
+    return reinterpret_cast<T*>(base + offset);
+  }
+  // stage `stage` of the 64 x kChunk rows of X (padded to kChunkLd), and of Y
+  __device__ Operand* x_chunk(int stage) const { return at<Operand>(kXChunk + stage * kChunkBytes); }
+  __device__ Operand* y_chunk(int stage) const { return at<Operand>(kYChunk + stage * kChunkBytes); }
+  // the 64 x 64 S tile (kAccLd); also where accumulators are staged for global writes
+  __device__ Acc* s() const { return at<Acc>(kS); }
+  __device__ int64_t* row_labels() const { return at<int64_t>(kRowLabels); }  // labels of the tile's rows
+  __device__ int64_t* col_labels() const { return at<int64_t>(kColLabels); }  // labels of the tile's columns
+  // 3 x 64: the RowScale of the tile's columns (inverse, squared length, radial as 0 / 1)
+  __device__ Acc* col_scales() const { return at<Acc>(kColScales); }
+  // 9 x 64: upstream gradients g1, g2, g3, statistics 0..2 and the RowScale of the tile's rows
+  __device__ Acc* row_state() const { return at<Acc>(kRowState); }
+  __device__ Operand* ds() const { return at<Operand>(kDs); }  // the 64 x 64 dS tile, as an MMA operand (kTileLd)
+  // 64 x 64 of Y (dX pass) or X (dY pass) at the output's D columns
+  __device__ Operand* out() const { return at<Operand>(kOut); }
+  // 64 row or column coefficients of the rows' own direction in their gradients
+  __device__ Acc* sums() const { return at<Acc>(kSums); }
+  // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
+  __device__ Operand* out_rows() const { return at<Operand>(kOutRows); }
 };
 
 // dst[64 x width] (leading dimension ld) = src[row0 :, col0 :] with zeros past rows_total / cols_total.
@@ -159,7 +176,7 @@ __device__ __forceinline__ void load_transposed_tile(T* dst, int ld, int width, 
   }
 }
 
-// shared.s = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0, stage) fills
+// shared.s() = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0, stage) fills
 // shared.x_chunk(stage) and shared.y_chunk(stage) with their columns d0 .. d0 + kChunk, by asynchronous copies
 // (load_tile_async) or plain stores. With two stages the next chunk's copies are in flight during this chunk's
 // product; kPrefetch = false uses one (fewer registers: the atomic backward, which holds four dX accumulators, spilled
@@ -195,11 +212,11 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
     }
     if (kStages > 1) stage ^= 1;
   }
-  Policy::store(acc, shared.s, Layout::kAccLd);
+  Policy::store(acc, shared.s(), Layout::kAccLd);
   __syncthreads();
 }
 
-// shared.s = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T. Ends synchronised.
+// shared.s() = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T. Ends synchronised.
 template <class Policy, bool kPrefetch = true>
 __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
   using Layout = SharedLayout<Policy>;
@@ -234,7 +251,7 @@ __device__ __forceinline__ RowScale<Acc> row_scale(const void* sq, int64_t index
   return {inverse, squared * inverse * inverse, radial};
 }
 
-// Threads t < 64: the RowScale of the tile's column t (reference c0 + t; r = 1 past M) into shared.col_scales.
+// Threads t < 64: the RowScale of the tile's column t (reference c0 + t; r = 1 past M) into shared.col_scales().
 template <class Policy>
 __device__ __forceinline__ void load_column_scales(const CudaPairRowsParams& p, int64_t c0,
                                                    SharedLayout<Policy>& shared) {
@@ -242,16 +259,16 @@ __device__ __forceinline__ void load_column_scales(const CudaPairRowsParams& p, 
   if (threadIdx.x < kTile) {
     const int64_t column = c0 + threadIdx.x;
     const RowScale<Acc> scale = column < p.m ? row_scale<Acc>(p.y_sq, column, p.normalize) : RowScale<Acc>{1, 0, false};
-    shared.col_scales[threadIdx.x] = scale.inverse;
-    shared.col_scales[kTile + threadIdx.x] = scale.length2;
-    shared.col_scales[2 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
+    shared.col_scales()[threadIdx.x] = scale.inverse;
+    shared.col_scales()[kTile + threadIdx.x] = scale.length2;
+    shared.col_scales()[2 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
   }
 }
 
 // Column j's RowScale as load_column_scales left it.
 template <class Policy>
 __device__ __forceinline__ RowScale<typename Policy::Acc> column_scale(const SharedLayout<Policy>& shared, int j) {
-  return {shared.col_scales[j], shared.col_scales[kTile + j], shared.col_scales[2 * kTile + j] != 0};
+  return {shared.col_scales()[j], shared.col_scales()[kTile + j], shared.col_scales()[2 * kTile + j] != 0};
 }
 
 // out[i] = |v_i|^2 (kInverse: 1 / max(|v_i|, eps)) of `count` vectors of `length` elements, element k of vector i
@@ -335,7 +352,7 @@ template <class Policy, class Visit>
 __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, const QueryRow<typename Policy::Acc>& query,
                                                   SharedLayout<Policy>& shared, Visit&& visit) {
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
-    load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
     similarity_tile<Policy>(p, query.r0, c0, shared);
     if (query.live) {
@@ -345,9 +362,9 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
         const int j = epilogue_column<Policy>(k);
         if (j >= cols) continue;
         bool positive, negative;
-        pair_kind(query.label, shared.col_labels[j], query.row, c0 + j, p.self_offset, positive, negative);
+        pair_kind(query.label, shared.col_labels()[j], query.row, c0 + j, p.self_offset, positive, negative);
         const auto column = column_scale(shared, j);
-        visit(shared.s[query.local * SharedLayout<Policy>::kAccLd + j] * query.scale.inverse * column.inverse,
+        visit(shared.s()[query.local * SharedLayout<Policy>::kAccLd + j] * query.scale.inverse * column.inverse,
               column.length2, c0 + j, positive, negative);
       }
     }
@@ -355,7 +372,7 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
   }
 }
 
-// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s times `unscale`, within
+// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s() times `unscale`, within
 // rows_total x d, minus the radial or norm term coefficients[i] times the gradient's own row, own[i * own_ld + j]
 // (own: those rows at D columns e0..; coefficients nullptr: no such term).
 enum class Write { kStore, kAdd, kAtomicAdd };
@@ -377,7 +394,7 @@ __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows
     const int i = index / kTile, j = index % kTile;
     const int64_t row = row0 + i, col = e0 + j;
     if (row >= rows_total || col >= d) continue;
-    Acc value = shared.s[i * SharedLayout<Policy>::kAccLd + j] * unscale;
+    Acc value = shared.s()[i * SharedLayout<Policy>::kAccLd + j] * unscale;
     if (term.coefficients != nullptr) value -= term.coefficients[i] * static_cast<Acc>(term.own[i * term.own_ld + j]);
     auto* target = out + row * d + col;
     if (mode == Write::kAtomicAdd) {

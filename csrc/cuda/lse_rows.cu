@@ -85,20 +85,20 @@ __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0,
   if (threadIdx.x < kTile) {
     const int64_t row = r0 + threadIdx.x;
     const bool live = row < p.n;
-    for (int q = 0; q < 3; ++q) shared.row_state[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
+    for (int q = 0; q < 3; ++q) shared.row_state()[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
     for (int q = 0; q < 3; ++q)
-      shared.row_state[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
+      shared.row_state()[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
     const RowScale<Acc> scale = live ? row_scale<Acc>(p.x_sq, row, p.normalize) : RowScale<Acc>{1, 0, false};
-    shared.row_state[6 * kTile + threadIdx.x] = scale.inverse;
-    shared.row_state[7 * kTile + threadIdx.x] = scale.length2;
-    shared.row_state[8 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
-    shared.row_labels[threadIdx.x] = live ? p.x_labels[row] : 0;
+    shared.row_state()[6 * kTile + threadIdx.x] = scale.inverse;
+    shared.row_state()[7 * kTile + threadIdx.x] = scale.length2;
+    shared.row_state()[8 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
+    shared.row_labels()[threadIdx.x] = live ? p.x_labels[row] : 0;
   }
 }
 
 template <class Policy>
 __device__ __forceinline__ RowScale<typename Policy::Acc> row_state_scale(const SharedLayout<Policy>& shared, int i) {
-  return {shared.row_state[6 * kTile + i], shared.row_state[7 * kTile + i], shared.row_state[8 * kTile + i] != 0};
+  return {shared.row_state()[6 * kTile + i], shared.row_state()[7 * kTile + i], shared.row_state()[8 * kTile + i] != 0};
 }
 
 template <class Acc>
@@ -114,8 +114,8 @@ __device__ __forceinline__ Acc own_direction_term(Acc ds, Acc s, bool radial, bo
   return radial ? ds * s : (norm_term ? ds : Acc(0));
 }
 
-// From the raw products in shared.s (rows r0.., columns c0..; the column scales loaded): shared.ds = P, the
-// products' operand (0 past N or M), and shared.s = each pair's share of its column's own-direction coefficient
+// From the raw products in shared.s() (rows r0.., columns c0..; the column scales loaded): shared.ds() = P, the
+// products' operand (0 past N or M), and shared.s() = each pair's share of its column's own-direction coefficient
 // (own_direction_term). Needs the row state and both label vectors in shared memory; the caller synchronises before
 // reading either tile. Returns this thread's share of its row's coefficient. dS is taken back from P as stored, so
 // the products and the own-direction term see the same rounded 16-bit gradient.
@@ -130,12 +130,12 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
   const bool norm_term = has_norm_term(p.pair_value);
   const int local = epilogue_row();
   const int64_t row = r0 + local;
-  const Acc g1 = shared.row_state[local], g2 = shared.row_state[kTile + local];
-  const Acc g3 = shared.row_state[2 * kTile + local];
-  const Acc lse1 = shared.row_state[3 * kTile + local], lse2 = shared.row_state[4 * kTile + local];
-  const Acc aux = shared.row_state[5 * kTile + local];
+  const Acc g1 = shared.row_state()[local], g2 = shared.row_state()[kTile + local];
+  const Acc g3 = shared.row_state()[2 * kTile + local];
+  const Acc lse1 = shared.row_state()[3 * kTile + local], lse2 = shared.row_state()[4 * kTile + local];
+  const Acc aux = shared.row_state()[5 * kTile + local];
   const RowScale<Acc> row_scale_ = row_state_scale(shared, local);
-  Acc* s_row = shared.s + local * Layout::kAccLd;
+  Acc* s_row = shared.s() + local * Layout::kAccLd;
   Acc sum = 0;
 #pragma unroll 1
   for (int k = 0; k < kTile / 2; ++k) {
@@ -146,7 +146,7 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
     const RowScale<Acc> column = column_scale(shared, j);
     if (row < p.n && col < p.m) {
       bool positive, negative;
-      pair_kind(shared.row_labels[local], shared.col_labels[j], row, col, p.self_offset, positive, negative);
+      pair_kind(shared.row_labels()[local], shared.col_labels()[j], row, col, p.self_offset, positive, negative);
       s = s_row[j] * row_scale_.inverse * column.inverse;
       ds = ds_entry(p.kind, p.pair_value, s, row_scale_.length2, column.length2, a, b, positive, negative, g1, g2, g3,
                     lse1, lse2, aux);
@@ -154,14 +154,14 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
       stored = Policy::to_operand(scaled);
       if (!std::is_same<Operand, Acc>::value) ds = scaled != Acc(0) ? ds * (static_cast<Acc>(stored) / scaled) : Acc(0);
     }
-    shared.ds[local * Layout::kTileLd + j] = stored;
+    shared.ds()[local * Layout::kTileLd + j] = stored;
     sum += own_direction_term(ds, s, row_scale_.radial, norm_term);
     s_row[j] = own_direction_term(ds, s, column.radial, norm_term);
   }
   return sum;
 }
 
-// Thread t < 64: shared.sums[t] = column t's sum of shared.s (what ds_tile left there: the columns' own-direction
+// Thread t < 64: shared.sums()[t] = column t's sum of shared.s() (what ds_tile left there: the columns' own-direction
 // shares). Between the barrier after ds_tile and the next write of S.
 template <class Policy>
 __device__ void column_sums(SharedLayout<Policy>& shared) {
@@ -169,28 +169,13 @@ __device__ void column_sums(SharedLayout<Policy>& shared) {
   if (threadIdx.x >= kTile) return;
   Acc sum = 0;
 #pragma unroll 1
-  for (int i = 0; i < kTile; ++i) sum += shared.s[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
-  shared.sums[threadIdx.x] = sum;
+  for (int i = 0; i < kTile; ++i) sum += shared.s()[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
+  shared.sums()[threadIdx.x] = sum;
 }
 
 // Whether the gradients have an own-direction term at all (the normalisation or the distances' norms).
 __device__ __forceinline__ bool has_own_direction_term(const CudaPairRowsParams& p) {
   return p.normalize || has_norm_term(p.pair_value);
-}
-
-// How many 64-wide slices of D one backward block holds, their accumulators in registers: the whole of D up to 256,
-// so that each pass recomputes every S tile once (blocks along D only above that, each recomputing S). fp64's
-// accumulators (64 registers a slice) allow one.
-template <class Policy>
-constexpr int kSlices = sizeof(typename Policy::Acc) == 8 ? 1 : 4;
-
-// Columns of D per backward block, and how many such blocks cover D.
-template <class Policy>
-constexpr int64_t kSpan = int64_t{kTile} * kSlices<Policy>;
-
-template <class Policy>
-unsigned spans(int64_t d) {
-  return static_cast<unsigned>((d + kSpan<Policy> - 1) / kSpan<Policy>);
 }
 
 // The dX pass: rows r0.. against every column tile, dX = P Y for the block's span of D (one S per tile); kAtomic also
@@ -204,16 +189,16 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy, kAtomic>;
   const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
   const bool own_term = has_own_direction_term(p);
   load_row_state(bp, r0, shared);
-  typename Policy::Accumulator dx[kSlices<Policy>];
+  typename Policy::Accumulator dx[kSlices<Policy, kAtomic>];
 #pragma unroll
-  for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dx[slice]);
+  for (int slice = 0; slice < kSlices<Policy, kAtomic>; ++slice) Policy::zero(dx[slice]);
   Acc row_sum = 0;  // this thread's share of its row's own-direction coefficient
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
-    load_labels(shared.col_labels, p.y_labels, c0, p.m);
+    load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
     similarity_tile<Policy, !kAtomic>(p, r0, c0, shared);
     row_sum += ds_tile<Policy>(bp, r0, c0, shared);
@@ -221,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
     if (kAtomic && own_term) {  // the columns' coefficients, from the shares ds_tile left in S
       column_sums(shared);
       if (threadIdx.x < kTile) {
-        const Acc inverse = shared.col_scales[threadIdx.x];
-        shared.sums[threadIdx.x] = shared.sums[threadIdx.x] * inverse * inverse;
+        const Acc inverse = shared.col_scales()[threadIdx.x];
+        shared.sums()[threadIdx.x] = shared.sums()[threadIdx.x] * inverse * inverse;
       }
     }
     if (kAtomic) {
@@ -230,26 +215,27 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
       // from global memory): a column-major read of P is its transpose. A loop of its own, not unrolled, apart from
       // the dX slices below: the four dX accumulators leave few registers.
 #pragma unroll 1
-      for (int64_t e0 = span0; e0 < span0 + kSpan<Policy> && e0 < p.d; e0 += kTile) {
+      for (int64_t e0 = span0; e0 < span0 + kSpan<Policy, kAtomic> && e0 < p.d; e0 += kTile) {
         __syncthreads();  // the previous slice's readers of out_rows and S are done (and column_sums)
-        load_tile(shared.out_rows, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+        load_tile_async(shared.out_rows(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+        finish_async_copies();
         __syncthreads();
-        Policy::template product_to<ColMajor, RowMajor>(shared.s, Layout::kAccLd, shared.ds, Layout::kTileLd,
-                                                        shared.out_rows, Layout::kTileLd, kTile);
+        Policy::template product_to<ColMajor, RowMajor>(shared.s(), Layout::kAccLd, shared.ds(), Layout::kTileLd,
+                                                        shared.out_rows(), Layout::kTileLd, kTile);
         __syncthreads();
         write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
-                           {own_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
+                           {own_term ? shared.sums() : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
       }
     }
 #pragma unroll
-    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+    for (int slice = 0; slice < kSlices<Policy, kAtomic>; ++slice) {
       const int64_t e0 = span0 + slice * kTile;
       if (e0 >= p.d) break;
       __syncthreads();  // the previous readers of out are done (and column_sums' of S)
-      load_tile_async(shared.out, Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
+      load_tile_async(shared.out(), Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
       finish_async_copies();
       __syncthreads();
-      Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd,
+      Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
                                                kTile);
     }
     __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums, the labels and the scales
@@ -257,19 +243,19 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   if (bp.dx == nullptr) return;
   row_sum += from_partner(row_sum);
   if (epilogue_column() == 0) {
-    const Acc inverse = shared.row_state[6 * kTile + epilogue_row()];
-    shared.sums[epilogue_row()] = row_sum * inverse * inverse;
+    const Acc inverse = shared.row_state()[6 * kTile + epilogue_row()];
+    shared.sums()[epilogue_row()] = row_sum * inverse * inverse;
   }
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
 #pragma unroll
-  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+  for (int slice = 0; slice < kSlices<Policy, kAtomic>; ++slice) {
     const int64_t e0 = span0 + slice * kTile;
     if (e0 >= p.d) break;
-    Policy::store(dx[slice], shared.s, Layout::kAccLd);
+    Policy::store(dx[slice], shared.s(), Layout::kAccLd);
     __syncthreads();
     write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared,
-                       {own_term ? shared.sums : nullptr, x + r0 * p.x_stride + e0, p.x_stride}, unscale);
+                       {own_term ? shared.sums() : nullptr, x + r0 * p.x_stride + e0, p.x_stride}, unscale);
     __syncthreads();  // the next slice rewrites S
   }
 }
@@ -289,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
   const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
   const bool own_term = has_own_direction_term(p);
 
-  load_labels(shared.col_labels, p.y_labels, c0, p.m);
+  load_labels(shared.col_labels(), p.y_labels, c0, p.m);
   load_column_scales(p, c0, shared);
   typename Policy::Accumulator dy[kSlices<Policy>];
 #pragma unroll
@@ -302,33 +288,33 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
     __syncthreads();
     if (own_term) {
       column_sums(shared);
-      if (threadIdx.x < kTile) column_sum += shared.sums[threadIdx.x];  // this thread's own entry
+      if (threadIdx.x < kTile) column_sum += shared.sums()[threadIdx.x];  // this thread's own entry
     }
 #pragma unroll
     for (int slice = 0; slice < kSlices<Policy>; ++slice) {
       const int64_t e0 = span0 + slice * kTile;
       if (e0 >= p.d) break;
       if (slice > 0) __syncthreads();  // the previous slice's product has read out
-      load_tile_async(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+      load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
       finish_async_copies();
       __syncthreads();
-      Policy::template mma<ColMajor, RowMajor>(dy[slice], shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd,
+      Policy::template mma<ColMajor, RowMajor>(dy[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
                                                kTile);
     }
     __syncthreads();  // the next tile rewrites the row state, the chunks, S, dS and out
   }
   if (threadIdx.x < kTile) {
-    const Acc inverse = shared.col_scales[threadIdx.x];
-    shared.sums[threadIdx.x] = column_sum * inverse * inverse;
+    const Acc inverse = shared.col_scales()[threadIdx.x];
+    shared.sums()[threadIdx.x] = column_sum * inverse * inverse;
   }
 #pragma unroll
   for (int slice = 0; slice < kSlices<Policy>; ++slice) {
     const int64_t e0 = span0 + slice * kTile;
     if (e0 >= p.d) break;
-    Policy::store(dy[slice], shared.s, Layout::kAccLd);
+    Policy::store(dy[slice], shared.s(), Layout::kAccLd);
     __syncthreads();
     write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
-                       shared, {own_term ? shared.sums : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
+                       shared, {own_term ? shared.sums() : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
     __syncthreads();  // the next slice rewrites S
   }
 }
@@ -403,7 +389,7 @@ cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) 
   }
   const unsigned slices = spans<Policy>(p.d);
   if (bp.atomic) {
-    return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), slices),
+    return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), spans<Policy, true>(p.d)),
                   SharedLayout<Policy>::kAtomicBackwardBytes, stream, bp);
   }
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
@@ -453,6 +439,10 @@ int squared_row_norms(Operand operand, const void* rows, int64_t count, int64_t 
 }
 
 bool supports_atomic_backward(Operand operand) { return operand != Operand::kFloat64; }
+
+int64_t atomic_backward_span(Operand operand) {
+  return with_policy(operand, int64_t{0}, [](auto policy) { return kSpan<decltype(policy), true>; });
+}
 
 namespace {
 template <class Policy>

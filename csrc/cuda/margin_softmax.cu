@@ -5,9 +5,10 @@
 //   forward:  per 64-row block, walk W in tiles of whole classes (64 / sub_centers of them), a class's cosine the
 //             largest of its sub-centres'; fold scale * cos of the other classes into an online log-sum-exp and keep
 //             the label's cosine;
-//   backward: recompute each tile, dS at each class's chosen column scaled by the inverse norms, and accumulate
-//             dX = dS W^T (grid: row blocks x 64-wide D slices) and dW = X^T dS (class tiles x D slices), each with
-//             the normalisation's radial term from the row (column) sums of dS cos. Deterministic, no atomics.
+//   backward: recompute each tile once per pass, dS at each class's chosen column scaled by the inverse norms, and
+//             accumulate dX = dS W^T (grid: row blocks x spans of D up to 256 wide; fp64: 64) and dW = X^T dS (class
+//             tiles x spans), each with the normalisation's radial term from the row (column) sums of dS cos:
+//             2 matmul-equivalents a pass for D <= 256 (fp64: 64). Deterministic, no atomics.
 #ifdef METRIC_KERNELS_HOST_EMULATION
 #include "host_emulation.h"
 #else
@@ -28,7 +29,7 @@ __device__ __forceinline__ bool clamped(Acc inverse) {
   return inverse >= Acc(1) / Acc(kNormEps);
 }
 
-// shared.s = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products. Ends synchronised.
+// shared.s() = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products. Ends synchronised.
 template <class Policy>
 __device__ void classifier_tile(const CudaMarginSoftmaxParams& p, int64_t r0, int64_t j0, int64_t j_end,
                                 SharedLayout<Policy>& shared) {
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(con
     const ClassTile tile = class_tile(p, c0);
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
     if (live) {
-      const Acc* s_row = shared.s + local * Layout::kAccLd;
+      const Acc* s_row = shared.s() + local * Layout::kAccLd;
 #pragma unroll 1
       for (int c = epilogue_column(); c < tile.classes; c += 2) {
         const Acc cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx).value;
@@ -131,16 +132,16 @@ __device__ void load_classifier_rows(const CudaMarginSoftmaxBackwardParams& bp, 
   if (threadIdx.x < kTile) {
     const int64_t row = r0 + threadIdx.x;
     const bool live = row < p.n;
-    shared.row_state[threadIdx.x] = live ? grad[row] : Acc(0);
-    shared.row_state[kTile + threadIdx.x] = live ? grad[p.n + row] : Acc(0);
-    shared.row_state[2 * kTile + threadIdx.x] = live ? stats[row] : Acc(0);
-    shared.row_state[3 * kTile + threadIdx.x] = live ? x_inverse[row] : Acc(0);
-    shared.row_labels[threadIdx.x] = live ? p.labels[row] : -1;
+    shared.row_state()[threadIdx.x] = live ? grad[row] : Acc(0);
+    shared.row_state()[kTile + threadIdx.x] = live ? grad[p.n + row] : Acc(0);
+    shared.row_state()[2 * kTile + threadIdx.x] = live ? stats[row] : Acc(0);
+    shared.row_state()[3 * kTile + threadIdx.x] = live ? x_inverse[row] : Acc(0);
+    shared.row_labels()[threadIdx.x] = live ? p.labels[row] : -1;
   }
 }
 
-// From the tile of raw products in shared.s: shared.ds = dS rx rw at each class's chosen column (0 at the other
-// sub-centres, past N and past the tile's classes), as the products' operand; shared.s = dS cos at the same columns
+// From the tile of raw products in shared.s(): shared.ds() = dS rx rw at each class's chosen column (0 at the other
+// sub-centres, past N and past the tile's classes), as the products' operand; shared.s() = dS cos at the same columns
 // (the dW pass's column sums read it). dS = g_target for the label's class, g_lse scale softmax for the others.
 // Returns this thread's part of its row's sum of dS cos. The caller synchronises before reading either tile.
 template <class Policy>
@@ -151,13 +152,13 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
   const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
   const int local = epilogue_row();
   const bool live = r0 + local < p.n;
-  const Acc g_lse = shared.row_state[local], g_target = shared.row_state[kTile + local];
-  const Acc lse = shared.row_state[2 * kTile + local], rx = shared.row_state[3 * kTile + local];
-  const int64_t label = shared.row_labels[local];
+  const Acc g_lse = shared.row_state()[local], g_target = shared.row_state()[kTile + local];
+  const Acc lse = shared.row_state()[2 * kTile + local], rx = shared.row_state()[3 * kTile + local];
+  const int64_t label = shared.row_labels()[local];
   const Acc scale = static_cast<Acc>(p.scale);
   const int sub_centers = static_cast<int>(p.sub_centers);
-  Acc* s_row = shared.s + local * Layout::kAccLd;
-  auto* ds_row = shared.ds + local * Layout::kTileLd;
+  Acc* s_row = shared.s() + local * Layout::kAccLd;
+  auto* ds_row = shared.ds() + local * Layout::kTileLd;
   Acc dot = 0;
 #pragma unroll 1
   for (int c = epilogue_column(); c < tile.classes; c += 2) {
@@ -182,6 +183,8 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
   return dot;
 }
 
+// The dX pass: rows r0.. against every class tile, dX = dS W^T for the block's span of D (one product tile per class
+// tile).
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const CudaMarginSoftmaxBackwardParams bp) {
   using Acc = typename Policy::Acc;
@@ -191,32 +194,48 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
   const CudaMarginSoftmaxParams& p = bp.rows;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* w = static_cast<const Operand*>(p.w);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, e0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
   load_classifier_rows(bp, r0, shared);
-  typename Policy::Accumulator dx;
-  Policy::zero(dx);
+  typename Policy::Accumulator dx[kSlices<Policy>];
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dx[slice]);
   Acc row_dot = 0;
   for (int64_t c0 = 0; c0 < p.classes; c0 += kTile / p.sub_centers) {
     const ClassTile tile = class_tile(p, c0);
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
     row_dot += classifier_ds_tile<Policy>(p, r0, tile, shared);
-    // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the output's D columns, as rows
-    load_transposed_tile(shared.out, Layout::kTileLd, kTile, w, p.w_stride, e0, p.d, tile.j0, tile.j_end);
-    __syncthreads();
-    Policy::template mma<RowMajor, RowMajor>(dx, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+#pragma unroll
+    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+      const int64_t e0 = span0 + slice * kTile;
+      if (e0 >= p.d) break;
+      if (slice > 0) __syncthreads();  // the previous slice's product has read out
+      // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the slice's D columns, as rows
+      load_transposed_tile(shared.out(), Layout::kTileLd, kTile, w, p.w_stride, e0, p.d, tile.j0, tile.j_end);
+      __syncthreads();  // also dS, on the first slice
+      Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
+                                               kTile);
+    }
     __syncthreads();  // the next tile rewrites the chunks, S, dS and W's rows
   }
   row_dot += from_partner(row_dot);
   if (epilogue_column() == 0) {
-    const Acc rx = shared.row_state[3 * kTile + epilogue_row()];
-    shared.sums[epilogue_row()] = clamped(rx) ? Acc(0) : rx * rx * row_dot;
+    const Acc rx = shared.row_state()[3 * kTile + epilogue_row()];
+    shared.sums()[epilogue_row()] = clamped(rx) ? Acc(0) : rx * rx * row_dot;
   }
-  Policy::store(dx, shared.s, Layout::kAccLd);
-  __syncthreads();
-  write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, Write::kStore, shared,
-                     {shared.sums, x + r0 * p.x_stride + e0, p.x_stride});
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= p.d) break;
+    Policy::store(dx[slice], shared.s(), Layout::kAccLd);
+    __syncthreads();
+    write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, Write::kStore, shared,
+                       {shared.sums(), x + r0 * p.x_stride + e0, p.x_stride});
+    __syncthreads();  // the next slice rewrites S
+  }
 }
 
+// The dW pass: the class tile's columns against every row block, dW = X^T dS for the block's span of D (one product
+// tile per row block).
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const CudaMarginSoftmaxBackwardParams bp) {
   using Acc = typename Policy::Acc;
@@ -228,42 +247,57 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
   const auto* w = static_cast<const Operand*>(p.w);
   const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
   const ClassTile tile = class_tile(p, static_cast<int64_t>(blockIdx.x) * (kTile / p.sub_centers));
-  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  typename Policy::Accumulator dw;
-  Policy::zero(dw);
+  const int64_t span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
+  typename Policy::Accumulator dw[kSlices<Policy>];
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dw[slice]);
   Acc column_dot = 0;  // threads t < 64: column t's sum of dS cos
   for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
     load_classifier_rows(bp, r0, shared);
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
     classifier_ds_tile<Policy>(p, r0, tile, shared);
-    load_tile(shared.out, Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
-    __syncthreads();
-    // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
-    Policy::template mma<ColMajor, RowMajor>(dw, shared.ds, Layout::kTileLd, shared.out, Layout::kTileLd, kTile);
+    __syncthreads();  // dS, and the dS cos in S that the column sums read
     if (threadIdx.x < kTile) {
 #pragma unroll 1
-      for (int i = 0; i < kTile; ++i) column_dot += shared.s[i * Layout::kAccLd + threadIdx.x];
+      for (int i = 0; i < kTile; ++i) column_dot += shared.s()[i * Layout::kAccLd + threadIdx.x];
+    }
+#pragma unroll
+    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+      const int64_t e0 = span0 + slice * kTile;
+      if (e0 >= p.d) break;
+      if (slice > 0) __syncthreads();  // the previous slice's product has read out
+      load_tile(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+      __syncthreads();
+      // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
+      Policy::template mma<ColMajor, RowMajor>(dw[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
+                                               kTile);
     }
     __syncthreads();  // the next block rewrites the row state, the chunks, S, dS and X's rows
   }
   if (threadIdx.x < kTile) {
     const int64_t column = tile.j0 + threadIdx.x;
     const Acc rw = column < tile.j_end ? w_inverse[column] : Acc(0);
-    shared.sums[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * column_dot;
+    shared.sums()[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * column_dot;
   }
-  Policy::store(dw, shared.s, Layout::kAccLd);
-  __syncthreads();
-  // dW is D x J: element (e0 + e, j0 + j) = the staged [j][e] minus the radial term; consecutive threads write
-  // consecutive columns.
   auto* out = static_cast<Acc*>(bp.dw);
   const int64_t columns = p.classes * p.sub_centers;
+#pragma unroll
+  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= p.d) break;
+    Policy::store(dw[slice], shared.s(), Layout::kAccLd);
+    __syncthreads();
+    // dW is D x J: element (e0 + e, j0 + j) = the staged [j][e] minus the radial term; consecutive threads write
+    // consecutive columns.
 #pragma unroll 1
-  for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
-    const int j = index % kTile, e = index / kTile;
-    const int64_t column = tile.j0 + j, dim = e0 + e;
-    if (column >= tile.j_end || dim >= p.d) continue;
-    out[dim * columns + column] = shared.s[j * Layout::kAccLd + e] -
-                                  shared.sums[j] * static_cast<Acc>(w[dim * p.w_stride + column]);
+    for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
+      const int j = index % kTile, e = index / kTile;
+      const int64_t column = tile.j0 + j, dim = e0 + e;
+      if (column >= tile.j_end || dim >= p.d) continue;
+      out[dim * columns + column] = shared.s()[j * Layout::kAccLd + e] -
+                                    shared.sums()[j] * static_cast<Acc>(w[dim * p.w_stride + column]);
+    }
+    __syncthreads();  // the next slice rewrites S
   }
 }
 
@@ -296,17 +330,17 @@ template <class Policy>
 cudaError_t backward(const CudaMarginSoftmaxBackwardParams& bp, cudaStream_t stream) {
   const CudaMarginSoftmaxParams& p = bp.rows;
   if (cudaError_t error = inverse_norms<Policy>(p, stream)) return error;
-  const auto slices = static_cast<unsigned>(blocks(p.d));
+  const unsigned d_spans = spans<Policy>(p.d);
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
   if (bp.dx != nullptr) {
-    if (cudaError_t error = launch(margin_softmax_dx_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n)), slices),
+    if (cudaError_t error = launch(margin_softmax_dx_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n)), d_spans),
                                    bytes, stream, bp))
       return error;
   }
   if (bp.dw != nullptr) {
     const int64_t per_tile = kTile / p.sub_centers;
     const auto tiles = static_cast<unsigned>((p.classes + per_tile - 1) / per_tile);
-    return launch(margin_softmax_dw_kernel<Policy>, dim3(tiles, slices), bytes, stream, bp);
+    return launch(margin_softmax_dw_kernel<Policy>, dim3(tiles, d_spans), bytes, stream, bp);
   }
   return cudaSuccess;
 }

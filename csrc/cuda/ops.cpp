@@ -182,8 +182,10 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   const CudaPairRowsParams params =
       make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32);
   const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
-  // Atomics only where they save a pass: both gradients wanted (dY alone is one deterministic pass already).
+  // Atomics only where they save products: both gradients wanted (dY alone is one deterministic pass already) and D
+  // within one atomic block's span (3 matmul-equivalents instead of 4).
   const bool atomic = !deterministic && need_dx && (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
+                      x.size(1) <= cuda::atomic_backward_span(params.operand) &&
                       cuda::backward_shared_bytes(params.operand, true) <= shared_limit;
   const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic);
   STD_TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ",

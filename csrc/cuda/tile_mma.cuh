@@ -104,27 +104,33 @@ struct WmmaTile {
     using WmmaA = typename std::conditional<LayoutA::kColumnMajor, wmma::col_major, wmma::row_major>::type;
     using WmmaB = typename std::conditional<LayoutB::kColumnMajor, wmma::col_major, wmma::row_major>::type;
     const int warp = threadIdx.x / 32, row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
-    wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Precision, WmmaA> fa[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Precision, WmmaB> fb[2];
-    // Not unrolled: the backward holds up to four 64 x 64 accumulators (D up to 256) and unrolling the k steps ran
-    // ptxas out of registers (spills).
+    // Not unrolled, and one A fragment live at a time: the backward holds up to four 64 x 64 accumulators (D up to
+    // 256) and ran ptxas out of registers (spills) otherwise.
 #pragma unroll 1
     for (int kk = 0; kk < k; kk += kK) {
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Precision, WmmaB> fb[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(fa[i], offset<LayoutA>(a, lda, row0 + 16 * i, kk), lda);
-        wmma::load_matrix_sync(fb[i], offset<LayoutB>(b, ldb, kk, col0 + 16 * i), ldb);
-        if constexpr (std::is_same<Tag, Tf32>::value) {
-#pragma unroll
-          for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
-#pragma unroll
-          for (int e = 0; e < fb[i].num_elements; ++e) fb[i].x[e] = wmma::__float_to_tf32(fb[i].x[e]);
-        }
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(fb[j], offset<LayoutB>(b, ldb, kk, col0 + 16 * j), ldb);
+        to_precision(fb[j]);
       }
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Precision, WmmaA> fa;
+        wmma::load_matrix_sync(fa, offset<LayoutA>(a, lda, row0 + 16 * i, kk), lda);
+        to_precision(fa);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], fa[i], fb[j], acc.c[i][j]);
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc.c[i][j], fa, fb[j], acc.c[i][j]);
+      }
+    }
+  }
+
+  // fp32 operands enter the tensor cores in tf32, rounded to nearest (the others as they are).
+  template <class Fragment>
+  __device__ static void to_precision(Fragment& fragment) {
+    if constexpr (std::is_same<Tag, Tf32>::value) {
+#pragma unroll
+      for (int e = 0; e < fragment.num_elements; ++e) fragment.x[e] = nvcuda::wmma::__float_to_tf32(fragment.x[e]);
     }
   }
 
@@ -147,12 +153,8 @@ struct WmmaTile {
         wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Precision, WmmaB> fb;
         wmma::load_matrix_sync(fa, offset<LayoutA>(a, lda, row0 + 16 * i, kk), lda);
         wmma::load_matrix_sync(fb, offset<LayoutB>(b, ldb, kk, col0 + 16 * j), ldb);
-        if constexpr (std::is_same<Tag, Tf32>::value) {
-#pragma unroll
-          for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
-#pragma unroll
-          for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
-        }
+        to_precision(fa);
+        to_precision(fb);
         wmma::mma_sync(acc, fa, fb, acc);
       }
       wmma::store_matrix_sync(c + (row0 + 16 * i) * ldc + col0 + 16 * j, acc, ldc, wmma::mem_row_major);
