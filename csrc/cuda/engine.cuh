@@ -405,6 +405,49 @@ __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows
   }
 }
 
+// The backward's products with the block's span of D: acc[slice] += op(P) B for each 64-wide slice, e0 = span0 +
+// 64 slice < d, where load_slice(e0) fills shared.out() with B's 64 rows at those D columns (asynchronous copies or
+// plain stores) and P is shared.ds(), read transposed when LayoutP is ColMajor. Begins with a barrier (the tile's
+// writers of dS and previous readers of out are done); the last slice's product may still be reading when it returns.
+template <class LayoutP, class Policy, int kCount, class LoadSlice>
+__device__ __forceinline__ void accumulate_slices(typename Policy::Accumulator (&acc)[kCount],
+                                                  const SharedLayout<Policy>& shared, int64_t span0, int64_t d,
+                                                  LoadSlice&& load_slice) {
+  using Layout = SharedLayout<Policy>;
+#pragma unroll
+  for (int slice = 0; slice < kCount; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= d) break;
+    __syncthreads();
+    load_slice(e0);
+    finish_async_copies();
+    __syncthreads();
+    Policy::template mma<LayoutP, RowMajor>(acc[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
+                                            kTile);
+  }
+}
+
+// Writes accumulate_slices' results: out[row0 + i, e0 + j] for each slice (write_tile's modes), times unscale, minus
+// coefficients[i] (nullptr: none) times own[i * own_ld + e0 + j], own the gradient's own rows at D column 0. Starts
+// after the caller's last use of shared.s(); ends synchronised.
+template <class Policy, int kCount>
+__device__ __forceinline__ void write_slices(const typename Policy::Accumulator (&acc)[kCount],
+                                             const SharedLayout<Policy>& shared, typename Policy::Acc* out,
+                                             int64_t row0, int64_t rows_total, int64_t span0, int64_t d, Write mode,
+                                             const typename Policy::Acc* coefficients,
+                                             const typename Policy::Operand* own, int64_t own_ld,
+                                             typename Policy::Acc unscale = 1) {
+#pragma unroll
+  for (int slice = 0; slice < kCount; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= d) break;
+    Policy::store(acc[slice], shared.s(), SharedLayout<Policy>::kAccLd);
+    __syncthreads();
+    write_tile<Policy>(out, row0, rows_total, e0, d, mode, shared, {coefficients, own + e0, own_ld}, unscale);
+    __syncthreads();  // the next slice rewrites S
+  }
+}
+
 template <class T>
 __device__ __forceinline__ T from_partner(T value) {
   return __shfl_xor_sync(0xffffffffu, value, 1);

@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
     if (kAtomic) {
       // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term (its rows Y[c0.., e0..] read
       // from global memory): a column-major read of P is its transpose. A loop of its own, not unrolled, apart from
-      // the dX slices below: the four dX accumulators leave few registers.
+      // the dX slices below: the dX accumulators leave few registers.
 #pragma unroll 1
       for (int64_t e0 = span0; e0 < span0 + kSpan<Policy, kAtomic> && e0 < p.d; e0 += kTile) {
         __syncthreads();  // the previous slice's readers of out_rows and S are done (and column_sums)
@@ -227,17 +227,9 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
                            {own_term ? shared.sums() : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
       }
     }
-#pragma unroll
-    for (int slice = 0; slice < kSlices<Policy, kAtomic>; ++slice) {
-      const int64_t e0 = span0 + slice * kTile;
-      if (e0 >= p.d) break;
-      __syncthreads();  // the previous readers of out are done (and column_sums' of S)
+    accumulate_slices<RowMajor>(dx, shared, span0, p.d, [&](int64_t e0) {
       load_tile_async(shared.out(), Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
-      finish_async_copies();
-      __syncthreads();
-      Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
-                                               kTile);
-    }
+    });
     __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums, the labels and the scales
   }
   if (bp.dx == nullptr) return;
@@ -248,16 +240,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   }
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
-#pragma unroll
-  for (int slice = 0; slice < kSlices<Policy, kAtomic>; ++slice) {
-    const int64_t e0 = span0 + slice * kTile;
-    if (e0 >= p.d) break;
-    Policy::store(dx[slice], shared.s(), Layout::kAccLd);
-    __syncthreads();
-    write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared,
-                       {own_term ? shared.sums() : nullptr, x + r0 * p.x_stride + e0, p.x_stride}, unscale);
-    __syncthreads();  // the next slice rewrites S
-  }
+  write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, mode, own_term ? shared.sums() : nullptr,
+               x + r0 * p.x_stride, p.x_stride, unscale);
 }
 
 // The dY pass of the deterministic backward: columns c0.. against every row tile, dY = P^T X for the block's span of
@@ -290,33 +274,18 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
       column_sums(shared);
       if (threadIdx.x < kTile) column_sum += shared.sums()[threadIdx.x];  // this thread's own entry
     }
-#pragma unroll
-    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
-      const int64_t e0 = span0 + slice * kTile;
-      if (e0 >= p.d) break;
-      if (slice > 0) __syncthreads();  // the previous slice's product has read out
+    accumulate_slices<ColMajor>(dy, shared, span0, p.d, [&](int64_t e0) {
       load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
-      finish_async_copies();
-      __syncthreads();
-      Policy::template mma<ColMajor, RowMajor>(dy[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
-                                               kTile);
-    }
+    });
     __syncthreads();  // the next tile rewrites the row state, the chunks, S, dS and out
   }
   if (threadIdx.x < kTile) {
     const Acc inverse = shared.col_scales()[threadIdx.x];
     shared.sums()[threadIdx.x] = column_sum * inverse * inverse;
   }
-#pragma unroll
-  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
-    const int64_t e0 = span0 + slice * kTile;
-    if (e0 >= p.d) break;
-    Policy::store(dy[slice], shared.s(), Layout::kAccLd);
-    __syncthreads();
-    write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, bp.accumulate_dy ? Write::kAdd : Write::kStore,
-                       shared, {own_term ? shared.sums() : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
-    __syncthreads();  // the next slice rewrites S
-  }
+  write_slices(dy, shared, static_cast<Acc*>(bp.dy), c0, p.m, span0, p.d,
+               bp.accumulate_dy ? Write::kAdd : Write::kStore, own_term ? shared.sums() : nullptr,
+               y + c0 * p.y_stride, p.y_stride, unscale);
 }
 
 template <class Policy>

@@ -204,17 +204,10 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
     const ClassTile tile = class_tile(p, c0);
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
     row_dot += classifier_ds_tile<Policy>(p, r0, tile, shared);
-#pragma unroll
-    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
-      const int64_t e0 = span0 + slice * kTile;
-      if (e0 >= p.d) break;
-      if (slice > 0) __syncthreads();  // the previous slice's product has read out
-      // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the slice's D columns, as rows
+    // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the slice's D columns, as rows
+    accumulate_slices<RowMajor>(dx, shared, span0, p.d, [&](int64_t e0) {
       load_transposed_tile(shared.out(), Layout::kTileLd, kTile, w, p.w_stride, e0, p.d, tile.j0, tile.j_end);
-      __syncthreads();  // also dS, on the first slice
-      Policy::template mma<RowMajor, RowMajor>(dx[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
-                                               kTile);
-    }
+    });
     __syncthreads();  // the next tile rewrites the chunks, S, dS and W's rows
   }
   row_dot += from_partner(row_dot);
@@ -222,16 +215,8 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
     const Acc rx = shared.row_state()[3 * kTile + epilogue_row()];
     shared.sums()[epilogue_row()] = clamped(rx) ? Acc(0) : rx * rx * row_dot;
   }
-#pragma unroll
-  for (int slice = 0; slice < kSlices<Policy>; ++slice) {
-    const int64_t e0 = span0 + slice * kTile;
-    if (e0 >= p.d) break;
-    Policy::store(dx[slice], shared.s(), Layout::kAccLd);
-    __syncthreads();
-    write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, Write::kStore, shared,
-                       {shared.sums(), x + r0 * p.x_stride + e0, p.x_stride});
-    __syncthreads();  // the next slice rewrites S
-  }
+  write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, Write::kStore, shared.sums(),
+               x + r0 * p.x_stride, p.x_stride);
 }
 
 // The dW pass: the class tile's columns against every row block, dW = X^T dS for the block's span of D (one product
@@ -261,17 +246,10 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
 #pragma unroll 1
       for (int i = 0; i < kTile; ++i) column_dot += shared.s()[i * Layout::kAccLd + threadIdx.x];
     }
-#pragma unroll
-    for (int slice = 0; slice < kSlices<Policy>; ++slice) {
-      const int64_t e0 = span0 + slice * kTile;
-      if (e0 >= p.d) break;
-      if (slice > 0) __syncthreads();  // the previous slice's product has read out
-      load_tile(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
-      __syncthreads();
-      // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
-      Policy::template mma<ColMajor, RowMajor>(dw[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
-                                               kTile);
-    }
+    // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
+    accumulate_slices<ColMajor>(dw, shared, span0, p.d, [&](int64_t e0) {
+      load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+    });
     __syncthreads();  // the next block rewrites the row state, the chunks, S, dS and X's rows
   }
   if (threadIdx.x < kTile) {
