@@ -40,9 +40,9 @@ def _run(loss, backend, x, labels, y=None, y_labels=None, deterministic=None, pr
 
 
 def _check(loss, leaves, labels, y_labels=None, deterministic=None, dtype=torch.float64, tol=(1e-10, 1e-10),
-           label="", **options):
-    """Triton on `leaves` (any dtype, any strides) against the reference on float64 copies; label: the case, for
-    the failure messages."""
+           label="", backend="triton", **options):
+    """`backend` (Triton by default) on `leaves` (any dtype, any strides) against the reference on float64 copies;
+    label: the case, for the failure messages."""
     def call(backend, tensors):
         if loss == "proxy_anchor":
             return _run(loss, backend, tensors[0], labels, deterministic=deterministic, proxies=tensors[1])
@@ -51,7 +51,7 @@ def _check(loss, leaves, labels, y_labels=None, deterministic=None, dtype=torch.
                     **options)
 
     ours = [t.detach().requires_grad_() for t in leaves]
-    value = call("triton", ours)
+    value = call(backend, ours)
     ours_grads = grads(value, ours)
     exact = [t.detach().double().requires_grad_() for t in leaves]
     expected = call("reference", exact)
@@ -105,10 +105,11 @@ def test_rows_wider_than_one_tile(loss, dtype):
         _check(loss, [x], labels, deterministic=deterministic, tol=tol)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda-emulated"])
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet", "proxy_anchor", "ntxent", "contrastive"])
-def test_strided_rows_and_clamped_norms(loss):
+def test_strided_rows_and_clamped_norms(loss, backend):
     """Rows read through their strides (a transposed view) and rows of norm below eps, where the normalisation is
-    x / eps and has no radial part."""
+    x / eps and has no radial part (the CUDA kernels, under their host emulation, fold it in the same way)."""
     g = torch.Generator().manual_seed(13)
     x = torch.randn(16, 45, generator=g, dtype=torch.float64).t()  # 45 x 16, not contiguous
     x[3] = 0.0
@@ -118,13 +119,14 @@ def test_strided_rows_and_clamped_norms(loss):
     if loss == "proxy_anchor":
         proxies = torch.randn(4, 16, generator=g, dtype=torch.float64)
         proxies[1] = 0.0
-        _check(loss, [x, proxies], torch.randint(0, 4, (45,), generator=g))
+        _check(loss, [x, proxies], torch.randint(0, 4, (45,), generator=g), backend=backend)
         return
     y = torch.randn(30, 16, generator=g, dtype=torch.float64)
     y[5] *= 1e-13
     for deterministic in (False, True):
-        _check(loss, [x, y], labels, torch.randint(0, 3, (30,), generator=g), deterministic=deterministic)
-        _check(loss, [x], labels, deterministic=deterministic)
+        _check(loss, [x, y], labels, torch.randint(0, 3, (30,), generator=g), deterministic=deterministic,
+               backend=backend)
+        _check(loss, [x], labels, deterministic=deterministic, backend=backend)
 
 
 def test_mixed_dtypes_meet_in_the_wider_one():

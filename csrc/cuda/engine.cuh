@@ -248,7 +248,11 @@ __device__ __forceinline__ RowScale<Acc> row_scale(const void* sq, int64_t index
   const Acc norm = std::sqrt(squared);
   const bool radial = norm > Acc(kNormEps);
   const Acc inverse = Acc(1) / (radial ? norm : Acc(kNormEps));
-  return {inverse, squared * inverse * inverse, radial};
+  // (|row| r)^2 rather than |row|^2 r^2: |row| (1 / |row|) rounds to 1 for most rows, so unit rows' distances tie
+  // exactly where they do in exact arithmetic (batch-hard's choices among them go to the lowest index, as the
+  // reference's and the Triton kernels')
+  const Acc length = norm * inverse;
+  return {inverse, length * length, radial};
 }
 
 // Threads t < 64: the RowScale of the tile's column t (reference c0 + t; r = 1 past M) into shared.col_scales().
