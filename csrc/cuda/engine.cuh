@@ -73,8 +73,7 @@ struct SharedLayout {
   static constexpr int64_t kBackwardBytes = kOutRows;
   static constexpr int64_t kAtomicBackwardBytes = kEnd;
 
-  // The regions, computed from the one base pointer where they are used (a kernel holding a dozen 64-bit pointers in
-  // registers ran short of them).
+  // The regions are offsets from this one pointer, computed where they are used.
   unsigned char* base;
 
   __device__ explicit SharedLayout(unsigned char* bytes) : base(bytes) {}
@@ -179,12 +178,11 @@ __device__ __forceinline__ void load_transposed_tile(T* dst, int ld, int width, 
 // shared.s() = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0, stage) fills
 // shared.x_chunk(stage) and shared.y_chunk(stage) with their columns d0 .. d0 + kChunk, by asynchronous copies
 // (load_tile_async) or plain stores. With two stages the next chunk's copies are in flight during this chunk's
-// product; kPrefetch = false uses one (fewer registers: the atomic backward, which holds four dX accumulators, spilled
-// on sm_90a with two). Ends synchronised.
-template <class Policy, bool kPrefetch = true, class LoadChunks>
+// product. Ends synchronised.
+template <class Policy, class LoadChunks>
 __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks) {
   using Layout = SharedLayout<Policy>;
-  constexpr int kStages = kPrefetch ? Layout::kStages : 1;
+  constexpr int kStages = Layout::kStages;
   typename Policy::Accumulator acc;
   Policy::zero(acc);
   if (d > 0) {
@@ -217,13 +215,13 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
 }
 
 // shared.s() = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T. Ends synchronised.
-template <class Policy, bool kPrefetch = true>
+template <class Policy>
 __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
   using Layout = SharedLayout<Policy>;
   using Operand = typename Policy::Operand;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
-  product_tile<Policy, kPrefetch>(p.d, shared, [&](int64_t d0, int stage) {
+  product_tile<Policy>(p.d, shared, [&](int64_t d0, int stage) {
     load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
     load_tile_async(shared.y_chunk(stage), Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
   });
@@ -255,6 +253,19 @@ __device__ __forceinline__ RowScale<Acc> row_scale(const void* sq, int64_t index
   return {inverse, length * length, radial};
 }
 
+// Entry i of a tile's RowScales in shared memory, three rows of 64 (inverse, squared length, radial as 0 / 1) from
+// `rows`: the columns' (SharedLayout::col_scales) and the rows' (within row_state).
+template <class Acc>
+__device__ __forceinline__ void store_row_scale(Acc* rows, int i, const RowScale<Acc>& scale) {
+  rows[i] = scale.inverse;
+  rows[kTile + i] = scale.length2;
+  rows[2 * kTile + i] = scale.radial ? Acc(1) : Acc(0);
+}
+template <class Acc>
+__device__ __forceinline__ RowScale<Acc> stored_row_scale(const Acc* rows, int i) {
+  return {rows[i], rows[kTile + i], rows[2 * kTile + i] != 0};
+}
+
 // Threads t < 64: the RowScale of the tile's column t (reference c0 + t; r = 1 past M) into shared.col_scales().
 template <class Policy>
 __device__ __forceinline__ void load_column_scales(const CudaPairRowsParams& p, int64_t c0,
@@ -262,17 +273,15 @@ __device__ __forceinline__ void load_column_scales(const CudaPairRowsParams& p, 
   using Acc = typename Policy::Acc;
   if (threadIdx.x < kTile) {
     const int64_t column = c0 + threadIdx.x;
-    const RowScale<Acc> scale = column < p.m ? row_scale<Acc>(p.y_sq, column, p.normalize) : RowScale<Acc>{1, 0, false};
-    shared.col_scales()[threadIdx.x] = scale.inverse;
-    shared.col_scales()[kTile + threadIdx.x] = scale.length2;
-    shared.col_scales()[2 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
+    store_row_scale(shared.col_scales(), threadIdx.x,
+                    column < p.m ? row_scale<Acc>(p.y_sq, column, p.normalize) : RowScale<Acc>{1, 0, false});
   }
 }
 
 // Column j's RowScale as load_column_scales left it.
 template <class Policy>
 __device__ __forceinline__ RowScale<typename Policy::Acc> column_scale(const SharedLayout<Policy>& shared, int j) {
-  return {shared.col_scales()[j], shared.col_scales()[kTile + j], shared.col_scales()[2 * kTile + j] != 0};
+  return stored_row_scale(shared.col_scales(), j);
 }
 
 // out[i] = |v_i|^2 (kInverse: 1 / max(|v_i|, eps)) of `count` vectors of `length` elements, element k of vector i

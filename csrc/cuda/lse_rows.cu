@@ -88,17 +88,15 @@ __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0,
     for (int q = 0; q < 3; ++q) shared.row_state()[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
     for (int q = 0; q < 3; ++q)
       shared.row_state()[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
-    const RowScale<Acc> scale = live ? row_scale<Acc>(p.x_sq, row, p.normalize) : RowScale<Acc>{1, 0, false};
-    shared.row_state()[6 * kTile + threadIdx.x] = scale.inverse;
-    shared.row_state()[7 * kTile + threadIdx.x] = scale.length2;
-    shared.row_state()[8 * kTile + threadIdx.x] = scale.radial ? Acc(1) : Acc(0);
+    store_row_scale(shared.row_state() + 6 * kTile, threadIdx.x,
+                    live ? row_scale<Acc>(p.x_sq, row, p.normalize) : RowScale<Acc>{1, 0, false});
     shared.row_labels()[threadIdx.x] = live ? p.x_labels[row] : 0;
   }
 }
 
 template <class Policy>
 __device__ __forceinline__ RowScale<typename Policy::Acc> row_state_scale(const SharedLayout<Policy>& shared, int i) {
-  return {shared.row_state()[6 * kTile + i], shared.row_state()[7 * kTile + i], shared.row_state()[8 * kTile + i] != 0};
+  return stored_row_scale(shared.row_state() + 6 * kTile, i);
 }
 
 template <class Acc>
@@ -200,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
-    similarity_tile<Policy, !kAtomic>(p, r0, c0, shared);
+    similarity_tile<Policy>(p, r0, c0, shared);
     row_sum += ds_tile<Policy>(bp, r0, c0, shared);
     __syncthreads();
     if (kAtomic && own_term) {  // the columns' coefficients, from the shares ds_tile left in S
@@ -235,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   if (bp.dx == nullptr) return;
   row_sum += from_partner(row_sum);
   if (epilogue_column() == 0) {
-    const Acc inverse = shared.row_state()[6 * kTile + epilogue_row()];
+    const Acc inverse = row_state_scale(shared, epilogue_row()).inverse;
     shared.sums()[epilogue_row()] = row_sum * inverse * inverse;
   }
   // When dy is dx, other blocks add dY into these rows at the same time.
