@@ -264,6 +264,34 @@ def test_shared_memory_limits_of_a_99_kb_gpu(monkeypatch):
     assert torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("dim, atomic", [(192, True), (256, False)])
+def test_atomic_backward_on_a_99_kb_gpu_up_to_the_d_its_shared_slices_fit(monkeypatch, dim, atomic):
+    """The atomic pass's shared memory grows with D (bf16: 68.25 KB up to D = 128, then 17 KB per 64 columns of dX
+    accumulators in shared memory, 102.25 KB at 256): a GPU that allows 99 KB runs it up to D = 192 (3
+    matmul-equivalents, dY added by atomics) and the deterministic backward above (4, no atomics), with the same
+    gradients."""
+    monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
+    g = torch.Generator().manual_seed(dim)
+    n = m = 64
+    x, y = (torch.randn(rows, dim, generator=g).to(torch.bfloat16) for rows in (n, m))
+    labels, y_labels = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    ops = torch.ops.metric_kernels
+    args = (x, y, labels, y_labels, -1, 1, 0, 0.0, 10.0)
+    stats = ops.cuda_emulated_lse_rows(*args, True, True, False)
+    grad = torch.randn(4, n, generator=g)
+    results = {}
+    for deterministic in (False, True):
+        def run():
+            results[deterministic] = ops.cuda_emulated_lse_rows_backward(grad, stats, *args, deterministic, True,
+                                                                         True, True, False)
+        flops, atomics = _dot_work(run)
+        default_path = not deterministic and atomic
+        assert sum(flops) / (2.0 * n * m * dim) == (3.0 if default_path else 4.0), (deterministic, flops)
+        assert atomics == (m * dim * (n // 64) if default_path else 0), (deterministic, atomics)
+    for got, expected in zip(results[False], results[True]):
+        assert_rel_close(got, expected, OPERAND_TOLERANCE["bf16"][1], f"D={dim} atomic against deterministic")
+
+
 def test_ops_take_cpu_tensors_only():
     x = torch.randn(4, 3)
     labels = torch.zeros(4, dtype=torch.long)
@@ -478,11 +506,11 @@ def _dot_work(run):
 def test_matmul_equivalents_of_each_pass(operand, dim):
     """The work the CUDA kernels give a GPU, counted by the emulation (every mma_sync and SIMT step): the forward
     forms each S tile once (1 matmul-equivalent, 2 N M D FLOPs); the deterministic backward holds the whole of D (up
-    to 256) in a block and recomputes S once in each of its two passes (4); the default backward, up to D = 128 (what
-    one of its blocks holds next to the dY product), recomputes it once and takes dX = P Y and dY = P^T X from it (3),
-    adding dY with one atomic per element of each (row block, column tile) product, and above that is the
-    deterministic one (4: blocks along D would each recompute S); every product of 16-bit rows runs on 16-bit
-    operands, fp32 ones on tf32 only where allowed."""
+    to 256) in a block and recomputes S once in each of its two passes (4); the default backward, up to D = 256 as
+    well (two slices' dX accumulators in registers next to the dY product, the other two in shared memory),
+    recomputes it once and takes dX = P Y and dY = P^T X from it (3), adding dY with one atomic per element of each
+    (row block, column tile) product; every product of 16-bit rows runs on 16-bit operands, fp32 ones on tf32 only
+    where allowed."""
     dtype = OPERANDS[operand]
     kind_of_dot = {"bf16": 0, "fp16": 0, "tf32": 1, "fp32": 2}[operand]
     n = m = 128
@@ -495,7 +523,7 @@ def test_matmul_equivalents_of_each_pass(operand, dim):
     stats = ops.cuda_emulated_lse_rows(*args, True, True, allow_tf32)
     grad = torch.randn(4, n, generator=g)
     matmul = 2.0 * n * m * dim
-    expected = {"forward": 1.0, "deterministic": 4.0, "atomic": 3.0 if dim <= 128 else 4.0}
+    expected = {"forward": 1.0, "deterministic": 4.0, "atomic": 3.0}
     for name in expected:
         if name == "forward":
             run = lambda: ops.cuda_emulated_lse_rows(*args, True, True, allow_tf32)  # noqa: E731
@@ -505,14 +533,14 @@ def test_matmul_equivalents_of_each_pass(operand, dim):
         flops, atomics = _dot_work(run)
         assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
         assert flops[kind_of_dot] / matmul == expected[name], f"{operand} {name}: {flops[kind_of_dot] / matmul}"
-        atomic = name == "atomic" and dim <= 128
-        assert atomics == (m * dim * (n // 64) if atomic else 0), f"{operand} {name}: {atomics} atomics"
+        assert atomics == (m * dim * (n // 64) if name == "atomic" else 0), f"{operand} {name}: {atomics} atomics"
 
 
-@pytest.mark.parametrize("operand, dim", [("fp32", 300), ("bf16", 300), ("fp64", 130)])
+@pytest.mark.parametrize("operand, dim", [("fp32", 300), ("bf16", 300), ("fp64", 130), ("fp16", 150), ("tf32", 256)])
 def test_backward_over_several_spans_of_d(operand, dim):
-    """D wider than one backward block holds (256 columns; fp64: 64): blocks along D, each recomputing S, both
-    backward paths, raw rows normalised inside, against the CPU op on the normalised float64 rows."""
+    """D wider than one backward block holds (256 columns; fp64: 64): blocks along D, each recomputing S; and D past
+    the two slices the atomic pass keeps in registers (its third and fourth in shared memory, one or two of them
+    used); both backward paths, raw rows normalised inside, against the CPU op on the normalised float64 rows."""
     dtype = OPERANDS[operand]
     g = torch.Generator().manual_seed(dim + len(operand))
     x = (torch.randn(70, dim, generator=g, dtype=torch.float64) * 2).to(dtype)
@@ -526,11 +554,12 @@ def test_backward_over_several_spans_of_d(operand, dim):
     grad = torch.randn(4, 70, generator=g, dtype=torch.float64)
     expected_grads = torch.autograd.grad(unit, raw, ops.cpu_lse_rows_backward(grad, expected, *exact_args, True, True,
                                                                                True))
-    stats = ops.cuda_emulated_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 32.0, True, True, False)
+    allow_tf32 = operand == "tf32"
+    stats = ops.cuda_emulated_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 32.0, True, True, allow_tf32)
     value_tol, grad_tol = OPERAND_TOLERANCE[operand]
     assert_rel_close(stats[:2], expected[:2], value_tol, f"{operand} D={dim} stats")
     for deterministic in (True, False):
         got = ops.cuda_emulated_lse_rows_backward(grad.to(stats.dtype), stats, x, y, labels, y_labels, -1, 0, 0, 0.25,
-                                                  32.0, deterministic, True, True, True, False)
+                                                  32.0, deterministic, True, True, True, allow_tf32)
         for index, (a, b) in enumerate(zip(got, expected_grads)):
             assert_rel_close(a, b, grad_tol, f"{operand} D={dim} deterministic={deterministic} grad {index}")

@@ -22,20 +22,31 @@ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 // How many 64-wide tiles cover `size`.
 inline int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
-// How many 64-wide slices of D one backward block holds (lse_rows.cu, margin_softmax.cu), their accumulators in
-// registers: the whole of D up to 256, so that each pass recomputes every product tile once (blocks along D only above
-// that, each recomputing the tile). fp64's accumulators (64 registers a slice) allow one. kAtomic: the atomic dX pass,
-// which also forms dY = P^T X per slice, holds half as many (with four, ptxas spilled on sm_90a).
+// How many 64-wide slices of D one backward block holds with their accumulators in registers (lse_rows.cu,
+// margin_softmax.cu): the whole of D up to 256, so that each pass recomputes every product tile once (blocks along D
+// only above that, each recomputing the tile). fp64's accumulators (64 registers a slice) allow one. kAtomic: the
+// atomic dX pass, which also forms dY = P^T X per slice, holds two there (with four next to the dY product ptxas
+// spilled on sm_90a) and the next kSharedSlices in shared memory, so that it too takes D up to 256 in one span.
 template <class Policy, bool kAtomic = false>
 constexpr int kSlices = sizeof(typename Policy::Acc) == 8 ? 1 : (kAtomic ? 2 : 4);
+template <class Policy, bool kAtomic = false>
+constexpr int kSharedSlices = sizeof(typename Policy::Acc) == 8 || !kAtomic ? 0 : 2;
 
 // Columns of D per backward block, and how many such blocks cover D.
 template <class Policy, bool kAtomic = false>
-constexpr int64_t kSpan = int64_t{kTile} * kSlices<Policy, kAtomic>;
+constexpr int64_t kSpan = int64_t{kTile} * (kSlices<Policy, kAtomic> + kSharedSlices<Policy, kAtomic>);
 
 template <class Policy, bool kAtomic = false>
 unsigned spans(int64_t d) {
   return static_cast<unsigned>((d + kSpan<Policy, kAtomic> - 1) / kSpan<Policy, kAtomic>);
+}
+
+// How many of the kSharedSlices a block uses at this D (the widest span's slices past the registers' ones).
+template <class Policy, bool kAtomic = false>
+constexpr int shared_slices_used(int64_t d) {
+  const int64_t widest = d < kSpan<Policy, kAtomic> ? d : kSpan<Policy, kAtomic>;
+  const int64_t past = (widest + kTile - 1) / kTile - kSlices<Policy, kAtomic>;
+  return past <= 0 ? 0 : static_cast<int>(past);
 }
 
 // Dynamic shared memory of one block, in regions that each start 128-byte aligned. Rows are padded as the tile policy
@@ -66,12 +77,16 @@ struct SharedLayout {
   static constexpr int64_t kOut = kDs + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kSums = kOut + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kOutRows = kSums + align128(kTile * sizeof(Acc));
-  static constexpr int64_t kEnd = kOutRows + align128(kTile * kTileLd * sizeof(Operand));
+  static constexpr int64_t kAccumulatorSlices = kOutRows + align128(kTile * kTileLd * sizeof(Operand));
+  static constexpr int64_t kAccumulatorSliceBytes = align128(kTile * kAccLd * sizeof(Acc));
 
-  // What each kernel uses: the forward and the selection stop before dS; only the atomic dX pass needs kOutRows.
+  // What each kernel uses: the forward and the selection stop before dS; only the atomic dX pass needs kOutRows and
+  // its accumulator slices past the registers' (as many as D needs).
   static constexpr int64_t kForwardBytes = kDs;
   static constexpr int64_t kBackwardBytes = kOutRows;
-  static constexpr int64_t kAtomicBackwardBytes = kEnd;
+  static constexpr int64_t atomic_backward_bytes(int64_t d) {
+    return kAccumulatorSlices + shared_slices_used<Policy, true>(d) * kAccumulatorSliceBytes;
+  }
 
   // The regions are offsets from this one pointer, computed where they are used.
   unsigned char* base;
@@ -100,6 +115,10 @@ struct SharedLayout {
   __device__ Acc* sums() const { return at<Acc>(kSums); }
   // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
   __device__ Operand* out_rows() const { return at<Operand>(kOutRows); }
+  // atomic dX pass: the 64 x 64 accumulators (kAccLd) of its slices past the registers' (kSharedSlices)
+  __device__ Acc* accumulator_slice(int slice) const {
+    return at<Acc>(kAccumulatorSlices + slice * kAccumulatorSliceBytes);
+  }
 };
 
 // dst[64 x width] (leading dimension ld) = src[row0 :, col0 :] with zeros past rows_total / cols_total.
@@ -385,9 +404,9 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
   }
 }
 
-// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile staged in shared.s() times `unscale`, within
-// rows_total x d, minus the radial or norm term coefficients[i] times the gradient's own row, own[i * own_ld + j]
-// (own: those rows at D columns e0..; coefficients nullptr: no such term).
+// out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile `tile` in shared memory (kAccLd: shared.s(),
+// or an accumulator slice) times `unscale`, within rows_total x d, minus the radial or norm term coefficients[i] times
+// the gradient's own row, own[i * own_ld + j] (own: those rows at D columns e0..; coefficients nullptr: no such term).
 enum class Write { kStore, kAdd, kAtomicAdd };
 
 template <class Policy>
@@ -399,7 +418,7 @@ struct OwnRowTerm {
 
 template <class Policy>
 __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows_total, int64_t e0, int64_t d,
-                           Write mode, const SharedLayout<Policy>& shared, const OwnRowTerm<Policy>& term = {},
+                           Write mode, const typename Policy::Acc* tile, const OwnRowTerm<Policy>& term = {},
                            typename Policy::Acc unscale = 1) {
   using Acc = typename Policy::Acc;
 #pragma unroll 1
@@ -407,7 +426,7 @@ __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows
     const int i = index / kTile, j = index % kTile;
     const int64_t row = row0 + i, col = e0 + j;
     if (row >= rows_total || col >= d) continue;
-    Acc value = shared.s()[i * SharedLayout<Policy>::kAccLd + j] * unscale;
+    Acc value = tile[i * SharedLayout<Policy>::kAccLd + j] * unscale;
     if (term.coefficients != nullptr) value -= term.coefficients[i] * static_cast<Acc>(term.own[i * term.own_ld + j]);
     auto* target = out + row * d + col;
     if (mode == Write::kAtomicAdd) {
@@ -415,6 +434,22 @@ __device__ void write_tile(typename Policy::Acc* out, int64_t row0, int64_t rows
     } else {
       *target = mode == Write::kAdd ? *target + value : value;
     }
+  }
+}
+
+// multiply(slice) for each 64-wide slice of the block's span of D (e0 = span0 + 64 slice < d), after
+// load_slice(e0) has filled shared.out() and a barrier has published it.
+template <int kCount, class LoadSlice, class Multiply>
+__device__ __forceinline__ void for_each_slice(int64_t span0, int64_t d, LoadSlice&& load_slice, Multiply&& multiply) {
+#pragma unroll
+  for (int slice = 0; slice < kCount; ++slice) {
+    const int64_t e0 = span0 + slice * kTile;
+    if (e0 >= d) break;
+    __syncthreads();
+    load_slice(e0);
+    finish_async_copies();
+    __syncthreads();
+    multiply(slice);
   }
 }
 
@@ -427,17 +462,23 @@ __device__ __forceinline__ void accumulate_slices(typename Policy::Accumulator (
                                                   const SharedLayout<Policy>& shared, int64_t span0, int64_t d,
                                                   LoadSlice&& load_slice) {
   using Layout = SharedLayout<Policy>;
-#pragma unroll
-  for (int slice = 0; slice < kCount; ++slice) {
-    const int64_t e0 = span0 + slice * kTile;
-    if (e0 >= d) break;
-    __syncthreads();
-    load_slice(e0);
-    finish_async_copies();
-    __syncthreads();
+  for_each_slice<kCount>(span0, d, load_slice, [&](int slice) {
     Policy::template mma<LayoutP, RowMajor>(acc[slice], shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
                                             kTile);
-  }
+  });
+}
+
+// accumulate_slices for the slices whose accumulators live in shared memory (shared.accumulator_slice(slice), from
+// span0 on), a fragment at a time.
+template <class LayoutP, int kCount, class Policy, class LoadSlice>
+__device__ __forceinline__ void accumulate_shared_slices(const SharedLayout<Policy>& shared, int64_t span0,
+                                                         int64_t d, LoadSlice&& load_slice) {
+  using Layout = SharedLayout<Policy>;
+  for_each_slice<kCount>(span0, d, load_slice, [&](int slice) {
+    Policy::template product_to<LayoutP, RowMajor, true>(shared.accumulator_slice(slice), Layout::kAccLd,
+                                                         shared.ds(), Layout::kTileLd, shared.out(), Layout::kTileLd,
+                                                         kTile);
+  });
 }
 
 // Writes accumulate_slices' results: out[row0 + i, e0 + j] for each slice (write_tile's modes), times unscale, minus
@@ -456,7 +497,7 @@ __device__ __forceinline__ void write_slices(const typename Policy::Accumulator 
     if (e0 >= d) break;
     Policy::store(acc[slice], shared.s(), SharedLayout<Policy>::kAccLd);
     __syncthreads();
-    write_tile<Policy>(out, row0, rows_total, e0, d, mode, shared, {coefficients, own + e0, own_ld}, unscale);
+    write_tile<Policy>(out, row0, rows_total, e0, d, mode, shared.s(), {coefficients, own + e0, own_ld}, unscale);
     __syncthreads();  // the next slice rewrites S
   }
 }

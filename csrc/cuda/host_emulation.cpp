@@ -250,6 +250,13 @@ const void* warp_exchange(const void* value, std::size_t size, int lane_mask) {
   return slots[state.lane ^ lane_mask];
 }
 
+void sync_warp() {
+  if (thread_state.block == nullptr) fail("a warp-collective call outside a kernel");
+  Warp& warp = *thread_state.block->warps[thread_state.warp];
+  if (warp.size != kWarpSize) fail("a warp-collective call in a partial warp");
+  warp.barrier->arrive_and_wait();
+}
+
 int shared_bytes_optin() {
   const char* text = std::getenv("METRIC_KERNELS_EMULATED_SHARED_BYTES");
   if (text == nullptr || *text == '\0') return kMaxDynamicSharedBytes;

@@ -16,8 +16,9 @@
 //   __syncthreads (a thread that returned while others wait in it stops the process); __shfl_xor_sync with a full
 //   mask on 4- and 8-byte arithmetic types; atomicAdd on float and double; fma; __half and __nv_bfloat16 storage with
 //   exact round-to-nearest-even conversions from float (no arithmetic on them); WMMA fragments m16n16k16 (__half,
-//   __nv_bfloat16) and m16n16k8 (precision::tf32) with float accumulators: fill_fragment, load_matrix_sync (A and B),
-//   mma_sync, store_matrix_sync, __float_to_tf32 (round to nearest, ties away, as cvt.rna.tf32.f32); asynchronous
+//   __nv_bfloat16) and m16n16k8 (precision::tf32) with float accumulators: fill_fragment, load_matrix_sync (A, B and
+//   row- or column-major accumulators), mma_sync, store_matrix_sync, __float_to_tf32 (round to nearest, ties away,
+//   as cvt.rna.tf32.f32); asynchronous
 //   copies to shared memory (cuda_pipeline_primitives.h's __pipeline_memcpy_async of 4, 8 or 16 aligned bytes with
 //   zero fill, __pipeline_commit, __pipeline_wait_prior: a group's bytes land when a wait lets it, not at issue, so a
 //   read before its wait sees the poisoned memory; a thread that ends with copies not waited for stops the process);
@@ -108,6 +109,8 @@ inline thread_local ThreadState thread_state{};
 const ThreadState& this_thread();
 
 void sync_threads();
+// Waits for the warp's 32 lanes (what a warp-collective instruction implies between the lanes' parts).
+void sync_warp();
 // Deposits `size` bytes for this lane, waits for the warp, and returns where lane ^ lane_mask deposited its bytes.
 const void* warp_exchange(const void* value, std::size_t size, int lane_mask);
 
@@ -359,7 +362,7 @@ inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
 template <class Use, int M, int N, int K, class T, class Layout>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
                              const typename fragment<Use, M, N, K, T, Layout>::element_type* pointer, unsigned ldm) {
-  static_assert(!std::is_void_v<Layout>, "load_matrix_sync of an accumulator (with a layout_t) is not emulated");
+  static_assert(!std::is_void_v<Layout>, "an accumulator's load_matrix_sync takes a layout_t");
   using Fragment = fragment<Use, M, N, K, T, Layout>;
   detail::check_pointer(pointer, ldm, sizeof(typename Fragment::element_type), "load_matrix_sync");
   for (int i = 0; i < Fragment::kRows; ++i)
@@ -386,6 +389,19 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
       out[i * N + j] = sum;
     }
   std::memcpy(d.x, out, sizeof(out));
+}
+
+// An accumulator from memory: every lane reads the whole tile (the lanes' copies agree, as a warp's parts do), then
+// the warp meets: on a GPU the lanes' parts meet in the mma_sync that consumes them, so no lane's later store to the
+// tile (store_matrix_sync) can overtake another lane's read of it.
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* pointer, unsigned ldm,
+                             layout_t layout) {
+  detail::check_pointer(pointer, ldm, sizeof(float), "load_matrix_sync");
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j)
+      f.x[i * N + j] = pointer[layout == mem_row_major ? i * ldm + j : i + static_cast<std::size_t>(j) * ldm];
+  metric_kernels::host_emulation::sync_warp();
 }
 
 // Lane l writes the elements e = l (mod 32): each element once, as the warp does together.

@@ -28,13 +28,15 @@ int squared_row_norms(Operand operand, const void* rows, int64_t count, int64_t 
 // Whether an atomic backward exists for this operand (fp64 has none: its tiles would need 174 KB of shared memory).
 bool supports_atomic_backward(Operand operand);
 
-// The columns of D one block of the atomic backward holds (128): above that its blocks along D each recompute S, and
-// the deterministic backward does no more products (4 matmul-equivalents either way) without the atomics.
+// The columns of D one block of the atomic backward holds (256: two slices' accumulators in registers, two in shared
+// memory): above that its blocks along D each recompute S, and the deterministic backward does no more products
+// (4 matmul-equivalents either way) without the atomics.
 int64_t atomic_backward_span(Operand operand);
 
-// Dynamic shared memory per block of the backward for this operand, and the most a block on `device` may opt in to
-// (99 KB on sm_86/sm_89/sm_120, 163 KB on sm_80, 227 KB on sm_90); the forward fits every sm_80+ GPU.
-int64_t backward_shared_bytes(Operand operand, bool atomic);
+// Dynamic shared memory per block of the backward for this operand at this D (the atomic pass's grows with D up to
+// 256), and the most a block on `device` may opt in to (99 KB on sm_86/sm_89/sm_120, 163 KB on sm_80, 227 KB on sm_90);
+// the forward fits every sm_80+ GPU.
+int64_t backward_shared_bytes(Operand operand, bool atomic, int64_t d);
 int64_t shared_bytes_per_block(int device);
 
 // The margin-softmax classifiers: stats 2 x N in the accumulation type (params.h); p.x_inverse and p.w_inverse are

@@ -190,10 +190,16 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy, kAtomic>;
   const Acc unscale = Acc(1) / gradient_scale_of<Acc>(bp);
   const bool own_term = has_own_direction_term(p);
+  constexpr int kInRegisters = kSlices<Policy, kAtomic>, kInShared = kSharedSlices<Policy, kAtomic>;
+  const int64_t shared_span0 = span0 + int64_t{kInRegisters} * kTile;  // the first of the slices in shared memory
   load_row_state(bp, r0, shared);
-  typename Policy::Accumulator dx[kSlices<Policy, kAtomic>];
+  typename Policy::Accumulator dx[kInRegisters];
 #pragma unroll
-  for (int slice = 0; slice < kSlices<Policy, kAtomic>; ++slice) Policy::zero(dx[slice]);
+  for (int slice = 0; slice < kInRegisters; ++slice) Policy::zero(dx[slice]);
+  if (kInShared > 0) {
+    const int count = shared_slices_used<Policy, kAtomic>(p.d) * Layout::kAccumulatorSliceBytes / sizeof(Acc);
+    for (int index = threadIdx.x; index < count; index += kThreads) shared.accumulator_slice(0)[index] = Acc(0);
+  }
   Acc row_sum = 0;  // this thread's share of its row's own-direction coefficient
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels(), p.y_labels, c0, p.m);
@@ -221,13 +227,15 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
         Policy::template product_to<ColMajor, RowMajor>(shared.s(), Layout::kAccLd, shared.ds(), Layout::kTileLd,
                                                         shared.out_rows(), Layout::kTileLd, kTile);
         __syncthreads();
-        write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared,
+        write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared.s(),
                            {own_term ? shared.sums() : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
       }
     }
-    accumulate_slices<RowMajor>(dx, shared, span0, p.d, [&](int64_t e0) {
+    const auto load_y = [&](int64_t e0) {
       load_tile_async(shared.out(), Layout::kTileLd, kTile, y, p.y_stride, c0, p.m, e0, p.d);
-    });
+    };
+    accumulate_slices<RowMajor>(dx, shared, span0, p.d, load_y);
+    if (kInShared > 0) accumulate_shared_slices<RowMajor, kInShared>(shared, shared_span0, p.d, load_y);
     __syncthreads();  // the next tile rewrites the chunks, S, dS, the sums, the labels and the scales
   }
   if (bp.dx == nullptr) return;
@@ -238,8 +246,15 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   }
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
-  write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, mode, own_term ? shared.sums() : nullptr,
-               x + r0 * p.x_stride, p.x_stride, unscale);
+  const Acc* coefficients = own_term ? shared.sums() : nullptr;
+  const Operand* own = x + r0 * p.x_stride;
+  write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, mode, coefficients, own, p.x_stride,
+               unscale);
+  for (int slice = 0; slice < kInShared && shared_span0 + slice * kTile < p.d; ++slice) {
+    const int64_t e0 = shared_span0 + slice * kTile;
+    write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, mode, shared.accumulator_slice(slice),
+                       {coefficients, own + e0, p.x_stride}, unscale);
+  }
 }
 
 // The dY pass of the deterministic backward: columns c0.. against every row tile, dY = P^T X for the block's span of
@@ -357,7 +372,7 @@ cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) 
   const unsigned slices = spans<Policy>(p.d);
   if (bp.atomic) {
     return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), spans<Policy, true>(p.d)),
-                  SharedLayout<Policy>::kAtomicBackwardBytes, stream, bp);
+                  SharedLayout<Policy>::atomic_backward_bytes(p.d), stream, bp);
   }
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
   if (bp.dx != nullptr) {
@@ -413,14 +428,14 @@ int64_t atomic_backward_span(Operand operand) {
 
 namespace {
 template <class Policy>
-int64_t backward_bytes(bool atomic) {
-  return atomic ? SharedLayout<Policy>::kAtomicBackwardBytes : SharedLayout<Policy>::kBackwardBytes;
+int64_t backward_bytes(bool atomic, int64_t d) {
+  return atomic ? SharedLayout<Policy>::atomic_backward_bytes(d) : SharedLayout<Policy>::kBackwardBytes;
 }
 }  // namespace
 
-int64_t backward_shared_bytes(Operand operand, bool atomic) {
+int64_t backward_shared_bytes(Operand operand, bool atomic, int64_t d) {
   return with_policy(operand, int64_t{0},
-                     [&](auto policy) { return backward_bytes<decltype(policy)>(atomic); });
+                     [&](auto policy) { return backward_bytes<decltype(policy)>(atomic, d); });
 }
 
 int64_t shared_bytes_per_block(int device) {

@@ -186,8 +186,8 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   // within one atomic block's span (3 matmul-equivalents instead of 4).
   const bool atomic = !deterministic && need_dx && (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
                       x.size(1) <= cuda::atomic_backward_span(params.operand) &&
-                      cuda::backward_shared_bytes(params.operand, true) <= shared_limit;
-  const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic);
+                      cuda::backward_shared_bytes(params.operand, true, x.size(1)) <= shared_limit;
+  const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic, x.size(1));
   STD_TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ",
                   x.scalar_type(), " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU ",
                   "allows ", shared_limit, "; use float32 rows or backend='triton'");

@@ -134,9 +134,10 @@ struct WmmaTile {
     }
   }
 
-  // c[64 x 64] (row-major, leading dimension ldc) = op(A)[64 x k] op(B)[k x 64], one 16 x 16 fragment at a time:
-  // for callers that hold other accumulators (one fragment's registers live instead of a whole Accumulator's).
-  template <class LayoutA, class LayoutB>
+  // c[64 x 64] (row-major, leading dimension ldc) = op(A)[64 x k] op(B)[k x 64] (kAccumulate: +=), one 16 x 16
+  // fragment at a time: for callers that hold other accumulators (one fragment's registers live instead of a whole
+  // Accumulator's), or whose accumulator lives in shared memory.
+  template <class LayoutA, class LayoutB, bool kAccumulate = false>
   __device__ static void product_to(Acc* c, int ldc, const Operand* a, int lda, const Operand* b, int ldb, int k) {
     namespace wmma = nvcuda::wmma;
     using WmmaA = typename std::conditional<LayoutA::kColumnMajor, wmma::col_major, wmma::row_major>::type;
@@ -145,8 +146,13 @@ struct WmmaTile {
 #pragma unroll 1
     for (int part = 0; part < 4; ++part) {
       const int i = part / 2, j = part % 2;
+      Acc* tile = c + (row0 + 16 * i) * ldc + col0 + 16 * j;
       Fragment acc;
-      wmma::fill_fragment(acc, 0.0f);
+      if (kAccumulate) {
+        wmma::load_matrix_sync(acc, tile, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.0f);
+      }
 #pragma unroll 1
       for (int kk = 0; kk < k; kk += kK) {
         wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Precision, WmmaA> fa;
@@ -157,7 +163,7 @@ struct WmmaTile {
         to_precision(fb);
         wmma::mma_sync(acc, fa, fb, acc);
       }
-      wmma::store_matrix_sync(c + (row0 + 16 * i) * ldc + col0 + 16 * j, acc, ldc, wmma::mem_row_major);
+      wmma::store_matrix_sync(tile, acc, ldc, wmma::mem_row_major);
     }
   }
 
@@ -237,12 +243,25 @@ struct SimtTile {
     }
   }
 
-  template <class LayoutA, class LayoutB>
+  template <class LayoutA, class LayoutB, bool kAccumulate = false>
   __device__ static void product_to(Acc* c, int ldc, const T* a, int lda, const T* b, int ldb, int k) {
     Accumulator acc;
-    zero(acc);
+    if (kAccumulate) {
+      load(acc, c, ldc);
+    } else {
+      zero(acc);
+    }
     mma<LayoutA, LayoutB>(acc, a, lda, b, ldb, k);
     store(acc, c, ldc);
+  }
+
+  // acc = c[64 x 64] (row-major, leading dimension ldc), as store writes it
+  __device__ static void load(Accumulator& acc, const Acc* c, int ldc) {
+    const int row0 = SimtTile::row0(), col0 = SimtTile::col0();
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc.c[i][j] = c[(row0 + i) * ldc + col0 + kColStride * j];
   }
 
   __device__ static void store(const Accumulator& acc, Acc* c, int ldc) {
