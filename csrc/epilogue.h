@@ -30,6 +30,10 @@
 #define MK_HD inline
 #endif
 
+#if defined(METRIC_KERNELS_HOST_EMULATION)
+#include "cuda/host_emulation.h"
+#endif
+
 namespace metric_kernels {
 
 enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2, kMultiSimilarity = 3, kNTXent = 4, kContrastive = 5 };
@@ -39,6 +43,23 @@ constexpr int kStatRows = 4;  // statistics per query row
 // What a pair contributes (metric_kernels/_pairs.py), from s = x_i . y_j and the squared row norms of the rows as
 // given: s itself, or minus the squared or plain Euclidean distance, with q = |x_i|^2 + |y_j|^2 - 2 s clamped at 0.
 enum PairValue : int { kSimilarity = 0, kSquaredEuclidean = 1, kEuclidean = 2 };
+
+// Under the host emulation of the CUDA kernels the math below counts its exponentials (its work counters; the tests
+// pin one per pair per pass). Those translation units see it in an inline namespace of their own, so that the
+// counting and the plain bodies are distinct functions, each with one definition, where both are linked into _C.
+#if defined(METRIC_KERNELS_HOST_EMULATION)
+inline namespace counted_exponentials {
+#else
+inline namespace plain_exponentials {
+#endif
+
+template <typename T>
+MK_HD T exponential(T x) {
+#if defined(METRIC_KERNELS_HOST_EMULATION)
+  host_emulation::count_work(host_emulation::Work::kExponentials, 1);
+#endif
+  return std::exp(x);
+}
 
 template <typename T>
 MK_HD T pair_value(int pair, T s, T x_sq, T y_sq) {
@@ -98,7 +119,7 @@ MK_HD bool in_second(int kind, bool positive, bool negative) {
 // 1 when 1 + exp(x) does, in the statistics' type); one exponential. A_i = -inf (no negative) adds nothing.
 template <typename T>
 MK_HD void ntxent_positive(T excess, T& loss, T& weight, T& nonzero) {
-  const T e = std::exp(-std::fabs(excess));
+  const T e = exponential(-std::fabs(excess));
   const bool above = excess > 0;
   loss += (above ? excess : T(0)) + std::log1p(e);
   weight += (above ? T(1) : e) / (T(1) + e);
@@ -128,10 +149,10 @@ struct OnlineLse {
   T sum = 0;
   MK_HD void add(T v) {
     if (v > max) {
-      sum = sum * std::exp(max - v) + T(1);  // exp(-inf) = 0 for the first value
+      sum = sum * exponential(max - v) + T(1);  // exp(-inf) = 0 for the first value
       max = v;
     } else {
-      sum += std::exp(v - max);
+      sum += exponential(v - max);
     }
   }
   // Folds in another partial state (the same row's other columns), as if its values had been added here.
@@ -142,7 +163,7 @@ struct OnlineLse {
       return;
     }
     const T top = max > other_max ? max : other_max;
-    sum = sum * std::exp(max - top) + other_sum * std::exp(other_max - top);
+    sum = sum * exponential(max - top) + other_sum * exponential(other_max - top);
     max = top;
   }
   MK_HD T finish() const { return sum > 0 ? max + std::log(sum) : -std::numeric_limits<T>::infinity(); }
@@ -154,7 +175,7 @@ struct OnlineLse {
 template <typename T>
 MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T g2, T g3, T lse1, T lse2, T aux) {
   if (kind == kNTXent) {
-    const T e = std::exp(b * v - lse2);
+    const T e = exponential(b * v - lse2);
     return positive ? -b * g1 / (T(1) + e) : (negative ? b * (g2 + g1 * aux) * e : T(0));
   }
   if (kind == kContrastive) {
@@ -163,8 +184,8 @@ MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T 
   }
   const Logits<T> l = loss_logits(kind, v, a, b);
   T dv = 0;
-  if (in_first(kind, positive)) dv += g1 * std::exp(l.value1 - lse1) * l.slope1;
-  if (in_second(kind, positive, negative)) dv += g2 * std::exp(l.value2 - lse2) * l.slope2;
+  if (in_first(kind, positive)) dv += g1 * exponential(l.value1 - lse1) * l.slope1;
+  if (in_second(kind, positive, negative)) dv += g2 * exponential(l.value2 - lse2) * l.slope2;
   if (kind == kSupCon && positive) dv += g3;
   return dv;
 }
@@ -177,4 +198,5 @@ MK_HD T ds_entry(int kind, int pair, T s, T x_sq, T y_sq, T a, T b, bool positiv
   return pair_slope(pair, dv_entry(kind, v, a, b, positive, negative, g1, g2, g3, lse1, lse2, aux), v);
 }
 
+}  // inline namespace
 }  // namespace metric_kernels

@@ -284,7 +284,7 @@ def test_atomic_backward_on_a_99_kb_gpu_up_to_the_d_its_shared_slices_fit(monkey
         def run():
             results[deterministic] = ops.cuda_emulated_lse_rows_backward(grad, stats, *args, deterministic, True,
                                                                          True, True, False)
-        flops, atomics = _dot_work(run)
+        flops, atomics, _ = _work(run)
         default_path = not deterministic and atomic
         assert sum(flops) / (2.0 * n * m * dim) == (3.0 if default_path else 4.0), (deterministic, flops)
         assert atomics == (m * dim * (n // 64) if default_path else 0), (deterministic, atomics)
@@ -491,14 +491,14 @@ def test_emulation_refuses_cuda_outside_its_subset_check(what, tmp_path):
     assert result.returncode != 0, f"{what} compiled on the host"
 
 
-def _dot_work(run):
+def _work(run):
     """The emulated kernels' work while `run()` runs: (dot FLOPs by operand type [16-bit, tf32, fp32, fp64], atomic
-    additions)."""
+    additions, exponentials of the per-pair math)."""
     counters = torch.ops.metric_kernels.cuda_emulated_work_counters
     counters(True)
     run()
     work = counters(True).tolist()
-    return work[:4], work[4]
+    return work[:4], work[4], work[5]
 
 
 @pytest.mark.parametrize("dim", [128, 256])
@@ -530,10 +530,35 @@ def test_matmul_equivalents_of_each_pass(operand, dim):
         else:
             run = lambda: ops.cuda_emulated_lse_rows_backward(  # noqa: E731
                 grad, stats, *args, name == "deterministic", True, True, True, allow_tf32)
-        flops, atomics = _dot_work(run)
+        flops, atomics, _ = _work(run)
         assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
         assert flops[kind_of_dot] / matmul == expected[name], f"{operand} {name}: {flops[kind_of_dot] / matmul}"
         assert atomics == (m * dim * (n // 64) if name == "atomic" else 0), f"{operand} {name}: {atomics} atomics"
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5])
+def test_one_exponential_per_pair_per_pass(kind):
+    """The exponentials the kernels' per-pair math takes (epilogue.h, counted by the emulation), every pair being a
+    positive or a negative here: the forward one per pair (Circle's, Proxy-Anchor's and Multi-Similarity's two
+    log-sum-exps fold disjoint pairs; NT-Xent's first sweep takes the negatives, its second the positives) plus at
+    most 8 per row where the two threads of a row merge their two log-sum-exp states; each backward pass one per pair
+    (deterministic: a dX and a dY pass; default: one pass); Contrastive's hinges none."""
+    n, m, dim = 70, 66, 40
+    g = torch.Generator().manual_seed(kind)
+    x, y = torch.randn(n, dim, generator=g), torch.randn(m, dim, generator=g)
+    labels, y_labels = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    ops = torch.ops.metric_kernels
+    a, b = (0.25, 1.5) if kind == 5 else (0.25, 8.0)
+    args = (x, y, labels, y_labels, -1, kind, 0, a, b, True, True, False)  # deterministic, normalize, allow_tf32
+    stats = ops.cuda_emulated_lse_rows(*args)
+    grad = torch.randn(4, n, generator=g)
+    pairs = n * m if kind != 5 else 0
+    _, _, forward = _work(lambda: ops.cuda_emulated_lse_rows(*args))
+    assert pairs <= forward <= pairs + (8 * n if kind != 5 else 0), f"forward: {forward} exponentials, {n * m} pairs"
+    for deterministic, passes in ((True, 2), (False, 1)):
+        _, _, backward = _work(lambda: ops.cuda_emulated_lse_rows_backward(
+            grad, stats, x, y, labels, y_labels, -1, kind, 0, a, b, deterministic, True, True, True, False))
+        assert backward == passes * pairs, f"deterministic={deterministic}: {backward} exponentials, {n * m} pairs"
 
 
 @pytest.mark.parametrize("operand, dim", [("fp32", 300), ("bf16", 300), ("fp64", 130), ("fp16", 150), ("tf32", 256)])

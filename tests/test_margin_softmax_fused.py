@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_rel_close, grads
-from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _dot_work, _tf32_rounded
+from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _tf32_rounded, _work
 from tests.test_fused import MISSING, _fused_backend_is_built  # noqa: F401 (the autouse fixture)
 
 # The fused backends whose kernels compute the classifiers (metric_kernels/_fused.py, CLASSIFIER_ROWS); one missing
@@ -263,11 +263,12 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
     """The work the CUDA kernels give a GPU, counted by the emulation: the forward forms each product tile once
     (1 matmul-equivalent, 2 N C D FLOPs); with the whole of D (up to 256) in one block, the dX pass recomputes each
     tile once and takes dS W^T from it (2), the dW pass likewise X^T dS (2); every product of bf16 rows runs on 16-bit
-    operands, of fp32 rows on fp32 (tf32 not allowed); no atomics."""
+    operands, of fp32 rows on fp32 (tf32 not allowed); no atomics; one exponential per (query, other class) in each
+    pass."""
     if "cuda-emulated" in MISSING:
         pytest.fail(f"backend 'cuda-emulated' is not usable here: {MISSING['cuda-emulated']}")
     dtype = OPERANDS[operand]
-    kind_of_dot = {"bf16": 0, "fp32": 2}[operand]  # _dot_work's order: 16-bit, tf32, fp32, fp64
+    kind_of_dot = {"bf16": 0, "fp32": 2}[operand]  # _work's order: 16-bit, tf32, fp32, fp64
     n = classes = 128
     g = torch.Generator().manual_seed(dim)
     x, weight = torch.randn(n, dim, generator=g).to(dtype), torch.randn(dim, classes, generator=g).to(dtype)
@@ -284,11 +285,15 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
     runs = {"forward": (lambda: ops.cuda_emulated_margin_softmax_rows(*args, False), 1.0),
             "dX pass": (backward(True), 2.0), "dW pass": (backward(False), 2.0)}
     matmul = 2.0 * n * classes * dim
+    others = n * (classes - 1)  # (query, class) pairs in the log-sum-exp: one exponential each per pass
     for name, (run, expected) in runs.items():
-        flops, atomics = _dot_work(run)
+        flops, atomics, exponentials = _work(run)
         assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
         assert flops[kind_of_dot] / matmul == expected, f"{operand} {name}: {flops[kind_of_dot] / matmul}"
         assert atomics == 0, f"{operand} {name}: {atomics} atomics"
+        # the forward's two threads of a row merge their log-sum-exp states: at most 2 exponentials each
+        extra = 4 * n if name == "forward" else 0
+        assert others <= exponentials <= others + extra, f"{operand} {name}: {exponentials} exponentials"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

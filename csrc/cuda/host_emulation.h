@@ -155,11 +155,11 @@ struct AsyncCopies {
 };
 inline thread_local AsyncCopies async_copies;
 
-// What the kernels would make a GPU do, counted as the emulation runs them (the work counters of
-// `metric_kernels.cuda_emulated.work()`): the products' floating-point operations by operand type (a WMMA mma_sync
-// counts 2 M N K for the warp, a SimtTile step its fmas) and the atomic additions to global memory.
-enum class Work : int { kDot16 = 0, kDotTf32 = 1, kDotFp32 = 2, kDotFp64 = 3, kAtomics = 4 };
-constexpr int kWorkKinds = 5;
+// What the kernels would make a GPU do, counted as the emulation runs them (the op cuda_emulated_work_counters): the
+// products' floating-point operations by operand type (a WMMA mma_sync counts 2 M N K for the warp, a SimtTile step
+// its fmas), the atomic additions to global memory and the exponentials of the per-pair math (epilogue.h).
+enum class Work : int { kDot16 = 0, kDotTf32 = 1, kDotFp32 = 2, kDotFp64 = 3, kAtomics = 4, kExponentials = 5 };
+constexpr int kWorkKinds = 6;
 inline std::atomic<std::uint64_t> work_counters[kWorkKinds];
 inline void count_work(Work kind, std::uint64_t amount) {
   work_counters[static_cast<int>(kind)].fetch_add(amount, std::memory_order_relaxed);

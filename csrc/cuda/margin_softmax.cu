@@ -166,7 +166,7 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
     Acc ds = 0;
     if (live) {
       cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx);
-      ds = tile.c0 + c == label ? g_target : g_lse * scale * std::exp(scale * cosine.value - lse);
+      ds = tile.c0 + c == label ? g_target : g_lse * scale * exponential(scale * cosine.value - lse);
     }
     dot += ds * cosine.value;
     for (int k = 0; k < sub_centers; ++k) {
