@@ -67,10 +67,11 @@ void check_simt(const char* name) {
     bool column_major;
     int ld;
   };
-  // A: X's chunk (S = X Y^T), dS (dX = dS Y), dS read transposed (dY = dS^T X); B: Y's chunk transposed, and the
-  // 64-wide tiles of Y or X (dX, dY).
-  for (const Operand a : {Operand{"A x_chunk", false, Layout::kChunkLd}, Operand{"A ds", false, Layout::kTileLd},
-                          Operand{"A ds^T", true, Layout::kTileLd}})
+  // A: X's chunk (S = X Y^T) or the forward's resident rows, dS (dX = dS Y), dS read transposed (dY = dS^T X); B: Y's
+  // chunk transposed, and the 64-wide tiles of Y or X (dX, dY).
+  for (const Operand a : {Operand{"A x_chunk", false, Layout::kChunkLd},
+                          Operand{"A resident_rows", false, Layout::kResidentLd},
+                          Operand{"A ds", false, Layout::kTileLd}, Operand{"A ds^T", true, Layout::kTileLd}})
     for (int i = 0; i < Policy::kRows; ++i)
       check_requests(std::string(name) + " " + a.what + " row " + std::to_string(i), 4, size, [&](int t, int kk) {
         return element(a.column_major, a.ld, Policy::row0_of(t) + i, kk) * size;
@@ -80,6 +81,7 @@ void check_simt(const char* name) {
       check_requests(std::string(name) + " " + b.what + " column " + std::to_string(j), 4, size, [&](int t, int kk) {
         return element(b.column_major, b.ld, kk, Policy::col0_of(t) + Policy::kColStride * j) * size;
       });
+  // C: S, and the atomic dX pass's accumulator slices in shared memory (loaded and stored alike)
   for (int i = 0; i < Policy::kRows; ++i)
     check_requests(std::string(name) + " store C row " + std::to_string(i), Policy::kCols, size, [&](int t, int j) {
       return (static_cast<long>(Policy::row0_of(t) + i) * Layout::kAccLd + Policy::col0_of(t) +
@@ -109,8 +111,10 @@ void check_wmma(const char* name) {
   using Layout = mk::SharedLayout<Policy>;
   const int operand = sizeof(typename Policy::Operand), acc = sizeof(typename Policy::Acc);
   check_fragment_rows<Policy>(std::string(name) + " x_chunk / y_chunk", Layout::kChunkLd, operand);
+  check_fragment_rows<Policy>(std::string(name) + " resident_rows", Layout::kResidentLd, operand);
   check_fragment_rows<Policy>(std::string(name) + " ds / out / out_rows", Layout::kTileLd, operand);
-  check_fragment_rows<Policy>(std::string(name) + " S (accumulator stores)", Layout::kAccLd, acc);
+  check_fragment_rows<Policy>(std::string(name) + " S, accumulator slices (accumulator loads and stores)",
+                              Layout::kAccLd, acc);
 }
 
 // The epilogues: two threads per row of S, a thread's k-th column from epilogue_column_of; the same pattern writes dS.

@@ -494,11 +494,16 @@ def test_emulation_refuses_cuda_outside_its_subset_check(what, tmp_path):
 def _work(run):
     """The emulated kernels' work while `run()` runs: (dot FLOPs by operand type [16-bit, tf32, fp32, fp64], atomic
     additions, exponentials of the per-pair math)."""
+    work = _counters(run)
+    return work[:4], work[4], work[5]
+
+
+def _counters(run):
+    """Every work counter of the emulation while `run()` runs (host_emulation.h's Work order)."""
     counters = torch.ops.metric_kernels.cuda_emulated_work_counters
     counters(True)
     run()
-    work = counters(True).tolist()
-    return work[:4], work[4], work[5]
+    return counters(True).tolist()
 
 
 @pytest.mark.parametrize("dim", [128, 256])
@@ -534,6 +539,46 @@ def test_matmul_equivalents_of_each_pass(operand, dim):
         assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
         assert flops[kind_of_dot] / matmul == expected[name], f"{operand} {name}: {flops[kind_of_dot] / matmul}"
         assert atomics == (m * dim * (n // 64) if name == "atomic" else 0), f"{operand} {name}: {atomics} atomics"
+
+
+# Whether the forward kernels' resident rows (D = 256; fp64 64) fit a GPU that allows 99 KB of shared memory per block:
+# bf16 / fp16 74 KB, fp32 117.75 KB, tf32 122 KB, fp64 105.5 KB.
+RESIDENT_ROWS_FIT_99_KB = {"bf16": True, "fp16": True, "fp32": False, "tf32": False, "fp64": False}
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["227KB", "99KB"])
+@pytest.mark.parametrize("operand", ["bf16", "fp32", "tf32", "fp64"])
+def test_forward_kernels_load_each_row_block_once(monkeypatch, operand, limited):
+    """The bytes the forward kernels copy into shared memory (asynchronous copies, counted by the emulation) at N =
+    M = 128 and the whole of D on chip (256; fp64: 64): a block loads its 64 rows once and keeps them for all its
+    column tiles (X: N D elements in all), streaming the references (N / 64 times M D); the classifier forward
+    likewise for X (W's columns come by plain loads). Where the rows do not fit (a GPU that allows 99 KB: fp32, tf32,
+    fp64) a block loads its rows' chunks for every column tile (X: M / 64 times N D)."""
+    if limited:
+        monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
+    dtype = OPERANDS[operand]
+    element = torch.empty((), dtype=dtype).element_size()
+    n = m = 128
+    dim = 64 if operand == "fp64" else 256
+    g = torch.Generator().manual_seed(dim + len(operand))
+    x, y = (torch.randn(rows, dim, generator=g).to(dtype) for rows in (n, m))
+    labels, y_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    weight = torch.randn(dim, m, generator=g).to(dtype)
+    allow_tf32 = operand == "tf32"
+    ops = torch.ops.metric_kernels
+    x_loads = 1 if not limited or RESIDENT_ROWS_FIT_99_KB[operand] else m // 64
+    streamed = (n // 64) * m * dim
+    runs = {
+        "lse_rows": (lambda: ops.cuda_emulated_lse_rows(x, y, labels, y_labels, -1, 0, 0, 0.25, 32.0, True, True,
+                                                        allow_tf32), x_loads * n * dim + streamed),
+        "batch_hard_select": (lambda: ops.cuda_emulated_batch_hard_select(x, y, labels, y_labels, -1, True,
+                                                                          allow_tf32), x_loads * n * dim + streamed),
+        "margin_softmax_rows": (lambda: ops.cuda_emulated_margin_softmax_rows(x, weight, labels, 1, 10.0, True,
+                                                                              allow_tf32), x_loads * n * dim),
+    }
+    for name, (run, elements) in runs.items():
+        copied = _counters(run)[6]
+        assert copied == elements * element, f"{name}: {copied} bytes copied, expected {elements * element}"
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5])

@@ -25,7 +25,7 @@ __device__ __forceinline__ void keep_better(T& value, int64_t& index, T other, i
 
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const CudaPairRowsParams p,
-                                                                       int64_t* choices) {
+                                                                       int64_t* choices, bool resident) {
   using Acc = typename Policy::Acc;
   SharedLayout<Policy> shared = block_shared<Policy>();
   const QueryRow<Acc> query = query_row<Acc>(p);
@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
   int64_t far_at = -1, near_at = -1;
   // The columns come in no particular order, so equal distances keep the lowest index; as in the CPU kernel, a NaN
   // distance is never chosen, nor a farthest positive at -inf or a nearest negative at +inf.
-  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t column, bool positive,
-                                                  bool negative) {
+  for_each_row_pair<Policy>(p, query, shared, resident, [&](Acc s, Acc column_length2, int64_t column, bool positive,
+                                                            bool negative) {
     const Acc squared = query.scale.length2 + column_length2 - 2 * s;
     if (positive && (squared > far || (squared == far && far_at >= 0 && column < far_at))) far = squared, far_at = column;
     if (negative && (squared < near || (squared == near && near_at >= 0 && column < near_at)))
@@ -52,8 +52,9 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
 
 template <class Policy>
 cudaError_t select(const CudaPairRowsParams& p, int64_t* choices, cudaStream_t stream) {
+  const bool resident = keeps_rows_resident<Policy>(p.d);
   return launch(batch_hard_select_kernel<Policy>, dim3(static_cast<unsigned>((p.n + kTile - 1) / kTile)),
-                SharedLayout<Policy>::kForwardBytes, stream, p, choices);
+                forward_shared_bytes<Policy>(resident), stream, p, choices, resident);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "../epilogue.h"
 #include "../params.h"
+#include "launch.h"
 #include "tile_mma.cuh"
 
 namespace metric_kernels::cuda {
@@ -80,9 +81,16 @@ struct SharedLayout {
   static constexpr int64_t kAccumulatorSlices = kOutRows + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kAccumulatorSliceBytes = align128(kTile * kAccLd * sizeof(Acc));
 
-  // What each kernel uses: the forward and the selection stop before dS; only the atomic dX pass needs kOutRows and
-  // its accumulator slices past the registers' (as many as D needs).
+  // The forward kernels' rows resident for all of the block's column tiles (keeps_rows_resident): the whole of D up
+  // to kSpan (256; fp64 64), where the backward's regions would be (the forward kernels use none of them).
+  static constexpr int kResidentWidth = static_cast<int>(kSpan<Policy>);
+  static constexpr int kResidentLd = kResidentWidth + Policy::kChunkPad;  // the chunks' pad: the same banks
+  static constexpr int64_t kResidentRows = kDs;
+
+  // What each kernel uses: the forward and the selection stop before dS (or keep their rows resident past it); only
+  // the atomic dX pass needs kOutRows and its accumulator slices past the registers' (as many as D needs).
   static constexpr int64_t kForwardBytes = kDs;
+  static constexpr int64_t kResidentForwardBytes = kResidentRows + align128(kTile * kResidentLd * sizeof(Operand));
   static constexpr int64_t kBackwardBytes = kOutRows;
   static constexpr int64_t atomic_backward_bytes(int64_t d) {
     return kAccumulatorSlices + shared_slices_used<Policy, true>(d) * kAccumulatorSliceBytes;
@@ -115,6 +123,8 @@ struct SharedLayout {
   __device__ Acc* sums() const { return at<Acc>(kSums); }
   // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
   __device__ Operand* out_rows() const { return at<Operand>(kOutRows); }
+  // forward kernels: the block's 64 rows at D columns 0 .. kResidentWidth (kResidentLd)
+  __device__ Operand* resident_rows() const { return at<Operand>(kResidentRows); }
   // atomic dX pass: the 64 x 64 accumulators (kAccLd) of its slices past the registers' (kSharedSlices)
   __device__ Acc* accumulator_slice(int slice) const {
     return at<Acc>(kAccumulatorSlices + slice * kAccumulatorSliceBytes);
@@ -195,11 +205,11 @@ __device__ __forceinline__ void load_transposed_tile(T* dst, int ld, int width, 
 }
 
 // shared.s() = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0, stage) fills
-// shared.x_chunk(stage) and shared.y_chunk(stage) with their columns d0 .. d0 + kChunk, by asynchronous copies
-// (load_tile_async) or plain stores. With two stages the next chunk's copies are in flight during this chunk's
-// product. Ends synchronised.
+// shared.y_chunk(stage), and shared.x_chunk(stage) unless A is `resident` (shared.resident_rows(), loaded by
+// load_resident_rows), with their columns d0 .. d0 + kChunk, by asynchronous copies (load_tile_async) or plain
+// stores. With two stages the next chunk's copies are in flight during this chunk's product. Ends synchronised.
 template <class Policy, class LoadChunks>
-__device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks) {
+__device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks, bool resident = false) {
   using Layout = SharedLayout<Policy>;
   constexpr int kStages = Layout::kStages;
   typename Policy::Accumulator acc;
@@ -208,6 +218,7 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
     load_chunks(int64_t{0}, 0);
     __pipeline_commit();
   }
+  const int lda = resident ? Layout::kResidentLd : Layout::kChunkLd;
   int stage = 0;
   for (int64_t d0 = 0; d0 < d; d0 += kChunk) {
     const bool more = d0 + kChunk < d;
@@ -220,8 +231,8 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
     }
     __syncthreads();
     // B = Y^T: element (k, j) is Y[j][k], a column-major read of the Y chunk
-    Policy::template mma<RowMajor, ColMajor>(acc, shared.x_chunk(stage), Layout::kChunkLd, shared.y_chunk(stage),
-                                             Layout::kChunkLd, kChunk);
+    const typename Policy::Operand* a = resident ? shared.resident_rows() + d0 : shared.x_chunk(stage);
+    Policy::template mma<RowMajor, ColMajor>(acc, a, lda, shared.y_chunk(stage), Layout::kChunkLd, kChunk);
     __syncthreads();
     if (kStages == 1 && more) {
       load_chunks(d0 + kChunk, 0);
@@ -233,17 +244,43 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
   __syncthreads();
 }
 
-// shared.s() = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T. Ends synchronised.
+// shared.resident_rows() = rows[row0 : row0 + 64, 0 : d] (d <= kResidentWidth; zeros past rows_total and up to the
+// next multiple of kChunk), waited for; product_tile's barrier publishes it.
 template <class Policy>
-__device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared) {
+__device__ void load_resident_rows(const typename Policy::Operand* rows, int64_t stride, int64_t row0,
+                                   int64_t rows_total, int64_t d, SharedLayout<Policy>& shared) {
+  const int width = static_cast<int>((d + kChunk - 1) / kChunk * kChunk);
+  load_tile_async(shared.resident_rows(), SharedLayout<Policy>::kResidentLd, width, rows, stride, row0, rows_total,
+                  int64_t{0}, d);
+  finish_async_copies();
+}
+
+// Whether the forward kernels' blocks keep their rows resident: D within the resident width and the larger shared
+// memory allowed on the current device (else they load the rows' chunks for every column tile).
+template <class Policy>
+bool keeps_rows_resident(int64_t d) {
+  return d <= SharedLayout<Policy>::kResidentWidth &&
+         SharedLayout<Policy>::kResidentForwardBytes <= shared_bytes_of_current_device();
+}
+
+template <class Policy>
+int64_t forward_shared_bytes(bool resident) {
+  return resident ? SharedLayout<Policy>::kResidentForwardBytes : SharedLayout<Policy>::kForwardBytes;
+}
+
+// shared.s() = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T (X's rows from shared.resident_rows() where `resident`). Ends
+// synchronised.
+template <class Policy>
+__device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared,
+                                bool resident = false) {
   using Layout = SharedLayout<Policy>;
   using Operand = typename Policy::Operand;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
   product_tile<Policy>(p.d, shared, [&](int64_t d0, int stage) {
-    load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    if (!resident) load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
     load_tile_async(shared.y_chunk(stage), Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
-  });
+  }, resident);
 }
 
 // How a row enters the pair values when the kernels fold in the normalisation (params.h, CudaPairRowsParams):
@@ -375,18 +412,20 @@ __device__ __forceinline__ SharedLayout<Policy> block_shared() {
   return SharedLayout<Policy>(dynamic_shared<unsigned char>());
 }
 
-// The row pass of a forward epilogue: walks the column tiles of the block's rows and calls
-// visit(s, column_length2, column, positive, negative) on each pair of this thread's row (its half of the columns, in
-// epilogue_column's order: not ascending),
-// s the scaled product (x_i . y_j) r_i r_j and column_length2 the reference's |u|^2. Every thread of the block calls
-// it (it synchronises); the caller then meets its partner thread through from_partner.
+// The row pass of a forward epilogue (the rows resident in shared memory where `resident`): walks the column tiles of
+// the block's rows and calls visit(s, column_length2, column, positive, negative) on each pair of this thread's row
+// (its half of the columns, in epilogue_column's order: not ascending), s the scaled product (x_i . y_j) r_i r_j and
+// column_length2 the reference's |u|^2. Every thread of the block calls it (it synchronises); the caller then meets
+// its partner thread through from_partner.
 template <class Policy, class Visit>
 __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, const QueryRow<typename Policy::Acc>& query,
-                                                  SharedLayout<Policy>& shared, Visit&& visit) {
+                                                  SharedLayout<Policy>& shared, bool resident, Visit&& visit) {
+  if (resident) load_resident_rows(static_cast<const typename Policy::Operand*>(p.x), p.x_stride, query.r0, p.n, p.d,
+                                   shared);
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
-    similarity_tile<Policy>(p, query.r0, c0, shared);
+    similarity_tile<Policy>(p, query.r0, c0, shared, resident);
     if (query.live) {
       const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
 #pragma unroll 1

@@ -24,7 +24,7 @@
 //   read before its wait sees the poisoned memory; a thread that ends with copies not waited for stops the process);
 //   the runtime
 //   calls cudaLaunchKernelEx, cudaFuncSetAttribute (cudaFuncAttributeMaxDynamicSharedMemorySize),
-//   cudaDeviceGetAttribute (cudaDevAttrMaxSharedMemoryPerBlockOptin: an sm_90 GPU's 227 KB unless
+//   cudaGetDevice (device 0), cudaDeviceGetAttribute (cudaDevAttrMaxSharedMemoryPerBlockOptin: an sm_90 GPU's 227 KB unless
 //   METRIC_KERNELS_EMULATED_SHARED_BYTES says otherwise), cudaGetErrorString. Launches are checked as a GPU checks them
 //   (block size, grid limits, dynamic shared memory against the kernel's opt-in) and fail with CUDA's error codes.
 //
@@ -157,9 +157,12 @@ inline thread_local AsyncCopies async_copies;
 
 // What the kernels would make a GPU do, counted as the emulation runs them (the op cuda_emulated_work_counters): the
 // products' floating-point operations by operand type (a WMMA mma_sync counts 2 M N K for the warp, a SimtTile step
-// its fmas), the atomic additions to global memory and the exponentials of the per-pair math (epilogue.h).
-enum class Work : int { kDot16 = 0, kDotTf32 = 1, kDotFp32 = 2, kDotFp64 = 3, kAtomics = 4, kExponentials = 5 };
-constexpr int kWorkKinds = 6;
+// its fmas), the atomic additions to global memory, the exponentials of the per-pair math (epilogue.h) and the bytes
+// asynchronous copies bring into shared memory (zero fill included; plain loads are not counted).
+enum class Work : int {
+  kDot16 = 0, kDotTf32 = 1, kDotFp32 = 2, kDotFp64 = 3, kAtomics = 4, kExponentials = 5, kAsyncCopyBytes = 6
+};
+constexpr int kWorkKinds = 7;
 inline std::atomic<std::uint64_t> work_counters[kWorkKinds];
 inline void count_work(Work kind, std::uint64_t amount) {
   work_counters[static_cast<int>(kind)].fetch_add(amount, std::memory_order_relaxed);
@@ -204,6 +207,7 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t size
   if (reinterpret_cast<std::uintptr_t>(dst) % size != 0 ||
       (zero_fill < size && reinterpret_cast<std::uintptr_t>(src) % size != 0))
     fail("__pipeline_memcpy_async: an address not aligned to the copy's size");
+  metric_kernels::host_emulation::count_work(metric_kernels::host_emulation::Work::kAsyncCopyBytes, size);
   metric_kernels::host_emulation::async_copies.open.push_back({dst, src, size, zero_fill});
 }
 
@@ -442,6 +446,11 @@ struct cudaLaunchConfig_t {
 };
 
 const char* cudaGetErrorString(cudaError_t error);
+
+inline cudaError_t cudaGetDevice(int* device) {  // one emulated device
+  *device = 0;
+  return cudaSuccess;
+}
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int /*device*/) {
   if (attribute != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;

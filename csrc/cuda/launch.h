@@ -35,9 +35,11 @@ int64_t atomic_backward_span(Operand operand);
 
 // Dynamic shared memory per block of the backward for this operand at this D (the atomic pass's grows with D up to
 // 256), and the most a block on `device` may opt in to (99 KB on sm_86/sm_89/sm_120, 163 KB on sm_80, 227 KB on sm_90);
-// the forward fits every sm_80+ GPU.
+// the forward fits every sm_80+ GPU (its kernels keep their rows resident only where the device allows it).
 int64_t backward_shared_bytes(Operand operand, bool atomic, int64_t d);
 int64_t shared_bytes_per_block(int device);
+// The same for the current device (0 where it cannot be read): the forward kernels' launches read it.
+int64_t shared_bytes_of_current_device();
 
 // The margin-softmax classifiers: stats 2 x N in the accumulation type (params.h); p.x_inverse and p.w_inverse are
 // written first. Labels must lie in [0, classes) (the Python layer checks) and sub_centers in [1, 64].

@@ -23,7 +23,7 @@ namespace {
 
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const CudaPairRowsParams p,
-                                                                      typename Policy::Acc* stats) {
+                                                                      typename Policy::Acc* stats, bool resident) {
   using Acc = typename Policy::Acc;
   SharedLayout<Policy> shared = block_shared<Policy>();
   const QueryRow<Acc> query = query_row<Acc>(p);
@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
   OnlineLse<Acc> first, second;
   Acc linear = 0;  // SupCon: the sum of the positives' values
   Acc positive_sum = 0, negative_sum = 0, positive_count = 0, negative_count = 0;  // Contrastive (epilogue.h)
-  for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t, bool positive, bool negative) {
+  for_each_row_pair<Policy>(p, query, shared, resident, [&](Acc s, Acc column_length2, int64_t, bool positive,
+                                                            bool negative) {
     const Acc v = pair_value(p.pair_value, s, row_length2, column_length2);
     if (p.kind == kContrastive) {
       const Acc h = contrastive_hinge(v, a, b, positive, negative);
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
     // The second sweep, over the positives, with the row's logsumexp over its negatives (both threads hold it).
     const Acc lse = out[1];
     Acc loss = 0, weight = 0, nonzero = 0;
-    for_each_row_pair<Policy>(p, query, shared, [&](Acc s, Acc column_length2, int64_t, bool positive, bool) {
+    for_each_row_pair<Policy>(p, query, shared, resident, [&](Acc s, Acc column_length2, int64_t, bool positive, bool) {
       if (positive) ntxent_positive(lse - b * pair_value(p.pair_value, s, row_length2, column_length2), loss, weight,
                                     nonzero);
     });
@@ -303,8 +304,9 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
 
 template <class Policy>
 cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t stream) {
-  return launch(lse_rows_forward_kernel<Policy>, dim3(blocks(p.n)), SharedLayout<Policy>::kForwardBytes, stream, p,
-                static_cast<typename Policy::Acc*>(stats));
+  const bool resident = keeps_rows_resident<Policy>(p.d);
+  return launch(lse_rows_forward_kernel<Policy>, dim3(blocks(p.n)), forward_shared_bytes<Policy>(resident), stream, p,
+                static_cast<typename Policy::Acc*>(stats), resident);
 }
 
 // The pair value's slope bound |dv/ds| (a distance's plain form: 2^11 keeps 1 / (2 v) in range down to distances of
@@ -442,6 +444,12 @@ int64_t shared_bytes_per_block(int device) {
   int bytes = 0;
   if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
   return bytes;
+}
+
+int64_t shared_bytes_of_current_device() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  return shared_bytes_per_block(device);
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

@@ -29,18 +29,19 @@ __device__ __forceinline__ bool clamped(Acc inverse) {
   return inverse >= Acc(1) / Acc(kNormEps);
 }
 
-// shared.s() = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products. Ends synchronised.
+// shared.s() = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products (X's rows from
+// shared.resident_rows() where `resident`). Ends synchronised.
 template <class Policy>
 __device__ void classifier_tile(const CudaMarginSoftmaxParams& p, int64_t r0, int64_t j0, int64_t j_end,
-                                SharedLayout<Policy>& shared) {
+                                SharedLayout<Policy>& shared, bool resident = false) {
   using Layout = SharedLayout<Policy>;
   using Operand = typename Policy::Operand;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* w = static_cast<const Operand*>(p.w);
   product_tile<Policy>(p.d, shared, [&](int64_t d0, int stage) {
-    load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    if (!resident) load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
     load_transposed_tile(shared.y_chunk(stage), Layout::kChunkLd, kChunk, w, p.w_stride, d0, p.d, j0, j_end);
-  });
+  }, resident);
 }
 
 // The class tiles: 64 / sub_centers whole classes each.
@@ -79,7 +80,8 @@ __device__ __forceinline__ ClassCosine<Acc> class_cosine(const Acc* s_row, const
 
 template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(const CudaMarginSoftmaxParams p,
-                                                                            typename Policy::Acc* stats) {
+                                                                            typename Policy::Acc* stats,
+                                                                            bool resident) {
   using Acc = typename Policy::Acc;
   using Layout = SharedLayout<Policy>;
   Layout shared = block_shared<Policy>();
@@ -94,9 +96,10 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(con
   const int sub_centers = static_cast<int>(p.sub_centers);
   OnlineLse<Acc> others;
   Acc target = 0;  // the label's cosine, held by the thread whose columns have it
+  if (resident) load_resident_rows(static_cast<const typename Policy::Operand*>(p.x), p.x_stride, r0, p.n, p.d, shared);
   for (int64_t c0 = 0; c0 < p.classes; c0 += kTile / p.sub_centers) {
     const ClassTile tile = class_tile(p, c0);
-    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
+    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared, resident);
     if (live) {
       const Acc* s_row = shared.s() + local * Layout::kAccLd;
 #pragma unroll 1
@@ -300,8 +303,9 @@ cudaError_t inverse_norms(const CudaMarginSoftmaxParams& p, cudaStream_t stream)
 template <class Policy>
 cudaError_t forward(const CudaMarginSoftmaxParams& p, void* stats, cudaStream_t stream) {
   if (cudaError_t error = inverse_norms<Policy>(p, stream)) return error;
+  const bool resident = keeps_rows_resident<Policy>(p.d);
   return launch(margin_softmax_forward_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n))),
-                SharedLayout<Policy>::kForwardBytes, stream, p, static_cast<typename Policy::Acc*>(stats));
+                forward_shared_bytes<Policy>(resident), stream, p, static_cast<typename Policy::Acc*>(stats), resident);
 }
 
 template <class Policy>

@@ -304,7 +304,8 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
 
 #ifdef METRIC_KERNELS_HOST_EMULATION
 // The emulation's work counters (host_emulation.h, Work): int64 [dot FLOPs on 16-bit operands, on tf32, fp32 and fp64
-// operands, atomic additions, exponentials] since the last reset; reset: zero them after reading.
+// operands, atomic additions, exponentials, bytes of asynchronous copies] since the last reset; reset: zero them after
+// reading.
 Tensor work_counters(bool reset) {
   const std::array<int64_t, 1> size{host_emulation::kWorkKinds};
   Tensor out = torch::stable::empty(size, ScalarType::Long, std::nullopt,
