@@ -7,6 +7,8 @@ upstream gradient of every statistic back into the kernels' backward.
 import torch
 import torch.nn.functional as F
 
+NORM_EPS = 1e-12  # F.normalize's default: rows are divided by max(||row||, eps)
+
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the fused backends' row statistics and epilogues: float64 for float64 rows, float32 otherwise."""
@@ -54,7 +56,7 @@ def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, so
     (O(N D): only the N anchors and 2 N chosen rows)."""
     def unit(rows):
         rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
-        return F.normalize(rows, p=2, dim=1, eps=1e-12) if normalize else rows
+        return F.normalize(rows, p=2, dim=1, eps=NORM_EPS) if normalize else rows
 
     anchors = unit(x)
     positive_distance = torch.linalg.vector_norm(anchors - unit(y[hardest_positive.clamp(min=0)]), dim=1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import _validation as check
 from ._pairs import SIMILARITY, pair_counts
-from ._row_epilogues import stats_dtype
+from ._row_epilogues import NORM_EPS, stats_dtype
 from .backends import check_backend_name, resolve
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -26,7 +26,6 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-_NORM_EPS = 1e-12  # F.normalize's default: rows are divided by max(||row||, eps)
 _CHUNK_ELEMENTS = 1 << 22  # elements per backward chunk: about 16 MiB of float32 temporaries at a time
 
 
@@ -41,7 +40,7 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, dtype):
         converted = rows.to(dtype)  # the input itself unless it is half precision
-        norms = torch.linalg.vector_norm(converted, dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        norms = torch.linalg.vector_norm(converted, dim=1, keepdim=True).clamp_min(NORM_EPS)
         ctx.save_for_backward(rows, norms)
         ctx.dtype = dtype
         return converted / norms
@@ -53,7 +52,7 @@ class _Normalize(torch.autograd.Function):
         if rows.shape[0] <= chunk:  # one chunk: the same formula in fewer ops (small batches pay per op)
             unit = rows.to(ctx.dtype) / norms
             dot = (unit * grad).sum(dim=1, keepdim=True)
-            tangent = torch.where(norms > _NORM_EPS, torch.addcmul(grad, unit, dot, value=-1), grad)
+            tangent = torch.where(norms > NORM_EPS, torch.addcmul(grad, unit, dot, value=-1), grad)
             return tangent.div_(norms).to(rows.dtype), None
         out = torch.empty_like(rows)
         for start in range(0, rows.shape[0], chunk):
@@ -61,7 +60,7 @@ class _Normalize(torch.autograd.Function):
             norm, g = norms[start:stop], grad[start:stop]
             unit = rows[start:stop].to(ctx.dtype) / norm
             # d(x / max(|x|, eps)) = (g - u (u . g)) / |x| where |x| > eps; g / eps where the clamp is active.
-            tangent = torch.where(norm > _NORM_EPS, g - unit * (unit * g).sum(dim=1, keepdim=True), g)
+            tangent = torch.where(norm > NORM_EPS, g - unit * (unit * g).sum(dim=1, keepdim=True), g)
             out[start:stop] = tangent / norm
         return out, None
 
@@ -72,7 +71,7 @@ def _prepare(rows: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.T
     if torch.compiler.is_compiling():
         # Under torch.compile the compiler plans the memory itself, and the Function's row loop would pin N in the
         # graph (a recompile per batch size) and cannot take captured tensors under dynamic shapes.
-        return F.normalize(rows.to(dtype), p=2, dim=1, eps=_NORM_EPS)
+        return F.normalize(rows.to(dtype), p=2, dim=1, eps=NORM_EPS)
     return _Normalize.apply(rows, dtype)
 
 

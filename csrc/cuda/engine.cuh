@@ -294,14 +294,25 @@ struct RowScale {
   bool radial;
 };
 
+// Whether a row of this norm is normalised along its direction (its norm above eps: the normalisation's Jacobian then
+// removes the row's own direction), and its inverse norm 1 / max(norm, eps).
+template <class Acc>
+__host__ __device__ __forceinline__ bool is_radial(Acc norm) {
+  return norm > Acc(kNormEps);
+}
+template <class Acc>
+__host__ __device__ __forceinline__ Acc inverse_norm(Acc norm) {
+  return Acc(1) / (is_radial(norm) ? norm : Acc(kNormEps));
+}
+
 // The RowScale of entry `index` of the squared row norms `sq` (nullptr: 0, where nothing needs them).
 template <class Acc>
 __device__ __forceinline__ RowScale<Acc> row_scale(const void* sq, int64_t index, bool normalize) {
   const Acc squared = sq != nullptr ? static_cast<const Acc*>(sq)[index] : Acc(0);
   if (!normalize) return {Acc(1), squared, false};
   const Acc norm = std::sqrt(squared);
-  const bool radial = norm > Acc(kNormEps);
-  const Acc inverse = Acc(1) / (radial ? norm : Acc(kNormEps));
+  const bool radial = is_radial(norm);
+  const Acc inverse = inverse_norm(norm);
   // (|row| r)^2 rather than |row|^2 r^2: |row| (1 / |row|) rounds to 1 for most rows, so unit rows' distances tie
   // exactly where they do in exact arithmetic (batch-hard's choices among them go to the lowest index, as the
   // reference's and the Triton kernels')
@@ -355,8 +366,7 @@ __global__ void __launch_bounds__(kThreads) vector_norms_kernel(const T* data, i
     sum += value * value;
   }
   if (kInverse) {
-    const Acc norm = std::sqrt(sum);
-    out[i] = Acc(1) / (norm > Acc(kNormEps) ? norm : Acc(kNormEps));
+    out[i] = inverse_norm(std::sqrt(sum));
   } else {
     out[i] = sum;
   }

@@ -160,6 +160,13 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
   return sum;
 }
 
+// The coefficient write_tile takes from a row's (column's) summed own-direction shares: c r^2, the gradient's term
+// being -c r^2 times the raw row (own_direction_term).
+template <class Acc>
+__device__ __forceinline__ Acc own_coefficient(Acc shares, Acc inverse) {
+  return shares * inverse * inverse;
+}
+
 // Thread t < 64: shared.sums()[t] = column t's sum of shared.s() (what ds_tile left there: the columns' own-direction
 // shares). Between the barrier after ds_tile and the next write of S.
 template <class Policy>
@@ -210,10 +217,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
     __syncthreads();
     if (kAtomic && own_term) {  // the columns' coefficients, from the shares ds_tile left in S
       column_sums(shared);
-      if (threadIdx.x < kTile) {
-        const Acc inverse = shared.col_scales()[threadIdx.x];
-        shared.sums()[threadIdx.x] = shared.sums()[threadIdx.x] * inverse * inverse;
-      }
+      if (threadIdx.x < kTile)
+        shared.sums()[threadIdx.x] = own_coefficient(shared.sums()[threadIdx.x], shared.col_scales()[threadIdx.x]);
     }
     if (kAtomic) {
       // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term (its rows Y[c0.., e0..] read
@@ -241,10 +246,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   }
   if (bp.dx == nullptr) return;
   row_sum += from_partner(row_sum);
-  if (epilogue_column() == 0) {
-    const Acc inverse = row_state_scale(shared, epilogue_row()).inverse;
-    shared.sums()[epilogue_row()] = row_sum * inverse * inverse;
-  }
+  if (epilogue_column() == 0)
+    shared.sums()[epilogue_row()] = own_coefficient(row_sum, row_state_scale(shared, epilogue_row()).inverse);
   // When dy is dx, other blocks add dY into these rows at the same time.
   const Write mode = kAtomic && bp.dy == bp.dx ? Write::kAtomicAdd : Write::kStore;
   const Acc* coefficients = own_term ? shared.sums() : nullptr;
@@ -293,10 +296,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
     });
     __syncthreads();  // the next tile rewrites the row state, the chunks, S, dS and out
   }
-  if (threadIdx.x < kTile) {
-    const Acc inverse = shared.col_scales()[threadIdx.x];
-    shared.sums()[threadIdx.x] = column_sum * inverse * inverse;
-  }
+  if (threadIdx.x < kTile) shared.sums()[threadIdx.x] = own_coefficient(column_sum, shared.col_scales()[threadIdx.x]);
   write_slices(dy, shared, static_cast<Acc*>(bp.dy), c0, p.m, span0, p.d,
                bp.accumulate_dy ? Write::kAdd : Write::kStore, own_term ? shared.sums() : nullptr,
                y + c0 * p.y_stride, p.y_stride, unscale);
