@@ -581,6 +581,50 @@ def test_forward_kernels_load_each_row_block_once(monkeypatch, operand, limited)
         assert copied == elements * element, f"{name}: {copied} bytes copied, expected {elements * element}"
 
 
+@pytest.mark.parametrize("operand, limited", [("bf16", False), ("fp32", False), ("tf32", False), ("fp64", False),
+                                              ("bf16", True), ("fp32", True)])
+def test_backward_passes_load_their_block_once(monkeypatch, operand, limited):
+    """The bytes the backward passes copy into shared memory at N = M = 128 and the whole of D on chip (256; fp64:
+    64): the dX pass keeps its 64 rows of X resident and streams Y twice per column tile (the chunks of S and the
+    slices of dX = P Y), the dY pass likewise with its columns of Y (X twice per row tile); the atomic pass's dY = P^T
+    X reads X's slices from the resident rows; the classifiers' dX pass keeps X too (W's columns come by plain
+    loads). Where the resident block does not fit (`limited`: a GPU that allows 99 KB; fp32: 86.75 + 64.25 KB) every
+    tile loads it again."""
+    if limited:
+        monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
+    dtype = OPERANDS[operand]
+    element = torch.empty((), dtype=dtype).element_size()
+    n = m = 128
+    dim = 64 if operand == "fp64" else 256
+    g = torch.Generator().manual_seed(dim + len(operand))
+    x, y = (torch.randn(rows, dim, generator=g).to(dtype) for rows in (n, m))
+    labels, y_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    allow_tf32 = operand == "tf32"
+    ops = torch.ops.metric_kernels
+    args = (x, y, labels, y_labels, -1, 0, 0, 0.25, 32.0)
+    stats = ops.cuda_emulated_lse_rows(*args, True, True, allow_tf32)
+    grad = torch.randn(4, n, generator=g)
+    resident = not limited or operand == "bf16"
+    row_blocks, column_blocks = n // 64, m // 64
+    modes = {"deterministic": (
+        (n * dim + 2 * row_blocks * m * dim) + (m * dim + 2 * column_blocks * n * dim) if resident
+        else 3 * row_blocks * m * dim + 3 * column_blocks * n * dim)}
+    if operand != "fp64" and not limited:
+        modes["atomic"] = n * dim + 2 * row_blocks * m * dim
+    for mode, elements in modes.items():
+        copied = _counters(lambda: ops.cuda_emulated_lse_rows_backward(
+            grad, stats, *args, mode == "deterministic", True, True, True, allow_tf32))[6]
+        assert copied == elements * element, f"{mode}: {copied} bytes copied, expected {elements * element}"
+    weight = torch.randn(dim, m, generator=g).to(dtype)
+    classifier = (x, weight, labels, 1, 10.0, True)
+    classifier_stats = ops.cuda_emulated_margin_softmax_rows(*classifier, allow_tf32)
+    upstream = torch.randn(2, n, generator=g).to(classifier_stats.dtype)
+    copied = _counters(lambda: ops.cuda_emulated_margin_softmax_rows_backward(upstream, classifier_stats, *classifier,
+                                                                             True, False, allow_tf32))[6]
+    elements = n * dim if resident else column_blocks * n * dim
+    assert copied == elements * element, f"classifier dX pass: {copied} bytes copied, expected {elements * element}"
+
+
 @pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5])
 def test_one_exponential_per_pair_per_pass(kind):
     """The exponentials the kernels' per-pair math takes (epilogue.h, counted by the emulation), every pair being a

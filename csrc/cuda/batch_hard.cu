@@ -27,7 +27,7 @@ template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const CudaPairRowsParams p,
                                                                        int64_t* choices, bool resident) {
   using Acc = typename Policy::Acc;
-  SharedLayout<Policy> shared = block_shared<Policy>();
+  SharedLayout<Policy> shared = block_shared<Policy>(resident);
   const QueryRow<Acc> query = query_row<Acc>(p);
   Acc far = -std::numeric_limits<Acc>::infinity(), near = std::numeric_limits<Acc>::infinity();
   int64_t far_at = -1, near_at = -1;
@@ -52,9 +52,10 @@ __global__ void __launch_bounds__(kThreads, 2) batch_hard_select_kernel(const Cu
 
 template <class Policy>
 cudaError_t select(const CudaPairRowsParams& p, int64_t* choices, cudaStream_t stream) {
-  const bool resident = keeps_rows_resident<Policy>(p.d);
+  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
+  const bool resident = keeps_resident<Policy>(p.d, bytes);
   return launch(batch_hard_select_kernel<Policy>, dim3(static_cast<unsigned>((p.n + kTile - 1) / kTile)),
-                forward_shared_bytes<Policy>(resident), stream, p, choices, resident);
+                resident_bytes<Policy>(bytes, resident), stream, p, choices, resident);
 }
 
 }  // namespace

@@ -81,22 +81,22 @@ struct SharedLayout {
   static constexpr int64_t kAccumulatorSlices = kOutRows + align128(kTile * kTileLd * sizeof(Operand));
   static constexpr int64_t kAccumulatorSliceBytes = align128(kTile * kAccLd * sizeof(Acc));
 
-  // The forward kernels' rows resident for all of the block's column tiles (keeps_rows_resident): the whole of D up
-  // to kSpan (256; fp64 64), where the backward's regions would be (the forward kernels use none of them).
+  // A block's 64 rows (or columns) at the whole of D up to kSpan (256; fp64 64), resident in shared memory for all of
+  // its tiles where keeps_resident says so: a region of their own before the others (block_shared).
   static constexpr int kResidentWidth = static_cast<int>(kSpan<Policy>);
   static constexpr int kResidentLd = kResidentWidth + Policy::kChunkPad;  // the chunks' pad: the same banks
-  static constexpr int64_t kResidentRows = kDs;
+  static constexpr int64_t kResidentBytes = align128(kTile * kResidentLd * sizeof(Operand));
 
-  // What each kernel uses: the forward and the selection stop before dS (or keep their rows resident past it); only
-  // the atomic dX pass needs kOutRows and its accumulator slices past the registers' (as many as D needs).
+  // What each kernel uses (plus kResidentBytes where it keeps its rows resident): the forward and the selection stop
+  // before dS; only the atomic dX pass needs kOutRows and its accumulator slices past the registers' (as many as D
+  // needs).
   static constexpr int64_t kForwardBytes = kDs;
-  static constexpr int64_t kResidentForwardBytes = kResidentRows + align128(kTile * kResidentLd * sizeof(Operand));
   static constexpr int64_t kBackwardBytes = kOutRows;
   static constexpr int64_t atomic_backward_bytes(int64_t d) {
     return kAccumulatorSlices + shared_slices_used<Policy, true>(d) * kAccumulatorSliceBytes;
   }
 
-  // The regions are offsets from this one pointer, computed where they are used.
+  // The regions are offsets from this one pointer, computed where they are used (the resident rows precede it).
   unsigned char* base;
 
   __device__ explicit SharedLayout(unsigned char* bytes) : base(bytes) {}
@@ -123,8 +123,8 @@ struct SharedLayout {
   __device__ Acc* sums() const { return at<Acc>(kSums); }
   // atomic dX pass: 64 x 64 of X at the output's D columns, for dY = dS^T X
   __device__ Operand* out_rows() const { return at<Operand>(kOutRows); }
-  // forward kernels: the block's 64 rows at D columns 0 .. kResidentWidth (kResidentLd)
-  __device__ Operand* resident_rows() const { return at<Operand>(kResidentRows); }
+  // where the block keeps them resident: its 64 rows (or columns) at D columns 0 .. kResidentWidth (kResidentLd)
+  __device__ Operand* resident_rows() const { return at<Operand>(-kResidentBytes); }
   // atomic dX pass: the 64 x 64 accumulators (kAccLd) of its slices past the registers' (kSharedSlices)
   __device__ Acc* accumulator_slice(int slice) const {
     return at<Acc>(kAccumulatorSlices + slice * kAccumulatorSliceBytes);
@@ -204,13 +204,19 @@ __device__ __forceinline__ void load_transposed_tile(T* dst, int ld, int width, 
   }
 }
 
+// Which operand of a product tile the block holds resident in shared memory (shared.resident_rows()).
+enum class Resident { kNone, kRows, kColumns };
+
 // shared.s() = A B^T of two 64-row operands accumulated over D in kChunk steps: load_chunks(d0, stage) fills
-// shared.y_chunk(stage), and shared.x_chunk(stage) unless A is `resident` (shared.resident_rows(), loaded by
-// load_resident_rows), with their columns d0 .. d0 + kChunk, by asynchronous copies (load_tile_async) or plain
-// stores. With two stages the next chunk's copies are in flight during this chunk's product. Ends synchronised.
+// shared.x_chunk(stage) and shared.y_chunk(stage), or the one of them whose operand is not resident, with their
+// columns d0 .. d0 + kChunk, by asynchronous copies (load_tile_async) or plain stores; a resident operand is read from
+// shared.resident_rows() (loaded by load_resident_rows). With two stages the next chunk's copies are in flight during
+// this chunk's product. Ends synchronised.
 template <class Policy, class LoadChunks>
-__device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks, bool resident = false) {
+__device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks&& load_chunks,
+                             Resident resident = Resident::kNone) {
   using Layout = SharedLayout<Policy>;
+  using Operand = typename Policy::Operand;
   constexpr int kStages = Layout::kStages;
   typename Policy::Accumulator acc;
   Policy::zero(acc);
@@ -218,7 +224,8 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
     load_chunks(int64_t{0}, 0);
     __pipeline_commit();
   }
-  const int lda = resident ? Layout::kResidentLd : Layout::kChunkLd;
+  const int lda = resident == Resident::kRows ? Layout::kResidentLd : Layout::kChunkLd;
+  const int ldb = resident == Resident::kColumns ? Layout::kResidentLd : Layout::kChunkLd;
   int stage = 0;
   for (int64_t d0 = 0; d0 < d; d0 += kChunk) {
     const bool more = d0 + kChunk < d;
@@ -230,9 +237,10 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
       __pipeline_wait_prior(0);
     }
     __syncthreads();
-    // B = Y^T: element (k, j) is Y[j][k], a column-major read of the Y chunk
-    const typename Policy::Operand* a = resident ? shared.resident_rows() + d0 : shared.x_chunk(stage);
-    Policy::template mma<RowMajor, ColMajor>(acc, a, lda, shared.y_chunk(stage), Layout::kChunkLd, kChunk);
+    const Operand* a = resident == Resident::kRows ? shared.resident_rows() + d0 : shared.x_chunk(stage);
+    const Operand* b = resident == Resident::kColumns ? shared.resident_rows() + d0 : shared.y_chunk(stage);
+    // B = Y^T: element (k, j) is Y[j][k], a column-major read of Y's rows
+    Policy::template mma<RowMajor, ColMajor>(acc, a, lda, b, ldb, kChunk);
     __syncthreads();
     if (kStages == 1 && more) {
       load_chunks(d0 + kChunk, 0);
@@ -245,41 +253,44 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
 }
 
 // shared.resident_rows() = rows[row0 : row0 + 64, 0 : d] (d <= kResidentWidth; zeros past rows_total and up to the
-// next multiple of kChunk), waited for; product_tile's barrier publishes it.
+// next multiple of 64, the backward's slices), waited for; the next barrier (product_tile's) publishes it.
 template <class Policy>
 __device__ void load_resident_rows(const typename Policy::Operand* rows, int64_t stride, int64_t row0,
                                    int64_t rows_total, int64_t d, SharedLayout<Policy>& shared) {
-  const int width = static_cast<int>((d + kChunk - 1) / kChunk * kChunk);
+  const int width = static_cast<int>((d + kTile - 1) / kTile * kTile);
   load_tile_async(shared.resident_rows(), SharedLayout<Policy>::kResidentLd, width, rows, stride, row0, rows_total,
                   int64_t{0}, d);
   finish_async_copies();
 }
 
-// Whether the forward kernels' blocks keep their rows resident: D within the resident width and the larger shared
-// memory allowed on the current device (else they load the rows' chunks for every column tile).
+// Whether a kernel whose other regions take `bytes` of shared memory keeps its block's rows (or columns) resident:
+// D within the resident width and the larger shared memory allowed on the current device (else it loads their
+// chunks with every tile). The launch then asks for resident_bytes(bytes, true).
 template <class Policy>
-bool keeps_rows_resident(int64_t d) {
+bool keeps_resident(int64_t d, int64_t bytes) {
   return d <= SharedLayout<Policy>::kResidentWidth &&
-         SharedLayout<Policy>::kResidentForwardBytes <= shared_bytes_of_current_device();
+         bytes + SharedLayout<Policy>::kResidentBytes <= shared_bytes_of_current_device();
 }
 
 template <class Policy>
-int64_t forward_shared_bytes(bool resident) {
-  return resident ? SharedLayout<Policy>::kResidentForwardBytes : SharedLayout<Policy>::kForwardBytes;
+int64_t resident_bytes(int64_t bytes, bool resident) {
+  return bytes + (resident ? SharedLayout<Policy>::kResidentBytes : 0);
 }
 
-// shared.s() = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T (X's rows from shared.resident_rows() where `resident`). Ends
-// synchronised.
+// shared.s() = X[r0 : r0 + 64] . Y[c0 : c0 + 64]^T (X's rows or Y's from shared.resident_rows() as `resident`
+// says). Ends synchronised.
 template <class Policy>
 __device__ void similarity_tile(const CudaPairRowsParams& p, int64_t r0, int64_t c0, SharedLayout<Policy>& shared,
-                                bool resident = false) {
+                                Resident resident = Resident::kNone) {
   using Layout = SharedLayout<Policy>;
   using Operand = typename Policy::Operand;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
   product_tile<Policy>(p.d, shared, [&](int64_t d0, int stage) {
-    if (!resident) load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
-    load_tile_async(shared.y_chunk(stage), Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
+    if (resident != Resident::kRows)
+      load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
+    if (resident != Resident::kColumns)
+      load_tile_async(shared.y_chunk(stage), Layout::kChunkLd, kChunk, y, p.y_stride, c0, p.m, d0, p.d);
   }, resident);
 }
 
@@ -416,10 +427,10 @@ __device__ __forceinline__ T* dynamic_shared() {
   return reinterpret_cast<T*>(shared_bytes);
 }
 
-// The same, carved into the regions of SharedLayout.
+// The same, carved into the regions of SharedLayout, after the resident rows where the block keeps them.
 template <class Policy>
-__device__ __forceinline__ SharedLayout<Policy> block_shared() {
-  return SharedLayout<Policy>(dynamic_shared<unsigned char>());
+__device__ __forceinline__ SharedLayout<Policy> block_shared(bool resident = false) {
+  return SharedLayout<Policy>(dynamic_shared<unsigned char>() + (resident ? SharedLayout<Policy>::kResidentBytes : 0));
 }
 
 // The row pass of a forward epilogue (the rows resident in shared memory where `resident`): walks the column tiles of
@@ -435,7 +446,7 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
-    similarity_tile<Policy>(p, query.r0, c0, shared, resident);
+    similarity_tile<Policy>(p, query.r0, c0, shared, resident ? Resident::kRows : Resident::kNone);
     if (query.live) {
       const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
 #pragma unroll 1

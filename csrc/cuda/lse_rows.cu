@@ -25,7 +25,7 @@ template <class Policy>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const CudaPairRowsParams p,
                                                                       typename Policy::Acc* stats, bool resident) {
   using Acc = typename Policy::Acc;
-  SharedLayout<Policy> shared = block_shared<Policy>();
+  SharedLayout<Policy> shared = block_shared<Policy>(resident);
   const QueryRow<Acc> query = query_row<Acc>(p);
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b);
   const Acc row_length2 = query.scale.length2;
@@ -186,12 +186,16 @@ __device__ __forceinline__ bool has_own_direction_term(const CudaPairRowsParams&
 
 // The dX pass: rows r0.. against every column tile, dX = P Y for the block's span of D (one S per tile); kAtomic also
 // adds dY = P^T X of each tile into dy atomically (3 matmul-equivalents in all instead of 4).
-template <class Policy, bool kAtomic>
+// kResident: the block's rows of X stay in shared memory for all its column tiles (keeps_resident). A template
+// argument, not a kernel argument as in the forward kernels: with the choice made at run time the deterministic
+// passes, at the register limit with four dX slices, spilled on sm_90a.
+template <class Policy, bool kAtomic, bool kResident>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const CudaPairRowsBackwardParams bp) {
+  constexpr bool resident = kResident;
   using Acc = typename Policy::Acc;
   using Operand = typename Policy::Operand;
   using Layout = SharedLayout<Policy>;
-  Layout shared = block_shared<Policy>();
+  Layout shared = block_shared<Policy>(resident);
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
@@ -201,6 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   constexpr int kInRegisters = kSlices<Policy, kAtomic>, kInShared = kSharedSlices<Policy, kAtomic>;
   const int64_t shared_span0 = span0 + int64_t{kInRegisters} * kTile;  // the first of the slices in shared memory
   load_row_state(bp, r0, shared);
+  if (resident) load_resident_rows(x, p.x_stride, r0, p.n, p.d, shared);
   typename Policy::Accumulator dx[kInRegisters];
 #pragma unroll
   for (int slice = 0; slice < kInRegisters; ++slice) Policy::zero(dx[slice]);
@@ -212,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
-    similarity_tile<Policy>(p, r0, c0, shared);
+    similarity_tile<Policy>(p, r0, c0, shared, resident ? Resident::kRows : Resident::kNone);
     row_sum += ds_tile<Policy>(bp, r0, c0, shared);
     __syncthreads();
     if (kAtomic && own_term) {  // the columns' coefficients, from the shares ds_tile left in S
@@ -222,16 +227,19 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
     }
     if (kAtomic) {
       // dY[c0.., e0..] += P^T X[r0.., e0..] / g minus the columns' own-direction term (its rows Y[c0.., e0..] read
-      // from global memory): a column-major read of P is its transpose. A loop of its own, not unrolled, apart from
-      // the dX slices below: the dX accumulators leave few registers.
+      // from global memory): a column-major read of P is its transpose; X's slice from the resident rows or loaded.
+      // A loop of its own, not unrolled, apart from the dX slices below: the dX accumulators leave few registers.
 #pragma unroll 1
       for (int64_t e0 = span0; e0 < span0 + kSpan<Policy, kAtomic> && e0 < p.d; e0 += kTile) {
         __syncthreads();  // the previous slice's readers of out_rows and S are done (and column_sums)
-        load_tile_async(shared.out_rows(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
-        finish_async_copies();
-        __syncthreads();
+        if (!resident) {
+          load_tile_async(shared.out_rows(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+          finish_async_copies();
+          __syncthreads();
+        }
+        const Operand* rows = resident ? shared.resident_rows() + e0 : shared.out_rows();
         Policy::template product_to<ColMajor, RowMajor>(shared.s(), Layout::kAccLd, shared.ds(), Layout::kTileLd,
-                                                        shared.out_rows(), Layout::kTileLd, kTile);
+                                                        rows, resident ? Layout::kResidentLd : Layout::kTileLd, kTile);
         __syncthreads();
         write_tile<Policy>(static_cast<Acc*>(bp.dy), c0, p.m, e0, p.d, Write::kAtomicAdd, shared.s(),
                            {own_term ? shared.sums() : nullptr, y + c0 * p.y_stride + e0, p.y_stride}, unscale);
@@ -263,12 +271,14 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dx_kernel(const
 
 // The dY pass of the deterministic backward: columns c0.. against every row tile, dY = P^T X for the block's span of
 // D (one S per tile).
-template <class Policy>
+// kResident: the block's rows of Y stay in shared memory for all its row tiles (as in the dX pass).
+template <class Policy, bool kResident>
 __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const CudaPairRowsBackwardParams bp) {
+  constexpr bool resident = kResident;
   using Acc = typename Policy::Acc;
   using Operand = typename Policy::Operand;
   using Layout = SharedLayout<Policy>;
-  Layout shared = block_shared<Policy>();
+  Layout shared = block_shared<Policy>(resident);
   const CudaPairRowsParams& p = bp.pair;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* y = static_cast<const Operand*>(p.y);
@@ -278,13 +288,14 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
 
   load_labels(shared.col_labels(), p.y_labels, c0, p.m);
   load_column_scales(p, c0, shared);
+  if (resident) load_resident_rows(y, p.y_stride, c0, p.m, p.d, shared);
   typename Policy::Accumulator dy[kSlices<Policy>];
 #pragma unroll
   for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dy[slice]);
   Acc column_sum = 0;  // threads t < 64: column t's own-direction coefficient
   for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
     load_row_state(bp, r0, shared);
-    similarity_tile<Policy>(p, r0, c0, shared);
+    similarity_tile<Policy>(p, r0, c0, shared, resident ? Resident::kColumns : Resident::kNone);
     ds_tile<Policy>(bp, r0, c0, shared);
     __syncthreads();
     if (own_term) {
@@ -304,9 +315,10 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_backward_dy_kernel(const
 
 template <class Policy>
 cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t stream) {
-  const bool resident = keeps_rows_resident<Policy>(p.d);
-  return launch(lse_rows_forward_kernel<Policy>, dim3(blocks(p.n)), forward_shared_bytes<Policy>(resident), stream, p,
-                static_cast<typename Policy::Acc*>(stats), resident);
+  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
+  const bool resident = keeps_resident<Policy>(p.d, bytes);
+  return launch(lse_rows_forward_kernel<Policy>, dim3(blocks(p.n)), resident_bytes<Policy>(bytes, resident), stream,
+                p, static_cast<typename Policy::Acc*>(stats), resident);
 }
 
 // The pair value's slope bound |dv/ds| (a distance's plain form: 2^11 keeps 1 / (2 v) in range down to distances of
@@ -373,18 +385,24 @@ cudaError_t backward(const CudaPairRowsBackwardParams& bp, cudaStream_t stream) 
   }
   const unsigned slices = spans<Policy>(p.d);
   if (bp.atomic) {
-    return launch(lse_rows_backward_dx_kernel<Policy, true>, dim3(blocks(p.n), spans<Policy, true>(p.d)),
-                  SharedLayout<Policy>::atomic_backward_bytes(p.d), stream, bp);
+    const int64_t bytes = SharedLayout<Policy>::atomic_backward_bytes(p.d);
+    const bool resident = keeps_resident<Policy>(p.d, bytes);
+    return launch(resident ? lse_rows_backward_dx_kernel<Policy, true, true>
+                           : lse_rows_backward_dx_kernel<Policy, true, false>,
+                  dim3(blocks(p.n), spans<Policy, true>(p.d)), resident_bytes<Policy>(bytes, resident), stream, bp);
   }
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
+  const bool resident = keeps_resident<Policy>(p.d, bytes);
   if (bp.dx != nullptr) {
-    if (cudaError_t error = launch(lse_rows_backward_dx_kernel<Policy, false>, dim3(blocks(p.n), slices), bytes,
-                                   stream, bp))
+    if (cudaError_t error = launch(resident ? lse_rows_backward_dx_kernel<Policy, false, true>
+                                            : lse_rows_backward_dx_kernel<Policy, false, false>,
+                                   dim3(blocks(p.n), slices), resident_bytes<Policy>(bytes, resident), stream, bp))
       return error;
   }
   if (bp.dy != nullptr) {
     // Stream order puts it after the dX pass, so accumulating into dx (dy == dx) sees the finished dX.
-    return launch(lse_rows_backward_dy_kernel<Policy>, dim3(blocks(p.m), slices), bytes, stream, bp);
+    return launch(resident ? lse_rows_backward_dy_kernel<Policy, true> : lse_rows_backward_dy_kernel<Policy, false>,
+                  dim3(blocks(p.m), slices), resident_bytes<Policy>(bytes, resident), stream, bp);
   }
   return cudaSuccess;
 }

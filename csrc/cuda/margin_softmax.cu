@@ -41,7 +41,7 @@ __device__ void classifier_tile(const CudaMarginSoftmaxParams& p, int64_t r0, in
   product_tile<Policy>(p.d, shared, [&](int64_t d0, int stage) {
     if (!resident) load_tile_async(shared.x_chunk(stage), Layout::kChunkLd, kChunk, x, p.x_stride, r0, p.n, d0, p.d);
     load_transposed_tile(shared.y_chunk(stage), Layout::kChunkLd, kChunk, w, p.w_stride, d0, p.d, j0, j_end);
-  }, resident);
+  }, resident ? Resident::kRows : Resident::kNone);
 }
 
 // The class tiles: 64 / sub_centers whole classes each.
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(con
                                                                             bool resident) {
   using Acc = typename Policy::Acc;
   using Layout = SharedLayout<Policy>;
-  Layout shared = block_shared<Policy>();
+  Layout shared = block_shared<Policy>(resident);
   const auto* x_inverse = static_cast<const Acc*>(p.x_inverse);
   const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -189,23 +189,25 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
 // The dX pass: rows r0.. against every class tile, dX = dS W^T for the block's span of D (one product tile per class
 // tile).
 template <class Policy>
-__global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const CudaMarginSoftmaxBackwardParams bp) {
+__global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const CudaMarginSoftmaxBackwardParams bp,
+                                                                        bool resident) {
   using Acc = typename Policy::Acc;
   using Operand = typename Policy::Operand;
   using Layout = SharedLayout<Policy>;
-  Layout shared = block_shared<Policy>();
+  Layout shared = block_shared<Policy>(resident);
   const CudaMarginSoftmaxParams& p = bp.rows;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* w = static_cast<const Operand*>(p.w);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
   load_classifier_rows(bp, r0, shared);
+  if (resident) load_resident_rows(x, p.x_stride, r0, p.n, p.d, shared);
   typename Policy::Accumulator dx[kSlices<Policy>];
 #pragma unroll
   for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dx[slice]);
   Acc row_dot = 0;
   for (int64_t c0 = 0; c0 < p.classes; c0 += kTile / p.sub_centers) {
     const ClassTile tile = class_tile(p, c0);
-    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
+    classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared, resident);
     row_dot += classifier_ds_tile<Policy>(p, r0, tile, shared);
     // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the slice's D columns, as rows
     accumulate_slices<RowMajor>(dx, shared, span0, p.d, [&](int64_t e0) {
@@ -303,9 +305,10 @@ cudaError_t inverse_norms(const CudaMarginSoftmaxParams& p, cudaStream_t stream)
 template <class Policy>
 cudaError_t forward(const CudaMarginSoftmaxParams& p, void* stats, cudaStream_t stream) {
   if (cudaError_t error = inverse_norms<Policy>(p, stream)) return error;
-  const bool resident = keeps_rows_resident<Policy>(p.d);
+  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
+  const bool resident = keeps_resident<Policy>(p.d, bytes);
   return launch(margin_softmax_forward_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n))),
-                forward_shared_bytes<Policy>(resident), stream, p, static_cast<typename Policy::Acc*>(stats), resident);
+                resident_bytes<Policy>(bytes, resident), stream, p, static_cast<typename Policy::Acc*>(stats), resident);
 }
 
 template <class Policy>
@@ -315,8 +318,9 @@ cudaError_t backward(const CudaMarginSoftmaxBackwardParams& bp, cudaStream_t str
   const unsigned d_spans = spans<Policy>(p.d);
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
   if (bp.dx != nullptr) {
+    const bool resident = keeps_resident<Policy>(p.d, bytes);
     if (cudaError_t error = launch(margin_softmax_dx_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n)), d_spans),
-                                   bytes, stream, bp))
+                                   resident_bytes<Policy>(bytes, resident), stream, bp, resident))
       return error;
   }
   if (bp.dw != nullptr) {
