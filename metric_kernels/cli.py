@@ -4,7 +4,8 @@
   metric-kernels backends  which backends can run on a device, and why the others cannot
   metric-kernels bench     time, memory, TFLOP/s and error of every loss and provider (metric_kernels.bench)
   metric-kernels cost      what each loss's Triton kernels would make a GPU do, counted under Triton's interpreter,
-                           and an H100 roofline model of it (metric_kernels.bench.cost)
+                           and an H100 roofline model of it (metric_kernels.bench.cost); --backend cuda-emulated:
+                           the CUDA kernels' work, counted by their host emulation (metric_kernels.bench.cuda_cost)
 """
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     bench_cli.add_arguments(k)
     k.set_defaults(run=lambda args: bench_cli.run_from_args(args, k))
     c = commands.add_parser("cost", help="dot FLOPs, exponentials, bytes, launches and host tensors of every loss's "
-                                         "Triton kernels (counted under the interpreter), and an H100 model")
+                                         "Triton kernels (counted under the interpreter), and an H100 model; "
+                                         "--backend cuda-emulated: the CUDA kernels' work, counted by their emulation")
     cost.add_arguments(c)
     c.set_defaults(run=lambda args: cost.run_from_args(args, args.argv))
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ this file adds what only the ops or the emulation itself reach:
   an independent rounding, its barriers, shuffles, atomics, WMMA and launch checks, the misuses it stops, and the CUDA
   it refuses to compile.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -677,3 +678,31 @@ def test_backward_over_several_spans_of_d(operand, dim):
                                                   32.0, deterministic, True, True, True, allow_tf32)
         for index, (a, b) in enumerate(zip(got, expected_grads)):
             assert_rel_close(a, b, grad_tol, f"{operand} D={dim} deterministic={deterministic} grad {index}")
+
+
+def test_cost_report_of_the_cuda_kernels(tmp_path):
+    """`metric-kernels cost --backend cuda-emulated`: the CUDA kernels' work per step through the public API, from
+    the emulation's counters: Circle with a separate reference batch, forward 1 matmul-equivalent, backward 3 (atomic:
+    dY added once per element of each row block's product) or 4 (deterministic), all on 16-bit operands for bf16
+    rows, one exponential per pair per pass (plus the forward's partner merges); the table and JSON written."""
+    from metric_kernels.bench import cost, cuda_cost
+    n, dim = 128, 64
+    figures = {}
+    for mode in ("default", "deterministic"):
+        case = cost.Case("circle", "ref_emb", "bf16", dim, mode, n)
+        figures[mode] = cuda_cost.row(case, cuda_cost.count_step(case))
+    for mode, passes in (("default", 1), ("deterministic", 2)):
+        row = figures[mode]
+        assert row["forward_matmul_equivalents"] == 1.0 and row["dot_16bit_share"] == 1.0, row
+        assert row["matmul_equivalents"] == 1.0 + (3.0 if passes == 1 else 4.0), row
+        assert 1 + passes <= row["exponentials_per_pair"] <= 1 + passes + 8 / n, row
+        assert row["atomic_elements"] == (n * dim * (n // 64) if passes == 1 else 0), row
+    out = tmp_path / "cost-cuda"
+    result = subprocess.run([sys.executable, "-m", "metric_kernels", "cost", "--backend", "cuda-emulated", "--dims",
+                             str(dim), "--dtypes", "fp32", "--losses", "supcon", "--size", "64", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "cost.md").read_text()
+    assert "| supcon | ref_emb | fp32 | 64 | default |" in table and "| supcon | self | fp32 | 64 |" in table, table
+    report = json.loads((out / "cost.json").read_text())
+    assert report["columns"] == cuda_cost.COLUMNS and len(report["rows"]) == 4

@@ -602,16 +602,18 @@ def run(dims: Sequence[int] = (64, 128, 256), dtypes: Sequence[str] = ("bf16", "
     return rows, details
 
 
-def write(out_dir: str, rows: List[dict], details: List[dict], meta: dict) -> str:
-    """Writes cost.md (the table) and cost.json (meta, columns, one flat row per case, per-kernel details)."""
+def write(out_dir: str, rows: List[dict], details: List[dict], meta: dict, render=markdown,
+          columns: Sequence[str] = COLUMNS) -> str:
+    """Writes cost.md (the table, from render(rows, meta)) and cost.json (meta, columns, one flat row per case,
+    per-kernel details)."""
     os.makedirs(out_dir, exist_ok=True)
-    table = markdown(rows, meta)
+    table = render(rows, meta)
     with open(os.path.join(out_dir, "cost.md"), "w") as f:
         f.write(table)
     # one row (and one case's kernel details) per line: readable, and diffs of a rerun show which cases changed
     lines = lambda items: ",\n".join("  " + json.dumps(item) for item in items)  # noqa: E731
     with open(os.path.join(out_dir, "cost.json"), "w") as f:
-        f.write(f'{{"meta": {json.dumps(meta)},\n "columns": {json.dumps(COLUMNS)},\n'
+        f.write(f'{{"meta": {json.dumps(meta)},\n "columns": {json.dumps(list(columns))},\n'
                 f' "rows": [\n{lines(rows)}],\n "kernels": [\n{lines(details)}]}}\n')
     return table
 
@@ -620,19 +622,28 @@ def write(out_dir: str, rows: List[dict], details: List[dict], meta: dict) -> st
 # Command line (metric-kernels cost)
 # --------------------------------------------------------------------------------------------------------------------
 
+DEFAULT_MACHINE = "CPU, Triton interpreter"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("triton", "cuda-emulated"), default="triton",
+                        help="whose kernels to count: Triton's under its interpreter (default), or the CUDA kernels "
+                             "under their host emulation (metric_kernels.bench.cuda_cost)")
     parser.add_argument("--out", default="out/cost", help="folder for cost.md and cost.json (default out/cost)")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256], metavar="D")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--size", type=int, default=256, help="N = M (= C for Proxy-Anchor), default 256")
     parser.add_argument("--date", help="the date written in the report (default: today)")
-    parser.add_argument("--machine", default="CPU, Triton interpreter", help="the machine named in the report")
+    parser.add_argument("--machine", default=DEFAULT_MACHINE, help="the machine named in the report")
 
 
 def run_from_args(args, argv: Iterable[str]) -> int:
     """Runs the report in this process when the interpreter can be switched on here, else in a fresh one."""
     argv = list(argv)
+    if args.backend == "cuda-emulated":
+        from . import cuda_cost
+        return cuda_cost.run_from_args(args, argv)
     if not prepare_interpreter():
         import subprocess
         env = dict(os.environ, TRITON_INTERPRET="1")
