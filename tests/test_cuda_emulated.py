@@ -547,6 +547,20 @@ def test_matmul_equivalents_of_each_pass(operand, dim):
 RESIDENT_ROWS_FIT_99_KB = {"bf16": True, "fp16": True, "fp32": False, "tf32": False, "fp64": False}
 
 
+def _copy_count_case(monkeypatch, operand, limited):
+    """The copied-bytes tests' case: (element size, N, M, D, generator, (x, y, labels, y_labels)) at N = M = 128 and
+    the whole of D on chip (256; fp64: 64); `limited`: the emulated GPU allows 99 KB of shared memory per block."""
+    if limited:
+        monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
+    dtype = OPERANDS[operand]
+    n = m = 128
+    dim = 64 if operand == "fp64" else 256
+    g = torch.Generator().manual_seed(dim + len(operand))
+    x, y = (torch.randn(rows, dim, generator=g).to(dtype) for rows in (n, m))
+    labels, y_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    return torch.empty((), dtype=dtype).element_size(), n, m, dim, g, (x, y, labels, y_labels)
+
+
 @pytest.mark.parametrize("limited", [False, True], ids=["227KB", "99KB"])
 @pytest.mark.parametrize("operand", ["bf16", "fp32", "tf32", "fp64"])
 def test_forward_kernels_load_each_row_block_once(monkeypatch, operand, limited):
@@ -555,16 +569,8 @@ def test_forward_kernels_load_each_row_block_once(monkeypatch, operand, limited)
     column tiles (X: N D elements in all), streaming the references (N / 64 times M D); the classifier forward
     likewise for X (W's columns come by plain loads). Where the rows do not fit (a GPU that allows 99 KB: fp32, tf32,
     fp64) a block loads its rows' chunks for every column tile (X: M / 64 times N D)."""
-    if limited:
-        monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
-    dtype = OPERANDS[operand]
-    element = torch.empty((), dtype=dtype).element_size()
-    n = m = 128
-    dim = 64 if operand == "fp64" else 256
-    g = torch.Generator().manual_seed(dim + len(operand))
-    x, y = (torch.randn(rows, dim, generator=g).to(dtype) for rows in (n, m))
-    labels, y_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
-    weight = torch.randn(dim, m, generator=g).to(dtype)
+    element, n, m, dim, g, (x, y, labels, y_labels) = _copy_count_case(monkeypatch, operand, limited)
+    weight = torch.randn(dim, m, generator=g).to(x.dtype)
     allow_tf32 = operand == "tf32"
     ops = torch.ops.metric_kernels
     x_loads = 1 if not limited or RESIDENT_ROWS_FIT_99_KB[operand] else m // 64
@@ -591,15 +597,7 @@ def test_backward_passes_load_their_block_once(monkeypatch, operand, limited):
     X reads X's slices from the resident rows; the classifiers' dX pass keeps X too (W's columns come by plain
     loads). Where the resident block does not fit (`limited`: a GPU that allows 99 KB; fp32: 86.75 + 64.25 KB) every
     tile loads it again."""
-    if limited:
-        monkeypatch.setenv("METRIC_KERNELS_EMULATED_SHARED_BYTES", "101376")
-    dtype = OPERANDS[operand]
-    element = torch.empty((), dtype=dtype).element_size()
-    n = m = 128
-    dim = 64 if operand == "fp64" else 256
-    g = torch.Generator().manual_seed(dim + len(operand))
-    x, y = (torch.randn(rows, dim, generator=g).to(dtype) for rows in (n, m))
-    labels, y_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    element, n, m, dim, g, (x, y, labels, y_labels) = _copy_count_case(monkeypatch, operand, limited)
     allow_tf32 = operand == "tf32"
     ops = torch.ops.metric_kernels
     args = (x, y, labels, y_labels, -1, 0, 0, 0.25, 32.0)
@@ -616,7 +614,7 @@ def test_backward_passes_load_their_block_once(monkeypatch, operand, limited):
         copied = _counters(lambda: ops.cuda_emulated_lse_rows_backward(
             grad, stats, *args, mode == "deterministic", True, True, True, allow_tf32))[6]
         assert copied == elements * element, f"{mode}: {copied} bytes copied, expected {elements * element}"
-    weight = torch.randn(dim, m, generator=g).to(dtype)
+    weight = torch.randn(dim, m, generator=g).to(x.dtype)
     classifier = (x, weight, labels, 1, 10.0, True)
     classifier_stats = ops.cuda_emulated_margin_softmax_rows(*classifier, allow_tf32)
     upstream = torch.randn(2, n, generator=g).to(classifier_stats.dtype)
