@@ -276,8 +276,9 @@ def _selection(level: str, dtype: str, primary: bool, heaviest_or_kind0: bool, w
     (KERNEL_KINDS).
 
     core:  each kernel and dtype once: the heaviest flags, KIND 0, the widest on-chip D.
-    ci:    core, plus D in chunks (bf16, fp32-tf32, fp64) and, for bf16, every flag set (KIND 0), every loss kind
-           (heaviest flags) and the unaligned launch.
+    ci:    core, plus D in chunks (bf16, fp32-tf32, fp64) and, for bf16, half the widest D (the pruner keeps larger,
+           non-square tiles there, which the interpreter's 64 x 64 tile never types), every flag set (KIND 0), every
+           loss kind (heaviest flags) and the unaligned launch.
     sweep: every kept config at the widest on-chip D for the heaviest flags and KIND 0; one config for the other
            widths, and at the widest D for every other flag set (KIND 0) and loss kind (heaviest flags); the
            unaligned launch.
@@ -296,6 +297,8 @@ def _selection(level: str, dtype: str, primary: bool, heaviest_or_kind0: bool, w
         if primary and width.startswith("chunked") and dtype in ("bf16", "fp32-tf32", "fp64"):
             return "one"
         if dtype == "bf16" and at_widest and heaviest_or_kind0:
+            return "one"
+        if dtype == "bf16" and primary and width == str(int(widest) // 2):
             return "one"
     return None
 
