@@ -164,21 +164,22 @@ REGISTER_LIMIT = {
 # architectures, at the largest tiles the forward keeps and at some small ones, whatever the register count (ptxas
 # saving values live across the loop's exit). Most others are 8-warp tiles at 64, 80 or 128 registers, where ptxas
 # spills 2 to 8 cold values to fit one more block per SM (fp32 rows and fp64 on the CUDA cores, tf32 with unaligned
-# rows, fp64 Contrastive sums), and 16-bit batch-hard selection at 64 x 128 (sm_80, 255 registers). The backward's
-# 16 x 16 tile with 8 warps, which spilled that way over flags, dtypes and architectures, is left to the fallback.
+# rows or in the backward's 32 x 16 tile, fp64 Contrastive sums; some only with triton 3.6.0), and 16-bit batch-hard
+# selection at 64 x 128 (sm_80, 255 registers). The backward's 16 x 16 tile with 8 warps, which spilled that way over
+# flags, dtypes and architectures, is left to the fallback.
 _SMALLEST_8_WARPS = (16, 16, 8)
-MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8)},
-                   ("forward", "unaligned-chunked"): {(32, 16, 8)},
+MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
+                   ("forward", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
                    ("select", "full"): {(64, 128, 8), _SMALLEST_8_WARPS},
                    ("select", "chunked"): {(32, 64, 4), (32, 64, 8)},
-                   ("select", "unaligned"): {(32, 64, 8)},
+                   ("select", "unaligned"): {(64, 32, 8), (32, 64, 8)},
                    ("select", "unaligned-chunked"): {(64, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
                    ("sums", "full"): {(128, 64, 8), (64, 64, 4), (32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS,
                                       (16, 16, 4)},
                    ("sums", "chunked"): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 16, 8),
                                          (16, 64, 4), _SMALLEST_8_WARPS, (16, 16, 4)},
                    ("sums", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
-                   ("backward", "full"): {(32, 32, 8), _SMALLEST_8_WARPS},
+                   ("backward", "full"): {(32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
                    **{("backward", rows_layout): {_SMALLEST_8_WARPS}
                       for rows_layout in ("chunked", "unaligned", "unaligned-chunked")}}
 # When no config is left (fp32 rows at D = 256: the backward's smallest tile), the 16 x 16 tile with 8 warps: with 4,
