@@ -84,6 +84,7 @@ class Variant:
     config: str
     num_warps: int
     num_stages: int
+    maxnreg: Optional[int]  # the config's register ceiling (ops.FALLBACK_REGISTERS), None for ptxas's own choice
     signature: Dict[str, str]
     constexprs: Dict[str, object]
     attrs: List[int]  # argument positions with 16-divisibility
@@ -113,7 +114,8 @@ def _gpu_configs():
 
 def _config_label(config) -> str:
     kw = config.kwargs
-    return f"m{kw['BLOCK_M']}n{kw['BLOCK_N']}w{config.num_warps}s{config.num_stages}"
+    ceiling = f"r{config.maxnreg}" if config.maxnreg else ""
+    return f"m{kw['BLOCK_M']}n{kw['BLOCK_N']}w{config.num_warps}s{config.num_stages}{ceiling}"
 
 
 class _Rows:
@@ -128,19 +130,20 @@ class _Rows:
 
 
 def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, full_d: bool = True,
-                 precision: str = "ieee", aligned: bool = True, pair_value: int = 0):
+                 precision: str = "ieee", aligned: bool = True, pair_value: int = 0, with_dy: bool = False):
     """ops._configs() (the GPU list) as ops._pruner(kernel_pass) keeps it on a GPU of the architecture (its shared
-    memory, its measured exceptions)."""
+    memory)."""
     ops = _ops()
     limit = ARCHS[arch][1]
     prune = ops._pruner(kernel_pass)["early_config_prune"]
-    original = ops._shared_memory_limit, ops._arch
-    ops._shared_memory_limit, ops._arch = (lambda device: limit), (lambda device: arch)
+    original = ops._shared_memory_limit
+    ops._shared_memory_limit = lambda device: limit
     try:
         return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d,
-                                      "PRECISION": precision, "ALIGNED": int(aligned), "PAIR_VALUE": pair_value})
+                                      "PRECISION": precision, "ALIGNED": int(aligned), "PAIR_VALUE": pair_value,
+                                      "WITH_DY": with_dy})
     finally:
-        ops._shared_memory_limit, ops._arch = original
+        ops._shared_memory_limit = original
 
 
 def _widths(element_size: int):
@@ -276,8 +279,9 @@ def _selection(level: str, dtype: str, primary: bool, heaviest_or_kind0: bool, w
     (KERNEL_KINDS).
 
     core:  each kernel and dtype once: the heaviest flags, KIND 0, the widest on-chip D.
-    ci:    core, plus D in chunks (bf16, fp32-tf32, fp64) and, for bf16, every flag set (KIND 0), every loss kind
-           (heaviest flags) and the unaligned launch.
+    ci:    core, plus D in chunks (bf16, fp32-tf32, fp64) and, for bf16, half the widest D (the pruner keeps larger,
+           non-square tiles there, which the interpreter's 64 x 64 tile never types), every flag set (KIND 0), every
+           loss kind (heaviest flags) and the unaligned launch.
     sweep: every kept config at the widest on-chip D for the heaviest flags and KIND 0; one config for the other
            widths, and at the widest D for every other flag set (KIND 0) and loss kind (heaviest flags); the
            unaligned launch.
@@ -297,6 +301,8 @@ def _selection(level: str, dtype: str, primary: bool, heaviest_or_kind0: bool, w
             return "one"
         if dtype == "bf16" and at_widest and heaviest_or_kind0:
             return "one"
+        if dtype == "bf16" and primary and width == str(int(widest) // 2):
+            return "one"
     return None
 
 
@@ -312,10 +318,11 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
 
     def add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config, constexprs, pointers, sweep,
             aligned=True, element=None, backward=False):
-        estimate = None
+        estimate, ceiling = None, None
         if config is None:
             warps, stages, config_label = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3), "-"
         else:
+            ceiling = config.maxnreg
             estimate = ops.shared_memory_estimate(config, block_d, element, backward, full_d is not False)
             warps, stages, config_label = config.num_warps, config.num_stages, _config_label(config)
             constexprs = dict(constexprs, **config.kwargs)
@@ -326,7 +333,7 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         label = width_label if aligned else f"unaligned-{width_label}"
         kind_label = "" if kind is None else f",kind={kind}"
         name = f"{kernel}[{dtype},D={label}{kind_label}{',' + flags if flags else ''},{config_label}]"
-        out.append(Variant(name, kernel, dtype, label, kind, flags, config_label, warps, stages, signature,
+        out.append(Variant(name, kernel, dtype, label, kind, flags, config_label, warps, stages, ceiling, signature,
                            constexprs, attrs, sweep, _product_rows(kernel, constexprs), estimate))
 
     for dtype, torch_name, rows, precision in DTYPES:
@@ -338,8 +345,8 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
         base = dict(ACC=acc_tl, PRECISION=precision)
 
-        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0):
-            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned, pair_value)
+        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0, with_dy=False):
+            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned, pair_value, with_dy)
             if count == "all":
                 return kept
             backward = kernel_pass in BACKWARD_PASSES
@@ -385,18 +392,25 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                     and extra.get("NORMALIZE", True)
                 for width_label, block_d, full_d in widths:
                     count = _selection(level, dtype, primary, heaviest or kind == primary_kind, width_label, widest)
-                    chosen = configs(block_d, full_d, kernel_pass, count, pair_value=extra.get("PAIR_VALUE", 0)) \
-                        if count else ()
+                    chosen = configs(block_d, full_d, kernel_pass, count, pair_value=extra.get("PAIR_VALUE", 0),
+                                     with_dy=extra.get("WITH_DY", False)) if count else ()
                     for config in chosen:
                         add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config,
                             dict(base, **extra), pointers, count == "all", element=element, backward=backward)
-                if primary and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
+                # the backward's unaligned D blocks in chunks are narrower (ops.backward_block_d): every flag set
+                # in "full", so that each launch of the ops is enumerated
+                every_unaligned = backward and level == "full"
+                if (primary or every_unaligned) and (level in ("sweep", "full") or (level == "ci" and dtype == "bf16")):
                     # the unaligned launches (D not a multiple of 16, or rows not 16-byte aligned): one config each,
                     # the widest D on chip and D in chunks
                     for width_label, block_d, full_d in widths:
+                        if not full_d and backward:
+                            block_d = ops.backward_block_d(block_d, full_d, aligned=False)
+                            width_label = f"chunked-{block_d}"
                         if width_label == widest or not full_d:
                             add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
-                                configs(block_d, full_d, kernel_pass, "one", False, extra.get("PAIR_VALUE", 0))[0],
+                                configs(block_d, full_d, kernel_pass, "one", False, extra.get("PAIR_VALUE", 0),
+                                        extra.get("WITH_DY", False))[0],
                                 dict(base, **extra),
                                 pointers, False, aligned=False, element=element, backward=backward)
         if dtype == "fp32-ieee":
@@ -461,7 +475,8 @@ def compile_variant(variant: Variant, arch: int) -> Dict[str, object]:
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+                                      options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages,
+                                                   **({"maxnreg": variant.maxnreg} if variant.maxnreg else {})))
     except Exception as error:  # noqa: BLE001 - recorded, and reported as a failure
         lines = [line for line in str(error).splitlines() if line.strip()]
         where = lines[0] if lines else ""

@@ -111,10 +111,13 @@ def _pair_gradient(gradient, value, PAIR_VALUE: tl.constexpr):
 def _radial_terms(by_s, by_q, s, radial, axis: tl.constexpr):
     """Per row (axis 1) or column (axis 0) the coefficient c of the rows' own direction in their gradient,
     dX = P Y - c r^2 X: sum G_s s where the normalisation is radial (unit scaled rows), else -2 sum dL/dq (the
-    |u|^2 term of q)."""
+    |u|^2 term of q). The else is needed: after a constexpr-true return Triton still builds the rest of the function
+    (dead, but typed), and radial[None, :] of a row vector only broadcasts against a square tile."""
     if axis == 1:
-        return tl.sum(tl.where(radial[:, None], by_s * s, -2 * by_q), axis=1)
-    return tl.sum(tl.where(radial[None, :], by_s * s, -2 * by_q), axis=0)
+        terms = tl.sum(tl.where(radial[:, None], by_s * s, -2 * by_q), axis=1)
+    else:
+        terms = tl.sum(tl.where(radial[None, :], by_s * s, -2 * by_q), axis=0)
+    return terms
 
 
 @triton.jit

@@ -51,11 +51,12 @@ MEASURED_SPILLS = {
                                                     (16, 16, 8), (16, 16, 4)},
     ("forward", "unaligned-chunked", True, True): {(32, 32, 8), (32, 32, 4), (32, 16, 8), (16, 64, 4), (16, 16, 4)},
 }
-FALLBACK_WARPS = 8
 
 
 def _pruning(kernel_pass: str):
-    return _pruner(kernel_pass, MEASURED_SPILLS, FALLBACK_WARPS)
+    # the fallback without ops.FALLBACK_REGISTERS' ceiling, which the compile proof (not covering these kernels yet)
+    # has not measured here: it removed the engine's 8-warp spills but made its heaviest program spill
+    return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=None)
 
 
 _KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "MULTI"]  # + pointer dtypes

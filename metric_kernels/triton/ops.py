@@ -54,6 +54,14 @@ def block_d(dim: int, element_size: int) -> int:
     return max(16, min(MAX_FULL_D[element_size], triton.next_power_of_2(max(dim, 1))))
 
 
+def backward_block_d(width: int, full_d: bool, aligned: bool) -> int:
+    """The backward's D block (a program's share of dX and dY columns): block_d, but half of it for unaligned rows
+    walked in chunks. Those load and store every element of both rows' D blocks, dX and dY's atomics through its own
+    address, and at the widest tile that spilled whatever the warps (the compile proof); the cost is one more
+    recomputation of S per extra D block, on a path that already reads D in chunks."""
+    return width if full_d or aligned else width // 2
+
+
 def rows_aligned(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether the rows meet what the compiler specialises vector loads on: 16-byte aligned pointers, unit column
     strides, D and the row strides multiples of 16. Unaligned rows are loaded element by element and take more
@@ -154,15 +162,33 @@ REGISTER_LIMIT = {
 # (BLOCK_M, BLOCK_N, num_warps): batch-hard selection's 32 x 64 tiles with D in chunks (sm_90a, 2 registers); NT-Xent's
 # sums (three per pair from an exponential, a log and a division), 2 to 12 registers over kinds, dtypes and
 # architectures, at the largest tiles the forward keeps and at some small ones, whatever the register count (ptxas
-# saving values live across the loop's exit).
-MEASURED_SPILLS = {("select", "chunked"): {(32, 64, 4), (32, 64, 8)},
-                   ("sums", "full"): {(128, 64, 8), (64, 64, 4), (32, 32, 8), (16, 16, 8), (16, 16, 4)},
+# saving values live across the loop's exit). Most others are 8-warp tiles at 64, 80 or 128 registers, where ptxas
+# spills 2 to 8 cold values to fit one more block per SM (fp32 rows and fp64 on the CUDA cores, tf32 with unaligned
+# rows or in the backward's 32 x 16 tile, fp64 Contrastive sums; some only with triton 3.6.0), and 16-bit batch-hard
+# selection at 64 x 128 (sm_80, 255 registers). The backward's 16 x 16 tile with 8 warps, which spilled that way over
+# flags, dtypes and architectures, is left to the fallback.
+_SMALLEST_8_WARPS = (16, 16, 8)
+MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
+                   ("forward", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
+                   ("select", "full"): {(64, 128, 8), _SMALLEST_8_WARPS},
+                   ("select", "chunked"): {(32, 64, 4), (32, 64, 8)},
+                   ("select", "unaligned"): {(64, 32, 8), (32, 64, 8)},
+                   ("select", "unaligned-chunked"): {(64, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
+                   ("sums", "full"): {(128, 64, 8), (64, 64, 4), (32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS,
+                                      (16, 16, 4)},
                    ("sums", "chunked"): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 16, 8),
-                                         (16, 64, 4), (16, 16, 8), (16, 16, 4)},
-                   ("sums", "unaligned-chunked"): {(32, 16, 8)}}
-# When no config is within the limit (fp32 rows at D = 256: the backward's smallest tile), the 16 x 16 tile with the
-# warps that the compile proof found free of spills, by (pass, precision, architecture); 4 where not listed.
-FALLBACK_WARPS = {("rows", "ieee", 80): 8, ("rows", "ieee", 90): 8, ("columns", "tf32", 80): 8}
+                                         (16, 64, 4), _SMALLEST_8_WARPS, (16, 16, 4)},
+                   ("sums", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
+                   ("backward", "full"): {(32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
+                   **{("backward", rows_layout): {_SMALLEST_8_WARPS}
+                      for rows_layout in ("chunked", "unaligned", "unaligned-chunked")}}
+# When no config is left (fp32 rows at D = 256: the backward's smallest tile), the 16 x 16 tile with 8 warps: with 4,
+# the backward at D = 256 needs more than 255 registers a thread. With a register ceiling (.maxnreg), unless the
+# program also forms dY (the rows pass WITH_DY): without one, ptxas spills a few cold values of the 8-warp program to
+# fit one more block per SM at 64, 80 or 128 registers; with one, it allocates what the tile needs. The rows pass with
+# dY needs about 255 registers there, and a ceiling made ptxas spill 2 to 6 (the compile proof).
+FALLBACK_WARPS = 8
+FALLBACK_REGISTERS = 255
 
 
 def layout(full_d: bool, aligned: bool) -> str:
@@ -172,19 +198,12 @@ def layout(full_d: bool, aligned: bool) -> str:
     return "unaligned" if full_d else "unaligned-chunked"
 
 
-def _arch(device) -> Optional[int]:
-    """The GPU's architecture as 80, 90, ...; None off a GPU."""
-    if device is None or device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def _pruner(kernel_pass: str, measured_spills=None, fallback_warps=None):
+def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_REGISTERS):
     """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
-    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS). Another
-    kernel family passes its own measurements (the margin-softmax kernels, margin_softmax_ops): measured_spills by
-    (pass, layout, tensor cores, the MULTI constexpr), and fallback_warps, the fallback tile's warps."""
+    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS,
+    fallback_registers). Another kernel family passes its own measurements (the margin-softmax kernels,
+    margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), and its fallback's
+    register ceiling (None: ptxas's own choice)."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
 
@@ -209,8 +228,9 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_warps=None):
             return kept
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
-        warps = fallback_warps or FALLBACK_WARPS.get((kernel_pass, args.get("PRECISION"), _arch(x.device)), 4)
-        return [next((c for c in tiles if c.num_warps == warps), tiles[0])]
+        tile = next((c for c in tiles if c.num_warps == FALLBACK_WARPS), tiles[0])
+        return [triton.Config(tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages,
+                              maxnreg=None if args.get("WITH_DY") else fallback_registers)]
     return {"early_config_prune": prune}
 
 
@@ -406,8 +426,8 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     x_norms, y_norms = _norms_of(x, y)
     scale = gradient_scale(grad, stats, x_norms, y_norms, x.dtype, kind, param_a, param_b, pair_value, normalize)
     sizes, constexprs = _shape_args(x, y)
-    constexprs.update(PAIR_VALUE=pair_value, NORMALIZE=normalize)
-    width = constexprs["BLOCK_D"]
+    width = backward_block_d(constexprs["BLOCK_D"], constexprs["FULL_D"], rows_aligned(x, y))
+    constexprs.update(PAIR_VALUE=pair_value, NORMALIZE=normalize, BLOCK_D=width)
     state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
     params = (self_offset, loss_params(param_a, param_b, x))
     buckets = tuning_key(x, y)
