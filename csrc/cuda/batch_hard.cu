@@ -54,7 +54,7 @@ template <class Policy>
 cudaError_t select(const CudaPairRowsParams& p, int64_t* choices, cudaStream_t stream) {
   const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
   const bool resident = keeps_resident<Policy>(p.d, bytes);
-  return launch(batch_hard_select_kernel<Policy>, dim3(static_cast<unsigned>((p.n + kTile - 1) / kTile)),
+  return launch(batch_hard_select_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n))),
                 resident_bytes<Policy>(bytes, resident), stream, p, choices, resident);
 }
 

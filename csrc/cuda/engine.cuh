@@ -21,7 +21,7 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps: a row is divided by ma
 constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
 // How many 64-wide tiles cover `size`.
-inline int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
+__host__ __device__ constexpr int64_t blocks(int64_t size) { return (size + kTile - 1) / kTile; }
 
 // How many 64-wide slices of D one backward block holds with their accumulators in registers (lse_rows.cu,
 // margin_softmax.cu): the whole of D up to 256, so that each pass recomputes every product tile once (blocks along D
@@ -46,7 +46,7 @@ unsigned spans(int64_t d) {
 template <class Policy, bool kAtomic = false>
 constexpr int shared_slices_used(int64_t d) {
   const int64_t widest = d < kSpan<Policy, kAtomic> ? d : kSpan<Policy, kAtomic>;
-  const int64_t past = (widest + kTile - 1) / kTile - kSlices<Policy, kAtomic>;
+  const int64_t past = blocks(widest) - kSlices<Policy, kAtomic>;
   return past <= 0 ? 0 : static_cast<int>(past);
 }
 
@@ -257,7 +257,7 @@ __device__ void product_tile(int64_t d, SharedLayout<Policy>& shared, LoadChunks
 template <class Policy>
 __device__ void load_resident_rows(const typename Policy::Operand* rows, int64_t stride, int64_t row0,
                                    int64_t rows_total, int64_t d, SharedLayout<Policy>& shared) {
-  const int width = static_cast<int>((d + kTile - 1) / kTile * kTile);
+  const int width = static_cast<int>(blocks(d) * kTile);
   load_tile_async(shared.resident_rows(), SharedLayout<Policy>::kResidentLd, width, rows, stride, row0, rows_total,
                   int64_t{0}, d);
   finish_async_copies();
