@@ -5,8 +5,11 @@
 #
 #   1. the machine: nvidia-smi, python, torch, triton, pytorch-metric-learning
 #   2. the native extension built against this machine's torch (`python setup.py build_ext --inplace`), where
-#      setup.py builds one; a failed build is logged and the run goes on
-#   3. the test suite on the GPU, compiled Triton (TRITON_INTERPRET unset): python -m pytest tests -m "gpu or not gpu"
+#      setup.py builds one, for this GPU's architecture alone (METRIC_KERNELS_CUDA_ARCHS, e.g. 90a on an H100/H200);
+#      a failed build is logged and the run goes on
+#   3. the GPU tests, compiled Triton (TRITON_INTERPRET=0: tests/conftest.py switches the interpreter on otherwise):
+#      python -m pytest tests -m gpu, spread over up to 8 processes where pytest-xdist is importable (the CPU suite is
+#      CI's: on this machine it would not fit the time)
 #   4. the full benchmark on cuda (python -m metric_kernels.bench --full --device cuda) in the time left
 #
 # OUTDIR then holds gpu_run.log (everything printed), results.csv, results.json, results.md, time.png, memory.png
@@ -35,7 +38,7 @@ START=$(date +%s)
 BUDGET="${GPU_RUN_BUDGET:-540}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-200}"
 PYTHON="${PYTHON:-python3}"
-unset TRITON_INTERPRET
+export TRITON_INTERPRET=0
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 for wheel in "$ROOT"/.whl/pytorch_metric_learning-*.whl ${PML_WHEEL:-}; do
@@ -63,6 +66,10 @@ except ImportError:
 PY
 
 section "build"
+if [ -z "${METRIC_KERNELS_CUDA_ARCHS:-}" ]; then
+    METRIC_KERNELS_CUDA_ARCHS="$("$PYTHON" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}" + ("a" if m >= 9 else ""))' 2>/dev/null)"
+    [ -n "$METRIC_KERNELS_CUDA_ARCHS" ] && export METRIC_KERNELS_CUDA_ARCHS && echo "CUDA architecture: $METRIC_KERNELS_CUDA_ARCHS"
+fi
 if [ -f setup.py ]; then
     "$PYTHON" setup.py build_ext --inplace
     rc=$?
@@ -72,10 +79,12 @@ else
 fi
 "$PYTHON" -m metric_kernels backends --device cuda || true
 
-section "tests (compiled Triton and the CUDA kernels, at most ${TEST_TIMEOUT} s)"
+section "GPU tests (compiled Triton and the CUDA kernels, at most ${TEST_TIMEOUT} s)"
+workers=""
+"$PYTHON" -c "import xdist" 2>/dev/null && workers="-n $(( $(nproc) < 8 ? $(nproc) : 8 ))"
 export METRIC_KERNELS_REQUIRE_CUDA_BACKEND=1  # a CUDA build that did not happen fails the cuda tests, not skips them
 timeout --signal=INT --kill-after=20 "$TEST_TIMEOUT" \
-    "$PYTHON" -m pytest tests -m "gpu or not gpu" -q -p no:cacheprovider
+    "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider $workers
 tests_rc=$?
 [ $tests_rc -eq 124 ] && echo "tests: stopped at the ${TEST_TIMEOUT} s limit (TEST_TIMEOUT)"
 echo "tests exit status: $tests_rc"

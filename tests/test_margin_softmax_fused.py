@@ -296,6 +296,7 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
         assert others <= exponentials <= others + extra, f"{operand} {name}: {exponentials} exponentials"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
