@@ -19,6 +19,12 @@
 
 #include "epilogue.h"
 
+// torch 2.10 and 2.11 name the shim's error check TORCH_ERROR_CODE_CHECK; 2.12 added this name (and later versions
+// may retire the old one).
+#ifndef STABLE_TORCH_ERROR_CODE_CHECK
+#define STABLE_TORCH_ERROR_CODE_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
 namespace metric_kernels::glue {
 
 using torch::headeronly::ScalarType;

@@ -137,20 +137,33 @@ def test_deterministic_backward_is_bitwise_stable(backend, loss):
         assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
 
 
+# triton.testing.do_bench, which the autotuner times its configs with, allocates a 256 MiB buffer to clear the L2 cache
+# before each timing: the first call at a new autotune key (a new size bucket) holds it for a moment.
+AUTOTUNE_FLUSH_BYTES = 256 * 2**20
+
+
 @pytest.mark.parametrize("loss", ["circle", "supcon", "batch_hard_triplet"])
 def test_memory_stays_linear(backend, loss):
-    """N = M = 32768, D = 256, bf16: one N x N bf16 matrix alone would be 2 GiB."""
+    """N = M = 32768, D = 256, bf16: one N x N bf16 matrix alone would be 2 GiB. A training step (the second: the
+    first autotunes) allocates less than 128 MiB beyond inputs and gradients; the first, at most the autotuner's L2
+    flush buffer more."""
+    import gc
     n, dim = 32768, 256
     x = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 4096, (n,), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    value = getattr(mk, f"{loss}_loss")(x, labels, backend=backend, **PARAMS[loss])
-    value.backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - baseline - x.grad.numel() * x.grad.element_size()
-    assert extra < 128 * 2**20, f"{loss}: {extra / 2**20:.1f} MiB beyond inputs and gradients"
+    gc.collect()  # earlier tests' tensors, freed during this one, would hide part of its peak
+    extras = []
+    for _ in range(2):
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        getattr(mk, f"{loss}_loss")(x, labels, backend=backend, **PARAMS[loss]).backward()
+        torch.cuda.synchronize()
+        extras.append(torch.cuda.max_memory_allocated() - baseline - x.grad.numel() * x.grad.element_size())
+    first, step = extras
+    assert step < 128 * 2**20, f"{loss}: {step / 2**20:.1f} MiB beyond inputs and gradients"
+    assert first < 128 * 2**20 + AUTOTUNE_FLUSH_BYTES, f"{loss}: first call {first / 2**20:.1f} MiB"
 
 
 def test_auto_picks_triton_on_cuda():
