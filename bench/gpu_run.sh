@@ -10,7 +10,9 @@
 #   3. the GPU tests, compiled Triton (TRITON_INTERPRET=0: tests/conftest.py switches the interpreter on otherwise):
 #      python -m pytest tests -m gpu, spread over up to 8 processes where pytest-xdist is importable (the CPU suite is
 #      CI's: on this machine it would not fit the time)
-#   4. the full benchmark on cuda (python -m metric_kernels.bench --full --device cuda) in the time left
+#   4. the benchmark on cuda in the time left: with no extra arguments, the four headline losses (Circle, SupCon,
+#      batch-hard, Proxy-Anchor) at N = 4096, 16384, 65536, bf16 and fp32, every provider, then the largest batch in
+#      8 GiB up to N = 65536 (OUTDIR/search); with extra arguments, --full with those
 #
 # OUTDIR then holds gpu_run.log (everything printed), results.csv, results.json, results.md, time.png, memory.png
 # and max_batch.png: seven files, within what the device tool brings back (8). torch.compile's cache goes to the
@@ -97,9 +99,28 @@ if [ "$left" -lt 120 ]; then
     left=$(( left > 30 ? left : 30 ))
     echo "little time left: the quick preset instead of the full one"
 fi
-"$PYTHON" -m metric_kernels.bench $preset --device cuda --out "$OUTDIR" --deadline "$left" \
-    --compile-cache "${TMPDIR:-/tmp}/metric_kernels_bench_inductor" "$@"
-bench_rc=$?
+bench() { "$PYTHON" -m metric_kernels.bench --device cuda --compile-cache "${TMPDIR:-/tmp}/metric_kernels_bench_inductor" "$@"; }
+if [ $# -gt 0 ]; then
+    bench $preset --out "$OUTDIR" --deadline "$left" "$@"
+    bench_rc=$?
+else
+    # The whole --full preset takes hours on a GPU (its batch searches autotune at every size up to N = 262144), so
+    # a lease of minutes times the four headline losses first, then searches the largest batch up to N = 65536 in
+    # what is left (OUTDIR/search/, no plots: the device tool brings back 8 files).
+    timing=$(( left * 2 / 3 ))
+    bench --out "$OUTDIR" --deadline "$timing" \
+        --losses circle supcon batch_hard proxy_anchor --sizes 4096 16384 65536 --dtypes bfloat16 float32
+    bench_rc=$?
+    left=$(( BUDGET - $(elapsed) - 10 ))
+    if [ "$left" -gt 30 ]; then
+        section "largest batch in 8 GiB (deadline ${left} s)"
+        bench --full --out "$OUTDIR/search" --deadline "$left" --max-batch 8GiB --max-batch-cap 65536 \
+            --losses circle supcon batch_hard proxy_anchor --sizes 1024 --dtypes float32 --modes full --no-plots
+        search_rc=$?
+        rm -f "$OUTDIR/search/results.json"
+        [ $search_rc -eq 0 ] || bench_rc=$search_rc
+    fi
+fi
 echo "benchmark exit status: $bench_rc"
 
 section "done"

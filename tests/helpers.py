@@ -91,3 +91,9 @@ def assert_grads_close(ours: torch.Tensor, expected: torch.Tensor, inputs, rtol:
     for index, (a, b) in enumerate(zip(grads(ours, inputs), grads(expected, inputs))):
         assert_rel_close(a, b, rtol, f"{what} grad of input {index}", scale_floor=floor)
 
+
+def tf32_rounded(rows):
+    """fp32 rows rounded to nearest (ties away) at 10 mantissa bits, as cvt.rna.tf32.f32 (the CUDA kernels' rounding
+    of fp32 operands for tf32 tensor cores), in float64."""
+    bits = rows.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import metric_kernels as mk
-from tests.helpers import assert_rel_close, grads
+from tests.helpers import assert_rel_close, grads, tf32_rounded
 from tests.test_fused import PAIR_LOSSES, PARAMS, _pair_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
     a, b = _op_params(kind, pair_value)
     # tf32 rounds the rows inside the products: the exact op runs on the rounded rows, so that a pair near
     # Contrastive's margins falls on the same side in both (its counts are statistics too)
-    exact = (lambda t: _tf32_rounded(t)) if operand == "tf32" else (lambda t: t.double())
+    exact = (lambda t: tf32_rounded(t)) if operand == "tf32" else (lambda t: t.double())
     raw_x, raw_y = exact(x).clone().requires_grad_(), None if y is None else exact(y).clone().requires_grad_()
 
     def unit(raw, rows):
@@ -115,12 +115,6 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
         assert_rel_close(dy, expected_dy, grad_tol, f"{what} dY")
 
 
-def _tf32_rounded(rows):
-    """fp32 rows rounded to nearest (ties away) at 10 mantissa bits, as cvt.rna.tf32.f32, in float64."""
-    bits = rows.float().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
-
-
 def _op_params(kind, pair_value):
     """(param_a, param_b) of an engine kind (csrc/epilogue.h) for rows of norm 0.5 to 1.5: a temperature of 0.1 for
     SupCon and NT-Xent, Contrastive's margins in pair-value form inside the pair values' range."""
@@ -141,7 +135,7 @@ def test_tensor_core_operands_round_like_their_type(operand):
     args = (None, labels, labels, 0, 1, 0, 0.0, 10.0, True)
     stats = torch.ops.metric_kernels.cuda_emulated_lse_rows(x.to(OPERANDS[operand]), *args, normalize=False,
                                                             allow_tf32=operand == "tf32")
-    rounded = _tf32_rounded(x) if operand == "tf32" else x.to(OPERANDS[operand]).double()
+    rounded = tf32_rounded(x) if operand == "tf32" else x.to(OPERANDS[operand]).double()
     on_rounded = torch.ops.metric_kernels.cpu_lse_rows(rounded, *args)
     on_exact = torch.ops.metric_kernels.cpu_lse_rows(x, *args)
     assert_rel_close(stats[1:], on_rounded[1:], 1e-5, f"{operand} on its rounded rows")

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import metric_kernels as mk
 from metric_kernels import pml
-from tests.helpers import assert_rel_close, grads
-from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _tf32_rounded, _work
+from tests.helpers import assert_rel_close, grads, tf32_rounded
+from tests.test_cuda_emulated import OPERAND_TOLERANCE, OPERANDS, _work
 from tests.test_fused import MISSING, _fused_backend_is_built  # noqa: F401 (the autouse fixture)
 
 # The fused backends whose kernels compute the classifiers (metric_kernels/_fused.py, CLASSIFIER_ROWS); one missing
@@ -226,7 +226,7 @@ def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale):
     xs, ws = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
     stats = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows(xs, ws, labels, sub_centers, scale, True,
                                                                        operand == "tf32")
-    exact_rows = _tf32_rounded if operand == "tf32" else (lambda t: t.to(dtype).double())
+    exact_rows = tf32_rounded if operand == "tf32" else (lambda t: t.to(dtype).double())
     xe, we = exact_rows(x).requires_grad_(), exact_rows(weight).requires_grad_()
     lse, target = _reference_stats(xe, we, labels, scale, sub_centers)
     value_rtol, grad_rtol = OPERAND_TOLERANCE[operand]
