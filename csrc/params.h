@@ -99,6 +99,31 @@ struct CudaPairRowsBackwardParams {
   void* gradient_scale = nullptr;
 };
 
+// Batch-hard's chosen triplets on the CUDA kernels (triplet.cu): the rows as stored, their squared norms where
+// normalising, and per query the indices of its chosen positive and negative (in [0, M); the kernels clamp others
+// into it). Distances, coefficients and norms in the accumulation type; the gradients in the rows' type.
+struct CudaTripletParams {
+  const void* x;            // N x D, unit column stride, row stride x_stride (elements)
+  const void* y;            // M x D (may equal x)
+  const void* x_sq;         // N squared row norms of x where normalize, else nullptr
+  const void* y_sq;         // M squared row norms of y (x_sq when y is x)
+  const int64_t* positive;  // N
+  const int64_t* negative;  // N
+  int64_t n, m, d, x_stride, y_stride;
+  Operand operand;          // the rows' type (kTf32 reads as fp32: no products on tensor cores here)
+  bool normalize;           // u = x r, v = y r with r = 1 / max(|row|, eps) (engine.cuh), else r = 1
+};
+
+struct CudaTripletBackwardParams {
+  CudaTripletParams rows;
+  const void* coefficients;  // 2 x N: g / d for each chosen distance (0 where d is 0)
+  const int64_t* order;      // the 2 N choices (positives then negatives) sorted stably by reference
+  const int64_t* offsets;    // M + 1: reference j's choosers are order[offsets[j]] .. order[offsets[j + 1] - 1]
+  void* dx;                  // N x D contiguous in the rows' type, or nullptr
+  void* dy;                  // M x D contiguous in the rows' type, or nullptr
+  bool same;                 // the references are the queries: one pass writes the whole gradient to dx
+};
+
 // The margin-softmax classifiers on the CUDA kernels (MarginSoftmaxParams' problem): operands as the inputs are
 // stored, inverse norms (1 / max(|row|, eps), in the accumulation type) computed by the kernels into buffers the
 // caller provides; statistics, upstream gradients and the dX / dW buffers in the accumulation type (float64 for fp64

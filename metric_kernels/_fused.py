@@ -38,7 +38,8 @@ import torch
 
 from ._pairs import SIMILARITY, pair_counts
 from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, multi_similarity_from_stats,
-                             proxy_anchor_from_stats, stats_dtype, supcon_from_stats)
+                             proxy_anchor_from_stats, stats_dtype, supcon_from_stats, triplet_backward_inputs,
+                             triplet_losses)
 
 KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
 STAT_ROWS = 4  # statistics per query row (csrc/epilogue.h)
@@ -123,6 +124,42 @@ def register_margin_softmax_ops(prefix: str) -> None:
         dx, dw = backward_op(grad.to(stats.dtype).contiguous(), stats, x, weight, labels, *ctx.params, need_dx,
                              need_dw, *ctx.options)
         return (dx if need_dx else None, dw if need_dw else None) + (None,) * (4 + len(ctx.options))
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+def register_triplet_ops(prefix: str) -> None:
+    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_triplet_distances
+    (batch-hard's chosen distances from the raw rows, the CUDA kernels' ops):
+
+        triplet_distances(x, y?, positive, negative, normalize) -> [2, N]   (indices in [0, M); y = None: the
+            references are the queries)
+        triplet_distances_backward(coefficients [2, N], x, y?, positive, negative, order, offsets, normalize,
+                                   need_dx, need_dy) -> (dx, dy)   (triplet_backward_inputs' coefficients and order)
+    """
+    forward = f"metric_kernels::{prefix}_triplet_distances"
+    backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances_backward")
+
+    @torch.library.register_fake(forward)
+    def _(x, y, positive, negative, normalize=True):
+        return x.new_empty((2, x.shape[0]), dtype=stats_dtype(x.dtype))
+
+    @torch.library.register_fake(f"{forward}_backward")
+    def _(coefficients, x, y, positive, negative, order, offsets, normalize, need_dx, need_dy):
+        return fake_gradients(x, y, need_dx, need_dy)
+
+    def setup_context(ctx, inputs, output):
+        x, y, positive, negative, normalize = inputs
+        ctx.save_for_backward(x, y, positive, negative, output)
+        ctx.normalize = normalize
+
+    def backward_fn(ctx, grad):
+        x, y, positive, negative, distances = ctx.saved_tensors
+        need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
+        references = x.shape[0] if y is None else y.shape[0]
+        coefficients, order, offsets = triplet_backward_inputs(grad, distances, positive, negative, references)
+        dx, dy = backward_op(coefficients, x, y, positive, negative, order, offsets, ctx.normalize, need_dx, need_dy)
+        return dx if need_dx else None, dy if need_dy else None, None, None, None
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
@@ -213,9 +250,17 @@ class CudaKernelRows(FusedRows):
     def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
         return super()._choices(x, y, x_labels, y_labels, self_offset, *options, torch.backends.cuda.matmul.allow_tf32)
 
+    def __init__(self, prefix: str):
+        super().__init__(prefix)
+        register_triplet_ops(prefix)
+        self._triplet_distances = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances")
+
     def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
+        # the chosen distances from a kernel over the raw rows (triplet.cu): no normalised or upcast N x D copies
         choices = self._choices(x, y, x_labels, y_labels, self_offset, normalize)
-        return batch_hard_from_choices(x, y, choices[0], choices[1], margin, soft, normalize)
+        distances = self._triplet_distances(x, None if y is x else y, choices[0].clamp(min=0),
+                                            choices[1].clamp(min=0), normalize)
+        return triplet_losses(distances[0], distances[1], choices[0], choices[1], margin, soft)
 
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, **options):
         # the classifiers' backward has no atomic path: deterministic either way

@@ -49,19 +49,26 @@ def proxy_anchor_from_stats(lse_positive, lse_negative):
     return torch.logaddexp(lse_positive, zero), torch.logaddexp(lse_negative, zero)
 
 
-def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft, normalize=False):
-    """Losses of the chosen triplets (index -1: none), recomputing only the 2 N chosen distances: O(N D) backward,
-    and ||x_i - y_j|| has gradient 0 where it is 0. normalize: x and y are raw rows (a backend's
-    FOLDS_NORMALIZATION): the anchors and the chosen references are normalised here, in float32 for 16-bit rows
-    (O(N D): only the N anchors and 2 N chosen rows)."""
-    def unit(rows):
-        rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
-        return F.normalize(rows, p=2, dim=1, eps=NORM_EPS) if normalize else rows
-
-    anchors = unit(x)
-    positive_distance = torch.linalg.vector_norm(anchors - unit(y[hardest_positive.clamp(min=0)]), dim=1)
-    negative_distance = torch.linalg.vector_norm(anchors - unit(y[hardest_negative.clamp(min=0)]), dim=1)
+def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft):
+    """Losses of the chosen triplets (index -1: none) of rows as the losses compare them (the cpu backend's, already
+    normalised where the distance normalises), recomputing only the 2 N chosen distances: O(N D) backward, and
+    ||x_i - y_j|| has gradient 0 where it is 0."""
+    positive_distance = torch.linalg.vector_norm(x - y[hardest_positive.clamp(min=0)], dim=1)
+    negative_distance = torch.linalg.vector_norm(x - y[hardest_negative.clamp(min=0)], dim=1)
     return triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft)
+
+
+def triplet_backward_inputs(grad, distances, positive, negative, references: int):
+    """What the chosen-distance kernels' backward takes besides the rows (the Triton and CUDA ones alike): the
+    coefficients g / d of the 2 N chosen distances (0 where d = 0: ||u - v|| has gradient 0 there, as torch.cdist),
+    and the choosers of each reference in a fixed order, `order` (the 2 N entries, positives first, sorted stably by
+    the reference they chose) and `offsets` (references + 1: reference j's entries are order[offsets[j]:offsets[j+1]]).
+    O(N) integers, no N x D tensor."""
+    coefficients = torch.where(distances > 0, grad.to(distances.dtype) / distances, torch.zeros_like(distances))
+    chosen = torch.cat([positive, negative])
+    order = torch.argsort(chosen, stable=True)
+    offsets = torch.searchsorted(chosen[order], torch.arange(references + 1, device=chosen.device))
+    return coefficients.contiguous(), order, offsets
 
 
 def triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft):

@@ -32,6 +32,13 @@ NORM_KERNELS = [f"vector_norms_kernel<{operand},{acc},{inverse}>"
                 for operand, acc in (("float", "float"), ("double", "double"), ("__half", "float"),
                                      ("__nv_bfloat16", "float"))
                 for inverse in ("false", "true")] + ["gradient_scale_kernel<float>", "gradient_scale_kernel<double>"]
+# Batch-hard's chosen triplets (triplet.cu), per (row type, accumulation type): fp32 and tf32 rows share one.
+TRIPLET_KERNELS = [kernel.format(f"{operand},{acc}")
+                   for operand, acc in (("float", "float"), ("double", "double"), ("__half", "float"),
+                                        ("__nv_bfloat16", "float"))
+                   for kernel in ("triplet_distances_kernel<{}>", "triplet_backward_rows_kernel<{}>",
+                                  "triplet_backward_references_kernel<{},false>",
+                                  "triplet_backward_references_kernel<{},true>")]
 ARCHS = ["sm_80", "sm_90a"]
 
 needs_nvcc = pytest.mark.skipif(
@@ -81,7 +88,7 @@ def test_every_cuda_kernel_compiles_for_sm80_and_sm90a_without_spills(tmp_path):
     assert "ops.cpp.o" in log  # the torch glue was compiled too
     report = _ptxas_report(log)
     expected = {(arch, kernel.format(policy)) for arch in ARCHS for kernel in KERNELS for policy in POLICIES}
-    expected |= {(arch, kernel) for arch in ARCHS for kernel in NORM_KERNELS}
+    expected |= {(arch, kernel) for arch in ARCHS for kernel in NORM_KERNELS + TRIPLET_KERNELS}
     missing = expected - set(report)
     assert not missing, f"kernels without a ptxas report: {sorted(missing)[:5]}; got {sorted(report)[:5]}"
     spilling = {key: figures for key, figures in report.items() if figures[1] or figures[2]}

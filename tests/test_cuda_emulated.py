@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import metric_kernels as mk
+from metric_kernels._row_epilogues import triplet_backward_inputs
 from tests.helpers import assert_rel_close, grads, tf32_rounded
 from tests.test_fused import PAIR_LOSSES, PARAMS, _pair_inputs
 
@@ -167,6 +168,98 @@ def test_batch_hard_selection_on_every_operand_type(operand, normalize):
         have = expected[side] >= 0
         assert_rel_close(distances[rows[have], choices[side][have]], distances[rows[have], expected[side][have]],
                          tol, f"{operand} side {side}")
+
+
+def _exact_triplet_distances(x, y, positive, negative, normalize):
+    """The chosen distances in float64 by torch ops, differentiable: ||u_i - v_p(i)||, ||u_i - v_n(i)||."""
+    unit = (lambda t: torch.nn.functional.normalize(t, dim=1)) if normalize else (lambda t: t)
+    u, v = unit(x), unit(x if y is None else y)
+    return torch.stack([torch.linalg.vector_norm(u - v[positive], dim=1),
+                        torch.linalg.vector_norm(u - v[negative], dim=1)])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+@pytest.mark.parametrize("operand", ["fp64", "fp32", "bf16", "fp16"])
+def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
+    """Batch-hard's chosen distances and their backward (csrc/cuda/triplet.cu) against torch in float64 on the same
+    rounded rows: values, dX and dY for each gradient wanted, a repeated choice (several rows choosing one reference),
+    a chosen pair at distance 0 (gradient 0 there) and a row of zeros (the normalisation's clamp)."""
+    dtype = OPERANDS[operand]
+    g = torch.Generator().manual_seed(11 + len(operand) + 2 * normalize)
+    n, m, dim = 37, 1 if refs == "self" else 23, 70
+    m = n if refs == "self" else m
+    x = (torch.randn(n, dim, generator=g, dtype=torch.float64) * (0.5 + torch.rand(n, 1, generator=g))).to(dtype)
+    y = None if refs == "self" else (torch.randn(m, dim, generator=g, dtype=torch.float64) * 2).to(dtype)
+    references = x if y is None else y
+    if y is not None:
+        y[3] = x[5]  # row 5's chosen positive below is itself: distance 0
+    x[7] = 0  # a zero row: r = 1 / eps, nothing radial
+    positive = torch.randint(0, m, (n,), generator=g)
+    negative = torch.randint(0, 4, (n,), generator=g)  # few references chosen by many rows
+    positive[5] = 5 if y is None else 3
+    ops = torch.ops.metric_kernels
+    distances = ops.cuda_emulated_triplet_distances(x, y, positive, negative, normalize)
+    x64 = x.double().requires_grad_()
+    y64 = None if y is None else y.double().requires_grad_()
+    exact = _exact_triplet_distances(x64, y64, positive, negative, normalize)
+    # fp32 sums throughout; 16-bit gradients round once, when stored (half a unit in the last place of their type)
+    value_tol, grad_tol = {"fp64": (1e-12, 1e-10), "fp32": (1e-5, 1e-4), "bf16": (1e-5, 2.0 ** -8),
+                           "fp16": (1e-5, 2.0 ** -10)}[operand]
+    assert distances.dtype == (torch.float64 if operand == "fp64" else torch.float32)
+    assert_rel_close(distances, exact.detach(), value_tol, f"{operand} distances")
+    grad = torch.randn(2, n, generator=g, dtype=torch.float64)
+    (exact * grad).sum().backward()
+    expected = (x64.grad, None if y is None else y64.grad)
+    coefficients, order, offsets = triplet_backward_inputs(grad, distances.double(), positive, negative, m)
+    rest = torch.arange(n) != 7
+
+    def check_dx(dx, what):  # the zero row's gradient (r = 1 / eps when normalising) on a scale of its own
+        assert dx.dtype == dtype
+        assert_rel_close(dx[rest].double(), expected[0][rest], grad_tol, what)
+        if dtype == torch.float16 and normalize:  # 1 / eps overflows fp16, in the kernels as in the exact value
+            assert torch.equal(dx[7], expected[0][7].to(dtype)), f"{what}, the zero row"
+        else:
+            assert_rel_close(dx[7].double(), expected[0][7], grad_tol, f"{what}, the zero row")
+
+    for need_dx, need_dy in ((True, True), (True, False), (False, True)):
+        dx, dy = ops.cuda_emulated_triplet_distances_backward(coefficients, x, y, positive, negative, order, offsets,
+                                                              normalize, need_dx, need_dy)
+        if y is None:  # the whole gradient in dx
+            assert dy.shape == (0, dim)
+            check_dx(dx, f"{operand} dX (self)")
+            continue
+        assert dx.shape == ((n if need_dx else 0), dim) and dy.shape == ((m if need_dy else 0), dim)
+        if need_dx:
+            check_dx(dx, f"{operand} dX")
+        if need_dy:
+            assert dy.dtype == dtype
+            assert_rel_close(dy.double(), expected[1], grad_tol, f"{operand} dY")
+
+
+def test_triplet_distance_ops_check_their_arguments_and_pass_opcheck():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, 5, generator=g), torch.randn(6, 5, generator=g)
+    positive, negative = torch.randint(0, 6, (9,), generator=g), torch.randint(0, 6, (9,), generator=g)
+    ops = torch.ops.metric_kernels
+    with pytest.raises(RuntimeError, match="positive and negative must be int64, one per row of x"):
+        ops.cuda_emulated_triplet_distances(x, y, positive[:8], negative, True)
+    with pytest.raises(RuntimeError, match="y must be M x D"):
+        ops.cuda_emulated_triplet_distances(x, y[:, :4], positive, negative, True)
+    with pytest.raises(RuntimeError, match="the chosen references must exist"):
+        ops.cuda_emulated_triplet_distances(x, y[:0], positive, negative, True)
+    with pytest.raises(RuntimeError, match="offsets must be int64, M \\+ 1 entries"):
+        ops.cuda_emulated_triplet_distances_backward(torch.ones(2, 9), x, y, positive, negative,
+                                                     torch.arange(18), torch.zeros(6, dtype=torch.long), True, True,
+                                                     True)
+    # out-of-range indices are clamped into the references, never read past them
+    far = ops.cuda_emulated_triplet_distances(x, y, positive + 100, negative - 100, False)
+    assert torch.equal(far, ops.cuda_emulated_triplet_distances(x, y, torch.full_like(positive, 5),
+                                                                torch.zeros_like(negative), False))
+    for rows in (y, None):
+        torch.library.opcheck(ops.cuda_emulated_triplet_distances,
+                              (x.double().requires_grad_(), None if rows is None else rows.double().requires_grad_(),
+                               positive, negative, True))
 
 
 @pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
@@ -676,7 +769,8 @@ def test_cost_report_of_the_cuda_kernels(tmp_path):
     """`metric-kernels cost --backend cuda-emulated`: the CUDA kernels' work per step through the public API, from
     the emulation's counters: Circle with a separate reference batch, forward 1 matmul-equivalent, backward 3 (atomic:
     dY added once per element of each row block's product) or 4 (deterministic), all on 16-bit operands for bf16
-    rows, one exponential per pair per pass (plus the forward's partner merges); the table and JSON written."""
+    rows, one exponential per pair per pass (plus the forward's partner merges); batch-hard's host N x D tensors;
+    the table and JSON written."""
     from metric_kernels.bench import cost, cuda_cost
     n, dim = 128, 64
     figures = {}
@@ -689,6 +783,11 @@ def test_cost_report_of_the_cuda_kernels(tmp_path):
         assert row["matmul_equivalents"] == 1.0 + (3.0 if passes == 1 else 4.0), row
         assert 1 + passes <= row["exponentials_per_pair"] <= 1 + passes + 8 / n, row
         assert row["atomic_elements"] == (n * dim * (n // 64) if passes == 1 else 0), row
+    # batch-hard's chosen distances come from triplet.cu: the step allocates only the gradients of N x D (dX and
+    # dY, or the one dX when the references are the queries), no normalised or upcast copy
+    for refs, gradients in (("ref_emb", 2), ("self", 1)):
+        host = cuda_cost.count_step(cost.Case("batch_hard", refs, "bf16", dim, "default", n))["host_tensors"]
+        assert len(host) == gradients and all(r["dtype"] == "bfloat16" for r in host), host
     out = tmp_path / "cost-cuda"
     result = subprocess.run([sys.executable, "-m", "metric_kernels", "cost", "--backend", "cuda-emulated", "--dims",
                              str(dim), "--dtypes", "fp32", "--losses", "supcon", "--size", "64", "--out", str(out)],

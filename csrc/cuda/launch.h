@@ -20,6 +20,13 @@ int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
 // by the squared distances from p.x_sq and p.y_sq (of the normalised rows where p.normalize).
 int batch_hard_select(const CudaPairRowsParams& p, int64_t* choices, void* stream);
 
+// out: 2 x N in the accumulation type, ||u_i - v_positive(i)|| then ||u_i - v_negative(i)|| (direct differences).
+int triplet_distances(const CudaTripletParams& p, void* out, void* stream);
+
+// (dX, dY) of those distances given p.coefficients: dX per row, dY per reference over its choosers in p.order
+// (deterministic, no atomics); p.same: the whole gradient into dx in one pass.
+int triplet_distances_backward(const CudaTripletBackwardParams& p, void* stream);
+
 // out[i] = |row i|^2 in the accumulation type (float64 for fp64 operands, else float32) of `count` rows of d elements
 // stored as `operand` says, row stride `stride`, unit column stride: what CudaPairRowsParams' x_sq and y_sq hold.
 int squared_row_norms(Operand operand, const void* rows, int64_t count, int64_t d, int64_t stride, void* out,

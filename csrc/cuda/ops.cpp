@@ -115,18 +115,19 @@ struct SquaredNorms {
   std::optional<Tensor> x_sq, y_sq;
 };
 
-SquaredNorms squared_norms(const glue::Rows& rows, bool needed, bool allow_tf32) {
+// |row|^2 of each row of t (unit column stride) in the accumulation type.
+Tensor squared_row_norms_of(const Tensor& t) {
+  Tensor out = uninitialized(t, {t.size(0)}, accumulation_type(t));
+  check_launch(cuda::squared_row_norms(operand_of(t, false), t.const_data_ptr(), t.size(0), t.size(1), t.stride(0),
+                                       out.mutable_data_ptr(), current_stream(t)),
+               "squared_row_norms");
+  return out;
+}
+
+SquaredNorms squared_norms(const glue::Rows& rows, bool needed) {
   if (!needed) return {};
-  const Operand operand = operand_of(rows.x, allow_tf32);
-  const auto of = [&](const Tensor& t) {
-    Tensor out = uninitialized(t, {t.size(0)}, accumulation_type(t));
-    check_launch(cuda::squared_row_norms(operand, t.const_data_ptr(), t.size(0), t.size(1), t.stride(0),
-                                         out.mutable_data_ptr(), current_stream(t)),
-                 "squared_row_norms");
-    return out;
-  };
-  const Tensor x_sq = of(rows.x);
-  return {x_sq, rows.same ? x_sq : of(rows.y)};
+  const Tensor x_sq = squared_row_norms_of(rows.x);
+  return {x_sq, rows.same ? x_sq : squared_row_norms_of(rows.y)};
 }
 
 CudaPairRowsParams make_params(const glue::Rows& rows, const SquaredNorms& norms, int64_t self_offset, int64_t kind,
@@ -150,7 +151,7 @@ Tensor lse_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Ten
   check_cuda(rows);
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
-  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value), allow_tf32);
+  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value));
   Tensor stats = uninitialized(x, {kStatRows, x.size(0)}, accumulation_type(x));
   check_launch(cuda::lse_rows_forward(
                    make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32),
@@ -178,7 +179,7 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   if (same) need_dx = need_dx || need_dy, need_dy = false;
-  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value), allow_tf32);
+  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value));
   const CudaPairRowsParams params =
       make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32);
   const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
@@ -225,12 +226,113 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
   check_cuda(rows);
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
-  const SquaredNorms norms = squared_norms(rows, true, allow_tf32);
+  const SquaredNorms norms = squared_norms(rows, true);
   Tensor choices = uninitialized(x, {2, x.size(0)}, ScalarType::Long);
   check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0, normalize, allow_tf32),
                                        choices.mutable_data_ptr<int64_t>(), current_stream(x)),
                "batch_hard_select");
   return choices;
+}
+
+// Batch-hard's chosen triplets (triplet.cu): x, y (none: the references are the queries) and the chosen indices,
+// checked. The Python layer passes indices in [0, M), and to the backward the coefficients g / d and the choosers
+// sorted by reference (O(N) integers: metric_kernels/_fused.py).
+struct TripletRows {
+  Tensor x, y, positive, negative;
+  bool same;
+};
+
+TripletRows triplet_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Tensor& positive,
+                         const Tensor& negative) {
+  STD_TORCH_CHECK(x_in.dim() == 2, "x must be N x D");
+  const bool same = !y_in.has_value();
+  const Tensor x = glue::rows_contiguous(x_in);
+  const Tensor y = same ? x : glue::rows_contiguous(*y_in);
+  STD_TORCH_CHECK(y.dim() == 2 && y.size(1) == x.size(1) && y.scalar_type() == x.scalar_type(),
+                  "y must be M x D, of x's D and dtype");
+  for (const Tensor* chosen : {&positive, &negative})
+    STD_TORCH_CHECK(chosen->scalar_type() == ScalarType::Long && chosen->dim() == 1 && chosen->size(0) == x.size(0),
+                    "positive and negative must be int64, one per row of x");
+  STD_TORCH_CHECK(on_device(x) && y.device() == x.device() && positive.device() == x.device() &&
+                      negative.device() == x.device(),
+                  "metric_kernels ", kPrefix, " ops take ", kDeviceName, " tensors on one device");
+  const auto dtype = x.scalar_type();
+  STD_TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::Half ||
+                      dtype == ScalarType::BFloat16,
+                  "metric_kernels ", kPrefix, " ops take float32, float64, float16 or bfloat16 rows");
+  STD_TORCH_CHECK(x.size(0) == 0 || y.size(0) > 0, "the chosen references must exist: M = 0 with N > 0");
+  return {x, y, torch::stable::contiguous(positive), torch::stable::contiguous(negative), same};
+}
+
+CudaTripletParams triplet_params(const TripletRows& rows, const std::optional<Tensor>& x_sq,
+                                 const std::optional<Tensor>& y_sq, bool normalize) {
+  const auto pointer = [](const std::optional<Tensor>& t) -> const void* { return t ? t->const_data_ptr() : nullptr; };
+  return CudaTripletParams{rows.x.const_data_ptr(), rows.y.const_data_ptr(), pointer(x_sq), pointer(y_sq),
+                           rows.positive.const_data_ptr<int64_t>(), rows.negative.const_data_ptr<int64_t>(),
+                           rows.x.size(0), rows.y.size(0), rows.x.size(1), rows.x.stride(0), rows.y.stride(0),
+                           operand_of(rows.x, false), normalize};
+}
+
+// [2, N] in the accumulation type: ||u_i - v_positive(i)||, ||u_i - v_negative(i)|| (u = x r, v = y r when normalize).
+Tensor triplet_distances(const Tensor& x, const std::optional<Tensor>& y, const Tensor& positive,
+                         const Tensor& negative, bool normalize) {
+  const TripletRows rows = triplet_rows(x, y, positive, negative);
+  const OnDeviceOf on_device_of(rows.x);
+  std::optional<Tensor> x_sq, y_sq;
+  if (normalize && rows.x.size(0) > 0) {
+    x_sq = squared_row_norms_of(rows.x);
+    y_sq = rows.same ? x_sq : squared_row_norms_of(rows.y);
+  }
+  Tensor out = uninitialized(rows.x, {2, rows.x.size(0)}, accumulation_type(rows.x));
+  check_launch(cuda::triplet_distances(triplet_params(rows, x_sq, y_sq, normalize), out.mutable_data_ptr(),
+                                       current_stream(rows.x)),
+               "triplet_distances");
+  return out;
+}
+
+// (dX, dY) in the rows' dtype, written by the kernels directly; an unneeded gradient has 0 rows; without y dX holds the
+// whole gradient. Deterministic.
+std::tuple<Tensor, Tensor> triplet_distances_backward(const Tensor& coefficients_in, const Tensor& x,
+                                                      const std::optional<Tensor>& y, const Tensor& positive,
+                                                      const Tensor& negative, const Tensor& order_in,
+                                                      const Tensor& offsets_in, bool normalize, bool need_dx,
+                                                      bool need_dy) {
+  const TripletRows rows = triplet_rows(x, y, positive, negative);
+  const int64_t n = rows.x.size(0), m = rows.y.size(0), d = rows.x.size(1);
+  STD_TORCH_CHECK(coefficients_in.dim() == 2 && coefficients_in.size(0) == 2 && coefficients_in.size(1) == n,
+                  "coefficients must be 2 x N");
+  STD_TORCH_CHECK(order_in.scalar_type() == ScalarType::Long && order_in.dim() == 1 && order_in.size(0) == 2 * n,
+                  "order must be int64, 2 N entries");
+  STD_TORCH_CHECK(offsets_in.scalar_type() == ScalarType::Long && offsets_in.dim() == 1 &&
+                      offsets_in.size(0) == m + 1,
+                  "offsets must be int64, M + 1 entries");
+  STD_TORCH_CHECK(coefficients_in.device() == rows.x.device() && order_in.device() == rows.x.device() &&
+                      offsets_in.device() == rows.x.device(),
+                  "coefficients, order and offsets must be on the rows' device");
+  const OnDeviceOf on_device_of(rows.x);
+  const Tensor coefficients = torch::stable::contiguous(torch::stable::to(coefficients_in, accumulation_type(rows.x)));
+  const Tensor order = torch::stable::contiguous(order_in), offsets = torch::stable::contiguous(offsets_in);
+  if (rows.same) need_dx = need_dx || need_dy, need_dy = false;
+  Tensor dx = uninitialized(rows.x, {need_dx ? n : 0, d}, rows.x.scalar_type());
+  Tensor dy = uninitialized(rows.y, {need_dy ? m : 0, d}, rows.y.scalar_type());
+  if (n > 0 && m > 0 && d > 0 && (need_dx || need_dy)) {
+    std::optional<Tensor> x_sq, y_sq;
+    if (normalize) {
+      x_sq = squared_row_norms_of(rows.x);
+      y_sq = rows.same ? x_sq : squared_row_norms_of(rows.y);
+    }
+    const CudaTripletBackwardParams backward{triplet_params(rows, x_sq, y_sq, normalize),
+                                             coefficients.const_data_ptr(),
+                                             order.const_data_ptr<int64_t>(),
+                                             offsets.const_data_ptr<int64_t>(),
+                                             need_dx ? dx.mutable_data_ptr() : nullptr,
+                                             need_dy ? dy.mutable_data_ptr() : nullptr,
+                                             rows.same};
+    check_launch(cuda::triplet_distances_backward(backward, current_stream(rows.x)), "triplet_distances_backward");
+  } else {
+    torch::stable::zero_(dx), torch::stable::zero_(dy);
+  }
+  return {dx, dy};
 }
 
 // The margin-softmax ops' tensors on the device, and the kernels' parameters over them with the inverse-norm buffers
@@ -326,6 +428,12 @@ Tensor work_counters(bool reset) {
 STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
   metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool normalize=True, bool allow_tf32=False");
   metric_kernels::glue::define_margin_softmax_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
+  const std::string prefix = metric_kernels::kPrefix;
+  m.def((prefix + "_triplet_distances(Tensor x, Tensor? y, Tensor positive, Tensor negative, bool normalize=True) "
+                  "-> Tensor").c_str());
+  m.def((prefix + "_triplet_distances_backward(Tensor coefficients, Tensor x, Tensor? y, Tensor positive, "
+                  "Tensor negative, Tensor order, Tensor offsets, bool normalize, bool need_dx, bool need_dy) "
+                  "-> (Tensor, Tensor)").c_str());
 #ifdef METRIC_KERNELS_HOST_EMULATION
   m.def("cuda_emulated_work_counters(bool reset=False) -> Tensor");
 #endif
@@ -336,6 +444,8 @@ STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
   m.impl((prefix + "_lse_rows").c_str(), TORCH_BOX(&metric_kernels::lse_rows));
   m.impl((prefix + "_lse_rows_backward").c_str(), TORCH_BOX(&metric_kernels::lse_rows_backward));
   m.impl((prefix + "_batch_hard_select").c_str(), TORCH_BOX(&metric_kernels::batch_hard_select));
+  m.impl((prefix + "_triplet_distances").c_str(), TORCH_BOX(&metric_kernels::triplet_distances));
+  m.impl((prefix + "_triplet_distances_backward").c_str(), TORCH_BOX(&metric_kernels::triplet_distances_backward));
   m.impl((prefix + "_margin_softmax_rows").c_str(), TORCH_BOX(&metric_kernels::margin_softmax_rows));
   m.impl((prefix + "_margin_softmax_rows_backward").c_str(),
          TORCH_BOX(&metric_kernels::margin_softmax_rows_backward));

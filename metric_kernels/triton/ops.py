@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._fused import KIND, STAT_ROWS, check_row_state, fake_gradients, stats_dtype
+from .._row_epilogues import triplet_backward_inputs
 from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
 
 # The widest D kept on chip whole (one tl.dot per tile); wider rows are walked in chunks of this width.
@@ -542,7 +543,7 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
         return dx, dy
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     x_norms, y_norms = _norms_of(x, y)
-    coefficients = torch.where(distances > 0, grad.to(distances.dtype) / distances, torch.zeros_like(distances))
+    coefficients, order, offsets = triplet_backward_inputs(grad, distances, positive, negative, m)
     block_rows, width, row_warps, reference_warps = _triplet_blocks(d, x.element_size())
     rows = (x, y, x_norms, y_norms)
     sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
@@ -554,9 +555,6 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
                 coefficients, *rows, positive, negative, partial, *sizes, BLOCK_R=block_rows, num_warps=row_warps,
                 **constexprs)
         if need_dy or same:
-            chosen = torch.cat([positive, negative])
-            order = torch.argsort(chosen, stable=True)
-            offsets = torch.searchsorted(chosen[order], torch.arange(m + 1, device=x.device))
             _triplet_kernel.triplet_distances_backward_references[(m,)](
                 order % n, coefficients.reshape(-1)[order], offsets, *rows, partial, dx if same else dy, *sizes,
                 ACCUMULATE=same, num_warps=reference_warps, **constexprs)
