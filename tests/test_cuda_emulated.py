@@ -178,28 +178,30 @@ def _exact_triplet_distances(x, y, positive, negative, normalize):
                         torch.linalg.vector_norm(u - v[negative], dim=1)])
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("refs", ["ref_emb", "self"])
-@pytest.mark.parametrize("operand", ["fp64", "fp32", "bf16", "fp16"])
-def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
-    """Batch-hard's chosen distances and their backward (csrc/cuda/triplet.cu) against torch in float64 on the same
-    rounded rows: values, dX and dY for each gradient wanted, a repeated choice (several rows choosing one reference),
-    a chosen pair at distance 0 (gradient 0 there) and a row of zeros (the normalisation's clamp)."""
+def check_triplet_distance_ops(prefix, device, operand, refs, normalize):
+    """Batch-hard's chosen distances and their backward (csrc/cuda/triplet.cu; ops <prefix>_triplet_distances*, on
+    `device`) against torch in float64 on the same rounded rows: values, dX and dY for each gradient wanted, a
+    repeated choice (several rows choosing one reference), a chosen pair at distance 0 (gradient 0 there) and a row of
+    zeros (the normalisation's clamp)."""
     dtype = OPERANDS[operand]
     g = torch.Generator().manual_seed(11 + len(operand) + 2 * normalize)
     n, m, dim = 37, 1 if refs == "self" else 23, 70
     m = n if refs == "self" else m
     x = (torch.randn(n, dim, generator=g, dtype=torch.float64) * (0.5 + torch.rand(n, 1, generator=g))).to(dtype)
     y = None if refs == "self" else (torch.randn(m, dim, generator=g, dtype=torch.float64) * 2).to(dtype)
-    references = x if y is None else y
     if y is not None:
         y[3] = x[5]  # row 5's chosen positive below is itself: distance 0
     x[7] = 0  # a zero row: r = 1 / eps, nothing radial
     positive = torch.randint(0, m, (n,), generator=g)
     negative = torch.randint(0, 4, (n,), generator=g)  # few references chosen by many rows
     positive[5] = 5 if y is None else 3
-    ops = torch.ops.metric_kernels
-    distances = ops.cuda_emulated_triplet_distances(x, y, positive, negative, normalize)
+    forward = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances")
+    backward = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances_backward")
+
+    def on_device(*tensors):
+        return [None if t is None else t.to(device) for t in tensors]
+
+    distances = forward(*on_device(x, y, positive, negative), normalize).cpu()
     x64 = x.double().requires_grad_()
     y64 = None if y is None else y.double().requires_grad_()
     exact = _exact_triplet_distances(x64, y64, positive, negative, normalize)
@@ -223,8 +225,8 @@ def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
             assert_rel_close(dx[7].double(), expected[0][7], grad_tol, f"{what}, the zero row")
 
     for need_dx, need_dy in ((True, True), (True, False), (False, True)):
-        dx, dy = ops.cuda_emulated_triplet_distances_backward(coefficients, x, y, positive, negative, order, offsets,
-                                                              normalize, need_dx, need_dy)
+        dx, dy = (g.cpu() for g in backward(*on_device(coefficients, x, y, positive, negative, order, offsets),
+                                            normalize, need_dx, need_dy))
         if y is None:  # the whole gradient in dx
             assert dy.shape == (0, dim)
             check_dx(dx, f"{operand} dX (self)")
@@ -235,6 +237,13 @@ def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
         if need_dy:
             assert dy.dtype == dtype
             assert_rel_close(dy.double(), expected[1], grad_tol, f"{operand} dY")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+@pytest.mark.parametrize("operand", ["fp64", "fp32", "bf16", "fp16"])
+def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
+    check_triplet_distance_ops("cuda_emulated", "cpu", operand, refs, normalize)
 
 
 def test_triplet_distance_ops_check_their_arguments_and_pass_opcheck():

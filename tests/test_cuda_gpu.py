@@ -15,6 +15,7 @@ import torch
 
 import metric_kernels as mk
 from tests.helpers import assert_rel_close, grads, tf32_rounded
+from tests.test_cuda_emulated import check_triplet_distance_ops
 from tests.test_fused import PAIR_LOSSES, PARAMS, SIZES, _compare, _pair_inputs
 
 REASON = mk.available_backends("cuda")["cuda"] if torch.cuda.is_available() else "needs a CUDA GPU (none here)"
@@ -110,6 +111,14 @@ def test_ops_on_every_operand_type(refs, kind, operand, deterministic):
     assert_rel_close(dx.cpu(), expected_dx, grad_tol, f"{operand} kind={kind} dX")
     if y is not None:
         assert_rel_close(dy.cpu(), expected_dy, grad_tol, f"{operand} kind={kind} dY")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+@pytest.mark.parametrize("operand", ["fp64", "fp32", "bf16", "fp16"])
+def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
+    """csrc/cuda/triplet.cu on the GPU, through the emulated test's checks (tests/test_cuda_emulated.py)."""
+    check_triplet_distance_ops("cuda", "cuda", operand, refs, normalize)
 
 
 @pytest.mark.parametrize("operand", list(OPERANDS))
