@@ -10,12 +10,14 @@
 #   3. the GPU tests, compiled Triton (TRITON_INTERPRET=0: tests/conftest.py switches the interpreter on otherwise):
 #      python -m pytest tests -m gpu, spread over up to 8 processes where pytest-xdist is importable (the CPU suite is
 #      CI's: on this machine it would not fit the time)
-#   4. the benchmark on cuda in the time left: with no extra arguments, the four headline losses (Circle, SupCon,
+#   4. malformed calls of the cuda ops, each of which must raise (tests/gpu_probe_op_errors.py), rerun under cuda-gdb
+#      for a native backtrace when one does not
+#   5. the benchmark on cuda in the time left: with no extra arguments, the four headline losses (Circle, SupCon,
 #      batch-hard, Proxy-Anchor) at N = 4096, 16384, 65536, bf16 and fp32, every provider, then the largest batch in
 #      8 GiB up to N = 65536 (OUTDIR/search); with extra arguments, --full with those
 #
 # OUTDIR then holds gpu_run.log (everything printed), results.csv, results.json, results.md, time.png, memory.png
-# and max_batch.png: seven files, within what the device tool brings back (8). torch.compile's cache goes to the
+# and search/results.md, search/results.csv: eight files, what the device tool brings back. torch.compile's cache goes to the
 # temp dir, not OUTDIR. Installs nothing (that machine has no network). pytorch-metric-learning (the "pml"
 # provider) is used where importable: carry its wheel in .whl/ (see the device README); a pure-Python wheel is put
 # on PYTHONPATH as it is, without pip.
@@ -90,6 +92,12 @@ timeout --signal=INT --kill-after=20 "$TEST_TIMEOUT" \
 tests_rc=$?
 [ $tests_rc -eq 124 ] && echo "tests: stopped at the ${TEST_TIMEOUT} s limit (TEST_TIMEOUT)"
 echo "tests exit status: $tests_rc"
+
+section "malformed op calls (tests/gpu_probe_op_errors.py)"
+if ! timeout 120 "$PYTHON" tests/gpu_probe_op_errors.py && command -v cuda-gdb >/dev/null; then
+    echo "the probe failed: its native backtrace under cuda-gdb"
+    timeout 180 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" tests/gpu_probe_op_errors.py 2>&1 | tail -60
+fi
 
 left=$(( BUDGET - $(elapsed) - 20 ))
 section "benchmark (deadline ${left} s)"
