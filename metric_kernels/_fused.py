@@ -242,6 +242,11 @@ class CudaKernelRows(FusedRows):
     The autograd formula hands the backward op its forward's arguments: a backward follows the settings of its
     forward."""
 
+    def __init__(self, prefix: str):
+        super().__init__(prefix)
+        register_triplet_ops(prefix)
+        self._triplet_distances = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances")
+
     def _stats(self, x, y, x_labels, y_labels, self_offset, kind, a, b, deterministic, pair_value, *options):
         return super()._stats(x, y, x_labels, y_labels, self_offset, kind, a, b,
                               deterministic or torch.are_deterministic_algorithms_enabled(), pair_value, *options,
@@ -249,11 +254,6 @@ class CudaKernelRows(FusedRows):
 
     def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
         return super()._choices(x, y, x_labels, y_labels, self_offset, *options, torch.backends.cuda.matmul.allow_tf32)
-
-    def __init__(self, prefix: str):
-        super().__init__(prefix)
-        register_triplet_ops(prefix)
-        self._triplet_distances = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances")
 
     def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
         # the chosen distances from a kernel over the raw rows (triplet.cu): no normalised or upcast N x D copies
