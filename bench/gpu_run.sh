@@ -13,7 +13,7 @@
 #   4. malformed calls of the cuda ops, each of which must raise (tests/gpu_probe_op_errors.py), rerun under cuda-gdb
 #      for a native backtrace when one does not
 #   5. the benchmark on cuda in the time left: with no extra arguments, the four headline losses (Circle, SupCon,
-#      batch-hard, Proxy-Anchor) at N = 4096, 16384, 65536, bf16 and fp32, every provider, then the largest batch in
+#      batch-hard, Proxy-Anchor) at N = 16384, 4096, 65536 (in that order), bf16 then fp32, every provider, then the largest batch in
 #      8 GiB up to N = 65536 (OUTDIR/search); with extra arguments, --full with those
 #
 # OUTDIR then holds gpu_run.log (everything printed), results.csv, results.json, results.md, time.png, memory.png
@@ -117,7 +117,7 @@ else
     # what is left (OUTDIR/search/, no plots: the device tool brings back 8 files).
     timing=$(( left * 2 / 3 ))
     bench --out "$OUTDIR" --deadline "$timing" \
-        --losses circle supcon batch_hard proxy_anchor --sizes 4096 16384 65536 --dtypes bfloat16 float32
+        --losses circle supcon batch_hard proxy_anchor --sizes 16384 4096 65536 --dtypes bfloat16 float32
     bench_rc=$?
     left=$(( BUDGET - $(elapsed) - 10 ))
     if [ "$left" -gt 30 ]; then
