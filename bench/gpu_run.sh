@@ -13,8 +13,8 @@
 #   4. malformed calls of the cuda ops, each of which must raise (tests/gpu_probe_op_errors.py), rerun under cuda-gdb
 #      for a native backtrace when one does not
 #   5. the benchmark on cuda in the time left: with no extra arguments, the four headline losses (Circle, SupCon,
-#      batch-hard, Proxy-Anchor) at N = 16384, 4096, 65536 (in that order), bf16 then fp32, every provider, then the largest batch in
-#      8 GiB up to N = 65536 (OUTDIR/search); with extra arguments, --full with those
+#      batch-hard, Proxy-Anchor) at N = 16384, 4096, 65536 (in that order), bf16 then fp32, every provider, then the
+#      largest batch in 8 GiB up to N = 65536 (OUTDIR/search); with extra arguments, --full with those
 #
 # OUTDIR then holds gpu_run.log (everything printed), results.csv, results.json, results.md, time.png, memory.png
 # and search/results.md, search/results.csv: eight files, what the device tool brings back. torch.compile's cache goes to the
