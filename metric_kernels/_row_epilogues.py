@@ -58,16 +58,21 @@ def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, so
     return triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft)
 
 
-def triplet_backward_inputs(grad, distances, positive, negative, references: int):
+def triplet_backward_inputs(grad, distances, positive, negative, references: int, own_entries: bool = False):
     """What the chosen-distance kernels' backward takes besides the rows (the Triton and CUDA ones alike): the
     coefficients g / d of the 2 N chosen distances (0 where d = 0: ||u - v|| has gradient 0 there, as torch.cdist),
-    and the choosers of each reference in a fixed order, `order` (the 2 N entries, positives first, sorted stably by
-    the reference they chose) and `offsets` (references + 1: reference j's entries are order[offsets[j]:offsets[j+1]]).
-    O(N) integers, no N x D tensor."""
+    and each reference's entries in a fixed order: `order` (entry indices sorted stably by the reference they add to)
+    and `offsets` (references + 1: reference j's entries are order[offsets[j]:offsets[j+1]]). Entry e < 2 N is a
+    choice: query e % N chose reference (positive, negative)[e // N][e % N] with coefficient coefficients.flat[e].
+    own_entries (the references are the queries) adds entries 2 N + e: query e % N's own part, added to its own row
+    j = e % N with the same coefficient, against the row it chose. O(N) integers, no N x D tensor."""
     coefficients = torch.where(distances > 0, grad.to(distances.dtype) / distances, torch.zeros_like(distances))
-    chosen = torch.cat([positive, negative])
-    order = torch.argsort(chosen, stable=True)
-    offsets = torch.searchsorted(chosen[order], torch.arange(references + 1, device=chosen.device))
+    keys = torch.cat([positive, negative])  # the reference each entry adds to
+    if own_entries:
+        queries = torch.arange(positive.shape[0], device=keys.device)
+        keys = torch.cat([keys, queries, queries])
+    order = torch.argsort(keys, stable=True)
+    offsets = torch.searchsorted(keys[order], torch.arange(references + 1, device=keys.device))
     return coefficients.contiguous(), order, offsets
 
 

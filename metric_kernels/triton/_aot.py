@@ -177,10 +177,9 @@ def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: 
         "finish_gradient": dict(x_ptr=r, out_ptr=r),
         "row_norms": dict(x_ptr=r),
         "triplet_distances": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64"),
-        "triplet_distances_backward_rows": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64",
-                                                dx_ptr=r if dx == "rows" else a),
+        "triplet_distances_backward_rows": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64", dx_ptr=r),
         "triplet_distances_backward_references": dict(x_ptr=r, y_ptr=r, entry_row_ptr="*i64", offset_ptr="*i64",
-                                                      partial_ptr=r if partial == "rows" else a, dy_ptr=r),
+                                                      dy_ptr=r),
     }[kernel]
 
 
@@ -251,15 +250,11 @@ def _plain_cases(ops, element, widths, widest):
             tile = dict(BLOCK_R=block_rows, NORMALIZE=normalize, num_warps=row_warps)
             cases.append(("triplet_distances", str(block_d), block_d, f"normalize={int(normalize)}", tile, {},
                           normalize, count))
-            for dx in ("acc", "rows"):  # an fp32 partial when the references are the queries
-                cases.append(("triplet_distances_backward_rows", str(block_d), block_d,
-                              f"normalize={int(normalize)},dx={dx}", tile, dict(dx=dx), normalize and dx == "acc",
-                              count))
-            for accumulate in (True, False):
-                cases.append(("triplet_distances_backward_references", str(block_d), block_d,
-                              f"normalize={int(normalize)},accumulate={int(accumulate)}",
-                              dict(NORMALIZE=normalize, ACCUMULATE=accumulate, num_warps=reference_warps),
-                              dict(partial="acc" if accumulate else "rows"), normalize and accumulate, count))
+            cases.append(("triplet_distances_backward_rows", str(block_d), block_d, f"normalize={int(normalize)}",
+                          tile, {}, normalize, count))
+            cases.append(("triplet_distances_backward_references", str(block_d), block_d,
+                          f"normalize={int(normalize)}", dict(NORMALIZE=normalize, num_warps=reference_warps), {},
+                          normalize, count))
     return cases
 
 

@@ -4,7 +4,8 @@ rows the selection kernel picked, and their backward, O(N D) work and no N x D t
 u = x r and v = y r are the rows scaled by r = 1 / max(||row||, eps) when normalising (else r = 1), formed on chip
 from the raw rows. The distances are direct differences (not the |u|^2 + |v|^2 - 2 u.v expansion), exact for the
 close pairs that batch-hard picks. The backward writes dX per row, and dY per reference by walking the rows that chose
-it in a fixed order (entries sorted by reference): deterministic, no atomics, no accumulator.
+it in a fixed order (entries sorted by reference): deterministic, no atomics, no accumulator; when the references are
+the queries, the reference pass adds each row's own part as a query and writes its whole gradient.
 """
 import triton
 import triton.language as tl
@@ -54,7 +55,8 @@ def triplet_distances_backward_rows(coefficient_ptr, x_ptr, y_ptr, x_norm_ptr, y
                                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                                     NORMALIZE: tl.constexpr):
     """dX: with c = g / d per chosen distance (0 where d = 0), du_i = c_p (u_i - v_p) + c_n (u_i - v_n), through the
-    normalisation; written in dx_ptr's dtype (the rows', or an fp32 partial that the reference pass completes)."""
+    normalisation; written in the rows' dtype (the references being other rows: with the queries as references, the
+    reference pass writes the whole gradient)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.arange(0, BLOCK_D)
     valid = rows < N
@@ -75,13 +77,13 @@ def triplet_distances_backward_rows(coefficient_ptr, x_ptr, y_ptr, x_norm_ptr, y
 
 @triton.jit
 def triplet_distances_backward_references(entry_row_ptr, entry_coefficient_ptr, offset_ptr, x_ptr, y_ptr,
-                                          x_norm_ptr, y_norm_ptr, partial_ptr, dy_ptr,
-                                          N, M, D, stride_xn, stride_xd, stride_yn, stride_yd,
-                                          BLOCK_D: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr,
-                                          ACCUMULATE: tl.constexpr):
-    """dY of reference program_id(0): dv_j = sum over the entries (i, c) that chose j of c (v_j - u_i), in the
-    entries' sorted order, through the normalisation. ACCUMULATE adds the fp32 partial of the same rows (the
-    references are the queries)."""
+                                          x_norm_ptr, y_norm_ptr, dy_ptr, N, M, D, stride_xn, stride_xd, stride_yn,
+                                          stride_yd, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                                          NORMALIZE: tl.constexpr):
+    """dY of reference program_id(0): dv_j = sum of c (v_j - u_i) over its entries (i, c), in their sorted order,
+    through the normalisation. The entries are the rows that chose j; when the references are the queries, also
+    row j's own choices as a query (i its chosen positive or negative: c (v_j - v_i) is then its part as a query), so
+    that dv_j is its whole gradient."""
     reference = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     one = tl.full((1,), 0, tl.int64) + reference
@@ -96,6 +98,4 @@ def triplet_distances_backward_references(entry_row_ptr, entry_coefficient_ptr, 
         dv += tl.load(entry_coefficient_ptr + entry).to(ACC) * (v - u)
     dy = _normalisation_backward(dv, v, inverse, unclamped, NORMALIZE)
     mask = (one[:, None] < M) & (dims[None, :] < D)
-    if ACCUMULATE:
-        dy += tl.load(partial_ptr + one[:, None] * D + dims[None, :], mask=mask, other=0.0)
     tl.store(dy_ptr + one[:, None] * D + dims[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)

@@ -543,21 +543,23 @@ def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: t
         return dx, dy
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     x_norms, y_norms = _norms_of(x, y)
-    coefficients, order, offsets = triplet_backward_inputs(grad, distances, positive, negative, m)
+    coefficients, order, offsets = triplet_backward_inputs(grad, distances, positive, negative, m, own_entries=same)
     block_rows, width, row_warps, reference_warps = _triplet_blocks(d, x.element_size())
     rows = (x, y, x_norms, y_norms)
     sizes = (n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     constexprs = dict(BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
-    partial = torch.empty((n, d), dtype=stats_dtype(x.dtype), device=x.device) if same else dx
     with _device_guard(x):
-        if need_dx:
+        if need_dx and not same:
             _triplet_kernel.triplet_distances_backward_rows[(triton.cdiv(n, block_rows),)](
-                coefficients, *rows, positive, negative, partial, *sizes, BLOCK_R=block_rows, num_warps=row_warps,
+                coefficients, *rows, positive, negative, dx, *sizes, BLOCK_R=block_rows, num_warps=row_warps,
                 **constexprs)
-        if need_dy or same:
+        if need_dy or same:  # same: each row's whole gradient, as a reference and as a query, in one pass
+            queries = torch.arange(n, device=x.device)
+            entry_rows = torch.cat([queries, queries] + ([positive, negative] if same else []))[order]
+            entry_coefficients = coefficients.reshape(-1).repeat(2 if same else 1)[order]
             _triplet_kernel.triplet_distances_backward_references[(m,)](
-                order % n, coefficients.reshape(-1)[order], offsets, *rows, partial, dx if same else dy, *sizes,
-                ACCUMULATE=same, num_warps=reference_warps, **constexprs)
+                entry_rows, entry_coefficients, offsets, *rows, dx if same else dy, *sizes,
+                num_warps=reference_warps, **constexprs)
     return dx, dy
 
 
