@@ -128,25 +128,17 @@ def register_margin_softmax_ops(prefix: str) -> None:
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-def register_triplet_ops(prefix: str) -> None:
-    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_triplet_distances
-    (batch-hard's chosen distances from the raw rows, the CUDA kernels' ops):
+def register_triplet_autograd(forward: str, backward) -> None:
+    """Registers the fake implementation and the autograd formula of a chosen-distance op (batch-hard's chosen
+    distances from the raw rows; Triton's and the CUDA kernels'):
 
-        triplet_distances(x, y?, positive, negative, normalize) -> [2, N]   (indices in [0, M); y = None: the
-            references are the queries)
-        triplet_distances_backward(coefficients [2, N], x, y?, positive, negative, order, offsets, normalize,
-                                   need_dx, need_dy) -> (dx, dy)   (triplet_backward_inputs' coefficients and order)
-    """
-    forward = f"metric_kernels::{prefix}_triplet_distances"
-    backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances_backward")
+        forward(x, y?, positive, negative, normalize) -> [2, N]   (indices in [0, M); y = None: the references are
+            the queries)
 
+    given backward(grad, distances, x, y?, positive, negative, normalize, need_dx, need_dy) -> (dx, dy)."""
     @torch.library.register_fake(forward)
     def _(x, y, positive, negative, normalize=True):
         return x.new_empty((2, x.shape[0]), dtype=stats_dtype(x.dtype))
-
-    @torch.library.register_fake(f"{forward}_backward")
-    def _(coefficients, x, y, positive, negative, order, offsets, normalize, need_dx, need_dy):
-        return fake_gradients(x, y, need_dx, need_dy)
 
     def setup_context(ctx, inputs, output):
         x, y, positive, negative, normalize = inputs
@@ -156,12 +148,32 @@ def register_triplet_ops(prefix: str) -> None:
     def backward_fn(ctx, grad):
         x, y, positive, negative, distances = ctx.saved_tensors
         need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
-        references = x.shape[0] if y is None else y.shape[0]
-        coefficients, order, offsets = triplet_backward_inputs(grad, distances, positive, negative, references)
-        dx, dy = backward_op(coefficients, x, y, positive, negative, order, offsets, ctx.normalize, need_dx, need_dy)
+        dx, dy = backward(grad.contiguous(), distances, x, y, positive, negative, ctx.normalize, need_dx, need_dy)
         return dx if need_dx else None, dy if need_dy else None, None, None, None
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+def register_triplet_ops(prefix: str) -> None:
+    """Registers metric_kernels::<prefix>_triplet_distances (register_triplet_autograd) and the fake implementation
+    of its backward op, the CUDA kernels' (triplet_backward_inputs' coefficients and order passed in):
+
+        triplet_distances_backward(coefficients [2, N], x, y?, positive, negative, order, offsets, normalize,
+                                   need_dx, need_dy) -> (dx, dy)
+    """
+    forward = f"metric_kernels::{prefix}_triplet_distances"
+    backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_distances_backward")
+
+    @torch.library.register_fake(f"{forward}_backward")
+    def _(coefficients, x, y, positive, negative, order, offsets, normalize, need_dx, need_dy):
+        return fake_gradients(x, y, need_dx, need_dy)
+
+    def backward(grad, distances, x, y, positive, negative, normalize, need_dx, need_dy):
+        references = x.shape[0] if y is None else y.shape[0]
+        coefficients, order, offsets = triplet_backward_inputs(grad, distances, positive, negative, references)
+        return backward_op(coefficients, x, y, positive, negative, order, offsets, normalize, need_dx, need_dy)
+
+    register_triplet_autograd(forward, backward)
 
 
 class FusedRows:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused import KIND, STAT_ROWS, check_row_state, fake_gradients, stats_dtype
+from .._fused import KIND, STAT_ROWS, check_row_state, fake_gradients, register_triplet_autograd, stats_dtype
 from .._row_epilogues import triplet_backward_inputs
 from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
 
@@ -527,10 +527,6 @@ def triplet_distances(x: torch.Tensor, y: Optional[torch.Tensor], positive: torc
     return out
 
 
-@triplet_distances.register_fake
-def _(x, y, positive, negative, normalize):
-    return x.new_empty((2, x.shape[0]), dtype=stats_dtype(x.dtype))
-
 
 @torch.library.custom_op("metric_kernels::triton_triplet_distances_backward", mutates_args=())
 def triplet_distances_backward(grad: torch.Tensor, distances: torch.Tensor, x: torch.Tensor,
@@ -568,18 +564,4 @@ def _(grad, distances, x, y, positive, negative, normalize, need_dx, need_dy):
     return fake_gradients(x, y, need_dx, need_dy)
 
 
-def _triplet_setup_context(ctx, inputs, output):
-    x, y, positive, negative, normalize = inputs
-    ctx.save_for_backward(x, y, positive, negative, output)
-    ctx.normalize = normalize
-
-
-def _triplet_backward(ctx, grad):
-    x, y, positive, negative, distances = ctx.saved_tensors
-    need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
-    dx, dy = triplet_distances_backward(grad.contiguous(), distances, x, y, positive, negative, ctx.normalize,
-                                        need_dx, need_dy)
-    return dx if need_dx else None, dy if need_dy else None, None, None, None
-
-
-triplet_distances.register_autograd(_triplet_backward, setup_context=_triplet_setup_context)
+register_triplet_autograd("metric_kernels::triton_triplet_distances", triplet_distances_backward)
