@@ -124,20 +124,23 @@ Tensor squared_row_norms_of(const Tensor& t) {
   return out;
 }
 
-SquaredNorms squared_norms(const glue::Rows& rows, bool needed) {
+// The data of an optional tensor, nullptr for none (the params' optional buffers).
+const void* data_or_null(const std::optional<Tensor>& t) { return t ? t->const_data_ptr() : nullptr; }
+
+SquaredNorms squared_norms(const Tensor& x, const Tensor& y, bool same, bool needed) {
   if (!needed) return {};
-  const Tensor x_sq = squared_row_norms_of(rows.x);
-  return {x_sq, rows.same ? x_sq : squared_row_norms_of(rows.y)};
+  const Tensor x_sq = squared_row_norms_of(x);
+  return {x_sq, same ? x_sq : squared_row_norms_of(y)};
 }
 
 CudaPairRowsParams make_params(const glue::Rows& rows, const SquaredNorms& norms, int64_t self_offset, int64_t kind,
                                int64_t pair_value, double a, double b, bool normalize, bool allow_tf32) {
   const auto& [x, y, x_labels, y_labels, same] = rows;
-  const auto pointer = [](const std::optional<Tensor>& t) -> const void* { return t ? t->const_data_ptr() : nullptr; };
   return CudaPairRowsParams{x.const_data_ptr(), y.const_data_ptr(), x_labels.const_data_ptr<int64_t>(),
                             y_labels.const_data_ptr<int64_t>(), x.size(0), y.size(0), x.size(1), x.stride(0),
                             y.stride(0), self_offset, static_cast<int>(kind), a, b, operand_of(x, allow_tf32),
-                            static_cast<int>(pair_value), pointer(norms.x_sq), pointer(norms.y_sq), normalize};
+                            static_cast<int>(pair_value), data_or_null(norms.x_sq), data_or_null(norms.y_sq),
+                            normalize};
 }
 
 // The rows arrive raw in their own dtype (16-bit rows reach the tensor cores as 16-bit operands); with `normalize`
@@ -151,7 +154,7 @@ Tensor lse_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Ten
   check_cuda(rows);
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
-  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value));
+  const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize || glue::needs_norms(pair_value));
   Tensor stats = uninitialized(x, {kStatRows, x.size(0)}, accumulation_type(x));
   check_launch(cuda::lse_rows_forward(
                    make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32),
@@ -179,7 +182,7 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   if (same) need_dx = need_dx || need_dy, need_dy = false;
-  const SquaredNorms norms = squared_norms(rows, normalize || glue::needs_norms(pair_value));
+  const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize || glue::needs_norms(pair_value));
   const CudaPairRowsParams params =
       make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32);
   const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
@@ -226,7 +229,7 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
   check_cuda(rows);
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
-  const SquaredNorms norms = squared_norms(rows, true);
+  const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, true);
   Tensor choices = uninitialized(x, {2, x.size(0)}, ScalarType::Long);
   check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0, normalize, allow_tf32),
                                        choices.mutable_data_ptr<int64_t>(), current_stream(x)),
@@ -264,11 +267,10 @@ TripletRows triplet_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, 
   return {x, y, torch::stable::contiguous(positive), torch::stable::contiguous(negative), same};
 }
 
-CudaTripletParams triplet_params(const TripletRows& rows, const std::optional<Tensor>& x_sq,
-                                 const std::optional<Tensor>& y_sq, bool normalize) {
-  const auto pointer = [](const std::optional<Tensor>& t) -> const void* { return t ? t->const_data_ptr() : nullptr; };
-  return CudaTripletParams{rows.x.const_data_ptr(), rows.y.const_data_ptr(), pointer(x_sq), pointer(y_sq),
-                           rows.positive.const_data_ptr<int64_t>(), rows.negative.const_data_ptr<int64_t>(),
+CudaTripletParams triplet_params(const TripletRows& rows, const SquaredNorms& norms, bool normalize) {
+  return CudaTripletParams{rows.x.const_data_ptr(), rows.y.const_data_ptr(), data_or_null(norms.x_sq),
+                           data_or_null(norms.y_sq), rows.positive.const_data_ptr<int64_t>(),
+                           rows.negative.const_data_ptr<int64_t>(),
                            rows.x.size(0), rows.y.size(0), rows.x.size(1), rows.x.stride(0), rows.y.stride(0),
                            operand_of(rows.x, false), normalize};
 }
@@ -278,13 +280,9 @@ Tensor triplet_distances(const Tensor& x, const std::optional<Tensor>& y, const 
                          const Tensor& negative, bool normalize) {
   const TripletRows rows = triplet_rows(x, y, positive, negative);
   const OnDeviceOf on_device_of(rows.x);
-  std::optional<Tensor> x_sq, y_sq;
-  if (normalize && rows.x.size(0) > 0) {
-    x_sq = squared_row_norms_of(rows.x);
-    y_sq = rows.same ? x_sq : squared_row_norms_of(rows.y);
-  }
+  const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize && rows.x.size(0) > 0);
   Tensor out = uninitialized(rows.x, {2, rows.x.size(0)}, accumulation_type(rows.x));
-  check_launch(cuda::triplet_distances(triplet_params(rows, x_sq, y_sq, normalize), out.mutable_data_ptr(),
+  check_launch(cuda::triplet_distances(triplet_params(rows, norms, normalize), out.mutable_data_ptr(),
                                        current_stream(rows.x)),
                "triplet_distances");
   return out;
@@ -316,12 +314,8 @@ std::tuple<Tensor, Tensor> triplet_distances_backward(const Tensor& coefficients
   Tensor dx = uninitialized(rows.x, {need_dx ? n : 0, d}, rows.x.scalar_type());
   Tensor dy = uninitialized(rows.y, {need_dy ? m : 0, d}, rows.y.scalar_type());
   if (n > 0 && m > 0 && d > 0 && (need_dx || need_dy)) {
-    std::optional<Tensor> x_sq, y_sq;
-    if (normalize) {
-      x_sq = squared_row_norms_of(rows.x);
-      y_sq = rows.same ? x_sq : squared_row_norms_of(rows.y);
-    }
-    const CudaTripletBackwardParams backward{triplet_params(rows, x_sq, y_sq, normalize),
+    const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize);
+    const CudaTripletBackwardParams backward{triplet_params(rows, norms, normalize),
                                              coefficients.const_data_ptr(),
                                              order.const_data_ptr<int64_t>(),
                                              offsets.const_data_ptr<int64_t>(),
