@@ -23,8 +23,6 @@ The classifiers (ArcFace for CosFace and NormalizedSoftmax too, whose kernels ar
 sub-centres) are held to the same budgets per sub-centre column, with N = 256 queries against C = 256 classes
 (matmul-equivalents in units of 2NCD: K sub-centres make K times the work): 100 % 16-bit dot FLOPs, <= 4K default
 and <= 5K deterministic matmul-equivalents, <= 2 / <= 3 exponentials per (query, class), host tensors as above.
-Their backward has no atomic path yet (a dX pass and a dW pass, each recomputing the tiles), and SubCenterArcFace's
-dW pass recomputes every sub-centre's tile in each sub-centre's program: KNOWN_OVER_BUDGET below.
 
 Batch-hard's kernels have one mode (its backward is deterministic without atomics): it is checked in the default
 mode only, deterministic=True giving the same counts (bench/results/cost shows both).
@@ -63,20 +61,7 @@ INPUTS_WITH_GRAD = {"ref_emb": 2, "proxies": 2, "self": 1, "weight": 2}
 INTERPRETER_BLOCK_N = 64  # metric_kernels/triton/ops.py: the one config under the interpreter
 
 # (figure, loss, refs, mode) -> what the current code gives, measured (bench/results/cost), where it misses a budget.
-KNOWN_OVER_BUDGET = {
-    ("matmul_equivalents", "arcface", "weight", "default"):
-        "5 measured: no atomic backward for the classifiers yet (a dX and a dW pass, each recomputing the tiles)",
-    ("exponentials_per_pair", "arcface", "weight", "default"):
-        "3 measured: one exponential per pair in each of the forward, dX and dW passes (no atomic backward yet)",
-    ("matmul_equivalents", "subcenter_arcface", "weight", "default"):
-        "21 measured (budget 12): no atomic backward, and each sub-centre's dW program recomputes all 3 tiles",
-    ("matmul_equivalents", "subcenter_arcface", "weight", "deterministic"):
-        "21 measured (budget 15): each sub-centre's dW program recomputes all 3 sub-centre tiles for the argmax",
-    ("exponentials_per_pair", "subcenter_arcface", "weight", "default"):
-        "5 measured: the forward and dX passes one each, the dW pass one per sub-centre program",
-    ("exponentials_per_pair", "subcenter_arcface", "weight", "deterministic"):
-        "5 measured (budget 3): the dW pass takes the exponentials once per sub-centre program",
-}
+KNOWN_OVER_BUDGET = {}
 
 
 def _params(figure, pairs):

@@ -44,9 +44,16 @@ def _outputs(function, x, weight, labels, sub_centers, upstream):
     return (lse, target, *torch.autograd.grad(loss, leaves))
 
 
-def triton_rows(x, weight, labels, sub_centers):
-    return _triton().margin_softmax_rows(x, weight, labels, scale=SCALE, sub_centers=sub_centers,
-                                         deterministic=True)
+def triton_rows(deterministic):
+    """The backend's rows in one backward mode: default (dW through atomics from the row pass's tiles when dX is
+    needed too, as here) or deterministic (dW from the column pass)."""
+    def rows(x, weight, labels, sub_centers):
+        return _triton().margin_softmax_rows(x, weight, labels, scale=SCALE, sub_centers=sub_centers,
+                                             deterministic=deterministic)
+    return rows
+
+
+both_modes = pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 
 
 def _case(seed, n, classes, d, sub_centers, dtype=torch.float64, strided=False, magnitude=1.0):
@@ -103,38 +110,41 @@ def _check(ours, exact, tol_value, tol_grad, what):
         assert_rel_close(a, b, tol_grad, f"{what} {name}", scale_floor=1e-3 * b.abs().max().item())
 
 
+@both_modes
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n, classes, d, sub_centers, strided", CASES, ids=_ids(CASES))
-def test_matches_float64_formula(n, classes, d, sub_centers, strided, dtype, no_tf32):
+def test_matches_float64_formula(n, classes, d, sub_centers, strided, dtype, deterministic, no_tf32):
     x, weight, labels, upstream = _case(n * 1000 + classes, n, classes, d, sub_centers, dtype, strided)
     assert x.is_contiguous() != strided and weight.is_contiguous() != strided
-    ours = _outputs(triton_rows, x, weight, labels, sub_centers, upstream.to(ops.stats_dtype(dtype)))
+    ours = _outputs(triton_rows(deterministic), x, weight, labels, sub_centers, upstream.to(ops.stats_dtype(dtype)))
     exact = _outputs(formula, x.double(), weight.double(), labels, sub_centers, upstream)
     assert ours[2].dtype == ours[3].dtype == dtype
     tol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
     _check(ours, exact, *tol, f"{dtype}")
 
 
+@both_modes
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sub_centers", [1, 2])
-def test_rows_wider_than_one_tile(dtype, sub_centers, no_tf32):
+def test_rows_wider_than_one_tile(dtype, sub_centers, deterministic, no_tf32):
     """D above the widest whole-D tile: the cosines over D chunks, the gradients per D block."""
     d = ops.MAX_FULL_D[dtype.itemsize] + 44
     x, weight, labels, upstream = _case(7 + sub_centers, 50, 70, d, sub_centers, dtype)
-    ours = _outputs(triton_rows, x, weight, labels, sub_centers, upstream.to(ops.stats_dtype(dtype)))
+    ours = _outputs(triton_rows(deterministic), x, weight, labels, sub_centers, upstream.to(ops.stats_dtype(dtype)))
     exact = _outputs(formula, x.double(), weight.double(), labels, sub_centers, upstream)
     tol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
     _check(ours, exact, *tol, f"{dtype} D={d}")
 
 
-def test_clamped_norms():
+@both_modes
+def test_clamped_norms(deterministic):
     """A row of x and a column of W of norm below eps: divided by eps, no radial part (as F.normalize)."""
     x, weight, labels, upstream = _case(5, 30, 90, 16, 2)
     x[3] = 0.0
     x[7] *= 1e-14
     weight[:, 5] = 0.0
     weight[:, 8] *= 1e-14
-    ours = _outputs(triton_rows, x, weight, labels, 2, upstream)
+    ours = _outputs(triton_rows(deterministic), x, weight, labels, 2, upstream)
     exact = _outputs(formula, x, weight, labels, 2, upstream)
     _check(ours, exact, 1e-10, 1e-10, "clamped")
 
@@ -146,13 +156,14 @@ def _relative_error(a, b):
 
 @pytest.mark.parametrize("dtype, magnitude", [(torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.float16, 1000.0)])
 @pytest.mark.parametrize("sub_centers", [1, 3])
-def test_half_inputs(dtype, magnitude, sub_centers):
+@both_modes
+def test_half_inputs(dtype, magnitude, sub_centers, deterministic):
     """16-bit x and W: statistics in fp32, gradients in the inputs' dtype, no worse against float64 than the same
     formula in eager torch in that dtype, + 1e-2. Rows and columns of norm ~5000 (magnitude 1000) make
     P = dS r_i r_j about 1e-8, below fp16's range: the kernels scale it by a power of two."""
     x, weight, labels, upstream = _case(int(magnitude) + sub_centers, 60, 100, 32, sub_centers, dtype,
                                         magnitude=magnitude)
-    ours = _outputs(triton_rows, x, weight, labels, sub_centers, upstream.float())
+    ours = _outputs(triton_rows(deterministic), x, weight, labels, sub_centers, upstream.float())
     eager = _outputs(formula, x, weight, labels, sub_centers, upstream.to(dtype))
     exact = _outputs(formula, x.double(), weight.double(), labels, sub_centers, upstream)
     assert ours[0].dtype == torch.float32 and ours[2].dtype == ours[3].dtype == dtype
@@ -162,7 +173,8 @@ def test_half_inputs(dtype, magnitude, sub_centers):
         assert error <= _relative_error(b, c) + 1e-2, f"{name}: relative error {error:.2e}"
 
 
-def test_equals_cpu_backend():
+@both_modes
+def test_equals_cpu_backend(deterministic):
     import metric_kernels.cpu as cpu
     if not hasattr(cpu, "margin_softmax_rows"):
         pytest.skip(cpu.unavailable_reason(torch.device("cpu")))
@@ -172,7 +184,7 @@ def test_equals_cpu_backend():
 
     for seed, (n, classes, d, sub_centers) in enumerate([(70, 300, 24, 1), (40, 130, 20, 3), (9, 1, 5, 2)]):
         x, weight, labels, upstream = _case(seed, n, classes, d, sub_centers)
-        _check(_outputs(triton_rows, x, weight, labels, sub_centers, upstream),
+        _check(_outputs(triton_rows(deterministic), x, weight, labels, sub_centers, upstream),
                _outputs(cpu_rows, x, weight, labels, sub_centers, upstream), 1e-12, 1e-12, f"cpu {n, classes}")
 
 
@@ -207,10 +219,11 @@ def test_refuses_what_the_contract_does_not_allow():
             op(*args, SCALE, True)
 
 
-def test_opcheck():
+@both_modes
+def test_opcheck(deterministic):
     x, weight, labels, upstream = _case(4, 12, 70, 8, 2, torch.float32)
-    args = (x, weight, labels, 2, SCALE, True)
+    args = (x, weight, labels, 2, SCALE, deterministic)
     torch.library.opcheck(torch.ops.metric_kernels.triton_margin_softmax_rows, args)
     stats = torch.ops.metric_kernels.triton_margin_softmax_rows(*args)
     torch.library.opcheck(torch.ops.metric_kernels.triton_margin_softmax_rows_backward,
-                          (upstream.float(), stats, x, weight, labels, 2, SCALE, True, True, True))
+                          (upstream.float(), stats, x, weight, labels, 2, SCALE, deterministic, True, True))

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -54,8 +55,9 @@ DTYPES = (("bf16", "bfloat16", "bf16", "ieee"), ("fp16", "float16", "fp16", "iee
           ("fp64", "float64", "fp64", "ieee"))
 SIXTEEN_BIT = ("bf16", "fp16")
 LEVELS = ("core", "ci", "sweep", "full")
+CLASSIFIER_KERNELS = ("margin_softmax_forward", "margin_softmax_backward_rows", "margin_softmax_backward_columns")
 DOT_KERNELS = ("lse_rows_forward", "pair_sums_forward", "lse_rows_backward_rows", "lse_rows_backward_columns",
-               "batch_hard_select")
+               "batch_hard_select") + CLASSIFIER_KERNELS
 KINDS = (0, 1, 2, 3, 4, 5)  # circle, supcon, proxy_anchor, multi_similarity, ntxent, contrastive
 # The kinds each loss kernel is launched with (ops.lse_rows, ops.lse_rows_backward): the log-sum-exp pass all but
 # Contrastive (NT-Xent: its first sweep), the pass of sums NT-Xent (its second) and Contrastive, the backward every
@@ -91,6 +93,7 @@ class Variant:
     sweep: bool  # part of a whole config sweep (else a single representative config)
     product_rows: List[int]  # the M dimension of each tl.dot (wgmma needs 64)
     shared_estimate: Optional[int]  # ops.shared_memory_estimate, what the pruner compares with the limit
+    integer_constants: List[str] = dataclasses.field(default_factory=list)  # integers Triton specialises to 1
 
 
 def _ops():
@@ -130,18 +133,24 @@ class _Rows:
 
 
 def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, full_d: bool = True,
-                 precision: str = "ieee", aligned: bool = True, pair_value: int = 0, with_dy: bool = False):
-    """ops._configs() (the GPU list) as ops._pruner(kernel_pass) keeps it on a GPU of the architecture (its shared
-    memory)."""
+                 precision: str = "ieee", aligned: bool = True, pair_value: int = 0, with_dy: bool = False,
+                 multi: Optional[bool] = None):
+    """ops._configs() (the GPU list) as the ops' pruner keeps it on a GPU of the architecture (its shared memory):
+    ops._pruner(kernel_pass), or with `multi` (the MULTI constexpr) the margin-softmax kernels'
+    (margin_softmax_ops._pruning)."""
     ops = _ops()
     limit = ARCHS[arch][1]
-    prune = ops._pruner(kernel_pass)["early_config_prune"]
+    if multi is None:
+        prune = ops._pruner(kernel_pass)["early_config_prune"]
+    else:
+        from . import margin_softmax_ops
+        prune = margin_softmax_ops._pruning(kernel_pass)["early_config_prune"]
     original = ops._shared_memory_limit
     ops._shared_memory_limit = lambda device: limit
     try:
         return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d,
                                       "PRECISION": precision, "ALIGNED": int(aligned), "PAIR_VALUE": pair_value,
-                                      "WITH_DY": with_dy})
+                                      "WITH_DY": with_dy, "MULTI": bool(multi)})
     finally:
         ops._shared_memory_limit = original
 
@@ -175,6 +184,9 @@ def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: 
         "lse_rows_backward_columns": dict(common, partial_ptr=r if partial == "rows" else a, dy_ptr=r),
         "batch_hard_select": dict(common, choice_ptr="*i64"),
         "finish_gradient": dict(x_ptr=r, out_ptr=r),
+        "margin_softmax_forward": dict(x_ptr=r, w_ptr=r, labels_ptr="*i64"),
+        "margin_softmax_backward_rows": dict(x_ptr=r, w_ptr=r, labels_ptr="*i64", dx_ptr=r if dx == "rows" else a),
+        "margin_softmax_backward_columns": dict(x_ptr=r, w_ptr=r, labels_ptr="*i64", dw_ptr=r),
         "row_norms": dict(x_ptr=r),
         "triplet_distances": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64"),
         "triplet_distances_backward_rows": dict(x_ptr=r, y_ptr=r, positive_ptr="*i64", negative_ptr="*i64", dx_ptr=r),
@@ -184,21 +196,33 @@ def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: 
 
 
 def _kernel(name: str):
-    from . import _batch_hard_kernel, _lse_kernels, _triplet_kernel
+    from . import _batch_hard_kernel, _lse_kernels, _margin_softmax_kernels, _triplet_kernel
     module = (_batch_hard_kernel if name == "batch_hard_select" else
-              _triplet_kernel if name.startswith("triplet_") else _lse_kernels)
+              _triplet_kernel if name.startswith("triplet_") else
+              _margin_softmax_kernels if name.startswith("margin_softmax_") else _lse_kernels)
     return getattr(module, name)
 
 
-def _signature(kernel: str, pointers: Dict[str, str], acc: str, constexprs: Dict[str, object], aligned: bool):
+def _signature(kernel: str, pointers: Dict[str, str], acc: str, constexprs: Dict[str, object], aligned: bool,
+               integers: Optional[Dict[str, object]] = None):
     """(signature, constexprs, 16-divisible argument positions) of a launch: unit D strides become constants when
-    aligned (contiguous rows), other integers i32, param_* fp32."""
+    aligned (contiguous rows), other integers i32, param_* fp32. `integers` overrides integer arguments by name: an
+    int is the value Triton specialises to a constant (1), "i32" one without divisibility, "i32/16" one divisible by
+    16 when aligned."""
     fn = _kernel(kernel)
     constexprs = dict(constexprs)
+    integers = integers or {}
     signature, attrs = {}, []
     for position, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif isinstance(integers.get(name), int):
+            signature[name] = "constexpr"
+            constexprs[name] = integers[name]
+        elif name in integers:
+            signature[name] = "i32"
+            if integers[name] == "i32/16":
+                attrs.append(position)
         elif name in ("stride_xd", "stride_yd"):  # the ops give the kernels rows of unit column stride
             signature[name] = "constexpr"
             constexprs[name] = 1
@@ -221,7 +245,9 @@ def _product_rows(kernel: str, constexprs) -> List[int]:
     m, n = constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")
     return {"lse_rows_forward": [m], "pair_sums_forward": [m], "batch_hard_select": [m],
             "lse_rows_backward_rows": [m, m] + ([n] if constexprs.get("WITH_DY") else []),
-            "lse_rows_backward_columns": [m, n]}.get(kernel, [])
+            "lse_rows_backward_columns": [m, n], "margin_softmax_forward": [m],
+            "margin_softmax_backward_rows": [m, m] + ([n] if constexprs.get("WITH_DW") else []),
+            "margin_softmax_backward_columns": [m, n]}.get(kernel, [])
 
 
 TRIPLET_DIMS = tuple(2 ** k for k in range(4, 14))  # D = 16 .. 8192: ops._triplet_blocks' tiles
@@ -230,31 +256,88 @@ TRIPLET_DIMS = tuple(2 ** k for k in range(4, 14))  # D = 16 .. 8192: ops._tripl
 def _plain_cases(ops, element, widths, widest):
     """The kernels without products or autotuning: (kernel, width label, BLOCK_D, flags, constexprs, pointer
     options, heaviest flags?, the lowest level that compiles it: "core", "ci", "sweep" (every flag set at that width)
-    or "full")."""
+    or "full", integer arguments for _signature)."""
+    from . import margin_softmax_ops
+
     cases = []
-    for width_label, block_d, full_d in widths:
+    # finish_gradient's launches: the engine's (one accumulator, contiguous rows and output), the margin-softmax
+    # dX from per-split partials, and dW (D x J) from accumulators of W's columns, W in either layout
+    # (_classifier_integers)
+    finishes = (("", dict(SPLITS=1, stride_on="i32/16", stride_od=1), True),
+                ("splits", dict(SPLITS="i32", stride_on="i32/16", stride_od=1), False),
+                ("dw,w=columns", dict(SPLITS=1, stride_xn=1, stride_xd="i32", stride_on=1, stride_od="i32"), False),
+                ("dw,w=classes", dict(SPLITS=1, stride_xn="i32/16", stride_xd=1, stride_on=1, stride_od="i32"),
+                 False))
+    seen = set()
+    for width_label, block_d, full_d in reversed(widths):  # the widest first: it marks dW's block for "ci"
         if full_d:  # finish_gradient's D tile is the backward's (D in chunks: more programs of the widest tile)
             for normalize in (True, False):
-                cases.append(("finish_gradient", width_label, block_d, f"normalize={int(normalize)}",
-                              dict(BLOCK_R=32, NORMALIZE=normalize), {}, normalize,
-                              "core" if width_label == widest else "full"))
+                for label, integers, engine in finishes:
+                    if not normalize and not engine:
+                        continue  # the classifiers always normalise
+                    at = "core" if width_label == widest and not label else "ci" if width_label == widest else "full"
+                    block = margin_softmax_ops.finish_block_d(block_d, label.startswith("dw"))
+                    flags = ",".join(filter(None, (f"normalize={int(normalize)}", label)))
+                    if (block, flags) in seen:  # dW's narrower block: the same launch for several widths
+                        continue
+                    seen.add((block, flags))
+                    cases.append(("finish_gradient", str(block), block, flags,
+                                  dict(BLOCK_R=32, NORMALIZE=normalize, maxnreg=ops.FINISH_REGISTERS), {}, normalize,
+                                  at, integers))
     norm_widths = {}  # row_norms: block_d(D) up to 256 columns, chunks of 256 beyond
     for d in (16, 32, 64, 128, 256, 1024):
         norm_widths[ops.block_d(d, element) if d <= 256 else 256] = "core" if d == 1024 else "full"
     for block_d, count in norm_widths.items():
-        cases.append(("row_norms", str(block_d), block_d, "", dict(BLOCK_R=ops._NORM_BLOCK_ROWS), {}, True, count))
+        cases.append(("row_norms", str(block_d), block_d, "", dict(BLOCK_R=ops._NORM_BLOCK_ROWS), {}, True, count,
+                      None))
     for d in TRIPLET_DIMS:  # the whole of D on chip, rows per program so that a tile holds about 4096 values
         block_rows, block_d, row_warps, reference_warps = ops._triplet_blocks(d, element)
         count = {4096: "core", 256: "ci", 8192: "ci", 64: "sweep"}.get(d, "full")
         for normalize in (True, False):
             tile = dict(BLOCK_R=block_rows, NORMALIZE=normalize, num_warps=row_warps)
             cases.append(("triplet_distances", str(block_d), block_d, f"normalize={int(normalize)}", tile, {},
-                          normalize, count))
+                          normalize, count, None))
             cases.append(("triplet_distances_backward_rows", str(block_d), block_d, f"normalize={int(normalize)}",
-                          tile, {}, normalize, count))
+                          tile, {}, normalize, count, None))
             cases.append(("triplet_distances_backward_references", str(block_d), block_d,
                           f"normalize={int(normalize)}", dict(NORMALIZE=normalize, num_warps=reference_warps), {},
-                          normalize, count))
+                          normalize, count, None))
+    return cases
+
+
+# The margin-softmax kernels' launches (margin_softmax_ops): W in its own D x J storage ("columns": read along the
+# classes, pruned as unaligned; with one sub-centre the classes' stride is 1, which Triton makes a constant) or as a
+# transposed view of a J x D matrix ("classes": read along D as the engine reads rows), one sub-centre or several
+# (MULTI; K then an integer), and the row pass's flags: PARTIAL (dX in per-split fp32 partials) and WITH_DW (the
+# default backward's atomic dW). The primary launch is the heaviest: several sub-centres, W's own layout, both
+# gradients from the row pass writing dX itself.
+CLASSIFIER_PRIMARY = dict(PARTIAL=False, WITH_DW=True, MULTI=True, layout="columns")
+
+
+def _classifier_integers(layout: str, multi: bool) -> Dict[str, object]:
+    """The W strides and K as the ops pass them (margin_softmax_ops._launch_args), for _signature."""
+    k = "i32" if multi else 1
+    if layout == "columns":  # stride_wd = J, stride_wj = 1, stride_wc = K
+        return dict(K=k, stride_wd="i32", stride_wj=1, stride_wc=k)
+    return dict(K=k, stride_wd=1, stride_wj="i32/16", stride_wc="i32/16")  # stride_wj = D, stride_wc = K D
+
+
+def _classifier_cases():
+    """(kernel, pass, flags label, constexprs, pointer options, layout, primary?, a neighbour of the primary (one
+    flag off it, or it)?) of every margin-softmax launch."""
+    kernels = (("margin_softmax_forward", "forward", ()), ("margin_softmax_backward_rows", "rows",
+                                                           ("PARTIAL", "WITH_DW")),
+               ("margin_softmax_backward_columns", "columns", ()))
+    cases = []
+    for kernel, kernel_pass, flag_names in kernels:
+        for values in itertools.product([False, True], repeat=len(flag_names) + 1):
+            for layout in ("columns", "classes"):
+                flags = dict(zip(flag_names + ("MULTI",), values))
+                setting = dict(flags, layout=layout)
+                off = sum(setting[key] != CLASSIFIER_PRIMARY[key] for key in setting)
+                label = ",".join([f"{key.lower()}={int(value)}" for key, value in flags.items()] + [f"w={layout}"])
+                options = dict(dx="acc" if flags.get("PARTIAL") else "rows")
+                cases.append((kernel, kernel_pass, label, flags, options, layout, off == 0, off <= 1))
     return cases
 
 
@@ -308,13 +391,16 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
 
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    from . import margin_softmax_ops
+
     ops = _ops()
     out: List[Variant] = []
 
     def add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags, config, constexprs, pointers, sweep,
-            aligned=True, element=None, backward=False):
+            aligned=True, element=None, backward=False, integers=None):
         estimate, ceiling = None, None
         if config is None:
+            ceiling = constexprs.pop("maxnreg", None)
             warps, stages, config_label = constexprs.pop("num_warps", 4), constexprs.pop("num_stages", 3), "-"
         else:
             ceiling = config.maxnreg
@@ -324,12 +410,13 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         constexprs = dict(constexprs, BLOCK_D=block_d)
         if full_d is not None:
             constexprs["FULL_D"] = full_d
-        signature, constexprs, attrs = _signature(kernel, pointers, acc, constexprs, aligned)
+        signature, constexprs, attrs = _signature(kernel, pointers, acc, constexprs, aligned, integers)
         label = width_label if aligned else f"unaligned-{width_label}"
         kind_label = "" if kind is None else f",kind={kind}"
         name = f"{kernel}[{dtype},D={label}{kind_label}{',' + flags if flags else ''},{config_label}]"
         out.append(Variant(name, kernel, dtype, label, kind, flags, config_label, warps, stages, ceiling, signature,
-                           constexprs, attrs, sweep, _product_rows(kernel, constexprs), estimate))
+                           constexprs, attrs, sweep, _product_rows(kernel, constexprs), estimate,
+                           sorted(k for k, v in (integers or {}).items() if isinstance(v, int))))
 
     for dtype, torch_name, rows, precision in DTYPES:
         torch_dtype = getattr(torch, torch_name)
@@ -340,8 +427,9 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
         base = dict(ACC=acc_tl, PRECISION=precision)
 
-        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0, with_dy=False):
-            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned, pair_value, with_dy)
+        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0, with_dy=False, multi=None):
+            kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned, pair_value, with_dy,
+                                multi)
             if count == "all":
                 return kept
             backward = kernel_pass in BACKWARD_PASSES
@@ -408,15 +496,31 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                                         extra.get("WITH_DY", False))[0],
                                 dict(base, **extra),
                                 pointers, False, aligned=False, element=element, backward=backward)
+        for kernel, kernel_pass, flags, extra, pointer_options, layout, primary, neighbour in _classifier_cases():
+            backward = kernel_pass in BACKWARD_PASSES
+            multi = extra["MULTI"]
+            pointers = _pointer_types(kernel, rows, acc, **pointer_options)
+            for width_label, block_d, full_d in widths:
+                count = _selection(level, dtype, primary, neighbour, width_label, widest)
+                if not count:
+                    continue
+                chosen = configs(block_d, full_d, kernel_pass, count, aligned=layout == "classes", multi=multi)
+                constexprs = dict(base, **extra)
+                if kernel_pass == "rows":
+                    constexprs["S_ON_CHIP"] = margin_softmax_ops.cosines_on_chip(torch_dtype, full_d, precision)
+                for config in chosen:
+                    add(kernel, dtype, acc, width_label, block_d, full_d, None, flags, config, constexprs,
+                        pointers, count == "all", element=element, backward=backward,
+                        integers=_classifier_integers(layout, multi))
         if dtype == "fp32-ieee":
             continue  # the kernels below have no product: one fp32 entry
         label = "fp32" if dtype == "fp32-tf32" else dtype
-        for kernel, width_label, block_d, flags, extra, pointer_options, heaviest, count in _plain_cases(
+        for kernel, width_label, block_d, flags, extra, pointer_options, heaviest, count, integers in _plain_cases(
                 ops, element, widths, widest):
             if _plain_selected(level, heaviest, count):
                 add(kernel, label, acc, width_label, block_d, None, None, flags, None,
                     dict(dict(ACC=acc_tl, num_warps=4, num_stages=3), **extra),
-                    _pointer_types(kernel, rows, acc, **pointer_options), False)
+                    _pointer_types(kernel, rows, acc, **pointer_options), False, integers=integers)
     return out
 
 

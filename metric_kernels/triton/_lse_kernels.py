@@ -539,20 +539,29 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
 
 
 @triton.jit
-def finish_gradient(acc_ptr, t_ptr, scale_ptr, x_ptr, x_norm_ptr, out_ptr, N, D, stride_xn, stride_xd,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr):
+def finish_gradient(acc_ptr, t_ptr, scale_ptr, x_ptr, x_norm_ptr, out_ptr, N, D, stride_xn, stride_xd, stride_on,
+                    stride_od, SPLITS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                    NORMALIZE: tl.constexpr):
     """out = acc / scale - c r^2 x, in out_ptr's dtype: the end of the atomic backward, whose accumulators hold
-    sum P Y (scaled) and the coefficient c (_radial_terms)."""
+    sum P Y (scaled) and the coefficient c (_radial_terms). SPLITS partial accumulators ([SPLITS, N, D] and
+    [SPLITS, N], contiguous) are added in split order first. The output's strides are its own: the margin-softmax
+    ops finish dW (D x J) from accumulators of W's columns as rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (dims[None, :] < D)
     scale = tl.load(scale_ptr)
     inverse, _, _ = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
-    t = tl.load(t_ptr + rows, mask=rows < N, other=0.0)
-    acc = tl.load(acc_ptr + rows[:, None] * D + dims[None, :], mask=mask, other=0.0)
+    t = tl.zeros((BLOCK_R,), ACC)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
+    at = rows  # of the split's rows: 64-bit
+    for _ in range(SPLITS):
+        t += tl.load(t_ptr + at, mask=rows < N, other=0.0)
+        acc += tl.load(acc_ptr + at[:, None] * D + dims[None, :], mask=mask, other=0.0)
+        at += N
     x = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd).to(ACC)
     out = acc / scale - _radial_part(t, inverse)[:, None] * x
-    tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_on + dims[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit

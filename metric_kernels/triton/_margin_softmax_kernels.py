@@ -25,8 +25,9 @@ sub-centre, minus the normalisation's radial part:
 
     dx_i = r_i sum_j dS_ij r_j w_j - r_i^2 (sum_c dS_ic cos_ic) x_i     (the second term only where ||x_i|| > eps)
 
-and the same for each column w_j with the roles swapped. Both passes write every output element from one program,
-summing in a fixed order: deterministic, no atomics.
+and the same for each column w_j with the roles swapped. The row pass writes dX from one program per row block (or
+one fp32 partial per class split); by default it also adds dW from the same tiles through relaxed atomics, and
+deterministically a column pass writes dW from one program per class tile, summing the row blocks in order.
 
 BLOCK_N is the class tile (the engine's reference tile, so that its autotune configs and pruning apply).
 """
@@ -180,11 +181,27 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, par
 
 
 @triton.jit
+def _add_column_gradient(p, x_tile, terms, w_radial, cols, columns, dims, dw_ptr, dw_t_ptr, C, D, first_dims,
+                         ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Adds a tile's part of dW (P_k^T X, for the rows' D block) and of its columns' t_j = sum_i dS cos (the column
+    sums of `terms`, where the normalisation is radial; once per D block) into the accumulators, relaxed atomics:
+    the rows of dw_ptr ([J, D]) and dw_t_ptr ([J]) at `columns` (j = c K + k)."""
+    dw = tl.dot(tl.trans(p), x_tile, input_precision=PRECISION, out_dtype=ACC)
+    tl.atomic_add(dw_ptr + columns[:, None] * D + dims[None, :], dw, mask=(cols[:, None] < C) & (dims[None, :] < D),
+                  sem="relaxed")
+    tl.atomic_add(dw_t_ptr + columns, tl.where(w_radial, tl.sum(terms, axis=0), 0.0), mask=(cols < C) & first_dims,
+                  sem="relaxed")
+
+
+@triton.jit
 def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr, w_norm_ptr,
-               x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+               x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C, D, K, stride_xn, stride_xd,
+               stride_wd, stride_wj, stride_wc,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
-               ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, EVEN: tl.constexpr):
-    """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos."""
+               ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, WITH_DW: tl.constexpr,
+               EVEN: tl.constexpr):
+    """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos;
+    WITH_DW also its part of dW, from the same P (_add_column_gradient). FULL_D: the cosines from x_tile."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     operand = x_ptr.dtype.element_ty
     if MULTI:
@@ -193,37 +210,51 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
                                       BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
         ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
         for k in range(K):  # each class's dS to its chosen column: one product per sub-centre
-            inverse_k = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)[0]
+            inverse_k, radial_k, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
             tile_k = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, stride_wc, stride_wd, EVEN)
-            p = _product_operand(tl.where(pick == k, ds, 0.0), row_factor, inverse_k, operand)
+            chosen = pick == k
+            p = _product_operand(tl.where(chosen, ds, 0.0), row_factor, inverse_k, operand)
             dx = tl.dot(p, tile_k, dx, input_precision=PRECISION, out_dtype=ACC)
+            if WITH_DW:  # not 0 * cos where not chosen: a NaN of another sub-centre stays out
+                _add_column_gradient(p, x_tile, tl.where(chosen, ds * cosine, 0.0), radial_k, cols, cols * K + k,
+                                     dims, dw_ptr, dw_t_ptr, C, D, first_dims, ACC, PRECISION)
     else:
         cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N,
                                                 C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
                                                 BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
         ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
-        dx = tl.dot(_product_operand(ds, row_factor, w_inverse, operand), w_tile, dx, input_precision=PRECISION,
-                    out_dtype=ACC)
+        p = _product_operand(ds, row_factor, w_inverse, operand)
+        dx = tl.dot(p, w_tile, dx, input_precision=PRECISION, out_dtype=ACC)
+        if WITH_DW:
+            w_radial = _row_scales(w_norm_ptr, cols, C, NORMALIZE)[1]
+            _add_column_gradient(p, x_tile, ds * cosine, w_radial, cols, cols, dims, dw_ptr, dw_t_ptr, C, D,
+                                 first_dims, ACC, PRECISION)
     t_rows += tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
     return dx, t_rows
 
 
 @triton.jit
 def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr, w_norm_ptr,
-                                 labels_ptr, dx_ptr, t_ptr,
+                                 labels_ptr, dx_ptr, t_ptr, dw_ptr, dw_t_ptr,
                                  N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, SPLIT,
                                  N_BUCKET, M_BUCKET, ALIGNED,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                  FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                                 MULTI: tl.constexpr, PARTIAL: tl.constexpr):
+                                 MULTI: tl.constexpr, PARTIAL: tl.constexpr, WITH_DW: tl.constexpr,
+                                 S_ON_CHIP: tl.constexpr):
     """dX of BLOCK_M rows (on chip) for the D columns of program_id(2), over the class tiles of split program_id(1).
     PARTIAL (several splits): the split's sum_j P_ij w_j (times power) into dx_ptr[split] (fp32/fp64) and its
-    t_i = sum_c dS_ic cos_ic into t_ptr[split], summed over the splits and finished by the op. Otherwise the
-    gradient itself, radial part included, in dx_ptr's dtype."""
+    t_i = sum_c dS_ic cos_ic into t_ptr[split], added up in split order by _lse_kernels.finish_gradient. Otherwise
+    the gradient itself, radial part included, in dx_ptr's dtype. WITH_DW (the default backward): each tile's
+    P^T X and column sums of dS cos into dW's accumulators as well (relaxed atomics), so that the tiles are formed
+    once for both gradients; finish_gradient completes dW. S_ON_CHIP: the cosines from the D block on chip (FULL_D),
+    else over D in chunks read from memory (the same products; the ops choose it for fp32 operands on the CUDA
+    cores, whose whole-D operands took more than the 255 registers a thread has: the compile proof)."""
     scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    first_dims = tl.program_id(2) == 0  # the column statistics are added once, not once per D block
     labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
     x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     row_factor = x_inverse * power
@@ -234,46 +265,60 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     even_stop = _even_stop(start, stop, BLOCK_N)
     for c0 in range(start, even_stop, BLOCK_N):
         dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr,
-                                w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd,
-                                stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION,
-                                MULTI, True)
+                                w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C,
+                                D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+                                BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, True)
     for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (margin_softmax_forward)
         dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial,
-                                x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn,
-                                stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
-                                PRECISION, MULTI, False)
+                                x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims,
+                                N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+                                BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, False)
     out_mask = (rows[:, None] < N) & (dims[None, :] < D)
     if PARTIAL:
         at = split.to(tl.int64) * N
         tl.store(dx_ptr + (at + rows[:, None]) * D + dims[None, :], dx, mask=out_mask)
-        tl.store(t_ptr + at + rows, t_rows, mask=(rows < N) & (tl.program_id(2) == 0))
+        tl.store(t_ptr + at + rows, t_rows, mask=(rows < N) & first_dims)
     else:
         dx = dx / power - _radial_part(t_rows, x_inverse)[:, None] * x_tile.to(ACC)
         tl.store(dx_ptr + rows[:, None] * D + dims[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
+def _finish_columns(dw, t_columns, w_tile, w_inverse, w_radial, power, cols, columns, dims, dw_ptr, C, D, K,
+                    ACC: tl.constexpr):
+    """Writes dW's columns `columns` (j = c K + k) for the D rows `dims` into dw_ptr (D x J, contiguous, W's dtype):
+    dw / power minus the radial part."""
+    dw = dw / power - _radial_part(tl.where(w_radial, t_columns, 0.0), w_inverse)[:, None] * w_tile.to(ACC)
+    tl.store(dw_ptr + dims[None, :] * (C * K) + columns[:, None], dw.to(dw_ptr.dtype.element_ty),
+             mask=(cols[:, None] < C) & (dims[None, :] < D))
+
+
+@triton.jit
 def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr,
-                                    w_norm_ptr, labels_ptr, dw_ptr,
+                                    w_norm_ptr, labels_ptr, dw_ptr, partial_ptr, partial_t_ptr,
                                     N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                                     N_BUCKET, M_BUCKET, ALIGNED,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                     FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                                     MULTI: tl.constexpr):
-    """dW of the columns of sub-centre k = program_id(1) of the class tile program_id(0), for the D rows of
-    program_id(2): dW_k^T = P_k^T X summed over every row block in order, radial part included, written into dw_ptr
-    (D x J, contiguous, W's dtype). With K > 1 each row block's cosines are recomputed for every sub-centre, to know
-    which columns the classes chose."""
+    """The deterministic dW: the columns of the class tile program_id(0) for the D rows of program_id(1), every row
+    block summed in order, radial part included, written into dw_ptr (D x J, contiguous, W's dtype).
+
+    One sub-centre: dW^T = P^T X on chip. K > 1: each row block's K cosine tiles are formed once, for the classes'
+    choices and dS (one exponential per class), then each sub-centre's P_k^T X is added into this program's own
+    rows of an fp32 partial (partial_ptr [J, D], and partial_t_ptr [D blocks, J] for the column sums of dS cos; a
+    register tile per sub-centre would not fit, as K is known only at run time), read back by the same program after
+    a barrier."""
     scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
-    k = tl.program_id(1)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = w_ptr.dtype.element_ty
-    w_k = w_ptr + k * stride_wj
-    w_inverse, w_radial, w_length2 = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
-    w_tile = _load_rows(w_k, cols, dims, C, D, stride_wc, stride_wd)
+    w_inverse, w_radial, _ = _row_scales(w_norm_ptr, cols, C, NORMALIZE)
+    w_tile = _load_rows(w_ptr, cols, dims, C, D, stride_wc, stride_wd)
     dw = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     t_columns = tl.zeros((BLOCK_N,), ACC)
+    out_mask = (cols[:, None] < C) & (dims[None, :] < D)
+    partial_t_ptr += tl.program_id(1).to(tl.int64) * C * K
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
@@ -283,19 +328,38 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
             cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
                                           stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
                                           BLOCK_D, FULL_D, ACC, PRECISION, True, False)
-            chosen = pick == k
-            ds = tl.where(chosen, _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C), 0.0)
-            terms = tl.where(chosen, ds * cosine, 0.0)  # not 0 * cos: a NaN of another sub-centre stays out
+            ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
+            for k in range(K):
+                chosen = pick == k
+                inverse_k = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)[0]
+                p = _product_operand(tl.where(chosen, ds, 0.0), x_inverse * power, inverse_k, operand)
+                columns = cols * K + k
+                at = partial_ptr + columns[:, None] * D + dims[None, :]
+                # the first row block writes, the others add: no zeroed buffer
+                part = tl.dot(tl.trans(p), x_tile, tl.load(at, mask=out_mask & (m0 > 0), other=0.0),
+                              input_precision=PRECISION, out_dtype=ACC)
+                tl.store(at, part, mask=out_mask)
+                # not 0 * cos where not chosen: a NaN of another sub-centre stays out
+                terms = tl.sum(tl.where(chosen, ds * cosine, 0.0), axis=0)
+                t_at = partial_t_ptr + columns
+                tl.store(t_at, tl.load(t_at, mask=(cols < C) & (m0 > 0), other=0.0) + terms, mask=cols < C)
+            tl.debug_barrier()  # the stores above are read back by other threads of the program
         else:
-            dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, stride_wc,
+            dot = _dot_tile(x_ptr, w_ptr, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, stride_wc,
                             stride_wd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
             cosine = dot * x_inverse[:, None] * w_inverse[None, :]
             ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
-            terms = ds * cosine
-        t_columns += tl.sum(terms, axis=0)
-        p = _product_operand(ds, x_inverse * power, w_inverse, operand)
-        dw = tl.dot(tl.trans(p), x_tile, dw, input_precision=PRECISION, out_dtype=ACC)
-    dw = dw / power - _radial_part(tl.where(w_radial, t_columns, 0.0), w_inverse)[:, None] * w_tile.to(ACC)
-    columns = cols * K + k
-    tl.store(dw_ptr + dims[None, :] * (C * K) + columns[:, None], dw.to(dw_ptr.dtype.element_ty),
-             mask=(cols[:, None] < C) & (dims[None, :] < D))
+            t_columns += tl.sum(ds * cosine, axis=0)
+            p = _product_operand(ds, x_inverse * power, w_inverse, operand)
+            dw = tl.dot(tl.trans(p), x_tile, dw, input_precision=PRECISION, out_dtype=ACC)
+    if MULTI:
+        for k in range(K):
+            w_inverse_k, w_radial_k, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+            columns = cols * K + k
+            dw_k = tl.load(partial_ptr + columns[:, None] * D + dims[None, :], mask=out_mask, other=0.0)
+            t_k = tl.load(partial_t_ptr + columns, mask=cols < C, other=0.0)
+            w_tile_k = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, stride_wc, stride_wd)
+            _finish_columns(dw_k, t_k, w_tile_k, w_inverse_k, w_radial_k, power, cols, columns, dims, dw_ptr, C, D,
+                            K, ACC)
+    else:
+        _finish_columns(dw, t_columns, w_tile, w_inverse, w_radial, power, cols, cols, dims, dw_ptr, C, D, K, ACC)

@@ -6,9 +6,9 @@ with the contract of every fused backend's margin-softmax ops (metric_kernels/_f
 implementations and autograd formula) and the kernels of _margin_softmax_kernels.py. Like the engine's ops (ops.py)
 they read the raw rows x (N x D) and the class matrix W (D x C K) in their own dtype (fp16, bf16, fp32, fp64; one
 dtype for both), normalise inside, and return the statistics in fp32 (fp64 for fp64 rows) and the gradients in the
-inputs' dtype. W is read in place through its strides, never copied; nothing of size N x C is allocated. The
-backward is always deterministic (every output element written by one program, sums in a fixed order): the
-`deterministic` argument changes nothing.
+inputs' dtype. W is read in place through its strides, never copied; nothing of size N x C is allocated. As the
+engine's, the default backward adds dW through relaxed atomics (its sums in no fixed order), and deterministic=True
+has every output element written by one program, summing in a fixed order; dX is always deterministic.
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import triton
 from .._row_epilogues import stats_dtype
 from . import _lse_kernels
 from . import _margin_softmax_kernels as _kernels
-from .ops import (_accumulator, _configs, _device_guard, _kernel_rows, _precision, _pruner, block_d, loss_params,
-                  power_of_two_below, reference_splits, row_norms)
+from .ops import (FALLBACK_REGISTERS, FINISH_REGISTERS, _accumulator, _configs, _device_guard, _kernel_rows, _precision, _pruner,
+                  block_d, loss_params, power_of_two_below, reference_splits, row_norms)
 
 # The engine's autotune configs and pruning (ops._pruner), with these kernels' own measurements: of the configs
 # within the engine's register limits, those that a compile sweep of these kernels (triton 3.7.1, sm_80 and sm_90a,
 # every dtype, the widest D on chip and D in chunks, both layouts of W: _launch_args) found spilling, by (pass,
-# layout, tensor cores, K > 1). The backward passes keep only the smallest tile, which spilled least with 8 warps (a
-# few registers at some dtypes, as the engine's backward at D = 256).
+# layout, tensor cores, K > 1). The compile proof (_aot.py) compiles these kernels' launches at every level.
 MEASURED_SPILLS = {
     ("forward", "full", False, True): {(32, 16, 8), (16, 16, 4)},
     ("forward", "full", True, False): {(128, 32, 8), (64, 128, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 32, 4),
@@ -41,8 +40,8 @@ MEASURED_SPILLS = {
     ("forward", "chunked", True, True): {(64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 8),
                                          (32, 32, 4), (16, 64, 4), (16, 16, 8), (16, 16, 4)},
     ("forward", "unaligned", False, False): {(32, 16, 8)},
-    ("forward", "unaligned", False, True): {(32, 16, 8), (16, 16, 8), (16, 16, 4)},
-    ("forward", "unaligned", True, False): {(32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4)},
+    ("forward", "unaligned", False, True): {(32, 32, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("forward", "unaligned", True, False): {(128, 32, 8), (32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4)},
     ("forward", "unaligned", True, True): {(64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
                                            (16, 64, 4)},
     ("forward", "unaligned-chunked", False, False): {(32, 16, 8), (16, 16, 8)},
@@ -50,20 +49,41 @@ MEASURED_SPILLS = {
     ("forward", "unaligned-chunked", True, False): {(64, 32, 8), (32, 64, 8), (32, 32, 8), (32, 32, 4), (32, 16, 8),
                                                     (16, 16, 8), (16, 16, 4)},
     ("forward", "unaligned-chunked", True, True): {(32, 32, 8), (32, 32, 4), (32, 16, 8), (16, 64, 4), (16, 16, 4)},
+    # the compile proof's config sweep (triton 3.7.1, 2026-11-28), W in its own D x J layout, with the ceiling
+    ("rows", "unaligned", False, True): {(32, 16, 8)},
+    ("rows", "unaligned", True, True): {(32, 16, 8)},
+    ("columns", "unaligned", False, True): {(32, 16, 8)},
 }
 
 
 def _pruning(kernel_pass: str):
-    # the fallback without ops.FALLBACK_REGISTERS' ceiling, which the compile proof (not covering these kernels yet)
-    # has not measured here: it removed the engine's 8-warp spills but made its heaviest program spill
-    return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=None)
+    # Every config with ops.FALLBACK_REGISTERS' ceiling: without one ptxas spilled a few values of 8-warp programs to
+    # fit more blocks at 128 registers (the compile proof); the fallback (the smallest tile, 8 warps) with one stage,
+    # as with two the several-sub-centre passes in fp32 spilled (the pipeline's prefetched tiles live in registers
+    # alongside the products')
+    return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=FALLBACK_REGISTERS, fallback_stages=1,
+                   kept_registers=FALLBACK_REGISTERS)
+
+
+def cosines_on_chip(dtype: torch.dtype, full_d: bool, precision: str) -> bool:
+    """The row pass's S_ON_CHIP: the cosines from the D block on chip when it holds all of D, except for fp32 IEEE
+    products (CUDA cores), whose operands over the whole of D made the pass spill (the compile proof): D in chunks
+    from memory instead, the same products."""
+    return full_d and not (dtype == torch.float32 and precision == "ieee")
+
+
+def finish_block_d(width: int, transposed: bool) -> int:
+    """finish_gradient's D block: the backward's, but at most 128 when it writes dW (D x J) from the accumulators
+    of W's columns, whose loads and stores run along different axes (a 256-wide block spilled on sm_90a)."""
+    return min(width, 128) if transposed else width
 
 
 _KEY = ["N_BUCKET", "M_BUCKET", "ALIGNED", "D", "BLOCK_D", "FULL_D", "ACC", "PRECISION", "MULTI"]  # + pointer dtypes
 _forward = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruning("forward")
                            )(_kernels.margin_softmax_forward)
-_backward_rows = triton.autotune(_configs(), key=_KEY + ["PARTIAL"], prune_configs_by=_pruning("rows")
-                                 )(_kernels.margin_softmax_backward_rows)
+# Benchmarking runs a kernel repeatedly: atomically filled buffers are zeroed before each run.
+_backward_rows = triton.autotune(_configs(), key=_KEY + ["PARTIAL", "WITH_DW"], prune_configs_by=_pruning("rows"),
+                                 reset_to_zero=["dw_ptr", "dw_t_ptr"])(_kernels.margin_softmax_backward_rows)
 _backward_columns = triton.autotune(_configs(), key=_KEY, prune_configs_by=_pruning("columns")
                                     )(_kernels.margin_softmax_backward_columns)
 
@@ -88,13 +108,12 @@ def _classifier_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     return x, labels.contiguous(), weight.shape[1] // sub_centers
 
 
-def _column_norms(weight: torch.Tensor, sub_centers: int) -> torch.Tensor:
-    """||w_j|| of W's columns, laid out sub-centre by sub-centre ([K, C]: the kernels read sub-centre k's norms at
-    k C + c), by the engine's row_norms kernel on W's transpose (a view)."""
-    norms = row_norms(weight.t())
+def _by_sub_centre(column_norms: torch.Tensor, sub_centers: int) -> torch.Tensor:
+    """W's column norms (row_norms of W's transpose, a view: column j = c K + k) laid out sub-centre by sub-centre
+    ([K, C]: the kernels read sub-centre k's norms at k C + c)."""
     if sub_centers == 1:
-        return norms
-    return norms.view(-1, sub_centers).t().contiguous()  # O(J): the norms, not W
+        return column_norms
+    return column_norms.view(-1, sub_centers).t().contiguous()  # O(J): the norms, not W
 
 
 def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int):
@@ -135,7 +154,7 @@ def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         sizes, key, constexprs = _launch_args(x, weight, sub_centers)
         with _device_guard(x):
             _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
-                x, weight, row_norms(x), _column_norms(weight, sub_centers), labels, loss_params(scale, 0.0, x), lse,
+                x, weight, row_norms(x), _by_sub_centre(row_norms(weight.t()), sub_centers), labels, loss_params(scale, 0.0, x), lse,
                 target, *sizes, splits, *key, **constexprs)
     return torch.stack([lse[0] if splits == 1 else torch.logsumexp(lse, dim=0), target])
 
@@ -154,9 +173,14 @@ def _gradient_power(grad: torch.Tensor, x: torch.Tensor, x_norms: torch.Tensor, 
 def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, sub_centers: int, scale: float, deterministic: bool,
                                  need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dX, dW) in the inputs' dtype (an unneeded one with 0 rows). dX: a row pass over row blocks x class splits x
-    D blocks (several splits: fp32 partials, one per split, added in split order, then ops' finish_gradient); dW: a
-    column pass over class tiles x sub-centres x D blocks, each over every row block in order."""
+    """(dX, dW) in the inputs' dtype (an unneeded one with 0 rows).
+
+    The row pass runs over row blocks x class splits x D blocks and writes dX (several splits: fp32 partials, one
+    per split, added in split order by finish_gradient). Default, when dW is needed too: it takes P^T X from the same
+    tiles into fp32 accumulators through relaxed atomics (3 matmul-equivalents per sub-centre column, one
+    exponential per class), which finish_gradient completes. Otherwise dW comes from a column pass over class tiles
+    x D blocks, each summing every row block in order (deterministic; 4 matmul-equivalents with the row pass;
+    several sub-centres through an fp32 partial)."""
     x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
     n, d = x.shape
     if tuple(grad.shape) != (2, n) or tuple(stats.shape) != (2, n):
@@ -169,28 +193,44 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
         return dx, dw
     dtype = stats_dtype(x.dtype)
     grad, stats = grad.to(dtype).contiguous(), stats.to(dtype).contiguous()
-    x_norms, w_norms = row_norms(x), _column_norms(weight, sub_centers)
+    column_norms = row_norms(weight.t())  # column by column (j = c K + k)
+    x_norms, w_norms = row_norms(x), _by_sub_centre(column_norms, sub_centers)
     power = _gradient_power(grad, x, x_norms, w_norms, scale)
     sizes, key, constexprs = _launch_args(x, weight, sub_centers)
     width = constexprs["BLOCK_D"]
+    columns = weight.shape[1]
     state = (grad, stats, power, loss_params(scale, 0.0, x), x, weight, x_norms, w_norms, labels)
+    buffer = lambda *shape: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
+    finish = []  # (accumulators, statistics, splits, rows, their norms, out and its strides), for finish_gradient
+    # dW alone: the column pass forms each tile once too, without atomics
+    with_dw = need_dx and need_dw and not deterministic
     with _device_guard(x):
         if need_dx:
             splits = reference_splits(n, classes, x.device)
             partial = splits > 1
             if partial:
-                dx_acc = torch.empty((splits, n, d), dtype=dtype, device=x.device)
-                t = torch.empty((splits, n), dtype=dtype, device=x.device)
+                dx_acc, t = buffer(splits, n, d), buffer(splits, n)
+                finish.append((dx_acc, t, splits, x, x_norms, dx, d, 1))
             else:
-                dx_acc, t = dx, torch.empty((1,), dtype=dtype, device=x.device)
+                dx_acc, t = dx, buffer(1)
+            if with_dw:
+                dw_acc, dw_t = torch.zeros((columns, d), dtype=dtype, device=x.device), buffer(columns).zero_()
+                finish.append((dw_acc, dw_t, 1, weight.t(), column_norms, dw, 1, columns))
+            else:
+                dw_acc, dw_t = buffer(1), buffer(1)
             _backward_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits, triton.cdiv(d, width))](
-                *state, dx_acc, t, *sizes, splits, *key, PARTIAL=partial, **constexprs)
-            if partial:
-                _lse_kernels.finish_gradient[(triton.cdiv(n, 32), triton.cdiv(d, width))](
-                    dx_acc.sum(dim=0), t.sum(dim=0), power, x, x_norms, dx, n, d, x.stride(0), x.stride(1),
-                    BLOCK_R=32, BLOCK_D=width, ACC=constexprs["ACC"], NORMALIZE=True)
-        if need_dw:
-            _backward_columns[lambda meta: (triton.cdiv(classes, meta["BLOCK_N"]), sub_centers,
-                                            triton.cdiv(d, width))](
-                *state, dw, *sizes, *key, **constexprs)
+                *state, dx_acc, t, dw_acc, dw_t, *sizes, splits, *key, PARTIAL=partial, WITH_DW=with_dw,
+                S_ON_CHIP=cosines_on_chip(x.dtype, constexprs["FULL_D"], constexprs["PRECISION"]), **constexprs)
+        if need_dw and not with_dw:
+            multi = sub_centers > 1
+            blocks = triton.cdiv(d, width)
+            partial_dw, partial_t = (buffer(columns, d), buffer(blocks, columns)) if multi else (buffer(1), buffer(1))
+            _backward_columns[lambda meta: (triton.cdiv(classes, meta["BLOCK_N"]), blocks)](
+                *state, dw, partial_dw, partial_t, *sizes, *key, **constexprs)
+        for acc, statistic, splits, rows, norms, out, stride_on, stride_od in finish:
+            block = finish_block_d(width, stride_on == 1)
+            _lse_kernels.finish_gradient[(triton.cdiv(rows.shape[0], 32), triton.cdiv(d, block))](
+                acc, statistic, power, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1), stride_on,
+                stride_od, splits, BLOCK_R=32, BLOCK_D=block, ACC=constexprs["ACC"], NORMALIZE=True,
+                maxnreg=FINISH_REGISTERS)
     return dx, dw

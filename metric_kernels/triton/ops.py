@@ -190,6 +190,9 @@ MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
 # dY needs about 255 registers there, and a ceiling made ptxas spill 2 to 6 (the compile proof).
 FALLBACK_WARPS = 8
 FALLBACK_REGISTERS = 255
+# finish_gradient's ceiling: without one ptxas spilled a few values of some launches to fit more blocks (the compile
+# proof: the fp32 tile at D = 256 without normalising on sm_80, and dW's from the accumulators of W's columns)
+FINISH_REGISTERS = 255
 
 
 def layout(full_d: bool, aligned: bool) -> str:
@@ -199,12 +202,14 @@ def layout(full_d: bool, aligned: bool) -> str:
     return "unaligned" if full_d else "unaligned-chunked"
 
 
-def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_REGISTERS):
+def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_REGISTERS, fallback_stages=None,
+            kept_registers=None):
     """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
     the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS,
     fallback_registers). Another kernel family passes its own measurements (the margin-softmax kernels,
-    margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), and its fallback's
-    register ceiling (None: ptxas's own choice)."""
+    margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), its fallback's
+    register ceiling (None: ptxas's own choice) and stages (None: the tile's), and a register ceiling for the kept
+    configs too (kept_registers)."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
 
@@ -226,11 +231,14 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_
         kept = [c for c in fits if estimate(c) <= limit_registers
                 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in excluded]
         if kept:
-            return kept
+            if kept_registers is None:
+                return kept
+            return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=kept_registers)
+                    for c in kept]
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
         tile = next((c for c in tiles if c.num_warps == FALLBACK_WARPS), tiles[0])
-        return [triton.Config(tile.kwargs, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        return [triton.Config(tile.kwargs, num_warps=tile.num_warps, num_stages=fallback_stages or tile.num_stages,
                               maxnreg=None if args.get("WITH_DY") else fallback_registers)]
     return {"early_config_prune": prune}
 
@@ -462,8 +470,8 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
                 *state, partial, out, *sizes, *params, *buckets, KIND=kind, ACCUMULATE=same, **constexprs)
         for acc, statistic, rows, norms, out in finish:
             _lse_kernels.finish_gradient[(triton.cdiv(rows.shape[0], 32), triton.cdiv(d, width))](
-                acc, statistic, scale, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1),
-                BLOCK_R=32, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize)
+                acc, statistic, scale, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1), d, 1, 1,
+                BLOCK_R=32, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize, maxnreg=FINISH_REGISTERS)
     return dx, dy
 
 
