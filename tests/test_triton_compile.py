@@ -72,6 +72,11 @@ def _check(levels, failure):
         found = [f"triton {r['triton']} {r['arch']} {r['name']}: {r['error']}" for r in failed]
     else:
         found = _problems(results, failure)
+    if failure == ": spills":
+        known = [p for p in found if p.split(": ")[0] in KNOWN_SPILLS.get(tuple(levels.items()), ())]
+        found = [p for p in found if p not in known]
+        stale = set(KNOWN_SPILLS.get(tuple(levels.items()), ())) - {p.split(": ")[0] for p in known}
+        assert not stale, f"known spills that no longer spill (remove them from KNOWN_SPILLS): {sorted(stale)}"
     report = REPORT / "-".join(f"{v}-{lv}" for v, lv in levels.items()) / "report.md"
     assert not found, f"{len(found)} problems (report: {report}):\n" + "\n".join(found[:40])
 
@@ -80,6 +85,16 @@ def _check(levels, failure):
 # the last (2026-11-27): gone by chunking D for the products at 64 columns, pruning by the rows' layout, the ops
 # giving the kernels unit column strides, and the triplet kernels' warps sized to their tiles.
 KNOWN_FAILURES = {}
+# Specialisations known to spill, by the levels compiled: each must still spill (a fix fails the test until its entry
+# goes). The margin-softmax kernels with triton 3.6.0 (the GPU machine's), fp32 rows and tf32 products, W in its own
+# D x J layout, several sub-centres: two forward configs that ptxas squeezes to 128 registers, and the row pass's
+# fallback (the smallest tile) that needs more than 255 at D = 256 with dW from the same tiles. 3.7.1 compiles all
+# three without spilling.
+KNOWN_SPILLS = {tuple(DEFAULT.items()): {
+    "triton 3.6.0 sm_80 margin_softmax_forward[fp32-tf32,D=256,multi=1,w=columns,m32n16w8s2]",
+    "triton 3.6.0 sm_90a margin_softmax_forward[fp32-tf32,D=256,multi=1,w=columns,m32n16w8s2]",
+    "triton 3.6.0 sm_80 margin_softmax_backward_rows[fp32-tf32,D=256,partial=0,with_dw=1,multi=1,w=columns,m16n16w8s1]",
+}}
 
 
 @pytest.mark.parametrize("failure", [pytest.param(f, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[f])]
@@ -173,7 +188,7 @@ def test_enumeration_covers_every_launch_of_the_ops(monkeypatch):
     for variant in _aot.variants(90, "full") + _aot.variants(80, "full"):
         pointers = {k: v for k, v in variant.signature.items() if v.startswith("*")}
         constexprs = {k: v for k, v in variant.constexprs.items()
-                      if k not in _CONFIG_KEYS and not k.startswith("stride_")}
+                      if k not in _CONFIG_KEYS and not k.startswith("stride_") and k not in variant.integer_constants}
         enumerated.setdefault(variant.kernel, []).append((pointers, constexprs))
     missing, seen = [], set()
     for kernel, pointers, constexprs in launches:

@@ -507,7 +507,7 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 chosen = configs(block_d, full_d, kernel_pass, count, aligned=layout == "classes", multi=multi)
                 constexprs = dict(base, **extra)
                 if kernel_pass == "rows":
-                    constexprs["S_ON_CHIP"] = margin_softmax_ops.cosines_on_chip(torch_dtype, full_d, precision)
+                    constexprs["S_ON_CHIP"] = margin_softmax_ops.cosines_on_chip(torch_dtype, full_d)
                 for config in chosen:
                     add(kernel, dtype, acc, width_label, block_d, full_d, None, flags, config, constexprs,
                         pointers, count == "all", element=element, backward=backward,

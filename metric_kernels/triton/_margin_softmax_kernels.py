@@ -248,8 +248,8 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     the gradient itself, radial part included, in dx_ptr's dtype. WITH_DW (the default backward): each tile's
     P^T X and column sums of dS cos into dW's accumulators as well (relaxed atomics), so that the tiles are formed
     once for both gradients; finish_gradient completes dW. S_ON_CHIP: the cosines from the D block on chip (FULL_D),
-    else over D in chunks read from memory (the same products; the ops choose it for fp32 operands on the CUDA
-    cores, whose whole-D operands took more than the 255 registers a thread has: the compile proof)."""
+    else over D in chunks read from memory (the same products; the ops choose it for fp32 rows, whose whole-D
+    operands took more than the 255 registers a thread has: the compile proof)."""
     scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

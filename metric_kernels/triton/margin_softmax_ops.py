@@ -20,8 +20,8 @@ import triton
 from .._row_epilogues import stats_dtype
 from . import _lse_kernels
 from . import _margin_softmax_kernels as _kernels
-from .ops import (FALLBACK_REGISTERS, FINISH_REGISTERS, _accumulator, _configs, _device_guard, _kernel_rows, _precision, _pruner,
-                  block_d, loss_params, power_of_two_below, reference_splits, row_norms)
+from .ops import (FALLBACK_REGISTERS, FINISH_REGISTERS, _accumulator, _configs, _device_guard, _kernel_rows,
+                  _precision, _pruner, block_d, loss_params, power_of_two_below, reference_splits, row_norms)
 
 # The engine's autotune configs and pruning (ops._pruner), with these kernels' own measurements: of the configs
 # within the engine's register limits, those that a compile sweep of these kernels (triton 3.7.1, sm_80 and sm_90a,
@@ -41,8 +41,8 @@ MEASURED_SPILLS = {
                                          (32, 32, 4), (16, 64, 4), (16, 16, 8), (16, 16, 4)},
     ("forward", "unaligned", False, False): {(32, 16, 8)},
     ("forward", "unaligned", False, True): {(32, 32, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
-    ("forward", "unaligned", True, False): {(128, 32, 8), (32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4)},
-    ("forward", "unaligned", True, True): {(64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
+    ("forward", "unaligned", True, False): {(128, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4)},
+    ("forward", "unaligned", True, True): {(32, 64, 8), (64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
                                            (16, 64, 4)},
     ("forward", "unaligned-chunked", False, False): {(32, 16, 8), (16, 16, 8)},
     ("forward", "unaligned-chunked", False, True): {(32, 16, 8), (16, 16, 8)},
@@ -51,25 +51,25 @@ MEASURED_SPILLS = {
     ("forward", "unaligned-chunked", True, True): {(32, 32, 8), (32, 32, 4), (32, 16, 8), (16, 64, 4), (16, 16, 4)},
     # the compile proof's config sweep (triton 3.7.1, 2026-11-28), W in its own D x J layout, with the ceiling
     ("rows", "unaligned", False, True): {(32, 16, 8)},
-    ("rows", "unaligned", True, True): {(32, 16, 8)},
+    ("rows", "unaligned", True, True): {(32, 16, 8), (16, 16, 4)},
     ("columns", "unaligned", False, True): {(32, 16, 8)},
 }
 
 
 def _pruning(kernel_pass: str):
-    # Every config with ops.FALLBACK_REGISTERS' ceiling: without one ptxas spilled a few values of 8-warp programs to
-    # fit more blocks at 128 registers (the compile proof); the fallback (the smallest tile, 8 warps) with one stage,
-    # as with two the several-sub-centre passes in fp32 spilled (the pipeline's prefetched tiles live in registers
-    # alongside the products')
-    return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=FALLBACK_REGISTERS, fallback_stages=1,
-                   kept_registers=FALLBACK_REGISTERS)
+    # The fallback (the smallest tile, 8 warps) with one stage: with two, the several-sub-centre passes in fp32
+    # spilled (the pipeline's prefetched tiles live in registers alongside the products'). The forward's with
+    # ops.FALLBACK_REGISTERS' ceiling (without, ptxas spilled to fit more blocks at 128 registers), the backward's
+    # without (with one, ptxas spilled in more of their configs: the compile proof's sweep).
+    ceiling = FALLBACK_REGISTERS if kernel_pass == "forward" else None
+    return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=ceiling, fallback_stages=1)
 
 
-def cosines_on_chip(dtype: torch.dtype, full_d: bool, precision: str) -> bool:
-    """The row pass's S_ON_CHIP: the cosines from the D block on chip when it holds all of D, except for fp32 IEEE
-    products (CUDA cores), whose operands over the whole of D made the pass spill (the compile proof): D in chunks
-    from memory instead, the same products."""
-    return full_d and not (dtype == torch.float32 and precision == "ieee")
+def cosines_on_chip(dtype: torch.dtype, full_d: bool) -> bool:
+    """The row pass's S_ON_CHIP: the cosines from the D block on chip when it holds all of D, except for fp32 rows,
+    whose operands over the whole of D made the pass spill (the compile proof: IEEE products on the CUDA cores with
+    triton 3.7.1, tf32 ones with 3.6.0): D in chunks from memory instead, the same products."""
+    return full_d and dtype != torch.float32
 
 
 def finish_block_d(width: int, transposed: bool) -> int:
@@ -220,7 +220,7 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
                 dw_acc, dw_t = buffer(1), buffer(1)
             _backward_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits, triton.cdiv(d, width))](
                 *state, dx_acc, t, dw_acc, dw_t, *sizes, splits, *key, PARTIAL=partial, WITH_DW=with_dw,
-                S_ON_CHIP=cosines_on_chip(x.dtype, constexprs["FULL_D"], constexprs["PRECISION"]), **constexprs)
+                S_ON_CHIP=cosines_on_chip(x.dtype, constexprs["FULL_D"]), **constexprs)
         if need_dw and not with_dw:
             multi = sub_centers > 1
             blocks = triton.cdiv(d, width)

@@ -202,14 +202,12 @@ def layout(full_d: bool, aligned: bool) -> str:
     return "unaligned" if full_d else "unaligned-chunked"
 
 
-def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_REGISTERS, fallback_stages=None,
-            kept_registers=None):
+def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_REGISTERS, fallback_stages=None):
     """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
     the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS,
     fallback_registers). Another kernel family passes its own measurements (the margin-softmax kernels,
-    margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), its fallback's
-    register ceiling (None: ptxas's own choice) and stages (None: the tile's), and a register ceiling for the kept
-    configs too (kept_registers)."""
+    margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), and its fallback's
+    register ceiling (None: ptxas's own choice) and stages (None: the tile's)."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
 
@@ -231,10 +229,7 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_
         kept = [c for c in fits if estimate(c) <= limit_registers
                 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in excluded]
         if kept:
-            if kept_registers is None:
-                return kept
-            return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=kept_registers)
-                    for c in kept]
+            return kept
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
         tile = next((c for c in tiles if c.num_warps == FALLBACK_WARPS), tiles[0])
