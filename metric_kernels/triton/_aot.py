@@ -134,7 +134,7 @@ class _Rows:
 
 def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, full_d: bool = True,
                  precision: str = "ieee", aligned: bool = True, pair_value: int = 0, with_dy: bool = False,
-                 multi: Optional[bool] = None):
+                 multi: Optional[bool] = None, with_dw: bool = False):
     """ops._configs() (the GPU list) as the ops' pruner keeps it on a GPU of the architecture (its shared memory):
     ops._pruner(kernel_pass), or with `multi` (the MULTI constexpr) the margin-softmax kernels'
     (margin_softmax_ops._pruning)."""
@@ -150,7 +150,7 @@ def kept_configs(arch: int, block_d: int, element_size: int, kernel_pass: str, f
     try:
         return prune(_gpu_configs(), {"x_ptr": _Rows(element_size), "BLOCK_D": block_d, "FULL_D": full_d,
                                       "PRECISION": precision, "ALIGNED": int(aligned), "PAIR_VALUE": pair_value,
-                                      "WITH_DY": with_dy, "MULTI": bool(multi)})
+                                      "WITH_DY": with_dy, "MULTI": bool(multi), "WITH_DW": with_dw})
     finally:
         ops._shared_memory_limit = original
 
@@ -427,9 +427,10 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         widest = max((w for w in widths if w[2]), key=lambda w: w[1])[0]
         base = dict(ACC=acc_tl, PRECISION=precision)
 
-        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0, with_dy=False, multi=None):
+        def configs(block_d, full_d, kernel_pass, count, aligned=True, pair_value=0, with_dy=False, multi=None,
+                    with_dw=False):
             kept = kept_configs(arch, block_d, element, kernel_pass, full_d, precision, aligned, pair_value, with_dy,
-                                multi)
+                                multi, with_dw)
             if count == "all":
                 return kept
             backward = kernel_pass in BACKWARD_PASSES
@@ -504,7 +505,8 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 count = _selection(level, dtype, primary, neighbour, width_label, widest)
                 if not count:
                     continue
-                chosen = configs(block_d, full_d, kernel_pass, count, aligned=layout == "classes", multi=multi)
+                chosen = configs(block_d, full_d, kernel_pass, count, aligned=layout == "classes", multi=multi,
+                                 with_dw=extra.get("WITH_DW", False))
                 constexprs = dict(base, **extra)
                 if kernel_pass == "rows":
                     constexprs["S_ON_CHIP"] = margin_softmax_ops.cosines_on_chip(torch_dtype, full_d)

@@ -40,28 +40,35 @@ MEASURED_SPILLS = {
     ("forward", "chunked", True, True): {(64, 64, 4), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 8),
                                          (32, 32, 4), (16, 64, 4), (16, 16, 8), (16, 16, 4)},
     ("forward", "unaligned", False, False): {(32, 16, 8)},
-    ("forward", "unaligned", False, True): {(32, 32, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
-    ("forward", "unaligned", True, False): {(128, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4)},
-    ("forward", "unaligned", True, True): {(32, 64, 8), (64, 32, 8), (64, 32, 4), (32, 64, 4), (32, 32, 8), (32, 32, 4),
-                                           (16, 64, 4)},
+    ("forward", "unaligned", False, True): {(32, 64, 8), (32, 32, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("forward", "unaligned", True, False): {(128, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 32, 4),
+                                            (16, 64, 4)},
+    ("forward", "unaligned", True, True): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4),
+                                           (32, 32, 8), (32, 32, 4), (32, 16, 8), (16, 64, 4), (16, 16, 8),
+                                           (16, 16, 4)},
     ("forward", "unaligned-chunked", False, False): {(32, 16, 8), (16, 16, 8)},
     ("forward", "unaligned-chunked", False, True): {(32, 16, 8), (16, 16, 8)},
     ("forward", "unaligned-chunked", True, False): {(64, 32, 8), (32, 64, 8), (32, 32, 8), (32, 32, 4), (32, 16, 8),
                                                     (16, 16, 8), (16, 16, 4)},
-    ("forward", "unaligned-chunked", True, True): {(32, 32, 8), (32, 32, 4), (32, 16, 8), (16, 64, 4), (16, 16, 4)},
-    # the compile proof's config sweep (triton 3.7.1, 2026-11-28), W in its own D x J layout, with the ceiling
-    ("rows", "unaligned", False, True): {(32, 16, 8)},
-    ("rows", "unaligned", True, True): {(32, 16, 8), (16, 16, 4)},
-    ("columns", "unaligned", False, True): {(32, 16, 8)},
+    ("forward", "unaligned-chunked", True, True): {(64, 32, 8), (32, 64, 8), (32, 32, 8), (32, 32, 4), (32, 16, 8),
+                                                   (16, 64, 4), (16, 16, 8), (16, 16, 4)},
+    # the compile proof's config sweeps (triton 3.7.1 and 3.6.0, 2026-11-28), W in its own D x J layout
+    ("rows", "unaligned", False, True): {(32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("rows", "unaligned", True, True): {(32, 32, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("rows", "unaligned-chunked", False, True): {(16, 16, 8)},
+    ("columns", "unaligned", False, True): {(32, 16, 8), (16, 16, 8), (16, 16, 4)},
+    ("columns", "unaligned", True, True): {(32, 32, 8), (32, 16, 8), (16, 16, 8), (16, 16, 4)},
 }
 
 
 def _pruning(kernel_pass: str):
     # The fallback (the smallest tile, 8 warps) with one stage: with two, the several-sub-centre passes in fp32
-    # spilled (the pipeline's prefetched tiles live in registers alongside the products'). The forward's with
-    # ops.FALLBACK_REGISTERS' ceiling (without, ptxas spilled to fit more blocks at 128 registers), the backward's
-    # without (with one, ptxas spilled in more of their configs: the compile proof's sweep).
-    ceiling = FALLBACK_REGISTERS if kernel_pass == "forward" else None
+    # spilled (the pipeline's prefetched tiles live in registers alongside the products'). With the engine's
+    # register ceiling: without one, ptxas spilled to fit more blocks at 80 or 128 registers; except for the row
+    # pass with dW at the widest D block, which needs more than 255 with fp32 rows and spilled with the ceiling
+    # but not without (the compile proof's sweep).
+    def ceiling(args):
+        return None if args.get("WITH_DW") and args["BLOCK_D"] >= 256 else FALLBACK_REGISTERS
     return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=ceiling, fallback_stages=1)
 
 
@@ -154,8 +161,8 @@ def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         sizes, key, constexprs = _launch_args(x, weight, sub_centers)
         with _device_guard(x):
             _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
-                x, weight, row_norms(x), _by_sub_centre(row_norms(weight.t()), sub_centers), labels, loss_params(scale, 0.0, x), lse,
-                target, *sizes, splits, *key, **constexprs)
+                x, weight, row_norms(x), _by_sub_centre(row_norms(weight.t()), sub_centers), labels,
+                loss_params(scale, 0.0, x), lse, target, *sizes, splits, *key, **constexprs)
     return torch.stack([lse[0] if splits == 1 else torch.logsumexp(lse, dim=0), target])
 
 

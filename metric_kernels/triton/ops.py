@@ -207,7 +207,8 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_
     the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS,
     fallback_registers). Another kernel family passes its own measurements (the margin-softmax kernels,
     margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), and its fallback's
-    register ceiling (None: ptxas's own choice) and stages (None: the tile's)."""
+    register ceiling (None: ptxas's own choice; or a function of the launch's arguments) and stages (None: the
+    tile's)."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
 
@@ -233,8 +234,9 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
         tile = next((c for c in tiles if c.num_warps == FALLBACK_WARPS), tiles[0])
+        registers = fallback_registers(args) if callable(fallback_registers) else fallback_registers
         return [triton.Config(tile.kwargs, num_warps=tile.num_warps, num_stages=fallback_stages or tile.num_stages,
-                              maxnreg=None if args.get("WITH_DY") else fallback_registers)]
+                              maxnreg=None if args.get("WITH_DY") else registers)]
     return {"early_config_prune": prune}
 
 
