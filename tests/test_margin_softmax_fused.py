@@ -301,8 +301,10 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("loss", ["arcface", "subcenter_arcface"])
-def test_on_a_gpu(backend, dtype, loss):
-    """The GPU kernels against the float64 reference on the CPU (IEEE fp32 products; bf16 at the half accuracy)."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_on_a_gpu(backend, dtype, loss, deterministic):
+    """The GPU kernels against the float64 reference on the CPU (IEEE fp32 products; bf16 at the half accuracy), in
+    both backward modes (Triton's default takes dW through atomics)."""
     reason = mk.available_backends("cuda")[backend]
     if reason is not None:
         pytest.fail(f"backend {backend!r} is not usable on this GPU machine: {reason}")
@@ -313,7 +315,7 @@ def test_on_a_gpu(backend, dtype, loss):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        value = _run(loss, x, labels.cuda(), weight, backend, **params)
+        value = _run(loss, x, labels.cuda(), weight, backend, deterministic=deterministic, **params)
         ours = grads(value, [x, weight])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
