@@ -24,7 +24,8 @@ the widest D; the heavy test and the committed report).
 What is compiled is the launch of contiguous rows: unit stride along D (Triton specialises an integer 1 to a
 constant), 16-byte aligned pointers, D and row strides divisible by 16; plus, from "ci" up, one unaligned launch
 (strides as integers, no divisibility). Integers are i32 (Triton's type for values below 2^31), pointers typed by
-what the ops pass (_pointer_types).
+what the ops pass (_pointer_types). The margin-softmax kernels are compiled with W in both of its layouts (its own
+D x J storage and a transposed J x D view: _classifier_integers) and with one sub-centre or several.
 """
 from __future__ import annotations
 
