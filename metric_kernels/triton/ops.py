@@ -202,13 +202,19 @@ def layout(full_d: bool, aligned: bool) -> str:
     return "unaligned" if full_d else "unaligned-chunked"
 
 
-def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_REGISTERS, fallback_stages=None):
+def _engine_fallback_registers(args) -> Optional[int]:
+    """The fallback's register ceiling for the engine's kernels: FALLBACK_REGISTERS, none for the row pass that
+    forms dY (WITH_DY; above)."""
+    return None if args.get("WITH_DY") else FALLBACK_REGISTERS
+
+
+def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=_engine_fallback_registers,
+            fallback_stages=None):
     """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
-    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS,
-    fallback_registers). Another kernel family passes its own measurements (the margin-softmax kernels,
-    margin_softmax_ops): measured_spills by (pass, layout, tensor cores, the MULTI constexpr), and its fallback's
-    register ceiling (None: ptxas's own choice; or a function of the launch's arguments) and stages (None: the
-    tile's)."""
+    the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS, the register
+    ceiling fallback_registers(launch arguments) gives, None for ptxas's own choice). Another kernel family passes
+    its own measurements (the margin-softmax kernels, margin_softmax_ops): measured_spills by (pass, layout, tensor
+    cores, the MULTI constexpr), its fallback's register ceiling and stages (None: the tile's)."""
     backward = kernel_pass in ("rows", "columns")
     limits_pass = "backward" if backward else kernel_pass
 
@@ -234,9 +240,8 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=FALLBACK_
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
         tile = next((c for c in tiles if c.num_warps == FALLBACK_WARPS), tiles[0])
-        registers = fallback_registers(args) if callable(fallback_registers) else fallback_registers
         return [triton.Config(tile.kwargs, num_warps=tile.num_warps, num_stages=fallback_stages or tile.num_stages,
-                              maxnreg=None if args.get("WITH_DY") else registers)]
+                              maxnreg=fallback_registers(args))]
     return {"early_config_prune": prune}
 
 
