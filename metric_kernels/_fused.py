@@ -7,7 +7,8 @@ per-row loss functions built on them. A fused backend provides three ops, named 
     lse_rows_backward(grad [4, N], stats, x, y?, x_labels, y_labels, self_offset, kind, pair_value, param_a,
                       param_b, deterministic, need_dx, need_dy) -> (dx, dy)   (an unneeded gradient has 0 rows;
                       y = None: the references are the queries, dx holds the whole gradient)
-    batch_hard_select(x, y, x_labels, y_labels, self_offset) -> [2, N] int64 (-1: none)
+    batch_hard_select(x, y, x_labels, y_labels, self_offset) -> [2, N] int64 (-1: none), or [4, N] where the
+        products are tf32 (the rows class's selection_rows): each side's runner-up in rows 2 and 3
 
 with self_offset -1 for "no query is a reference" and pair_value what a pair contributes (metric_kernels/_pairs.py:
 the dot product, or minus the squared or plain Euclidean distance). The statistics are those of csrc/epilogue.h
@@ -37,9 +38,9 @@ from __future__ import annotations
 import torch
 
 from ._pairs import SIMILARITY, pair_counts
-from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, multi_similarity_from_stats,
-                             proxy_anchor_from_stats, stats_dtype, supcon_from_stats, triplet_backward_inputs,
-                             triplet_losses)
+from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, hardest_triplet_losses,
+                             multi_similarity_from_stats, proxy_anchor_from_stats, stats_dtype, supcon_from_stats,
+                             triplet_backward_inputs)
 
 KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
 STAT_ROWS = 4  # statistics per query row (csrc/epilogue.h)
@@ -64,8 +65,9 @@ def fake_gradients(x, y, need_dx: bool, need_dy: bool):
             y.new_empty((y.shape[0] if need_dy else 0, y.shape[1])))
 
 
-def register_ops(prefix: str) -> None:
-    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_* ops."""
+def register_ops(prefix: str, selection_rows=lambda x, *options: 2) -> None:
+    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_* ops;
+    selection_rows(x, *options) is how many rows batch_hard_select answers (its options after self_offset)."""
     forward, backward, select = (f"metric_kernels::{prefix}_{op}"
                                  for op in ("lse_rows", "lse_rows_backward", "batch_hard_select"))
     backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_lse_rows_backward")
@@ -81,7 +83,7 @@ def register_ops(prefix: str) -> None:
 
     @torch.library.register_fake(select)
     def _(x, y, x_labels, y_labels, self_offset, *options):  # triton's also takes `normalize`
-        return x.new_empty((2, x.shape[0]), dtype=torch.int64)
+        return x.new_empty((selection_rows(x, *options), x.shape[0]), dtype=torch.int64)
 
     def setup_context(ctx, inputs, output):
         x, y, x_labels, y_labels = inputs[:4]
@@ -185,6 +187,12 @@ class FusedRows:
         self._margin_softmax = getattr(torch.ops.metric_kernels, f"{prefix}_margin_softmax_rows", None)
 
     @staticmethod
+    def selection_rows(x, *options) -> int:
+        """Rows of the backend's batch_hard_select answer (options: the op's arguments after self_offset): 2 where
+        its products are exact enough to rank on, 4 (runners-up too) for tf32 products."""
+        return 2
+
+    @staticmethod
     def _offset(self_offset):
         return -1 if self_offset is None else self_offset
 
@@ -245,7 +253,20 @@ class FusedRows:
         return stats[0], stats[1]
 
 
-class CudaKernelRows(FusedRows):
+class RawRows(FusedRows):
+    """The fused per-row functions of a backend whose kernels take the raw rows: batch-hard normalises (when asked)
+    inside its selection kernel too, and its chosen distances come from the backend's own kernel
+    (self._triplet_distances, the <prefix>_triplet_distances op) rather than normalised or upcast N x D copies."""
+
+    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
+        choices = self._choices(x, y, x_labels, y_labels, self_offset, normalize)
+        references = None if y is x else y
+        return hardest_triplet_losses(
+            choices, lambda positive, negative: self._triplet_distances(x, references, positive, negative, normalize),
+            margin, soft)
+
+
+class CudaKernelRows(RawRows):
     """The per-row functions over the CUDA kernels' ops (backends "cuda" and "cuda-emulated"), which are built on
     torch's stable ABI and so cannot read torch's global settings: each call passes them. fp32 tiles go to tensor
     cores in tf32 only where torch allows tf32 matmuls (torch.backends.cuda.matmul.allow_tf32, also set by
@@ -267,12 +288,9 @@ class CudaKernelRows(FusedRows):
     def _choices(self, x, y, x_labels, y_labels, self_offset, *options):
         return super()._choices(x, y, x_labels, y_labels, self_offset, *options, torch.backends.cuda.matmul.allow_tf32)
 
-    def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
-        # the chosen distances from a kernel over the raw rows (triplet.cu): no normalised or upcast N x D copies
-        choices = self._choices(x, y, x_labels, y_labels, self_offset, normalize)
-        distances = self._triplet_distances(x, None if y is x else y, choices[0].clamp(min=0),
-                                            choices[1].clamp(min=0), normalize)
-        return triplet_losses(distances[0], distances[1], choices[0], choices[1], margin, soft)
+    @staticmethod
+    def selection_rows(x, normalize=True, allow_tf32=False) -> int:
+        return 4 if allow_tf32 and x.dtype == torch.float32 else 2
 
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, **options):
         # the classifiers' backward has no atomic path: deterministic either way
@@ -290,7 +308,7 @@ def fused_backend(prefix: str, namespace: dict, rows_class=FusedRows, names=ROW_
     """Registers the <prefix>_* ops' fake implementations and autograd, and puts the backend contract's per-row
     functions over them (`names`, of ROW_FUNCTIONS and CLASSIFIER_ROWS: those the backend's kernels compute) into
     `namespace`, the backend module's globals(). CLASSIFIER_ROWS among them registers the margin-softmax ops too."""
-    register_ops(prefix)
+    register_ops(prefix, rows_class.selection_rows)
     if CLASSIFIER_ROWS in names:
         register_margin_softmax_ops(prefix)
     rows = rows_class(prefix)

@@ -58,6 +58,30 @@ def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, so
     return triplet_losses(positive_distance, negative_distance, hardest_positive, hardest_negative, margin, soft)
 
 
+def hardest_triplet_losses(choices, distances, margin, soft):
+    """Losses of batch-hard's chosen triplets from a selection op's choices ([2, N]: farthest positive, nearest
+    negative, -1 for none; or [4, N] from a selection on tf32 products, rows 2 and 3 each side's runner-up) and
+    `distances(positive, negative)` -> [2, N], the chosen distances of in-range indices computed from the rows
+    (differentiable). tf32's error can swap two near-tied candidates, so a runner-up replaces its leader where its
+    distance as `distances` computes it is better, or equal at a lower index: the tf32 ranking only decides which
+    two are compared. The candidates' distances are taken without autograd; the chosen pairs' once more with it."""
+    positive, negative = choices[0], choices[1]
+    if choices.shape[0] == 4:
+        with torch.no_grad():
+            leaders = distances(positive.clamp(min=0), negative.clamp(min=0))
+            runners_up = distances(choices[2].clamp(min=0), choices[3].clamp(min=0))
+        positive = _better_candidate(positive, leaders[0], choices[2], runners_up[0], farthest=True)
+        negative = _better_candidate(negative, leaders[1], choices[3], runners_up[1], farthest=False)
+    chosen = distances(positive.clamp(min=0), negative.clamp(min=0))
+    return triplet_losses(chosen[0], chosen[1], positive, negative, margin, soft)
+
+
+def _better_candidate(leader, leader_distance, runner_up, runner_up_distance, farthest: bool):
+    better = runner_up_distance > leader_distance if farthest else runner_up_distance < leader_distance
+    tie = (runner_up_distance == leader_distance) & (runner_up < leader)
+    return torch.where((runner_up >= 0) & (better | tie), runner_up, leader)
+
+
 def triplet_backward_inputs(grad, distances, positive, negative, references: int, own_entries: bool = False):
     """What the chosen-distance kernels' backward takes besides the rows (the Triton and CUDA ones alike): the
     coefficients g / d of the 2 N chosen distances (0 where d = 0: ||u - v|| has gradient 0 there, as torch.cdist),

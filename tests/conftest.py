@@ -7,8 +7,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
-    from metric_kernels.triton._interpreter import exact_bf16_dots
+    from metric_kernels.triton._interpreter import tensor_core_dots
 except ImportError:  # Triton not installed: the triton tests report that themselves
     pass
 else:
-    exact_bf16_dots()
+    tensor_core_dots()

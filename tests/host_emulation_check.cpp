@@ -323,7 +323,7 @@ int kernels(Operand operand, std::mt19937& rng) {
       }
     }
   }
-  std::vector<int64_t> choices(2 * n);
+  std::vector<int64_t> choices(batch_hard_choice_rows(operand) * n);
   CudaPairRowsParams p{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, 3, 0, 0, 0, operand};
   p.x_sq = x_sq.data(), p.y_sq = y_sq.data();
   errors += batch_hard_select(p, choices.data(), nullptr) != 0;

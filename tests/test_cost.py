@@ -161,7 +161,7 @@ def test_counters_count_a_known_kernel_exactly():
     assert total.bytes_loaded == programs * (n * k * 2 + k * block * 2)  # masked rows of x are not loaded
     assert total.bytes_stored == programs * n * block * 4
     assert (total.atomic_elements, total.atomic_bytes) == (programs * n, programs * n * 4)
-    # the counted run still computes exact bf16 products (exact_bf16_dots keeps working under the wrapper)
+    # the counted run still computes exact bf16 products (tensor_core_dots keeps working under the wrapper)
     expected = x.float() @ y.float()
     torch.testing.assert_close(out[:n], expected[:n], rtol=1e-6, atol=1e-6)
     assert torch.equal(sums[:n], torch.full((n,), float(programs * block)))

@@ -16,8 +16,10 @@ int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream);
 // p.atomic: dY is added from the dX pass with atomics (the caller zeroes dy; when dy is dx, dx is zeroed too).
 int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
 
-// choices: 2 x N int64, the farthest positive and nearest negative per query (-1: none), ties to the lowest index,
-// by the squared distances from p.x_sq and p.y_sq (of the normalised rows where p.normalize).
+// choices: batch_hard_choice_rows(p.operand) x N int64, the farthest positive and nearest negative per query (-1:
+// none), ties to the lowest index, by the squared distances from p.x_sq and p.y_sq (of the normalised rows where
+// p.normalize); for tf32 products (whose error can swap near-tied candidates) rows 2 and 3 hold their runners-up.
+int64_t batch_hard_choice_rows(Operand operand);
 int batch_hard_select(const CudaPairRowsParams& p, int64_t* choices, void* stream);
 
 // out: 2 x N in the accumulation type, ||u_i - v_positive(i)|| then ||u_i - v_negative(i)|| (direct differences).

@@ -230,9 +230,9 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
   const Tensor& x = rows.x;
   const OnDeviceOf on_device_of(x);
   const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, true);
-  Tensor choices = uninitialized(x, {2, x.size(0)}, ScalarType::Long);
-  check_launch(cuda::batch_hard_select(make_params(rows, norms, self_offset, 0, 0, 0, 0, normalize, allow_tf32),
-                                       choices.mutable_data_ptr<int64_t>(), current_stream(x)),
+  const CudaPairRowsParams params = make_params(rows, norms, self_offset, 0, 0, 0, 0, normalize, allow_tf32);
+  Tensor choices = uninitialized(x, {cuda::batch_hard_choice_rows(params.operand), x.size(0)}, ScalarType::Long);
+  check_launch(cuda::batch_hard_select(params, choices.mutable_data_ptr<int64_t>(), current_stream(x)),
                "batch_hard_select");
   return choices;
 }

@@ -151,13 +151,13 @@ def count_interpreter(counts: InterpreterCounts):
     """Counts every kernel launched under Triton's interpreter inside the block, by wrapping (never replacing) the
     interpreter builder's methods, and restores them after.
 
-    The dot wrapper is installed outermost, over exact_bf16_dots' patch (applied first, so bf16 results stay exact),
+    The dot wrapper is installed outermost, over tensor_core_dots' patch (applied first, so bf16 results stay exact),
     because that patch widens bf16 operands to fp32 before the interpreter's own dot: the dtype recorded is the one
     the kernel passes, as a GPU would see it. Loads and stores are counted once, where their mask is known (below)."""
     from triton.runtime import interpreter
-    from ..triton._interpreter import exact_bf16_dots
+    from ..triton._interpreter import tensor_core_dots
 
-    exact_bf16_dots()
+    tensor_core_dots()
     builder = interpreter.InterpreterBuilder
     saved = {}
 
@@ -167,7 +167,7 @@ def count_interpreter(counts: InterpreterCounts):
             return
         saved[(owner, name)] = original
         wrapper = make(original)
-        for attribute, value in getattr(original, "__dict__", {}).items():  # e.g. exact_bf16_dots' _widens_bf16
+        for attribute, value in getattr(original, "__dict__", {}).items():  # e.g. tensor_core_dots' _as_tensor_cores
             setattr(wrapper, attribute, value)
         setattr(owner, name, wrapper)
 
@@ -347,10 +347,10 @@ def prepare_interpreter() -> bool:
     except ImportError:
         raise RuntimeError("the cost report needs Triton (pip install triton)") from None
     from ..triton import _lse_kernels
-    from ..triton._interpreter import exact_bf16_dots
+    from ..triton._interpreter import tensor_core_dots
     if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(_lse_kernels.row_norms, InterpretedFunction):
         return False
-    exact_bf16_dots()
+    tensor_core_dots()
     return True
 
 

@@ -13,22 +13,18 @@ PAIR_VALUES = (0, 1, 2)  # the dot product and both Euclidean distances (metric_
 
 _installed = importlib.util.find_spec("triton") is not None
 if _installed:
-    from .._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, FusedRows, fused_backend
-    from .._row_epilogues import triplet_losses
+    from .._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, RawRows, fused_backend
     from . import margin_softmax_ops  # noqa: F401  (defines the metric_kernels::triton_margin_softmax_* ops)
-    from .ops import interpreting, triplet_distances  # defines the metric_kernels::triton_* ops
+    from .ops import interpreting, selection_rows, triplet_distances  # defines the metric_kernels::triton_* ops
 
-    class _RawRows(FusedRows):
-        """The fused per-row functions on raw rows: batch-hard normalises (when asked) inside its kernels too, and
-        its chosen distances come from a kernel rather than N x D temporaries."""
+    class _TritonRows(RawRows):
+        _triplet_distances = staticmethod(triplet_distances)
 
-        def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic, normalize):
-            choices = self._select(x.detach(), y.detach(), x_labels, y_labels, self._offset(self_offset), normalize)
-            distances = triplet_distances(x, None if y is x else y, choices[0].clamp(min=0), choices[1].clamp(min=0),
-                                          normalize)
-            return triplet_losses(distances[0], distances[1], choices[0], choices[1], margin, soft)
+        @staticmethod
+        def selection_rows(x, *options) -> int:
+            return selection_rows(x.dtype)
 
-    fused_backend("triton", globals(), _RawRows, names=ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
+    fused_backend("triton", globals(), _TritonRows, names=ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
 
 
 def unavailable_reason(device: torch.device):

@@ -9,12 +9,55 @@ as its epilogue:
 with r = 1 / max(||row||, eps) when normalising, else 1.
 
 Only the two indices (and their distances, for the merge of splits) per row leave the chip; the loss and its O(N D)
-backward are computed from the chosen pairs (metric_kernels/_row_epilogues.py).
+backward are computed from the chosen pairs (metric_kernels/_row_epilogues.py). With tf32 products two candidates
+whose distances differ by less than tf32's error can swap, so there each side also keeps its runner-up, and the
+caller chooses between the two on exact distances (_row_epilogues.hardest_triplet_losses).
 """
 import triton
 import triton.language as tl
 
 from ._lse_kernels import _column_range, _dot_tile, _load_rows, _pair_masks, _row_scales
+
+
+@triton.jit
+def _keep_best_two(best, best_at, second, second_at, tile_best, tile_best_at, tile_second, tile_second_at,
+                   LARGER: tl.constexpr, RUNNERS_UP: tl.constexpr):
+    """The running best (and, when RUNNERS_UP, second best) of a row with a later tile's own best two folded in.
+    The running ones hold lower indices, so only a strictly better value replaces one: ties go to the lowest index,
+    as torch.argmax's do; an entry of the tile masked to -inf / +inf is never better."""
+    better = tile_best > best if LARGER else tile_best < best
+    if RUNNERS_UP:
+        # a new best pushes the old one to second place unless the tile's own second beats it; otherwise the
+        # tile's best may still take second place
+        tile_second_better = tile_second > best if LARGER else tile_second < best
+        tile_best_second = tile_best > second if LARGER else tile_best < second
+        second_pick = tl.where(better, tl.where(tile_second_better, tile_second, best),
+                               tl.where(tile_best_second, tile_best, second))
+        second_at = tl.where(better, tl.where(tile_second_better, tile_second_at, best_at),
+                             tl.where(tile_best_second, tile_best_at, second_at))
+        second = second_pick
+    best = tl.where(better, tile_best, best)
+    best_at = tl.where(better, tile_best_at, best_at)
+    return best, best_at, second, second_at
+
+
+@triton.jit
+def _best_two_of_tile(values, cols, n0, LARGER: tl.constexpr, RUNNERS_UP: tl.constexpr):
+    """Per row of a tile, its best value and column (the first of equal values) and, when RUNNERS_UP, the best of
+    the others (the tile's best masked out)."""
+    worst = float("-inf") if LARGER else float("inf")
+    if LARGER:
+        best, best_at = tl.max(values, axis=1, return_indices=True)
+    else:
+        best, best_at = tl.min(values, axis=1, return_indices=True)
+    second, second_at = best, best_at
+    if RUNNERS_UP:
+        others = tl.where(cols[None, :] == n0 + best_at[:, None].to(tl.int64), worst, values)
+        if LARGER:
+            second, second_at = tl.max(others, axis=1, return_indices=True)
+        else:
+            second, second_at = tl.min(others, axis=1, return_indices=True)
+    return best, n0 + best_at.to(tl.int64), second, n0 + second_at.to(tl.int64)
 
 
 @triton.jit
@@ -24,7 +67,9 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr, NORMALIZE: tl.constexpr):
     """value/choice[split, 0, rows]: farthest positive (squared distance, index); [split, 1, rows]: nearest negative,
-    over the references of program_id(1)'s split. -1 (and -inf / +inf) where the split holds none."""
+    over the references of program_id(1)'s split. -1 (and -inf / +inf) where the split holds none. With tf32
+    products also [split, 2, rows] and [split, 3, rows]: each side's runner-up."""
+    RUNNERS_UP: tl.constexpr = PRECISION == "tf32"
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -35,6 +80,8 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
     far_positive_index = tl.full((BLOCK_M,), -1, tl.int64)
     near_negative = tl.full((BLOCK_M,), float("inf"), ACC)
     near_negative_index = tl.full((BLOCK_M,), -1, tl.int64)
+    second_positive, second_positive_index = far_positive, far_positive_index
+    second_negative, second_negative_index = near_negative, near_negative_index
     start, stop = _column_range(split, M, SPLIT, BLOCK_N)
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -45,18 +92,20 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
         positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
         squared = x_length[:, None] + y_length[None, :] - 2 * dot * x_inverse[:, None] * y_inverse[None, :]
-        # Within a tile tl.argmax / argmin take the first of equal values; across tiles only a strictly better value
-        # replaces the running one, so ties go to the lowest index, as torch.argmax does.
-        tile_far, tile_far_at = tl.max(tl.where(positive, squared, float("-inf")), axis=1, return_indices=True)
-        better = tile_far > far_positive  # masked entries are -inf and never better
-        far_positive = tl.where(better, tile_far, far_positive)
-        far_positive_index = tl.where(better, n0 + tile_far_at.to(tl.int64), far_positive_index)
-        tile_near, tile_near_at = tl.min(tl.where(negative, squared, float("inf")), axis=1, return_indices=True)
-        better = tile_near < near_negative
-        near_negative = tl.where(better, tile_near, near_negative)
-        near_negative_index = tl.where(better, n0 + tile_near_at.to(tl.int64), near_negative_index)
-    offset = split.to(tl.int64) * 2 * N + rows
+        tile = _best_two_of_tile(tl.where(positive, squared, float("-inf")), cols, n0, True, RUNNERS_UP)
+        far_positive, far_positive_index, second_positive, second_positive_index = _keep_best_two(
+            far_positive, far_positive_index, second_positive, second_positive_index, *tile, True, RUNNERS_UP)
+        tile = _best_two_of_tile(tl.where(negative, squared, float("inf")), cols, n0, False, RUNNERS_UP)
+        near_negative, near_negative_index, second_negative, second_negative_index = _keep_best_two(
+            near_negative, near_negative_index, second_negative, second_negative_index, *tile, False, RUNNERS_UP)
+    sides = 4 if RUNNERS_UP else 2
+    offset = split.to(tl.int64) * sides * N + rows
     tl.store(value_ptr + offset, far_positive, mask=rows < N)
     tl.store(value_ptr + offset + N, near_negative, mask=rows < N)
     tl.store(choice_ptr + offset, far_positive_index, mask=rows < N)
     tl.store(choice_ptr + offset + N, near_negative_index, mask=rows < N)
+    if RUNNERS_UP:
+        tl.store(value_ptr + offset + 2 * N, second_positive, mask=rows < N)
+        tl.store(value_ptr + offset + 3 * N, second_negative, mask=rows < N)
+        tl.store(choice_ptr + offset + 2 * N, second_positive_index, mask=rows < N)
+        tl.store(choice_ptr + offset + 3 * N, second_negative_index, mask=rows < N)

@@ -44,8 +44,9 @@ def _accumulator(dtype: torch.dtype):
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's float32 matmul precision: tf32 only where torch allows it. 16-bit operands always
-    run on tensor cores; fp64 is exact."""
-    if dtype == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
+    run on tensor cores; fp64 is exact. Under the interpreter too (its tf32 dots are rounded by the test shim,
+    metric_kernels/triton/_interpreter.py)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
@@ -481,22 +482,39 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
 def batch_hard_select(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor, y_labels: torch.Tensor,
                       self_offset: int, normalize: bool = True) -> torch.Tensor:
     """[2, N]: per query the farthest positive and nearest negative reference (-1: none), on the raw rows,
-    normalised inside the kernel when `normalize`."""
+    normalised inside the kernel when `normalize`; [4, N] when the products are tf32 (selection_rows): rows 2 and
+    3 hold each side's runner-up, for a choice on exact distances."""
     x, y, n, x_norms, y_norms, splits = _walk_setup(x, y)
-    values = torch.empty((splits, 2, n), dtype=stats_dtype(x.dtype), device=x.device)
-    choices = torch.empty((splits, 2, n), dtype=torch.int64, device=x.device)
+    sides = selection_rows(x.dtype)
+    values = torch.empty((splits, sides, n), dtype=stats_dtype(x.dtype), device=x.device)
+    choices = torch.empty((splits, sides, n), dtype=torch.int64, device=x.device)
     sizes, constexprs = _shape_args(x, y)
     with _device_guard(x):
         _batch_hard[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             x, y, x_norms, y_norms, x_labels, y_labels, values, choices, *sizes, self_offset, splits,
             *tuning_key(x, y), NORMALIZE=normalize, **constexprs)
-    if splits == 1:
-        return choices[0]
-    # Splits hold ascending reference ranges: the first split with the best value has the lowest index among ties.
-    # A split that saw none holds -inf (farthest) / +inf (nearest) and index -1.
-    far = values[:, 0].argmax(dim=0, keepdim=True)
-    near = values[:, 1].argmin(dim=0, keepdim=True)
-    return torch.cat([choices[:, 0].gather(0, far), choices[:, 1].gather(0, near)])
+    return choices[0] if splits == 1 else merge_selections(values, choices)
+
+
+def selection_rows(dtype: torch.dtype) -> int:
+    """Rows of batch_hard_select's answer for rows of this dtype: 4 (leaders and runners-up) when the products are
+    tf32, else 2."""
+    return 4 if _precision(dtype) == "tf32" else 2
+
+
+def merge_selections(values: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """The best one (or two, with runners-up) per side of every split's candidates, values and choices
+    [splits, 2 or 4, N]. Candidates in (split, rank) order hold ascending indices among equal values (the splits
+    cover ascending reference ranges, and a split's leader precedes its runner-up on a tie), so a stable sort
+    keeps ties at the lowest index; a split that saw none holds -inf (farthest) / +inf (nearest) and index -1."""
+    sides, n = values.shape[1], values.shape[2]
+    kept = sides // 2
+    merged = []
+    for side, farthest in ((0, True), (1, False)):
+        order = torch.sort(values[:, side::2].reshape(-1, n), dim=0, descending=farthest, stable=True).indices
+        merged.append(choices[:, side::2].reshape(-1, n).gather(0, order[:kept]))
+    # rows: farthest leader, nearest leader, then the runners-up in the same order
+    return torch.stack([merged[0], merged[1]], dim=1).reshape(sides, n)
 
 
 # Values of a triplet kernel's tile in 32-bit registers per thread: the kernels keep three or four such tiles live
