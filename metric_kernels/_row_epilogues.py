@@ -70,13 +70,15 @@ def hardest_triplet_losses(choices, distances, margin, soft):
         with torch.no_grad():
             leaders = distances(positive.clamp(min=0), negative.clamp(min=0))
             runners_up = distances(choices[2].clamp(min=0), choices[3].clamp(min=0))
-        positive = _better_candidate(positive, leaders[0], choices[2], runners_up[0], farthest=True)
-        negative = _better_candidate(negative, leaders[1], choices[3], runners_up[1], farthest=False)
+        positive = better_candidate(positive, leaders[0], choices[2], runners_up[0], farthest=True)
+        negative = better_candidate(negative, leaders[1], choices[3], runners_up[1], farthest=False)
     chosen = distances(positive.clamp(min=0), negative.clamp(min=0))
     return triplet_losses(chosen[0], chosen[1], positive, negative, margin, soft)
 
 
-def _better_candidate(leader, leader_distance, runner_up, runner_up_distance, farthest: bool):
+def better_candidate(leader, leader_distance, runner_up, runner_up_distance, farthest: bool):
+    """Per query the leader, or its runner-up where that one's distance is better (farther for the positive side),
+    or equal at a lower index (the order every selection keeps); a runner-up of -1 (none) never replaces."""
     better = runner_up_distance > leader_distance if farthest else runner_up_distance < leader_distance
     tie = (runner_up_distance == leader_distance) & (runner_up < leader)
     return torch.where((runner_up >= 0) & (better | tie), runner_up, leader)

@@ -42,21 +42,23 @@ def _keep_best_two(best, best_at, second, second_at, tile_best, tile_best_at, ti
 
 
 @triton.jit
-def _best_two_of_tile(values, cols, n0, LARGER: tl.constexpr, RUNNERS_UP: tl.constexpr):
-    """Per row of a tile, its best value and column (the first of equal values) and, when RUNNERS_UP, the best of
-    the others (the tile's best masked out)."""
+def _best_two_of_tile(squared, candidates, n0, BLOCK_N: tl.constexpr, LARGER: tl.constexpr,
+                      RUNNERS_UP: tl.constexpr):
+    """Per row of a tile, the best of `squared` among `candidates` and its column (the first of equal values) and,
+    when RUNNERS_UP, the best of the others. Masks are formed from squared and the tile's own 32-bit columns, so no
+    masked copy or 64-bit index tile stays live beside it."""
     worst = float("-inf") if LARGER else float("inf")
     if LARGER:
-        best, best_at = tl.max(values, axis=1, return_indices=True)
+        best, best_at = tl.max(tl.where(candidates, squared, worst), axis=1, return_indices=True)
     else:
-        best, best_at = tl.min(values, axis=1, return_indices=True)
+        best, best_at = tl.min(tl.where(candidates, squared, worst), axis=1, return_indices=True)
     second, second_at = best, best_at
     if RUNNERS_UP:
-        others = tl.where(cols[None, :] == n0 + best_at[:, None].to(tl.int64), worst, values)
+        others = candidates & (tl.arange(0, BLOCK_N)[None, :] != best_at[:, None])
         if LARGER:
-            second, second_at = tl.max(others, axis=1, return_indices=True)
+            second, second_at = tl.max(tl.where(others, squared, worst), axis=1, return_indices=True)
         else:
-            second, second_at = tl.min(others, axis=1, return_indices=True)
+            second, second_at = tl.min(tl.where(others, squared, worst), axis=1, return_indices=True)
     return best, n0 + best_at.to(tl.int64), second, n0 + second_at.to(tl.int64)
 
 
@@ -92,10 +94,10 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
                         stride_yd, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION)
         positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, stop, self_offset)
         squared = x_length[:, None] + y_length[None, :] - 2 * dot * x_inverse[:, None] * y_inverse[None, :]
-        tile = _best_two_of_tile(tl.where(positive, squared, float("-inf")), cols, n0, True, RUNNERS_UP)
+        tile = _best_two_of_tile(squared, positive, n0, BLOCK_N, True, RUNNERS_UP)
         far_positive, far_positive_index, second_positive, second_positive_index = _keep_best_two(
             far_positive, far_positive_index, second_positive, second_positive_index, *tile, True, RUNNERS_UP)
-        tile = _best_two_of_tile(tl.where(negative, squared, float("inf")), cols, n0, False, RUNNERS_UP)
+        tile = _best_two_of_tile(squared, negative, n0, BLOCK_N, False, RUNNERS_UP)
         near_negative, near_negative_index, second_negative, second_negative_index = _keep_best_two(
             near_negative, near_negative_index, second_negative, second_negative_index, *tile, False, RUNNERS_UP)
     sides = 4 if RUNNERS_UP else 2

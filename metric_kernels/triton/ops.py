@@ -160,6 +160,7 @@ REGISTER_LIMIT = {
     "select": {"full": (384, 112), "chunked": (160, 74), "unaligned": (216, 63), "unaligned-chunked": (96, 28)},
     "backward": {"full": (64, 40), "chunked": (64, 40), "unaligned": (64, 40), "unaligned-chunked": (64, 40)},
 }
+REGISTER_LIMIT["select-runners-up"] = REGISTER_LIMIT["select"]
 # Configs within the limits that the compile sweep still found spilling a few registers, (pass, layout) ->
 # (BLOCK_M, BLOCK_N, num_warps): batch-hard selection's 32 x 64 tiles with D in chunks (sm_90a, 2 registers); NT-Xent's
 # sums (three per pair from an exponential, a log and a division), 2 to 12 registers over kinds, dtypes and
@@ -167,7 +168,9 @@ REGISTER_LIMIT = {
 # saving values live across the loop's exit). Most others are 8-warp tiles at 64, 80 or 128 registers, where ptxas
 # spills 2 to 8 cold values to fit one more block per SM (fp32 rows and fp64 on the CUDA cores, tf32 with unaligned
 # rows or in the backward's 32 x 16 tile, fp64 Contrastive sums; some only with triton 3.6.0), and 16-bit batch-hard
-# selection at 64 x 128 (sm_80, 255 registers). The backward's 16 x 16 tile with 8 warps, which spilled that way over
+# selection at 64 x 128 (sm_80, 255 registers). Batch-hard selection on tf32 products, which keeps each side's
+# runner-up too: also 128 x 64 and 64 x 64 with all of D = 128 on chip (255 registers), 32 x 64 and 32 x 16 (8 warps)
+# at other widths, and 32 x 32, 16 x 64 and 16 x 16 with D in chunks (some only with triton 3.6.0). The backward's 16 x 16 tile with 8 warps, which spilled that way over
 # flags, dtypes and architectures, is left to the fallback.
 _SMALLEST_8_WARPS = (16, 16, 8)
 MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
@@ -176,6 +179,12 @@ MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
                    ("select", "chunked"): {(32, 64, 4), (32, 64, 8)},
                    ("select", "unaligned"): {(64, 32, 8), (32, 64, 8)},
                    ("select", "unaligned-chunked"): {(64, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
+                   ("select-runners-up", "full"): {(64, 128, 8), _SMALLEST_8_WARPS, (128, 64, 8), (64, 64, 4),
+                                                   (32, 64, 4), (32, 16, 8)},
+                   ("select-runners-up", "chunked"): {(32, 64, 4), (32, 64, 8), (32, 32, 4), (16, 16, 4), (16, 64, 4),
+                                                      _SMALLEST_8_WARPS},
+                   ("select-runners-up", "unaligned"): {(64, 32, 8), (32, 64, 8)},
+                   ("select-runners-up", "unaligned-chunked"): {(64, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
                    ("sums", "full"): {(128, 64, 8), (64, 64, 4), (32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS,
                                       (16, 16, 4)},
                    ("sums", "chunked"): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 16, 8),
@@ -209,6 +218,16 @@ def _engine_fallback_registers(args) -> Optional[int]:
     return None if args.get("WITH_DY") else FALLBACK_REGISTERS
 
 
+def _limits_pass(kernel_pass: str, args) -> str:
+    """The pass of REGISTER_LIMIT and MEASURED_SPILLS a launch falls under: the backward passes share one, and
+    batch-hard's selection on tf32 products, which keeps runners-up too (more registers), has its own."""
+    if kernel_pass in ("rows", "columns"):
+        return "backward"
+    if kernel_pass == "select" and args.get("PRECISION") == "tf32":
+        return "select-runners-up"
+    return kernel_pass
+
+
 def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=_engine_fallback_registers,
             fallback_stages=None):
     """Autotune pruning for a pass ("forward", "sums", "select", "rows", "columns"): configs within the shared memory of
@@ -217,10 +236,10 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=_engine_f
     its own measurements (the margin-softmax kernels, margin_softmax_ops): measured_spills by (pass, layout, tensor
     cores, the MULTI constexpr), its fallback's register ceiling and stages (None: the tile's)."""
     backward = kernel_pass in ("rows", "columns")
-    limits_pass = "backward" if backward else kernel_pass
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
+        limits_pass = _limits_pass(kernel_pass, args)
         x = args["x_ptr"]
         width, element, full_d = args["BLOCK_D"], x.element_size(), args.get("FULL_D", True)
         estimate = lambda c: register_estimate(c, width, element, backward, full_d,  # noqa: E731
