@@ -1,7 +1,7 @@
 """Test-suite set-up. Triton's interpreter must be switched on before any kernel is defined, i.e. before
-metric_kernels is imported: it runs the Triton kernels on CPU tensors, program by program (ENVIRONMENT.md). Its tl.dot
-is wrong on bf16 operands; the test-only shim in metric_kernels/triton/_interpreter.py makes it exact, so the kernels
-run bf16 through the same code as on a GPU."""
+metric_kernels is imported: it runs the Triton kernels on CPU tensors, program by program. Its tl.dot is wrong on bf16
+operands and ignores tf32; the test-only shim in metric_kernels/triton/_interpreter.py makes bf16 exact and rounds tf32
+operands as tensor cores do, so the kernels run both through the same code as on a GPU."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
