@@ -208,7 +208,8 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
     columns = weight.shape[1]
     state = (grad, stats, power, loss_params(scale, 0.0, x), x, weight, x_norms, w_norms, labels)
     buffer = lambda *shape: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
-    finish = []  # (accumulators, statistics, splits, rows, their norms, out and its strides), for finish_gradient
+    # (accumulators, statistics, splits, rows, their norms, out and its strides, D block), for finish_gradient
+    finish = []
     # dW alone: the column pass forms each tile once too, without atomics
     with_dw = need_dx and need_dw and not deterministic
     with _device_guard(x):
@@ -217,12 +218,12 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
             partial = splits > 1
             if partial:
                 dx_acc, t = buffer(splits, n, d), buffer(splits, n)
-                finish.append((dx_acc, t, splits, x, x_norms, dx, d, 1))
+                finish.append((dx_acc, t, splits, x, x_norms, dx, d, 1, finish_block_d(width, False)))
             else:
                 dx_acc, t = dx, buffer(1)
             if with_dw:
                 dw_acc, dw_t = torch.zeros((columns, d), dtype=dtype, device=x.device), buffer(columns).zero_()
-                finish.append((dw_acc, dw_t, 1, weight.t(), column_norms, dw, 1, columns))
+                finish.append((dw_acc, dw_t, 1, weight.t(), column_norms, dw, 1, columns, finish_block_d(width, True)))
             else:
                 dw_acc, dw_t = buffer(1), buffer(1)
             _backward_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits, triton.cdiv(d, width))](
@@ -234,8 +235,7 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
             partial_dw, partial_t = (buffer(columns, d), buffer(blocks, columns)) if multi else (buffer(1), buffer(1))
             _backward_columns[lambda meta: (triton.cdiv(classes, meta["BLOCK_N"]), blocks)](
                 *state, dw, partial_dw, partial_t, *sizes, *key, **constexprs)
-        for acc, statistic, splits, rows, norms, out, stride_on, stride_od in finish:
-            block = finish_block_d(width, stride_on == 1)
+        for acc, statistic, splits, rows, norms, out, stride_on, stride_od, block in finish:
             _lse_kernels.finish_gradient[(triton.cdiv(rows.shape[0], 32), triton.cdiv(d, block))](
                 acc, statistic, power, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1), stride_on,
                 stride_od, splits, BLOCK_R=32, BLOCK_D=block, ACC=constexprs["ACC"], NORMALIZE=True,

@@ -170,8 +170,8 @@ REGISTER_LIMIT["select-runners-up"] = REGISTER_LIMIT["select"]
 # rows or in the backward's 32 x 16 tile, fp64 Contrastive sums; some only with triton 3.6.0), and 16-bit batch-hard
 # selection at 64 x 128 (sm_80, 255 registers). Batch-hard selection on tf32 products, which keeps each side's
 # runner-up too: also 128 x 64 and 64 x 64 with all of D = 128 on chip (255 registers), 32 x 64 and 32 x 16 (8 warps)
-# at other widths, and 32 x 32, 16 x 64 and 16 x 16 with D in chunks (some only with triton 3.6.0). The backward's 16 x 16 tile with 8 warps, which spilled that way over
-# flags, dtypes and architectures, is left to the fallback.
+# at other widths, and 32 x 32, 16 x 64 and 16 x 16 with D in chunks (some only with triton 3.6.0). The backward's
+# 16 x 16 tile with 8 warps, which spilled that way over flags, dtypes and architectures, is left to the fallback.
 _SMALLEST_8_WARPS = (16, 16, 8)
 MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
                    ("forward", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
