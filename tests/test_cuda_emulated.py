@@ -5,7 +5,7 @@ this file adds what only the ops or the emulation itself reach:
 
 - the ops on every operand type the kernels have, the tensor-core ones included (bf16, fp16, tf32), both backward
   paths, against the CPU op in float64 on the same rounded values (the checks tests/test_cuda_gpu.py makes on a GPU);
-- the losses in tf32 through the public API (torch.set_float32_matmul_precision("high"));
+- (the losses in tf32 through the public API: tests/test_tf32.py, with triton's);
 - the shared-memory limits of the glue on an emulated GPU with 99 KB per block (sm_86 / sm_89 / sm_120);
 - the emulation on its own (tests/host_emulation_check.cpp): its fp16 / bf16 / tf32 conversions against torch and
   an independent rounding, its barriers, shuffles, atomics, WMMA and launch checks, the misuses it stops, and the CUDA
@@ -23,8 +23,7 @@ import torch
 
 import metric_kernels as mk
 from metric_kernels._row_epilogues import triplet_backward_inputs
-from tests.helpers import assert_rel_close, grads, tf32_rounded
-from tests.test_fused import PAIR_LOSSES, PARAMS, _pair_inputs
+from tests.helpers import assert_rel_close, tf32_rounded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -160,7 +159,7 @@ def test_batch_hard_selection_on_every_operand_type(operand, normalize):
                                                                        allow_tf32=operand == "tf32")
     unit = (lambda t: torch.nn.functional.normalize(t.double(), dim=1)) if normalize else (lambda t: t.double())
     expected = torch.ops.metric_kernels.cpu_batch_hard_select(unit(x), unit(y), labels, y_labels, 3)
-    assert choices.shape[0] == (4 if operand == "tf32" else 2)  # tf32: the runners-up too (test_batch_hard_tf32)
+    assert choices.shape[0] == (4 if operand == "tf32" else 2)  # tf32: the runners-up too (tests/test_tf32.py)
     choices = choices[:2]
     assert torch.equal(choices < 0, expected < 0)
     distances = torch.cdist(unit(x), unit(y))
@@ -271,41 +270,6 @@ def test_triplet_distance_ops_check_their_arguments_and_pass_opcheck():
         torch.library.opcheck(ops.cuda_emulated_triplet_distances,
                               (x.double().requires_grad_(), None if rows is None else rows.double().requires_grad_(),
                                positive, negative, True))
-
-
-@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
-def test_losses_in_tf32(loss):
-    """fp32 losses under torch's "high" matmul precision: the kernels multiply in tf32 (as backend "cuda" on a GPU),
-    within tf32's error of the float64 reference, both backward paths."""
-    g = torch.Generator().manual_seed(6)
-    x64, y64 = torch.randn(90, 48, generator=g, dtype=torch.float64), torch.randn(75, 48, generator=g, dtype=torch.float64)
-    labels, y_labels = torch.randint(0, 5, (90,), generator=g), torch.randint(0, 5, (75,), generator=g)
-
-    def run(backend, dtype, deterministic=True):
-        x, y = x64.to(dtype).requires_grad_(), y64.to(dtype).requires_grad_()
-        if loss == "proxy_anchor":
-            value = mk.proxy_anchor_loss(x, labels, y[:5], backend=backend, deterministic=deterministic)
-        else:
-            value = getattr(mk, f"{loss}_loss")(x, labels, y, y_labels, self_offset=None, backend=backend,
-                                                 deterministic=deterministic, **PARAMS[loss])
-        return value, grads(value, [x, y])
-
-    expected, expected_grads = run("reference", torch.float64)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        for deterministic in (True, False):
-            value, our_grads = run("cuda-emulated", torch.float32, deterministic)
-            floor = 1e-3 * expected.abs().item()
-            assert_rel_close(value, expected, 2e-2, f"tf32 {loss} value")
-            for index, (a, b) in enumerate(zip(our_grads, expected_grads)):
-                assert_rel_close(a, b, 5e-2, f"tf32 {loss} grad {index}", scale_floor=floor)
-        plain, _ = run("cuda-emulated", torch.float32)
-    finally:
-        torch.set_float32_matmul_precision(before)
-    highest, _ = run("cuda-emulated", torch.float32)
-    if loss != "batch_hard_triplet":  # the chosen triplets' distances are recomputed exactly in Python
-        assert not torch.equal(plain, highest), "tf32 and IEEE fp32 gave the same bits: tf32 was not used"
 
 
 def test_ops_get_torch_settings_from_the_backend():

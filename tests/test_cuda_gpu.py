@@ -135,7 +135,7 @@ def test_batch_hard_selection_on_every_operand_type(operand):
     choices = torch.ops.metric_kernels.cuda_batch_hard_select(x.cuda(), y.cuda(), labels.cuda(), y_labels.cuda(), 3,
                                                               normalize=False, allow_tf32=operand == "tf32").cpu()
     expected = torch.ops.metric_kernels.cpu_batch_hard_select(x.double(), y.double(), labels, y_labels, 3)
-    assert choices.shape[0] == (4 if operand == "tf32" else 2)  # tf32: the runners-up too (test_batch_hard_tf32)
+    assert choices.shape[0] == (4 if operand == "tf32" else 2)  # tf32: the runners-up too (tests/test_tf32.py)
     choices = choices[:2]
     assert torch.equal(choices < 0, expected < 0)
     distances = torch.cdist(x.double(), y.double())

@@ -1,12 +1,14 @@
-"""Batch-hard's selection under tf32 products (torch.set_float32_matmul_precision("high")), on the backends whose
-kernels multiply in tf32: triton (its interpreter's tf32 dots rounded as tensor cores round, by the test shim) and
-the CUDA kernels through their host emulation.
+"""The losses under tf32 products (torch.set_float32_matmul_precision("high")), on the backends whose kernels multiply
+in tf32: triton (its interpreter's tf32 dots rounded as tensor cores round, by the test shim) and the CUDA kernels
+through their host emulation; the batch-hard checks on a GPU too.
 
-tf32 keeps 10 mantissa bits, so two candidates whose distances differ by less than its error can swap in the
-kernels' ranking. The selection ops then hand each side's runner-up too (rows 2 and 3 of their answer), and the loss
-chooses between the two on the distances the chosen-distance kernels compute from the rows (direct differences in
-fp32): the tests build near-ties that tf32 does swap, and hold the loss and its gradients to the float64 reference
-at fp32's tolerances; and they check the runners-up themselves on rows whose tf32 products are exact.
+Every loss lies within tf32's error of the float64 reference, values and gradients, both backward paths, and differs
+from the IEEE fp32 result (tf32 was used). Batch-hard: tf32 keeps 10 mantissa bits, so two candidates whose
+distances differ by less than its error can swap in the kernels' ranking. The selection ops then hand each side's
+runner-up too (rows 2 and 3 of their answer), and the loss chooses between the two on the distances the
+chosen-distance kernels compute from the rows (direct differences in fp32): the tests build near-ties that tf32 does
+swap, and hold the loss and its gradients to the float64 reference at fp32's tolerances; and they check the
+runners-up themselves on rows whose tf32 products are exact.
 """
 import contextlib
 import os
@@ -16,6 +18,7 @@ import torch
 
 import metric_kernels as mk
 from tests.helpers import assert_rel_close, grads
+from tests.test_fused import PAIR_LOSSES, PARAMS
 
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")]
 CASES = [pytest.param(("triton", "cpu"), id="triton"), pytest.param(("cuda-emulated", "cpu"), id="cuda-emulated"),
@@ -56,6 +59,44 @@ def _select(case, x, y, labels, y_labels, self_offset, normalize):
     on = [t.to(device) for t in (x, y, labels, y_labels)]
     tf32 = () if backend == "triton" else (True,)
     return _select_op(backend)(*on, self_offset, normalize, *tf32).cpu()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda-emulated"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
+def test_losses_in_tf32(loss, backend):
+    """fp32 losses under torch's "high" matmul precision: the kernels multiply in tf32 (as on a GPU), within tf32's
+    error of the float64 reference, both backward paths."""
+    if mk.available_backends("cpu")[backend] is not None:
+        pytest.fail(f"backend {backend!r} is not usable here: {mk.available_backends('cpu')[backend]}")
+    g = torch.Generator().manual_seed(6)
+    x64, y64 = torch.randn(90, 48, generator=g, dtype=torch.float64), torch.randn(75, 48, generator=g, dtype=torch.float64)
+    labels, y_labels = torch.randint(0, 5, (90,), generator=g), torch.randint(0, 5, (75,), generator=g)
+
+    def run(backend, dtype, deterministic=True):
+        x, y = x64.to(dtype).requires_grad_(), y64.to(dtype).requires_grad_()
+        if loss == "proxy_anchor":
+            value = mk.proxy_anchor_loss(x, labels, y[:5], backend=backend, deterministic=deterministic)
+        else:
+            value = getattr(mk, f"{loss}_loss")(x, labels, y, y_labels, self_offset=None, backend=backend,
+                                                 deterministic=deterministic, **PARAMS[loss])
+        return value, grads(value, [x, y])
+
+    expected, expected_grads = run("reference", torch.float64)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        for deterministic in (True, False):
+            value, our_grads = run(backend, torch.float32, deterministic)
+            floor = 1e-3 * expected.abs().item()
+            assert_rel_close(value, expected, 2e-2, f"tf32 {loss} value")
+            for index, (a, b) in enumerate(zip(our_grads, expected_grads)):
+                assert_rel_close(a, b, 5e-2, f"tf32 {loss} grad {index}", scale_floor=floor)
+        plain, _ = run(backend, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    highest, _ = run(backend, torch.float32)
+    if loss != "batch_hard_triplet":  # the chosen triplets' distances are recomputed exactly in Python
+        assert not torch.equal(plain, highest), "tf32 and IEEE fp32 gave the same bits: tf32 was not used"
 
 
 def _orthogonal_unit(rows, generator):
