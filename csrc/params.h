@@ -145,6 +145,7 @@ struct CudaMarginSoftmaxBackwardParams {
   const void* stats;  // 2 x N saved statistics
   void* dx;           // N x D contiguous, or nullptr
   void* dw;           // D x J contiguous, or nullptr
+  bool atomic;        // dW added from the dX pass through atomics (the caller zeroes it; both gradients wanted)
 };
 
 }  // namespace metric_kernels

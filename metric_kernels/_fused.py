@@ -271,7 +271,8 @@ class CudaKernelRows(RawRows):
     torch's stable ABI and so cannot read torch's global settings: each call passes them. fp32 tiles go to tensor
     cores in tf32 only where torch allows tf32 matmuls (torch.backends.cuda.matmul.allow_tf32, also set by
     torch.set_float32_matmul_precision), the ops' last argument; torch's deterministic mode makes the backward
-    deterministic whatever `deterministic` says (the atomic dY pass runs only where neither asks for determinism).
+    deterministic whatever `deterministic` says (the atomic dY and dW passes run only where neither asks for
+    determinism).
     The autograd formula hands the backward op its forward's arguments: a backward follows the settings of its
     forward."""
 
@@ -293,10 +294,9 @@ class CudaKernelRows(RawRows):
         return 4 if allow_tf32 and x.dtype == torch.float32 else 2
 
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, **options):
-        # the classifiers' backward has no atomic path: deterministic either way
         return super().margin_softmax_rows(x, weight, labels, scale=scale, sub_centers=sub_centers,
-                                           deterministic=True, **options,
-                                           allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+                                           deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
+                                           **options, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "ntxent_rows", "contrastive_rows",

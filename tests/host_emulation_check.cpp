@@ -14,6 +14,7 @@
 #include "cuda/margin_softmax.cu"
 #undef cuda
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -337,8 +338,13 @@ int kernels(Operand operand, std::mt19937& rng) {
   const CudaMarginSoftmaxParams c{x.data(), w.data(), classes.data(), inverse.data(), inverse.data() + n, n, d, 30, 3,
                                   d, m, 8.0, operand};
   errors += margin_softmax_forward(c, class_stats.data(), nullptr) != 0;
-  const CudaMarginSoftmaxBackwardParams cb{c, class_grad.data(), class_stats.data(), class_dx.data(), dw.data()};
-  errors += margin_softmax_backward(cb, nullptr) != 0;
+  for (const bool atomic : {false, true}) {
+    if (atomic && !supports_atomic_backward(operand)) continue;
+    std::fill(dw.begin(), dw.end(), Acc(0));  // the atomic pass adds into zeros
+    const CudaMarginSoftmaxBackwardParams cb{c, class_grad.data(), class_stats.data(), class_dx.data(), dw.data(),
+                                             atomic};
+    errors += margin_softmax_backward(cb, nullptr) != 0;
+  }
   return errors;
 }
 

@@ -67,11 +67,14 @@ void check_simt(const char* name) {
     bool column_major;
     int ld;
   };
-  // A: X's chunk (S = X Y^T) or the forward's resident rows, dS (dX = dS Y), dS read transposed (dY = dS^T X); B: Y's
-  // chunk transposed, and the 64-wide tiles of Y or X (dX, dY).
+  // A: X's chunk (S = X Y^T) or the forward's resident rows, dS (dX = dS Y), dS read transposed (dY = dS^T X), X's
+  // rows read transposed, resident or loaded (the classifiers' atomic dW = X^T dS); B: Y's chunk transposed, and the
+  // 64-wide tiles of Y or X (dX, dY) or dS (dW).
   for (const Operand a : {Operand{"A x_chunk", false, Layout::kChunkLd},
                           Operand{"A resident_rows", false, Layout::kResidentLd},
-                          Operand{"A ds", false, Layout::kTileLd}, Operand{"A ds^T", true, Layout::kTileLd}})
+                          Operand{"A ds", false, Layout::kTileLd}, Operand{"A ds^T", true, Layout::kTileLd},
+                          Operand{"A resident_rows^T", true, Layout::kResidentLd},
+                          Operand{"A out_rows^T", true, Layout::kTileLd}})
     for (int i = 0; i < Policy::kRows; ++i)
       check_requests(std::string(name) + " " + a.what + " row " + std::to_string(i), 4, size, [&](int t, int kk) {
         return element(a.column_major, a.ld, Policy::row0_of(t) + i, kk) * size;
@@ -131,6 +134,19 @@ void check_epilogue(const char* name) {
   });
 }
 
+// The classifiers' atomic dW pass reads the staged X^T dS (S, [e][j]) with consecutive threads on consecutive
+// columns j (margin_softmax.cu, write_weight_gradient), 64 x 64 elements over the block's threads.
+template <class Policy>
+void check_weight_gradient_reads(const char* name) {
+  using Layout = mk::SharedLayout<Policy>;
+  const int acc = sizeof(typename Policy::Acc);
+  check_requests(std::string(name) + " atomic dW reads of S", mk::kTile * mk::kTile / mk::kThreads, acc,
+                 [&](int t, int step) {
+                   const int index = t + step * mk::kThreads, j = index % mk::kTile, e = index / mk::kTile;
+                   return (static_cast<long>(e) * Layout::kAccLd + j) * acc;
+                 });
+}
+
 }  // namespace
 
 int main() {
@@ -144,6 +160,9 @@ int main() {
   check_epilogue<mk::WmmaTile<__half>>("WmmaTile<__half>");
   check_epilogue<mk::WmmaTile<__nv_bfloat16>>("WmmaTile<__nv_bfloat16>");
   check_epilogue<mk::WmmaTile<mk::Tf32>>("WmmaTile<Tf32>");
+  check_weight_gradient_reads<mk::SimtTile<float>>("SimtTile<float>");
+  check_weight_gradient_reads<mk::WmmaTile<__half>>("WmmaTile<__half>");
+  check_weight_gradient_reads<mk::WmmaTile<mk::Tf32>>("WmmaTile<Tf32>");
   std::printf("%s\n", failures ? "conflicts" : "ok");
   return failures != 0;
 }

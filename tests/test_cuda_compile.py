@@ -19,13 +19,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ["SimtTile<float>", "SimtTile<double>", "WmmaTile<Tf32>", "WmmaTile<__half>", "WmmaTile<__nv_bfloat16>"]
-# the backward passes: <Policy, atomic, rows resident> and <Policy, columns resident>
+# the backward passes: <Policy, atomic, rows resident> and <Policy, columns resident>; the classifiers' dX pass
+# <Policy, atomic>
 FLAGS = ("false", "true")
 KERNELS = (["lse_rows_forward_kernel<{}>"]
            + [f"lse_rows_backward_dx_kernel<{{}},{atomic},{resident}>" for atomic in FLAGS for resident in FLAGS]
            + [f"lse_rows_backward_dy_kernel<{{}},{resident}>" for resident in FLAGS]
-           + ["batch_hard_select_kernel<{}>", "margin_softmax_forward_kernel<{}>", "margin_softmax_dx_kernel<{}>",
-              "margin_softmax_dw_kernel<{}>"])
+           + ["batch_hard_select_kernel<{}>", "margin_softmax_forward_kernel<{}>", "margin_softmax_dw_kernel<{}>"]
+           + [f"margin_softmax_dx_kernel<{{}},{atomic}>" for atomic in FLAGS])
 # The rows' squared norms (the pair-row kernels) and the classifiers' inverse norms, per (operand, accumulation)
 # type, and the fp16 backward's gradient scale per accumulation type.
 NORM_KERNELS = [f"vector_norms_kernel<{operand},{acc},{inverse}>"

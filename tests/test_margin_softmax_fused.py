@@ -216,9 +216,10 @@ def _reference_stats(x, weight, labels, scale, sub_centers):
     return torch.logsumexp(others, dim=1), target
 
 
-def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale):
+def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale, deterministic=True):
     """The ops of the CUDA kernels under the host emulation on rows of `operand`: statistics and both gradients
-    against float64 on the rounded rows (tf32 rounds inside the products)."""
+    against float64 on the rounded rows (tf32 rounds inside the products); deterministic=False takes dW from the dX
+    pass through atomics where the kernels have that path (not fp64, D within one block's span)."""
     if "cuda-emulated" in MISSING:
         pytest.fail(f"backend 'cuda-emulated' is not usable here: {MISSING['cuda-emulated']}")
     x, weight, labels = _inputs(17, n, dim, classes, sub_centers)
@@ -234,20 +235,31 @@ def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale):
     assert_rel_close(stats[1], target, value_rtol, f"{operand} target")
     upstream = torch.randn(2, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dx, dw = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows_backward(
-        upstream.to(stats.dtype), stats, xs, ws, labels, sub_centers, scale, True, True, True, operand == "tf32")
+        upstream.to(stats.dtype), stats, xs, ws, labels, sub_centers, scale, deterministic, True, True,
+        operand == "tf32")
     expected = torch.autograd.grad((upstream[0] * lse + upstream[1] * target).sum(), (xe, we))
     assert dx.dtype == dtype and dw.dtype == dtype
     assert_rel_close(dx, expected[0], grad_rtol, f"{operand} dx")
     assert_rel_close(dw, expected[1], grad_rtol, f"{operand} dw")
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
 @pytest.mark.parametrize("operand", list(OPERANDS))
 @pytest.mark.parametrize("sub_centers", [1, 3])
-def test_cuda_kernels_on_every_operand_type(operand, sub_centers):
+def test_cuda_kernels_on_every_operand_type(operand, sub_centers, deterministic):
     """The CUDA kernels' ops under the host emulation with the operand types only the ops reach (the backends pass
     fp32 rows for half inputs): 16-bit and tf32 tiles on the emulated tensor cores, against float64 on the rounded
-    rows (tf32 rounds inside the products)."""
-    _check_cuda_kernels(operand, sub_centers, 70, 40, 45, 6.0)
+    rows (tf32 rounds inside the products), in both backward modes."""
+    _check_cuda_kernels(operand, sub_centers, 70, 40, 45, 6.0, deterministic)
+
+
+@pytest.mark.parametrize("operand, dim, sub_centers", [("bf16", 256, 3), ("fp32", 130, 1), ("tf32", 200, 3),
+                                                       ("fp16", 100, 1)])
+def test_cuda_atomic_backward_across_its_span(operand, dim, sub_centers):
+    """The atomic pass holds D up to 256 in one block: two slices' dX accumulators in registers, the next in shared
+    memory (a ragged last slice, and a span only partly used), dW added per class tile with its columns' radial
+    terms; 70 rows in two row blocks, so dW's columns take additions from two blocks."""
+    _check_cuda_kernels(operand, sub_centers, 70, dim, 45, 6.0, deterministic=False)
 
 
 @pytest.mark.parametrize("operand, dim, sub_centers", [("fp32", 300, 1), ("bf16", 300, 3), ("fp64", 130, 1)])
@@ -262,8 +274,9 @@ def test_cuda_backward_over_several_spans_of_d(operand, dim, sub_centers):
 def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
     """The work the CUDA kernels give a GPU, counted by the emulation: the forward forms each product tile once
     (1 matmul-equivalent, 2 N C D FLOPs); with the whole of D (up to 256) in one block, the dX pass recomputes each
-    tile once and takes dS W^T from it (2), the dW pass likewise X^T dS (2); every product of bf16 rows runs on 16-bit
-    operands, of fp32 rows on fp32 (tf32 not allowed); no atomics; one exponential per (query, other class) in each
+    tile once and takes dS W^T from it (2), the dW pass likewise X^T dS (2), and the atomic backward takes both from
+    the dX pass's tiles (3 in all, every element of dW added once per row block); every product of bf16 rows runs on
+    16-bit operands, of fp32 rows on fp32 (tf32 not allowed); one exponential per (query, other class) in each
     pass."""
     if "cuda-emulated" in MISSING:
         pytest.fail(f"backend 'cuda-emulated' is not usable here: {MISSING['cuda-emulated']}")
@@ -278,19 +291,20 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
     stats = ops.cuda_emulated_margin_softmax_rows(*args, False)
     upstream = torch.randn(2, n, generator=g).to(stats.dtype)
 
-    def backward(need_dx):
-        return lambda: ops.cuda_emulated_margin_softmax_rows_backward(upstream, stats, *args, need_dx, not need_dx,
-                                                                      False)
+    def backward(need_dx, need_dw, deterministic=True):
+        return lambda: ops.cuda_emulated_margin_softmax_rows_backward(upstream, stats, *args[:-1], deterministic,
+                                                                      need_dx, need_dw, False)
 
-    runs = {"forward": (lambda: ops.cuda_emulated_margin_softmax_rows(*args, False), 1.0),
-            "dX pass": (backward(True), 2.0), "dW pass": (backward(False), 2.0)}
+    runs = {"forward": (lambda: ops.cuda_emulated_margin_softmax_rows(*args, False), 1.0, 0),
+            "dX pass": (backward(True, False), 2.0, 0), "dW pass": (backward(False, True), 2.0, 0),
+            "atomic backward": (backward(True, True, deterministic=False), 3.0, (n // 64) * classes * dim)}
     matmul = 2.0 * n * classes * dim
     others = n * (classes - 1)  # (query, class) pairs in the log-sum-exp: one exponential each per pass
-    for name, (run, expected) in runs.items():
+    for name, (run, expected, expected_atomics) in runs.items():
         flops, atomics, exponentials = _work(run)
         assert flops[kind_of_dot] == sum(flops), f"{operand} {name}: products on other operand types: {flops}"
         assert flops[kind_of_dot] / matmul == expected, f"{operand} {name}: {flops[kind_of_dot] / matmul}"
-        assert atomics == 0, f"{operand} {name}: {atomics} atomics"
+        assert atomics == expected_atomics, f"{operand} {name}: {atomics} atomics"
         # the forward's two threads of a row merge their log-sum-exp states: at most 2 exponentials each
         extra = 4 * n if name == "forward" else 0
         assert others <= exponentials <= others + extra, f"{operand} {name}: {exponentials} exponentials"

@@ -54,7 +54,10 @@ int64_t shared_bytes_of_current_device();
 // written first. Labels must lie in [0, classes) (the Python layer checks) and sub_centers in [1, 64].
 int margin_softmax_forward(const CudaMarginSoftmaxParams& p, void* stats, void* stream);
 
-// dX over row blocks x D slices, then dW over class tiles x D slices, each summed in a fixed order (deterministic).
+// dX over row blocks x D slices, then dW over class tiles x D slices, each summed in a fixed order (deterministic);
+// or, with p.atomic (not fp64: supports_atomic_backward; p.dw zeroed, both gradients wanted), dW added from the dX
+// pass through atomics, in blocks of atomic_backward_span(operand) columns of D and backward_shared_bytes(operand,
+// true, d) of shared memory, as the pair losses' atomic pass.
 int margin_softmax_backward(const CudaMarginSoftmaxBackwardParams& p, void* stream);
 
 const char* error_string(int code);

@@ -8,7 +8,9 @@
 //   backward: recompute each tile once per pass, dS at each class's chosen column scaled by the inverse norms, and
 //             accumulate dX = dS W^T (grid: row blocks x spans of D up to 256 wide; fp64: 64) and dW = X^T dS (class
 //             tiles x spans), each with the normalisation's radial term from the row (column) sums of dS cos:
-//             2 matmul-equivalents a pass for D <= 256 (fp64: 64). Deterministic, no atomics.
+//             2 matmul-equivalents a pass for D <= 256 (fp64: 64), deterministic; or (bp.atomic) dW added from the
+//             dX pass's tiles through atomics, each tile's columns with their own part of the radial term:
+//             3 matmul-equivalents in all.
 #ifdef METRIC_KERNELS_HOST_EMULATION
 #include "host_emulation.h"
 #else
@@ -186,9 +188,58 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
   return dot;
 }
 
-// The dX pass: rows r0.. against every class tile, dX = dS W^T for the block's span of D (one product tile per class
-// tile).
+// Thread t < 64: column t of the tile's sum of dS cos (what classifier_ds_tile left in S). Between the barrier
+// after classifier_ds_tile and the next write of S.
 template <class Policy>
+__device__ __forceinline__ typename Policy::Acc column_dot(const SharedLayout<Policy>& shared) {
+  typename Policy::Acc sum = 0;
+#pragma unroll 1
+  for (int i = 0; i < kTile; ++i) sum += shared.s()[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
+  return sum;
+}
+
+// Thread t < 64: shared.sums()[t] = the radial coefficient of dW's column j0 + t, rw^2 times its sum of dS cos, 0
+// where rw is clamped (no radial term) or past the tile's columns.
+template <class Policy>
+__device__ __forceinline__ void store_column_coefficient(const CudaMarginSoftmaxParams& p, const ClassTile& tile,
+                                                         typename Policy::Acc dot, SharedLayout<Policy>& shared) {
+  using Acc = typename Policy::Acc;
+  const int64_t column = tile.j0 + threadIdx.x;
+  const Acc rw = column < tile.j_end ? static_cast<const Acc*>(p.w_inverse)[column] : Acc(0);
+  shared.sums()[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * dot;
+}
+
+// dW (D x J, the accumulation type) at the class tile's columns and D columns e0.. gets, for each (j, e), the staged
+// element staged[j * j_stride + e * e_stride] minus the column's radial coefficient times W[e0 + e, j0 + j]: stored,
+// or added atomically (other blocks add to the same columns). Consecutive threads take consecutive columns.
+template <class Policy>
+__device__ void write_weight_gradient(const CudaMarginSoftmaxParams& p, const ClassTile& tile, int64_t e0,
+                                      const typename Policy::Acc* staged, int j_stride, int e_stride,
+                                      const typename Policy::Acc* coefficients, typename Policy::Acc* out,
+                                      Write mode) {
+  using Acc = typename Policy::Acc;
+  const auto* w = static_cast<const typename Policy::Operand*>(p.w);
+  const int64_t columns = p.classes * p.sub_centers;
+#pragma unroll 1
+  for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
+    const int j = index % kTile, e = index / kTile;
+    const int64_t column = tile.j0 + j, dim = e0 + e;
+    if (column >= tile.j_end || dim >= p.d) continue;
+    const Acc value = staged[j * j_stride + e * e_stride] -
+                      coefficients[j] * static_cast<Acc>(w[dim * p.w_stride + column]);
+    if (mode == Write::kAtomicAdd) {
+      atomicAdd(out + dim * columns + column, value);
+    } else {
+      out[dim * columns + column] = value;
+    }
+  }
+}
+
+// The dX pass: rows r0.. against every class tile, dX = dS W^T for the block's span of D (one product tile per class
+// tile); kAtomic also adds dW = X^T dS of each tile, with its columns' radial terms, into bp.dw atomically (3
+// matmul-equivalents a column in all instead of 4). kAtomic keeps two dX slices in registers and the next two in
+// shared memory (engine.cuh's kSlices / kSharedSlices), as the pair losses' atomic pass does.
+template <class Policy, bool kAtomic>
 __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const CudaMarginSoftmaxBackwardParams bp,
                                                                         bool resident) {
   using Acc = typename Policy::Acc;
@@ -198,30 +249,68 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
   const CudaMarginSoftmaxParams& p = bp.rows;
   const auto* x = static_cast<const Operand*>(p.x);
   const auto* w = static_cast<const Operand*>(p.w);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile, span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy, kAtomic>;
+  constexpr int kInRegisters = kSlices<Policy, kAtomic>, kInShared = kSharedSlices<Policy, kAtomic>;
+  const int64_t shared_span0 = span0 + int64_t{kInRegisters} * kTile;  // the first of the slices in shared memory
   load_classifier_rows(bp, r0, shared);
   if (resident) load_resident_rows(x, p.x_stride, r0, p.n, p.d, shared);
-  typename Policy::Accumulator dx[kSlices<Policy>];
+  typename Policy::Accumulator dx[kInRegisters];
 #pragma unroll
-  for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dx[slice]);
+  for (int slice = 0; slice < kInRegisters; ++slice) Policy::zero(dx[slice]);
+  if (kInShared > 0) {
+    const int count = shared_slices_used<Policy, kAtomic>(p.d) * Layout::kAccumulatorSliceBytes / sizeof(Acc);
+    for (int index = threadIdx.x; index < count; index += kThreads) shared.accumulator_slice(0)[index] = Acc(0);
+  }
   Acc row_dot = 0;
   for (int64_t c0 = 0; c0 < p.classes; c0 += kTile / p.sub_centers) {
     const ClassTile tile = class_tile(p, c0);
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared, resident);
     row_dot += classifier_ds_tile<Policy>(p, r0, tile, shared);
+    if (kAtomic) {
+      __syncthreads();  // dS, and the dS cos in S that the column sums read
+      if (threadIdx.x < kTile) store_column_coefficient(p, tile, column_dot(shared), shared);
+      // X's slice from the resident rows or loaded. A loop of its own, not unrolled, apart from the dX slices below.
+#pragma unroll 1
+      for (int64_t e0 = span0; e0 < span0 + kSpan<Policy, kAtomic> && e0 < p.d; e0 += kTile) {
+        __syncthreads();  // the previous slice's readers of out_rows and S are done (and the column sums)
+        if (!resident) {
+          load_tile_async(shared.out_rows(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
+          finish_async_copies();
+          __syncthreads();
+        }
+        // dW[e][j] = sum_i X[r0 + i, e0 + e] dS[i][j], staged in dW's own orientation so that consecutive threads
+        // read consecutive words of S and add to consecutive columns of dW
+        const Operand* rows = resident ? shared.resident_rows() + e0 : shared.out_rows();
+        Policy::template product_to<ColMajor, RowMajor>(shared.s(), Layout::kAccLd, rows,
+                                                        resident ? Layout::kResidentLd : Layout::kTileLd, shared.ds(),
+                                                        Layout::kTileLd, kTile);
+        __syncthreads();
+        write_weight_gradient<Policy>(p, tile, e0, shared.s(), 1, Layout::kAccLd, shared.sums(),
+                                      static_cast<Acc*>(bp.dw), Write::kAtomicAdd);
+      }
+    }
     // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the slice's D columns, as rows
-    accumulate_slices<RowMajor>(dx, shared, span0, p.d, [&](int64_t e0) {
+    const auto load_w = [&](int64_t e0) {
       load_transposed_tile(shared.out(), Layout::kTileLd, kTile, w, p.w_stride, e0, p.d, tile.j0, tile.j_end);
-    });
-    __syncthreads();  // the next tile rewrites the chunks, S, dS and W's rows
+    };
+    accumulate_slices<RowMajor>(dx, shared, span0, p.d, load_w);
+    if (kInShared > 0) accumulate_shared_slices<RowMajor, kInShared>(shared, shared_span0, p.d, load_w);
+    __syncthreads();  // the next tile rewrites the chunks, S, dS, W's rows and the column sums
   }
   row_dot += from_partner(row_dot);
   if (epilogue_column() == 0) {
     const Acc rx = shared.row_state()[3 * kTile + epilogue_row()];
     shared.sums()[epilogue_row()] = clamped(rx) ? Acc(0) : rx * rx * row_dot;
   }
-  write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, Write::kStore, shared.sums(),
-               x + r0 * p.x_stride, p.x_stride);
+  const Operand* own = x + r0 * p.x_stride;
+  write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, Write::kStore, shared.sums(), own,
+               p.x_stride);
+  for (int slice = 0; slice < kInShared && shared_span0 + slice * kTile < p.d; ++slice) {
+    const int64_t e0 = shared_span0 + slice * kTile;
+    write_tile<Policy>(static_cast<Acc*>(bp.dx), r0, p.n, e0, p.d, Write::kStore, shared.accumulator_slice(slice),
+                       {shared.sums(), own + e0, p.x_stride});
+  }
 }
 
 // The dW pass: the class tile's columns against every row block, dW = X^T dS for the block's span of D (one product
@@ -234,52 +323,34 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
   Layout shared = block_shared<Policy>();
   const CudaMarginSoftmaxParams& p = bp.rows;
   const auto* x = static_cast<const Operand*>(p.x);
-  const auto* w = static_cast<const Operand*>(p.w);
-  const auto* w_inverse = static_cast<const Acc*>(p.w_inverse);
   const ClassTile tile = class_tile(p, static_cast<int64_t>(blockIdx.x) * (kTile / p.sub_centers));
   const int64_t span0 = static_cast<int64_t>(blockIdx.y) * kSpan<Policy>;
   typename Policy::Accumulator dw[kSlices<Policy>];
 #pragma unroll
   for (int slice = 0; slice < kSlices<Policy>; ++slice) Policy::zero(dw[slice]);
-  Acc column_dot = 0;  // threads t < 64: column t's sum of dS cos
+  Acc dot = 0;  // threads t < 64: column t's sum of dS cos
   for (int64_t r0 = 0; r0 < p.n; r0 += kTile) {
     load_classifier_rows(bp, r0, shared);
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
     classifier_ds_tile<Policy>(p, r0, tile, shared);
     __syncthreads();  // dS, and the dS cos in S that the column sums read
-    if (threadIdx.x < kTile) {
-#pragma unroll 1
-      for (int i = 0; i < kTile; ++i) column_dot += shared.s()[i * Layout::kAccLd + threadIdx.x];
-    }
+    if (threadIdx.x < kTile) dot += column_dot(shared);
     // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
     accumulate_slices<ColMajor>(dw, shared, span0, p.d, [&](int64_t e0) {
       load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
     });
     __syncthreads();  // the next block rewrites the row state, the chunks, S, dS and X's rows
   }
-  if (threadIdx.x < kTile) {
-    const int64_t column = tile.j0 + threadIdx.x;
-    const Acc rw = column < tile.j_end ? w_inverse[column] : Acc(0);
-    shared.sums()[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * column_dot;
-  }
-  auto* out = static_cast<Acc*>(bp.dw);
-  const int64_t columns = p.classes * p.sub_centers;
+  if (threadIdx.x < kTile) store_column_coefficient(p, tile, dot, shared);
 #pragma unroll
   for (int slice = 0; slice < kSlices<Policy>; ++slice) {
     const int64_t e0 = span0 + slice * kTile;
     if (e0 >= p.d) break;
     Policy::store(dw[slice], shared.s(), Layout::kAccLd);
     __syncthreads();
-    // dW is D x J: element (e0 + e, j0 + j) = the staged [j][e] minus the radial term; consecutive threads write
-    // consecutive columns.
-#pragma unroll 1
-    for (int index = threadIdx.x; index < kTile * kTile; index += kThreads) {
-      const int j = index % kTile, e = index / kTile;
-      const int64_t column = tile.j0 + j, dim = e0 + e;
-      if (column >= tile.j_end || dim >= p.d) continue;
-      out[dim * columns + column] = shared.s()[j * Layout::kAccLd + e] -
-                                    shared.sums()[j] * static_cast<Acc>(w[dim * p.w_stride + column]);
-    }
+    // staged as dW^T[j][e] (the accumulators' orientation)
+    write_weight_gradient<Policy>(p, tile, e0, shared.s(), Layout::kAccLd, 1, shared.sums(), static_cast<Acc*>(bp.dw),
+                                  Write::kStore);
     __syncthreads();  // the next slice rewrites S
   }
 }
@@ -315,11 +386,19 @@ template <class Policy>
 cudaError_t backward(const CudaMarginSoftmaxBackwardParams& bp, cudaStream_t stream) {
   const CudaMarginSoftmaxParams& p = bp.rows;
   if (cudaError_t error = inverse_norms<Policy>(p, stream)) return error;
+  if (bp.atomic) {  // dW from the dX pass; the caller zeroed it
+    const int64_t bytes = SharedLayout<Policy>::atomic_backward_bytes(p.d);
+    const bool resident = keeps_resident<Policy>(p.d, bytes);
+    return launch(margin_softmax_dx_kernel<Policy, true>,
+                  dim3(static_cast<unsigned>(blocks(p.n)), spans<Policy, true>(p.d)),
+                  resident_bytes<Policy>(bytes, resident), stream, bp, resident);
+  }
   const unsigned d_spans = spans<Policy>(p.d);
   const int64_t bytes = SharedLayout<Policy>::kBackwardBytes;
   if (bp.dx != nullptr) {
     const bool resident = keeps_resident<Policy>(p.d, bytes);
-    if (cudaError_t error = launch(margin_softmax_dx_kernel<Policy>, dim3(static_cast<unsigned>(blocks(p.n)), d_spans),
+    if (cudaError_t error = launch(margin_softmax_dx_kernel<Policy, false>,
+                                   dim3(static_cast<unsigned>(blocks(p.n)), d_spans),
                                    resident_bytes<Policy>(bytes, resident), stream, bp, resident))
       return error;
   }

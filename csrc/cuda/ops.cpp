@@ -369,7 +369,9 @@ Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& 
   return stats;
 }
 
-// (dX, dW) in the inputs' dtype; an unneeded gradient has 0 rows. Always deterministic (no atomics).
+// (dX, dW) in the inputs' dtype; an unneeded gradient has 0 rows. Deterministic unless asked otherwise (Python folds
+// torch's deterministic mode into `deterministic`): then dW comes from the dX pass through atomics (one pass instead
+// of two) where both gradients are wanted and D fits one atomic block's span and shared memory.
 std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, const Tensor& stats_in,
                                                         const Tensor& x, const Tensor& weight, const Tensor& labels,
                                                         int64_t sub_centers, double scale, bool deterministic,
@@ -384,13 +386,18 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
   const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   Tensor inverse = uninitialized(rows.x, {n + columns}, acc);
+  const CudaMarginSoftmaxParams params = classifier_params(rows, inverse, sub_centers, scale, allow_tf32);
+  const bool atomic = !deterministic && need_dx && need_dw && cuda::supports_atomic_backward(params.operand) &&
+                      d <= cuda::atomic_backward_span(params.operand) &&
+                      cuda::backward_shared_bytes(params.operand, true, d) <=
+                          cuda::shared_bytes_per_block(rows.x.get_device_index());
   Tensor dx = uninitialized(rows.x, {need_dx ? n : 0, d}, acc);
   Tensor dw = uninitialized(rows.x, {need_dw ? d : 0, columns}, acc);
   if (n > 0 && d > 0 && rows.classes > 0 && (need_dx || need_dw)) {
-    const CudaMarginSoftmaxBackwardParams backward{classifier_params(rows, inverse, sub_centers, scale, allow_tf32),
-                                                   grad.const_data_ptr(), stats.const_data_ptr(),
+    if (atomic) torch::stable::zero_(dw);
+    const CudaMarginSoftmaxBackwardParams backward{params, grad.const_data_ptr(), stats.const_data_ptr(),
                                                    need_dx ? dx.mutable_data_ptr() : nullptr,
-                                                   need_dw ? dw.mutable_data_ptr() : nullptr};
+                                                   need_dw ? dw.mutable_data_ptr() : nullptr, atomic};
     check_launch(cuda::margin_softmax_backward(backward, current_stream(rows.x)), "margin_softmax_rows_backward");
   } else {
     torch::stable::zero_(dx), torch::stable::zero_(dw);
