@@ -99,6 +99,11 @@ if ! timeout 120 "$PYTHON" tests/gpu_probe_op_errors.py && command -v cuda-gdb >
     timeout 180 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" tests/gpu_probe_op_errors.py 2>&1 | tail -60
 fi
 
+section "batch-hard under tf32: choices off the float64 optimum (scripts/count_tf32_swaps.py, 10 seeds)"
+for backend in triton cuda; do
+    timeout 60 "$PYTHON" scripts/count_tf32_swaps.py "$backend" 10 || echo "$backend: the count did not finish"
+done
+
 left=$(( BUDGET - $(elapsed) - 20 ))
 section "benchmark (deadline ${left} s)"
 preset="--full"
