@@ -12,6 +12,8 @@ runners-up themselves on rows whose tf32 products are exact.
 """
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -214,3 +216,14 @@ def test_selection_answers_two_rows_unless_the_products_are_tf32(case):
             args = (rows_x, rows_x, labels, labels, 0, True) + (() if backend == "triton" else (tf32,))
             assert _select_op(backend)(*args).shape == (rows, 40), (dtype, tf32)
             torch.library.opcheck(_select_op(backend), args)
+
+
+def test_the_swap_count_script_runs():
+    """scripts/count_tf32_swaps.py (docs/backends.md quotes it; bench/gpu_run.sh runs it on a GPU), one seed on the
+    emulated CUDA kernels: it reports its counts, and the loss's choices miss none."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "count_tf32_swaps.py")
+    result = subprocess.run([sys.executable, script, "cuda-emulated", "1"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after the choice on exact distances: 0 of 2000" in result.stdout, result.stdout
