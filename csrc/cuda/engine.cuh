@@ -464,6 +464,16 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
   }
 }
 
+// Thread t < 64: the sum of column t of the S tile (the gradients' epilogues leave their column shares there).
+// Between the barrier after they are written and the next write of S.
+template <class Policy>
+__device__ __forceinline__ typename Policy::Acc column_sum(const SharedLayout<Policy>& shared) {
+  typename Policy::Acc sum = 0;
+#pragma unroll 1
+  for (int i = 0; i < kTile; ++i) sum += shared.s()[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
+  return sum;
+}
+
 // out[row0 + i, e0 + j] (= or +=, or atomically +=) the 64 x 64 tile `tile` in shared memory (kAccLd: shared.s(),
 // or an accumulator slice) times `unscale`, within rows_total x d, minus the radial or norm term coefficients[i] times
 // the gradient's own row, own[i * own_ld + j] (own: those rows at D columns e0..; coefficients nullptr: no such term).

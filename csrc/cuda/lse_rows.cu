@@ -171,12 +171,7 @@ __device__ __forceinline__ Acc own_coefficient(Acc shares, Acc inverse) {
 // shares). Between the barrier after ds_tile and the next write of S.
 template <class Policy>
 __device__ void column_sums(SharedLayout<Policy>& shared) {
-  using Acc = typename Policy::Acc;
-  if (threadIdx.x >= kTile) return;
-  Acc sum = 0;
-#pragma unroll 1
-  for (int i = 0; i < kTile; ++i) sum += shared.s()[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
-  shared.sums()[threadIdx.x] = sum;
+  if (threadIdx.x < kTile) shared.sums()[threadIdx.x] = column_sum(shared);
 }
 
 // Whether the gradients have an own-direction term at all (the normalisation or the distances' norms).

@@ -188,17 +188,8 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
   return dot;
 }
 
-// Thread t < 64: column t of the tile's sum of dS cos (what classifier_ds_tile left in S). Between the barrier
-// after classifier_ds_tile and the next write of S.
-template <class Policy>
-__device__ __forceinline__ typename Policy::Acc column_dot(const SharedLayout<Policy>& shared) {
-  typename Policy::Acc sum = 0;
-#pragma unroll 1
-  for (int i = 0; i < kTile; ++i) sum += shared.s()[i * SharedLayout<Policy>::kAccLd + threadIdx.x];
-  return sum;
-}
-
-// Thread t < 64: shared.sums()[t] = the radial coefficient of dW's column j0 + t, rw^2 times its sum of dS cos, 0
+// Thread t < 64: shared.sums()[t] = the radial coefficient of dW's column j0 + t, rw^2 times its sum of dS cos
+// (column_sum of what classifier_ds_tile left in S), 0
 // where rw is clamped (no radial term) or past the tile's columns.
 template <class Policy>
 __device__ __forceinline__ void store_column_coefficient(const CudaMarginSoftmaxParams& p, const ClassTile& tile,
@@ -269,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
     row_dot += classifier_ds_tile<Policy>(p, r0, tile, shared);
     if (kAtomic) {
       __syncthreads();  // dS, and the dS cos in S that the column sums read
-      if (threadIdx.x < kTile) store_column_coefficient(p, tile, column_dot(shared), shared);
+      if (threadIdx.x < kTile) store_column_coefficient(p, tile, column_sum(shared), shared);
       // X's slice from the resident rows or loaded. A loop of its own, not unrolled, apart from the dX slices below.
 #pragma unroll 1
       for (int64_t e0 = span0; e0 < span0 + kSpan<Policy, kAtomic> && e0 < p.d; e0 += kTile) {
@@ -334,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
     classifier_tile<Policy>(p, r0, tile.j0, tile.j_end, shared);
     classifier_ds_tile<Policy>(p, r0, tile, shared);
     __syncthreads();  // dS, and the dS cos in S that the column sums read
-    if (threadIdx.x < kTile) dot += column_dot(shared);
+    if (threadIdx.x < kTile) dot += column_sum(shared);
     // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
     accumulate_slices<ColMajor>(dw, shared, span0, p.d, [&](int64_t e0) {
       load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);

@@ -163,6 +163,14 @@ Tensor lse_rows(const Tensor& x_in, const std::optional<Tensor>& y_in, const Ten
   return stats;
 }
 
+// Whether the atomic backward (the pair losses' dX + dY pass, the classifiers' dX + dW pass) serves rows of this
+// operand and width: it exists (not fp64), D lies within one block's span (else the deterministic passes do no more
+// products) and its shared memory within the device's.
+bool atomic_pass_fits(Operand operand, int64_t d, int64_t shared_limit) {
+  return cuda::supports_atomic_backward(operand) && d <= cuda::atomic_backward_span(operand) &&
+         cuda::backward_shared_bytes(operand, true, d) <= shared_limit;
+}
+
 // (dX, dY) in the rows' dtype; an unneeded gradient has 0 rows; without y (the references are the queries) dX holds
 // the whole gradient. Deterministic unless asked otherwise (Python folds torch's deterministic mode into
 // `deterministic`): then dY comes from the dX pass through atomics (one pass instead of two).
@@ -188,9 +196,8 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
   // Atomics only where they save products: both gradients wanted (dY alone is one deterministic pass already) and D
   // within one atomic block's span (3 matmul-equivalents instead of 4).
-  const bool atomic = !deterministic && need_dx && (need_dy || same) && cuda::supports_atomic_backward(params.operand) &&
-                      x.size(1) <= cuda::atomic_backward_span(params.operand) &&
-                      cuda::backward_shared_bytes(params.operand, true, x.size(1)) <= shared_limit;
+  const bool atomic = !deterministic && need_dx && (need_dy || same) &&
+                      atomic_pass_fits(params.operand, x.size(1), shared_limit);
   const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic, x.size(1));
   STD_TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ",
                   x.scalar_type(), " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU ",
@@ -387,10 +394,8 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   Tensor inverse = uninitialized(rows.x, {n + columns}, acc);
   const CudaMarginSoftmaxParams params = classifier_params(rows, inverse, sub_centers, scale, allow_tf32);
-  const bool atomic = !deterministic && need_dx && need_dw && cuda::supports_atomic_backward(params.operand) &&
-                      d <= cuda::atomic_backward_span(params.operand) &&
-                      cuda::backward_shared_bytes(params.operand, true, d) <=
-                          cuda::shared_bytes_per_block(rows.x.get_device_index());
+  const bool atomic = !deterministic && need_dx && need_dw &&
+                      atomic_pass_fits(params.operand, d, cuda::shared_bytes_per_block(rows.x.get_device_index()));
   Tensor dx = uninitialized(rows.x, {need_dx ? n : 0, d}, acc);
   Tensor dw = uninitialized(rows.x, {need_dw ? d : 0, columns}, acc);
   if (n > 0 && d > 0 && rows.classes > 0 && (need_dx || need_dw)) {

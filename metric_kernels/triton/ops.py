@@ -179,12 +179,6 @@ MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
                    ("select", "chunked"): {(32, 64, 4), (32, 64, 8)},
                    ("select", "unaligned"): {(64, 32, 8), (32, 64, 8)},
                    ("select", "unaligned-chunked"): {(64, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
-                   ("select-runners-up", "full"): {(64, 128, 8), _SMALLEST_8_WARPS, (128, 64, 8), (64, 64, 4),
-                                                   (32, 64, 4), (32, 16, 8)},
-                   ("select-runners-up", "chunked"): {(32, 64, 4), (32, 64, 8), (32, 32, 4), (16, 16, 4), (16, 64, 4),
-                                                      _SMALLEST_8_WARPS},
-                   ("select-runners-up", "unaligned"): {(64, 32, 8), (32, 64, 8)},
-                   ("select-runners-up", "unaligned-chunked"): {(64, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
                    ("sums", "full"): {(128, 64, 8), (64, 64, 4), (32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS,
                                       (16, 16, 4)},
                    ("sums", "chunked"): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 16, 8),
@@ -193,6 +187,11 @@ MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
                    ("backward", "full"): {(32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
                    **{("backward", rows_layout): {_SMALLEST_8_WARPS}
                       for rows_layout in ("chunked", "unaligned", "unaligned-chunked")}}
+# The selection with runners-up: the selection's spilling configs and those its extra registers add (comment above).
+_RUNNERS_UP_SPILLS = {"full": {(128, 64, 8), (64, 64, 4), (32, 64, 4), (32, 16, 8)},
+                      "chunked": {(32, 32, 4), (16, 16, 4), (16, 64, 4), _SMALLEST_8_WARPS}}
+MEASURED_SPILLS.update({("select-runners-up", rows_layout): MEASURED_SPILLS[("select", rows_layout)]
+                        | _RUNNERS_UP_SPILLS.get(rows_layout, set()) for rows_layout in REGISTER_LIMIT["select"]})
 # When no config is left (fp32 rows at D = 256: the backward's smallest tile), the 16 x 16 tile with 8 warps: with 4,
 # the backward at D = 256 needs more than 255 registers a thread. With a register ceiling (.maxnreg), unless the
 # program also forms dY (the rows pass WITH_DY): without one, ptxas spills a few cold values of the 8-warp program to
