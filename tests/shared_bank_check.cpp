@@ -134,13 +134,13 @@ void check_epilogue(const char* name) {
   });
 }
 
-// The classifiers' atomic dW pass reads the staged X^T dS (S, [e][j]) with consecutive threads on consecutive
-// columns j (margin_softmax.cu, write_weight_gradient), 64 x 64 elements over the block's threads.
+// The classifiers' dW passes (atomic and deterministic) read the staged X^T dS (S, [e][j]) with consecutive threads
+// on consecutive columns j (margin_softmax.cu, write_weight_gradient), 64 x 64 elements over the block's threads.
 template <class Policy>
 void check_weight_gradient_reads(const char* name) {
   using Layout = mk::SharedLayout<Policy>;
   const int acc = sizeof(typename Policy::Acc);
-  check_requests(std::string(name) + " atomic dW reads of S", mk::kTile * mk::kTile / mk::kThreads, acc,
+  check_requests(std::string(name) + " dW reads of S", mk::kTile * mk::kTile / mk::kThreads, acc,
                  [&](int t, int step) {
                    const int index = t + step * mk::kThreads, j = index % mk::kTile, e = index / mk::kTile;
                    return (static_cast<long>(e) * Layout::kAccLd + j) * acc;

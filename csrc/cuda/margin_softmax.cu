@@ -200,14 +200,14 @@ __device__ __forceinline__ void store_column_coefficient(const CudaMarginSoftmax
   shared.sums()[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * dot;
 }
 
-// dW (D x J, the accumulation type) at the class tile's columns and D columns e0.. gets, for each (j, e), the staged
-// element staged[j * j_stride + e * e_stride] minus the column's radial coefficient times W[e0 + e, j0 + j]: stored,
-// or added atomically (other blocks add to the same columns). Consecutive threads take consecutive columns.
+// dW (D x J, the accumulation type) at the class tile's columns and D columns e0.. gets, for each (e, j), the staged
+// element staged[e * kAccLd + j] (dW's own orientation) minus the column's radial coefficient times
+// W[e0 + e, j0 + j]: stored, or added atomically (other blocks add to the same columns). Consecutive threads take
+// consecutive columns: consecutive words of the staged tile, consecutive addresses of dW.
 template <class Policy>
 __device__ void write_weight_gradient(const CudaMarginSoftmaxParams& p, const ClassTile& tile, int64_t e0,
-                                      const typename Policy::Acc* staged, int j_stride, int e_stride,
-                                      const typename Policy::Acc* coefficients, typename Policy::Acc* out,
-                                      Write mode) {
+                                      const typename Policy::Acc* staged, const typename Policy::Acc* coefficients,
+                                      typename Policy::Acc* out, Write mode) {
   using Acc = typename Policy::Acc;
   const auto* w = static_cast<const typename Policy::Operand*>(p.w);
   const int64_t columns = p.classes * p.sub_centers;
@@ -216,7 +216,7 @@ __device__ void write_weight_gradient(const CudaMarginSoftmaxParams& p, const Cl
     const int j = index % kTile, e = index / kTile;
     const int64_t column = tile.j0 + j, dim = e0 + e;
     if (column >= tile.j_end || dim >= p.d) continue;
-    const Acc value = staged[j * j_stride + e * e_stride] -
+    const Acc value = staged[e * SharedLayout<Policy>::kAccLd + j] -
                       coefficients[j] * static_cast<Acc>(w[dim * p.w_stride + column]);
     if (mode == Write::kAtomicAdd) {
       atomicAdd(out + dim * columns + column, value);
@@ -277,8 +277,8 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
                                                         resident ? Layout::kResidentLd : Layout::kTileLd, shared.ds(),
                                                         Layout::kTileLd, kTile);
         __syncthreads();
-        write_weight_gradient<Policy>(p, tile, e0, shared.s(), 1, Layout::kAccLd, shared.sums(),
-                                      static_cast<Acc*>(bp.dw), Write::kAtomicAdd);
+        write_weight_gradient<Policy>(p, tile, e0, shared.s(), shared.sums(), static_cast<Acc*>(bp.dw),
+                                      Write::kAtomicAdd);
       }
     }
     // out[j][e] = W[e0 + e, j0 + j]: the tile's columns of W at the slice's D columns, as rows
@@ -326,10 +326,15 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
     classifier_ds_tile<Policy>(p, r0, tile, shared);
     __syncthreads();  // dS, and the dS cos in S that the column sums read
     if (threadIdx.x < kTile) dot += column_sum(shared);
-    // dW^T[j][e] += sum_i dS[i][j] X[i][e]: a column-major read of dS is its transpose
-    accumulate_slices<ColMajor>(dw, shared, span0, p.d, [&](int64_t e0) {
-      load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d);
-    });
+    // dW[e][j] += sum_i X[i][e] dS[i][j] (X's slice read column-major is its transpose): dW's own orientation, so
+    // that write_weight_gradient reads the staged slices along their rows
+    for_each_slice<kSlices<Policy>>(
+        span0, p.d,
+        [&](int64_t e0) { load_tile_async(shared.out(), Layout::kTileLd, kTile, x, p.x_stride, r0, p.n, e0, p.d); },
+        [&](int slice) {
+          Policy::template mma<ColMajor, RowMajor>(dw[slice], shared.out(), Layout::kTileLd, shared.ds(),
+                                                   Layout::kTileLd, kTile);
+        });
     __syncthreads();  // the next block rewrites the row state, the chunks, S, dS and X's rows
   }
   if (threadIdx.x < kTile) store_column_coefficient(p, tile, dot, shared);
@@ -339,9 +344,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
     if (e0 >= p.d) break;
     Policy::store(dw[slice], shared.s(), Layout::kAccLd);
     __syncthreads();
-    // staged as dW^T[j][e] (the accumulators' orientation)
-    write_weight_gradient<Policy>(p, tile, e0, shared.s(), Layout::kAccLd, 1, shared.sums(), static_cast<Acc*>(bp.dw),
-                                  Write::kStore);
+    write_weight_gradient<Policy>(p, tile, e0, shared.s(), shared.sums(), static_cast<Acc*>(bp.dw), Write::kStore);
     __syncthreads();  // the next slice rewrites S
   }
 }
