@@ -179,14 +179,14 @@ def _exact_triplet_distances(x, y, positive, negative, normalize):
                         torch.linalg.vector_norm(u - v[negative], dim=1)])
 
 
-def check_triplet_distance_ops(prefix, device, operand, refs, normalize):
+def check_triplet_distance_ops(prefix, device, operand, refs, normalize, dim=70):
     """Batch-hard's chosen distances and their backward (csrc/cuda/triplet.cu; ops <prefix>_triplet_distances*, on
     `device`) against torch in float64 on the same rounded rows: values, dX and dY for each gradient wanted, a
     repeated choice (several rows choosing one reference), a chosen pair at distance 0 (gradient 0 there) and a row of
     zeros (the normalisation's clamp)."""
     dtype = OPERANDS[operand]
-    g = torch.Generator().manual_seed(11 + len(operand) + 2 * normalize)
-    n, m, dim = 37, 1 if refs == "self" else 23, 70
+    g = torch.Generator().manual_seed(11 + len(operand) + 2 * normalize + dim)
+    n, m = 37, 1 if refs == "self" else 23
     m = n if refs == "self" else m
     x = (torch.randn(n, dim, generator=g, dtype=torch.float64) * (0.5 + torch.rand(n, 1, generator=g))).to(dtype)
     y = None if refs == "self" else (torch.randn(m, dim, generator=g, dtype=torch.float64) * 2).to(dtype)
@@ -245,6 +245,15 @@ def check_triplet_distance_ops(prefix, device, operand, refs, normalize):
 @pytest.mark.parametrize("operand", ["fp64", "fp32", "bf16", "fp16"])
 def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
     check_triplet_distance_ops("cuda_emulated", "cpu", operand, refs, normalize)
+
+
+@pytest.mark.parametrize("dim", [256, 300, 600])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+@pytest.mark.parametrize("operand", ["fp32", "bf16"])
+def test_triplet_distance_ops_over_several_chunks_of_d(operand, refs, dim):
+    """The backward walks D in chunks of 256 per warp, one in registers (its radial sum and its write from one
+    computation) or, wider, each recomputed for the write: one chunk exactly, a ragged second, a third."""
+    check_triplet_distance_ops("cuda_emulated", "cpu", operand, refs, True, dim)
 
 
 def test_triplet_distance_ops_check_their_arguments_and_pass_opcheck():

@@ -123,6 +123,13 @@ def test_triplet_distance_ops_on_every_operand_type(operand, refs, normalize):
     check_triplet_distance_ops("cuda", "cuda", operand, refs, normalize)
 
 
+@pytest.mark.parametrize("dim", [256, 300, 600])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+def test_triplet_distance_ops_over_several_chunks_of_d(refs, dim):
+    """The backward's chunks of D on the GPU (tests/test_cuda_emulated.py)."""
+    check_triplet_distance_ops("cuda", "cuda", "bf16", refs, True, dim)
+
+
 @pytest.mark.parametrize("operand", list(OPERANDS))
 def test_batch_hard_selection_on_every_operand_type(operand):
     """The chosen pairs are the hardest ones: their exact distance equals the exact optimum (ties and near-ties may

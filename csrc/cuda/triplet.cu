@@ -107,19 +107,39 @@ __global__ void __launch_bounds__(kThreads) triplet_distances_kernel(const CudaT
   }
 }
 
-// Writes r (g - (g . w) w) for a radial row of scaled values w (else r g) over D, where gradient(k) recomputes g's
-// element k: the normalisation's Jacobian, its radial term summed in a first sweep.
-template <class T, class Acc, class Out, class Gradient, class Scaled>
+// A warp walks D in chunks of kChunkWidth, a lane's elements of a chunk (k = d0 + lane + kWarp r, r < kPerLane) in
+// registers, so that what is per row or per chooser (its scale, its coefficient) is read once per chunk, not once per
+// element: D up to 256 is one chunk.
+constexpr int kPerLane = 8;
+constexpr int64_t kChunkWidth = int64_t{kWarp} * kPerLane;
+
+__device__ __forceinline__ int64_t lane_element(int64_t d0, int r) { return d0 + lane() + int64_t{kWarp} * r; }
+
+// Writes r (g - (g . w) w) for a radial row of scaled values w (else r g) over D, where gradient_chunk(d0, g) fills
+// g[r] with the gradient's elements lane_element(d0, r) (those below d): the normalisation's Jacobian, its radial term
+// summed in a first sweep (the one chunk of D up to kChunkWidth kept for the second; wider D recomputed).
+template <class Acc, class Out, class GradientChunk, class Scaled>
 __device__ __forceinline__ void write_through_normalisation(Out* out, int64_t d, const RowScale<Acc>& scale,
-                                                            Gradient&& gradient, Scaled&& scaled) {
+                                                            GradientChunk&& gradient_chunk, Scaled&& scaled) {
+  Acc g[kPerLane];
   Acc radial = 0;
   if (scale.radial) {
-    for (int64_t k = lane(); k < d; k += kWarp) radial += scaled(k) * gradient(k);
+    for (int64_t d0 = 0; d0 < d; d0 += kChunkWidth) {
+      gradient_chunk(d0, g);
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r)
+        if (lane_element(d0, r) < d) radial += scaled(lane_element(d0, r)) * g[r];
+    }
     radial = warp_sum(radial);
   }
-  for (int64_t k = lane(); k < d; k += kWarp) {
-    const Acc g = gradient(k);
-    out[k] = static_cast<Out>(scale.radial ? scale.inverse * (g - radial * scaled(k)) : scale.inverse * g);
+  for (int64_t d0 = 0; d0 < d; d0 += kChunkWidth) {
+    if (!scale.radial || d > kChunkWidth) gradient_chunk(d0, g);
+#pragma unroll
+    for (int r = 0; r < kPerLane; ++r) {
+      const int64_t k = lane_element(d0, r);
+      if (k < d)
+        out[k] = static_cast<Out>(scale.radial ? scale.inverse * (g[r] - radial * scaled(k)) : scale.inverse * g[r]);
+    }
   }
 }
 
@@ -133,9 +153,15 @@ __global__ void __launch_bounds__(kThreads) triplet_backward_rows_kernel(const C
   const Chosen<Acc> c = chosen(rows, p, i);
   const auto* coefficients = static_cast<const Acc*>(bp.coefficients);
   const Acc to_positive = coefficients[i], to_negative = coefficients[p.n + i];
-  write_through_normalisation<T, Acc, T>(
+  write_through_normalisation<Acc, T>(
       static_cast<T*>(bp.dx) + i * p.d, p.d, c.anchor,
-      [&](int64_t k) { return query_part(rows, c, i, k, to_positive, to_negative); },
+      [&](int64_t d0, Acc (&g)[kPerLane]) {
+#pragma unroll
+        for (int r = 0; r < kPerLane; ++r) {
+          const int64_t k = lane_element(d0, r);
+          g[r] = k < p.d ? query_part(rows, c, i, k, to_positive, to_negative) : Acc(0);
+        }
+      },
       [&](int64_t k) { return rows.x.at(i, k, c.anchor.inverse); });
 }
 
@@ -158,18 +184,27 @@ __global__ void __launch_bounds__(kThreads) triplet_backward_references_kernel(c
     own = chosen(rows, p, j);
     own_positive = coefficients[j], own_negative = coefficients[p.n + j];
   }
-  const auto gradient = [&](int64_t k) {
-    const Acc v = rows.y.at(j, k, scale.inverse);
-    Acc g = kSame ? query_part(rows, own, j, k, own_positive, own_negative) : Acc(0);
+  const auto gradient_chunk = [&](int64_t d0, Acc (&g)[kPerLane]) {
+    Acc v[kPerLane];
+#pragma unroll
+    for (int r = 0; r < kPerLane; ++r) {
+      const int64_t k = lane_element(d0, r);
+      v[r] = k < p.d ? rows.y.at(j, k, scale.inverse) : Acc(0);
+      g[r] = kSame && k < p.d ? query_part(rows, own, j, k, own_positive, own_negative) : Acc(0);
+    }
     for (int64_t entry = start; entry < stop; ++entry) {
       const int64_t chooser = bp.order[entry];
       const int64_t i = chooser % p.n;
-      g += coefficients[chooser] * (v - rows.x.at(i, k, rows.x.scale(i).inverse));
+      const Acc c = coefficients[chooser], inverse = rows.x.scale(i).inverse;
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        const int64_t k = lane_element(d0, r);
+        if (k < p.d) g[r] += c * (v[r] - rows.x.at(i, k, inverse));
+      }
     }
-    return g;
   };
-  write_through_normalisation<T, Acc, T>(static_cast<T*>(kSame ? bp.dx : bp.dy) + j * p.d, p.d, scale, gradient,
-                                         [&](int64_t k) { return rows.y.at(j, k, scale.inverse); });
+  write_through_normalisation<Acc, T>(static_cast<T*>(kSame ? bp.dx : bp.dy) + j * p.d, p.d, scale, gradient_chunk,
+                                      [&](int64_t k) { return rows.y.at(j, k, scale.inverse); });
 }
 
 dim3 warp_blocks(int64_t rows) { return dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)); }
