@@ -437,6 +437,18 @@ def _radial_part(c, inverse):
 
 
 @triton.jit
+def _add_transposed_product(p, x_tile, cols, limit, columns, dims, out_ptr, D, ACC: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """Adds a tile's part of the references' gradient, P^T X for the rows' D block, into the rows `columns` of out_ptr
+    ([*, D]) for the tile's columns cols < limit, relaxed atomics: the pair losses' dY (WITH_DY; columns = cols) and
+    the classifiers' dW (WITH_DW; columns = cols K + k) alike. The callers add their columns' statistics after it:
+    computed before the product, they changed ptxas's register choice (fp32 variants at 128 registers, spilling)."""
+    product = tl.dot(tl.trans(p), x_tile, input_precision=PRECISION, out_dtype=ACC)
+    tl.atomic_add(out_ptr + columns[:, None] * D + dims[None, :], product,
+                  mask=(cols[:, None] < limit) & (dims[None, :] < D), sem="relaxed")
+
+
+@triton.jit
 def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
                            y_labels_ptr, dx_ptr, dx_t_ptr, dy_ptr, dy_t_ptr,
                            N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
@@ -480,9 +492,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
         p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
         dx = tl.dot(p, y_tile, dx, input_precision=PRECISION, out_dtype=ACC)
         if WITH_DY:
-            dy = tl.dot(tl.trans(p), x_tile, input_precision=PRECISION, out_dtype=ACC)
-            tl.atomic_add(dy_ptr + cols[:, None] * D + dims[None, :], dy,
-                          mask=(cols[:, None] < stop) & (dims[None, :] < D), sem="relaxed")
+            _add_transposed_product(p, x_tile, cols, stop, cols, dims, dy_ptr, D, ACC, PRECISION)
             tl.atomic_add(dy_t_ptr + cols, _radial_terms(by_s, by_q, s, y_radial, 0), mask=(cols < stop) & first_dims,
                           sem="relaxed")
     out_mask = (rows[:, None] < N) & (dims[None, :] < D)

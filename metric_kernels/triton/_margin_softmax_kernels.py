@@ -34,8 +34,8 @@ BLOCK_N is the class tile (the engine's reference tile, so that its autotune con
 import triton
 import triton.language as tl
 
-from ._lse_kernels import (LN2, LOG2E, _column_range, _dot_tile, _finite_or_zero, _fold_tile, _load_params,
-                           _load_rows, _radial_part, _row_scales)
+from ._lse_kernels import (LN2, LOG2E, _add_transposed_product, _column_range, _dot_tile, _finite_or_zero,
+                           _fold_tile, _load_params, _load_rows, _radial_part, _row_scales)
 
 NORMALIZE = tl.constexpr(True)  # the classifiers always compare directions
 
@@ -181,14 +181,9 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, par
 
 
 @triton.jit
-def _add_column_gradient(p, x_tile, terms, w_radial, cols, columns, dims, dw_ptr, dw_t_ptr, C, D, first_dims,
-                         ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """Adds a tile's part of dW (P_k^T X, for the rows' D block) and of its columns' t_j = sum_i dS cos (the column
-    sums of `terms`, where the normalisation is radial; once per D block) into the accumulators, relaxed atomics:
-    the rows of dw_ptr ([J, D]) and dw_t_ptr ([J]) at `columns` (j = c K + k)."""
-    dw = tl.dot(tl.trans(p), x_tile, input_precision=PRECISION, out_dtype=ACC)
-    tl.atomic_add(dw_ptr + columns[:, None] * D + dims[None, :], dw, mask=(cols[:, None] < C) & (dims[None, :] < D),
-                  sem="relaxed")
+def _add_column_terms(terms, w_radial, cols, C, columns, dw_t_ptr, first_dims):
+    """Adds the tile's columns' t_j = sum_i dS cos (the column sums of `terms`, where the normalisation is radial)
+    into dw_t_ptr ([J]) at `columns`, once per D block, relaxed atomics."""
     tl.atomic_add(dw_t_ptr + columns, tl.where(w_radial, tl.sum(terms, axis=0), 0.0), mask=(cols < C) & first_dims,
                   sem="relaxed")
 
@@ -201,7 +196,7 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
                ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, WITH_DW: tl.constexpr,
                EVEN: tl.constexpr):
     """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos;
-    WITH_DW also its part of dW, from the same P (_add_column_gradient). FULL_D: the cosines from x_tile."""
+    WITH_DW also its part of dW, from the same P (_add_transposed_product). FULL_D: the cosines from x_tile."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     operand = x_ptr.dtype.element_ty
     if MULTI:
@@ -216,8 +211,9 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
             p = _product_operand(tl.where(chosen, ds, 0.0), row_factor, inverse_k, operand)
             dx = tl.dot(p, tile_k, dx, input_precision=PRECISION, out_dtype=ACC)
             if WITH_DW:  # not 0 * cos where not chosen: a NaN of another sub-centre stays out
-                _add_column_gradient(p, x_tile, tl.where(chosen, ds * cosine, 0.0), radial_k, cols, cols * K + k,
-                                     dims, dw_ptr, dw_t_ptr, C, D, first_dims, ACC, PRECISION)
+                terms = tl.where(chosen, ds * cosine, 0.0)
+                _add_transposed_product(p, x_tile, cols, C, cols * K + k, dims, dw_ptr, D, ACC, PRECISION)
+                _add_column_terms(terms, radial_k, cols, C, cols * K + k, dw_t_ptr, first_dims)
     else:
         cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N,
                                                 C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
@@ -227,8 +223,9 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
         dx = tl.dot(p, w_tile, dx, input_precision=PRECISION, out_dtype=ACC)
         if WITH_DW:
             w_radial = _row_scales(w_norm_ptr, cols, C, NORMALIZE)[1]
-            _add_column_gradient(p, x_tile, ds * cosine, w_radial, cols, cols, dims, dw_ptr, dw_t_ptr, C, D,
-                                 first_dims, ACC, PRECISION)
+            terms = ds * cosine
+            _add_transposed_product(p, x_tile, cols, C, cols, dims, dw_ptr, D, ACC, PRECISION)
+            _add_column_terms(terms, w_radial, cols, C, cols, dw_t_ptr, first_dims)
     t_rows += tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
     return dx, t_rows
 
