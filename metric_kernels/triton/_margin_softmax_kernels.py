@@ -310,10 +310,11 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = w_ptr.dtype.element_ty
-    w_inverse, w_radial, _ = _row_scales(w_norm_ptr, cols, C, NORMALIZE)
-    w_tile = _load_rows(w_ptr, cols, dims, C, D, stride_wc, stride_wd)
-    dw = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-    t_columns = tl.zeros((BLOCK_N,), ACC)
+    if not MULTI:  # (K > 1 reads each sub-centre's scales and rows where it uses them)
+        w_inverse, w_radial, _ = _row_scales(w_norm_ptr, cols, C, NORMALIZE)
+        w_tile = _load_rows(w_ptr, cols, dims, C, D, stride_wc, stride_wd)
+        dw = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+        t_columns = tl.zeros((BLOCK_N,), ACC)
     out_mask = (cols[:, None] < C) & (dims[None, :] < D)
     partial_t_ptr += tl.program_id(1).to(tl.int64) * C * K
     for m0 in range(0, N, BLOCK_M):
