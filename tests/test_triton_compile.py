@@ -86,14 +86,11 @@ def _check(levels, failure):
 # giving the kernels unit column strides, and the triplet kernels' warps sized to their tiles.
 KNOWN_FAILURES = {}
 # Specialisations known to spill, by the levels compiled: each must still spill (a fix fails the test until its entry
-# goes). One, with triton 3.6.0 (the GPU machine's) for sm_80: the margin-softmax row pass forming dX and dW from the
-# same tiles, fp32 rows with tf32 products, several sub-centres, W in its own D x J layout, at the widest D block:
-# its fallback tile needs more than 255 registers whatever the ceiling, stages or warps tried (3.7.1 compiles it
-# without spilling; the config sweeps of 2026-11-28 pruned every other classifier spill into MEASURED_SPILLS).
-_TF32_ROW_PASS = ("triton 3.6.0 sm_80 margin_softmax_backward_rows[fp32-tf32,D={},partial=0,with_dw=1,multi=1,"
-                  "w=columns,m16n16w8s1]")
-KNOWN_SPILLS = {tuple(DEFAULT.items()): {_TF32_ROW_PASS.format(256)},
-                tuple(SWEEP.items()): {_TF32_ROW_PASS.format(256), _TF32_ROW_PASS.format("chunked-256")}}
+# goes). None now: the last, with triton 3.6.0 for sm_80 (the margin-softmax row pass forming dX and dW from the same
+# tiles, fp32 rows with tf32 products, several sub-centres, W in its own D x J layout, the widest D block: more than
+# 255 registers in every config tried), is no longer launched: the ops take the column pass for dW there
+# (margin_softmax_ops.row_pass_forms_dw; tests/test_triton_margin_softmax.py checks the choice).
+KNOWN_SPILLS = {}
 
 
 @pytest.mark.parametrize("failure", [pytest.param(f, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[f])]

@@ -227,3 +227,41 @@ def test_opcheck(deterministic):
     stats = torch.ops.metric_kernels.triton_margin_softmax_rows(*args)
     torch.library.opcheck(torch.ops.metric_kernels.triton_margin_softmax_rows_backward,
                           (upstream.float(), stats, x, weight, labels, 2, SCALE, deterministic, True, True))
+
+
+def test_row_pass_leaves_dw_to_the_column_pass_where_it_would_spill():
+    """margin_softmax_ops.row_pass_forms_dw: the one specialisation that no config compiles without spilling
+    (triton before 3.7, compute capability 8.x, tf32 products, several sub-centres, W in its own D x J layout, one
+    split, the widest D block) leaves dW to the column pass; with any one condition off, the row pass forms it."""
+    from metric_kernels.triton.margin_softmax_ops import row_pass_forms_dw
+    spilling = dict(precision="tf32", multi=True, w_by_class=False, partial=False, block_d=256, arch=8,
+                    triton_version="3.6.0")
+    assert not row_pass_forms_dw(**spilling)
+    for key, other in (("precision", "ieee"), ("multi", False), ("w_by_class", True), ("partial", True),
+                       ("block_d", 128), ("arch", 9), ("arch", None), ("triton_version", "3.7.1")):
+        assert row_pass_forms_dw(**dict(spilling, **{key: other})), key
+
+
+@pytest.mark.parametrize("forms_dw", [True, False])
+def test_default_backward_takes_the_column_pass_when_the_row_pass_does_not_form_dw(monkeypatch, forms_dw, no_tf32):
+    """The op asks row_pass_forms_dw with its launch's facts, and where the answer is no, dW comes from the column
+    pass (launched once) with the same values as the row pass's atomics (float64 formula, fp32 tolerances)."""
+    from metric_kernels.triton import margin_softmax_ops
+    asked, launched = [], []
+    monkeypatch.setattr(margin_softmax_ops, "row_pass_forms_dw", lambda *args: asked.append(args) or forms_dw)
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(margin_softmax_ops, "_backward_columns", Recorded(margin_softmax_ops._backward_columns))
+    x, weight, labels, upstream = _case(5, 40, 30, 20, 2, torch.float32)
+    ours = _outputs(triton_rows(False), x, weight, labels, 2, upstream.float())
+    exact = _outputs(formula, x.double(), weight.double(), labels, 2, upstream)
+    _check(ours, exact, 1e-5, 1e-4, f"forms_dw={forms_dw}")
+    assert asked == [("ieee", True, False, False, ops.block_d(20, 4), None, margin_softmax_ops.triton.__version__)]
+    assert len(launched) == (0 if forms_dw else 1)

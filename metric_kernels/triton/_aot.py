@@ -390,6 +390,8 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
     launch)."""
     import torch
 
+    import triton
+
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     from . import margin_softmax_ops
@@ -506,6 +508,10 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 count = _selection(level, dtype, primary, neighbour, width_label, widest)
                 if not count:
                     continue
+                if extra.get("WITH_DW") and not margin_softmax_ops.row_pass_forms_dw(
+                        precision, multi, layout == "classes", extra["PARTIAL"], block_d, arch // 10,
+                        triton.__version__):
+                    continue  # the ops take the column pass for dW there
                 chosen = configs(block_d, full_d, kernel_pass, count, aligned=layout == "classes", multi=multi,
                                  with_dw=extra.get("WITH_DW", False))
                 constexprs = dict(base, **extra)

@@ -72,6 +72,19 @@ def _pruning(kernel_pass: str):
     return _pruner(kernel_pass, MEASURED_SPILLS, fallback_registers=ceiling, fallback_stages=1)
 
 
+def row_pass_forms_dw(precision: str, multi: bool, w_by_class: bool, partial: bool, block_d: int,
+                      arch: int | None, triton_version: str) -> bool:
+    """Whether the row pass also forms dW (WITH_DW) where the backward may use atomics. Not in the one case that no
+    config compiles without spilling: triton before 3.7 (the GPU machine's 3.6.0) for compute capability 8.x, fp32
+    rows with tf32 products, several sub-centres, W in its own D x J layout, dX written by the pass itself (one
+    split), the widest D block (more than 255 registers whatever the ceiling, stages or warps tried: the compile
+    proof's sweeps of 2026-11-28). There dW takes the column pass: one more matmul-equivalent, no spills. arch: the
+    device's major compute capability (None off a GPU)."""
+    old_triton = tuple(int(part) for part in triton_version.split(".")[:2]) < (3, 7)
+    return not (old_triton and arch == 8 and precision == "tf32" and multi and not w_by_class and not partial
+                and block_d >= 256)
+
+
 def cosines_on_chip(dtype: torch.dtype, full_d: bool) -> bool:
     """The row pass's S_ON_CHIP: the cosines from the D block on chip when it holds all of D, except for fp32 rows,
     whose operands over the whole of D made the pass spill (the compile proof: IEEE products on the CUDA cores with
@@ -185,7 +198,8 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
     The row pass runs over row blocks x class splits x D blocks and writes dX (several splits: fp32 partials, one
     per split, added in split order by finish_gradient). Default, when dW is needed too: it takes P^T X from the same
     tiles into fp32 accumulators through relaxed atomics (3 matmul-equivalents per sub-centre column, one
-    exponential per class), which finish_gradient completes. Otherwise dW comes from a column pass over class tiles
+    exponential per class), which finish_gradient completes (except where that pass would spill: row_pass_forms_dw).
+    Otherwise dW comes from a column pass over class tiles
     x D blocks, each summing every row block in order (deterministic; 4 matmul-equivalents with the row pass;
     several sub-centres through an fp32 partial)."""
     x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
@@ -216,6 +230,9 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
         if need_dx:
             splits = reference_splits(n, classes, x.device)
             partial = splits > 1
+            arch = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
+            with_dw = with_dw and row_pass_forms_dw(constexprs["PRECISION"], sub_centers > 1, weight.stride(0) == 1,
+                                                    partial, width, arch, triton.__version__)
             if partial:
                 dx_acc, t = buffer(splits, n, d), buffer(splits, n)
                 finish.append((dx_acc, t, splits, x, x_norms, dx, d, 1, finish_block_d(width, False)))
