@@ -199,9 +199,8 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
     per split, added in split order by finish_gradient). Default, when dW is needed too: it takes P^T X from the same
     tiles into fp32 accumulators through relaxed atomics (3 matmul-equivalents per sub-centre column, one
     exponential per class), which finish_gradient completes (except where that pass would spill: row_pass_forms_dw).
-    Otherwise dW comes from a column pass over class tiles
-    x D blocks, each summing every row block in order (deterministic; 4 matmul-equivalents with the row pass;
-    several sub-centres through an fp32 partial)."""
+    Otherwise dW comes from a column pass over class tiles x D blocks, each summing every row block in order
+    (deterministic; 4 matmul-equivalents with the row pass; several sub-centres through an fp32 partial)."""
     x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
     n, d = x.shape
     if tuple(grad.shape) != (2, n) or tuple(stats.shape) != (2, n):
