@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -552,6 +553,25 @@ def _tensor_core_instructions(ptx: str) -> Dict[str, Dict[str, int]]:
     return found
 
 
+_LABEL = re.compile(r"\$L__\w+")
+
+
+def ptx_digest(ptx: str) -> str:
+    """SHA-1 of the PTX's instructions: without its debug sections, .loc / .file lines and label-only lines, label
+    names made one, so that two compiles differing only in source lines or inlined-function scopes (a refactor that
+    moves code into a helper) digest alike, and any change of an instruction, operand or order does not."""
+    code = re.split(r"^\s*\.section\s+\.debug", ptx, maxsplit=1, flags=re.MULTILINE)[0]
+    lines = []
+    for line in code.splitlines():
+        stripped = line.strip()
+        if stripped.startswith((".loc", ".file", "//")):
+            continue
+        stripped = _LABEL.sub("L", stripped)
+        if stripped and stripped != "L:":
+            lines.append(stripped)
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
+
+
 def _resource_usage(cubin: bytes) -> Dict[str, int]:
     """REG, STACK, SHARED, LOCAL of the kernel from cuobjdump (shipped with Triton)."""
     import triton
@@ -601,7 +621,7 @@ def compile_variant(variant: Variant, arch: int) -> Dict[str, object]:
                   spill_store_bytes=int(spills.group(2)) if spills else None,
                   spill_load_bytes=int(spills.group(3)) if spills else None,
                   shared=compiled.metadata.shared, num_warps=variant.num_warps, num_stages=variant.num_stages,
-                  tensor_cores=_tensor_core_instructions(ptx))
+                  tensor_cores=_tensor_core_instructions(ptx), ptx_digest=ptx_digest(ptx))
     return record
 
 
@@ -620,9 +640,9 @@ def _cost(variant: Variant) -> int:
             + ("backward" in variant.kernel) * 2 + variant.sweep)
 
 
-def compile_all(archs, level="sweep", jobs=1, progress=None) -> Dict[str, object]:
-    """Compiles every variant of a level for each architecture with this interpreter's triton, `jobs` processes
-    at a time (forked: nothing here touches a GPU)."""
+def compile_all(archs, level="sweep", jobs=1, progress=None, kernels=None) -> Dict[str, object]:
+    """Compiles every variant of a level (of `kernels` only, where given) for each architecture with this
+    interpreter's triton, `jobs` processes at a time (forked: nothing here touches a GPU)."""
     import multiprocessing
 
     import triton
@@ -636,6 +656,8 @@ def compile_all(archs, level="sweep", jobs=1, progress=None) -> Dict[str, object
     _POOL_VARIANTS, arch_of = [], []
     for arch in archs:
         for variant in variants(arch, level):
+            if kernels is not None and variant.kernel not in kernels:
+                continue
             expected.setdefault(ARCHS[arch][0], []).append(variant.name)
             order[(ARCHS[arch][0], variant.name)] = len(_POOL_VARIANTS)
             _POOL_VARIANTS.append(variant)
@@ -902,6 +924,23 @@ def write_report(results: List[Dict[str, object]], out: Path, command: str) -> L
 DEFAULT_REPORT = ROOT / "bench" / "results" / "compile"
 
 
+def compare(before: Dict[str, object], after: Dict[str, object]) -> List[str]:
+    """What differs between two `compile --json` results of the same selection: variants only in one, and per
+    variant compiled in both, its PTX digest, registers, spills or shared memory. Empty: the same code."""
+    def by_name(result):
+        return {(r["arch"], r["name"]): r for r in result["records"]}
+    old, new = by_name(before), by_name(after)
+    lines = [f"only in the first: {arch} {name}" for arch, name in sorted(old.keys() - new.keys())]
+    lines += [f"only in the second: {arch} {name}" for arch, name in sorted(new.keys() - old.keys())]
+    for key in sorted(old.keys() & new.keys()):
+        a, b = old[key], new[key]
+        changed = [f"{field} {a.get(field)} -> {b.get(field)}"
+                   for field in ("ok", "ptx_digest", "n_regs", "n_spills", "shared") if a.get(field) != b.get(field)]
+        if changed:
+            lines.append(f"{key[0]} {key[1]}: " + ", ".join(changed))
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m metric_kernels.triton._aot", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -911,6 +950,10 @@ def main(argv=None) -> int:
     one.add_argument("--jobs", type=int, default=1)
     one.add_argument("--json", type=Path, help="write the result here")
     one.add_argument("--list", action="store_true", help="only list the variants")
+    one.add_argument("--kernels", nargs="+", help="only these kernels (names as in _lse_kernels.py and the others)")
+    same = commands.add_parser("compare", help="what differs between two `compile --json` results (exit 1 if any)")
+    same.add_argument("before", type=Path)
+    same.add_argument("after", type=Path)
     every = commands.add_parser("report", help="compile with several triton versions, write report.md and .json")
     every.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCHS))
     every.add_argument("--level", choices=LEVELS, default="sweep")
@@ -921,6 +964,10 @@ def main(argv=None) -> int:
     again = commands.add_parser("render", help="write report.md again from a report.json (no compiling)")
     again.add_argument("json", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        found = compare(json.loads(args.before.read_text()), json.loads(args.after.read_text()))
+        print("\n".join(found) if found else "the same code: every variant's PTX digest and resources agree")
+        return 1 if found else 0
     if args.command == "render":
         saved = json.loads(args.json.read_text())
         found = write_report(saved["results"], args.json.parent, saved["command"])
@@ -938,7 +985,8 @@ def main(argv=None) -> int:
     if args.list:
         for arch in args.arch:
             for variant in variants(arch, args.level):
-                print(ARCHS[arch][0], variant.name)
+                if args.kernels is None or variant.kernel in args.kernels:
+                    print(ARCHS[arch][0], variant.name)
         return 0
 
     def progress(record, done, total):
@@ -948,7 +996,7 @@ def main(argv=None) -> int:
         print(f"[{done}/{total}] {record['arch']} {record['name']}: {state}{extra} ({record['seconds']} s)",
               flush=True)
 
-    result = compile_all(args.arch, args.level, args.jobs, progress)
+    result = compile_all(args.arch, args.level, args.jobs, progress, args.kernels)
     if args.json:
         args.json.write_text(json.dumps(result))
     print(f"triton {result['triton']}: {len(result['records'])} compiled in {result['seconds']} s, "
