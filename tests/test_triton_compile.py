@@ -252,6 +252,13 @@ def test_compare_lists_what_differs():
                                            "sm_80 b: ptx_digest 2 -> 9, n_regs 100 -> 120"]
 
 
+def test_compile_refuses_an_unknown_kernel(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        _aot.main(["compile", "--level", "core", "--list", "--kernels", "row_norms", "no_such_kernel"])
+    assert stopped.value.code == 2
+    assert "--kernels: no_such_kernel not among the kernels compiled at core: " in capsys.readouterr().err
+
+
 def test_compile_and_compare_from_the_command_line(tmp_path):
     """`compile --kernels K --json` twice with this triton: every variant of K compiled, each with a digest, and
     `compare` finds them the same (exit 0); a result with one variant edited differs (exit 1)."""

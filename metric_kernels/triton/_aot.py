@@ -982,6 +982,12 @@ def main(argv=None) -> int:
         for problem in found:
             print(problem)
         return 1 if found else 0
+    if args.kernels is not None:
+        known = {variant.kernel for arch in args.arch for variant in variants(arch, args.level)}
+        unknown = sorted(set(args.kernels) - known)
+        if unknown:
+            parser.error(f"--kernels: {', '.join(unknown)} not among the kernels compiled at {args.level}: "
+                         f"{', '.join(sorted(known))}")
     if args.list:
         for arch in args.arch:
             for variant in variants(arch, args.level):
