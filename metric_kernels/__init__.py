@@ -1,17 +1,18 @@
 """metric_kernels: fused deep-metric-learning losses for PyTorch.
 
-Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, batch-hard triplet, Proxy-Anchor and the margin-softmax
-classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) with pytorch-metric-learning's semantics, computed
-by a choice of backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where built). See
-README.md and docs/.
+Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, NCA, batch-hard triplet, Proxy-Anchor, ProxyNCA and the
+margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) with pytorch-metric-learning's
+semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where
+built). See README.md and docs/.
 """
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
-                         multi_similarity_loss, multiview, normalized_softmax_loss, ntxent_loss, proxy_anchor_loss,
-                         subcenter_arcface_loss, supcon_loss)
+                         multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
+                         proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss, supcon_loss)
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, MultiSimilarityLoss,
-                      NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, SubCenterArcFaceLoss, SupConLoss)
+                      NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss,
+                      SupConLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 
@@ -25,9 +26,11 @@ __all__ = [
     "CrossBatchMemory",
     "DistributedLoss",
     "MultiSimilarityLoss",
+    "NCALoss",
     "NTXentLoss",
     "NormalizedSoftmaxLoss",
     "ProxyAnchorLoss",
+    "ProxyNCALoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
     "arcface_loss",
@@ -38,9 +41,11 @@ __all__ = [
     "cosface_loss",
     "multi_similarity_loss",
     "multiview",
+    "nca_loss",
     "normalized_softmax_loss",
     "ntxent_loss",
     "proxy_anchor_loss",
+    "proxy_nca_loss",
     "subcenter_arcface_loss",
     "supcon_loss",
     "__version__",

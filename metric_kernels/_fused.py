@@ -225,6 +225,14 @@ class FusedRows:
                             pair_value, *options.values())
         return multi_similarity_from_stats(stats[0], stats[1], alpha, beta, base)
 
+    def nca_rows(self, x, y, x_labels, y_labels, self_offset, *, softmax_scale, deterministic, pair_value=SIMILARITY,
+                 **options):
+        # Multi-Similarity's kind folds -a v over the positives and b v over the negatives: a = -scale, b = scale
+        # gives NCA's two log-sum-exps of scale * v.
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "multi_similarity", -softmax_scale, softmax_scale,
+                            deterministic, pair_value, *options.values())
+        return stats[0], stats[1]
+
     def ntxent_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic, pair_value=SIMILARITY,
                     **options):
         stats = self._stats(x, y, x_labels, y_labels, self_offset, "ntxent", 0.0, 1.0 / temperature, deterministic,
@@ -299,8 +307,8 @@ class CudaKernelRows(RawRows):
                                            **options, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
-ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "ntxent_rows", "contrastive_rows",
-                 "batch_hard_rows", "proxy_anchor_rows")
+ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "nca_rows", "ntxent_rows",
+                 "contrastive_rows", "batch_hard_rows", "proxy_anchor_rows")
 CLASSIFIER_ROWS = "margin_softmax_rows"  # the margin-softmax ops, where a backend's kernels compute them
 
 

@@ -56,6 +56,9 @@ EUCLIDEAN = DistanceSpec("lp", power=1, normalize=True)  # PML's LpDistance() de
 RAW_DOT = DistanceSpec("dot", power=1, normalize=False)
 LP_DISTANCES = tuple(DistanceSpec("lp", power=power, normalize=normalize)
                      for power in (1, 2) for normalize in (True, False))
+SQUARED_EUCLIDEAN = DistanceSpec("lp", power=2, normalize=True)  # LpDistance(power=2): NCA's default
+_NCA_DISTANCES = (SQUARED_EUCLIDEAN,) + tuple(spec for spec in LP_DISTANCES if spec != SQUARED_EUCLIDEAN) + (
+    COSINE, NORMALIZED_DOT, RAW_DOT)
 
 # The distances each module's fused kernels compute. The first entry is PML's default for that loss. CircleLoss has no
 # other: PML's CircleLoss asserts isinstance(distance, CosineSimilarity). Batch-hard's selection and triplet kernels
@@ -68,6 +71,8 @@ SUPPORTED_DISTANCES = {
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
     "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
+    "NCALoss": _NCA_DISTANCES,
+    "ProxyNCALoss": _NCA_DISTANCES,
     # The margin-softmax classifiers: the cosine of the embeddings to W's columns. PML's LargeMarginSoftmaxLoss
     # family asserts a CosineSimilarity; NormalizedSoftmaxLoss normalises W's columns, and its default
     # DotProductSimilarity() normalises the embeddings.
@@ -91,12 +96,13 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
                         for name in ("CircleLoss", "ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss")}
 
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
-#   "element": one loss per query (Circle, SupCon, Multi-Similarity, the margin-softmax classifiers);
+#   "element": one loss per query (Circle, SupCon, Multi-Similarity, the margin-softmax classifiers; NCA and ProxyNCA:
+#              per query PML keeps, see functional.nca_loss);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
 #   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive).
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
-              "BatchHardTripletLoss": "triplet",
+              "NCALoss": "element", "ProxyNCALoss": "element", "BatchHardTripletLoss": "triplet",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "NormalizedSoftmaxLoss": "element"}

@@ -49,6 +49,21 @@ def proxy_anchor_from_stats(lse_positive, lse_negative):
     return torch.logaddexp(lse_positive, zero), torch.logaddexp(lse_negative, zero)
 
 
+def nca_from_stats(lse_positive, lse_negative):
+    """(losses, kept) of NCA from the two log-sum-exps of softmax_scale * v over a query's positives and negatives:
+    PML's -log(sum of the positives' softmax) = log(1 + exp(lse_negative - lse_positive)), rounded as PML rounds it
+    (log_one_plus_exp_as_pml: exactly 0 where the positives' share rounds to 1, so that AvgNonZeroReducer counts what
+    PML counts). PML leaves out (from the losses and from MeanReducer's count) a query whose positives' softmax sums
+    to exactly 0: one without a positive, or whose positives' probability underflows (a loss above about 103 in
+    float32, 745 in float64); kept says which queries count, judged in the statistics' dtype. The left-out queries'
+    losses are 0 with a zero gradient."""
+    with torch.no_grad():  # NaN (no positive: -inf - -inf) is not kept
+        kept = torch.exp(lse_positive - torch.logaddexp(lse_positive, lse_negative)) > 0
+    zero = torch.zeros_like(lse_positive)
+    excess = torch.where(kept, lse_negative, zero) - torch.where(kept, lse_positive, zero)
+    return torch.where(kept, log_one_plus_exp_as_pml(excess), zero), kept
+
+
 def batch_hard_from_choices(x, y, hardest_positive, hardest_negative, margin, soft):
     """Losses of the chosen triplets (index -1: none) of rows as the losses compare them (the cpu backend's, already
     normalised where the distance normalises), recomputing only the 2 N chosen distances: O(N D) backward, and

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import _validation as check
 from ._pairs import SIMILARITY, pair_counts
-from ._row_epilogues import NORM_EPS, stats_dtype
+from ._row_epilogues import NORM_EPS, nca_from_stats, stats_dtype
 from .backends import check_backend_name, resolve
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -324,6 +324,79 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
                               backend, deterministic, normalize, "pairs", _per_anchor,
                               pos_margin=_engine_shift(pos_margin, pair_value),
                               neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
+
+
+def _nca_losses(rows):
+    """(losses, kept) of NCA from a backend's nca_rows (the two log-sum-exps; _row_epilogues.nca_from_stats), or from
+    the zero vector _pair_rows gives when there is nothing to pair (no query kept)."""
+    if isinstance(rows, torch.Tensor):
+        return rows, torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    return nca_from_stats(*rows)
+
+
+def _reduce_kept(losses: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The reductions of a loss whose PML elements are only the kept queries (NCA): "mean" (PML's MeanReducer)
+    divides by how many are kept (0 if none); the others as _reduce (a left-out query's loss is 0)."""
+    if reduction == "mean":
+        return losses.sum() / kept.sum().clamp(min=1).to(losses.dtype)
+    return _reduce(losses, reduction)
+
+
+def _nca_losses_of_batch(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, self_offset, reduction,
+                         backend, deterministic, distance, normalize_embeddings):
+    """NCA's per-query (losses, kept, guard) with PML's rule for a batch of at most one query (nothing kept).
+    Shared by nca_loss and the module (whose DoNothingReducer returns the kept queries' losses)."""
+    softmax_scale = check.check_positive(softmax_scale, "softmax_scale")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    rows, x_labels, _, _, guard = _pair_rows("nca_rows", embeddings, labels, ref_emb, ref_labels, self_offset,
+                                             reduction, backend, deterministic, normalize,
+                                             softmax_scale=softmax_scale, pair_value=pair_value)
+    losses, kept = _nca_losses(rows)
+    if x_labels.shape[0] <= 1:  # PML's NCALoss returns no loss for a batch of at most one query
+        losses, kept = losses * 0, kept & False
+    return losses, kept, guard
+
+
+def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, self_offset=None,
+             reduction="mean", backend="auto", deterministic=None, distance="squared_euclidean",
+             normalize_embeddings=True):
+    """NCA (Goldberger et al. 2004) with PML's semantics: per query -log(sum over its positives p of
+    softmax_p(softmax_scale * v)), the softmax over the query's row without itself, v = minus the squared Euclidean
+    distance of the normalised rows by default (PML's LpDistance(power=2)), or the similarity `distance` names. A
+    query whose positives' softmax is 0 (none, or underflow) is left out, as PML leaves it out, and so is every query
+    of a batch of at most one. The default reduction is PML's MeanReducer ("mean" over the queries kept).
+    See docs/losses/nca.md."""
+    losses, kept, guard = _nca_losses_of_batch(
+        embeddings, labels, ref_emb, ref_labels, softmax_scale=softmax_scale, self_offset=self_offset,
+        reduction=reduction, backend=backend, deterministic=deterministic, distance=distance,
+        normalize_embeddings=normalize_embeddings)
+    return _reduce_kept(losses, kept, reduction) + guard
+
+
+def _proxy_nca_losses(embeddings, labels, proxies, *, softmax_scale, reduction, backend, deterministic, distance,
+                      normalize_embeddings):
+    """ProxyNCA's per-query (losses, kept, guard): NCA of the queries against the proxies, proxy c of class c.
+    Shared by proxy_nca_loss, the module and metric_kernels.distributed."""
+    check.check_proxy_inputs(embeddings, labels, proxies)
+    softmax_scale = check.check_positive(softmax_scale, "softmax_scale")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    proxy_labels = torch.arange(proxies.shape[0], device=proxies.device)
+    rows, _, _, _, guard = _pair_rows("nca_rows", embeddings, labels, proxies, proxy_labels, None, reduction,
+                                      backend, deterministic, normalize, softmax_scale=softmax_scale,
+                                      pair_value=pair_value)
+    losses, kept = _nca_losses(rows)
+    return losses, kept, guard
+
+
+def proxy_nca_loss(embeddings, labels, proxies, *, softmax_scale=1.0, reduction="mean", backend="auto",
+                   deterministic=None, distance="squared_euclidean", normalize_embeddings=True):
+    """ProxyNCA (Movshovitz-Attias et al. 2017) with PML's semantics: NCA of each query against the proxies
+    (proxies: C x D, one per class; labels in [0, C)), -log softmax_label(softmax_scale * v) with v as nca_loss's.
+    The default reduction is PML's MeanReducer over the queries kept. See docs/losses/nca.md."""
+    losses, kept, guard = _proxy_nca_losses(embeddings, labels, proxies, softmax_scale=softmax_scale,
+                                            reduction=reduction, backend=backend, deterministic=deterministic,
+                                            distance=distance, normalize_embeddings=normalize_embeddings)
+    return _reduce_kept(losses, kept, reduction) + guard
 
 
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,

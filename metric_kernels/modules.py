@@ -97,18 +97,26 @@ def _checked_logit_inputs(module: nn.Module, embeddings, **weights) -> None:
     check.check_same_device(embeddings, "embeddings", **weights)
 
 
-def _cosines(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """PML's CosineSimilarity matrix of the embeddings to the rows of `references`, in the embeddings' dtype (PML
-    casts its weights to it)."""
-    references = references.to(embeddings.dtype)
-    return functional._prepare(embeddings, embeddings.dtype, True) @ functional._prepare(
-        references, references.dtype, True).T
-
-
 def _element_losses(rows: torch.Tensor) -> dict:
     """PML's DoNothingReducer output for a loss with one "element" loss per query."""
     indices = torch.arange(rows.shape[0], device=rows.device)
     return {"loss": {"losses": rows, "indices": indices, "reduction_type": "element"}}
+
+
+def _kept_element_losses(losses: torch.Tensor, kept: torch.Tensor) -> dict:
+    """PML's DoNothingReducer output for NCA and ProxyNCA: the losses of the queries PML keeps, and their indices."""
+    return {"loss": {"losses": losses[kept], "indices": kept.nonzero().squeeze(1), "reduction_type": "element"}}
+
+
+def _distance_matrix(spec: keywords.DistanceSpec, embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """PML's distance(embeddings, references) for a supported distance: the similarity (cosine or dot product) or
+    the Euclidean distance to the power, of the rows normalised where the distance normalises, in the embeddings'
+    dtype (PML casts its weights to it)."""
+    references = references.to(embeddings.dtype)
+    if spec.normalize:
+        embeddings, references = (functional._prepare(rows, rows.dtype, True) for rows in (embeddings, references))
+    matrix = torch.cdist(embeddings, references) if spec.kind == "lp" else embeddings @ references.T
+    return matrix if spec.power == 1 else matrix ** spec.power
 
 
 class _PairLoss(nn.Module):
@@ -134,7 +142,7 @@ class _PairLoss(nn.Module):
         value = self._loss(embeddings, labels, ref_emb, ref_labels, self_offset=self_offset,
                            reduction=self.reduction, backend=self.backend, deterministic=self.deterministic)
         if self._reducer_mode == "unreduced":  # PML's DoNothingReducer: its loss dictionary, one loss per query
-            return _element_losses(self._pml_rows(value))
+            return self._pml_dictionary(value)
         if self._reducer_mode == "mean_over_triplets":  # PML's MeanReducer over the mined triplets
             y_labels = labels if ref_emb is None else ref_labels
             positives, negatives = pair_counts(labels.long(), y_labels.long(), 0 if ref_emb is None else self_offset)
@@ -149,6 +157,10 @@ class _PairLoss(nn.Module):
     def _pml_rows(rows):
         """The per-query losses in the shape PML's loss dictionary holds them."""
         return rows
+
+    def _pml_dictionary(self, value):
+        """PML's DoNothingReducer dictionary of what _loss returned with reduction "none"."""
+        return _element_losses(self._pml_rows(value))
 
 
 class CircleLoss(_PairLoss):
@@ -235,6 +247,41 @@ class MultiSimilarityLoss(_PairLoss):
     def extra_repr(self):
         return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}" + _keywords_repr(self))
+
+
+class NCALoss(_PairLoss):
+    """PML's NCALoss(softmax_scale=1) on PML's default distance for it, LpDistance(power=2) (the squared Euclidean
+    distance of normalised rows): see docs/losses/nca.md.
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over the queries PML keeps: those whose
+    positives' softmax is not 0), or what `reducer=` says; DoNothingReducer gives the kept queries' losses and
+    indices, as PML's. PML's keywords: distance (LpDistance(p=2, power=1 or 2, normalised or not),
+    CosineSimilarity(), DotProductSimilarity()), reducer, embedding_regularizer (None), embedding_reg_weight,
+    collect_stats.
+    """
+
+    _PML_NAME = "NCALoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, softmax_scale=1, *, reduction=None, backend="auto", deterministic=None, distance=None,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.softmax_scale = check.check_positive(softmax_scale, "softmax_scale")
+
+    def _loss(self, *args, **kwargs):
+        options = dict(softmax_scale=self.softmax_scale, **keywords.functional_distance(self.distance_spec), **kwargs)
+        if self._reducer_mode == "unreduced":
+            return functional._nca_losses_of_batch(*args, **options)
+        return functional.nca_loss(*args, **options)
+
+    def _pml_dictionary(self, value):
+        losses, kept, guard = value
+        return _kept_element_losses(losses + guard, kept)
+
+    def extra_repr(self):
+        return (f"softmax_scale={self.softmax_scale}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + _keywords_repr(self))
 
 
 def _per_anchor(module, kwargs: dict) -> dict:
@@ -394,13 +441,66 @@ class ProxyAnchorLoss(nn.Module):
         return functional._reduce(positive_terms, reduction) + functional._reduce(negative_terms, reduction) + guard
 
     def get_logits(self, embeddings):
-        """Cosine similarities of the embeddings to every proxy, N x C (PML's get_logits)."""
+        """The distance's matrix of the embeddings to every proxy, N x C (PML's get_logits: cosine similarities with
+        the default distance)."""
         _checked_logit_inputs(self, embeddings, proxies=self.proxies)
-        return _cosines(embeddings, self.proxies)
+        return _distance_matrix(self.distance_spec, embeddings, self.proxies)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
                 f"alpha={self.alpha}, backend={self.backend!r}" + _keywords_repr(self))
+
+
+class ProxyNCALoss(nn.Module):
+    """PML's ProxyNCALoss(num_classes, embedding_size, softmax_scale=1): NCA of each query against the proxies, one
+    per class (see docs/losses/nca.md).
+
+    Owns `proxies`, a num_classes x embedding_size nn.Parameter initialised as PML does (torch.nn.init.normal_, or
+    PML's `weight_init_func` when given, called on the proxies), so the same seed gives PML's proxies. labels must lie
+    in [0, num_classes) (PML leaves a query of another label out of the loss silently; here it is a ValueError).
+    PML's keywords: distance (as NCALoss's; default LpDistance(power=2)), reducer (MeanReducer, PML's default: the
+    mean over the queries PML keeps; AvgNonZeroReducer, SumReducer, DoNothingReducer: the kept queries' losses and
+    indices; PerAnchorReducer of one of the first three), embedding_regularizer and weight_regularizer (None),
+    embedding_reg_weight, weight_reg_weight, collect_stats.
+    """
+
+    def __init__(self, num_classes, embedding_size, softmax_scale=1, *, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1,
+                 weight_regularizer=None, weight_reg_weight=1, weight_init_func=None, collect_stats=None):
+        super().__init__()
+        self.num_classes = num_classes = check.check_count(num_classes, "num_classes")
+        self.embedding_size = embedding_size = check.check_count(embedding_size, "embedding_size")
+        self._reduction = _accept_pml_keywords(self, "ProxyNCALoss", distance, reducer, None, embedding_regularizer,
+                                               embedding_reg_weight, collect_stats, "mean")
+        _accept_weight_keywords(self, "ProxyNCALoss", weight_regularizer, weight_reg_weight, weight_init_func,
+                                "the proxies")
+        self.softmax_scale = check.check_positive(softmax_scale, "softmax_scale")
+        _accept_backend(self, backend, deterministic)
+        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
+        (nn.init.normal_ if weight_init_func is None else weight_init_func)(self.proxies)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        _no_miners(indices_tuple)
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("ref_emb is not supported for this loss function (ProxyNCALoss compares the embeddings "
+                             "with its proxies; PML raises this ValueError too)")
+        labels = _labels_on(labels, embeddings, "labels")
+        losses, kept, guard = functional._proxy_nca_losses(
+            embeddings, labels, self.proxies, softmax_scale=self.softmax_scale, reduction=self._reduction,
+            backend=self.backend, deterministic=self.deterministic, **keywords.functional_distance(self.distance_spec))
+        if self._reducer_mode == "unreduced":
+            return _kept_element_losses(losses + guard, kept)
+        return functional._reduce_kept(losses, kept, self._reduction) + guard
+
+    def get_logits(self, embeddings):
+        """The distance's matrix of the embeddings to every proxy, N x C (PML's get_logits: squared Euclidean
+        distances of the normalised rows with the default distance)."""
+        _checked_logit_inputs(self, embeddings, proxies=self.proxies)
+        return _distance_matrix(self.distance_spec, embeddings, self.proxies)
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+                f"softmax_scale={self.softmax_scale}, backend={self.backend!r}" + _keywords_repr(self))
 
 
 class _MarginSoftmaxLoss(nn.Module):
@@ -443,7 +543,7 @@ class _MarginSoftmaxLoss(nn.Module):
     def _class_cosines(self, embeddings):
         """N x C: the cosine of each embedding to each class (its largest sub-centre's), in the embeddings' dtype."""
         _checked_logit_inputs(self, embeddings, W=self.W)
-        cosine = _cosines(embeddings, self.W.t())
+        cosine = _distance_matrix(keywords.COSINE, embeddings, self.W.t())
         return cosine.view(embeddings.shape[0], self.num_classes, self._sub_centers()).max(dim=2).values
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -563,7 +663,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
                     continue
                 target_indices = target_samples.nonzero()
                 sub_centers = weight[:, label * self.sub_centers:(label + 1) * self.sub_centers]
-                cosines = _cosines(embeddings[target_samples], sub_centers.t())
+                cosines = _distance_matrix(keywords.COSINE, embeddings[target_samples], sub_centers.t())
                 dominant_idx = torch.argmax(torch.bincount(torch.argmax(cosines, dim=1)))
                 dominant_centers[:, label] = sub_centers[:, dominant_idx]
                 outliers.extend(target_indices[cosines[:, dominant_idx] < cos_threshold].tolist())

@@ -59,6 +59,14 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
         embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
+def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance=None, reducer=None,
+             indices_tuple=None):
+    losses, _, _ = _pml()
+    kwargs = {} if distance is None else dict(distance=distance)
+    return losses.NCALoss(softmax_scale=softmax_scale, reducer=reducer, **kwargs)(embeddings, labels, indices_tuple,
+                                                                                   ref_emb, ref_labels)
+
+
 def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, soft=False,
                             normalize_embeddings=True):
     """BatchHardMiner + TripletMarginLoss, both on LpDistance(normalize_embeddings), smooth_loss=soft."""
@@ -74,6 +82,17 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
     """PML's ProxyAnchorLoss with its proxies replaced by `proxies`, so the result is differentiable in them."""
     losses, _, _ = _pml()
     loss = losses.ProxyAnchorLoss(proxies.shape[0], proxies.shape[1], margin=margin, alpha=alpha)
+    del loss.proxies  # a plain tensor attribute instead of the module's own Parameter
+    loss.proxies = proxies.to(embeddings.dtype)
+    return loss(embeddings, labels)
+
+
+def proxy_nca_loss(embeddings, labels, proxies, *, softmax_scale=1.0, distance=None, reducer=None):
+    """PML's ProxyNCALoss with its proxies replaced by `proxies`, so the result is differentiable in them."""
+    losses, _, _ = _pml()
+    kwargs = {} if distance is None else dict(distance=distance)
+    loss = losses.ProxyNCALoss(proxies.shape[0], proxies.shape[1], softmax_scale=softmax_scale, reducer=reducer,
+                               **kwargs)
     del loss.proxies  # a plain tensor attribute instead of the module's own Parameter
     loss.proxies = proxies.to(embeddings.dtype)
     return loss(embeddings, labels)

@@ -33,8 +33,9 @@ def _fused_backend_is_built(request):
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 HALF = (torch.float16, torch.bfloat16)
 SIZES = [(1, 1, 1), (37, 65, 17), (65, 130, 100), (130, 63, 3)]  # (N, M, D): ragged against 64-wide blocks
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "nca", "batch_hard_triplet"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, base_temperature=0.1),
+          "nca": dict(softmax_scale=6.0), "proxy_nca": dict(softmax_scale=9.0),
           "multi_similarity": dict(alpha=2.0, beta=40.0, base=0.4), "ntxent": dict(temperature=0.1),
           "contrastive": dict(pos_margin=0.3, neg_margin=1.3),
           "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
@@ -57,8 +58,10 @@ def _pair_inputs(seed, n, m, dim, classes, refs, dtype):
 
 
 def _run(loss, leaves, labels, y_labels, offset, backend, reduction="mean_nonzero", **options):
-    if loss == "proxy_anchor":
-        return mk.proxy_anchor_loss(leaves[0], labels, leaves[1], backend=backend, **PARAMS[loss], **options)
+    if loss in ("proxy_anchor", "proxy_nca"):
+        if loss == "proxy_nca":
+            options = dict(options, reduction=reduction)
+        return getattr(mk, f"{loss}_loss")(leaves[0], labels, leaves[1], backend=backend, **PARAMS[loss], **options)
     ref = (leaves[1], y_labels) if len(leaves) > 1 else (None, None)
     return getattr(mk, f"{loss}_loss")(leaves[0], labels, *ref, self_offset=offset, reduction=reduction,
                                        backend=backend, **PARAMS[loss], **options)
@@ -145,11 +148,24 @@ def test_proxy_anchor_matches_reference(backend, shape, dtype):
     _compare(backend, "proxy_anchor", [x, proxies], labels, None, None, dtype)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "mean_nonzero", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (100, 7, 33), (150, 70, 5)], ids=["1x1x1", "100x7x33", "150x70x5"])
+@backend_param
+def test_proxy_nca_matches_reference(backend, shape, dtype, reduction):
+    n, classes, dim = shape
+    g = torch.Generator().manual_seed(n + 1)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    proxies = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    _compare(backend, "proxy_nca", [x, proxies], labels, None, None, dtype, reduction)
+
+
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor", "proxy_nca"])
 @backend_param
 def test_half_inputs(backend, loss, dtype):
-    if loss == "proxy_anchor":
+    if loss in ("proxy_anchor", "proxy_nca"):
         g = torch.Generator().manual_seed(0)
         leaves = [torch.randn(90, 24, generator=g, dtype=torch.float64), torch.randn(6, 24, generator=g, dtype=torch.float64)]
         _compare(backend, loss, leaves, torch.randint(0, 6, (90,), generator=g), None, None, dtype)
@@ -159,8 +175,8 @@ def test_half_inputs(backend, loss, dtype):
 
 
 @backend_param
-@pytest.mark.parametrize("loss", ["circle", "supcon", "ntxent", "contrastive", "proxy_anchor", "circle_self",
-                                  "supcon_self", "ntxent_self"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "ntxent", "contrastive", "nca", "proxy_anchor", "circle_self",
+                                  "supcon_self", "ntxent_self", "nca_self"])
 def test_deterministic_and_atomic_backward_agree(backend, loss):
     """Both backward paths, including the single-buffer one used when the references are the queries."""
     refs = "self" if loss.endswith("_self") else "ref_emb"
@@ -225,13 +241,15 @@ def _loss_and_inputs(loss_name, backend):
         + 0 * p.sum(),
         "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend=backend)
         + 0 * p.sum(),
+        "nca": lambda a, b, p: mk.nca_loss(a, labels, b, y_labels, softmax_scale=3.0, backend=backend) + 0 * p.sum(),
         "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend=backend) + 0 * b.sum(),
+        "proxy_nca": lambda a, b, p: mk.proxy_nca_loss(a, labels, p, backend=backend) + 0 * b.sum(),
     }
     return calls[loss_name], (x, y, proxies)
 
 
 @backend_param
-@pytest.mark.parametrize("loss", PAIR_LOSSES + ["circle_self", "proxy_anchor"])
+@pytest.mark.parametrize("loss", PAIR_LOSSES + ["circle_self", "proxy_anchor", "proxy_nca"])
 def test_torch_compile_fullgraph(backend, loss):
     """A compiled training step: the custom ops trace as opaque nodes with fake implementations, AOTAutograd builds
     the forward and backward graphs (aot_eager runs them, fakes included), and values and gradients equal eager."""
@@ -324,7 +342,7 @@ def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
 
 
 @backend_param
-@pytest.mark.parametrize("loss", ["supcon", "ntxent", "batch_hard_triplet", "proxy_anchor"])
+@pytest.mark.parametrize("loss", ["supcon", "ntxent", "nca", "batch_hard_triplet", "proxy_anchor"])
 def test_float64_gradcheck(backend, loss):
     """Finite differences against the fused backward (Circle's detached weights are checked by its closed form in
     test_gradients.py; here its gradients equal the reference's, in test_pair_losses_match_reference)."""
@@ -337,9 +355,12 @@ def test_float64_gradcheck(backend, loss):
     elif loss in ("supcon", "ntxent"):
         fn = lambda a, b: getattr(mk, f"{loss}_loss")(a, labels, b, y_labels, temperature=0.5, self_offset=1,
                                                       backend=backend)
+    elif loss == "nca":
+        fn = lambda a, b: mk.nca_loss(a, labels, b, y_labels, softmax_scale=2.0, self_offset=1, backend=backend)
     else:
         fn = lambda a, b: mk.batch_hard_triplet_loss(a, labels, b, y_labels, margin=2.5, backend=backend)
     assert torch.autograd.gradcheck(fn, (x, y))
     self_fn = lambda a: (getattr(mk, f"{loss}_loss")(a, labels, temperature=0.5, backend=backend)
-                         if loss in ("supcon", "ntxent") else fn(a, y))
+                         if loss in ("supcon", "ntxent") else
+                         mk.nca_loss(a, labels, softmax_scale=2.0, backend=backend) if loss == "nca" else fn(a, y))
     assert torch.autograd.gradcheck(self_fn, (x,))

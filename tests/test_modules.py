@@ -135,15 +135,23 @@ def _classifier_pair(name, classes=10, dim=16, **keywords):
     return ours, theirs
 
 
-@pytest.mark.parametrize("name", ["proxy_anchor", *CLASSIFIERS])
+@pytest.mark.parametrize("name", ["proxy_anchor", "proxy_anchor_lp", "proxy_nca", "proxy_nca_cosine", *CLASSIFIERS])
 def test_weight_modules_match_pml_init_logits_and_step(name):
-    """Proxy-Anchor (on backend "auto") and the classifiers: the same weights from the same seed (PML's init), the
-    same get_logits, and one optimisation step of the model and the weights gives the same parameters."""
-    if name == "proxy_anchor":
+    """Proxy-Anchor and ProxyNCA (on backend "auto"; get_logits is PML's distance matrix, whichever distance) and the
+    classifiers: the same weights from the same seed (PML's init), the same get_logits, and one optimisation step of
+    the model and the weights gives the same parameters."""
+    if name.startswith("proxy_"):
+        from pytorch_metric_learning import distances
+        distance = {"proxy_anchor_lp": lambda: distances.LpDistance(power=2),
+                    "proxy_nca_cosine": lambda: distances.CosineSimilarity()}.get(name, lambda: None)
+        ours_cls, pml_cls = ((mk.ProxyNCALoss, losses.ProxyNCALoss) if name.startswith("proxy_nca")
+                             else (mk.ProxyAnchorLoss, losses.ProxyAnchorLoss))
+        options = {} if distance() is None else dict(distance=distance())
         torch.manual_seed(5)
-        ours = mk.ProxyAnchorLoss(10, 16)
+        ours = ours_cls(10, 16, **options)
+        options = {} if distance() is None else dict(distance=distance())
         torch.manual_seed(5)
-        theirs = losses.ProxyAnchorLoss(10, 16)
+        theirs = pml_cls(10, 16, **options)
         weights = "proxies"
     else:
         (ours, theirs), weights = _classifier_pair(name), "W"

@@ -8,6 +8,7 @@ from .circle import circle_rows
 from .contrastive import contrastive_rows
 from .margin_softmax import margin_softmax_rows
 from .multi_similarity import multi_similarity_rows
+from .nca import nca_rows
 from .ntxent import ntxent_rows
 from .proxy_anchor import proxy_anchor_rows
 from .supcon import supcon_rows
@@ -21,4 +22,5 @@ def unavailable_reason(device):
 
 
 __all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "contrastive_rows", "margin_softmax_rows",
-           "multi_similarity_rows", "ntxent_rows", "proxy_anchor_rows", "supcon_rows", "unavailable_reason"]
+           "multi_similarity_rows", "nca_rows", "ntxent_rows", "proxy_anchor_rows", "supcon_rows",
+           "unavailable_reason"]
