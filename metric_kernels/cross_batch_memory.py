@@ -14,15 +14,15 @@ from torch import nn
 
 from . import _pml_keywords as keywords
 from . import _validation as check
-from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, MultiSimilarityLoss, NTXentLoss, SupConLoss,
-                      _labels_on, _no_miners)
+from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, MultiSimilarityLoss, NCALoss, NTXentLoss,
+                      SupConLoss, _labels_on, _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss)
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, NCALoss, BatchHardTripletLoss)
 
 
 class CrossBatchMemory(nn.Module):
     """`CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` for CircleLoss, SupConLoss,
-    MultiSimilarityLoss, NTXentLoss, ContrastiveLoss and BatchHardTripletLoss, as pytorch-metric-learning's
+    MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, NCALoss and BatchHardTripletLoss, as pytorch-metric-learning's
     CrossBatchMemory: forward(embeddings, labels,
     indices_tuple=None, enqueue_mask=None). `supported_losses()` names the losses it takes, as PML's does.
 
@@ -35,14 +35,17 @@ class CrossBatchMemory(nn.Module):
     Differences from PML: miners (`indices_tuple`, and `miner=` other than None, which raises NotImplementedError)
     are not supported, the fused losses compute every pair (batch-hard mining is BatchHardTripletLoss itself); a batch
     of one row leaves its own slot out (PML keeps it); enqueuing nothing never marks the memory as filled.
+
+    NCALoss, as in PML, keeps each query's own slot among its references (a positive at distance 0): PML hands the
+    memory's pairs without the own slots to the loss as an indices_tuple, which NCA reads only as per-query weights
+    (all equal here, each query having as many pairs as the others), never as pairs to leave out.
     """
 
     def __init__(self, loss, embedding_size, memory_size=1024, miner=None, *, collect_stats=None):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "ContrastiveLoss or BatchHardTripletLoss, got "
-                            f"{type(loss).__name__}")
+                            f"ContrastiveLoss, NCALoss or BatchHardTripletLoss, got {type(loss).__name__}")
         keywords.check_none("CrossBatchMemory", miner=miner)
         keywords.check_collect_stats("CrossBatchMemory", collect_stats)
         self.miner = None
@@ -110,8 +113,8 @@ class CrossBatchMemory(nn.Module):
 
         start = self._enqueue(to_queue, queue_labels)
         references, reference_labels, self_offset = self._references(start, batch)
-        if enqueue_mask is not None:
-            self_offset = None  # the queries were not enqueued: nothing to leave out
+        if enqueue_mask is not None or isinstance(self.loss, NCALoss):
+            self_offset = None  # the queries were not enqueued, or NCA (as PML's) keeps the own slots: see the class
         return self.loss(queries, query_labels, None, references, reference_labels, self_offset=self_offset)
 
     def _checked_batch(self, embeddings, labels):

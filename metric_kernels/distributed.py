@@ -11,13 +11,14 @@ whose backward sums the gradients of every rank's share into each rank's slice (
 therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. The returned tensor carries the
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
-- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, batch-hard: l_r comes from rank r's queries against the
+- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, NCA, batch-hard: l_r comes from rank r's queries against the
   gathered references (self_offset = the rank's row offset, so a query still leaves out only itself and the fused
   kernels stay O(local + global)). PML's batch-level rules are evaluated on the global labels (every rank has them)
   and the reduction's denominator is global (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows;
   batch-hard's MeanReducer: the global batch's queries with a positive and a negative; NT-Xent and Contrastive, reduced
-  per pair: the all-reduced counts of each sub-loss's pairs or nonzero pairs). DoNothingReducer's dictionary holds the
-  gathered global rows.
+  per pair: the all-reduced counts of each sub-loss's pairs or nonzero pairs; NCA's MeanReducer: the all-reduced
+  count of the queries PML keeps, and its rule for a batch of one query on the global batch). DoNothingReducer's
+  dictionary holds the gathered global rows (NCA's: the kept ones).
 - Proxy-Anchor is a sum over proxies of terms that each depend on the whole batch, so it is split by proxies: rank r
   computes its contiguous slice of the proxies against the gathered embeddings, with the global |P+|. Rank r's proxy
   gradient is then W times its slice's and zero elsewhere, and DDP's average gives the one-process gradient. The
@@ -25,9 +26,9 @@ value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalVal
   be the same on every rank (DDP broadcasts them at construction). Another reducer than the default DivisorReducer
   reduces each of the two per-proxy terms over all C proxies (mean_nonzero: all-reduced counts of nonzero terms), and
   DoNothingReducer's dictionary holds the ranks' slices gathered.
-- The classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): a query's loss depends on that query and W
-  alone, so each rank computes its own queries' losses (no gather) and the reduction's denominator is global. W, like
-  the proxies, must be the same on every rank and averaged by DDP.
+- The classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) and ProxyNCA: a query's loss depends on
+  that query and W (the proxies) alone, so each rank computes its own queries' losses (no gather) and the
+  reduction's denominator is global. W, like the proxies, must be the same on every rank and averaged by DDP.
 
 Every reducer mode the wrapped module can have is reproduced exactly; __init__ rejects any other (_MODES).
 """
@@ -44,11 +45,12 @@ from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, SubCenterArcFaceLoss,
-                      SupConLoss, _labels_on, _MarginSoftmaxLoss, _no_miners)
+                      MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss,
+                      SubCenterArcFaceLoss, SupConLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss,
+                      _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss,
-           ProxyAnchorLoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, NCALoss, BatchHardTripletLoss,
+           ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -144,8 +146,10 @@ def _pair_spec(loss):
     """(per-row function of the functional layer, normalise, PML's batch-level rule, hyper-parameters, final scale)."""
     if isinstance(loss, CircleLoss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
-    if isinstance(loss, (MultiSimilarityLoss, SupConLoss, NTXentLoss, ContrastiveLoss)):
+    if isinstance(loss, (MultiSimilarityLoss, SupConLoss, NTXentLoss, ContrastiveLoss, NCALoss)):
         pair_value, normalize = check.check_distance(**keywords.functional_distance(loss.distance_spec))
+    if isinstance(loss, NCALoss):  # PML's rule for a batch of one query is applied to the global batch (_pair)
+        return "nca_rows", normalize, None, dict(softmax_scale=loss.softmax_scale, pair_value=pair_value), 1.0
     if isinstance(loss, NTXentLoss):
         return "ntxent_rows", normalize, "both", dict(temperature=loss.temperature, pair_value=pair_value), 1.0
     if isinstance(loss, ContrastiveLoss):
@@ -163,9 +167,9 @@ def _pair_spec(loss):
 
 
 class DistributedLoss(nn.Module):
-    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, BatchHardTripletLoss,
-    ProxyAnchorLoss or a classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss; kept as
-    `.loss`) for data-parallel
+    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, NCALoss, BatchHardTripletLoss,
+    ProxyAnchorLoss, ProxyNCALoss or a classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss,
+    NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
     in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
     that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts (a PML
@@ -173,16 +177,17 @@ class DistributedLoss(nn.Module):
     initialised process group (or with one rank) it is the plain loss. See the module docstring for how, and
     docs/distributed.md for an example.
 
-    The loss's own parameters (ProxyAnchorLoss.proxies, the classifiers' W) must be the same on every rank and have their gradients
-    averaged like the network's: put the DistributedLoss under DDP too (or inside the DDP-wrapped module).
+    The loss's own parameters (the proxies, the classifiers' W) must be the same on every rank and have their
+    gradients averaged like the network's: put the DistributedLoss under DDP too (or inside the DDP-wrapped module).
     """
 
     def __init__(self, loss, process_group=None):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "ContrastiveLoss, BatchHardTripletLoss, ProxyAnchorLoss, ArcFaceLoss, CosFaceLoss, "
-                            f"SubCenterArcFaceLoss or NormalizedSoftmaxLoss, got {type(loss).__name__}")
+                            "ContrastiveLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, "
+                            "ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss or NormalizedSoftmaxLoss, got "
+                            f"{type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:
             reducer = keywords.describe(getattr(loss, "reducer", None))
@@ -209,10 +214,11 @@ class DistributedLoss(nn.Module):
         check.check_embeddings(embeddings, "embeddings")
         labels = _labels_on(labels, embeddings, "labels")
         check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
-        if isinstance(self.loss, _MarginSoftmaxLoss):
+        if isinstance(self.loss, (_MarginSoftmaxLoss, ProxyNCALoss)):
             if ref_emb is not None or ref_labels is not None:
+                weights = "W" if isinstance(self.loss, _MarginSoftmaxLoss) else "proxies"
                 raise ValueError(f"ref_emb is not supported for this loss function ({type(self.loss).__name__} "
-                                 "compares the embeddings with its W)")
+                                 f"compares the embeddings with its {weights})")
             return self._classifier(embeddings, labels, group)
         if isinstance(self.loss, ProxyAnchorLoss):
             if ref_emb is not None or ref_labels is not None:
@@ -263,6 +269,11 @@ class DistributedLoss(nn.Module):
             rows = sum(sums for sums, _, _ in parts)
         elif gate is not None:
             rows = torch.where(gate, rows, torch.zeros_like(rows))
+        kept = None
+        if isinstance(loss, NCALoss):
+            rows, kept = functional._nca_losses(rows)
+            if total_rows <= 1:  # PML's NCALoss: no loss for a batch of at most one query, the global batch here
+                rows, kept = rows * 0, kept & False
         if scale != 1.0:
             rows = rows * scale
 
@@ -272,26 +283,35 @@ class DistributedLoss(nn.Module):
             positives, negatives = pair_counts(all_labels, gate_references, gate_offset)
             triplets = ((positives > 0) & (negatives > 0)).sum().clamp(min=1)
         pml_rows = loss._pml_rows if loss._reducer_mode == "unreduced" else None
-        return self._reduce_rows(rows, guard, loss.reduction, sizes, world, group, pml_rows, triplets)
+        return self._reduce_rows(rows, guard, loss.reduction, sizes, world, group, pml_rows, triplets, kept)
 
     def _classifier(self, embeddings, labels, group):
-        """The classifiers' loss of a query depends on that query and W alone: each rank computes its own queries'
-        losses and the reduction is global. W's gradient on rank r is world times its queries' share; DDP's average
-        gives the one-process gradient."""
+        """The classifiers' (and ProxyNCA's) loss of a query depends on that query and W (the proxies) alone: each
+        rank computes its own queries' losses and the reduction is global. W's gradient on rank r is world times its
+        queries' share; DDP's average gives the one-process gradient."""
         loss = self.loss
-        rows = functional._margin_softmax_loss(embeddings, labels, loss.W, sub_centers=loss._sub_centers(),
-                                               reduction="none", backend=loss.backend,
-                                               deterministic=loss.deterministic, **loss._margin())
+        kept = None
+        if isinstance(loss, ProxyNCALoss):
+            rows, kept, guard = functional._proxy_nca_losses(
+                embeddings, labels, loss.proxies, softmax_scale=loss.softmax_scale, reduction="none",
+                backend=loss.backend, deterministic=loss.deterministic,
+                **keywords.functional_distance(loss.distance_spec))
+        else:
+            rows = functional._margin_softmax_loss(embeddings, labels, loss.W, sub_centers=loss._sub_centers(),
+                                                   reduction="none", backend=loss.backend,
+                                                   deterministic=loss.deterministic, **loss._margin())
+            guard = rows.new_zeros(())  # already in the rows
         sizes = _gather_sizes(embeddings.shape[0], embeddings.device, group)
         pml_rows = (lambda out: out) if loss._reducer_mode == "unreduced" else None
-        return self._reduce_rows(rows, rows.new_zeros(()), loss._reduction, sizes, dist.get_world_size(group), group,
-                                 pml_rows)
+        return self._reduce_rows(rows, guard, loss._reduction, sizes, dist.get_world_size(group), group, pml_rows,
+                                 kept=kept)
 
     @staticmethod
-    def _reduce_rows(rows, guard, reduction, sizes, world, group, pml_rows, triplets=None):
+    def _reduce_rows(rows, guard, reduction, sizes, world, group, pml_rows, triplets=None, kept=None):
         """The global reduction of per-query losses, this rank's `rows` among the ranks' `sizes`: the value of the
         global batch, and this rank's share of its gradient. `triplets`: batch-hard's MeanReducer over the global
-        batch's queries with a positive and a negative; pml_rows: the module's DoNothingReducer rows."""
+        batch's queries with a positive and a negative; pml_rows: the module's DoNothingReducer rows; kept (NCA and
+        ProxyNCA): the queries PML keeps, which MeanReducer counts and DoNothingReducer lists."""
         rank = dist.get_rank(group)
         offset, total_rows = sum(sizes[:rank]), sum(sizes)
         mode = "mean_over_triplets" if triplets is not None else reduction
@@ -301,6 +321,8 @@ class DistributedLoss(nn.Module):
             share = rows + guard
             value = _gather_rows(share.detach(), sizes, group)
             out = _GlobalValue.apply(share, value, offset, float(world))
+            if pml_rows is not None and kept is not None:  # NCA's DoNothingReducer: the global batch's kept queries
+                return _kept_element_losses(out, _gather_rows(kept.to(torch.uint8), sizes, group).bool())
             if pml_rows is not None:  # PML's DoNothingReducer: the module's dictionary of the global batch
                 indices = torch.arange(total_rows, device=out.device)
                 return {"loss": {"losses": pml_rows(out), "indices": indices, "reduction_type": "element"}}
@@ -310,12 +332,14 @@ class DistributedLoss(nn.Module):
             counted = (rows > 0) | rows.isnan()
             rows = torch.where(counted, rows, torch.zeros_like(rows))
             count = counted.sum().to(rows.dtype)
+        elif reduction == "mean" and kept is not None:
+            count = kept.sum().to(rows.dtype)  # PML's MeanReducer over the kept queries
         else:
             count = rows.new_zeros(())
         local_sum = rows.sum()
         totals = torch.stack([local_sum.detach() + guard.detach(), count.detach()])
         dist.all_reduce(totals, group=group)
-        if reduction == "mean_nonzero":
+        if reduction == "mean_nonzero" or (reduction == "mean" and kept is not None):
             denominator = totals[1].clamp(min=1)
         elif reduction == "mean":
             denominator = max(total_rows, 1)

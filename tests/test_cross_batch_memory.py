@@ -29,6 +29,8 @@ def _losses(name, reducer=None):
     if name == "contrastive":
         return (mk.ContrastiveLoss(0.2, 1.1, backend="reference", **kw), losses.ContrastiveLoss(0.2, 1.1, **kw),
                 None)
+    if name == "nca":
+        return mk.NCALoss(softmax_scale=3.0, backend="reference", **kw), losses.NCALoss(softmax_scale=3.0, **kw), None
     if name == "batch_hard":
         return (mk.BatchHardTripletLoss(margin=0.1, backend="reference", **kw),
                 losses.TripletMarginLoss(margin=0.1, **kw), miners.BatchHardMiner())
@@ -73,7 +75,7 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer
     return ours
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard",
+@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "nca", "batch_hard",
                                   "batch_hard_soft"])
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
@@ -81,7 +83,7 @@ def test_matches_pml_through_fill_and_wrap_around(name):
 
 
 @pytest.mark.parametrize("reducer", [reducers.MeanReducer, reducers.SumReducer])
-@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "nca", "batch_hard"])
 def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
     """The loss's reducer= inside the memory: for batch-hard, MeanReducer averages over the queries that have a
     positive and a negative among the memory's other slots (PML's mined triplets)."""
@@ -93,7 +95,7 @@ def test_matches_pml_when_the_batch_fills_the_memory(name):
     _compare_sequence(name, 6, (6, 6, 4, 6), seed=2)  # whole memory each time; then a partial wrap
 
 
-@pytest.mark.parametrize("name", ["circle", "contrastive", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "contrastive", "nca", "batch_hard"])
 def test_enqueue_mask_matches_pml(name):
     _compare_sequence(name, 11, (6, 8, 5, 7, 8), seed=3, with_mask=True)
 
@@ -127,6 +129,20 @@ def test_memory_is_left_out_of_the_graph_and_the_batch_sees_only_the_filled_part
     assert_rel_close(value, expected, TOL, "second batch")
     value.backward()
     assert x.grad is None and x2.grad is not None
+
+
+def test_nca_keeps_each_querys_own_slot_as_pml():
+    """PML's NCA inside the memory keeps the own slots (its indices_tuple only weighs the queries): the loss equals
+    NCA of the batch against the filled memory with nothing left out, which is less than with the own slots left out
+    (each query's own slot is a positive at distance 0)."""
+    loss = mk.NCALoss(backend="reference")
+    xbm = mk.CrossBatchMemory(loss, 6, memory_size=50)
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (8,))
+    value = xbm(x, labels)
+    assert_rel_close(value, loss(x, labels, None, x.detach(), labels), TOL, "own slots kept")
+    assert_rel_close(value, losses.CrossBatchMemory(losses.NCALoss(), 6, memory_size=50)(x, labels), TOL, "PML")
+    assert value < loss(x, labels, None, x.detach(), labels, self_offset=0)
 
 
 def test_bad_arguments():

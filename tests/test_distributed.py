@@ -104,6 +104,16 @@ def _cases(world):
                  kwargs=dict(sub_centers=2, reducer=reducers.AvgNonZeroReducer())),
             Case("cosface", (5, 4), "joint", classes=6, kwargs=dict(reducer=reducers.SumReducer())),
             Case("normalized_softmax", (4, 0), classes=3, kwargs=dict(reducer=reducers.DoNothingReducer())),
+            # NCA: queries 0 and 6 have no positive (left out, MeanReducer counts the other 7); rank 1 alone would
+            # be a batch of one query (PML's rule: no loss), the global batch is not.
+            Case("nca", (5, 4), labels=(9, 1, 1, 2, 2, 2, 8, 1, 2), kwargs=dict(softmax_scale=3.0)),
+            Case("nca", (8, 1), "hand", kwargs=dict(reducer=reducers.DoNothingReducer()), labels=(9, 0, 0, 1, 1, 2,
+                                                                                                  2, 1, 0)),
+            Case("nca", (4, 5), "hand", kwargs=dict(reduction="sum"), ref_sizes=(3, 4)),
+            Case("nca", (1, 0), labels=(3,)),  # a global batch of one query: 0
+            Case("proxy_nca", (6, 6), classes=5),
+            Case("proxy_nca", (3, 8), "hand", classes=4, kwargs=dict(reducer=reducers.DoNothingReducer())),
+            Case("proxy_nca", (2, 7), "joint", classes=4, kwargs=dict(softmax_scale=2.0)),
         ]
     return [
         Case("circle", (4, 4, 4), kwargs=dict(m=0.4, gamma=80)),
@@ -122,6 +132,9 @@ def _cases(world):
         Case("contrastive", (4, 1, 4), kwargs=dict(reduction="none")),
         Case("contrastive", (3, 5, 2), "hand", kwargs=dict(neg_margin=0.8)),
         Case("arcface", (2, 6, 3), "hand", classes=4, kwargs=dict(margin=40.0, scale=16)),
+        Case("nca", (2, 6, 3), kwargs=dict(reducer=reducers.AvgNonZeroReducer()), labels=(0, 4, 0, 1, 1, 2, 2, 1, 0,
+                                                                                           5, 2)),
+        Case("proxy_nca", (4, 0, 3), "hand", classes=3, kwargs=dict(reducer=reducers.SumReducer())),
     ]
 
 
@@ -139,6 +152,10 @@ def _make_loss(case):
         return mk.ContrastiveLoss(**kwargs)
     if case.loss == "batch_hard":
         return mk.BatchHardTripletLoss(**kwargs)
+    if case.loss == "nca":
+        return mk.NCALoss(**kwargs)
+    if case.loss == "proxy_nca":
+        return mk.ProxyNCALoss(case.classes, D_OUT, **kwargs).double()
     if case.loss in CLASSIFIERS:
         return CLASSIFIERS[case.loss](case.classes, D_OUT, **kwargs).double()
     return mk.ProxyAnchorLoss(case.classes, D_OUT, **kwargs).double()
