@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--sizes", nargs="+", type=_positive_int, metavar="N", help="batch sizes N (rows of queries)")
     what.add_argument("--refs", nargs="+", type=_positive_int, metavar="M",
                       help="references M: one value for every N, or one per N (default M = N, the queries themselves; "
-                           "for proxy_anchor M is the number of proxies / classes)")
+                           "for proxy_anchor and proxy_nca M is the number of proxies / classes)")
     what.add_argument("--dims", nargs="+", type=_positive_int, metavar="D", help="embedding widths D (default 128)")
     what.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                       help=f"input dtypes (default float32): {', '.join(P.DTYPES)} (or fp32, fp16, bf16, fp64)")

@@ -25,8 +25,12 @@ from ..backends import available_backends
 # layout) gets gradients like the proxies.
 CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax")
 SUB_CENTERS = {"subcenter_arcface": 3}  # PML's default
-LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor") + CLASSIFIERS
+# The losses whose references are one proxy per class: M is their number of classes.
+PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "nca", "batch_hard") + PROXY_LOSSES + \
+    CLASSIFIERS
 LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
+                "proxynca": "proxy_nca",
                 "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
                 "normalized": "normalized_softmax"}
 # Products of N x M x D a fused kernel needs, in units of 2NMD (one S = X Y^T), forward and backward: the row-statistics
@@ -43,7 +47,8 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half":
                  "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "double": "float64", "float": "float32"}
 
 _FUNCTIONAL = {"circle": "circle_loss", "supcon": "supcon_loss", "multi_similarity": "multi_similarity_loss",
-               "ntxent": "ntxent_loss", "contrastive": "contrastive_loss", "batch_hard": "batch_hard_triplet_loss"}
+               "ntxent": "ntxent_loss", "contrastive": "contrastive_loss", "nca": "nca_loss",
+               "batch_hard": "batch_hard_triplet_loss"}
 
 
 def flops(loss: str, mode: str, n: int, m: int, d: int) -> float:
@@ -53,9 +58,9 @@ def flops(loss: str, mode: str, n: int, m: int, d: int) -> float:
 
 
 def classes_for(loss: str, n: int, m: int) -> int:
-    """Number of classes in a case: M for Proxy-Anchor (one proxy per class) and the classifiers, else about 4 samples
-    per class."""
-    return m if loss == "proxy_anchor" or loss in CLASSIFIERS else max(2, n // 4)
+    """Number of classes in a case: M for the proxy losses (one proxy per class) and the classifiers, else about 4
+    samples per class."""
+    return m if loss in PROXY_LOSSES or loss in CLASSIFIERS else max(2, n // 4)
 
 
 @dataclasses.dataclass
@@ -73,7 +78,7 @@ class Inputs:
         return [t for t in (self.x, self.y, self.proxies, self.weight) if t is not None]
 
     def args(self) -> Tuple:
-        if self.loss == "proxy_anchor":
+        if self.loss in PROXY_LOSSES:
             return (self.x, self.labels, self.proxies)
         if self.loss in CLASSIFIERS:
             return (self.x, self.labels, self.weight)
@@ -104,7 +109,7 @@ def make_inputs(loss: str, n: int, m: int, d: int, dtype: torch.dtype, device, *
         return torch.randint(0, classes, (count,), generator=generator).to(device)
 
     x, x_labels = rows(n), labels(n)
-    if loss == "proxy_anchor":
+    if loss in PROXY_LOSSES:
         return Inputs(loss, x, x_labels, proxies=rows(m))
     if loss in CLASSIFIERS:
         weight = torch.randn(d, m * SUB_CENTERS.get(loss, 1), generator=generator)
@@ -116,11 +121,9 @@ def make_inputs(loss: str, n: int, m: int, d: int, dtype: torch.dtype, device, *
 
 # --------------------------------------------------------------------------------------------------- providers
 def _functional_loss(loss: str, backend: str) -> Callable:
-    if loss == "proxy_anchor":
-        return lambda x, labels, proxies: functional.proxy_anchor_loss(x, labels, proxies, backend=backend)
-    if loss in CLASSIFIERS:
-        classifier = getattr(functional, f"{loss}_loss")
-        return lambda x, labels, weight: classifier(x, labels, weight, backend=backend)
+    if loss in PROXY_LOSSES or loss in CLASSIFIERS:
+        against_weights = getattr(functional, f"{loss}_loss")
+        return lambda x, labels, weights: against_weights(x, labels, weights, backend=backend)
     fn = getattr(functional, _FUNCTIONAL[loss])
     return lambda x, labels, y, y_labels: fn(x, labels, y, y_labels, backend=backend)
 
@@ -165,8 +168,9 @@ def _compile_provider(loss: str):
 
 
 def _pml_provider(loss: str):
-    if loss == "proxy_anchor":
-        return lambda i: pml_module.proxy_anchor_loss(i.x, i.labels, i.proxies)
+    if loss in PROXY_LOSSES:
+        against_proxies = getattr(pml_module, f"{loss}_loss")
+        return lambda i: against_proxies(i.x, i.labels, i.proxies)
     if loss in CLASSIFIERS:
         classifier = getattr(pml_module, f"{loss}_loss")
         return lambda i: classifier(i.x, i.labels, i.weight)
