@@ -292,3 +292,31 @@ def test_proxy_nca_input_errors():
         mk.ProxyNCALoss(3, 3)(x, torch.tensor([0, 0, 1, 1, 2, 2]), None, x, torch.tensor([0, 0, 1, 1, 2, 2]))
     with pytest.raises(ValueError, match="distance must be one of"):
         mk.nca_loss(x, torch.tensor([0, 0, 1, 1, 2, 2]), distance="manhattan")
+
+
+@pytest.mark.parametrize("reducer", ["AvgNonZeroReducer", "MeanReducer", "SumReducer", "PerAnchorReducer"])
+def test_proxy_nca_reducers_equal_pml(reducer):
+    """ProxyNCALoss's reducers against PML's, with a query whose probability underflows (left out) among them."""
+    def make():
+        return (reducers.PerAnchorReducer(reducers.SumReducer()) if reducer == "PerAnchorReducer"
+                else getattr(reducers, reducer)())
+    torch.manual_seed(3)
+    theirs = losses.ProxyNCALoss(5, 6, softmax_scale=400.0, reducer=make()).double()
+    ours = mk.ProxyNCALoss(5, 6, softmax_scale=400.0, reducer=make(), backend="reference").double()
+    ours.proxies.data.copy_(theirs.proxies.data)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    x[0] = -theirs.proxies.data[2] + 1e-3 * torch.randn(6, generator=g, dtype=torch.float64)  # far from its proxy
+    x.requires_grad_()
+    # Every other query's label is its nearest proxy: their losses stay far from underflow (where PML's gradient is
+    # NaN: its softmax backward divides by a subnormal probability).
+    labels = torch.nn.functional.normalize(x.detach(), dim=1).matmul(
+        torch.nn.functional.normalize(theirs.proxies.data, dim=1).T).argmax(dim=1)
+    labels[0] = 2
+    expected, value = theirs(x, labels), ours(x, labels)
+    assert_rel_close(value, expected, TOL, reducer, scale_floor=FLOOR)
+    for a, b in zip(torch.autograd.grad(value, [x, ours.proxies]), torch.autograd.grad(expected, [x, theirs.proxies])):
+        assert_rel_close(a, b, TOL, reducer + " gradient", scale_floor=FLOOR)
+    out = losses.ProxyNCALoss(5, 6, softmax_scale=400.0, reducer=reducers.DoNothingReducer()).double()
+    out.proxies.data.copy_(theirs.proxies.data)
+    assert 0 not in out(x, labels)["loss"]["indices"].tolist(), "PML leaves query 0 out"

@@ -15,14 +15,15 @@ import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, NormalizedSoftmaxLoss,
                             ProxyAnchorLoss, SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss,
-                            circle_loss, cosface_loss, multi_similarity_loss, multiview, normalized_softmax_loss,
-                            proxy_anchor_loss, subcenter_arcface_loss, supcon_loss)
+                            circle_loss, cosface_loss, multi_similarity_loss, multiview, nca_loss,
+                            normalized_softmax_loss, proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss,
+                            supcon_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
 
-PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, batch_hard_triplet_loss]
-PAIR_IDS = ["circle", "supcon", "multi_similarity", "batch_hard"]
+PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, nca_loss, batch_hard_triplet_loss]
+PAIR_IDS = ["circle", "supcon", "multi_similarity", "nca", "batch_hard"]
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +50,19 @@ def make(seed=0):
     return x, labels, y, y_labels, proxies
 
 
-def call_proxy(x, labels, **kwargs):
-    """proxy_anchor_loss with valid proxies of the embeddings' width (when the width can be read)."""
-    width = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else D
-    proxies = kwargs.pop("proxies", torch.randn(C, width, dtype=torch.float64))
-    return proxy_anchor_loss(x, labels, proxies, **kwargs)
+PROXY_LOSSES = [proxy_anchor_loss, proxy_nca_loss]
+PROXY_IDS = ["proxy_anchor", "proxy_nca"]
+
+
+def _proxy_call(fn):
+    """A proxy loss with valid proxies of the embeddings' width (when the width can be read)."""
+    def call(x, labels, **kwargs):
+        width = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else D
+        proxies = kwargs.pop("proxies", torch.randn(C, width, dtype=torch.float64))
+        return fn(x, labels, proxies, **kwargs)
+
+    call.__name__ = f"call_{fn.__name__}"
+    return call
 
 
 K = 2  # sub-centres of the subcenter_arcface calls below
@@ -79,8 +88,9 @@ def _classifier_call(name):
 
 CLASSIFIER_CALLS = [_classifier_call(name) for name in CLASSIFIERS]
 CLASSIFIER_IDS = list(CLASSIFIERS)
-ALL_LOSSES = PAIR_LOSSES + [call_proxy] + CLASSIFIER_CALLS
-ALL_IDS = PAIR_IDS + ["proxy_anchor"] + CLASSIFIER_IDS
+ALL_LOSSES = PAIR_LOSSES + [_proxy_call(fn) for fn in PROXY_LOSSES] + CLASSIFIER_CALLS
+ALL_IDS = PAIR_IDS + PROXY_IDS + CLASSIFIER_IDS
+proxy_param = pytest.mark.parametrize("proxy_loss", PROXY_LOSSES, ids=PROXY_IDS)
 
 
 # --- the valid inputs used below are valid: each bad-input test changes exactly one thing -------------------------
@@ -241,49 +251,55 @@ def test_ref_labels_not_integer_or_not_1d(loss):
 
 # --- proxies -------------------------------------------------------------------------------------------------------
 
+@proxy_param
 @pytest.mark.parametrize("width", [D - 1, D + 1])
-def test_proxies_of_another_width(width):
+def test_proxies_of_another_width(proxy_loss, width):
     x, labels, *_ = make()
     with raises(ValueError, "proxies"):
-        proxy_anchor_loss(x, labels, torch.randn(C, width, dtype=torch.float64))
+        proxy_loss(x, labels, torch.randn(C, width, dtype=torch.float64))
 
 
-def test_proxies_with_zero_rows():
+@proxy_param
+def test_proxies_with_zero_rows(proxy_loss):
     x, *_ = make()
     with raises(ValueError, "proxies"):
-        proxy_anchor_loss(x, torch.zeros(N, dtype=torch.long), torch.empty(0, D, dtype=torch.float64))
+        proxy_loss(x, torch.zeros(N, dtype=torch.long), torch.empty(0, D, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("shape", [(C * D,), (C, D, 1), ()], ids=["1d", "3d", "0d"])
-def test_proxies_not_2d(shape):
+@proxy_param
+def test_proxies_not_2d(proxy_loss, shape):
     x, labels, *_ = make()
     with raises(ValueError, "proxies"):
-        proxy_anchor_loss(x, labels, torch.randn(shape, dtype=torch.float64))
+        proxy_loss(x, labels, torch.randn(shape, dtype=torch.float64))
 
 
-def test_proxies_bad_type_dtype_or_device():
+@proxy_param
+def test_proxies_bad_type_dtype_or_device(proxy_loss):
     x, labels, _, _, proxies = make()
     with raises(TypeError, "proxies"):
-        proxy_anchor_loss(x, labels, proxies.tolist())
+        proxy_loss(x, labels, proxies.tolist())
     with raises(TypeError, "proxies"):
-        proxy_anchor_loss(x, labels, proxies.long())
+        proxy_loss(x, labels, proxies.long())
     with raises(ValueError, "proxies"):
-        proxy_anchor_loss(x, labels, proxies.to("meta"))
+        proxy_loss(x, labels, proxies.to("meta"))
 
 
+@proxy_param
 @pytest.mark.parametrize("bad", [-1, C, C + 5, -100])
-def test_proxy_anchor_labels_outside_range(bad):
+def test_proxy_labels_outside_range(proxy_loss, bad):
     x, labels, _, _, proxies = make()
     labels = labels.clone()
     labels[2] = bad
     with raises(ValueError, "labels"):
-        proxy_anchor_loss(x, labels, proxies)
+        proxy_loss(x, labels, proxies)
 
 
-def test_proxy_anchor_labels_at_range_ends_are_valid():
+@proxy_param
+def test_proxy_labels_at_range_ends_are_valid(proxy_loss):
     x, _, _, _, proxies = make()
     labels = torch.tensor([0, C - 1] * (N // 2))
-    assert torch.isfinite(proxy_anchor_loss(x, labels, proxies))
+    assert torch.isfinite(proxy_loss(x, labels, proxies))
 
 
 # --- the classifiers' weight and labels ----------------------------------------------------------------------------
@@ -374,15 +390,16 @@ def test_cosface_margin_any_finite_real():
 
 def _with_param(loss_name, name, value):
     x, labels, _, _, proxies = make()
-    if loss_name == "proxy_anchor":
-        return proxy_anchor_loss(x, labels, proxies, **{name: value})
+    if loss_name in PROXY_IDS:
+        return PROXY_LOSSES[PROXY_IDS.index(loss_name)](x, labels, proxies, **{name: value})
     if loss_name in CLASSIFIERS:
         return _classifier_call(loss_name)(x, labels, **{name: value})
     return getattr(metric_kernels, f"{loss_name}_loss")(x, labels, **{name: value})
 
 
 POSITIVE_PARAMS = [("circle", "gamma"), ("supcon", "temperature"), ("supcon", "base_temperature"),
-                   ("multi_similarity", "alpha"), ("multi_similarity", "beta"), ("proxy_anchor", "alpha"),
+                   ("multi_similarity", "alpha"), ("multi_similarity", "beta"), ("nca", "softmax_scale"),
+                   ("proxy_anchor", "alpha"), ("proxy_nca", "softmax_scale"),
                    ("arcface", "scale"), ("cosface", "scale"), ("subcenter_arcface", "scale"),
                    ("normalized_softmax", "temperature")]
 
@@ -683,6 +700,9 @@ BAD_BEFORE_KERNEL = [
      TypeError, "labels"),
     ("proxy_anchor_rows", lambda x, l, y, yl, p: proxy_anchor_loss(x, l + C, p, backend="reference"),
      ValueError, "labels"),
+    ("nca_rows", lambda x, l, y, yl, p: nca_loss(x, l, y, yl, softmax_scale=-1, backend="reference"),
+     ValueError, "softmax_scale"),
+    ("nca_rows", lambda x, l, y, yl, p: proxy_nca_loss(x, l + C, p, backend="reference"), ValueError, "labels"),
     ("margin_softmax_rows", lambda x, l, y, yl, p: arcface_loss(x, l + C, p.T, backend="reference"),
      ValueError, "labels"),
     ("margin_softmax_rows", lambda x, l, y, yl, p: cosface_loss(x, l, p.T, scale=0, backend="reference"),
@@ -708,6 +728,7 @@ def test_error_comes_before_any_computation(monkeypatch, rows_name, bad_call, ex
         "supcon_rows": lambda: supcon_loss(x, labels, backend="reference"),
         "batch_hard_rows": lambda: batch_hard_triplet_loss(x, labels, backend="reference"),
         "proxy_anchor_rows": lambda: proxy_anchor_loss(x, labels, proxies, backend="reference"),
+        "nca_rows": lambda: nca_loss(x, labels, backend="reference"),
         "margin_softmax_rows": lambda: arcface_loss(x, labels, proxies.T, backend="reference"),
     }[rows_name]
     with pytest.raises(AssertionError, match="was called"):
