@@ -21,12 +21,14 @@ from .bench import cli as bench_cli
 from .bench import cost
 
 PARITY_TOLERANCE = 1e-10
-PARITY_LOSSES = ("circle", "supcon", "batch_hard_triplet", "proxy_anchor")
+PARITY_LOSSES = ("circle", "supcon", "multi_similarity", "contrastive", "nca", "batch_hard_triplet", "proxy_anchor",
+                 "proxy_nca")
+PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
 PARITY_COLUMNS = ("backend", "loss", "N", "M (refs or proxies)", "D", "classes", "seed", "loss value",
                   "max rel. error (value, grads)", "result")
 PARITY_CAPTION = (
     "Each row draws its own inputs from its seed (--seed {seed} plus the case's number): standard-normal float64 "
-    "rows, labels uniform over `classes` (Proxy-Anchor: one proxy per class). Rows of the same shape differ in "
+    "rows, labels uniform over `classes` (Proxy-Anchor, ProxyNCA: one proxy per class). Rows of the same shape differ in "
     "seed or classes, so their values differ; the same seed gives every backend the same inputs, so a loss's "
     "value must agree across backends. `result` is ok when the largest relative error of the value and of every "
     "gradient against PML is at most {tolerance:g}.")
@@ -45,11 +47,12 @@ def _parity_case(loss: str, backend: str, n: int, m: int, dim: int, classes: int
 
     x = tensor(n, dim)
     labels = torch.randint(0, classes, (n,), generator=generator).to(device)
-    if loss == "proxy_anchor":
+    if loss in PROXY_LOSSES:
         proxies = tensor(classes, dim)
         inputs = (x, proxies)
-        ours = functional.proxy_anchor_loss(x, labels, proxies, backend=backend)
-        theirs = pml.proxy_anchor_loss(x, labels, proxies)
+        ours = getattr(functional, f"{loss}_loss")(x, labels, proxies, backend=backend)
+        with pml.exact_cdist():
+            theirs = getattr(pml, f"{loss}_loss")(x, labels, proxies)
     else:
         y = tensor(m, dim)
         y_labels = torch.randint(0, classes, (m,), generator=generator).to(device)
@@ -88,7 +91,7 @@ def parity(args) -> int:
                 value, error = _parity_case(loss, backend, n, m, dim, classes, device, generator)
                 ok = error <= PARITY_TOLERANCE
                 failures += not ok
-                shown_m = classes if loss == "proxy_anchor" else m
+                shown_m = classes if loss in PROXY_LOSSES else m
                 print(f"| {backend} | {loss} | {n} | {shown_m} | {dim} | {classes} | {seed} | {value:.6g} | "
                       f"{error:.1e} | {'ok' if ok else 'FAIL'} |")
     print(f"\n{'all equal' if not failures else f'{failures} case(s) differ'} "

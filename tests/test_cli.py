@@ -5,8 +5,9 @@ import metric_kernels.cli as cli
 def test_parity_report_passes_and_prints_every_loss(capsys):
     assert cli.main(["parity", "--sizes", "12"]) == 0
     out = capsys.readouterr().out
-    for loss in ("circle", "supcon", "batch_hard_triplet", "proxy_anchor"):
-        assert f"| reference | {loss} | 12 |" in out
+    for loss in cli.PARITY_LOSSES:
+        for backend in ("reference", "cpu", "cuda-emulated"):
+            assert f"| {backend} | {loss} | 12 |" in out
     assert "all equal" in out and "FAIL" not in out
 
 
