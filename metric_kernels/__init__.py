@@ -1,17 +1,18 @@
 """metric_kernels: fused deep-metric-learning losses for PyTorch.
 
-Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, NCA, batch-hard triplet, Proxy-Anchor, ProxyNCA and the
-margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) with pytorch-metric-learning's
-semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton", "cuda" and "cpu" kernels where
-built). See README.md and docs/.
+Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, NCA, batch-hard triplet,
+Proxy-Anchor, ProxyNCA and the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax)
+with pytorch-metric-learning's semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton",
+"cuda" and "cpu" kernels where built). See README.md and docs/.
 """
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
-                         multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
-                         proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss, supcon_loss)
-from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, MultiSimilarityLoss,
-                      NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss,
+                         generalized_lifted_structure_loss, multi_similarity_loss, multiview, nca_loss,
+                         normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss,
+                         subcenter_arcface_loss, supcon_loss)
+from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
+                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss,
                       SupConLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
@@ -25,6 +26,7 @@ __all__ = [
     "CosFaceLoss",
     "CrossBatchMemory",
     "DistributedLoss",
+    "GeneralizedLiftedStructureLoss",
     "MultiSimilarityLoss",
     "NCALoss",
     "NTXentLoss",
@@ -39,6 +41,7 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "cosface_loss",
+    "generalized_lifted_structure_loss",
     "multi_similarity_loss",
     "multiview",
     "nca_loss",

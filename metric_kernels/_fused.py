@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 
 from ._pairs import SIMILARITY, pair_counts
-from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, hardest_triplet_losses,
-                             multi_similarity_from_stats, proxy_anchor_from_stats, stats_dtype, supcon_from_stats,
+from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, generalized_lifted_structure_from_stats,
+                             hardest_triplet_losses, multi_similarity_from_stats, proxy_anchor_from_stats, stats_dtype, supcon_from_stats,
                              triplet_backward_inputs)
 
 KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
@@ -225,6 +225,14 @@ class FusedRows:
                             pair_value, *options.values())
         return multi_similarity_from_stats(stats[0], stats[1], alpha, beta, base)
 
+    def generalized_lifted_structure_rows(self, x, y, x_labels, y_labels, self_offset, *, pos_margin, neg_margin,
+                                          deterministic, pair_value=SIMILARITY, **options):
+        # Multi-Similarity's kind with alpha = beta = 1: the log-sum-exps of -v over the positives and v over the
+        # negatives, the margins added per row
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "multi_similarity", 1.0, 1.0, deterministic,
+                            pair_value, *options.values())
+        return generalized_lifted_structure_from_stats(stats[0], stats[1], pos_margin, neg_margin)
+
     def nca_rows(self, x, y, x_labels, y_labels, self_offset, *, softmax_scale, deterministic, pair_value=SIMILARITY,
                  **options):
         # Multi-Similarity's kind folds -a v over the positives and b v over the negatives: a = -scale, b = scale
@@ -308,7 +316,7 @@ class CudaKernelRows(RawRows):
 
 
 ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "nca_rows", "ntxent_rows",
-                 "contrastive_rows", "batch_hard_rows", "proxy_anchor_rows")
+                 "contrastive_rows", "generalized_lifted_structure_rows", "batch_hard_rows", "proxy_anchor_rows")
 CLASSIFIER_ROWS = "margin_softmax_rows"  # the margin-softmax ops, where a backend's kernels compute them
 
 

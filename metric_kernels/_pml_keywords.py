@@ -71,6 +71,7 @@ SUPPORTED_DISTANCES = {
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
     "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
+    "GeneralizedLiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "NCALoss": _NCA_DISTANCES,
     "ProxyNCALoss": _NCA_DISTANCES,
     # The margin-softmax classifiers: the cosine of the embeddings to W's columns. PML's LargeMarginSoftmaxLoss
@@ -96,13 +97,15 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
                         for name in ("CircleLoss", "ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss")}
 
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
-#   "element": one loss per query (Circle, SupCon, Multi-Similarity, the margin-softmax classifiers; NCA and ProxyNCA:
+#   "element": one loss per query (Circle, SupCon, Multi-Similarity, generalized lifted structure, the margin-softmax
+#              classifiers; NCA and ProxyNCA:
 #              per query PML keeps, see functional.nca_loss);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
 #   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive).
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
-              "NCALoss": "element", "ProxyNCALoss": "element", "BatchHardTripletLoss": "triplet",
+              "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
+              "BatchHardTripletLoss": "triplet",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "NormalizedSoftmaxLoss": "element"}

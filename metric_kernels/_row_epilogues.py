@@ -42,6 +42,16 @@ def multi_similarity_from_stats(lse_positive, lse_negative, alpha, beta, base):
             + log_one_plus_exp_as_pml(lse_negative - beta * base) / beta)
 
 
+def generalized_lifted_structure_from_stats(lse_positive, lse_negative, pos_margin, neg_margin):
+    """relu(A + B) with A = log sum over positives of exp(pos_margin - v) and B = log sum over negatives of
+    exp(v - neg_margin) (margins in pair-value form), from the kernels' log-sum-exps of -v and v (-inf for an empty
+    side, which contributes 0 as in PML)."""
+    zero = torch.zeros_like(lse_positive)
+    positive_part = torch.where(lse_positive > float("-inf"), lse_positive + pos_margin, zero)
+    negative_part = torch.where(lse_negative > float("-inf"), lse_negative - neg_margin, zero)
+    return torch.relu(positive_part + negative_part)
+
+
 def proxy_anchor_from_stats(lse_positive, lse_negative):
     # log(1 + exp(lse)) exactly, as PML's logsumexp with an added 0 computes it (F.softplus would return lse itself
     # above 20); lse = -inf (a proxy with no positive, or no negative, in the batch) gives log(1 + 0) = 0.

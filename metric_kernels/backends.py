@@ -6,6 +6,8 @@ A backend is a module that exposes
     circle_rows(x, y, x_labels, y_labels, self_offset, *, m, gamma, deterministic) -> Tensor[N]
     supcon_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic) -> Tensor[N]
     multi_similarity_rows(x, y, x_labels, y_labels, self_offset, *, alpha, beta, base, deterministic) -> Tensor[N]
+    generalized_lifted_structure_rows(x, y, x_labels, y_labels, self_offset, *, pos_margin, neg_margin,
+                                      deterministic) -> Tensor[N]
     nca_rows(x, y, x_labels, y_labels, self_offset, *, softmax_scale, deterministic) -> (Tensor[N], Tensor[N])
         (the log-sum-exps of softmax_scale * v over each query's positives and over its negatives, -inf for none)
     batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic) -> Tensor[N]

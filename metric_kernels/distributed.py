@@ -11,8 +11,8 @@ whose backward sums the gradients of every rank's share into each rank's slice (
 therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. The returned tensor carries the
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
-- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, NCA, batch-hard: l_r comes from rank r's queries against the
-  gathered references (self_offset = the rank's row offset, so a query still leaves out only itself and the fused
+- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, NCA, batch-hard: l_r comes
+  from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves out only itself and the fused
   kernels stay O(local + global)). PML's batch-level rules are evaluated on the global labels (every rank has them)
   and the reduction's denominator is global (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows;
   batch-hard's MeanReducer: the global batch's queries with a positive and a negative; NT-Xent and Contrastive, reduced
@@ -45,12 +45,12 @@ from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss,
+                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss,
                       SubCenterArcFaceLoss, SupConLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss,
                       _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, NCALoss, BatchHardTripletLoss,
-           ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
+           NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -146,7 +146,8 @@ def _pair_spec(loss):
     """(per-row function of the functional layer, normalise, PML's batch-level rule, hyper-parameters, final scale)."""
     if isinstance(loss, CircleLoss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
-    if isinstance(loss, (MultiSimilarityLoss, SupConLoss, NTXentLoss, ContrastiveLoss, NCALoss)):
+    if isinstance(loss, (MultiSimilarityLoss, SupConLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
+                         NCALoss)):
         pair_value, normalize = check.check_distance(**keywords.functional_distance(loss.distance_spec))
     if isinstance(loss, NCALoss):  # PML's rule for a batch of one query is applied to the global batch (_pair)
         return "nca_rows", normalize, None, dict(softmax_scale=loss.softmax_scale, pair_value=pair_value), 1.0
@@ -154,6 +155,10 @@ def _pair_spec(loss):
         return "ntxent_rows", normalize, "both", dict(temperature=loss.temperature, pair_value=pair_value), 1.0
     if isinstance(loss, ContrastiveLoss):
         return ("contrastive_rows", normalize, "pairs",
+                dict(pos_margin=functional._engine_shift(loss.pos_margin, pair_value),
+                     neg_margin=functional._engine_shift(loss.neg_margin, pair_value), pair_value=pair_value), 1.0)
+    if isinstance(loss, GeneralizedLiftedStructureLoss):
+        return ("generalized_lifted_structure_rows", normalize, "pairs",
                 dict(pos_margin=functional._engine_shift(loss.pos_margin, pair_value),
                      neg_margin=functional._engine_shift(loss.neg_margin, pair_value), pair_value=pair_value), 1.0)
     if isinstance(loss, MultiSimilarityLoss):
@@ -167,8 +172,8 @@ def _pair_spec(loss):
 
 
 class DistributedLoss(nn.Module):
-    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, NCALoss, BatchHardTripletLoss,
-    ProxyAnchorLoss, ProxyNCALoss or a classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss,
+    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
+    NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss,
     NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
     in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
@@ -185,7 +190,8 @@ class DistributedLoss(nn.Module):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "ContrastiveLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, "
+                            "ContrastiveLoss, GeneralizedLiftedStructureLoss, NCALoss, BatchHardTripletLoss, "
+                            "ProxyAnchorLoss, ProxyNCALoss, "
                             "ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss or NormalizedSoftmaxLoss, got "
                             f"{type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)

@@ -326,6 +326,23 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
                               neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
 
 
+def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0,
+                                      pos_margin=0.0, self_offset=None, reduction="mean", backend="auto",
+                                      deterministic=None, distance="euclidean", normalize_embeddings=True):
+    """The generalized lifted structure loss (Hermans et al. 2017) with PML's semantics: per query
+    relu(log sum_pos exp(d - pos_margin) + log sum_neg exp(neg_margin - d)) on the distance d (default: Euclidean on
+    normalised rows, PML's LpDistance()), a side without pairs contributing 0; with a similarity s (distance="cosine"
+    or "dot") exp(pos_margin - s) and exp(s - neg_margin). The default reduction is PML's for this loss, MeanReducer
+    ("mean" over every query). See docs/losses/lifted-structure.md."""
+    neg_margin = check.check_real(neg_margin, "neg_margin")
+    pos_margin = check.check_real(pos_margin, "pos_margin")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    return _pair_loss("generalized_lifted_structure_rows", embeddings, labels, ref_emb, ref_labels, self_offset,
+                      reduction, backend, deterministic, normalize, "pairs",
+                      pos_margin=_engine_shift(pos_margin, pair_value),
+                      neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
+
+
 def _nca_losses(rows):
     """(losses, kept) of NCA from a backend's nca_rows (the two log-sum-exps; _row_epilogues.nca_from_stats), or from
     the zero vector _pair_rows gives when there is nothing to pair (no query kept)."""

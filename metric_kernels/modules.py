@@ -249,6 +249,37 @@ class MultiSimilarityLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
+class GeneralizedLiftedStructureLoss(_PairLoss):
+    """PML's GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0) on PML's default distance, LpDistance()
+    (Euclidean on normalised rows): see docs/losses/lifted-structure.md.
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over every query), or what `reducer=`
+    says; PML's keywords as ContrastiveLoss's.
+    """
+
+    _PML_NAME = "GeneralizedLiftedStructureLoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, neg_margin=1, pos_margin=0, *, reduction=None, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.neg_margin = check.check_real(neg_margin, "neg_margin")
+        self.pos_margin = check.check_real(pos_margin, "pos_margin")
+
+    def _loss(self, *args, **kwargs):
+        return functional.generalized_lifted_structure_loss(*args, neg_margin=self.neg_margin,
+                                                            pos_margin=self.pos_margin,
+                                                            **keywords.functional_distance(self.distance_spec),
+                                                            **kwargs)
+
+    _pml_rows = staticmethod(CircleLoss._pml_rows)  # PML keeps these per-query losses as an N x 1 column too
+
+    def extra_repr(self):
+        return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
+
+
 class NCALoss(_PairLoss):
     """PML's NCALoss(softmax_scale=1) on PML's default distance for it, LpDistance(power=2) (the squared Euclidean
     distance of normalised rows): see docs/losses/nca.md.

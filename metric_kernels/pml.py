@@ -59,6 +59,14 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
         embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
+def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0,
+                                      pos_margin=0.0, indices_tuple=None, distance=None, reducer=None):
+    losses, _, _ = _pml()
+    kwargs = {} if distance is None else dict(distance=distance)
+    return losses.GeneralizedLiftedStructureLoss(neg_margin=neg_margin, pos_margin=pos_margin, reducer=reducer,
+                                                 **kwargs)(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
 def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance=None, reducer=None,
              indices_tuple=None):
     losses, _, _ = _pml()

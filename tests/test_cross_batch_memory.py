@@ -29,6 +29,9 @@ def _losses(name, reducer=None):
     if name == "contrastive":
         return (mk.ContrastiveLoss(0.2, 1.1, backend="reference", **kw), losses.ContrastiveLoss(0.2, 1.1, **kw),
                 None)
+    if name == "lifted":
+        return (mk.GeneralizedLiftedStructureLoss(0.9, 0.1, backend="reference", **kw),
+                losses.GeneralizedLiftedStructureLoss(0.9, 0.1, **kw), None)
     if name == "nca":
         return mk.NCALoss(softmax_scale=3.0, backend="reference", **kw), losses.NCALoss(softmax_scale=3.0, **kw), None
     if name == "batch_hard":
@@ -75,15 +78,15 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer
     return ours
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "nca", "batch_hard",
-                                  "batch_hard_soft"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "lifted", "nca",
+                                  "batch_hard", "batch_hard_soft"])
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
     assert ours.has_been_filled
 
 
 @pytest.mark.parametrize("reducer", [reducers.MeanReducer, reducers.SumReducer])
-@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "nca", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "lifted", "nca", "batch_hard"])
 def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
     """The loss's reducer= inside the memory: for batch-hard, MeanReducer averages over the queries that have a
     positive and a negative among the memory's other slots (PML's mined triplets)."""

@@ -111,6 +111,8 @@ def _cases(world):
                                                                                                   2, 1, 0)),
             Case("nca", (4, 5), "hand", kwargs=dict(reduction="sum"), ref_sizes=(3, 4)),
             Case("nca", (1, 0), labels=(3,)),  # a global batch of one query: 0
+            Case("lifted", (5, 6), kwargs=dict(neg_margin=0.8, pos_margin=0.1)),
+            Case("lifted", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
             Case("proxy_nca", (6, 6), classes=5),
             Case("proxy_nca", (3, 8), "hand", classes=4, kwargs=dict(reducer=reducers.DoNothingReducer())),
             Case("proxy_nca", (2, 7), "joint", classes=4, kwargs=dict(softmax_scale=2.0)),
@@ -154,6 +156,8 @@ def _make_loss(case):
         return mk.BatchHardTripletLoss(**kwargs)
     if case.loss == "nca":
         return mk.NCALoss(**kwargs)
+    if case.loss == "lifted":
+        return mk.GeneralizedLiftedStructureLoss(**kwargs)
     if case.loss == "proxy_nca":
         return mk.ProxyNCALoss(case.classes, D_OUT, **kwargs).double()
     if case.loss in CLASSIFIERS:

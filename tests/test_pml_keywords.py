@@ -68,7 +68,11 @@ PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine"
                  for d in ("implicit", "cosine")]
               # (NT-Xent's AvgNonZero: as Multi-Similarity's above, the pairs rounded to 0 differ in fp32 and fp64)
               + [("ntxent", r, d) for r in ("default", "Sum") for d in ("dot",) + OTHER_DISTANCES]
-              + [("contrastive", r, d) for r in PAIR_REDUCERS for d in ("dot", "dot_raw", "lp_raw", "lp2", "lp2_raw")])
+              + [("contrastive", r, d) for r in PAIR_REDUCERS for d in ("dot", "dot_raw", "lp_raw", "lp2", "lp2_raw")]
+              + [("generalized_lifted_structure", r, d) for r in REDUCERS for d in ("implicit", "cosine", "lp2")]
+              + [("generalized_lifted_structure", r, d) for r in ("default", "Sum") for d in OTHER_DISTANCES]
+              + [("nca", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
+              + [("nca", r, d) for r in ("default", "Sum") for d in ("dot",) + OTHER_DISTANCES])
 
 
 def _keywords(reducer, distance):
@@ -93,6 +97,11 @@ def _pair_modules(loss, reducer, distance, backend="reference"):
         pml_loss = losses.MultiSimilarityLoss(2, 30, 0.4, **kw)
     elif loss == "ntxent":
         ours, pml_loss = mk.NTXentLoss(0.3, backend=backend, **kw), losses.NTXentLoss(0.3, **kw)
+    elif loss == "generalized_lifted_structure":
+        ours = mk.GeneralizedLiftedStructureLoss(1.1, 0.2, backend=backend, **kw)
+        pml_loss = losses.GeneralizedLiftedStructureLoss(1.1, 0.2, **kw)
+    elif loss == "nca":
+        ours, pml_loss = mk.NCALoss(2.0, backend=backend, **kw), losses.NCALoss(2.0, **kw)
     elif loss == "contrastive":
         ours = mk.ContrastiveLoss(0.2, 1.1, backend=backend, **kw)
         pml_loss = losses.ContrastiveLoss(0.2, 1.1, **kw)

@@ -3,6 +3,8 @@
 200 seeded random cases per loss: sizes 1..300, dims 1..128, few and many classes, with and without ref_emb, and with
 self_offset (which PML lacks: emulated through PML's own indices_tuple, or a per-query loop for batch-hard).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -16,10 +18,11 @@ CASES_PER_LOSS = 200
 BLOCKS = 10
 TOL = 1e-10
 SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000,
-             "ntxent": 400_000, "contrastive": 500_000}
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "contrastive"]
+             "ntxent": 400_000, "contrastive": 500_000, "generalized_lifted_structure": 700_000}
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "contrastive",
+               "generalized_lifted_structure"]
 # PML's default reducer for each loss: AvgNonZeroReducer, except MeanReducer for these (they keep the base class's)
-MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent")
+MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "generalized_lifted_structure")
 
 
 def _pairs_without_self(labels, ref_labels, self_offset):
@@ -42,6 +45,8 @@ def _random_params(seed, loss):
         return dict(temperature=u(0.03, 1.0))
     if loss == "contrastive":
         return dict(pos_margin=u(0.0, 0.6), neg_margin=u(0.4, 1.6))
+    if loss == "generalized_lifted_structure":
+        return dict(pos_margin=u(-0.5, 0.6), neg_margin=u(0.0, 2.5))
     if loss == "multi_similarity":
         return dict(alpha=u(0.5, 10.0), beta=u(5.0, 80.0), base=u(-0.2, 0.9))
     if loss == "batch_hard_triplet":
@@ -51,7 +56,9 @@ def _random_params(seed, loss):
 
 
 def _pml_value(loss, case, params):
-    with exact_cdist():
+    """PML's value; batch-hard with exact distances, as our batch-hard reference computes them (the other references
+    form their distances with torch.cdist as PML does)."""
+    with exact_cdist() if loss == "batch_hard_triplet" else contextlib.nullcontext():
         return _pml_value_exact(loss, case, params)
 
 
@@ -128,7 +135,8 @@ def _pml_rows_exact(loss, x, labels, y, y_labels, **params):
                                        reducer=reducer)(x, labels, triplets, y, y_labels)
     else:
         cls = {"circle": losses.CircleLoss, "supcon": losses.SupConLoss,
-               "multi_similarity": losses.MultiSimilarityLoss}[loss]
+               "multi_similarity": losses.MultiSimilarityLoss,
+               "generalized_lifted_structure": losses.GeneralizedLiftedStructureLoss}[loss]
         out = cls(**params, reducer=reducer)(x, labels, None, y, y_labels)
     rows = x.new_zeros(x.shape[0])
     info = out["loss"]
@@ -138,7 +146,8 @@ def _pml_rows_exact(loss, x, labels, y, y_labels, **params):
     return rows.index_add(0, index, info["losses"].reshape(-1))
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "batch_hard_triplet"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "generalized_lifted_structure",
+                                  "batch_hard_triplet"])
 def test_every_reduction_matches_pml_rows(loss):
     """'none' equals PML's unreduced losses; 'sum', 'mean' and 'mean_nonzero' reduce exactly those rows."""
     for seed in range(30):
@@ -158,7 +167,8 @@ def test_every_reduction_matches_pml_rows(loss):
         assert_grads_close(call("sum"), expected.sum(), case.inputs, TOL, f"{loss} seed={seed} sum")
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive",
+                                  "generalized_lifted_structure"])
 def test_pml_generic_pair_rule_is_followed(loss):
     """PML's GenericPairLoss returns 0 when the batch has at most one positive and at most one negative pair, even
     though such a batch has a defined loss; SPEC.md does not say so, PML does, and we follow PML."""

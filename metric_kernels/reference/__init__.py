@@ -6,6 +6,7 @@ docs/losses/ and can be checked against pytorch-metric-learning line by line. Ev
 from .batch_hard import batch_hard_rows
 from .circle import circle_rows
 from .contrastive import contrastive_rows
+from .lifted_structure import generalized_lifted_structure_rows
 from .margin_softmax import margin_softmax_rows
 from .multi_similarity import multi_similarity_rows
 from .nca import nca_rows
@@ -21,6 +22,7 @@ def unavailable_reason(device):
     return None  # plain torch ops: runs wherever torch does
 
 
-__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "contrastive_rows", "margin_softmax_rows",
+__all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "contrastive_rows", "generalized_lifted_structure_rows",
+           "margin_softmax_rows",
            "multi_similarity_rows", "nca_rows", "ntxent_rows", "proxy_anchor_rows", "supcon_rows",
            "unavailable_reason"]
