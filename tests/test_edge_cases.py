@@ -9,7 +9,8 @@ import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_grads_close, assert_rel_close, grads
 
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "generalized_lifted_structure", "nca",
+               "batch_hard_triplet"]
 REDUCTIONS = ["mean_nonzero", "mean", "sum", "none"]
 
 
@@ -70,7 +71,9 @@ def test_multi_similarity_one_class_and_all_distinct(labels):
     assert_grads_close(out, expected, [x], 1e-10, labels)
 
 
-@pytest.mark.parametrize("loss", [name for name in PAIR_LOSSES if name != "multi_similarity"])
+# (Multi-Similarity's and the lifted structure's sides are each a loss of its own; NCA without a positive: its own test)
+@pytest.mark.parametrize("loss", [name for name in PAIR_LOSSES
+                                  if name not in ("multi_similarity", "generalized_lifted_structure", "nca")])
 @pytest.mark.parametrize("labels", ["one_class", "all_distinct"])
 def test_pair_losses_are_zero_without_positives_or_negatives(loss, labels):
     n = 17
