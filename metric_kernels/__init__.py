@@ -12,8 +12,8 @@ from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, con
                          normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss,
                          subcenter_arcface_loss, supcon_loss)
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss,
-                      SupConLoss)
+                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss,
+                      ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 

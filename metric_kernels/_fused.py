@@ -39,8 +39,8 @@ import torch
 
 from ._pairs import SIMILARITY, pair_counts
 from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, generalized_lifted_structure_from_stats,
-                             hardest_triplet_losses, multi_similarity_from_stats, proxy_anchor_from_stats, stats_dtype, supcon_from_stats,
-                             triplet_backward_inputs)
+                             hardest_triplet_losses, multi_similarity_from_stats, proxy_anchor_from_stats, stats_dtype,
+                             supcon_from_stats, triplet_backward_inputs)
 
 KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
 STAT_ROWS = 4  # statistics per query row (csrc/epilogue.h)

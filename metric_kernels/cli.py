@@ -29,9 +29,9 @@ PARITY_COLUMNS = ("backend", "loss", "N", "M (refs or proxies)", "D", "classes",
                   "max rel. error (value, grads)", "result")
 PARITY_CAPTION = (
     "Each row draws its own inputs from its seed (--seed {seed} plus the case's number): standard-normal float64 "
-    "rows, labels uniform over `classes` (Proxy-Anchor, ProxyNCA: one proxy per class). Rows of the same shape differ in "
-    "seed or classes, so their values differ; the same seed gives every backend the same inputs, so a loss's "
-    "value must agree across backends. `result` is ok when the largest relative error of the value and of every "
+    "rows, labels uniform over `classes` (Proxy-Anchor, ProxyNCA: one proxy per class). Rows of the same shape "
+    "differ in seed or classes, so their values differ; the same seed gives every backend the same inputs, so a "
+    "loss's value must agree across backends. `result` is ok when the largest relative error of the value and of every "
     "gradient against PML is at most {tolerance:g}.")
 
 

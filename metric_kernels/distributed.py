@@ -12,13 +12,13 @@ therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. 
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
 - Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, NCA, batch-hard: l_r comes
-  from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves out only itself and the fused
-  kernels stay O(local + global)). PML's batch-level rules are evaluated on the global labels (every rank has them)
-  and the reduction's denominator is global (mean: the global N; mean_nonzero: the all-reduced count of nonzero rows;
-  batch-hard's MeanReducer: the global batch's queries with a positive and a negative; NT-Xent and Contrastive, reduced
-  per pair: the all-reduced counts of each sub-loss's pairs or nonzero pairs; NCA's MeanReducer: the all-reduced
-  count of the queries PML keeps, and its rule for a batch of one query on the global batch). DoNothingReducer's
-  dictionary holds the gathered global rows (NCA's: the kept ones).
+  from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves
+  out only itself and the fused kernels stay O(local + global)). PML's batch-level rules are evaluated on the global
+  labels (every rank has them) and the reduction's denominator is global (mean: the global N; mean_nonzero: the
+  all-reduced count of nonzero rows; batch-hard's MeanReducer: the global batch's queries with a positive and a
+  negative; NT-Xent and Contrastive, reduced per pair: the all-reduced counts of each sub-loss's pairs or nonzero
+  pairs; NCA's MeanReducer: the all-reduced count of the queries PML keeps, and its rule for a batch of one query on
+  the global batch). DoNothingReducer's dictionary holds the gathered global rows (NCA's: the kept ones).
 - Proxy-Anchor is a sum over proxies of terms that each depend on the whole batch, so it is split by proxies: rank r
   computes its contiguous slice of the proxies against the gathered embeddings, with the global |P+|. Rank r's proxy
   gradient is then W times its slice's and zero elsewhere, and DDP's average gives the one-process gradient. The
@@ -45,12 +45,13 @@ from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss,
-                      SubCenterArcFaceLoss, SupConLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss,
-                      _no_miners)
+                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss,
+                      ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss, _kept_element_losses,
+                      _labels_on, _MarginSoftmaxLoss, _no_miners)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
-           NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
+           NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss,
+           NormalizedSoftmaxLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -172,15 +173,15 @@ def _pair_spec(loss):
 
 
 class DistributedLoss(nn.Module):
-    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
-    NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss,
-    NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
-    training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks' rows
-    in rank order, as one process would compute it), and after DDP's gradient averaging every parameter gradient equals
-    that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts (a PML
-    DoNothingReducer's dictionary holds the global batch's rows). Rows may differ in number between ranks. Outside an
-    initialised process group (or with one rank) it is the plain loss. See the module docstring for how, and
-    docs/distributed.md for an example.
+    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss,
+    GeneralizedLiftedStructureLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier
+    (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
+    training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
+    rows in rank order, as one process would compute it), and after DDP's gradient averaging every parameter
+    gradient equals that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts
+    (a PML DoNothingReducer's dictionary holds the global batch's rows). Rows may differ in number between ranks.
+    Outside an initialised process group (or with one rank) it is the plain loss. See the module docstring for how,
+    and docs/distributed.md for an example.
 
     The loss's own parameters (the proxies, the classifiers' W) must be the same on every rank and have their
     gradients averaged like the network's: put the DistributedLoss under DDP too (or inside the DDP-wrapped module).

@@ -3,7 +3,7 @@ pytorch-metric-learning's GeneralizedLiftedStructureLoss computes it.
 
 With d_ij a distance (PML's default, the Euclidean distance of normalised rows), per query i
 
-    L_i = relu( log sum over positives j of exp(d_ij - pos_margin) + log sum over negatives k of exp(neg_margin - d_ik) )
+    L_i = relu(log sum over positives j of exp(d_ij - pos_margin) + log sum over negatives k of exp(neg_margin - d_ik))
 
 a side without pairs contributing 0 (PML's logsumexp of an empty mask); with a similarity s the terms are
 exp(pos_margin - s_ij) and exp(s_ik - neg_margin). On the pair value v (metric_kernels/_pairs.py: s, or -d) both are
