@@ -1,6 +1,6 @@
 """metric_kernels: fused deep-metric-learning losses for PyTorch.
 
-Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, NCA, batch-hard triplet,
+Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, margin, NCA, batch-hard triplet,
 Proxy-Anchor, ProxyNCA and the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax)
 with pytorch-metric-learning's semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton",
 "cuda" and "cpu" kernels where built). See README.md and docs/.
@@ -8,12 +8,12 @@ with pytorch-metric-learning's semantics, computed by a choice of backends ("ref
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
-                         generalized_lifted_structure_loss, multi_similarity_loss, multiview, nca_loss,
+                         generalized_lifted_structure_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
                          normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss,
                          subcenter_arcface_loss, supcon_loss)
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss,
-                      ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss)
+                      GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
+                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 
@@ -27,6 +27,7 @@ __all__ = [
     "CrossBatchMemory",
     "DistributedLoss",
     "GeneralizedLiftedStructureLoss",
+    "MarginLoss",
     "MultiSimilarityLoss",
     "NCALoss",
     "NTXentLoss",
@@ -42,6 +43,7 @@ __all__ = [
     "contrastive_loss",
     "cosface_loss",
     "generalized_lifted_structure_loss",
+    "margin_loss",
     "multi_similarity_loss",
     "multiview",
     "nca_loss",

@@ -72,6 +72,7 @@ SUPPORTED_DISTANCES = {
     "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
     "GeneralizedLiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
+    "MarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "NCALoss": _NCA_DISTANCES,
     "ProxyNCALoss": _NCA_DISTANCES,
     # The margin-softmax classifiers: the cosine of the embeddings to W's columns. PML's LargeMarginSoftmaxLoss
@@ -102,10 +103,11 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
 #              per query PML keeps, see functional.nca_loss);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
-#   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive).
+#   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive);
+#   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default.
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
-              "BatchHardTripletLoss": "triplet",
+              "BatchHardTripletLoss": "triplet", "MarginLoss": "margin",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "NormalizedSoftmaxLoss": "element"}
@@ -113,7 +115,8 @@ LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarity
 # What each reducer mode means as the functional `reduction=` (None: no functional reduction says the same).
 #   "unreduced" (DoNothingReducer): the module returns PML's loss dictionary of unreduced losses.
 #   "mean_over_triplets" (MeanReducer on batch-hard): the mean over the queries that have a positive and a negative.
-#   "divisor" (ProxyAnchor's default DivisorReducer): sum of positive terms / |P+| + sum of negative terms / C.
+#   "divisor" (ProxyAnchor's default DivisorReducer): sum of positive terms / |P+| + sum of negative terms / C;
+#             MarginLoss's: the triplets' sum over the number of nonzero hinge terms (functional.margin_loss).
 #   "per_anchor_<mode>" (PerAnchorReducer on the losses reduced per pair): each query's mean over its pairs, then <mode>.
 MODE_REDUCTION = {"mean_nonzero": "mean_nonzero", "mean": "mean", "sum": "sum", "none": "none", "unreduced": "none",
                   "mean_over_triplets": None, "divisor": None, "per_anchor_mean_nonzero": None, "per_anchor_mean": None,
@@ -216,6 +219,11 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         raise _unsupported("reducer", reducer, owner,
                            "PML's DoNothingReducer returns the per-pair losses, which the fused kernels never form "
                            "(there are O(N M) of them); reduction='none' gives each query's sum over its pairs")
+    elif name in ("DoNothingReducer", "PerAnchorReducer") and loss_type == "margin":
+        raise _unsupported("reducer", reducer, owner,
+                           "PML's MarginLoss reduces per triplet: its DoNothingReducer returns the O(N M^2) triplet "
+                           "losses, which the fused kernels never form, and its PerAnchorReducer raises for "
+                           "triplets; reduction='none' gives each query's sum over its triplets")
     elif name == "DoNothingReducer" and inner is None:
         if loss_type == "triplet":
             raise _unsupported("reducer", reducer, owner,
@@ -231,13 +239,13 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         # PML's losses here are per query (or per proxy) already, so PerAnchorReducer hands them to its inner reducer
         # unchanged (its aggregation_func is used only for per-pair losses).
         return _reducer_mode(owner, reducer, inner=reducer.reducer)
-    elif name == "DivisorReducer" and loss_type == "proxy" and inner is None:
+    elif name == "DivisorReducer" and loss_type in ("proxy", "margin") and inner is None:
         mode = "divisor"
     if mode is None:
         honoured = "AvgNonZeroReducer(), MeanReducer(), SumReducer()"
         if loss_type in ("element", "proxy"):
             honoured += ", DoNothingReducer(), PerAnchorReducer(reducer=one of the first three)"
-        if loss_type == "proxy":
+        if loss_type in ("proxy", "margin"):
             honoured += ", DivisorReducer() (PML's default here)"
         raise _unsupported("reducer", reducer, owner, f"the fused losses honour {honoured}")
     return mode

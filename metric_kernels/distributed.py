@@ -11,14 +11,16 @@ whose backward sums the gradients of every rank's share into each rank's slice (
 therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. The returned tensor carries the
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
-- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, NCA, batch-hard: l_r comes
-  from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves
+- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, margin, NCA, batch-hard: l_r
+  comes from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves
   out only itself and the fused kernels stay O(local + global)). PML's batch-level rules are evaluated on the global
   labels (every rank has them) and the reduction's denominator is global (mean: the global N; mean_nonzero: the
   all-reduced count of nonzero rows; batch-hard's MeanReducer: the global batch's queries with a positive and a
   negative; NT-Xent and Contrastive, reduced per pair: the all-reduced counts of each sub-loss's pairs or nonzero
   pairs; NCA's MeanReducer: the all-reduced count of the queries PML keeps, and its rule for a batch of one query on
-  the global batch). DoNothingReducer's dictionary holds the gathered global rows (NCA's: the kept ones).
+  the global batch; MarginLoss: the all-reduced count of its triplets, their nonzero ones or their nonzero hinge
+  terms, and beta's regularizer once). DoNothingReducer's dictionary holds the gathered global rows (NCA's: the kept
+  ones).
 - Proxy-Anchor is a sum over proxies of terms that each depend on the whole batch, so it is split by proxies: rank r
   computes its contiguous slice of the proxies against the gathered embeddings, with the global |P+|. Rank r's proxy
   gradient is then W times its slice's and zero elsewhere, and DDP's average gives the one-process gradient. The
@@ -45,13 +47,13 @@ from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      GeneralizedLiftedStructureLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss, NTXentLoss,
-                      ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss, _kept_element_losses,
-                      _labels_on, _MarginSoftmaxLoss, _no_miners)
+                      GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
+                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss,
+                      _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
-           NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss,
-           NormalizedSoftmaxLoss)
+           MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss,
+           SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -174,7 +176,7 @@ def _pair_spec(loss):
 
 class DistributedLoss(nn.Module):
     """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss,
-    GeneralizedLiftedStructureLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier
+    GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier
     (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
     rows in rank order, as one process would compute it), and after DDP's gradient averaging every parameter
@@ -191,9 +193,9 @@ class DistributedLoss(nn.Module):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "ContrastiveLoss, GeneralizedLiftedStructureLoss, NCALoss, BatchHardTripletLoss, "
-                            "ProxyAnchorLoss, ProxyNCALoss, "
-                            "ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss or NormalizedSoftmaxLoss, got "
+                            "ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, "
+                            "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss or "
+                            "NormalizedSoftmaxLoss, got "
                             f"{type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:
@@ -258,6 +260,8 @@ class DistributedLoss(nn.Module):
             reference_labels = _gather_rows(ref_labels.long(), ref_sizes, group)
             self_offset, gate_references, gate_offset = None, reference_labels, None
 
+        if isinstance(loss, MarginLoss):
+            return self._margin(embeddings, labels, references, reference_labels, self_offset, sizes, world, group)
         rows_name, normalize, rule, params, scale = _pair_spec(loss)
         rows, x_labels, y_labels, _, guard = functional._pair_rows(
             rows_name, embeddings, labels, references, reference_labels, self_offset, loss.reduction, loss.backend,
@@ -291,6 +295,32 @@ class DistributedLoss(nn.Module):
             triplets = ((positives > 0) & (negatives > 0)).sum().clamp(min=1)
         pml_rows = loss._pml_rows if loss._reducer_mode == "unreduced" else None
         return self._reduce_rows(rows, guard, loss.reduction, sizes, world, group, pml_rows, triplets, kept)
+
+    def _margin(self, embeddings, labels, references, reference_labels, self_offset, sizes, world, group):
+        """MarginLoss over the global batch's triplets: each rank's queries' triplet sums against the gathered
+        references, divided by the all-reduced count the reduction takes; beta's regularizer once (a 1 / world share
+        on each rank, which DDP's average of beta's gradient restores)."""
+        loss = self.loss
+        per_query, counts, beta, guard = functional._margin_terms(
+            embeddings, labels, references, reference_labels, margin=loss.margin, beta=loss.beta,
+            self_offset=self_offset, backend=loss.backend, deterministic=loss.deterministic,
+            **keywords.functional_distance(loss.distance_spec))
+        if loss.reduction == "none":
+            return self._reduce_rows(per_query, guard, "none", sizes, world, group, None)
+        local_sum = per_query.sum()
+        count = counts[loss.reduction].sum() if loss.reduction != "sum" else local_sum.new_zeros(())
+        totals = torch.stack([local_sum.detach() + guard.detach(), count.detach(), counts["mean"].sum().detach()])
+        dist.all_reduce(totals, group=group)
+        total, count, triplets = totals
+        denominator = count.clamp(min=1) if loss.reduction != "sum" else torch.ones_like(count)
+        counted = (count > 0) if loss.reduction != "sum" else torch.ones_like(count, dtype=torch.bool)
+        share = torch.where(counted, local_sum / denominator, local_sum * 0) + guard
+        value = torch.where(counted, total / denominator, total * 0)
+        if loss.learn_beta and loss.nu != 0.0:
+            regularizer = functional._margin_regularizer(loss.nu, beta, share.dtype)
+            regularizer = torch.where(triplets > 0, regularizer, regularizer * 0)
+            share, value = share + regularizer / world, value + regularizer.detach()
+        return _GlobalValue.apply(share, value, None, float(world))
 
     def _classifier(self, embeddings, labels, group):
         """The classifiers' (and ProxyNCA's) loss of a query depends on that query and W (the proxies) alone: each

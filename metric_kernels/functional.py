@@ -343,6 +343,94 @@ def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labe
                       neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
 
 
+MARGIN_REDUCTIONS = ("divisor", "mean_nonzero", "mean", "sum", "none")
+
+
+def _check_beta(beta):
+    """MarginLoss's beta: a real number, or a one-element floating-point tensor (a learned beta, whose gradient the
+    loss returns). Returns (its value as a float, the tensor or None)."""
+    if isinstance(beta, torch.Tensor):
+        if not beta.is_floating_point() or beta.numel() != 1:
+            raise TypeError(f"beta must be a real number or a one-element floating-point tensor, got a tensor of "
+                            f"dtype {beta.dtype} and shape {tuple(beta.shape)}")
+        value = check.check_real(beta.detach().reshape(()).item(), "beta")
+        return value, beta.reshape(())
+    return check.check_real(beta, "beta"), None
+
+
+def _margin_terms(embeddings, labels, ref_emb, ref_labels, *, margin, beta, self_offset, backend, deterministic,
+                  distance, normalize_embeddings):
+    """MarginLoss's per-query parts over all triplets: (per_query, counts, beta_tensor, guard). per_query is each
+    query's sum of its triplets' losses (carrying beta's gradient when beta is a tensor that requires it); counts[r]
+    per query is what reduction r divides by: "divisor" the nonzero hinge terms, "mean_nonzero" the triplets with a
+    nonzero loss, "mean" the triplets. Shared by margin_loss and metric_kernels.distributed."""
+    margin = check.check_real(margin, "margin")
+    beta_value, beta_tensor = _check_beta(beta)
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    # Contrastive's hinges (contrastive_loss): relu(d - pos) and relu(neg - d) on a distance, relu(pos - s) and
+    # relu(s - neg) on a similarity
+    similarity = pair_value == SIMILARITY
+    positive_threshold = beta_value + margin if similarity else beta_value - margin
+    negative_threshold = beta_value - margin if similarity else beta_value + margin
+    rows, x_labels, y_labels, self_offset, guard = _pair_rows(
+        "contrastive_rows", embeddings, labels, ref_emb, ref_labels, self_offset, "none", backend, deterministic,
+        normalize, pos_margin=_engine_shift(positive_threshold, pair_value),
+        neg_margin=_engine_shift(negative_threshold, pair_value), pair_value=pair_value)
+    if isinstance(rows, torch.Tensor):  # nothing to pair: no triplet
+        zeros = rows.new_zeros(rows.shape)
+        rows = (rows, zeros, zeros, zeros)
+    positive_sums, negative_sums, positive_nonzero, negative_nonzero = rows
+    positives, negatives = pair_counts(x_labels, y_labels, self_offset)
+    positives, negatives = positives.to(positive_sums.dtype), negatives.to(positive_sums.dtype)
+    # Over all triplets each positive pair's term counts once per negative of its query, and the reverse.
+    per_query = negatives * positive_sums + positives * negative_sums
+    if beta_tensor is not None and beta_tensor.requires_grad:
+        # d/dbeta of the hinges: -1 per nonzero positive term and +1 per nonzero negative one on a distance (the
+        # opposite on a similarity); the value is unchanged
+        slope = positives * negative_nonzero - negatives * positive_nonzero
+        slope = -slope if similarity else slope
+        per_query = per_query + (beta_tensor - beta_tensor.detach()).to(per_query.dtype) * slope.detach()
+    triplets = positives * negatives
+    # a triplet's loss is 0 only where both of its hinge terms are
+    counts = {"divisor": negatives * positive_nonzero + positives * negative_nonzero,
+              "mean_nonzero": triplets - (positives - positive_nonzero) * (negatives - negative_nonzero),
+              "mean": triplets}
+    return per_query, counts, beta_tensor, guard
+
+
+def _margin_regularizer(nu: float, beta, dtype):
+    """PML's beta regularizer nu * beta (a float, or beta's tensor with its gradient)."""
+    return nu * (beta.to(dtype) if isinstance(beta, torch.Tensor) else beta)
+
+
+def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, beta=1.2, nu=0.0, self_offset=None,
+                reduction="divisor", backend="auto", deterministic=None, distance="euclidean",
+                normalize_embeddings=True):
+    """The margin loss (Wu et al. 2017, "Sampling Matters in Deep Embedding Learning") with PML's semantics over all
+    triplets (PML's MarginLoss without a miner): per triplet (a, p, n), relu(d_ap - beta + margin) + relu(beta - d_an
+    + margin) on the distance d (default: Euclidean on normalised rows); with a similarity s, relu(beta + margin -
+    s_ap) + relu(s_an - beta + margin). Reductions over the triplets: "divisor" (PML's default DivisorReducer: the sum
+    over the number of nonzero hinge terms), "mean_nonzero" (over the triplets with a loss > 0), "mean", "sum", and
+    "none" (each query's sum over its triplets). beta may be a one-element tensor (learned: its gradient is returned);
+    nu adds nu * beta (PML's beta regularizer, which PML adds when beta is learned) unless there is no triplet.
+    See docs/losses/margin.md."""
+    nu = check.check_real(nu, "nu")
+    if reduction not in MARGIN_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, MARGIN_REDUCTIONS))}; got {reduction!r}")
+    per_query, counts, beta_tensor, guard = _margin_terms(
+        embeddings, labels, ref_emb, ref_labels, margin=margin, beta=beta, self_offset=self_offset, backend=backend,
+        deterministic=deterministic, distance=distance, normalize_embeddings=normalize_embeddings)
+    if reduction == "none":
+        return per_query + guard
+    total = per_query.sum()
+    count = counts[reduction].sum() if reduction != "sum" else torch.ones_like(total)
+    value = torch.where(count > 0, total / count.clamp(min=1), total * 0)
+    if nu != 0.0:
+        regularizer = _margin_regularizer(nu, beta if beta_tensor is None else beta_tensor, value.dtype)
+        value = value + torch.where(counts["mean"].sum() > 0, regularizer, regularizer * 0)
+    return value + guard
+
+
 def _nca_losses(rows):
     """(losses, kept) of NCA from a backend's nca_rows (the two log-sum-exps; _row_epilogues.nca_from_stats), or from
     the zero vector _pair_rows gives when there is nothing to pair (no query kept)."""

@@ -280,6 +280,61 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
+class MarginLoss(_PairLoss):
+    """PML's MarginLoss(margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None)
+    over all triplets, on PML's default distance, LpDistance() (Euclidean on normalised rows): see
+    docs/losses/margin.md.
+
+    learn_beta=True makes `beta` an nn.Parameter (one element, as PML's) that gets the loss's gradient, and adds PML's
+    regularizer nu * beta. num_classes (a beta per class) and another triplets_per_anchor (PML samples that many
+    triplets at random) raise NotImplementedError. reduction: None means PML's default, DivisorReducer ("divisor":
+    the triplets' sum over the number of nonzero hinge terms), or what `reducer=` says (AvgNonZeroReducer,
+    MeanReducer, SumReducer over the triplets); PML's keywords as ContrastiveLoss's.
+    """
+
+    _PML_NAME = "MarginLoss"
+    _PML_DEFAULT_REDUCTION = "divisor"
+
+    def __init__(self, margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None, *,
+                 reduction=None, backend="auto", deterministic=None, distance=None, reducer=None,
+                 embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        if reduction is not None and reduction not in functional.MARGIN_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(map(repr, functional.MARGIN_REDUCTIONS))}; got "
+                             f"{reduction!r}")
+        super().__init__(None, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        if reduction is not None:
+            if reducer is not None and self._reducer_mode != reduction:
+                raise ValueError(f"reduction={reduction!r} conflicts with reducer={keywords.describe(reducer)}: pass "
+                                 "one of them")
+            self._reducer_mode = reduction
+        self.reduction = self._reducer_mode  # "divisor", "mean_nonzero", "mean", "sum" or "none"
+        self.margin = check.check_real(margin, "margin")
+        self.nu = check.check_real(nu, "nu")
+        self.learn_beta = check.check_bool(learn_beta, "learn_beta")
+        if num_classes is not None:
+            raise NotImplementedError(f"num_classes={num_classes!r} is not supported by MarginLoss yet: a beta per "
+                                      "class makes the margins differ between queries, and the fused kernels take "
+                                      "one pair of margins per call")
+        if triplets_per_anchor != "all":
+            raise NotImplementedError(f"triplets_per_anchor={triplets_per_anchor!r} is not supported by MarginLoss "
+                                      "yet: PML samples that many triplets per anchor at random; the fused kernels "
+                                      "sum over all of them ('all', PML's default)")
+        self.triplets_per_anchor = triplets_per_anchor
+        self.num_classes = None
+        beta = torch.tensor([check.check_real(beta, "beta")])
+        self.beta = nn.Parameter(beta) if self.learn_beta else beta
+
+    def _loss(self, *args, reduction, **kwargs):
+        return functional.margin_loss(*args, margin=self.margin, beta=self.beta,
+                                      nu=self.nu if self.learn_beta else 0.0, reduction=self.reduction,
+                                      **keywords.functional_distance(self.distance_spec), **kwargs)
+
+    def extra_repr(self):
+        return (f"margin={self.margin}, nu={self.nu}, beta={float(self.beta)}, learn_beta={self.learn_beta}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}" + _keywords_repr(self))
+
+
 class NCALoss(_PairLoss):
     """PML's NCALoss(softmax_scale=1) on PML's default distance for it, LpDistance(power=2) (the squared Euclidean
     distance of normalised rows): see docs/losses/nca.md.

@@ -67,6 +67,16 @@ def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labe
                                                  **kwargs)(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
+def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, beta=1.2, nu=0.0, indices_tuple=None,
+                distance=None, reducer=None):
+    """PML's MarginLoss over all triplets, with beta exactly `beta` (PML stores it in a float32 tensor)."""
+    losses, _, _ = _pml()
+    kwargs = {} if distance is None else dict(distance=distance)
+    loss = losses.MarginLoss(margin=margin, nu=nu, beta=beta, reducer=reducer, **kwargs)
+    loss.beta = torch.tensor([float(beta)], dtype=torch.float64)
+    return loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
 def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance=None, reducer=None,
              indices_tuple=None):
     losses, _, _ = _pml()

@@ -113,6 +113,10 @@ def _cases(world):
             Case("nca", (1, 0), labels=(3,)),  # a global batch of one query: 0
             Case("lifted", (5, 6), kwargs=dict(neg_margin=0.8, pos_margin=0.1)),
             Case("lifted", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
+            Case("margin", (5, 6), kwargs=dict(learn_beta=True, nu=0.1, beta=0.9)),
+            Case("margin", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
+            Case("margin", (4, 4), "joint", kwargs=dict(learn_beta=True, reducer=reducers.MeanReducer())),
+            Case("margin", (6, 2), kwargs=dict(reduction="none")),
             Case("proxy_nca", (6, 6), classes=5),
             Case("proxy_nca", (3, 8), "hand", classes=4, kwargs=dict(reducer=reducers.DoNothingReducer())),
             Case("proxy_nca", (2, 7), "joint", classes=4, kwargs=dict(softmax_scale=2.0)),
@@ -158,6 +162,8 @@ def _make_loss(case):
         return mk.NCALoss(**kwargs)
     if case.loss == "lifted":
         return mk.GeneralizedLiftedStructureLoss(**kwargs)
+    if case.loss == "margin":
+        return mk.MarginLoss(**kwargs).double()
     if case.loss == "proxy_nca":
         return mk.ProxyNCALoss(case.classes, D_OUT, **kwargs).double()
     if case.loss in CLASSIFIERS:

@@ -9,7 +9,7 @@ import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_grads_close, assert_rel_close, grads
 
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "generalized_lifted_structure", "nca",
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "generalized_lifted_structure", "margin", "nca",
                "batch_hard_triplet"]
 REDUCTIONS = ["mean_nonzero", "mean", "sum", "none"]
 

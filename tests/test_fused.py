@@ -33,11 +33,11 @@ def _fused_backend_is_built(request):
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 HALF = (torch.float16, torch.bfloat16)
 SIZES = [(1, 1, 1), (37, 65, 17), (65, 130, 100), (130, 63, 3)]  # (N, M, D): ragged against 64-wide blocks
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "generalized_lifted_structure", "nca",
-               "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "generalized_lifted_structure",
+               "margin", "nca", "batch_hard_triplet"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, base_temperature=0.1),
           "nca": dict(softmax_scale=6.0), "proxy_nca": dict(softmax_scale=9.0),
-          "generalized_lifted_structure": dict(neg_margin=1.2, pos_margin=0.2),
+          "generalized_lifted_structure": dict(neg_margin=1.2, pos_margin=0.2), "margin": dict(margin=0.25, beta=1.1),
           "multi_similarity": dict(alpha=2.0, beta=40.0, base=0.4), "ntxent": dict(temperature=0.1),
           "contrastive": dict(pos_margin=0.3, neg_margin=1.3),
           "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
@@ -244,6 +244,7 @@ def _loss_and_inputs(loss_name, backend):
         "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend=backend)
         + 0 * p.sum(),
         "nca": lambda a, b, p: mk.nca_loss(a, labels, b, y_labels, softmax_scale=3.0, backend=backend) + 0 * p.sum(),
+        "margin": lambda a, b, p: mk.margin_loss(a, labels, b, y_labels, beta=0.9, backend=backend) + 0 * p.sum(),
         "generalized_lifted_structure": lambda a, b, p: mk.generalized_lifted_structure_loss(
             a, labels, b, y_labels, distance="squared_euclidean", backend=backend) + 0 * p.sum(),
         "proxy_anchor": lambda a, b, p: mk.proxy_anchor_loss(a, labels, p, backend=backend) + 0 * b.sum(),

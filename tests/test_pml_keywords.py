@@ -466,7 +466,7 @@ def test_cross_batch_memory_supported_losses_mirror_pmls():
     assert all(isinstance(name, str) for name in losses.CrossBatchMemory.supported_losses())
     assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "MultiSimilarityLoss",
                                                       "NTXentLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
-                                                      "NCALoss", "BatchHardTripletLoss"]
+                                                      "MarginLoss", "NCALoss", "BatchHardTripletLoss"]
     # every one PML's takes too (batch-hard as PML's TripletMarginLoss with its BatchHardMiner)
     ours = set(mk.CrossBatchMemory.supported_losses()) - {"BatchHardTripletLoss"} | {"TripletMarginLoss"}
     assert ours <= set(losses.CrossBatchMemory.supported_losses())

@@ -15,7 +15,8 @@ import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, NormalizedSoftmaxLoss,
                             ProxyAnchorLoss, SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss,
-                            circle_loss, cosface_loss, generalized_lifted_structure_loss, multi_similarity_loss,
+                            circle_loss, cosface_loss, generalized_lifted_structure_loss, margin_loss,
+                            multi_similarity_loss,
                             multiview, nca_loss,
                             normalized_softmax_loss, proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss,
                             supcon_loss)
@@ -23,9 +24,9 @@ from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFa
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
 
-PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, generalized_lifted_structure_loss, nca_loss,
-               batch_hard_triplet_loss]
-PAIR_IDS = ["circle", "supcon", "multi_similarity", "generalized_lifted_structure", "nca", "batch_hard"]
+PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, generalized_lifted_structure_loss, margin_loss,
+               nca_loss, batch_hard_triplet_loss]
+PAIR_IDS = ["circle", "supcon", "multi_similarity", "generalized_lifted_structure", "margin", "nca", "batch_hard"]
 
 
 @pytest.fixture(autouse=True)
@@ -433,7 +434,8 @@ def test_positive_parameter_small_positive_is_valid(loss_name, name):
 
 @pytest.mark.parametrize("loss_name,name", [("circle", "m"), ("batch_hard_triplet", "margin"),
                                             ("generalized_lifted_structure", "pos_margin"),
-                                            ("generalized_lifted_structure", "neg_margin"),
+                                            ("generalized_lifted_structure", "neg_margin"), ("margin", "margin"),
+                                            ("margin", "beta"), ("margin", "nu"),
                                             ("proxy_anchor", "margin"), ("arcface", "margin"),
                                             ("cosface", "margin"), ("subcenter_arcface", "margin")])
 def test_real_parameter_nan_or_not_a_number(loss_name, name):

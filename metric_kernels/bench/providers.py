@@ -27,8 +27,8 @@ CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax")
 SUB_CENTERS = {"subcenter_arcface": 3}  # PML's default
 # The losses whose references are one proxy per class: M is their number of classes.
 PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
-LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "generalized_lifted_structure", "nca",
-          "batch_hard") + PROXY_LOSSES + CLASSIFIERS
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "generalized_lifted_structure", "margin",
+          "nca", "batch_hard") + PROXY_LOSSES + CLASSIFIERS
 LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
                 "proxynca": "proxy_nca", "lifted": "generalized_lifted_structure",
                 "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
@@ -48,7 +48,7 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half":
 
 _FUNCTIONAL = {"circle": "circle_loss", "supcon": "supcon_loss", "multi_similarity": "multi_similarity_loss",
                "ntxent": "ntxent_loss", "contrastive": "contrastive_loss", "nca": "nca_loss",
-               "generalized_lifted_structure": "generalized_lifted_structure_loss",
+               "generalized_lifted_structure": "generalized_lifted_structure_loss", "margin": "margin_loss",
                "batch_hard": "batch_hard_triplet_loss"}
 
 
