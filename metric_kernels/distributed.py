@@ -317,7 +317,7 @@ class DistributedLoss(nn.Module):
         share = torch.where(counted, local_sum / denominator, local_sum * 0) + guard
         value = torch.where(counted, total / denominator, total * 0)
         if loss.learn_beta and loss.nu != 0.0:
-            regularizer = functional._margin_regularizer(loss.nu, beta, share.dtype)
+            regularizer = functional._margin_regularizer(loss.nu, beta, share)
             regularizer = torch.where(triplets > 0, regularizer, regularizer * 0)
             share, value = share + regularizer / world, value + regularizer.detach()
         return _GlobalValue.apply(share, value, None, float(world))

@@ -398,9 +398,9 @@ def _margin_terms(embeddings, labels, ref_emb, ref_labels, *, margin, beta, self
     return per_query, counts, beta_tensor, guard
 
 
-def _margin_regularizer(nu: float, beta, dtype):
-    """PML's beta regularizer nu * beta (a float, or beta's tensor with its gradient)."""
-    return nu * (beta.to(dtype) if isinstance(beta, torch.Tensor) else beta)
+def _margin_regularizer(nu: float, beta, like: torch.Tensor) -> torch.Tensor:
+    """PML's beta regularizer nu * beta (beta a float, or its tensor with its gradient) in the dtype of `like`."""
+    return nu * beta.to(like.dtype) if isinstance(beta, torch.Tensor) else like.new_tensor(nu * beta)
 
 
 def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, beta=1.2, nu=0.0, self_offset=None,
@@ -426,7 +426,7 @@ def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2
     count = counts[reduction].sum() if reduction != "sum" else torch.ones_like(total)
     value = torch.where(count > 0, total / count.clamp(min=1), total * 0)
     if nu != 0.0:
-        regularizer = _margin_regularizer(nu, beta if beta_tensor is None else beta_tensor, value.dtype)
+        regularizer = _margin_regularizer(nu, beta if beta_tensor is None else beta_tensor, value)
         value = value + torch.where(counts["mean"].sum() > 0, regularizer, regularizer * 0)
     return value + guard
 

@@ -165,3 +165,16 @@ def test_margin_none_reduction_is_each_querys_triplet_sum():
     assert_rel_close(rows.sum(), mk.margin_loss(x, labels, beta=beta, reduction="sum", backend="reference"), TOL,
                      "sum")
     assert copy.deepcopy(mk.MarginLoss(learn_beta=True)).beta.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_margin_regularizer_with_a_number_beta(dtype):
+    """nu * beta is added in the loss's dtype (a float beta too), and only where there is a triplet."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, 4, (20,), generator=g)
+    with_nu, without = mk.margin_loss(x, labels, beta=1.1, nu=0.3), mk.margin_loss(x, labels, beta=1.1)
+    assert with_nu.dtype == dtype
+    assert_rel_close(with_nu - without, torch.tensor(0.3 * 1.1, dtype=dtype), 1e-12 if dtype == torch.float64 else 1e-6,
+                     "nu * beta")
+    assert mk.margin_loss(x, torch.arange(20), beta=1.1, nu=0.3).item() == 0
