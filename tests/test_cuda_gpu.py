@@ -26,6 +26,13 @@ if REASON is not None and torch.cuda.is_available() and os.environ.get("METRIC_K
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
 
 
+# Losses that run another loss's CUDA kernels with other weights (Multi-Similarity's for the lifted structure and
+# NCA, Contrastive's for the margin loss): a few cases each (test_losses_on_shared_kernels), not the whole matrix,
+# since a GPU run has minutes for every test.
+SHARED_KERNEL_LOSSES = ("generalized_lifted_structure", "nca", "margin")
+GPU_PAIR_LOSSES = [loss for loss in PAIR_LOSSES if loss not in SHARED_KERNEL_LOSSES]
+
+
 def _on_cuda(leaves, labels, y_labels, offset, _):
     return [t.cuda() for t in leaves], labels.cuda(), None if y_labels is None else y_labels.cuda(), offset
 
@@ -33,7 +40,7 @@ def _on_cuda(leaves, labels, y_labels, offset, _):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("refs", ["self", "ref_emb", "self_offset"])
 @pytest.mark.parametrize("size", SIZES + [(300, 200, 200)], ids=[f"{n}x{m}x{d}" for n, m, d in SIZES + [(300, 200, 200)]])
-@pytest.mark.parametrize("loss", PAIR_LOSSES)
+@pytest.mark.parametrize("loss", GPU_PAIR_LOSSES)
 def test_pair_losses_match_reference(loss, size, refs, dtype):
     n, m, dim = size
     leaves, labels, y_labels, offset = _on_cuda(*_pair_inputs(11, n, m, dim, 5, refs, None))
@@ -41,19 +48,26 @@ def test_pair_losses_match_reference(loss, size, refs, dtype):
 
 
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
-@pytest.mark.parametrize("loss", PAIR_LOSSES)
+@pytest.mark.parametrize("loss", GPU_PAIR_LOSSES)
 def test_every_reduction(loss, reduction):
     leaves, labels, y_labels, offset = _on_cuda(*_pair_inputs(5, 70, 90, 24, 4, "self_offset", None))
     _compare("cuda", loss, leaves, labels, y_labels, offset, torch.float32, reduction)
 
 
 @pytest.mark.parametrize("labels", ["one_class", "all_distinct", "single_row"])
-@pytest.mark.parametrize("loss", PAIR_LOSSES)
+@pytest.mark.parametrize("loss", GPU_PAIR_LOSSES)
 def test_degenerate_labels(loss, labels):
     n = 1 if labels == "single_row" else 80
     classes = 1 if labels == "one_class" else (None if labels == "all_distinct" else 3)
     leaves, labels_, y_labels, offset = _on_cuda(*_pair_inputs(6, n, 50, 16, classes, "self", None))
     _compare("cuda", loss, leaves, labels_, y_labels, offset, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", SHARED_KERNEL_LOSSES)
+def test_losses_on_shared_kernels(loss, dtype):
+    leaves, labels, y_labels, offset = _on_cuda(*_pair_inputs(12, 130, 150, 64, 5, "self_offset", None))
+    _compare("cuda", loss, leaves, labels, y_labels, offset, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -200,7 +214,7 @@ def test_opcheck(kind):
     torch.library.opcheck(ops.cuda_batch_hard_select, (x.detach(), y.detach(), labels, y_labels, 2))
 
 
-@pytest.mark.parametrize("loss", PAIR_LOSSES + ["proxy_anchor"])
+@pytest.mark.parametrize("loss", GPU_PAIR_LOSSES + ["proxy_anchor"])
 def test_torch_compile_fullgraph(loss):
     x, y, labels, y_labels = _op_samples()
     proxies = torch.randn(3, 6, device="cuda", requires_grad=True)
