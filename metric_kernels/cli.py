@@ -20,11 +20,11 @@ from . import functional, pml
 from .backends import NAMES, available_backends
 from .bench import cli as bench_cli
 from .bench import cost
+from .bench.providers import PROXY_LOSSES
 
 PARITY_TOLERANCE = 1e-10
 PARITY_LOSSES = ("circle", "supcon", "multi_similarity", "contrastive", "generalized_lifted_structure", "margin",
                  "nca", "batch_hard_triplet", "proxy_anchor", "proxy_nca")
-PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
 PARITY_COLUMNS = ("backend", "loss", "N", "M (refs or proxies)", "D", "classes", "seed", "loss value",
                   "max rel. error (value, grads)", "result")
 PARITY_CAPTION = (
