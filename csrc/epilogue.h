@@ -10,8 +10,10 @@
 //   stats[3][i] = 0
 // and the losses are cheap functions of these (metric_kernels/_row_epilogues.py). The losses PML reduces per pair
 // keep per-query sums and nonzero counts instead:
-//   NT-Xent (b = 1 / temperature), two sweeps over the references: first A_i = logsumexp over negatives of b v_ij
-//     (stats[1], as mask2 above), then over positives, with x_ij = A_i - b v_ij (ntxent_positive):
+//   NT-Xent (b = 1 / temperature; a = 0, or the angular margin of TupletMarginLoss, whose positives' logits are
+//     b cos(acos(v_ij) - a), AngularMargin; written b v_ij below), two sweeps over the references: first
+//     A_i = logsumexp over negatives of b v_ij (stats[1], as mask2 above), then over positives, with
+//     x_ij = A_i - b v_ij (ntxent_positive):
 //     stats[0] = sum of softplus(x_ij) (the query's pair losses), stats[2] = W_i = sum of sigmoid(x_ij) (what the
 //     backward needs), stats[3] = how many pair losses are nonzero as PML rounds them;
 //   Contrastive (a, b: the margins in pair-value form), one sweep (contrastive_pair): stats[0] = sum over positives
@@ -114,6 +116,22 @@ MK_HD bool in_second(int kind, bool positive, bool negative) {
   return kind == kSupCon ? (positive || negative) : kind != kContrastive && negative;
 }
 
+// NT-Xent's positives with an angular margin a (radians; a != 0 is PML's TupletMarginLoss, on cosines v): the
+// positive's logit is b cos(acos(v) - a) = b (v cos a + sqrt(1 - v^2) sin a) instead of b v. value(v) and its
+// slope in v; a = 0 keeps v exactly (and any pair value, which need not lie in [-1, 1]). At |v| = 1 the slope is
+// infinite, beyond it NaN: PML's acos gives the same.
+template <typename T>
+struct AngularMargin {
+  bool on;
+  T cos_a, sin_a;
+  MK_HD explicit AngularMargin(T a) : on(a != T(0)), cos_a(std::cos(a)), sin_a(std::sin(a)) {}
+  MK_HD T value(T v) const { return on ? v * cos_a + std::sqrt(T(1) - v * v) * sin_a : v; }
+  MK_HD T slope(T v) const { return on ? cos_a - v * sin_a / std::sqrt(T(1) - v * v) : T(1); }
+  // |slope| for the pairs at least 0.9 degrees apart (|v| cot(angle) <= 64): what the 16-bit dS scaling assumes
+  // (closer positives whose loss is not small may saturate their 16-bit dS entry).
+  MK_HD T slope_bound() const { return on ? std::fabs(cos_a) + T(64) * std::fabs(sin_a) : T(1); }
+};
+
 // NT-Xent's second sweep: adds positive pair (i, j)'s loss softplus(x), x = A_i - b v_ij, to `loss`, sigmoid(x) to
 // `weight` and 1 to `nonzero` where PML's loss is not exactly 0 (its ratio exp(b v) / (exp(b v) + exp(A)) rounds to
 // 1 when 1 + exp(x) does, in the statistics' type); one exponential. A_i = -inf (no negative) adds nothing.
@@ -172,11 +190,13 @@ struct OnlineLse {
 // The derivative of g1 * stats[0]_i + g2 * stats[1]_i + g3 * stats[2]_i in the pair value v_ij (lse1, lse2, aux:
 // the row's stats[0..2]). NT-Xent: g1 weighs the pair losses and g2 A_i, which the losses depend on through W_i
 // (aux): dA = g2 + g1 W_i, one exponential per pair. Contrastive: the hinges' slopes.
+// margin: AngularMargin(a), which the caller builds once (NT-Xent's a is its positives' angular margin).
 template <typename T>
-MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T g2, T g3, T lse1, T lse2, T aux) {
+MK_HD T dv_entry(int kind, T v, T a, T b, const AngularMargin<T>& margin, bool positive, bool negative, T g1, T g2,
+                 T g3, T lse1, T lse2, T aux) {
   if (kind == kNTXent) {
-    const T e = exponential(b * v - lse2);
-    return positive ? -b * g1 / (T(1) + e) : (negative ? b * (g2 + g1 * aux) * e : T(0));
+    const T e = exponential(b * (positive ? margin.value(v) : v) - lse2);
+    return positive ? -b * g1 * margin.slope(v) / (T(1) + e) : (negative ? b * (g2 + g1 * aux) * e : T(0));
   }
   if (kind == kContrastive) {
     if (positive) return a - v > 0 ? -g1 : T(0);
@@ -192,10 +212,10 @@ MK_HD T dv_entry(int kind, T v, T a, T b, bool positive, bool negative, T g1, T 
 
 // dS_ij: the same derivative in s_ij = x_i . y_j (x_sq, y_sq: the rows' squared norms, unused by the similarity).
 template <typename T>
-MK_HD T ds_entry(int kind, int pair, T s, T x_sq, T y_sq, T a, T b, bool positive, bool negative, T g1, T g2, T g3,
-                 T lse1, T lse2, T aux) {
+MK_HD T ds_entry(int kind, int pair, T s, T x_sq, T y_sq, T a, T b, const AngularMargin<T>& margin, bool positive,
+                 bool negative, T g1, T g2, T g3, T lse1, T lse2, T aux) {
   const T v = pair_value(pair, s, x_sq, y_sq);
-  return pair_slope(pair, dv_entry(kind, v, a, b, positive, negative, g1, g2, g3, lse1, lse2, aux), v);
+  return pair_slope(pair, dv_entry(kind, v, a, b, margin, positive, negative, g1, g2, g3, lse1, lse2, aux), v);
 }
 
 }  // inline namespace

@@ -1,7 +1,7 @@
 """metric_kernels: fused deep-metric-learning losses for PyTorch.
 
-Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, margin, NCA, batch-hard triplet,
-Proxy-Anchor, ProxyNCA and the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax)
+Circle, SupCon, Multi-Similarity, NT-Xent, tuplet margin, Contrastive, generalized lifted structure, margin, NCA,
+batch-hard triplet, Proxy-Anchor, ProxyNCA and the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax)
 with pytorch-metric-learning's semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton",
 "cuda" and "cpu" kernels where built). See README.md and docs/.
 """
@@ -10,10 +10,11 @@ from .backends import BackendUnavailableError, available_backends
 from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
                          generalized_lifted_structure_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
                          normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss,
-                         subcenter_arcface_loss, supcon_loss)
+                         subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
                       GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
-                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss)
+                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss,
+                      TupletMarginLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 
@@ -36,6 +37,7 @@ __all__ = [
     "ProxyNCALoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
+    "TupletMarginLoss",
     "arcface_loss",
     "available_backends",
     "batch_hard_triplet_loss",
@@ -53,5 +55,6 @@ __all__ = [
     "proxy_nca_loss",
     "subcenter_arcface_loss",
     "supcon_loss",
+    "tuplet_margin_loss",
     "__version__",
 ]

@@ -241,10 +241,11 @@ class FusedRows:
                             deterministic, pair_value, *options.values())
         return stats[0], stats[1]
 
-    def ntxent_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic, pair_value=SIMILARITY,
-                    **options):
-        stats = self._stats(x, y, x_labels, y_labels, self_offset, "ntxent", 0.0, 1.0 / temperature, deterministic,
-                            pair_value, *options.values())
+    def ntxent_rows(self, x, y, x_labels, y_labels, self_offset, *, temperature, deterministic, angular_margin=0.0,
+                    pair_value=SIMILARITY, **options):
+        # the kind's a: the positives' angular margin (TupletMarginLoss; csrc/epilogue.h's AngularMargin)
+        stats = self._stats(x, y, x_labels, y_labels, self_offset, "ntxent", angular_margin, 1.0 / temperature,
+                            deterministic, pair_value, *options.values())
         return stats[0], stats[3]
 
     def contrastive_rows(self, x, y, x_labels, y_labels, self_offset, *, pos_margin, neg_margin, deterministic,

@@ -70,6 +70,7 @@ SUPPORTED_DISTANCES = {
     "ProxyAnchorLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
     "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
+    "TupletMarginLoss": (COSINE,),  # PML's asserts a CosineSimilarity
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
     "GeneralizedLiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "MarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
@@ -95,7 +96,8 @@ def functional_distance(spec: DistanceSpec) -> dict:
 
 # Where PML's own loss accepts only some distance classes (c_f.assert_distance_type), no table entry can add others.
 PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
-                        for name in ("CircleLoss", "ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss")}
+                        for name in ("CircleLoss", "TupletMarginLoss", "ArcFaceLoss", "CosFaceLoss",
+                                     "SubCenterArcFaceLoss")}
 
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
 #   "element": one loss per query (Circle, SupCon, Multi-Similarity, generalized lifted structure, the margin-softmax
@@ -103,12 +105,14 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
 #              per query PML keeps, see functional.nca_loss);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
-#   "pair":    one loss per positive pair (NT-Xent), or per positive and per negative pair (Contrastive);
+#   "pair":    one loss per positive pair (NT-Xent, tuplet margin), or per positive and per negative pair
+#              (Contrastive);
 #   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default.
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
               "BatchHardTripletLoss": "triplet", "MarginLoss": "margin",
-              "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "ContrastiveLoss": "pair",
+              "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
+              "ContrastiveLoss": "pair",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "NormalizedSoftmaxLoss": "element"}
 

@@ -309,6 +309,21 @@ def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
                               pair_value=pair_value)
 
 
+def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=5.73, scale=64.0,
+                       self_offset=None, reduction="mean", backend="auto", deterministic=None, _per_anchor=False):
+    """Tuplet margin loss (Yu and Tao 2019) with PML's semantics, on cosine similarities: one loss per positive pair
+    (i, p), log(1 + sum over i's negatives k of exp(scale (s_ik - cos(theta_ip - margin)))) with theta_ip =
+    acos(s_ip) and the margin in degrees; 0 when i has no negative, and 0 for a batch without a positive or a
+    negative pair. NT-Xent's engine with 1 / temperature = scale and the positives' angular margin. The default
+    reduction is PML's for this loss, MeanReducer ("mean" over every positive pair); the others as ntxent_loss's.
+    See docs/losses/tuplet-margin.md."""
+    margin = check.check_real(margin, "margin")
+    scale = check.check_positive(scale, "scale")
+    return _pair_reduced_loss("ntxent_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                              deterministic, True, "both", _per_anchor, temperature=1.0 / scale,
+                              angular_margin=math.radians(margin))
+
+
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
                      self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None,
                      distance="euclidean", normalize_embeddings=True, _per_anchor=False):

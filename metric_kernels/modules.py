@@ -406,6 +406,33 @@ class NTXentLoss(_PairLoss):
                 + _keywords_repr(self))
 
 
+class TupletMarginLoss(_PairLoss):
+    """PML's TupletMarginLoss(margin=5.73, scale=64) (the margin in degrees), on cosine similarities: see
+    docs/losses/tuplet-margin.md.
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
+    `reducer=` says, as NTXentLoss's. PML's keywords: distance (CosineSimilarity() only, as PML asserts), reducer,
+    embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "TupletMarginLoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, margin=5.73, scale=64, *, reduction=None, backend="auto", deterministic=None, distance=None,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.margin = check.check_real(margin, "margin")
+        self.scale = check.check_positive(scale, "scale")
+
+    def _loss(self, *args, **kwargs):
+        return functional.tuplet_margin_loss(*args, margin=self.margin, scale=self.scale, **_per_anchor(self, kwargs))
+
+    def extra_repr(self):
+        return (f"margin={self.margin}, scale={self.scale}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + _keywords_repr(self))
+
+
 class ContrastiveLoss(_PairLoss):
     """PML's ContrastiveLoss(pos_margin=0, neg_margin=1) on PML's default distance, LpDistance() (Euclidean on
     normalised rows): see docs/losses/contrastive.md.

@@ -170,10 +170,11 @@ inline __attribute__((always_inline)) void contrastive_row_impl(const RowArgs<T>
 template <typename T, int Pair>
 inline __attribute__((always_inline)) void ntxent_row_impl(const RowArgs<T>& r, const T* s, T lse, PairSums<T>& out) {
   T loss = 0, weight = 0, nonzero = 0;
+  const AngularMargin<T> margin(r.a);
   for (int64_t j = 0; j < r.cols; ++j) {
     if (j == r.self_col || r.y_labels[j] != r.x_label) continue;
     const T v = pair_value(Pair, s[j], r.x_sq, Pair == kSimilarity ? T(0) : r.y_sq[j]);
-    ntxent_positive(lse - r.b * v, loss, weight, nonzero);
+    ntxent_positive(lse - r.b * margin.value(v), loss, weight, nonzero);
   }
   out.first += loss, out.third += weight, out.fourth += nonzero;
 }
@@ -184,6 +185,7 @@ template <typename T, int Kind, int Pair>
 inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T* arg, T* coef, T* extra, T g1,
                                                     T g2, T g3, T lse1, T lse2, T aux) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
+  const AngularMargin<T> margin(Kind == kNTXent ? r.a : T(0));
 #pragma omp simd
   for (int64_t j = 0; j < r.cols; ++j) {
     const bool allowed = j != r.self_col, same = r.y_labels[j] == r.x_label;
@@ -192,9 +194,10 @@ inline __attribute__((always_inline)) T ds_row_impl(const RowArgs<T>& r, T* s, T
     const Logits<T> l = loss_logits(Kind, v, r.a, r.b);
     // A pair is in at most one logsumexp of Circle and Proxy-Anchor (positives, negatives) and SupCon has one.
     if constexpr (Kind == kNTXent) {
-      // epilogue.h's dv_entry: exp(b v - A) for both kinds of pair; a positive takes -b g1 / (1 + it)
-      arg[j] = allowed ? r.b * v - lse2 : -kInf;
-      coef[j] = positive ? -r.b * g1 : (negative ? r.b * (g2 + g1 * aux) : T(0));
+      // epilogue.h's dv_entry: exp(b v - A) for both kinds of pair (a positive's v through its angular margin); a
+      // positive takes -b g1 v' / (1 + it)
+      arg[j] = allowed ? r.b * (positive ? margin.value(v) : v) - lse2 : -kInf;
+      coef[j] = positive ? -r.b * g1 * margin.slope(v) : (negative ? r.b * (g2 + g1 * aux) : T(0));
       extra[j] = positive ? T(1) : T(0);
     } else if constexpr (Kind == kContrastive) {
       coef[j] = positive ? (r.a - v > 0 ? -g1 : T(0)) : (negative && v - r.b > 0 ? g2 : T(0));

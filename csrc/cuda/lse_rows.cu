@@ -63,10 +63,12 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
   if (p.kind == kNTXent) {
     // The second sweep, over the positives, with the row's logsumexp over its negatives (both threads hold it).
     const Acc lse = out[1];
+    const AngularMargin<Acc> margin(a);
     Acc loss = 0, weight = 0, nonzero = 0;
     for_each_row_pair<Policy>(p, query, shared, resident, [&](Acc s, Acc column_length2, int64_t, bool positive, bool) {
-      if (positive) ntxent_positive(lse - b * pair_value(p.pair_value, s, row_length2, column_length2), loss, weight,
-                                    nonzero);
+      if (positive)
+        ntxent_positive(lse - b * margin.value(pair_value(p.pair_value, s, row_length2, column_length2)), loss,
+                        weight, nonzero);
     });
     out[0] = loss + from_partner(loss);
     out[2] = weight + from_partner(weight);
@@ -126,6 +128,7 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
   using Layout = SharedLayout<Policy>;
   const CudaPairRowsParams& p = bp.pair;
   const Acc a = static_cast<Acc>(p.a), b = static_cast<Acc>(p.b), g = gradient_scale_of<Acc>(bp);
+  const AngularMargin<Acc> margin(p.kind == kNTXent ? a : Acc(0));
   const bool norm_term = has_norm_term(p.pair_value);
   const int local = epilogue_row();
   const int64_t row = r0 + local;
@@ -147,8 +150,8 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
       bool positive, negative;
       pair_kind(shared.row_labels()[local], shared.col_labels()[j], row, col, p.self_offset, positive, negative);
       s = s_row[j] * row_scale_.inverse * column.inverse;
-      ds = ds_entry(p.kind, p.pair_value, s, row_scale_.length2, column.length2, a, b, positive, negative, g1, g2, g3,
-                    lse1, lse2, aux);
+      ds = ds_entry(p.kind, p.pair_value, s, row_scale_.length2, column.length2, a, b, margin, positive, negative, g1,
+                    g2, g3, lse1, lse2, aux);
       const Acc scaled = ds * row_scale_.inverse * column.inverse * g;
       stored = Policy::to_operand(scaled);
       if (!std::is_same<Operand, Acc>::value) ds = scaled != Acc(0) ? ds * (static_cast<Acc>(stored) / scaled) : Acc(0);
@@ -325,7 +328,7 @@ __device__ __forceinline__ Acc pair_value_slope(int pair) {
 
 // Per row, a bound of |dL/dv_ij| from the upstream gradients g of its statistics: the log-sum-exp kinds
 // (g1 + g2) |b| (2 + |a|) + g3 (a softmax weight times a logit's slope; Circle's |v| <= 1), NT-Xent
-// |b| (g1 (1 + W) + g2), Contrastive g1 + g2.
+// |b| (g1 (1 + W) + g2) times its angular margin's slope bound, Contrastive g1 + g2.
 template <class Acc>
 __device__ __forceinline__ Acc pair_gradient_bound(const CudaPairRowsBackwardParams& bp, int64_t row) {
   const CudaPairRowsParams& p = bp.pair;
@@ -333,7 +336,8 @@ __device__ __forceinline__ Acc pair_gradient_bound(const CudaPairRowsBackwardPar
   const auto* stats = static_cast<const Acc*>(bp.stats);
   const Acc g1 = std::fabs(grad[row]), g2 = std::fabs(grad[p.n + row]), g3 = std::fabs(grad[2 * p.n + row]);
   const Acc a = std::fabs(static_cast<Acc>(p.a)), b = std::fabs(static_cast<Acc>(p.b));
-  if (p.kind == kNTXent) return b * (g1 * (Acc(1) + stats[2 * p.n + row]) + g2);
+  if (p.kind == kNTXent)
+    return b * (g1 * (Acc(1) + stats[2 * p.n + row]) + g2) * AngularMargin<Acc>(static_cast<Acc>(p.a)).slope_bound();
   if (p.kind == kContrastive) return g1 + g2;
   return (g1 + g2) * (b * (Acc(2) + a)) + g3;
 }

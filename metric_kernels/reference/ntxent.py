@@ -9,6 +9,10 @@ PML's NTXentLoss has one loss per positive pair (i, p): with A_i the logsumexp o
 over pairs, how many of them PML counts as nonzero: PML's ratio exp(s_ip / t) / (...) rounds to exactly 1 (its loss
 to exactly 0) when 1 + exp(A_i - s_ip / t) rounds to 1 in the loss's dtype, and AvgNonZeroReducer leaves those pairs
 out. With a distance d PML uses -d / t: the pair value (metric_kernels/_pairs.py) is -d already.
+
+PML's TupletMarginLoss is the same per positive pair with 1 / t = scale and the positive's cosine s_ip replaced by
+cos(acos(s_ip) - margin) (angular_margin, in radians): log(1 + sum_k exp(scale (s_ik - cos(acos(s_ip) - margin)))),
+rounded to 0 by PML's logsumexp where 1 + exp(x) rounds to 1, as above.
 """
 import torch
 
@@ -16,13 +20,19 @@ from .._pairs import SIMILARITY
 from ._masks import pair_masks, pair_values
 
 
-def ntxent_rows(x, y, x_labels, y_labels, self_offset, *, temperature, deterministic=False, pair_value=SIMILARITY):
+def ntxent_rows(x, y, x_labels, y_labels, self_offset, *, temperature, angular_margin=0.0, deterministic=False,
+                pair_value=SIMILARITY):
     """(sum over each query's positives of its pair losses, how many of them are nonzero as PML rounds them)."""
-    logits = pair_values(x, y, pair_value) / temperature
+    values = pair_values(x, y, pair_value)
+    logits = values / temperature
     positive, negative = pair_masks(x_labels, y_labels, self_offset)
     lowest = torch.finfo(logits.dtype).min
     negatives_lse = torch.logsumexp(logits.masked_fill(~negative, lowest), dim=1, keepdim=True)
     has_negative = negative.any(dim=1, keepdim=True)
+    if angular_margin != 0:
+        # only the positives' logits are read below, so the NaN of acos beyond [-1, 1] elsewhere stays out
+        positive_values = torch.where(positive, values, torch.zeros_like(values))
+        logits = torch.where(positive, torch.cos(torch.acos(positive_values) - angular_margin) / temperature, logits)
     excess = negatives_lse - logits  # A_i - s_ip / t
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     counted = positive & has_negative

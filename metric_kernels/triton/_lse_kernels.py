@@ -297,12 +297,27 @@ def _add_triples(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _ntxent_sums(value, positive, negatives_lse, param_b):
-    """Per row, over the positives, with x = A - b v: (sum of softplus(x), W = sum of sigmoid(x), how many have
+def _angular_margin(value, param_a):
+    """NT-Xent's positives with an angular margin a (radians; a != 0 is TupletMarginLoss, on cosines v):
+    (cos(acos(v) - a) = v cos a + sqrt(1 - v^2) sin a, its slope in v); a = 0 keeps v (any pair value) exactly, with
+    slope 1 (csrc/epilogue.h's AngularMargin)."""
+    cos_a = tl.cos(param_a)
+    sin_a = tl.sin(param_a)
+    radial = tl.sqrt(1 - value * value)
+    on = param_a != 0
+    return (tl.where(on, value * cos_a + radial * sin_a, value),
+            tl.where(on, cos_a - value * sin_a / radial, 1.0))
+
+
+@triton.jit
+def _ntxent_sums(value, positive, negatives_lse, param_a, param_b):
+    """Per row, over the positives, with x = A - b v (v through _angular_margin): (sum of softplus(x), W = sum of
+    sigmoid(x), how many have
     1 + exp(x) > 1 in the statistics dtype, the pairs PML does not round to 0). One exponential per pair, e =
     exp(-|x|), serves all three: exp(x) = e where x < 0, and x >= 0 always counts. Pairs other than positives get
     x = -inf, as do the positives of a query without negatives (A = -inf): 0 in each sum."""
-    excess = tl.where(positive, negatives_lse[:, None] - param_b * value, float("-inf"))
+    margined, _ = _angular_margin(value, param_a)
+    excess = tl.where(positive, negatives_lse[:, None] - param_b * margined, float("-inf"))
     e = tl.exp2(-tl.abs(excess) * LOG2E)
     one_plus = 1 + e
     above = excess >= 0  # NaN is not, and still reaches softplus through e
@@ -359,7 +374,7 @@ def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
             D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
             PRECISION, PAIR_VALUE, NORMALIZE)
         if KIND == NTXENT:
-            softplus, sigmoid, nonzero = _ntxent_sums(value, positive, negatives_lse, param_b)
+            softplus, sigmoid, nonzero = _ntxent_sums(value, positive, negatives_lse, param_a, param_b)
             sum0 += softplus
             sum2 += sigmoid
             sum3 += nonzero
@@ -393,15 +408,16 @@ def _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N, KIND: tl.constex
 
 
 @triton.jit
-def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_b):
-    """dL/dv of NT-Xent's pairs, L = sum_i g1_i stats[0]_i + G_A_i A_i: -b g1 sigmoid(x) for a positive
-    (x = A - b v), b G_A exp(b v - A) for a negative (its softmax weight in A). One exponential per pair: exp(-|x|)
-    for a positive, exp(-x) <= 1 for a negative."""
-    excess = lse[:, None] - param_b * s
+def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_a, param_b):
+    """dL/dv of NT-Xent's pairs, L = sum_i g1_i stats[0]_i + G_A_i A_i: -b g1 sigmoid(x) v' for a positive
+    (x = A - b v, v and its slope v' through _angular_margin), b G_A exp(b v - A) for a negative (its softmax weight
+    in A). One exponential per pair: exp(-|x|) for a positive, exp(-x) <= 1 for a negative."""
+    margined, slope = _angular_margin(s, param_a)
+    excess = lse[:, None] - param_b * tl.where(positive, margined, s)
     exponent = tl.where(positive, -tl.abs(excess), -excess)
     e = tl.exp2(tl.where(positive | negative, exponent, float("-inf")) * LOG2E)
     sigmoid = tl.where(excess >= 0, 1.0, e) / (1 + e)
-    return tl.where(positive, -param_b * grad1[:, None] * sigmoid,
+    return tl.where(positive, -param_b * grad1[:, None] * sigmoid * slope,
                     tl.where(negative, param_b * grad_lse[:, None] * e, 0.0))
 
 
@@ -415,7 +431,7 @@ def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1,
     relu(v - b) is."""
     positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
     if KIND == NTXENT:
-        gradient = _ntxent_gradient(s, positive, negative, grad1, grad2, lse2, param_b)
+        gradient = _ntxent_gradient(s, positive, negative, grad1, grad2, lse2, param_a, param_b)
     elif KIND == CONTRASTIVE:
         gradient = tl.where(positive & (param_a - s > 0), -grad1[:, None],
                             tl.where(negative & (s - param_b > 0), grad2[:, None], 0.0))

@@ -13,6 +13,7 @@ rows' dtype.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional, Tuple
 
@@ -405,10 +406,12 @@ def _pair_gradient_bound(grad: torch.Tensor, stats: torch.Tensor, kind: int, par
                          param_b: float) -> torch.Tensor:
     """Per row, a bound of |dL/dv_ij| (v the pair value) from the upstream gradients g of the statistics: the
     log-sum-exp kinds (g1 + g2) b (2 + |a|) + g3 (Circle: |v| <= 1); NT-Xent b (g1 (1 + W) + g2) (a sigmoid or a
-    softmax weight times b g1 or b G_A); Contrastive g1 + g2."""
+    softmax weight times b g1 or b G_A) times the slope bound of its angular margin a (csrc/epilogue.h's
+    AngularMargin::slope_bound); Contrastive g1 + g2."""
     g = grad.abs()
     if kind == KIND["ntxent"]:
-        return abs(param_b) * (g[0] * (1 + stats[2]) + g[1])
+        margin_slope = abs(math.cos(param_a)) + 64 * abs(math.sin(param_a)) if param_a != 0 else 1.0
+        return abs(param_b) * (g[0] * (1 + stats[2]) + g[1]) * margin_slope
     if kind == KIND["contrastive"]:
         return g[0] + g[1]
     return (g[0] + g[1]) * (abs(param_b) * (2 + abs(param_a))) + g[2]
