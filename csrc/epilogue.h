@@ -118,15 +118,22 @@ MK_HD bool in_second(int kind, bool positive, bool negative) {
 
 // NT-Xent's positives with an angular margin a (radians; a != 0 is PML's TupletMarginLoss, on cosines v): the
 // positive's logit is b cos(acos(v) - a) = b (v cos a + sqrt(1 - v^2) sin a) instead of b v. value(v) and its
-// slope in v; a = 0 keeps v exactly (and any pair value, which need not lie in [-1, 1]). At |v| = 1 the slope is
-// infinite, beyond it NaN: PML's acos gives the same.
+// slope in v; a = 0 keeps v exactly (and any pair value, which need not lie in [-1, 1]). Where 1 - v^2 <= 0 (a
+// parallel pair, or |v| just above 1 by rounding) the angle is 0 or pi: its term is 0 and so is its gradient, as
+// torch.cdist's at distance 0 (PML's acos gives NaN there).
 template <typename T>
 struct AngularMargin {
   bool on;
   T cos_a, sin_a;
   MK_HD explicit AngularMargin(T a) : on(a != T(0)), cos_a(std::cos(a)), sin_a(std::sin(a)) {}
-  MK_HD T value(T v) const { return on ? v * cos_a + std::sqrt(T(1) - v * v) * sin_a : v; }
-  MK_HD T slope(T v) const { return on ? cos_a - v * sin_a / std::sqrt(T(1) - v * v) : T(1); }
+  MK_HD T value(T v) const {
+    const T sine2 = T(1) - v * v;
+    return on ? v * cos_a + (sine2 > 0 ? std::sqrt(sine2) : T(0)) * sin_a : v;
+  }
+  MK_HD T slope(T v) const {
+    const T sine2 = T(1) - v * v;
+    return on ? cos_a - (sine2 > 0 ? v * sin_a / std::sqrt(sine2) : T(0)) : T(1);
+  }
   // |slope| for the pairs at least 0.9 degrees apart (|v| cot(angle) <= 64): what the 16-bit dS scaling assumes
   // (closer positives whose loss is not small may saturate their 16-bit dS entry).
   MK_HD T slope_bound() const { return on ? std::fabs(cos_a) + T(64) * std::fabs(sin_a) : T(1); }

@@ -33,13 +33,13 @@ def _fused_backend_is_built(request):
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 HALF = (torch.float16, torch.bfloat16)
 SIZES = [(1, 1, 1), (37, 65, 17), (65, 130, 100), (130, 63, 3)]  # (N, M, D): ragged against 64-wide blocks
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "generalized_lifted_structure",
-               "margin", "nca", "batch_hard_triplet"]
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
+               "generalized_lifted_structure", "margin", "nca", "batch_hard_triplet"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, base_temperature=0.1),
           "nca": dict(softmax_scale=6.0), "proxy_nca": dict(softmax_scale=9.0),
           "generalized_lifted_structure": dict(neg_margin=1.2, pos_margin=0.2), "margin": dict(margin=0.25, beta=1.1),
           "multi_similarity": dict(alpha=2.0, beta=40.0, base=0.4), "ntxent": dict(temperature=0.1),
-          "contrastive": dict(pos_margin=0.3, neg_margin=1.3),
+          "tuplet_margin": dict(margin=8.0, scale=20.0), "contrastive": dict(pos_margin=0.3, neg_margin=1.3),
           "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
 
 
@@ -177,8 +177,8 @@ def test_half_inputs(backend, loss, dtype):
 
 
 @backend_param
-@pytest.mark.parametrize("loss", ["circle", "supcon", "ntxent", "contrastive", "nca", "proxy_anchor", "circle_self",
-                                  "supcon_self", "ntxent_self", "nca_self"])
+@pytest.mark.parametrize("loss", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "nca", "proxy_anchor",
+                                  "circle_self", "supcon_self", "ntxent_self", "tuplet_margin_self", "nca_self"])
 def test_deterministic_and_atomic_backward_agree(backend, loss):
     """Both backward paths, including the single-buffer one used when the references are the queries."""
     refs = "self" if loss.endswith("_self") else "ref_emb"
@@ -239,6 +239,8 @@ def _loss_and_inputs(loss_name, backend):
                                                                      backend=backend) + 0 * p.sum(),
         "ntxent": lambda a, b, p: mk.ntxent_loss(a, labels, b, y_labels, temperature=0.2, backend=backend)
         + 0 * p.sum(),
+        "tuplet_margin": lambda a, b, p: mk.tuplet_margin_loss(a, labels, b, y_labels, margin=10.0, scale=16.0,
+                                                               backend=backend) + 0 * p.sum(),
         "contrastive": lambda a, b, p: mk.contrastive_loss(a, labels, b, y_labels, self_offset=3, backend=backend)
         + 0 * p.sum(),
         "batch_hard_triplet": lambda a, b, p: mk.batch_hard_triplet_loss(a, labels, b, y_labels, backend=backend)
@@ -347,7 +349,7 @@ def test_chunked_reference_of_the_gpu_tests_equals_the_reference(loss):
 
 
 @backend_param
-@pytest.mark.parametrize("loss", ["supcon", "ntxent", "nca", "batch_hard_triplet", "proxy_anchor"])
+@pytest.mark.parametrize("loss", ["supcon", "ntxent", "tuplet_margin", "nca", "batch_hard_triplet", "proxy_anchor"])
 def test_float64_gradcheck(backend, loss):
     """Finite differences against the fused backward (Circle's detached weights are checked by its closed form in
     test_gradients.py; here its gradients equal the reference's, in test_pair_losses_match_reference)."""
@@ -362,10 +364,15 @@ def test_float64_gradcheck(backend, loss):
                                                       backend=backend)
     elif loss == "nca":
         fn = lambda a, b: mk.nca_loss(a, labels, b, y_labels, softmax_scale=2.0, self_offset=1, backend=backend)
+    elif loss == "tuplet_margin":
+        fn = lambda a, b: mk.tuplet_margin_loss(a, labels, b, y_labels, margin=20.0, scale=3.0, self_offset=1,
+                                                backend=backend)
     else:
         fn = lambda a, b: mk.batch_hard_triplet_loss(a, labels, b, y_labels, margin=2.5, backend=backend)
     assert torch.autograd.gradcheck(fn, (x, y))
     self_fn = lambda a: (getattr(mk, f"{loss}_loss")(a, labels, temperature=0.5, backend=backend)
                          if loss in ("supcon", "ntxent") else
-                         mk.nca_loss(a, labels, softmax_scale=2.0, backend=backend) if loss == "nca" else fn(a, y))
+                         mk.nca_loss(a, labels, softmax_scale=2.0, backend=backend) if loss == "nca" else
+                         mk.tuplet_margin_loss(a, labels, margin=20.0, scale=3.0, backend=backend)
+                         if loss == "tuplet_margin" else fn(a, y))
     assert torch.autograd.gradcheck(self_fn, (x,))

@@ -12,8 +12,12 @@ out. With a distance d PML uses -d / t: the pair value (metric_kernels/_pairs.py
 
 PML's TupletMarginLoss is the same per positive pair with 1 / t = scale and the positive's cosine s_ip replaced by
 cos(acos(s_ip) - margin) (angular_margin, in radians): log(1 + sum_k exp(scale (s_ik - cos(acos(s_ip) - margin)))),
-rounded to 0 by PML's logsumexp where 1 + exp(x) rounds to 1, as above.
+rounded to 0 by PML's logsumexp where 1 + exp(x) rounds to 1, as above. Computed as s cos(margin) +
+sqrt(1 - s^2) sin(margin): where 1 - s^2 <= 0 (a parallel pair, or |s| just above 1 by rounding) the angle is 0 or pi
+and its term and gradient are 0, as torch.cdist's gradient at distance 0, where PML's acos gives NaN.
 """
+import math
+
 import torch
 
 from .._pairs import SIMILARITY
@@ -30,9 +34,11 @@ def ntxent_rows(x, y, x_labels, y_labels, self_offset, *, temperature, angular_m
     negatives_lse = torch.logsumexp(logits.masked_fill(~negative, lowest), dim=1, keepdim=True)
     has_negative = negative.any(dim=1, keepdim=True)
     if angular_margin != 0:
-        # only the positives' logits are read below, so the NaN of acos beyond [-1, 1] elsewhere stays out
-        positive_values = torch.where(positive, values, torch.zeros_like(values))
-        logits = torch.where(positive, torch.cos(torch.acos(positive_values) - angular_margin) / temperature, logits)
+        sine2 = 1 - values * values
+        inside = sine2 > 0
+        sine = torch.where(inside, torch.sqrt(torch.where(inside, sine2, torch.ones_like(sine2))), 0)
+        margined = values * math.cos(angular_margin) + sine * math.sin(angular_margin)
+        logits = torch.where(positive, margined / temperature, logits)
     excess = negatives_lse - logits  # A_i - s_ip / t
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     counted = positive & has_negative

@@ -300,13 +300,15 @@ def _add_triples(a0, a1, a2, b0, b1, b2):
 def _angular_margin(value, param_a):
     """NT-Xent's positives with an angular margin a (radians; a != 0 is TupletMarginLoss, on cosines v):
     (cos(acos(v) - a) = v cos a + sqrt(1 - v^2) sin a, its slope in v); a = 0 keeps v (any pair value) exactly, with
-    slope 1 (csrc/epilogue.h's AngularMargin)."""
+    slope 1; where 1 - v^2 <= 0 the sine term and its slope are 0 (csrc/epilogue.h's AngularMargin)."""
     cos_a = tl.cos(param_a)
     sin_a = tl.sin(param_a)
-    radial = tl.sqrt(1 - value * value)
+    sine2 = 1 - value * value
+    inside = sine2 > 0
+    sine = tl.sqrt(tl.where(inside, sine2, 1.0))
     on = param_a != 0
-    return (tl.where(on, value * cos_a + radial * sin_a, value),
-            tl.where(on, cos_a - value * sin_a / radial, 1.0))
+    return (tl.where(on, value * cos_a + tl.where(inside, sine, 0.0) * sin_a, value),
+            tl.where(on, cos_a - tl.where(inside, value * sin_a / sine, 0.0), 1.0))
 
 
 @triton.jit
