@@ -127,11 +127,11 @@ struct AngularMargin {
   T cos_a, sin_a;
   MK_HD explicit AngularMargin(T a) : on(a != T(0)), cos_a(std::cos(a)), sin_a(std::sin(a)) {}
   MK_HD T value(T v) const {
-    const T sine2 = T(1) - v * v;
+    const T sine2 = (T(1) - v) * (T(1) + v);  // 1 - v is exact near v = 1
     return on ? v * cos_a + (sine2 > 0 ? std::sqrt(sine2) : T(0)) * sin_a : v;
   }
   MK_HD T slope(T v) const {
-    const T sine2 = T(1) - v * v;
+    const T sine2 = (T(1) - v) * (T(1) + v);  // 1 - v is exact near v = 1
     return on ? cos_a - (sine2 > 0 ? v * sin_a / std::sqrt(sine2) : T(0)) : T(1);
   }
   // |slope| for the pairs at least 0.9 degrees apart (|v| cot(angle) <= 64): what the 16-bit dS scaling assumes

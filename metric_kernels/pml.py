@@ -52,6 +52,13 @@ def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
                                                                        ref_labels)
 
 
+def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=5.73, scale=64.0,
+                       indices_tuple=None, reducer=None):
+    losses, _, _ = _pml()
+    return losses.TupletMarginLoss(margin=margin, scale=scale, reducer=reducer)(embeddings, labels, indices_tuple,
+                                                                                ref_emb, ref_labels)
+
+
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
                      indices_tuple=None, reducer=None):
     losses, _, _ = _pml()

@@ -4,6 +4,7 @@
 self_offset (which PML lacks: emulated through PML's own indices_tuple, or a per-query loop for batch-hard).
 """
 import contextlib
+import math
 
 import pytest
 import torch
@@ -18,11 +19,16 @@ CASES_PER_LOSS = 200
 BLOCKS = 10
 TOL = 1e-10
 SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000,
-             "ntxent": 400_000, "contrastive": 500_000, "generalized_lifted_structure": 700_000}
-PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "contrastive",
+             "ntxent": 400_000, "contrastive": 500_000, "generalized_lifted_structure": 700_000,
+             "tuplet_margin": 800_000}
+PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "tuplet_margin", "contrastive",
                "generalized_lifted_structure"]
 # PML's default reducer for each loss: AvgNonZeroReducer, except MeanReducer for these (they keep the base class's)
-MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "generalized_lifted_structure")
+MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "tuplet_margin", "generalized_lifted_structure")
+# PML's TupletMarginLoss takes each pair loss log(1 + e^x) as torch.logsumexp([x, 0]), the log of the rounded 1 + e^x:
+# an absolute error up to about an ulp of 1 (2.2e-16), which a pair loss of 1e-7 sees as 2e-9 relative. Ours is
+# log1p-accurate, so its values are judged against max(|PML's|, this floor) (4 ulps of 1 at TOL).
+VALUE_FLOOR = {"tuplet_margin": 4 * torch.finfo(torch.float64).eps / TOL}
 
 
 def _pairs_without_self(labels, ref_labels, self_offset):
@@ -43,6 +49,8 @@ def _random_params(seed, loss):
         return dict(m=u(0.1, 0.5), gamma=u(10, 300))
     if loss in ("supcon", "ntxent"):
         return dict(temperature=u(0.03, 1.0))
+    if loss == "tuplet_margin":
+        return dict(margin=u(-10.0, 30.0), scale=u(2.0, 80.0))
     if loss == "contrastive":
         return dict(pos_margin=u(0.0, 0.6), neg_margin=u(0.4, 1.6))
     if loss == "generalized_lifted_structure":
@@ -85,7 +93,7 @@ def test_pair_losses_equal_pml(loss, block):
     per_block = CASES_PER_LOSS // BLOCKS
     for seed in range(block * per_block, (block + 1) * per_block):
         # PML's NT-Xent holds a (positive pairs) x (negative pairs) matrix: 100 rows keep it under 100 MB
-        rows = 100 if loss == "ntxent" else 300
+        rows = 100 if loss in ("ntxent", "tuplet_margin") else 300
         case = random_pair_case(SEED_BASE[loss] + seed, max_rows=rows,
                                 max_offset_rows=40 if loss == "batch_hard_triplet" else rows)
         params = _random_params(seed, loss)
@@ -95,8 +103,20 @@ def test_pair_losses_equal_pml(loss, block):
         what = f"{loss} seed={seed} N={case.x.shape[0]} D={case.x.shape[1]} " \
                f"M={None if case.y is None else case.y.shape[0]} offset={case.self_offset} {params}"
         assert ours.dtype == torch.float64
-        assert_rel_close(ours, expected, TOL, what + " value")
-        assert_grads_close(ours, expected, case.inputs, TOL, what)
+        assert_rel_close(ours, expected, TOL, what + " value", scale_floor=VALUE_FLOOR.get(loss, 0.0))
+        _assert_grads_close_to_pml(loss, case, ours, expected, what)
+
+
+def _assert_grads_close_to_pml(loss, case, ours, expected, what):
+    """Gradients equal PML's; except the tuplet margin loss on 1-D rows, whose normalised rows are +-1 (every cosine
+    is +-1, where PML's acos makes the gradient NaN, test_tuplet_margin_of_a_parallel_positive_pair_is_finite...):
+    there ours are 0, as every gradient through the normalisation of a 1-D row is."""
+    if loss == "tuplet_margin" and case.x.shape[1] == 1:
+        for leaf in case.inputs:
+            (grad,) = torch.autograd.grad(ours, leaf, retain_graph=True, allow_unused=True)
+            assert grad is None or torch.equal(grad, torch.zeros_like(grad)), what
+        return
+    assert_grads_close(ours, expected, case.inputs, TOL, what)
 
 
 @pytest.mark.parametrize("block", range(BLOCKS))
@@ -167,7 +187,7 @@ def test_every_reduction_matches_pml_rows(loss):
         assert_grads_close(call("sum"), expected.sum(), case.inputs, TOL, f"{loss} seed={seed} sum")
 
 
-@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive",
+@pytest.mark.parametrize("loss", ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
                                   "generalized_lifted_structure"])
 def test_pml_generic_pair_rule_is_followed(loss):
     """PML's GenericPairLoss returns 0 when the batch has at most one positive and at most one negative pair, even
@@ -186,7 +206,7 @@ def test_pml_generic_pair_rule_is_followed(loss):
         theirs = getattr(pml, f"{loss}_loss")(x, labels, y3, more_labels)
         ours = fn(x, labels, y3, more_labels)
         assert ours.item() > 0
-        assert_rel_close(ours, theirs, TOL, "three references")
+        assert_rel_close(ours, theirs, TOL, "three references", scale_floor=VALUE_FLOOR.get(loss, 0.0))
 
 
 def test_ref_emb_is_never_paired_with_itself_by_identity():
@@ -239,7 +259,7 @@ def _pml_query_sums(loss, case, params):
     return rows
 
 
-@pytest.mark.parametrize("loss", ["ntxent", "contrastive"])
+@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive"])
 def test_pair_reduced_losses_match_every_pml_reducer(loss):
     """NT-Xent and Contrastive are reduced per pair in PML: AvgNonZeroReducer ("mean_nonzero"), MeanReducer ("mean")
     and SumReducer ("sum") over the pairs, each of Contrastive's two sides apart; DoNothingReducer's per-pair losses
@@ -257,8 +277,8 @@ def test_pair_reduced_losses_match_every_pml_reducer(loss):
                                    ("sum", "SumReducer")):
             expected = _pml_pair_reduced(loss, case, params, reducer)
             ours = call(reduction)
-            assert_rel_close(ours, expected, TOL, f"{what} {reduction}")
-            assert_grads_close(ours, expected, case.inputs, TOL, f"{what} {reduction}")
+            assert_rel_close(ours, expected, TOL, f"{what} {reduction}", scale_floor=VALUE_FLOOR.get(loss, 0.0))
+            _assert_grads_close_to_pml(loss, case, ours, expected, f"{what} {reduction}")
         assert_rel_close(call("none"), _pml_query_sums(loss, case, params), TOL, f"{what} none")
 
 
@@ -311,3 +331,72 @@ def test_ntxent_nonzero_pairs_are_pmls(dtype):
 def _reducer(name):
     from pytorch_metric_learning import reducers
     return getattr(reducers, name)()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tuplet_margin_nonzero_pairs_are_pmls(dtype):
+    """PML's TupletMarginLoss rounds a pair loss to exactly 0 where its logsumexp of the negatives' terms and 0 is 0
+    (1 + exp(x) rounds to 1): AvgNonZeroReducer's count is PML's, in fp32 and fp64."""
+    from pytorch_metric_learning import reducers
+    x, labels = _separated_and_overlapping(dtype)
+    counts = set()
+    # PML adds each negative's exp(x_n) and the 1 of its appended 0 in torch's own order, so a pair whose exp(x)
+    # lies between half an ulp of 1 and that times the number of terms rounds either way: the scales here leave no
+    # pair in that band (checked below), and the count is then the rule's.
+    for scale in (20.0, 64.0, 300.0 if dtype == torch.float32 else 400.0):
+        assert not _tuplet_pairs_in_the_rounding_band(x, labels, scale, 3.0, dtype), f"scale={scale}"
+        out = pml.tuplet_margin_loss(x, labels, margin=3.0, scale=scale, reducer=reducers.DoNothingReducer())
+        pml_nonzero = int((out["loss"]["losses"] > 0).sum())
+        u = torch.nn.functional.normalize(x, dim=1)
+        _, nonzero = ntxent_rows(u, u, labels, labels, 0, temperature=1.0 / scale, angular_margin=math.radians(3.0))
+        assert int(nonzero.sum()) == pml_nonzero, f"scale={scale}"
+        for backend in ("cpu", "cuda-emulated"):
+            ours = mk.tuplet_margin_loss(x, labels, margin=3.0, scale=scale, reduction="mean_nonzero", backend=backend)
+            expected = pml.tuplet_margin_loss(x, labels, margin=3.0, scale=scale,
+                                              reducer=reducers.AvgNonZeroReducer())
+            assert_rel_close(ours, expected, 1e-5 if dtype == torch.float32 else TOL, f"{backend} scale={scale}")
+        counts.add(pml_nonzero)
+    assert len(counts) > 1  # the scales round different numbers of pairs to 0
+
+
+def _tuplet_pairs_in_the_rounding_band(x, labels, scale, margin, dtype):
+    """The positive pairs whose exp(x) (x = A - scale cos(theta - margin), in float64) lies within [eps / 2,
+    (negatives + 1) eps / 2] of the dtype, with a little room: PML's rounding of their loss to 0 depends on its
+    summation order."""
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    s = u @ u.T
+    half_ulp = torch.finfo(dtype).eps / 2
+    found = []
+    for row in range(x.shape[0]):
+        negative = labels != labels[row]
+        lse = torch.logsumexp(scale * s[row, negative], 0)
+        for col in range(x.shape[0]):
+            if col != row and labels[col] == labels[row]:
+                excess = float(lse - scale * torch.cos(torch.acos(s[row, col]) - math.radians(margin)))
+                if math.log(half_ulp) - 0.01 < excess < math.log((int(negative.sum()) + 1) * half_ulp) + 0.01:
+                    found.append((row, col))
+    return found
+
+
+def test_tuplet_margin_of_a_parallel_positive_pair_is_finite_where_pmls_is_nan():
+    """A positive pair at angle 0 (a duplicated embedding): PML's acos has an infinite slope there and its gradient
+    is NaN; ours takes the angle's gradient as 0, as torch.cdist's at distance 0 (SPEC's rule for batch-hard), and
+    its value is PML's. Pinned: every backend gives the reference's finite value and gradients."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    x[1] = 2 * x[0]  # parallel rows of one class
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3])
+    leaf = x.clone().requires_grad_()
+    theirs = pml.tuplet_margin_loss(leaf, labels, margin=6.0, scale=16.0)
+    (their_grad,) = torch.autograd.grad(theirs, leaf)
+    assert torch.isfinite(theirs) and not torch.isfinite(their_grad).all()
+    expected, expected_grad = None, None
+    for backend in ("reference", "cpu", "cuda-emulated"):
+        leaf = x.clone().requires_grad_()
+        ours = mk.tuplet_margin_loss(leaf, labels, margin=6.0, scale=16.0, backend=backend)
+        (grad,) = torch.autograd.grad(ours, leaf)
+        assert_rel_close(ours, theirs, TOL, f"{backend} value")
+        assert torch.isfinite(grad).all(), backend
+        if expected is None:
+            expected, expected_grad = ours, grad
+        assert_rel_close(grad, expected_grad, 1e-10, f"{backend} grad")

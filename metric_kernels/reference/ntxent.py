@@ -34,7 +34,7 @@ def ntxent_rows(x, y, x_labels, y_labels, self_offset, *, temperature, angular_m
     negatives_lse = torch.logsumexp(logits.masked_fill(~negative, lowest), dim=1, keepdim=True)
     has_negative = negative.any(dim=1, keepdim=True)
     if angular_margin != 0:
-        sine2 = 1 - values * values
+        sine2 = (1 - values) * (1 + values)
         inside = sine2 > 0
         sine = torch.where(inside, torch.sqrt(torch.where(inside, sine2, torch.ones_like(sine2))), 0)
         margined = values * math.cos(angular_margin) + sine * math.sin(angular_margin)

@@ -303,7 +303,7 @@ def _angular_margin(value, param_a):
     slope 1; where 1 - v^2 <= 0 the sine term and its slope are 0 (csrc/epilogue.h's AngularMargin)."""
     cos_a = tl.cos(param_a)
     sin_a = tl.sin(param_a)
-    sine2 = 1 - value * value
+    sine2 = (1 - value) * (1 + value)  # 1 - v is exact near v = 1
     inside = sine2 > 0
     sine = tl.sqrt(tl.where(inside, sine2, 1.0))
     on = param_a != 0
