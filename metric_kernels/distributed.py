@@ -48,11 +48,11 @@ from . import functional
 from ._pairs import pair_counts
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
                       GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
-                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss,
+                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss, TupletMarginLoss,
                       _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners)
 
-_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
-           MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss,
+_LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
+           GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss,
            SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
@@ -156,6 +156,8 @@ def _pair_spec(loss):
         return "nca_rows", normalize, None, dict(softmax_scale=loss.softmax_scale, pair_value=pair_value), 1.0
     if isinstance(loss, NTXentLoss):
         return "ntxent_rows", normalize, "both", dict(temperature=loss.temperature, pair_value=pair_value), 1.0
+    if isinstance(loss, TupletMarginLoss):
+        return "ntxent_rows", True, "both", functional.tuplet_margin_rows_params(loss.margin, loss.scale), 1.0
     if isinstance(loss, ContrastiveLoss):
         return ("contrastive_rows", normalize, "pairs",
                 dict(pos_margin=functional._engine_shift(loss.pos_margin, pair_value),
@@ -175,7 +177,7 @@ def _pair_spec(loss):
 
 
 class DistributedLoss(nn.Module):
-    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, ContrastiveLoss,
+    """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
     GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier
     (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
@@ -193,7 +195,8 @@ class DistributedLoss(nn.Module):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, "
+                            "TupletMarginLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, "
+                            "BatchHardTripletLoss, "
                             "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss or "
                             "NormalizedSoftmaxLoss, got "
                             f"{type(loss).__name__}")
@@ -271,7 +274,7 @@ class DistributedLoss(nn.Module):
             # PML's batch-level rule, on the global batch: every rank holds all the labels, so no communication.
             gate = functional._generic_pair_gate(all_labels, gate_references, gate_offset,
                                                  needs_both_kinds=rule == "both")
-        if isinstance(loss, (NTXentLoss, ContrastiveLoss)):
+        if isinstance(loss, (NTXentLoss, TupletMarginLoss, ContrastiveLoss)):
             parts = functional._pair_parts(rows, x_labels, y_labels, self_offset)
             if gate is not None:
                 parts = functional._gated_parts(parts, gate)

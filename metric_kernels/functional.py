@@ -320,8 +320,12 @@ def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, mar
     margin = check.check_real(margin, "margin")
     scale = check.check_positive(scale, "scale")
     return _pair_reduced_loss("ntxent_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-                              deterministic, True, "both", _per_anchor, temperature=1.0 / scale,
-                              angular_margin=math.radians(margin))
+                              deterministic, True, "both", _per_anchor, **tuplet_margin_rows_params(margin, scale))
+
+
+def tuplet_margin_rows_params(margin: float, scale: float) -> dict:
+    """ntxent_rows' keywords for the tuplet margin loss (margin in degrees, as PML's np.radians converts it)."""
+    return dict(temperature=1.0 / scale, angular_margin=math.radians(margin))
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,

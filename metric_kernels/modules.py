@@ -411,8 +411,9 @@ class TupletMarginLoss(_PairLoss):
     docs/losses/tuplet-margin.md.
 
     reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
-    `reducer=` says, as NTXentLoss's. PML's keywords: distance (CosineSimilarity() only, as PML asserts), reducer,
-    embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    `reducer=` says, as NTXentLoss's (PML's own PerAnchorReducer raises on TupletMarginLoss's P x 1 column of pair
+    losses; ours reduces them as that reducer does a vector). PML's keywords: distance (CosineSimilarity() only, as
+    PML asserts), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
     """
 
     _PML_NAME = "TupletMarginLoss"

@@ -26,6 +26,9 @@ def _losses(name, reducer=None):
                 losses.MultiSimilarityLoss(2, 20, 0.3, **kw), None)
     if name == "ntxent":
         return mk.NTXentLoss(0.3, backend="reference", **kw), losses.NTXentLoss(0.3, **kw), None
+    if name == "tuplet_margin":
+        return (mk.TupletMarginLoss(10.0, 8, backend="reference", **kw), losses.TupletMarginLoss(10.0, 8, **kw),
+                None)
     if name == "contrastive":
         return (mk.ContrastiveLoss(0.2, 1.1, backend="reference", **kw), losses.ContrastiveLoss(0.2, 1.1, **kw),
                 None)
@@ -81,15 +84,16 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer
     return ours
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "contrastive", "lifted", "margin",
-                                  "nca", "batch_hard", "batch_hard_soft"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
+                                  "lifted", "margin", "nca", "batch_hard", "batch_hard_soft"])
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
     assert ours.has_been_filled
 
 
 @pytest.mark.parametrize("reducer", [reducers.MeanReducer, reducers.SumReducer])
-@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "lifted", "margin", "nca", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "lifted", "margin",
+                                  "nca", "batch_hard"])
 def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
     """The loss's reducer= inside the memory: for batch-hard, MeanReducer averages over the queries that have a
     positive and a negative among the memory's other slots (PML's mined triplets)."""

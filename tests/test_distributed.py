@@ -68,6 +68,8 @@ def _cases(world):
             Case("ntxent", (5, 6), kwargs=dict(temperature=0.2)),
             Case("ntxent", (3, 7), "hand", kwargs=dict(reduction="mean_nonzero"), ref_sizes=(4, 5)),
             Case("ntxent", (4, 0), kwargs=dict(reduction="none")),
+            Case("tuplet_margin", (5, 6), kwargs=dict(margin=8.0, scale=16)),
+            Case("tuplet_margin", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
             Case("contrastive", (6, 5), kwargs=dict(pos_margin=0.2, neg_margin=1.1)),
             Case("contrastive", (3, 8), "hand", kwargs=dict(reducer=reducers.MeanReducer())),
             Case("contrastive", (5, 4), kwargs=dict(reduction="sum"), ref_sizes=(3, 6)),
@@ -135,6 +137,7 @@ def _cases(world):
         Case("proxy_anchor", (3, 4, 4), "hand", classes=2, kwargs=dict(reducer=reducers.DoNothingReducer())),
         Case("proxy_anchor", (5, 3, 4), classes=7, kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
         Case("ntxent", (2, 6, 3), "hand", kwargs=dict(temperature=0.5, reducer=reducers.AvgNonZeroReducer())),
+        Case("tuplet_margin", (4, 1, 4), kwargs=dict(reduction="sum", margin=-5.0, scale=10)),
         Case("contrastive", (4, 1, 4), kwargs=dict(reduction="none")),
         Case("contrastive", (3, 5, 2), "hand", kwargs=dict(neg_margin=0.8)),
         Case("arcface", (2, 6, 3), "hand", classes=4, kwargs=dict(margin=40.0, scale=16)),
@@ -154,6 +157,8 @@ def _make_loss(case):
         return mk.MultiSimilarityLoss(**kwargs)
     if case.loss == "ntxent":
         return mk.NTXentLoss(**kwargs)
+    if case.loss == "tuplet_margin":
+        return mk.TupletMarginLoss(**kwargs)
     if case.loss == "contrastive":
         return mk.ContrastiveLoss(**kwargs)
     if case.loss == "batch_hard":
@@ -319,7 +324,8 @@ def test_global_batch_value_and_ddp_gradients(world, tmp_path):
 
 # Outside a process group ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "contrastive", "batch_hard", "proxy_anchor"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "batch_hard",
+                                  "proxy_anchor"])
 def test_outside_a_process_group_it_is_the_plain_loss(name):
     assert not (dist.is_available() and dist.is_initialized())
     torch.manual_seed(0)

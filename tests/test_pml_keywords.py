@@ -64,7 +64,7 @@ PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine"
               + [("multi_similarity", r, d) for r in ("default", "Sum") for d in OTHER_DISTANCES]
               + [("batch_hard", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "lp", "lp_raw")]
               # the losses PML reduces per pair: its reducers over pairs (DoNothing and PerAnchor: UNSUPPORTED)
-              + [(loss, r, d) for loss in ("ntxent", "contrastive") for r in PAIR_REDUCERS
+              + [(loss, r, d) for loss in ("ntxent", "tuplet_margin", "contrastive") for r in PAIR_REDUCERS
                  for d in ("implicit", "cosine")]
               # (NT-Xent's AvgNonZero: as Multi-Similarity's above, the pairs rounded to 0 differ in fp32 and fp64)
               + [("ntxent", r, d) for r in ("default", "Sum") for d in ("dot",) + OTHER_DISTANCES]
@@ -97,6 +97,22 @@ def _pair_modules(loss, reducer, distance, backend="reference"):
         pml_loss = losses.MultiSimilarityLoss(2, 30, 0.4, **kw)
     elif loss == "ntxent":
         ours, pml_loss = mk.NTXentLoss(0.3, backend=backend, **kw), losses.NTXentLoss(0.3, **kw)
+    elif loss == "tuplet_margin":
+        ours, pml_loss = mk.TupletMarginLoss(9.0, 5, backend=backend, **kw), losses.TupletMarginLoss(9.0, 5, **kw)
+        if reducer.startswith("PerAnchor"):
+            # PML's TupletMarginLoss returns its pair losses as a P x 1 column, which PML's PerAnchorReducer cannot
+            # index (a RuntimeError); ours gives what that reducer makes of them as the vector they are.
+            unreduced = losses.TupletMarginLoss(9.0, 5, reducer=reducers.DoNothingReducer(), **_keywords(
+                "default", distance))
+
+            def theirs(x, labels, indices_tuple, y, y_labels):
+                entry = unreduced(x, labels, indices_tuple, y, y_labels)["loss"]
+                flat = dict(entry, losses=entry["losses"].reshape(-1))
+                return kw["reducer"]({"loss": flat}, x, labels)
+            with pytest.raises(RuntimeError):
+                g = torch.Generator().manual_seed(0)
+                pml_loss(torch.randn(8, 4, generator=g), torch.arange(8) % 3)
+            return ours, theirs
     elif loss == "generalized_lifted_structure":
         ours = mk.GeneralizedLiftedStructureLoss(1.1, 0.2, backend=backend, **kw)
         pml_loss = losses.GeneralizedLiftedStructureLoss(1.1, 0.2, **kw)
@@ -182,7 +198,7 @@ def test_pair_modules_with_pml_keywords_equal_pml(loss, reducer, distance, refs,
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32"])
 @pytest.mark.parametrize("reducer", ["PerAnchorAvgNonZero", "PerAnchorMean", "PerAnchorSum"])
-@pytest.mark.parametrize("loss", ["ntxent", "contrastive"])
+@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive"])
 def test_per_anchor_reducer_on_the_losses_reduced_per_pair(loss, reducer, dtype):
     """PML's PerAnchorReducer on per-pair losses: each query's mean over its pairs (its sub-losses apart), then the
     inner reducer over the queries (PML indexes a batch x batch array, so without ref_emb)."""
@@ -401,6 +417,10 @@ class _MyCosine(distances.CosineSimilarity):
 UNSUPPORTED = [
     (mk.CircleLoss, "distance", lambda: distances.LpDistance(power=2),
      "distance=LpDistance(normalize_embeddings=True, p=2, power=2) is not supported by CircleLoss"),
+    (mk.TupletMarginLoss, "distance", distances.DotProductSimilarity,
+     "PML's TupletMarginLoss accepts only CosineSimilarity too"),
+    (mk.TupletMarginLoss, "reducer", reducers.DoNothingReducer,
+     "reducer=DoNothingReducer() is not supported by TupletMarginLoss yet: PML's DoNothingReducer returns the per-pair"),
     (mk.SupConLoss, "distance", lambda: distances.CosineSimilarity(power=2),
      "distance=CosineSimilarity(normalize_embeddings=True, p=2, power=2) is not supported by SupConLoss"),
     (mk.SupConLoss, "distance", lambda: distances.LpDistance(p=1),
@@ -465,7 +485,8 @@ def test_cross_batch_memory_supported_losses_mirror_pmls():
     """PML's supported_losses() is a static method returning class names (strings); ours names our classes."""
     assert all(isinstance(name, str) for name in losses.CrossBatchMemory.supported_losses())
     assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "MultiSimilarityLoss",
-                                                      "NTXentLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
+                                                      "NTXentLoss", "TupletMarginLoss", "ContrastiveLoss",
+                                                      "GeneralizedLiftedStructureLoss",
                                                       "MarginLoss", "NCALoss", "BatchHardTripletLoss"]
     # every one PML's takes too (batch-hard as PML's TripletMarginLoss with its BatchHardMiner)
     ours = set(mk.CrossBatchMemory.supported_losses()) - {"BatchHardTripletLoss"} | {"TripletMarginLoss"}
