@@ -7,7 +7,8 @@ import metric_kernels as mk
 from tests.helpers import assert_rel_close
 
 TOL = 1e-10
-PAIR = ["circle", "supcon", "generalized_lifted_structure", "margin", "nca", "batch_hard_triplet"]
+PAIR = ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "generalized_lifted_structure", "margin", "nca",
+        "batch_hard_triplet"]
 
 
 @st.composite

@@ -15,18 +15,18 @@ import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, NormalizedSoftmaxLoss,
                             ProxyAnchorLoss, SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss,
-                            circle_loss, cosface_loss, generalized_lifted_structure_loss, margin_loss,
-                            multi_similarity_loss,
-                            multiview, nca_loss,
-                            normalized_softmax_loss, proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss,
-                            supcon_loss)
+                            circle_loss, contrastive_loss, cosface_loss, generalized_lifted_structure_loss,
+                            margin_loss, multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss,
+                            ntxent_loss, proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss, supcon_loss,
+                            tuplet_margin_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
 
-PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, generalized_lifted_structure_loss, margin_loss,
-               nca_loss, batch_hard_triplet_loss]
-PAIR_IDS = ["circle", "supcon", "multi_similarity", "generalized_lifted_structure", "margin", "nca", "batch_hard"]
+PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, ntxent_loss, tuplet_margin_loss, contrastive_loss,
+               generalized_lifted_structure_loss, margin_loss, nca_loss, batch_hard_triplet_loss]
+PAIR_IDS = ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
+            "generalized_lifted_structure", "margin", "nca", "batch_hard"]
 
 
 @pytest.fixture(autouse=True)
@@ -402,6 +402,7 @@ def _with_param(loss_name, name, value):
 
 POSITIVE_PARAMS = [("circle", "gamma"), ("supcon", "temperature"), ("supcon", "base_temperature"),
                    ("multi_similarity", "alpha"), ("multi_similarity", "beta"), ("nca", "softmax_scale"),
+                   ("ntxent", "temperature"), ("tuplet_margin", "scale"),
                    ("proxy_anchor", "alpha"), ("proxy_nca", "softmax_scale"),
                    ("arcface", "scale"), ("cosface", "scale"), ("subcenter_arcface", "scale"),
                    ("normalized_softmax", "temperature")]
@@ -435,7 +436,8 @@ def test_positive_parameter_small_positive_is_valid(loss_name, name):
 @pytest.mark.parametrize("loss_name,name", [("circle", "m"), ("batch_hard_triplet", "margin"),
                                             ("generalized_lifted_structure", "pos_margin"),
                                             ("generalized_lifted_structure", "neg_margin"), ("margin", "margin"),
-                                            ("margin", "beta"), ("margin", "nu"),
+                                            ("margin", "beta"), ("margin", "nu"), ("tuplet_margin", "margin"),
+                                            ("contrastive", "pos_margin"), ("contrastive", "neg_margin"),
                                             ("proxy_anchor", "margin"), ("arcface", "margin"),
                                             ("cosface", "margin"), ("subcenter_arcface", "margin")])
 def test_real_parameter_nan_or_not_a_number(loss_name, name):
@@ -520,6 +522,8 @@ MODULE_CONSTRUCTORS = [
     (lambda: CircleLoss(gamma="80"), TypeError, "gamma"),
     (lambda: CircleLoss(m=NAN), ValueError, "m"),
     (lambda: SupConLoss(temperature=-1), ValueError, "temperature"),
+    (lambda: metric_kernels.TupletMarginLoss(scale=0), ValueError, "scale"),
+    (lambda: metric_kernels.TupletMarginLoss(margin="5"), TypeError, "margin"),
     (lambda: SupConLoss(temperature=NAN), ValueError, "temperature"),
     (lambda: SupConLoss(base_temperature=0), ValueError, "base_temperature"),
     (lambda: BatchHardTripletLoss(soft="yes"), TypeError, "soft"),
@@ -709,6 +713,10 @@ BAD_BEFORE_KERNEL = [
     ("nca_rows", lambda x, l, y, yl, p: nca_loss(x, l, y, yl, softmax_scale=-1, backend="reference"),
      ValueError, "softmax_scale"),
     ("nca_rows", lambda x, l, y, yl, p: proxy_nca_loss(x, l + C, p, backend="reference"), ValueError, "labels"),
+    ("ntxent_rows", lambda x, l, y, yl, p: tuplet_margin_loss(x, l, y, yl, scale=0, backend="reference"),
+     ValueError, "scale"),
+    ("ntxent_rows", lambda x, l, y, yl, p: tuplet_margin_loss(x, l, margin=NAN, backend="reference"),
+     ValueError, "margin"),
     ("margin_softmax_rows", lambda x, l, y, yl, p: arcface_loss(x, l + C, p.T, backend="reference"),
      ValueError, "labels"),
     ("margin_softmax_rows", lambda x, l, y, yl, p: cosface_loss(x, l, p.T, scale=0, backend="reference"),
@@ -735,6 +743,7 @@ def test_error_comes_before_any_computation(monkeypatch, rows_name, bad_call, ex
         "batch_hard_rows": lambda: batch_hard_triplet_loss(x, labels, backend="reference"),
         "proxy_anchor_rows": lambda: proxy_anchor_loss(x, labels, proxies, backend="reference"),
         "nca_rows": lambda: nca_loss(x, labels, backend="reference"),
+        "ntxent_rows": lambda: tuplet_margin_loss(x, labels, backend="reference"),
         "margin_softmax_rows": lambda: arcface_loss(x, labels, proxies.T, backend="reference"),
     }[rows_name]
     with pytest.raises(AssertionError, match="was called"):
