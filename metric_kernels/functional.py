@@ -317,15 +317,25 @@ def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, mar
     negative pair. NT-Xent's engine with 1 / temperature = scale and the positives' angular margin. The default
     reduction is PML's for this loss, MeanReducer ("mean" over every positive pair); the others as ntxent_loss's.
     See docs/losses/tuplet-margin.md."""
-    margin = check.check_real(margin, "margin")
+    return _tuplet_margin_loss(embeddings, labels, ref_emb, ref_labels,
+                               margin_radians=math.radians(check.check_real(margin, "margin")), scale=scale,
+                               self_offset=self_offset, reduction=reduction, backend=backend,
+                               deterministic=deterministic, _per_anchor=_per_anchor)
+
+
+def _tuplet_margin_loss(embeddings, labels, ref_emb, ref_labels, *, margin_radians, scale, self_offset, reduction,
+                        backend, deterministic, _per_anchor=False):
+    """tuplet_margin_loss with the margin in radians (as PML's module stores it, np.radians of the degrees)."""
     scale = check.check_positive(scale, "scale")
     return _pair_reduced_loss("ntxent_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
-                              deterministic, True, "both", _per_anchor, **tuplet_margin_rows_params(margin, scale))
+                              deterministic, True, "both", _per_anchor,
+                              **tuplet_margin_rows_params(margin_radians, scale))
 
 
-def tuplet_margin_rows_params(margin: float, scale: float) -> dict:
-    """ntxent_rows' keywords for the tuplet margin loss (margin in degrees, as PML's np.radians converts it)."""
-    return dict(temperature=1.0 / scale, angular_margin=math.radians(margin))
+def tuplet_margin_rows_params(margin_radians: float, scale: float) -> dict:
+    """ntxent_rows' keywords for the tuplet margin loss: NT-Xent's with 1 / temperature = scale and the positives'
+    angular margin."""
+    return dict(temperature=1.0 / scale, angular_margin=margin_radians)
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,

@@ -407,8 +407,9 @@ class NTXentLoss(_PairLoss):
 
 
 class TupletMarginLoss(_PairLoss):
-    """PML's TupletMarginLoss(margin=5.73, scale=64) (the margin in degrees), on cosine similarities: see
-    docs/losses/tuplet-margin.md.
+    """PML's TupletMarginLoss(margin=5.73, scale=64), on cosine similarities: see docs/losses/tuplet-margin.md.
+
+    margin is given in degrees and stored in radians, as PML stores it (`self.margin`).
 
     reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
     `reducer=` says, as NTXentLoss's (PML's own PerAnchorReducer raises on TupletMarginLoss's P x 1 column of pair
@@ -423,15 +424,16 @@ class TupletMarginLoss(_PairLoss):
                  reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
         super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
                          embedding_reg_weight, collect_stats)
-        self.margin = check.check_real(margin, "margin")
+        self.margin = math.radians(check.check_real(margin, "margin"))
         self.scale = check.check_positive(scale, "scale")
 
     def _loss(self, *args, **kwargs):
-        return functional.tuplet_margin_loss(*args, margin=self.margin, scale=self.scale, **_per_anchor(self, kwargs))
+        return functional._tuplet_margin_loss(*args, margin_radians=self.margin, scale=self.scale,
+                                              **_per_anchor(self, kwargs))
 
     def extra_repr(self):
-        return (f"margin={self.margin}, scale={self.scale}, reduction={self.reduction!r}, backend={self.backend!r}"
-                + _keywords_repr(self))
+        return (f"margin={math.degrees(self.margin):g} degrees, scale={self.scale}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
 
 
 class ContrastiveLoss(_PairLoss):

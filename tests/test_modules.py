@@ -31,6 +31,7 @@ def _pairs():
         "circle": (mk.CircleLoss(), losses.CircleLoss()),
         "supcon": (mk.SupConLoss(), losses.SupConLoss()),
         "batch_hard": (mk.BatchHardTripletLoss(), BatchHardPML()),
+        "tuplet_margin": (mk.TupletMarginLoss(), losses.TupletMarginLoss()),
     }
 
 
@@ -43,7 +44,7 @@ def _one_step(model, loss_fn, data, labels, extra_params=()):
     return loss
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin"])
 def test_one_training_step_matches_pml(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).double()
@@ -68,9 +69,14 @@ def test_constructor_defaults_are_pmls():
     pa, pml_pa = mk.ProxyAnchorLoss(3, 4), losses.ProxyAnchorLoss(3, 4)
     assert (pa.margin, pa.alpha, pa.num_classes) == (pml_pa.margin, pml_pa.alpha, pml_pa.num_classes)
     assert all(module.reduction == "mean_nonzero" for module in (mk.CircleLoss(), mk.SupConLoss(), ours))
+    tuplet, pml_tuplet = mk.TupletMarginLoss(), losses.TupletMarginLoss()
+    assert (tuplet.margin, tuplet.scale) == (pml_tuplet.margin, pml_tuplet.scale)  # the margin in radians, as PML's
+    assert tuplet.margin == math.radians(5.73) and tuplet.reduction == "mean"
+    assert mk.TupletMarginLoss(10, 32).margin == losses.TupletMarginLoss(10, 32).margin
+    assert "margin=10 degrees" in repr(mk.TupletMarginLoss(10, 32))
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin"])
 def test_module_forward_order_with_references(name):
     """forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None), positionally, as PML."""
     ours, theirs = _pairs()[name]
@@ -99,6 +105,8 @@ def test_modules_pass_their_options_through():
     y_labels[3:19] = labels
     assert_rel_close(mk.CircleLoss()(x, labels, None, y, y_labels, self_offset=3),
                      mk.circle_loss(x, labels, y, y_labels, self_offset=3), 0, "self_offset")
+    assert_rel_close(mk.TupletMarginLoss(12.0, 20, reduction="sum")(x, labels, None, y, y_labels),
+                     mk.tuplet_margin_loss(x, labels, y, y_labels, margin=12.0, scale=20, reduction="sum"), 0, "tuplet")
     pa = mk.ProxyAnchorLoss(3, 8, margin=0.2, alpha=16).double()
     assert_rel_close(pa(x, labels), mk.proxy_anchor_loss(x, labels, pa.proxies, margin=0.2, alpha=16), 0, "proxy")
 
