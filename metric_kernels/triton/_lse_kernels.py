@@ -300,15 +300,19 @@ def _add_triples(a0, a1, a2, b0, b1, b2):
 def _angular_margin(value, param_a):
     """NT-Xent's positives with an angular margin a (radians; a != 0 is TupletMarginLoss, on cosines v):
     (cos(acos(v) - a) = v cos a + sqrt(1 - v^2) sin a, its slope in v); a = 0 keeps v (any pair value) exactly, with
-    slope 1; where 1 - v^2 <= 0 the sine term and its slope are 0 (csrc/epilogue.h's AngularMargin)."""
-    cos_a = tl.cos(param_a)
-    sin_a = tl.sin(param_a)
-    sine2 = (1 - value) * (1 + value)  # 1 - v is exact near v = 1
-    inside = sine2 > 0
-    sine = tl.sqrt(tl.where(inside, sine2, 1.0))
-    on = param_a != 0
-    return (tl.where(on, value * cos_a + tl.where(inside, sine, 0.0) * sin_a, value),
-            tl.where(on, cos_a - tl.where(inside, value * sin_a / sine, 0.0), 1.0))
+    slope 1; where 1 - v^2 <= 0 the sine term and its slope are 0 (csrc/epilogue.h's AngularMargin). A branch on
+    the scalar a, so that NT-Xent (a = 0) pays no square root or division per pair."""
+    margined = value
+    slope = tl.zeros_like(value) + 1.0
+    if param_a != 0:
+        cos_a = tl.cos(param_a)
+        sin_a = tl.sin(param_a)
+        sine2 = (1 - value) * (1 + value)  # 1 - v is exact near v = 1
+        inside = sine2 > 0
+        sine = tl.sqrt(tl.where(inside, sine2, 1.0))
+        margined = value * cos_a + tl.where(inside, sine, 0.0) * sin_a
+        slope = cos_a - tl.where(inside, value * sin_a / sine, 0.0)
+    return margined, slope
 
 
 @triton.jit
