@@ -122,9 +122,16 @@ def _radial_terms(by_s, by_q, s, radial, axis: tl.constexpr):
 
 @triton.jit
 def _load_params(params_ptr):
-    """The loss's two parameters, from a 2-element tensor in the statistics dtype: a float argument would reach the
-    kernel as fp32, which fp64 rows cannot afford."""
+    """The loss's two parameters, from the tensor ops.loss_params fills in the statistics dtype: a float argument
+    would reach the kernel as fp32, which fp64 rows cannot afford."""
     return tl.load(params_ptr), tl.load(params_ptr + 1)
+
+
+@triton.jit
+def _load_angular_margin(params_ptr):
+    """cos a and sin a of NT-Xent's angular margin a, computed on the host (ops.loss_params): libdevice's sin and cos
+    keep their argument reduction's scratch in local memory, which ptxas reports as spills."""
+    return tl.load(params_ptr + 2), tl.load(params_ptr + 3)
 
 
 @triton.jit
@@ -297,7 +304,7 @@ def _add_triples(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _angular_margin(value, param_a):
+def _angular_margin(value, param_a, margin_cos, margin_sin):
     """NT-Xent's positives with an angular margin a (radians; a != 0 is TupletMarginLoss, on cosines v):
     (cos(acos(v) - a) = v cos a + sqrt(1 - v^2) sin a, its slope in v); a = 0 keeps v (any pair value) exactly, with
     slope 1; where 1 - v^2 <= 0 the sine term and its slope are 0 (csrc/epilogue.h's AngularMargin). A branch on
@@ -305,8 +312,8 @@ def _angular_margin(value, param_a):
     margined = value
     slope = tl.zeros_like(value) + 1.0
     if param_a != 0:
-        cos_a = tl.cos(param_a)
-        sin_a = tl.sin(param_a)
+        cos_a = margin_cos
+        sin_a = margin_sin
         sine2 = (1 - value) * (1 + value)  # 1 - v is exact near v = 1
         inside = sine2 > 0
         sine = tl.sqrt(tl.where(inside, sine2, 1.0))
@@ -316,13 +323,13 @@ def _angular_margin(value, param_a):
 
 
 @triton.jit
-def _ntxent_sums(value, positive, negatives_lse, param_a, param_b):
+def _ntxent_sums(value, positive, negatives_lse, param_a, param_b, margin_cos, margin_sin):
     """Per row, over the positives, with x = A - b v (v through _angular_margin): (sum of softplus(x), W = sum of
     sigmoid(x), how many have
     1 + exp(x) > 1 in the statistics dtype, the pairs PML does not round to 0). One exponential per pair, e =
     exp(-|x|), serves all three: exp(x) = e where x < 0, and x >= 0 always counts. Pairs other than positives get
     x = -inf, as do the positives of a query without negatives (A = -inf): 0 in each sum."""
-    margined, _ = _angular_margin(value, param_a)
+    margined, _ = _angular_margin(value, param_a, margin_cos, margin_sin)
     excess = tl.where(positive, negatives_lse[:, None] - param_b * margined, float("-inf"))
     e = tl.exp2(-tl.abs(excess) * LOG2E)
     one_plus = 1 + e
@@ -369,6 +376,7 @@ def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     if KIND == NTXENT:
         negatives_lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+        margin_cos, margin_sin = _load_angular_margin(params_ptr)
     sum0 = tl.zeros((BLOCK_M,), ACC)  # the split's stats[0..3]
     sum1 = tl.zeros((BLOCK_M,), ACC)
     sum2 = tl.zeros((BLOCK_M,), ACC)
@@ -380,7 +388,8 @@ def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
             D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
             PRECISION, PAIR_VALUE, NORMALIZE)
         if KIND == NTXENT:
-            softplus, sigmoid, nonzero = _ntxent_sums(value, positive, negatives_lse, param_a, param_b)
+            softplus, sigmoid, nonzero = _ntxent_sums(value, positive, negatives_lse, param_a, param_b, margin_cos,
+                                                      margin_sin)
             sum0 += softplus
             sum2 += sigmoid
             sum3 += nonzero
@@ -414,11 +423,11 @@ def _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N, KIND: tl.constex
 
 
 @triton.jit
-def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_a, param_b):
+def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_a, param_b, margin_cos, margin_sin):
     """dL/dv of NT-Xent's pairs, L = sum_i g1_i stats[0]_i + G_A_i A_i: -b g1 sigmoid(x) v' for a positive
     (x = A - b v, v and its slope v' through _angular_margin), b G_A exp(b v - A) for a negative (its softmax weight
     in A). One exponential per pair: exp(-|x|) for a positive, exp(-x) <= 1 for a negative."""
-    margined, slope = _angular_margin(s, param_a)
+    margined, slope = _angular_margin(s, param_a, margin_cos, margin_sin)
     excess = lse[:, None] - param_b * tl.where(positive, margined, s)
     exponent = tl.where(positive, -tl.abs(excess), -excess)
     e = tl.exp2(tl.where(positive | negative, exponent, float("-inf")) * LOG2E)
@@ -429,7 +438,8 @@ def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_a, param
 
 @triton.jit
 def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M, self_offset,
-                   param_a, param_b, KIND: tl.constexpr):
+                   param_a, param_b, margin_cos, margin_sin,
+                   KIND: tl.constexpr):
     """G = dL/dS of a tile, L = sum_i g1_i stats[0]_i + g2_i stats[1]_i + g3_i stats[2]_i, from the saved
     statistics (lse1, lse2: stats[0], stats[1]). The log-sum-exp kinds: one exponential per pair
     (softmax_ij = exp(z_ij - lse_i) of the pair's own set); NT-Xent: _ntxent_gradient, with g2 = G_A
@@ -437,7 +447,8 @@ def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1,
     relu(v - b) is."""
     positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
     if KIND == NTXENT:
-        gradient = _ntxent_gradient(s, positive, negative, grad1, grad2, lse2, param_a, param_b)
+        gradient = _ntxent_gradient(s, positive, negative, grad1, grad2, lse2, param_a, param_b, margin_cos,
+                                    margin_sin)
     elif KIND == CONTRASTIVE:
         gradient = tl.where(positive & (param_a - s > 0), -grad1[:, None],
                             tl.where(negative & (s - param_b > 0), grad2[:, None], 0.0))
@@ -488,6 +499,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
     param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    margin_cos, margin_sin = _load_angular_margin(params_ptr)
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = x_ptr.dtype.element_ty
     scale = tl.load(scale_ptr)
@@ -508,7 +520,7 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
         s = dot * x_inverse[:, None] * y_inverse[None, :]
         value = _pair_value(s, x_length2, y_length2, PAIR_VALUE)
         gradient = _gradient_tile(value, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, stop,
-                                  self_offset, param_a, param_b, KIND)
+                                  self_offset, param_a, param_b, margin_cos, margin_sin, KIND)
         by_s, by_q = _pair_gradient(gradient, value, PAIR_VALUE)
         t_rows += _radial_terms(by_s, by_q, s, x_radial, 1)
         p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
@@ -539,6 +551,7 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
     blocks in a fixed order, radial part included. ACCUMULATE adds the fp32 partial the row pass wrote for the same
     rows (the references are the queries) and writes the whole gradient."""
     param_a, param_b = _load_params(params_ptr)
+    margin_cos, margin_sin = _load_angular_margin(params_ptr)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = y_ptr.dtype.element_ty
@@ -558,7 +571,7 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
         s = dot * x_inverse[:, None] * y_inverse[None, :]
         value = _pair_value(s, x_length2, y_length2, PAIR_VALUE)
         gradient = _gradient_tile(value, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M,
-                                  self_offset, param_a, param_b, KIND)
+                                  self_offset, param_a, param_b, margin_cos, margin_sin, KIND)
         by_s, by_q = _pair_gradient(gradient, value, PAIR_VALUE)
         t_columns += _radial_terms(by_s, by_q, s, y_radial, 0)
         p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)

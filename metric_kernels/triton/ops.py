@@ -307,11 +307,14 @@ def _shape_args(x, y):
 
 
 def loss_params(param_a: float, param_b: float, rows: torch.Tensor) -> torch.Tensor:
-    """The loss's parameters as the kernels read them: a tensor in the statistics dtype, so fp64 rows get them
-    exactly (a float argument would be fp32)."""
+    """The loss's parameters as the kernels read them, (a, b, cos a, sin a) (the last two: NT-Xent's angular margin,
+    _lse_kernels._load_angular_margin): a tensor in the statistics dtype, so fp64 rows get them exactly (a float
+    argument would be fp32)."""
     # Filled on the device: torch.tensor([...], device="cuda") would copy from pageable memory and wait for the GPU.
-    params = torch.full((2,), param_a, dtype=stats_dtype(rows.dtype), device=rows.device)
-    params[1:].fill_(param_b)
+    params = torch.full((4,), param_a, dtype=stats_dtype(rows.dtype), device=rows.device)
+    params[1:2].fill_(param_b)
+    params[2:3].fill_(math.cos(param_a))
+    params[3:].fill_(math.sin(param_a))
     return params
 
 
