@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=str
 
 
 # Losses that run another loss's CUDA kernels with other weights (Multi-Similarity's for the lifted structure and
-# NCA, Contrastive's for the margin loss): a few cases each (test_losses_on_shared_kernels), not the whole matrix,
-# since a GPU run has minutes for every test.
-SHARED_KERNEL_LOSSES = ("generalized_lifted_structure", "nca", "margin")
+# NCA, Contrastive's for the margin loss, NT-Xent's with its angular margin for the tuplet margin loss): a few cases
+# each (test_losses_on_shared_kernels), not the whole matrix, since a GPU run has minutes for every test.
+SHARED_KERNEL_LOSSES = ("generalized_lifted_structure", "nca", "margin", "tuplet_margin")
 GPU_PAIR_LOSSES = [loss for loss in PAIR_LOSSES if loss not in SHARED_KERNEL_LOSSES]
 
 
@@ -63,7 +63,7 @@ def test_degenerate_labels(loss, labels):
     _compare("cuda", loss, leaves, labels_, y_labels, offset, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loss", SHARED_KERNEL_LOSSES)
 def test_losses_on_shared_kernels(loss, dtype):
     leaves, labels, y_labels, offset = _on_cuda(*_pair_inputs(12, 130, 150, 64, 5, "self_offset", None))
