@@ -278,11 +278,24 @@ def resolve_reducer(owner: str, reducer, reduction: Optional[str] = None,
     return mode, implied or "none"
 
 
+def check_regularizer(owner: str, keyword: str, value):
+    """`embedding_regularizer=` / `weight_regularizer=`: None, or one of PML's regularizers (an instance of
+    pytorch_metric_learning.regularizers.BaseRegularizer, subclasses included: the module calls it as PML's base
+    class does, on the embeddings or the weights, so whatever it computes is PML's term). Returns it."""
+    if value is None:
+        return None
+    package = sys.modules.get("pytorch_metric_learning.regularizers")
+    base = getattr(package, "BaseRegularizer", None)
+    if base is None or not isinstance(value, base):
+        raise _unsupported(keyword, value, owner, "the modules call PML's regularizers "
+                           "(pytorch_metric_learning.regularizers), as PML's losses do; add another term to the loss "
+                           "yourself")
+    return value
+
+
 def check_none(owner: str, **keywords) -> None:
-    """Keywords whose only supported value is None (regularizers, miners)."""
+    """Keywords whose only supported value is None (miners)."""
     reasons = {
-        "embedding_regularizer": "the fused losses add no regularization term; add it to the loss yourself",
-        "weight_regularizer": "the fused losses add no regularization term; add it to the loss yourself",
         "miner": "the fused losses compute every pair (batch-hard mining is BatchHardTripletLoss itself)",
     }
     for keyword, value in keywords.items():

@@ -207,6 +207,12 @@ class DistributedLoss(nn.Module):
                 f"DistributedLoss does not support {type(loss).__name__}(reducer={reducer}) (reducer mode {mode!r}): "
                 "it supports the plain reductions ('mean_nonzero', 'mean', 'sum', 'none'), DoNothingReducer(), "
                 "MeanReducer() on BatchHardTripletLoss and Proxy-Anchor's reducers")
+        for keyword in ("embedding_regularizer", "weight_regularizer"):
+            if getattr(loss, keyword, None) is not None:
+                raise NotImplementedError(
+                    f"DistributedLoss does not support {type(loss).__name__}({keyword}="
+                    f"{keywords.describe(getattr(loss, keyword))}) yet: the regularizer's term would have to see the "
+                    "global batch; add it to the loss outside the wrapper")
         self.loss = loss
         self.process_group = process_group
 

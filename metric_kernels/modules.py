@@ -5,9 +5,10 @@ They are thin: each holds its hyper-parameters and calls the functional loss, so
 
 PML's base-class keywords are accepted with PML's defaults: `distance=` (each loss's PML default distance),
 `reducer=` (AvgNonZeroReducer, MeanReducer, SumReducer, DoNothingReducer, PerAnchorReducer of one of the first three;
-ProxyAnchorLoss also DivisorReducer), `embedding_regularizer=None`, `embedding_reg_weight`, `collect_stats=None/False`,
-and the weight-owning modules' (ProxyAnchorLoss and the margin-softmax classifiers ArcFaceLoss, CosFaceLoss,
-SubCenterArcFaceLoss, NormalizedSoftmaxLoss) `weight_regularizer=None`, `weight_reg_weight` and `weight_init_func`.
+ProxyAnchorLoss also DivisorReducer), `embedding_regularizer=` (PML's regularizers, added as PML adds them),
+`embedding_reg_weight`, `collect_stats=None/False`, and the weight-owning modules' (ProxyAnchorLoss, ProxyNCALoss and
+the margin-softmax classifiers ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
+`weight_regularizer=`, `weight_reg_weight` and `weight_init_func`.
 A value the fused kernels cannot honour raises NotImplementedError naming the keyword and the value (see
 metric_kernels/_pml_keywords.py and docs/index.md, "PML's constructor keywords").
 """
@@ -48,10 +49,10 @@ def _accept_pml_keywords(module: nn.Module, owner: str, distance, reducer, reduc
     reduction that the reducer mode reduces."""
     module.distance_spec = keywords.resolve_distance(owner, distance)
     module._reducer_mode, functional_reduction = keywords.resolve_reducer(owner, reducer, reduction, default_mode)
-    keywords.check_none(owner, embedding_regularizer=embedding_regularizer)
+    embedding_regularizer = keywords.check_regularizer(owner, "embedding_regularizer", embedding_regularizer)
     keywords.check_collect_stats(owner, collect_stats)
     module.distance, module.reducer = distance, reducer
-    module.embedding_regularizer = None
+    module.embedding_regularizer = embedding_regularizer
     module.embedding_reg_weight = keywords.check_reg_weight(embedding_reg_weight, "embedding_reg_weight")
     return functional_reduction
 
@@ -77,15 +78,44 @@ def _accept_backend(module: nn.Module, backend, deterministic) -> None:
 def _accept_weight_keywords(module: nn.Module, owner: str, weight_regularizer, weight_reg_weight, weight_init_func,
                             weights: str) -> None:
     """PML's WeightRegularizerMixin keywords of a module that owns weights (`weights` names them for messages):
-    weight_regularizer None only, weight_reg_weight stored, weight_init_func None (the module's PML default) or a
-    callable applied to the weights."""
-    keywords.check_none(owner, weight_regularizer=weight_regularizer)
-    module.weight_regularizer = None
+    weight_regularizer None or one of PML's regularizers, weight_reg_weight stored, weight_init_func None (the
+    module's PML default) or a callable applied to the weights."""
+    module.weight_regularizer = keywords.check_regularizer(owner, "weight_regularizer", weight_regularizer)
     module.weight_reg_weight = keywords.check_reg_weight(weight_reg_weight, "weight_reg_weight")
     if weight_init_func is not None and not callable(weight_init_func):
         raise TypeError(f"weight_init_func must be callable (it is called on {weights}), got "
                         f"{type(weight_init_func).__name__}")
     module.weight_init_func = weight_init_func
+
+
+def _regularization_terms(module: nn.Module, embeddings, weights=None) -> dict:
+    """PML's regularization sub-losses of one forward (its WeightRegularizerMixin and EmbeddingRegularizerMixin): the
+    weight regularizer on `weights` (as PML hands them: the proxies, or W transposed) and the embedding regularizer on
+    the embeddings, each times its weight, in PML's order. Raises before any kernel runs where the module's output
+    has no place for them (reduction="none": one value per query)."""
+    terms = {}
+    if weights is not None and module.weight_regularizer is not None:
+        terms["weight_reg_loss"] = module.weight_regularizer(weights) * module.weight_reg_weight
+    if module.embedding_regularizer is not None:
+        terms["embedding_reg_loss"] = module.embedding_regularizer(embeddings) * module.embedding_reg_weight
+    if terms and module._reducer_mode == "none":
+        raise ValueError(f"reduction='none' returns one loss per query, which has no place for the "
+                         f"{' and '.join(name[:-len('_reg_loss')] for name in terms)} regularizer's term (a number "
+                         "for the batch): use a reducer (DoNothingReducer keeps PML's loss dictionary)")
+    return terms
+
+
+def _regularized(value, terms: dict):
+    """The loss with PML's regularization terms: added to a reduced loss (PML's reducers add "already_reduced"
+    sub-losses as they are), or PML's entries in DoNothingReducer's dictionary."""
+    if not terms:
+        return value
+    if isinstance(value, dict):
+        return dict(value, **{name: {"losses": term, "indices": None, "reduction_type": "already_reduced"}
+                              for name, term in terms.items()})
+    for term in terms.values():
+        value = value + term
+    return value
 
 
 def _checked_logit_inputs(module: nn.Module, embeddings, **weights) -> None:
@@ -139,6 +169,10 @@ class _PairLoss(nn.Module):
         labels = _labels_on(labels, embeddings, "labels")
         if ref_labels is not None:
             ref_labels = _labels_on(ref_labels, ref_emb if ref_emb is not None else embeddings, "ref_labels")
+        terms = _regularization_terms(self, embeddings)
+        return _regularized(self._reduced_loss(embeddings, labels, ref_emb, ref_labels, self_offset), terms)
+
+    def _reduced_loss(self, embeddings, labels, ref_emb, ref_labels, self_offset):
         value = self._loss(embeddings, labels, ref_emb, ref_labels, self_offset=self_offset,
                            reduction=self.reduction, backend=self.backend, deterministic=self.deterministic)
         if self._reducer_mode == "unreduced":  # PML's DoNothingReducer: its loss dictionary, one loss per query
@@ -167,7 +201,7 @@ class CircleLoss(_PairLoss):
     """PML's CircleLoss(m=0.4, gamma=80): see docs/losses/circle.md.
 
     reduction: None means PML's default ("mean_nonzero"), or what `reducer=` says; PML's keywords: distance (only
-    CosineSimilarity() for now), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    CosineSimilarity() for now), reducer, embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
     """
 
     _PML_NAME = "CircleLoss"
@@ -196,7 +230,7 @@ class SupConLoss(_PairLoss):
 
     reduction: None means PML's default ("mean_nonzero"), or what `reducer=` says; PML's keywords: distance
     (CosineSimilarity() or DotProductSimilarity() with normalize_embeddings=True for now), reducer,
-    embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
     """
 
     _PML_NAME = "SupConLoss"
@@ -342,7 +376,7 @@ class NCALoss(_PairLoss):
     reduction: None means PML's default for this loss, MeanReducer ("mean", over the queries PML keeps: those whose
     positives' softmax is not 0), or what `reducer=` says; DoNothingReducer gives the kept queries' losses and
     indices, as PML's. PML's keywords: distance (LpDistance(p=2, power=1 or 2, normalised or not),
-    CosineSimilarity(), DotProductSimilarity()), reducer, embedding_regularizer (None), embedding_reg_weight,
+    CosineSimilarity(), DotProductSimilarity()), reducer, embedding_regularizer (PML's regularizers), embedding_reg_weight,
     collect_stats.
     """
 
@@ -414,7 +448,7 @@ class TupletMarginLoss(_PairLoss):
     reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
     `reducer=` says, as NTXentLoss's (PML's own PerAnchorReducer raises on TupletMarginLoss's P x 1 column of pair
     losses; ours reduces them as that reducer does a vector). PML's keywords: distance (CosineSimilarity() only, as
-    PML asserts), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    PML asserts), reducer, embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
     """
 
     _PML_NAME = "TupletMarginLoss"
@@ -443,7 +477,7 @@ class ContrastiveLoss(_PairLoss):
     reduction: None means PML's default ("mean_nonzero": each side averaged over its nonzero pairs, then added), or
     what `reducer=` says (AvgNonZeroReducer, MeanReducer, SumReducer); reduction="none" gives each query's sum over
     all its pairs. PML's keywords: distance (LpDistance(p=2, power=1 or 2, normalised or not), CosineSimilarity(),
-    DotProductSimilarity()), reducer, embedding_regularizer (None), embedding_reg_weight, collect_stats.
+    DotProductSimilarity()), reducer, embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
     """
 
     _PML_NAME = "ContrastiveLoss"
@@ -510,7 +544,7 @@ class ProxyAnchorLoss(nn.Module):
     proxies as PML's class. PML's keywords: distance (CosineSimilarity() or DotProductSimilarity() with
     normalize_embeddings=True for now), reducer (PML's default is DivisorReducer: sum of positive terms / |P+| + sum of
     negative terms / C; another reducer reduces each of the two per-proxy terms and adds them, as PML's
-    MultipleReducers), embedding_regularizer and weight_regularizer (None), embedding_reg_weight, weight_reg_weight,
+    MultipleReducers), embedding_regularizer and weight_regularizer (PML's regularizers), embedding_reg_weight, weight_reg_weight,
     collect_stats.
     """
 
@@ -539,6 +573,10 @@ class ProxyAnchorLoss(nn.Module):
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb and ref_labels are not supported by ProxyAnchorLoss: the proxies are the references")
         labels = _labels_on(labels, embeddings, "labels")
+        terms = _regularization_terms(self, embeddings, self.proxies)
+        return _regularized(self._reduced_loss(embeddings, labels), terms)
+
+    def _reduced_loss(self, embeddings, labels):
         options = dict(margin=self.margin, alpha=self.alpha, backend=self.backend, deterministic=self.deterministic,
                        **keywords.functional_distance(self.distance_spec))
         if self._reducer_mode == "divisor":
@@ -576,7 +614,7 @@ class ProxyNCALoss(nn.Module):
     in [0, num_classes) (PML leaves a query of another label out of the loss silently; here it is a ValueError).
     PML's keywords: distance (as NCALoss's; default LpDistance(power=2)), reducer (MeanReducer, PML's default: the
     mean over the queries PML keeps; AvgNonZeroReducer, SumReducer, DoNothingReducer: the kept queries' losses and
-    indices; PerAnchorReducer of one of the first three), embedding_regularizer and weight_regularizer (None),
+    indices; PerAnchorReducer of one of the first three), embedding_regularizer and weight_regularizer (PML's regularizers),
     embedding_reg_weight, weight_reg_weight, collect_stats.
     """
 
@@ -601,12 +639,13 @@ class ProxyNCALoss(nn.Module):
             raise ValueError("ref_emb is not supported for this loss function (ProxyNCALoss compares the embeddings "
                              "with its proxies; PML raises this ValueError too)")
         labels = _labels_on(labels, embeddings, "labels")
+        terms = _regularization_terms(self, embeddings, self.proxies)
         losses, kept, guard = functional._proxy_nca_losses(
             embeddings, labels, self.proxies, softmax_scale=self.softmax_scale, reduction=self._reduction,
             backend=self.backend, deterministic=self.deterministic, **keywords.functional_distance(self.distance_spec))
         if self._reducer_mode == "unreduced":
-            return _kept_element_losses(losses + guard, kept)
-        return functional._reduce_kept(losses, kept, self._reduction) + guard
+            return _regularized(_kept_element_losses(losses + guard, kept), terms)
+        return _regularized(functional._reduce_kept(losses, kept, self._reduction) + guard, terms)
 
     def get_logits(self, embeddings):
         """The distance's matrix of the embeddings to every proxy, N x C (PML's get_logits: squared Euclidean
@@ -630,7 +669,7 @@ class _MarginSoftmaxLoss(nn.Module):
     embeddings' dtype and device (cast_types), in place; here W must be on the embeddings' device. PML's keywords:
     reducer (MeanReducer, PML's default: the mean over the queries; AvgNonZeroReducer, SumReducer, DoNothingReducer:
     PML's loss dictionary of per-query losses; PerAnchorReducer of one of the first three), distance (see each
-    class), weight_regularizer and embedding_regularizer (None), weight_reg_weight, embedding_reg_weight,
+    class), weight_regularizer and embedding_regularizer (PML's regularizers), weight_reg_weight, embedding_reg_weight,
     weight_init_func, collect_stats (None or False).
     """
 
@@ -668,10 +707,11 @@ class _MarginSoftmaxLoss(nn.Module):
             raise ValueError(f"ref_emb is not supported for this loss function ({self._PML_NAME} compares the "
                              "embeddings with its W; PML raises this ValueError too)")
         labels = _labels_on(labels, embeddings, "labels")
+        terms = _regularization_terms(self, embeddings, self.W.t())
         value = functional._margin_softmax_loss(embeddings, labels, self.W, sub_centers=self._sub_centers(),
                                                 reduction=self._reduction, backend=self.backend,
                                                 deterministic=self.deterministic, **self._margin())
-        return _element_losses(value) if self._reducer_mode == "unreduced" else value
+        return _regularized(_element_losses(value) if self._reducer_mode == "unreduced" else value, terms)
 
     def get_logits(self, embeddings):
         """scale * cosine of the embeddings to every class, N x C (PML's get_logits: no margin)."""
