@@ -312,23 +312,20 @@ def _angular_margin(value, param_a, margin_cos, margin_sin):
     margined = value
     slope = tl.zeros_like(value) + 1.0
     if param_a != 0:
-        cos_a = margin_cos
-        sin_a = margin_sin
         sine2 = (1 - value) * (1 + value)  # 1 - v is exact near v = 1
         inside = sine2 > 0
         sine = tl.sqrt(tl.where(inside, sine2, 1.0))
-        margined = value * cos_a + tl.where(inside, sine, 0.0) * sin_a
-        slope = cos_a - tl.where(inside, value * sin_a / sine, 0.0)
+        margined = value * margin_cos + tl.where(inside, sine, 0.0) * margin_sin
+        slope = margin_cos - tl.where(inside, value * margin_sin / sine, 0.0)
     return margined, slope
 
 
 @triton.jit
 def _ntxent_sums(value, positive, negatives_lse, param_a, param_b, margin_cos, margin_sin):
     """Per row, over the positives, with x = A - b v (v through _angular_margin): (sum of softplus(x), W = sum of
-    sigmoid(x), how many have
-    1 + exp(x) > 1 in the statistics dtype, the pairs PML does not round to 0). One exponential per pair, e =
-    exp(-|x|), serves all three: exp(x) = e where x < 0, and x >= 0 always counts. Pairs other than positives get
-    x = -inf, as do the positives of a query without negatives (A = -inf): 0 in each sum."""
+    sigmoid(x), how many have 1 + exp(x) > 1 in the statistics dtype, the pairs PML does not round to 0). One
+    exponential per pair, e = exp(-|x|), serves all three: exp(x) = e where x < 0, and x >= 0 always counts. Pairs
+    other than positives get x = -inf, as do the positives of a query without negatives (A = -inf): 0 in each sum."""
     margined, _ = _angular_margin(value, param_a, margin_cos, margin_sin)
     excess = tl.where(positive, negatives_lse[:, None] - param_b * margined, float("-inf"))
     e = tl.exp2(-tl.abs(excess) * LOG2E)
@@ -438,8 +435,7 @@ def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_a, param
 
 @triton.jit
 def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M, self_offset,
-                   param_a, param_b, margin_cos, margin_sin,
-                   KIND: tl.constexpr):
+                   param_a, param_b, margin_cos, margin_sin, KIND: tl.constexpr):
     """G = dL/dS of a tile, L = sum_i g1_i stats[0]_i + g2_i stats[1]_i + g3_i stats[2]_i, from the saved
     statistics (lse1, lse2: stats[0], stats[1]). The log-sum-exp kinds: one exponential per pair
     (softmax_ij = exp(z_ij - lse_i) of the pair's own set); NT-Xent: _ntxent_gradient, with g2 = G_A
