@@ -32,6 +32,10 @@ value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalVal
   that query and W (the proxies) alone, so each rank computes its own queries' losses (no gather) and the
   reduction's denominator is global. W, like the proxies, must be the same on every rank and averaged by DDP.
 
+PML's regularizers (the module's embedding_regularizer and weight_regularizer): the embedding regularizer on the
+gathered global batch, the weight regularizer on the weights, each term added once to the value with a 1 / W share
+of its gradient on every rank (_regularization_terms).
+
 Every reducer mode the wrapped module can have is reproduced exactly; __init__ rejects any other (_MODES).
 """
 from __future__ import annotations
@@ -49,7 +53,8 @@ from ._pairs import pair_counts
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
                       GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
                       NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss, TupletMarginLoss,
-                      _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners)
+                      _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners, _regularization_terms,
+                      _regularized)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
            GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss,
@@ -207,12 +212,6 @@ class DistributedLoss(nn.Module):
                 f"DistributedLoss does not support {type(loss).__name__}(reducer={reducer}) (reducer mode {mode!r}): "
                 "it supports the plain reductions ('mean_nonzero', 'mean', 'sum', 'none'), DoNothingReducer(), "
                 "MeanReducer() on BatchHardTripletLoss and Proxy-Anchor's reducers")
-        for keyword in ("embedding_regularizer", "weight_regularizer"):
-            if getattr(loss, keyword, None) is not None:
-                raise NotImplementedError(
-                    f"DistributedLoss does not support {type(loss).__name__}({keyword}="
-                    f"{keywords.describe(getattr(loss, keyword))}) yet: the regularizer's term would have to see the "
-                    "global batch; add it to the loss outside the wrapper")
         self.loss = loss
         self.process_group = process_group
 
@@ -232,6 +231,24 @@ class DistributedLoss(nn.Module):
         check.check_embeddings(embeddings, "embeddings")
         labels = _labels_on(labels, embeddings, "labels")
         check.check_labels(labels, "labels", embeddings.shape[0], "embeddings")
+        terms = self._regularization_terms(embeddings, group)
+        return _regularized(self._loss(embeddings, labels, ref_emb, ref_labels, group), terms)
+
+    def _regularization_terms(self, embeddings, group):
+        """The wrapped module's PML regularization terms on the global batch (the embedding regularizer sees every
+        rank's rows, gathered; the weight regularizer the weights, the same on every rank), each as a global value
+        whose gradient share is 1 / world of the term on every rank: the gather's backward sums the ranks' shares into
+        each rank's rows, and DDP's average of the weights' gradients gives the term's own."""
+        if getattr(self.loss, "embedding_regularizer", None) is None and \
+                getattr(self.loss, "weight_regularizer", None) is None:
+            return {}
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = _gather_sizes(embeddings.shape[0], embeddings.device, group)
+        everyone = _AllGather.apply(embeddings, sizes, rank, group)
+        return {name: _GlobalValue.apply(term / world, term.detach(), None, float(world))
+                for name, term in _regularization_terms(self.loss, everyone).items()}
+
+    def _loss(self, embeddings, labels, ref_emb, ref_labels, group):
         if isinstance(self.loss, (_MarginSoftmaxLoss, ProxyNCALoss)):
             if ref_emb is not None or ref_labels is not None:
                 weights = "W" if isinstance(self.loss, _MarginSoftmaxLoss) else "proxies"

@@ -88,14 +88,14 @@ def _accept_weight_keywords(module: nn.Module, owner: str, weight_regularizer, w
     module.weight_init_func = weight_init_func
 
 
-def _regularization_terms(module: nn.Module, embeddings, weights=None) -> dict:
+def _regularization_terms(module: nn.Module, embeddings) -> dict:
     """PML's regularization sub-losses of one forward (its WeightRegularizerMixin and EmbeddingRegularizerMixin): the
-    weight regularizer on `weights` (as PML hands them: the proxies, or W transposed) and the embedding regularizer on
-    the embeddings, each times its weight, in PML's order. Raises before any kernel runs where the module's output
-    has no place for them (reduction="none": one value per query)."""
+    weight regularizer on the module's _regularized_weights() (as PML hands them: the proxies, or W transposed) and
+    the embedding regularizer on the embeddings, each times its weight, in PML's order. Raises before any kernel runs
+    where the module's output has no place for them (reduction="none": one value per query)."""
     terms = {}
-    if weights is not None and module.weight_regularizer is not None:
-        terms["weight_reg_loss"] = module.weight_regularizer(weights) * module.weight_reg_weight
+    if getattr(module, "weight_regularizer", None) is not None:
+        terms["weight_reg_loss"] = module.weight_regularizer(module._regularized_weights()) * module.weight_reg_weight
     if module.embedding_regularizer is not None:
         terms["embedding_reg_loss"] = module.embedding_regularizer(embeddings) * module.embedding_reg_weight
     if terms and module._reducer_mode == "none":
@@ -573,7 +573,7 @@ class ProxyAnchorLoss(nn.Module):
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb and ref_labels are not supported by ProxyAnchorLoss: the proxies are the references")
         labels = _labels_on(labels, embeddings, "labels")
-        terms = _regularization_terms(self, embeddings, self.proxies)
+        terms = _regularization_terms(self, embeddings)
         return _regularized(self._reduced_loss(embeddings, labels), terms)
 
     def _reduced_loss(self, embeddings, labels):
@@ -593,6 +593,9 @@ class ProxyAnchorLoss(nn.Module):
         # PML's MultipleReducers: the reducer applied to each sub-loss, the two results added.
         reduction = self._term_reduction
         return functional._reduce(positive_terms, reduction) + functional._reduce(negative_terms, reduction) + guard
+
+    def _regularized_weights(self):
+        return self.proxies  # what PML's ProxyAnchorLoss hands its weight regularizer
 
     def get_logits(self, embeddings):
         """The distance's matrix of the embeddings to every proxy, N x C (PML's get_logits: cosine similarities with
@@ -639,13 +642,16 @@ class ProxyNCALoss(nn.Module):
             raise ValueError("ref_emb is not supported for this loss function (ProxyNCALoss compares the embeddings "
                              "with its proxies; PML raises this ValueError too)")
         labels = _labels_on(labels, embeddings, "labels")
-        terms = _regularization_terms(self, embeddings, self.proxies)
+        terms = _regularization_terms(self, embeddings)
         losses, kept, guard = functional._proxy_nca_losses(
             embeddings, labels, self.proxies, softmax_scale=self.softmax_scale, reduction=self._reduction,
             backend=self.backend, deterministic=self.deterministic, **keywords.functional_distance(self.distance_spec))
         if self._reducer_mode == "unreduced":
             return _regularized(_kept_element_losses(losses + guard, kept), terms)
         return _regularized(functional._reduce_kept(losses, kept, self._reduction) + guard, terms)
+
+    def _regularized_weights(self):
+        return self.proxies  # what PML's ProxyNCALoss hands its weight regularizer
 
     def get_logits(self, embeddings):
         """The distance's matrix of the embeddings to every proxy, N x C (PML's get_logits: squared Euclidean
@@ -707,11 +713,14 @@ class _MarginSoftmaxLoss(nn.Module):
             raise ValueError(f"ref_emb is not supported for this loss function ({self._PML_NAME} compares the "
                              "embeddings with its W; PML raises this ValueError too)")
         labels = _labels_on(labels, embeddings, "labels")
-        terms = _regularization_terms(self, embeddings, self.W.t())
+        terms = _regularization_terms(self, embeddings)
         value = functional._margin_softmax_loss(embeddings, labels, self.W, sub_centers=self._sub_centers(),
                                                 reduction=self._reduction, backend=self.backend,
                                                 deterministic=self.deterministic, **self._margin())
         return _regularized(_element_losses(value) if self._reducer_mode == "unreduced" else value, terms)
+
+    def _regularized_weights(self):
+        return self.W.t()  # what PML's classifiers hand their weight regularizer: one row per class column
 
     def get_logits(self, embeddings):
         """scale * cosine of the embeddings to every class, N x C (PML's get_logits: no margin)."""

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytorch_metric_learning import reducers
+from pytorch_metric_learning import reducers, regularizers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -69,6 +69,18 @@ def _cases(world):
             Case("ntxent", (3, 7), "hand", kwargs=dict(reduction="mean_nonzero"), ref_sizes=(4, 5)),
             Case("ntxent", (4, 0), kwargs=dict(reduction="none")),
             Case("tuplet_margin", (5, 6), kwargs=dict(margin=8.0, scale=16)),
+            # PML's regularizers: the embedding regularizer on the global batch, the weight regularizer once.
+            Case("circle", (5, 6), kwargs=dict(embedding_regularizer=regularizers.LpRegularizer(),
+                                               embedding_reg_weight=0.5)),
+            Case("contrastive", (3, 7), "hand", kwargs=dict(embedding_regularizer=regularizers.ZeroMeanRegularizer(),
+                                                            reducer=reducers.SumReducer()), ref_sizes=(4, 5)),
+            Case("arcface", (4, 6), classes=4, kwargs=dict(weight_regularizer=regularizers.RegularFaceRegularizer(),
+                                                            embedding_regularizer=regularizers.LpRegularizer())),
+            Case("proxy_anchor", (5, 4), classes=5,
+                 kwargs=dict(weight_regularizer=regularizers.CenterInvariantRegularizer(), weight_reg_weight=0.3)),
+            Case("proxy_nca", (3, 6), "hand", classes=4,
+                 kwargs=dict(embedding_regularizer=regularizers.LpRegularizer(power=2),
+                             reducer=reducers.DoNothingReducer())),
             Case("tuplet_margin", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
             Case("contrastive", (6, 5), kwargs=dict(pos_margin=0.2, neg_margin=1.1)),
             Case("contrastive", (3, 8), "hand", kwargs=dict(reducer=reducers.MeanReducer())),
@@ -138,6 +150,9 @@ def _cases(world):
         Case("proxy_anchor", (5, 3, 4), classes=7, kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
         Case("ntxent", (2, 6, 3), "hand", kwargs=dict(temperature=0.5, reducer=reducers.AvgNonZeroReducer())),
         Case("tuplet_margin", (4, 1, 4), kwargs=dict(reduction="sum", margin=-5.0, scale=10)),
+        Case("batch_hard", (2, 6, 3), kwargs=dict(embedding_regularizer=regularizers.LpRegularizer())),
+        Case("cosface", (3, 0, 5), "hand", classes=3,
+             kwargs=dict(weight_regularizer=regularizers.RegularFaceRegularizer(), reducer=reducers.DoNothingReducer())),
         Case("contrastive", (4, 1, 4), kwargs=dict(reduction="none")),
         Case("contrastive", (3, 5, 2), "hand", kwargs=dict(neg_margin=0.8)),
         Case("arcface", (2, 6, 3), "hand", classes=4, kwargs=dict(margin=40.0, scale=16)),

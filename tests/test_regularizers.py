@@ -1,8 +1,8 @@
 """PML's regularizers (embedding_regularizer=, weight_regularizer=): the modules add PML's terms as PML's base classes
 do (the regularizer called on the embeddings, on the proxies, on W transposed; times its weight; DoNothingReducer's
 dictionary gets PML's "already_reduced" entries). Values and gradients equal PML's in float64 (1e-10 relative), on
-every module that takes them; CrossBatchMemory passes them through as PML's does; reduction="none",
-DistributedLoss and objects that are not PML regularizers raise."""
+every module that takes them; CrossBatchMemory passes them through as PML's does (DistributedLoss: the global
+batch's terms, tests/test_distributed.py); reduction="none" and objects that are not PML regularizers raise."""
 import pytest
 import torch
 from pytorch_metric_learning import losses, miners, reducers, regularizers
@@ -160,13 +160,6 @@ def test_cross_batch_memory_passes_the_regularizer_on_as_pmls():
         assert_rel_close(value, expected, TOL, f"step {step}")
         assert_rel_close(torch.autograd.grad(value, mine)[0], torch.autograd.grad(expected, pmls)[0], TOL,
                          f"step {step} gradient")
-
-
-def test_distributed_loss_refuses_a_regularizer():
-    with pytest.raises(NotImplementedError, match="embedding_regularizer=LpRegularizer"):
-        mk.DistributedLoss(mk.CircleLoss(embedding_regularizer=_embedding_regularizer()))
-    with pytest.raises(NotImplementedError, match="weight_regularizer=RegularFaceRegularizer"):
-        mk.DistributedLoss(mk.ArcFaceLoss(3, 4, weight_regularizer=regularizers.RegularFaceRegularizer()))
 
 
 @pytest.mark.parametrize("value", [lambda: torch.nn.Identity(), lambda: (lambda x: x.norm()), lambda: "lp"])
