@@ -125,7 +125,8 @@ template <typename T>
 struct AngularMargin {
   bool on;
   T cos_a, sin_a;
-  MK_HD explicit AngularMargin(T a) : on(a != T(0)), cos_a(std::cos(a)), sin_a(std::sin(a)) {}
+  // Every kind builds one (a = 0 but for NT-Xent's margin): the trigonometry only where it is used.
+  MK_HD explicit AngularMargin(T a) : on(a != T(0)), cos_a(on ? std::cos(a) : T(1)), sin_a(on ? std::sin(a) : T(0)) {}
   MK_HD T value(T v) const {
     const T sine2 = (T(1) - v) * (T(1) + v);  // 1 - v is exact near v = 1
     return on ? v * cos_a + (sine2 > 0 ? std::sqrt(sine2) : T(0)) * sin_a : v;
