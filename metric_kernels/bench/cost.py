@@ -347,10 +347,11 @@ def prepare_interpreter() -> bool:
     except ImportError:
         raise RuntimeError("the cost report needs Triton (pip install triton)") from None
     from ..triton import _lse_kernels
-    from ..triton._interpreter import tensor_core_dots
+    from ..triton._interpreter import tensor_core_dots, vectorised_reductions
     if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(_lse_kernels.row_norms, InterpretedFunction):
         return False
     tensor_core_dots()
+    vectorised_reductions()
     return True
 
 
