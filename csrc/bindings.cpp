@@ -137,7 +137,8 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
 }
 
 template <typename T>
-MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64_t sub_centers, double scale) {
+MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64_t sub_centers, double scale,
+                                         bool normalize_x, bool normalize_w) {
   return MarginSoftmaxParams<T>{rows.x.const_data_ptr<T>(),
                                 rows.weight.const_data_ptr<T>(),
                                 rows.labels.const_data_ptr<int64_t>(),
@@ -148,6 +149,8 @@ MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64
                                 rows.x.stride(0),
                                 rows.weight.stride(0),
                                 static_cast<T>(scale),
+                                normalize_x,
+                                normalize_w,
                                 &shim_gemm<T>,
                                 static_cast<int>(torch::stable::get_num_threads())};
 }
@@ -168,12 +171,13 @@ glue::ClassifierRows classifier_rows_on_cpu(const Tensor& x, const Tensor& weigh
 
 // stats [2, N]: the log-sum-exp of scale * cosine over the other classes, and the label's cosine.
 Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& labels, int64_t sub_centers,
-                           double scale, bool deterministic) {
+                           double scale, bool normalize_x, bool normalize_w, bool deterministic) {
   const glue::ClassifierRows rows = classifier_rows_on_cpu(x, weight, labels, sub_centers);
   Tensor stats = torch::stable::new_empty(rows.x, {2, rows.x.size(0)});
   with_rows_type(rows.x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    cpu::margin_softmax_forward(classifier_params<T>(rows, sub_centers, scale), stats.mutable_data_ptr<T>());
+    cpu::margin_softmax_forward(classifier_params<T>(rows, sub_centers, scale, normalize_x, normalize_w),
+                                stats.mutable_data_ptr<T>());
   });
   return stats;
 }
@@ -181,8 +185,9 @@ Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& 
 // (dX, dW); an unneeded gradient comes back with 0 rows. Always deterministic on the CPU.
 std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, const Tensor& stats_in,
                                                         const Tensor& x, const Tensor& weight, const Tensor& labels,
-                                                        int64_t sub_centers, double scale, bool deterministic,
-                                                        bool need_dx, bool need_dw) {
+                                                        int64_t sub_centers, double scale, bool normalize_x,
+                                                        bool normalize_w, bool deterministic, bool need_dx,
+                                                        bool need_dw) {
   const glue::ClassifierRows rows = classifier_rows_on_cpu(x, weight, labels, sub_centers);
   const int64_t n = rows.x.size(0);
   STD_TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == 2 && grad_in.size(1) == n && stats_in.dim() == 2 &&
@@ -196,7 +201,7 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
   with_rows_type(dtype, [&](auto zero) {
     using T = decltype(zero);
     cpu::margin_softmax_backward(MarginSoftmaxBackwardParams<T>{
-        classifier_params<T>(rows, sub_centers, scale), grad.const_data_ptr<T>(), stats.const_data_ptr<T>(),
+        classifier_params<T>(rows, sub_centers, scale, normalize_x, normalize_w), grad.const_data_ptr<T>(), stats.const_data_ptr<T>(),
         need_dx ? dx.mutable_data_ptr<T>() : nullptr, need_dw ? dw.mutable_data_ptr<T>() : nullptr});
   });
   return {dx, dw};

@@ -49,6 +49,10 @@ struct MarginSoftmaxParams {
   const int64_t* labels;  // N, each in [0, classes)
   int64_t n, d, classes, sub_centers, x_stride, w_stride;
   T scale;                // the logits are scale * cosine
+  // Which side is normalised: false leaves the rows (W's columns) raw, so that the "cosine" of a pair is
+  // x . w / |w| (SphereFace: rows raw) or x . w (LargeMarginSoftmax: both raw); the inverse norm is then 1 and the
+  // normalisation's radial term is absent.
+  bool normalize_x, normalize_w;
   GemmFn<T> gemm;
   int num_threads;
 };
@@ -136,6 +140,7 @@ struct CudaMarginSoftmaxParams {
   void* w_inverse;        // J: written by the kernels
   int64_t n, d, classes, sub_centers, x_stride, w_stride;  // sub_centers <= 64 (a class within one 64-column tile)
   double scale;
+  bool normalize_x, normalize_w;  // as MarginSoftmaxParams' (x_inverse / w_inverse then hold 1)
   Operand operand;
 };
 

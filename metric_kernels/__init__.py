@@ -1,20 +1,21 @@
 """metric_kernels: fused deep-metric-learning losses for PyTorch.
 
 Circle, SupCon, Multi-Similarity, NT-Xent, tuplet margin, Contrastive, generalized lifted structure, margin, NCA,
-batch-hard triplet, Proxy-Anchor, ProxyNCA and the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax)
-with pytorch-metric-learning's semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton",
+batch-hard triplet, Proxy-Anchor, ProxyNCA and the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace,
+SphereFace, LargeMarginSoftmax, NormalizedSoftmax) with pytorch-metric-learning's semantics, computed by a choice of backends ("reference" pure PyTorch; fused "triton",
 "cuda" and "cpu" kernels where built). See README.md and docs/.
 """
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
-                         generalized_lifted_structure_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
-                         normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss,
-                         subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
+                         generalized_lifted_structure_loss, large_margin_softmax_loss, margin_loss,
+                         multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
+                         proxy_anchor_loss, proxy_nca_loss, sphereface_loss, subcenter_arcface_loss, supcon_loss,
+                         tuplet_margin_loss)
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
-                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss,
-                      TupletMarginLoss)
+                      GeneralizedLiftedStructureLoss, LargeMarginSoftmaxLoss, MarginLoss, MultiSimilarityLoss,
+                      NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SphereFaceLoss,
+                      SubCenterArcFaceLoss, SupConLoss, TupletMarginLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 
@@ -28,6 +29,7 @@ __all__ = [
     "CrossBatchMemory",
     "DistributedLoss",
     "GeneralizedLiftedStructureLoss",
+    "LargeMarginSoftmaxLoss",
     "MarginLoss",
     "MultiSimilarityLoss",
     "NCALoss",
@@ -35,6 +37,7 @@ __all__ = [
     "NormalizedSoftmaxLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",
+    "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
     "TupletMarginLoss",
@@ -45,6 +48,7 @@ __all__ = [
     "contrastive_loss",
     "cosface_loss",
     "generalized_lifted_structure_loss",
+    "large_margin_softmax_loss",
     "margin_loss",
     "multi_similarity_loss",
     "multiview",
@@ -53,6 +57,7 @@ __all__ = [
     "ntxent_loss",
     "proxy_anchor_loss",
     "proxy_nca_loss",
+    "sphereface_loss",
     "subcenter_arcface_loss",
     "supcon_loss",
     "tuplet_margin_loss",

@@ -82,6 +82,8 @@ SUPPORTED_DISTANCES = {
     "ArcFaceLoss": (COSINE,),
     "CosFaceLoss": (COSINE,),
     "SubCenterArcFaceLoss": (COSINE,),
+    "LargeMarginSoftmaxLoss": (COSINE,),
+    "SphereFaceLoss": (COSINE,),
     "NormalizedSoftmaxLoss": (NORMALIZED_DOT, COSINE),
 }
 
@@ -97,7 +99,7 @@ def functional_distance(spec: DistanceSpec) -> dict:
 # Where PML's own loss accepts only some distance classes (c_f.assert_distance_type), no table entry can add others.
 PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
                         for name in ("CircleLoss", "TupletMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-                                     "SubCenterArcFaceLoss")}
+                                     "SubCenterArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss")}
 
 # How PML's reducers meet each loss: PML's reduction_type of the loss's sub-losses.
 #   "element": one loss per query (Circle, SupCon, Multi-Similarity, generalized lifted structure, the margin-softmax
@@ -114,7 +116,7 @@ LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarity
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
               "ContrastiveLoss": "pair",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
-              "NormalizedSoftmaxLoss": "element"}
+              "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element"}
 
 # What each reducer mode means as the functional `reduction=` (None: no functional reduction says the same).
 #   "unreduced" (DoNothingReducer): the module returns PML's loss dictionary of unreduced losses.

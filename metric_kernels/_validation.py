@@ -69,6 +69,15 @@ def check_count(value, name: str) -> int:
     return int(value)
 
 
+def check_whole_multiplier(value, name: str) -> int:
+    """A whole number >= 1 given as an int or an integral float (LargeMarginSoftmax's angle multiplier, which PML
+    truncates with int(): a fractional one is refused here rather than truncated)."""
+    value = check_real(value, name)
+    if value < 1 or value != int(value):
+        raise ValueError(f"{name} must be a whole number >= 1 (the multiple of the angle), got {value}")
+    return int(value)
+
+
 def check_angle_degrees(value, name: str) -> float:
     """An angular margin in degrees (ArcFace's): finite, 0 <= value < 180."""
     value = check_real(value, name)

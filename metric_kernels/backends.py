@@ -12,7 +12,8 @@ A backend is a module that exposes
         (the log-sum-exps of softmax_scale * v over each query's positives and over its negatives, -inf for none)
     batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic) -> Tensor[N]
     proxy_anchor_rows(proxies, x, labels, *, margin, alpha, deterministic) -> (Tensor[C], Tensor[C])
-    margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic) -> (Tensor[N], Tensor[N])
+    margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic, normalize_x=True,
+                        normalize_w=True) -> (Tensor[N], Tensor[N])
 
 (ntxent_rows and contrastive_rows return per-query sums and counts, see metric_kernels/_fused.py.) A backend may
 lack some of them: "auto" then passes over it for that loss.
@@ -24,7 +25,8 @@ The classifiers' margin_softmax_rows gets x (N x D) and the class matrix weight 
 class j // sub_centers) raw, never normalised (a backend normalises inside, W is never copied), in the compute dtype,
 or in their own dtype where the module sets FOLDS_NORMALIZATION; it returns the log-sum-exp of
 scale * cos over the classes other than each label (a class's cosine: its largest sub-centre's) and the label's
-cosine. The returned rows must be differentiable with respect to x, y, the proxies and the weight. Everything else (validation,
+cosine. normalize_x=False (normalize_w=False) leaves the rows (W's columns) unnormalised, so that "cos" is
+x . w / |w| (SphereFace) or x . w (LargeMarginSoftmax). The returned rows must be differentiable with respect to x, y, the proxies and the weight. Everything else (validation,
 normalisation, batch-level rules, reductions) lives once in metric_kernels.functional.
 """
 from __future__ import annotations

@@ -28,7 +28,8 @@ value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalVal
   be the same on every rank (DDP broadcasts them at construction). Another reducer than the default DivisorReducer
   reduces each of the two per-proxy terms over all C proxies (mean_nonzero: all-reduced counts of nonzero terms), and
   DoNothingReducer's dictionary holds the ranks' slices gathered.
-- The classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) and ProxyNCA: a query's loss depends on
+- The classifiers (ArcFace, CosFace, SubCenterArcFace, SphereFace, LargeMarginSoftmax, NormalizedSoftmax) and
+  ProxyNCA: a query's loss depends on
   that query and W (the proxies) alone, so each rank computes its own queries' losses (no gather) and the
   reduction's denominator is global. W, like the proxies, must be the same on every rank and averaged by DDP.
 
@@ -50,15 +51,14 @@ from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
-from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
-                      GeneralizedLiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NormalizedSoftmaxLoss,
-                      NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SubCenterArcFaceLoss, SupConLoss, TupletMarginLoss,
-                      _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners, _regularization_terms,
+from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
+                      MultiSimilarityLoss, NCALoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SupConLoss,
+                      TupletMarginLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners, _regularization_terms,
                       _regularized)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-           GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss,
-           SubCenterArcFaceLoss, NormalizedSoftmaxLoss)
+           GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss,
+           _MarginSoftmaxLoss)  # the classifiers
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -183,8 +183,9 @@ def _pair_spec(loss):
 
 class DistributedLoss(nn.Module):
     """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-    GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a classifier
-    (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
+    GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a
+    classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, SphereFaceLoss, LargeMarginSoftmaxLoss,
+    NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
     rows in rank order, as one process would compute it), and after DDP's gradient averaging every parameter
     gradient equals that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts
@@ -202,8 +203,8 @@ class DistributedLoss(nn.Module):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
                             "TupletMarginLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, "
                             "BatchHardTripletLoss, "
-                            "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss or "
-                            "NormalizedSoftmaxLoss, got "
+                            "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, "
+                            "SphereFaceLoss, LargeMarginSoftmaxLoss or NormalizedSoftmaxLoss, got "
                             f"{type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:

@@ -600,20 +600,54 @@ def _arcface_margin(cosine: torch.Tensor, margin: float) -> torch.Tensor:
                        torch.cos(angles) - margin * math.sin(margin))
 
 
+def _multiple_angle_cosine(cosine: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """PML's LargeMarginSoftmaxLoss.modify_cosine_of_target_classes, op for op: psi(theta) = (-1)^k cos(m theta) - 2k
+    for theta in [k pi / m, (k + 1) pi / m] (k without a gradient), cos(m theta) by the multiple-angle formula, a
+    polynomial in cos(theta): sum_n (-1)^n binom(m, 2n) cos^(m - 2n) (1 - cos^2)^n."""
+    terms = [(-1) ** n * math.comb(multiplier, 2 * n) * cosine ** (multiplier - 2 * n) * (1 - cosine ** 2) ** n
+             for n in range(multiplier // 2 + 1)]
+    cos_with_margin = torch.stack(terms, dim=1).sum(dim=1)
+    with torch.no_grad():
+        k = (torch.acos(torch.clamp(cosine, -1, 1)) / (math.pi / multiplier)).floor()
+    return (-1) ** k * cos_with_margin - 2 * k
+
+
 _MARGINS = {
     "arcface": _arcface_margin,
     "cosface": lambda cosine, margin: cosine - margin,  # PML's CosFaceLoss
     "none": lambda cosine, margin: cosine,  # NormalizedSoftmax: the label's cosine as it is
+    "large_margin": _multiple_angle_cosine,
+    "sphereface": _multiple_angle_cosine,
 }
+
+# (rows normalised, W's columns normalised) where not both: a side left raw has its norm multiply every logit, so
+# that LargeMarginSoftmax's logits are scale |x| |w| cos = scale x . w and SphereFace's scale |x| cos.
+_NORMALIZED = {"large_margin": (False, False), "sphereface": (False, True)}
+
+
+def _target_logits(kind: str, target: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
+                   margin, scale: float) -> torch.Tensor:
+    """scale * (the norms of the sides left raw) * margin(cos) at each row's label, from the backend's `target`
+    (the label's similarity: its cosine times those norms): O(N) vectors and the N label columns' norms."""
+    normalize_x, normalize_w = _NORMALIZED.get(kind, (True, True))
+    if normalize_x and normalize_w:
+        return scale * _MARGINS[kind](target, margin)
+    lengths = torch.linalg.vector_norm(x, dim=1, dtype=target.dtype)
+    cosine = target / lengths.clamp_min(NORM_EPS)
+    if not normalize_w:
+        column_lengths = torch.linalg.vector_norm(w[:, labels], dim=0, dtype=target.dtype)
+        lengths, cosine = lengths * column_lengths, cosine / column_lengths.clamp_min(NORM_EPS)
+    return scale * lengths * _MARGINS[kind](cosine, margin)
 
 
 def _margin_softmax_loss(embeddings, labels, weight, *, kind: str, margin: float, scale: float, sub_centers: int,
                          reduction, backend, deterministic):
     """The margin-softmax classifiers: validation, dispatch of the backend's margin_softmax_rows (per row the
     log-sum-exp of scale * cosine over the other classes, and the label's cosine; metric_kernels/backends.py), then
-    on O(N) vectors the margin of `kind` (margin in radians for "arcface") and PML's cross-entropy
-    L_i = log(exp(lse_other_i) + exp(logit_i)) - logit_i with logit_i = scale * margin(cos_i, label). `scale`,
-    `margin` and `sub_centers` arrive checked."""
+    on O(N) vectors the margin of `kind` (margin in radians for "arcface", the angle's multiple for "large_margin"
+    and "sphereface") and PML's cross-entropy L_i = log(exp(lse_other_i) + exp(logit_i)) - logit_i with
+    logit_i = scale * margin(cos_i, label) (times the norms of the sides _NORMALIZED leaves raw). `scale`, `margin`
+    and `sub_centers` arrive checked."""
     check.check_classifier_inputs(embeddings, labels, weight, sub_centers)
     check.check_reduction(reduction)
     check_backend_name(backend)
@@ -629,9 +663,11 @@ def _margin_softmax_loss(embeddings, labels, weight, *, kind: str, margin: float
     if x.shape[0] == 0:  # no query: zeros that stay connected to the graph of the embeddings and the weight
         rows = (x.sum(dim=1) * 0 + w.sum() * 0).to(stats_dtype(x.dtype))
     else:
-        lse_other, target_cosine = implementation.margin_softmax_rows(
-            x, w, labels, scale=scale, sub_centers=sub_centers, deterministic=deterministic)
-        logits = scale * _MARGINS[kind](target_cosine, margin)
+        normalize_x, normalize_w = _NORMALIZED.get(kind, (True, True))
+        lse_other, target = implementation.margin_softmax_rows(
+            x, w, labels, scale=scale, sub_centers=sub_centers, deterministic=deterministic, normalize_x=normalize_x,
+            normalize_w=normalize_w)
+        logits = _target_logits(kind, target, x, w, labels, margin, scale)
         rows = torch.logaddexp(lse_other, logits) - logits
     return _reduce(rows, reduction) + _nonfinite_guard(x, w)
 
@@ -677,6 +713,28 @@ def normalized_softmax_loss(embeddings, labels, weight, *, temperature=0.05, red
     cos(x_i, W_c) / temperature. weight: D x C, PML's W. See docs/losses/margin-softmax.md."""
     temperature = check.check_positive(temperature, "temperature")
     return _margin_softmax_loss(embeddings, labels, weight, kind="none", margin=0.0, scale=1.0 / temperature,
+                                sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
+
+
+def large_margin_softmax_loss(embeddings, labels, weight, *, margin=4, scale=1.0, reduction="mean", backend="auto",
+                              deterministic=None):
+    """Large-margin softmax (L-Softmax, Liu et al. 2016) with PML's semantics: cross-entropy over
+    scale * x_i . W_c = scale |x_i| |W_c| cos(theta_ic), the label's cos(theta) replaced by
+    psi(theta) = (-1)^k cos(m theta) - 2k on [k pi / m, (k + 1) pi / m] (m = margin, a whole number >= 1).
+    Neither the embeddings nor W are normalised. weight: D x C, PML's W. See docs/losses/margin-softmax.md."""
+    margin = check.check_whole_multiplier(margin, "margin")
+    scale = check.check_positive(scale, "scale")
+    return _margin_softmax_loss(embeddings, labels, weight, kind="large_margin", margin=margin, scale=scale,
+                                sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
+
+
+def sphereface_loss(embeddings, labels, weight, *, margin=4, scale=1.0, reduction="mean", backend="auto",
+                    deterministic=None):
+    """SphereFace (A-Softmax, Liu et al. 2017) with PML's semantics: large_margin_softmax_loss with W's columns
+    normalised, logits scale |x_i| cos(theta_ic). weight: D x C, PML's W. See docs/losses/margin-softmax.md."""
+    margin = check.check_whole_multiplier(margin, "margin")
+    scale = check.check_positive(scale, "scale")
+    return _margin_softmax_loss(embeddings, labels, weight, kind="sphereface", margin=margin, scale=scale,
                                 sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
 
 

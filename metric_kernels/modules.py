@@ -836,6 +836,48 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         return outliers, dominant_centers  # PML's "a if not flag else a, b" is this tuple whatever the flag says
 
 
+class LargeMarginSoftmaxLoss(_ScaledMarginLoss):
+    """PML's LargeMarginSoftmaxLoss(num_classes, embedding_size, margin=4, scale=1): see
+    docs/losses/margin-softmax.md.
+
+    margin: the multiple of the label's angle, a whole number >= 1 (an int or an integral float; PML truncates a
+    fractional one with int(), here it is refused); stored as an int, as PML stores it. Neither the embeddings nor W
+    are normalised: the logits are scale * x . W. distance: CosineSimilarity() only (PML's asserts a
+    CosineSimilarity). The rest as _MarginSoftmaxLoss's docstring says.
+    """
+
+    _PML_NAME = "LargeMarginSoftmaxLoss"
+    _KIND = "large_margin"
+
+    def __init__(self, num_classes, embedding_size, margin=4, scale=1, **kwargs):
+        super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
+
+    @staticmethod
+    def _stored_margin(margin) -> int:
+        return check.check_whole_multiplier(margin, "margin")
+
+    def _logit_lengths(self, embeddings):
+        """The norms that multiply each cosine in the logits (PML's scale_logits): |x_i| |W_c|, N x C."""
+        return (torch.linalg.vector_norm(embeddings, dim=1)[:, None]
+                * torch.linalg.vector_norm(self.W.to(embeddings.dtype), dim=0)[None, :])
+
+    def get_logits(self, embeddings):
+        """scale * |x| |W_c| cosine of the embeddings to every class, N x C (PML's get_logits: no margin)."""
+        return self._class_cosines(embeddings) * self._logit_lengths(embeddings) * self.scale
+
+
+class SphereFaceLoss(LargeMarginSoftmaxLoss):
+    """PML's SphereFaceLoss(num_classes, embedding_size, margin=4, scale=1): LargeMarginSoftmaxLoss with W's columns
+    normalised, logits scale * |x| cosine (see docs/losses/margin-softmax.md). The rest as LargeMarginSoftmaxLoss's.
+    """
+
+    _PML_NAME = "SphereFaceLoss"
+    _KIND = "sphereface"
+
+    def _logit_lengths(self, embeddings):
+        return torch.linalg.vector_norm(embeddings, dim=1)[:, None]
+
+
 class NormalizedSoftmaxLoss(_MarginSoftmaxLoss):
     """PML's NormalizedSoftmaxLoss(num_classes, embedding_size, temperature=0.05): see docs/losses/margin-softmax.md.
 

@@ -151,6 +151,18 @@ def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers=3, margin=
     return _classifier(module, weight, weight.shape[1] // sub_centers, embeddings, labels)
 
 
+def large_margin_softmax_loss(embeddings, labels, weight, *, margin=4, scale=1.0):
+    losses, _, _ = _pml()
+    return _classifier(losses.LargeMarginSoftmaxLoss(1, 1, margin=margin, scale=scale), weight, weight.shape[1],
+                       embeddings, labels)
+
+
+def sphereface_loss(embeddings, labels, weight, *, margin=4, scale=1.0):
+    losses, _, _ = _pml()
+    return _classifier(losses.SphereFaceLoss(1, 1, margin=margin, scale=scale), weight, weight.shape[1], embeddings,
+                       labels)
+
+
 def normalized_softmax_loss(embeddings, labels, weight, *, temperature=0.05):
     losses, _, _ = _pml()
     return _classifier(losses.NormalizedSoftmaxLoss(1, 1, temperature=temperature), weight, weight.shape[1],

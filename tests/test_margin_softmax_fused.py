@@ -185,7 +185,8 @@ def test_opcheck(backend, dtype):
     op = getattr(torch.ops.metric_kernels, f"{prefix}_margin_softmax_rows")
     x, weight, labels = _inputs(4, 12, 6, 10, 2)
     x, weight = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
-    torch.library.opcheck(op, (x, weight, labels, 2, 5.0, False))
+    for normalize_x, normalize_w in ((True, True), (False, True), (False, False)):
+        torch.library.opcheck(op, (x, weight, labels, 2, 5.0, normalize_x, normalize_w, False))
 
 
 @backend_param
@@ -225,8 +226,8 @@ def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale, determinis
     x, weight, labels = _inputs(17, n, dim, classes, sub_centers)
     dtype = OPERANDS[operand]
     xs, ws = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
-    stats = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows(xs, ws, labels, sub_centers, scale, True,
-                                                                       operand == "tf32")
+    stats = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows(xs, ws, labels, sub_centers, scale, True, True,
+                                                                       True, operand == "tf32")
     exact_rows = tf32_rounded if operand == "tf32" else (lambda t: t.to(dtype).double())
     xe, we = exact_rows(x).requires_grad_(), exact_rows(weight).requires_grad_()
     lse, target = _reference_stats(xe, we, labels, scale, sub_centers)
@@ -235,7 +236,7 @@ def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale, determinis
     assert_rel_close(stats[1], target, value_rtol, f"{operand} target")
     upstream = torch.randn(2, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dx, dw = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows_backward(
-        upstream.to(stats.dtype), stats, xs, ws, labels, sub_centers, scale, deterministic, True, True,
+        upstream.to(stats.dtype), stats, xs, ws, labels, sub_centers, scale, True, True, deterministic, True, True,
         operand == "tf32")
     expected = torch.autograd.grad((upstream[0] * lse + upstream[1] * target).sum(), (xe, we))
     assert dx.dtype == dtype and dw.dtype == dtype
@@ -287,7 +288,7 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
     x, weight = torch.randn(n, dim, generator=g).to(dtype), torch.randn(dim, classes, generator=g).to(dtype)
     labels = torch.randint(0, classes, (n,), generator=g)
     ops = torch.ops.metric_kernels
-    args = (x, weight, labels, 1, 10.0, True)
+    args = (x, weight, labels, 1, 10.0, True, True, True)
     stats = ops.cuda_emulated_margin_softmax_rows(*args, False)
     upstream = torch.randn(2, n, generator=g).to(stats.dtype)
 

@@ -13,7 +13,9 @@
 // normalised; the backward applies the normalisation's Jacobian through two per-row (per-column) sums of dS * cos:
 //   dx_i = rx_i sum_j dS_ij rw_j w_j - rx_i^2 (sum_j dS_ij cos_ij) x_i     (the second term only where |x_i| > eps)
 // and the same for each column w_j with the roles swapped. A class's cosine is the largest of its sub-centres', so
-// its dS lands on that one column.
+// its dS lands on that one column. A side left raw (MarginSoftmaxParams::normalize_x / normalize_w false:
+// SphereFace's rows, LargeMarginSoftmax's rows and columns) has r = 1 and no second term: its "cosine" is the product
+// with the other side's unit vectors.
 namespace metric_kernels::cpu {
 namespace {
 
@@ -84,10 +86,11 @@ T inverse_norm(T squared) {
   return T(1) / std::max(std::sqrt(squared), kNormEps<T>);
 }
 
-// Where the norm is clamped at eps, the normalisation is a plain division and has no Jacobian term.
+// Whether a row (column) has the normalisation's Jacobian term: not where it is left raw, nor where its norm is
+// clamped at eps (the normalisation is then a plain division).
 template <typename T>
-bool clamped(T inverse) {
-  return inverse >= T(1) / kNormEps<T>;
+bool radial(T inverse, bool normalized) {
+  return normalized && inverse < T(1) / kNormEps<T>;
 }
 
 template <typename T>
@@ -121,13 +124,13 @@ void inverse_column_norms(const MarginSoftmaxParams<T>& p, T* out) {
   }
 }
 
-// The inverse norms of X's rows and W's columns, computed once per call.
+// The inverse norms of X's rows and W's columns, computed once per call (1 for a side left raw).
 template <typename T>
 struct InverseNorms {
   std::vector<T> rx, rw;
-  explicit InverseNorms(const MarginSoftmaxParams<T>& p) : rx(p.n), rw(p.classes * p.sub_centers) {
-    inverse_row_norms(p, rx.data());
-    inverse_column_norms(p, rw.data());
+  explicit InverseNorms(const MarginSoftmaxParams<T>& p) : rx(p.n, T(1)), rw(p.classes * p.sub_centers, T(1)) {
+    if (p.normalize_x) inverse_row_norms(p, rx.data());
+    if (p.normalize_w) inverse_column_norms(p, rw.data());
   }
 };
 
@@ -282,7 +285,7 @@ void backward_dx(const MarginSoftmaxBackwardParams<T>& b, const Grid& g, const s
         for (int64_t k = 0; k < p.d; ++k) dx[k] += part[k];
         dot += dots[split * p.n + i];
       }
-      const T term = clamped(rx[i]) ? T(0) : rx[i] * rx[i] * dot;
+      const T term = radial(rx[i], p.normalize_x) ? rx[i] * rx[i] * dot : T(0);
       const T* x = p.x + i * p.x_stride;
 #pragma omp simd
       for (int64_t k = 0; k < p.d; ++k) dx[k] -= term * x[k];
@@ -319,7 +322,7 @@ void backward_dw(const MarginSoftmaxBackwardParams<T>& b, const Grid& g, const s
       }
       for (int64_t j = 0; j < c.cols; ++j) {
         const T inverse = rw[c.j0 + j];
-        column_sums[j] = clamped(inverse) ? T(0) : inverse * inverse * column_sums[j];
+        column_sums[j] = radial(inverse, p.normalize_w) ? inverse * inverse * column_sums[j] : T(0);
       }
       for (int64_t k = 0; k < p.d; ++k) {
         T* out = dw + k * columns;

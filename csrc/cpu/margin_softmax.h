@@ -1,5 +1,6 @@
-// Fused CPU kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): the
-// cosines of the queries against W's columns in tiles, an online log-sum-exp per query over the classes other than
+// Fused CPU kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax,
+// SphereFace, LargeMarginSoftmax): the cosines (or, for a side left raw, the products) of the queries against W's
+// columns in tiles, an online log-sum-exp per query over the classes other than
 // its label, and the label's cosine; never the N x C logits. What the margin does with these two statistics is
 // decided in Python (metric_kernels/functional.py), on O(N) vectors.
 #pragma once

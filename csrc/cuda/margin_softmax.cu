@@ -1,7 +1,8 @@
-// CUDA kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) on the
-// engine of engine.cuh, the same problem as the CPU kernels (csrc/cpu/margin_softmax.cpp, whose comment has the
-// math): the queries X (N x D) against the columns of W (D x J, J = classes * sub_centers), both read raw, with
-// inverse norms (a kernel here) folded into each tile, cos = (x . w) rx rw:
+// CUDA kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax,
+// SphereFace, LargeMarginSoftmax) on the engine of engine.cuh, the same problem as the CPU kernels
+// (csrc/cpu/margin_softmax.cpp, whose comment has the math): the queries X (N x D) against the columns of W (D x J,
+// J = classes * sub_centers), both read raw, with inverse norms (a kernel here; 1 for a side left raw) folded into
+// each tile, cos = (x . w) rx rw:
 //   forward:  per 64-row block, walk W in tiles of whole classes (64 / sub_centers of them), a class's cosine the
 //             largest of its sub-centres'; fold scale * cos of the other classes into an online log-sum-exp and keep
 //             the label's cosine;
@@ -25,10 +26,11 @@
 namespace metric_kernels::cuda {
 namespace {
 
-// Where the norm is clamped at eps, the normalisation is a plain division and has no radial term.
+// Whether a row (column) has the normalisation's radial term: not where it is left raw (its inverse norm is then
+// 1), nor where its norm is clamped at eps (the normalisation is then a plain division).
 template <class Acc>
-__device__ __forceinline__ bool clamped(Acc inverse) {
-  return inverse >= Acc(1) / Acc(kNormEps);
+__device__ __forceinline__ bool radial(Acc inverse, bool normalized) {
+  return normalized && inverse < Acc(1) / Acc(kNormEps);
 }
 
 // shared.s() = X[r0 : r0 + 64] . W[:, j0 : j0 + 64] (columns past j_end read as 0), raw products (X's rows from
@@ -190,14 +192,14 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
 
 // Thread t < 64: shared.sums()[t] = the radial coefficient of dW's column j0 + t, rw^2 times its sum of dS cos
 // (column_sum of what classifier_ds_tile left in S), 0
-// where rw is clamped (no radial term) or past the tile's columns.
+// where the column has no radial term or lies past the tile's columns.
 template <class Policy>
 __device__ __forceinline__ void store_column_coefficient(const CudaMarginSoftmaxParams& p, const ClassTile& tile,
                                                          typename Policy::Acc dot, SharedLayout<Policy>& shared) {
   using Acc = typename Policy::Acc;
   const int64_t column = tile.j0 + threadIdx.x;
   const Acc rw = column < tile.j_end ? static_cast<const Acc*>(p.w_inverse)[column] : Acc(0);
-  shared.sums()[threadIdx.x] = clamped(rw) ? Acc(0) : rw * rw * dot;
+  shared.sums()[threadIdx.x] = radial(rw, p.normalize_w) ? rw * rw * dot : Acc(0);
 }
 
 // dW (D x J, the accumulation type) at the class tile's columns and D columns e0.. gets, for each (e, j), the staged
@@ -292,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dx_kernel(const Cu
   row_dot += from_partner(row_dot);
   if (epilogue_column() == 0) {
     const Acc rx = shared.row_state()[3 * kTile + epilogue_row()];
-    shared.sums()[epilogue_row()] = clamped(rx) ? Acc(0) : rx * rx * row_dot;
+    shared.sums()[epilogue_row()] = radial(rx, p.normalize_x) ? rx * rx * row_dot : Acc(0);
   }
   const Operand* own = x + r0 * p.x_stride;
   write_slices(dx, shared, static_cast<Acc*>(bp.dx), r0, p.n, span0, p.d, Write::kStore, shared.sums(), own,
@@ -349,6 +351,13 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_dw_kernel(const Cu
   }
 }
 
+// out[0 .. count) = 1: the inverse norms of a side left raw.
+template <class Acc>
+__global__ void __launch_bounds__(kThreads) unit_scales_kernel(int64_t count, Acc* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i < count) out[i] = Acc(1);
+}
+
 template <class Policy>
 cudaError_t inverse_norms(const CudaMarginSoftmaxParams& p, cudaStream_t stream) {
   using Acc = typename Policy::Acc;
@@ -358,13 +367,17 @@ cudaError_t inverse_norms(const CudaMarginSoftmaxParams& p, cudaStream_t stream)
   const int64_t columns = p.classes * p.sub_centers;
   const auto grid = [](int64_t count) { return dim3(static_cast<unsigned>((count + kThreads - 1) / kThreads)); };
   if (p.n > 0) {
-    if (cudaError_t error = launch(vector_norms_kernel<Operand, Acc, true>, grid(p.n), 0, stream, x, p.n, p.d, p.x_stride,
-                                   int64_t{1}, static_cast<Acc*>(p.x_inverse)))
+    auto* out = static_cast<Acc*>(p.x_inverse);
+    if (cudaError_t error = p.normalize_x ? launch(vector_norms_kernel<Operand, Acc, true>, grid(p.n), 0, stream, x,
+                                                   p.n, p.d, p.x_stride, int64_t{1}, out)
+                                          : launch(unit_scales_kernel<Acc>, grid(p.n), 0, stream, p.n, out))
       return error;
   }
   if (columns == 0) return cudaSuccess;
-  return launch(vector_norms_kernel<Operand, Acc, true>, grid(columns), 0, stream, w, columns, p.d, int64_t{1},
-                p.w_stride, static_cast<Acc*>(p.w_inverse));
+  auto* out = static_cast<Acc*>(p.w_inverse);
+  return p.normalize_w ? launch(vector_norms_kernel<Operand, Acc, true>, grid(columns), 0, stream, w, columns, p.d,
+                                int64_t{1}, p.w_stride, out)
+                       : launch(unit_scales_kernel<Acc>, grid(columns), 0, stream, columns, out);
 }
 
 template <class Policy>

@@ -4,6 +4,8 @@ Materialises the N x (C K) cosines of the rows to W's columns (K = sub_centers),
 sub-centre cosine as PML's SubCenterArcFaceLoss does (view(N, C, K).max(2)), and returns per row the log-sum-exp of
 scale * cosine over the classes other than the label and the label's cosine. The Python layer
 (metric_kernels/functional.py) applies each loss's margin to the label's cosine and finishes the cross-entropy.
+normalize_x / normalize_w False leave the rows / W's columns as they are (LargeMarginSoftmax: both raw, the
+similarity is x . w; SphereFace: raw rows, unit columns): "cosine" above is then that similarity.
 """
 import torch
 import torch.nn.functional as F
@@ -11,10 +13,12 @@ import torch.nn.functional as F
 from .._row_epilogues import stats_dtype
 
 
-def margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic=False):
+def margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic=False, normalize_x=True,
+                        normalize_w=True):
     dtype = stats_dtype(x.dtype)
     x, weight = x.to(dtype), weight.to(dtype)
-    cosine = F.normalize(x, dim=1) @ F.normalize(weight, dim=0)  # N x (C K)
+    cosine = ((F.normalize(x, dim=1) if normalize_x else x)
+              @ (F.normalize(weight, dim=0) if normalize_w else weight))  # N x (C K)
     cosine = cosine.view(x.shape[0], -1, sub_centers).max(dim=2).values  # N x C
     target = F.one_hot(labels.long(), cosine.shape[1]).bool()
     # -inf at the label: an all-masked row (C = 1) gives -inf, and masked_fill zeroes its (NaN) gradient.

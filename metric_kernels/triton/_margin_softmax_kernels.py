@@ -1,5 +1,6 @@
-"""Triton kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): per
-query row x_i, over the classes c of W (D x J, J = C K columns, column j = class j // K, K sub-centres)
+"""Triton kernels of the margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax,
+SphereFace, LargeMarginSoftmax): per query row x_i, over the classes c of W (D x J, J = C K columns, column
+j = class j // K, K sub-centres)
 
     cos_ij = (x_i . w_j) r_i r_j,   r = 1 / max(||.||, eps),   cos_ic = max over the class's K columns of cos_ij
     lse_i = logsumexp over c != label_i of scale * cos_ic          (-inf for C == 1)
@@ -25,7 +26,9 @@ sub-centre, minus the normalisation's radial part:
 
     dx_i = r_i sum_j dS_ij r_j w_j - r_i^2 (sum_c dS_ic cos_ic) x_i     (the second term only where ||x_i|| > eps)
 
-and the same for each column w_j with the roles swapped. The row pass writes dX from one program per row block (or
+and the same for each column w_j with the roles swapped. normalize_x / normalize_w 0 leave the rows / W's columns
+raw (SphereFace: rows; LargeMarginSoftmax: both): r = 1 there and no radial part, so that "cos" is the product with
+the other side's unit vectors. The row pass writes dX from one program per row block (or
 one fp32 partial per class split); by default it also adds dW from the same tiles through relaxed atomics, and
 deterministically a column pass writes dW from one program per class tile, summing the row blocks in order.
 
@@ -37,11 +40,20 @@ import triton.language as tl
 from ._lse_kernels import (LN2, LOG2E, _add_transposed_product, _column_range, _dot_tile, _finite_or_zero,
                            _fold_tile, _load_params, _load_rows, _radial_part, _row_scales)
 
-NORMALIZE = tl.constexpr(True)  # the classifiers always compare directions
+# Which sides are normalised, as run-time integers (1 or 0; a constant 1 would make a second specialisation of each
+# kernel, which the compile proof would have to cover too): rows and columns left raw have r = 1 and no radial part.
+RUNTIME_FLAGS = ["normalize_x", "normalize_w"]
 
 
 @triton.jit
-def _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D,
+def _scales(norm_ptr, rows, n, normalize):
+    """_row_scales of normalised rows (columns) where `normalize` is nonzero; r = 1 and no radial part where not."""
+    inverse, radial, length2 = _row_scales(norm_ptr, rows, n, True)
+    return tl.where(normalize != 0, inverse, 1.0), radial & (normalize != 0), length2
+
+
+@triton.jit
+def _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, k, N, C, D,
                 stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                 ACC: tl.constexpr, PRECISION: tl.constexpr, LOAD_TILE: tl.constexpr, EVEN: tl.constexpr):
@@ -49,7 +61,7 @@ def _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k
     against the rows: the W_k tile at `dims` when LOAD_TILE (the forward loads it only when it holds the whole of D),
     and the columns' r. w_norm_ptr holds the column norms sub-centre by sub-centre ([K, C])."""
     w_k = w_ptr + k * stride_wj
-    w_inverse = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)[0]
+    w_inverse = _scales(w_norm_ptr + k * C, cols, C, normalize_w)[0]
     w_tile = _load_rows(w_k, cols, dims, C, D, stride_wc, stride_wd, EVEN) if LOAD_TILE else x_tile
     dot = _dot_tile(x_ptr, w_k, x_tile, w_tile, rows, cols, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
                     BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, EVEN)
@@ -57,7 +69,7 @@ def _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k
 
 
 @triton.jit
-def _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+def _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
                    stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                    ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_PICK: tl.constexpr, EVEN: tl.constexpr):
@@ -66,9 +78,9 @@ def _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), ACC)
     pick = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for k in range(K):
-        cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, k, N, C, D, stride_xn,
-                             stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
-                             PRECISION, FULL_D, EVEN)[0]
+        cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, k, N, C, D,
+                             stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
+                             ACC, PRECISION, FULL_D, EVEN)[0]
         better = (cosine > best) | (cosine != cosine)
         best = tl.where(better, cosine, best)
         if WITH_PICK:
@@ -115,21 +127,21 @@ def _product_operand(ds, row_factor, w_inverse, operand: tl.constexpr):
 
 
 @triton.jit
-def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse,
-                  rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile,
+                  x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, EVEN: tl.constexpr):
     """The class tile at c0 folded into the rows' log-sum-exp state (the classes other than the label) and the
     label's cosine added to `target` where the tile holds it."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     if MULTI:
-        cosine = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K, stride_xn,
-                                stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
-                                PRECISION, False, EVEN)[0]
+        cosine = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
+                                stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
+                                FULL_D, ACC, PRECISION, False, EVEN)[0]
     else:
-        cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N, C, D, stride_xn,
-                             stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
-                             PRECISION, FULL_D, EVEN)[0]
+        cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, 0, N, C, D,
+                             stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
+                             ACC, PRECISION, FULL_D, EVEN)[0]
     is_target = cols[None, :] == labels[:, None]
     target += tl.sum(tl.where(is_target, cosine, 0.0), axis=1)
     logits = tl.where((cols[None, :] < C) & ~is_target, scale * cosine, float("-inf"))
@@ -138,8 +150,9 @@ def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_
     return folded[2], folded[3], target
 
 
-@triton.jit
-def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, params_ptr, lse_ptr, target_ptr,
+@triton.jit(do_not_specialize=RUNTIME_FLAGS)
+def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, normalize_x, normalize_w, labels_ptr, params_ptr,
+                           lse_ptr, target_ptr,
                            N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, SPLIT,
                            N_BUCKET, M_BUCKET, ALIGNED,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -155,7 +168,7 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, par
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D).to(tl.int64)
     labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1)
-    x_inverse = _row_scales(x_norm_ptr, rows, N, NORMALIZE)[0]
+    x_inverse = _scales(x_norm_ptr, rows, N, normalize_x)[0]
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     running_max = tl.full((BLOCK_M,), float("-inf"), ACC)
     running_sum = tl.zeros((BLOCK_M,), ACC)
@@ -163,16 +176,18 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, labels_ptr, par
     start, stop = _column_range(split, C, SPLIT, BLOCK_N)
     even_stop = _even_stop(start, stop, BLOCK_N)
     for c0 in range(start, even_stop, BLOCK_N):
-        running_max, running_sum, target = _forward_step(
-            running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows,
-            dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
-            FULL_D, ACC, PRECISION, MULTI, True)
+        running_max, running_sum, target = _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr,
+                                                         w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims,
+                                                         N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
+                                                         stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION,
+                                                         MULTI, True)
     for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (a loop: an `if` here made the compiler
         # load the dot's row operand once for both, and keep it in registers across the first loop)
-        running_max, running_sum, target = _forward_step(
-            running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse,
-            rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
-            FULL_D, ACC, PRECISION, MULTI, False)
+        running_max, running_sum, target = _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr,
+                                                         w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims,
+                                                         N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
+                                                         stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION,
+                                                         MULTI, False)
     # A NaN logit makes the sum NaN for good; the engine's _finish_logsumexp would turn that into -inf.
     lse = tl.where(running_sum == 0, float("-inf"),
                    (running_max + tl.log2(tl.where(running_sum == 0, 1.0, running_sum))) * LN2)
@@ -190,22 +205,21 @@ def _add_column_terms(terms, w_radial, cols, C, columns, dw_t_ptr, first_dims):
 
 @triton.jit
 def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr, w_norm_ptr,
-               x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C, D, K, stride_xn, stride_xd,
-               stride_wd, stride_wj, stride_wc,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
-               ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, WITH_DW: tl.constexpr,
-               EVEN: tl.constexpr):
+               normalize_w, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C, D, K, stride_xn,
+               stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+               MULTI: tl.constexpr, WITH_DW: tl.constexpr, EVEN: tl.constexpr):
     """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos;
     WITH_DW also its part of dW, from the same P (_add_transposed_product). FULL_D: the cosines from x_tile."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     operand = x_ptr.dtype.element_ty
     if MULTI:
-        cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                                      stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+        cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N, C,
+                                      D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
                                       BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
         ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
         for k in range(K):  # each class's dS to its chosen column: one product per sub-centre
-            inverse_k, radial_k, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+            inverse_k, radial_k, _ = _scales(w_norm_ptr + k * C, cols, C, normalize_w)
             tile_k = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, stride_wc, stride_wd, EVEN)
             chosen = pick == k
             p = _product_operand(tl.where(chosen, ds, 0.0), row_factor, inverse_k, operand)
@@ -215,14 +229,14 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
                 _add_transposed_product(p, x_tile, cols, C, cols * K + k, dims, dw_ptr, D, ACC, PRECISION)
                 _add_column_terms(terms, radial_k, cols, C, cols * K + k, dw_t_ptr, first_dims)
     else:
-        cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, 0, N,
-                                                C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
-                                                BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
+        cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols,
+                                                dims, 0, N, C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+                                                BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
         ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
         p = _product_operand(ds, row_factor, w_inverse, operand)
         dx = tl.dot(p, w_tile, dx, input_precision=PRECISION, out_dtype=ACC)
         if WITH_DW:
-            w_radial = _row_scales(w_norm_ptr, cols, C, NORMALIZE)[1]
+            w_radial = _scales(w_norm_ptr, cols, C, normalize_w)[1]
             terms = ds * cosine
             _add_transposed_product(p, x_tile, cols, C, cols, dims, dw_ptr, D, ACC, PRECISION)
             _add_column_terms(terms, w_radial, cols, C, cols, dw_t_ptr, first_dims)
@@ -230,9 +244,9 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
     return dx, t_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_FLAGS)
 def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr, w_norm_ptr,
-                                 labels_ptr, dx_ptr, t_ptr, dw_ptr, dw_t_ptr,
+                                 normalize_x, normalize_w, labels_ptr, dx_ptr, t_ptr, dw_ptr, dw_t_ptr,
                                  N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, SPLIT,
                                  N_BUCKET, M_BUCKET, ALIGNED,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -253,7 +267,7 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     first_dims = tl.program_id(2) == 0  # the column statistics are added once, not once per D block
     labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
-    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_inverse, x_radial, x_length2 = _scales(x_norm_ptr, rows, N, normalize_x)
     row_factor = x_inverse * power
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
     dx = tl.zeros((BLOCK_M, BLOCK_D), ACC)
@@ -261,14 +275,14 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     start, stop = _column_range(split, C, SPLIT, BLOCK_N)
     even_stop = _even_stop(start, stop, BLOCK_N)
     for c0 in range(start, even_stop, BLOCK_N):
-        dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr,
-                                w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C,
-                                D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+        dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr,
+                                w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N,
+                                C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
                                 BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, True)
     for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (margin_softmax_forward)
-        dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial,
-                                x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims,
-                                N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+        dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr,
+                                w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N,
+                                C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
                                 BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, False)
     out_mask = (rows[:, None] < N) & (dims[None, :] < D)
     if PARTIAL:
@@ -290,9 +304,10 @@ def _finish_columns(dw, t_columns, w_tile, w_inverse, w_radial, power, cols, col
              mask=(cols[:, None] < C) & (dims[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_FLAGS)
 def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, x_ptr, w_ptr, x_norm_ptr,
-                                    w_norm_ptr, labels_ptr, dw_ptr, partial_ptr, partial_t_ptr,
+                                    w_norm_ptr, normalize_x, normalize_w, labels_ptr, dw_ptr, partial_ptr,
+                                    partial_t_ptr,
                                     N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                                     N_BUCKET, M_BUCKET, ALIGNED,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -311,7 +326,7 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = w_ptr.dtype.element_ty
     if not MULTI:  # (K > 1 reads each sub-centre's scales and rows where it uses them)
-        w_inverse, w_radial, _ = _row_scales(w_norm_ptr, cols, C, NORMALIZE)
+        w_inverse, w_radial, _ = _scales(w_norm_ptr, cols, C, normalize_w)
         w_tile = _load_rows(w_ptr, cols, dims, C, D, stride_wc, stride_wd)
         dw = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         t_columns = tl.zeros((BLOCK_N,), ACC)
@@ -320,16 +335,16 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         labels, g_lse, g_target, lse = _load_row_gradient(grad_ptr, stats_ptr, labels_ptr, rows, N)
-        x_inverse = _row_scales(x_norm_ptr, rows, N, NORMALIZE)[0]
+        x_inverse = _scales(x_norm_ptr, rows, N, normalize_x)[0]
         x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
         if MULTI:
-            cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                                          stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
-                                          BLOCK_D, FULL_D, ACC, PRECISION, True, False)
+            cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N,
+                                          C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
+                                          BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True, False)
             ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
             for k in range(K):
                 chosen = pick == k
-                inverse_k = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)[0]
+                inverse_k = _scales(w_norm_ptr + k * C, cols, C, normalize_w)[0]
                 p = _product_operand(tl.where(chosen, ds, 0.0), x_inverse * power, inverse_k, operand)
                 columns = cols * K + k
                 at = partial_ptr + columns[:, None] * D + dims[None, :]
@@ -352,7 +367,7 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
             dw = tl.dot(tl.trans(p), x_tile, dw, input_precision=PRECISION, out_dtype=ACC)
     if MULTI:
         for k in range(K):
-            w_inverse_k, w_radial_k, _ = _row_scales(w_norm_ptr + k * C, cols, C, NORMALIZE)
+            w_inverse_k, w_radial_k, _ = _scales(w_norm_ptr + k * C, cols, C, normalize_w)
             columns = cols * K + k
             dw_k = tl.load(partial_ptr + columns[:, None] * D + dims[None, :], mask=out_mask, other=0.0)
             t_k = tl.load(partial_t_ptr + columns, mask=cols < C, other=0.0)

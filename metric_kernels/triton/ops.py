@@ -434,12 +434,15 @@ def gradient_scale(grad: torch.Tensor, stats: torch.Tensor, x_norms: torch.Tenso
 
 
 def power_of_two_below(bound: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor,
-                       normalize: bool = True) -> torch.Tensor:
-    """The power of two 2^-ceil(log2(max_ij bound_i r_i r_j)) (r = 1 / max(norm, eps), or 1 without normalising),
-    as a 1-element tensor in the norms' dtype: what brings P = G r_i r_j, |G_ij| <= bound_i, to at most 1."""
-    inverse = lambda norms: (1.0 / norms.clamp(min=1e-12) if normalize  # noqa: E731
-                             else torch.ones_like(norms))
-    largest = ((bound * inverse(x_norms)).max() * inverse(y_norms).max()).clamp(min=2.0 ** -100, max=2.0 ** 100)
+                       normalize: bool = True, normalize_y: Optional[bool] = None) -> torch.Tensor:
+    """The power of two 2^-ceil(log2(max_ij bound_i r_i r_j)) (r = 1 / max(norm, eps), or 1 for rows not normalised:
+    the references follow `normalize` unless normalize_y says otherwise), as a 1-element tensor in the norms' dtype:
+    what brings P = G r_i r_j, |G_ij| <= bound_i, to at most 1."""
+    inverse = lambda norms, normalized: (1.0 / norms.clamp(min=1e-12) if normalized  # noqa: E731
+                                         else torch.ones_like(norms))
+    normalize_y = normalize if normalize_y is None else normalize_y
+    largest = ((bound * inverse(x_norms, normalize)).max() * inverse(y_norms, normalize_y).max()
+               ).clamp(min=2.0 ** -100, max=2.0 ** 100)
     return torch.exp2(-torch.ceil(torch.log2(largest))).reshape(1).to(x_norms.dtype)
 
 
