@@ -18,8 +18,8 @@ def main(backend: str, seeds: int) -> None:
                                              and os.environ.get("TRITON_INTERPRET") != "1") else "cpu"
     if backend == "triton" and device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-        from metric_kernels.triton._interpreter import tensor_core_dots
-        tensor_core_dots()
+        from metric_kernels.triton._interpreter import patch_interpreter
+        patch_interpreter()
     import metric_kernels  # noqa: F401  (registers the ops)
     from metric_kernels._row_epilogues import better_candidate
 

@@ -1,5 +1,5 @@
-"""The fused margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) against the float64
-reference, through the public functional API: values and gradients of the embeddings and of W, every fused backend
+"""The fused margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, LargeMarginSoftmax,
+SphereFace) against the float64 reference, through the public functional API: values and gradients of the embeddings and of W, every fused backend
 that computes them, ragged sizes against the kernels' tiles (several class tiles, class splits of small batches,
 sub-centres), C = 1 and 2, every reduction, fp64 / fp32 at the SPEC tolerances and fp16 / bf16 no worse than the
 reference run on the same half inputs + 1e-2; float64 gradcheck, torch.compile(fullgraph=True), torch.library.opcheck,
@@ -28,7 +28,8 @@ TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 HALF = (torch.float16, torch.bfloat16)
 LOSSES = {"arcface": dict(margin=28.6, scale=64.0), "cosface": dict(margin=0.35, scale=64.0),
           "subcenter_arcface": dict(sub_centers=3, margin=28.6, scale=64.0),
-          "normalized_softmax": dict(temperature=0.05)}
+          "normalized_softmax": dict(temperature=0.05), "large_margin_softmax": dict(margin=4, scale=1.0),
+          "sphereface": dict(margin=3, scale=2.0)}
 # (N, D, classes): one row; ragged row blocks and class tiles; a small batch over many class tiles (class splits).
 SIZES = [(1, 5, 1), (3, 4, 2), (37, 17, 300), (130, 33, 97), (9, 24, 1100)]
 
@@ -113,6 +114,22 @@ def test_margins_and_scales(backend, sub_centers):
                  margin=margin, scale=scale)
         if sub_centers == 1:
             _compare(backend, "cosface", x, weight, labels, torch.float32, margin=margin / 100, scale=scale)
+
+
+@backend_param
+@pytest.mark.parametrize("loss", ["large_margin_softmax", "sphereface"])
+def test_multiple_angle_margins_and_scales(backend, loss):
+    """LargeMarginSoftmax and SphereFace (the kernels with the rows, and for LargeMarginSoftmax W's columns, left
+    raw) over angle multiples 1..6, scales around PML's default, and rows and columns of very different norms, in
+    float64 and float32, with a zero row (no norm to divide by)."""
+    for seed, (margin, scale) in enumerate([(1, 1.0), (2, 0.3), (5, 2.5), (6, 0.05)]):
+        x, weight, labels = _inputs(100 + seed, 50, 16, 77, 1)
+        g = torch.Generator().manual_seed(seed)
+        x = x * torch.exp(torch.randn(50, 1, generator=g, dtype=torch.float64))
+        weight = weight * torch.exp(torch.randn(1, 77, generator=g, dtype=torch.float64))
+        x[7] = 0
+        for dtype in (torch.float64, torch.float32):
+            _compare(backend, loss, x, weight, labels, dtype, margin=margin, scale=scale)
 
 
 @backend_param

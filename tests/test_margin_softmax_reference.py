@@ -1,10 +1,12 @@
-"""The margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax) on the reference backend
-equal pytorch-metric-learning's modules: through the functional API and through our modules, values and gradients
-of the embeddings and of W, in float64 (1e-10) on seeded random cases (1..150 rows, widths 2..64, C = 1, 2 and up to
-100 classes, 1..3 sub-centres, margins and scales drawn at random, rows near their class's column and near its
-opposite: ArcFace past its monotonic branch, angle > 180 degrees - margin), and in float32 against PML in float64 on
-the same rounded inputs (1e-5 values, 1e-4 gradients). Every reducer PML's element losses take, get_logits and
-get_outliers equal PML's; NaN in gives NaN out; an empty batch gives 0 with zero gradients; C = 1 gives 0.
+"""The margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, LargeMarginSoftmax,
+SphereFace) on the reference backend equal pytorch-metric-learning's modules: through the functional API and through
+our modules, values and gradients of the embeddings and of W, in float64 (1e-10) on seeded random cases (1..150 rows,
+widths 2..64, C = 1, 2 and up to 100 classes, 1..3 sub-centres, margins and scales drawn at random, rows near their
+class's column and near its opposite: ArcFace past its monotonic branch, angle > 180 degrees - margin;
+LargeMarginSoftmax's and SphereFace's angle multiples 1..6, every branch of psi), and in float32 against PML in
+float64 on the same rounded inputs (1e-5 values, 1e-4 gradients). Every reducer PML's element losses take,
+get_logits and get_outliers equal PML's; NaN in gives NaN out; an empty batch gives 0 with zero gradients; C = 1
+gives 0.
 """
 import math
 
@@ -18,10 +20,13 @@ from metric_kernels.reference import margin_softmax_rows
 from tests.helpers import assert_rel_close, grads
 
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}  # (value, gradients) against PML in fp64
-LOSSES = ["arcface", "cosface", "subcenter_arcface", "normalized_softmax"]
+LOSSES = ["arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface"]
 CLASS_NAMES = {"arcface": "ArcFaceLoss", "cosface": "CosFaceLoss", "subcenter_arcface": "SubCenterArcFaceLoss",
-               "normalized_softmax": "NormalizedSoftmaxLoss"}
-SEED_BASE = {"arcface": 0, "cosface": 10_000, "subcenter_arcface": 20_000, "normalized_softmax": 30_000}
+               "normalized_softmax": "NormalizedSoftmaxLoss", "large_margin_softmax": "LargeMarginSoftmaxLoss",
+               "sphereface": "SphereFaceLoss"}
+SEED_BASE = {"arcface": 0, "cosface": 10_000, "subcenter_arcface": 20_000, "normalized_softmax": 30_000,
+             "large_margin_softmax": 60_000, "sphereface": 70_000}
+MULTIPLE_ANGLE = ("large_margin_softmax", "sphereface")
 CASES_PER_LOSS, BLOCKS = 48, 4
 
 
@@ -29,6 +34,9 @@ def _params(loss, g):
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
     if loss == "normalized_softmax":
         return dict(temperature=u(0.01, 1.0))
+    if loss in MULTIPLE_ANGLE:  # the angle's multiple, given as an int or an integral float; logits scale |x| (|w|) cos
+        margin = torch.randint(1, 7, (), generator=g).item()
+        return dict(margin=float(margin) if margin % 2 else margin, scale=u(0.05, 3.0))
     scale = u(1.0, 100.0)
     if loss == "cosface":
         return dict(margin=u(-0.3, 1.0), scale=scale)
@@ -81,22 +89,43 @@ def _classes(weight, params):
     return weight.shape[1] // params.get("sub_centers", 1)
 
 
-def _logit_scale(params):
-    return params["scale"] if "scale" in params else 1 / params["temperature"]
+def _logit_scale(loss, params, x, weight):
+    """The size of the logits: scale (1 / temperature) times, for the classifiers that leave a side raw, the largest
+    norms of that side (LargeMarginSoftmax: |x| |w|; SphereFace: |x|)."""
+    size = params["scale"] if "scale" in params else 1 / params["temperature"]
+    if loss in MULTIPLE_ANGLE:
+        size *= torch.linalg.vector_norm(x.detach(), dim=1).max().item() if x.shape[0] else 1.0
+    if loss == "large_margin_softmax":
+        size *= torch.linalg.vector_norm(weight.detach(), dim=0).max().item()
+    return size
 
 
-def _assert_same(ours, our_inputs, expected, expected_inputs, dtype, what, logit_scale):
+def _raw_norms(loss, x, weight):
+    """(largest |x_i|, largest |w_c|) for the classifiers whose logits scale with the raw sides' norms, else None."""
+    if loss not in MULTIPLE_ANGLE or x.shape[0] == 0:
+        return None
+    return (torch.linalg.vector_norm(x.detach(), dim=1).max().item(),
+            torch.linalg.vector_norm(weight.detach(), dim=0).max().item())
+
+
+def _assert_same(ours, our_inputs, expected, expected_inputs, dtype, what, logit_scale, raw_norms=None):
     """Values relative to max(|loss|, 1e-4 logit_scale) and gradients (each input's) relative to max(its gradient,
     1e-3 of that). Each row's loss is PML's log-sum-exp of logits of size logit_scale minus the label's logit, so
     both sides round it to about eps * logit_scale: a loss far below the logits' size (every row well classified)
-    is compared at the precision PML computes it with."""
+    is compared at the precision PML computes it with. raw_norms (LargeMarginSoftmax, SphereFace): the logits are
+    homogeneous in the raw rows (and LargeMarginSoftmax's raw columns), so a logit's gradient has the size
+    logit_scale / |input| (SphereFace's columns too: scale |x| / |w|); each input's gradient floor is at least 1e-3
+    of that, the size at which PML's fp32 gradients of a well-classified row are rounded (measured on the fp32
+    cases: within 1e-6 of it, PML's and ours alike)."""
     value_tol, grad_tol = TOLERANCE[dtype]
     assert ours.dtype == dtype, what
     size = max(ours.detach().abs().max().item(), expected.detach().abs().max().item(), 1e-4 * logit_scale)
     assert_rel_close(ours, expected, value_tol, f"{what} value", scale_floor=size)
-    floor = 1e-3 * size
+    floors = [1e-3 * size] * len(our_inputs)
+    if raw_norms is not None:
+        floors = [max(floor, 1e-3 * logit_scale / norm) for floor, norm in zip(floors, raw_norms)]
     for index, (a, b) in enumerate(zip(grads(ours, our_inputs), grads(expected, expected_inputs))):
-        assert_rel_close(a, b, grad_tol, f"{what} grad {index}", scale_floor=floor)
+        assert_rel_close(a, b, grad_tol, f"{what} grad {index}", scale_floor=floors[index])
 
 
 def _past_the_monotonic_branch(x, labels, weight, params):
@@ -120,10 +149,10 @@ def test_reference_equals_pml_float64(loss, block):
         w = weight.clone().requires_grad_()
         ours = getattr(mk, f"{loss}_loss")(x, labels, w, backend="reference", **params)
         _assert_same(ours, [x, w], expected, [x, theirs.W], torch.float64, f"{what} functional",
-                     _logit_scale(params))
+                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         module = _with_weight(_our_module(loss, params, classes, dim), weight)
         _assert_same(module(x, labels), [x, module.W], expected, [x, theirs.W], torch.float64, f"{what} module",
-                     _logit_scale(params))
+                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         if loss in ("arcface", "subcenter_arcface"):
             past += _past_the_monotonic_branch(x.detach(), labels, weight, params)
     if loss == "arcface":
@@ -150,21 +179,22 @@ def test_reference_float32_against_pml_float64(loss):
         truth = truth_module(x64, labels)
         theirs32 = _with_weight(_pml_module(loss, params, classes, dim, torch.float32), w32)
         _assert_same(theirs32(x32, labels), [x32, theirs32.W], truth, [x64, truth_module.W], torch.float32,
-                     f"{what} PML fp32", _logit_scale(params))
+                     f"{what} PML fp32", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         w = w32.clone().requires_grad_()
         ours = getattr(mk, f"{loss}_loss")(x32, labels, w, backend="reference", **params)
         _assert_same(ours, [x32, w], truth, [x64, truth_module.W], torch.float32, f"{what} functional",
-                     _logit_scale(params))
+                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         module = _with_weight(_our_module(loss, params, classes, dim, torch.float32), w32)
         _assert_same(module(x32, labels), [x32, module.W], truth, [x64, truth_module.W], torch.float32,
-                     f"{what} module", _logit_scale(params))
+                     f"{what} module", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
 
 
 # Parameters under which well-classified rows round to exactly 0 in float64, so that AvgNonZeroReducer's count
 # matters: a large scale (small temperature) and rows on their class's column.
 ZERO_ROW_PARAMS = {"arcface": dict(margin=20.0, scale=300.0), "cosface": dict(margin=0.2, scale=300.0),
                    "subcenter_arcface": dict(margin=20.0, scale=300.0, sub_centers=2),
-                   "normalized_softmax": dict(temperature=0.004)}
+                   "normalized_softmax": dict(temperature=0.004),
+                   "large_margin_softmax": dict(margin=3, scale=30.0), "sphereface": dict(margin=4, scale=150.0)}
 REDUCERS = {"Mean": reducers.MeanReducer, "Sum": reducers.SumReducer, "AvgNonZero": reducers.AvgNonZeroReducer,
             "ThresholdLow0": lambda: reducers.ThresholdReducer(low=0), "DoNothing": reducers.DoNothingReducer,
             "PerAnchorMean": reducers.PerAnchorReducer,
@@ -206,9 +236,9 @@ def test_every_reducer_equals_pml(loss, reducer):
             assert torch.equal(value["loss"]["indices"], expected["loss"]["indices"])
             value, expected = value["loss"]["losses"], rows
         _assert_same(value, [x, ours.W], expected, [x, theirs.W], torch.float64, f"{what} module",
-                     _logit_scale(params))
+                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         _assert_same(functional, [x, w], expected, [x, theirs.W], torch.float64, f"{what} functional",
-                     _logit_scale(params))
+                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -371,3 +401,37 @@ def test_arcface_gradient_at_a_cosine_of_one_is_pmls_nan(loss):
     assert torch.isfinite(ours)
     (ours_grad,), (their_grad,) = grads(ours, [x]), grads(expected, [x])
     assert their_grad.isnan().any() and torch.equal(ours_grad.isnan(), their_grad.isnan())
+
+
+@pytest.mark.parametrize("loss", MULTIPLE_ANGLE)
+def test_multiple_angle_covers_every_branch_and_pins_pmls_truncation(loss):
+    """Every branch k = 0 .. m - 1 of psi(theta) = (-1)^k cos(m theta) - 2k is reached by some row of a case that
+    equals PML; a fractional margin, which PML truncates with int() (2.5 acts as 2), is refused here with a
+    ValueError naming it, and an integral float equals the int."""
+    multiplier = 5
+    g = torch.Generator().manual_seed(80_000)
+    dim, classes, n = 6, 4, 400
+    weight = torch.randn(dim, classes, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    _, target = margin_softmax_rows(x.detach(), weight, labels, scale=1.0, sub_centers=1)
+    branches = torch.floor(torch.acos(target.clamp(-1, 1)) / (math.pi / multiplier)).unique().tolist()
+    assert branches == list(range(multiplier)), branches
+    params = dict(margin=multiplier, scale=0.5)
+    theirs = _with_weight(_pml_module(loss, params, classes, dim), weight)
+    w = weight.clone().requires_grad_()
+    ours = getattr(mk, f"{loss}_loss")(x, labels, w, backend="reference", **params)
+    _assert_same(ours, [x, w], theirs(x, labels), [x, theirs.W], torch.float64, loss,
+                 _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
+    assert getattr(mk, f"{loss}_loss")(x, labels, w, margin=5.0, scale=0.5, backend="reference").item() == ours.item()
+    truncated = _with_weight(_pml_module(loss, dict(margin=2.5, scale=0.5), classes, dim), weight)
+    as_two = _with_weight(_pml_module(loss, dict(margin=2, scale=0.5), classes, dim), weight)
+    assert truncated.margin == 2 and truncated(x, labels).item() == as_two(x, labels).item()
+    for bad in (2.5, 0, -3):
+        with pytest.raises(ValueError, match="margin"):
+            getattr(mk, f"{loss}_loss")(x, labels, w, margin=bad, backend="reference")
+        with pytest.raises(ValueError, match="margin"):
+            getattr(mk, CLASS_NAMES[loss])(classes, dim, margin=bad)
+    with pytest.raises(TypeError, match="margin"):
+        getattr(mk, f"{loss}_loss")(x, labels, w, margin="4", backend="reference")
+    assert getattr(mk, CLASS_NAMES[loss])(classes, dim, margin=4.0).margin == 4

@@ -75,3 +75,37 @@ def test_patch_is_idempotent():
     first = interpreter.ReduceOps.generic_reduce
     vectorised_reductions()
     assert interpreter.ReduceOps.generic_reduce is first and first.replaced is not first
+
+
+@triton.jit
+def _narrow_kernel(x_ptr, cast_ptr, stored_ptr, BLOCK: tl.constexpr):
+    at = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + at)
+    tl.store(cast_ptr + at, x.to(tl.bfloat16))  # an explicit cast
+    tl.store(stored_ptr + at, x)  # a store's own conversion to the pointer's bf16
+
+
+def test_bf16_casts_round_to_nearest_even_as_a_gpu_and_torch_do():
+    """fp32 -> bf16 in the patched interpreter equals torch's conversion (round to nearest even) bit for bit: random
+    values over many binades, exact ties both ways, values that round up to the next binade or to infinity,
+    subnormals, +-0, +-inf and NaN. The interpreter's own cast truncates: it must differ on these values."""
+    g = torch.Generator().manual_seed(3)
+    random = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-130, 120, (4096,), generator=g).float())
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x7F7FFFFF, 0x00018000, 0x00000001],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.5])
+    x = torch.cat([random, ties, special, torch.zeros(8192 - 4096 - ties.numel() - special.numel())])
+    cast, stored = torch.empty(8192, dtype=torch.bfloat16), torch.empty(8192, dtype=torch.bfloat16)
+    _narrow_kernel[(1,)](x, cast, stored, BLOCK=8192)
+    expected = x.to(torch.bfloat16)
+    nan = expected.isnan()
+    for got in (cast, stored):
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    truncate = interpreter.InterpreterBuilder.cast_impl.replaced
+    interpreter.InterpreterBuilder.cast_impl, patched = truncate, interpreter.InterpreterBuilder.cast_impl
+    try:
+        _narrow_kernel[(1,)](x, cast, stored, BLOCK=8192)
+    finally:
+        interpreter.InterpreterBuilder.cast_impl = patched
+    assert not torch.equal(cast[~nan].view(torch.int16), expected[~nan].view(torch.int16))

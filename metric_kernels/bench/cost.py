@@ -155,9 +155,9 @@ def count_interpreter(counts: InterpreterCounts):
     because that patch widens bf16 operands to fp32 before the interpreter's own dot: the dtype recorded is the one
     the kernel passes, as a GPU would see it. Loads and stores are counted once, where their mask is known (below)."""
     from triton.runtime import interpreter
-    from ..triton._interpreter import tensor_core_dots
+    from ..triton._interpreter import patch_interpreter
 
-    tensor_core_dots()
+    patch_interpreter()
     builder = interpreter.InterpreterBuilder
     saved = {}
 
@@ -347,11 +347,10 @@ def prepare_interpreter() -> bool:
     except ImportError:
         raise RuntimeError("the cost report needs Triton (pip install triton)") from None
     from ..triton import _lse_kernels
-    from ..triton._interpreter import tensor_core_dots, vectorised_reductions
+    from ..triton._interpreter import patch_interpreter
     if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(_lse_kernels.row_norms, InterpretedFunction):
         return False
-    tensor_core_dots()
-    vectorised_reductions()
+    patch_interpreter()
     return True
 
 

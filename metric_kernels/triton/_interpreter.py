@@ -11,12 +11,19 @@ compute in two cases, both mended by `tensor_core_dots()`:
   does and as the CUDA kernels' emulation rounds), so tf32's error, and the near-ties it can swap, show on the CPU.
   A GPU's tensor cores may drop the low bits rather than round them: an error of the same size.
 
+A third mismatch, in casts: the interpreter narrows fp32 to bf16 (x.to(tl.bfloat16), and a bf16 store's conversion)
+by dropping the low 16 bits, rounding toward zero, where a GPU's conversion (cvt.rn.bf16.f32) rounds to nearest even.
+The truncation's bias, summed over a product's terms, doubled the interpreter's error on the bf16 operands the
+backward passes feed its products and on the gradients it stores. `nearest_bf16_casts()` rounds to nearest even.
+
 The kernels then carry no interpreter branch: bf16 and tf32 are tested through the code a GPU runs.
 
-One more patch, for speed only, `vectorised_reductions()`: a tl.reduce with a combine function of its own (not sum,
+One more, for speed only, `vectorised_reductions()`: a tl.reduce with a combine function of its own (not sum,
 max, min or argmax) runs the combine function once per element in the interpreter, in Python (a second per NT-Xent
 forward at N = M = 16). The patch folds whole slices along the reduced axis instead, in the same left-to-right order:
 each output element sees the same operations on the same values, so the results are the same, bit for bit.
+
+`patch_interpreter()` applies every patch here.
 """
 from __future__ import annotations
 
@@ -43,6 +50,42 @@ def _round_to_tf32(handle, tl):
     half, kept = np.uint32(1 << (_TF32_DROPPED_BITS - 1)), np.uint32(~((1 << _TF32_DROPPED_BITS) - 1) & 0xFFFFFFFF)
     rounded = ((bits + half) & kept).view(np.float32)
     return TensorHandle(np.where(np.isfinite(values), rounded, values), tl.float32)
+
+
+def _nearest_bf16(values: np.ndarray) -> np.ndarray:
+    """fp32 values to bf16 bit patterns (uint16), rounded to nearest even; NaN stays NaN (quiet, same sign)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x0040)
+    return np.where(np.isnan(values), quiet_nan, rounded).astype(np.uint16)
+
+
+def nearest_bf16_casts() -> None:
+    """Idempotent: patches InterpreterBuilder.cast_impl once per process (fp32 -> bf16 to nearest even)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    if getattr(InterpreterBuilder.cast_impl, "_to_nearest", False):
+        return
+    original = InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return TensorHandle(_nearest_bf16(np.asarray(src.data)), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    cast_impl._to_nearest = True
+    cast_impl.replaced = original
+    InterpreterBuilder.cast_impl = cast_impl
+    # the builder's casting entry points are lambdas bound to the class attribute at call time: they pick this up
+
+
+def patch_interpreter() -> None:
+    """Every patch of this module: exact bf16 and rounded tf32 dots, bf16 casts to nearest even, sliced reductions.
+    Idempotent."""
+    tensor_core_dots()
+    nearest_bf16_casts()
+    vectorised_reductions()
 
 
 def tensor_core_dots() -> None:
