@@ -27,7 +27,7 @@ def _bench(*args):
     (["--sizes", "0"], "--sizes"),
     (["--sizes", "ten"], "--sizes"),
     (["--dims", "-4"], "--dims"),
-    (["--losses", "sphereface"], "unknown value 'sphereface'"),
+    (["--losses", "fastap"], "unknown value 'fastap'"),
     (["--providers", "tensorflow"], "unknown value 'tensorflow'"),
     (["--providers", "triton", "--device", "cpu"], "'triton' cannot run on cpu"),
     (["--dtypes", "int8"], "--dtypes"),

@@ -130,6 +130,8 @@ CLASSIFIERS = {  # name -> (our class, PML's class, constructor keywords both ta
     "subcenter_arcface": (mk.SubCenterArcFaceLoss, losses.SubCenterArcFaceLoss,
                           dict(margin=20.0, scale=32, sub_centers=2)),
     "normalized_softmax": (mk.NormalizedSoftmaxLoss, losses.NormalizedSoftmaxLoss, dict(temperature=0.1)),
+    "large_margin_softmax": (mk.LargeMarginSoftmaxLoss, losses.LargeMarginSoftmaxLoss, dict(margin=3, scale=0.5)),
+    "sphereface": (mk.SphereFaceLoss, losses.SphereFaceLoss, dict(margin=2, scale=3.0)),
 }
 
 
@@ -188,6 +190,10 @@ def test_classifier_constructor_defaults_and_attributes_are_pmls():
     assert mk.ArcFaceLoss(3, 4).margin == losses.ArcFaceLoss(3, 4).margin == math.radians(28.6)  # radians, as PML
     assert mk.SubCenterArcFaceLoss(3, 4).sub_centers == 3 and mk.SubCenterArcFaceLoss(3, 4).W.shape == (4, 9)
     assert mk.SubCenterArcFaceLoss(3, 4, 10.0, 8, 2).sub_centers == 2  # every argument by position too
+    for ours, theirs in ((mk.LargeMarginSoftmaxLoss(3, 4), losses.LargeMarginSoftmaxLoss(3, 4)),
+                         (mk.SphereFaceLoss(3, 4), losses.SphereFaceLoss(3, 4))):
+        assert (ours.num_classes, ours.margin, ours.scale) == (theirs.num_classes, theirs.margin, theirs.scale)
+        assert isinstance(ours.margin, int) and ours.W.shape == theirs.W.shape
     ours, theirs = mk.NormalizedSoftmaxLoss(3, 4), losses.NormalizedSoftmaxLoss(3, 4)
     assert ours.temperature == theirs.temperature and ours.W.shape == theirs.W.shape
     assert (ours.num_classes, ours.embedding_size) == (3, 4)  # PML's class leaves both attributes 0

@@ -53,6 +53,10 @@ WEIGHTED = {
                           dict(margin=20.0, scale=16, sub_centers=2), regularizers.RegularFaceRegularizer),
     "normalized_softmax": (mk.NormalizedSoftmaxLoss, losses.NormalizedSoftmaxLoss, dict(temperature=0.2),
                            regularizers.CenterInvariantRegularizer),
+    "large_margin_softmax": (mk.LargeMarginSoftmaxLoss, losses.LargeMarginSoftmaxLoss, dict(margin=3, scale=0.5),
+                             regularizers.RegularFaceRegularizer),
+    "sphereface": (mk.SphereFaceLoss, losses.SphereFaceLoss, dict(margin=4, scale=2.0),
+                   regularizers.CenterInvariantRegularizer),
 }
 
 

@@ -13,11 +13,12 @@ import torch
 
 import metric_kernels
 import metric_kernels.reference
-from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, NormalizedSoftmaxLoss,
-                            ProxyAnchorLoss, SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss,
-                            circle_loss, contrastive_loss, cosface_loss, generalized_lifted_structure_loss,
-                            margin_loss, multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss,
-                            ntxent_loss, proxy_anchor_loss, proxy_nca_loss, subcenter_arcface_loss, supcon_loss,
+from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, LargeMarginSoftmaxLoss,
+                            NormalizedSoftmaxLoss, ProxyAnchorLoss, SphereFaceLoss, SubCenterArcFaceLoss, SupConLoss,
+                            arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
+                            generalized_lifted_structure_loss, large_margin_softmax_loss, margin_loss,
+                            multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
+                            proxy_anchor_loss, proxy_nca_loss, sphereface_loss, subcenter_arcface_loss, supcon_loss,
                             tuplet_margin_loss)
 
 N, M, D, C = 6, 9, 4, 3
@@ -70,7 +71,8 @@ def _proxy_call(fn):
 
 K = 2  # sub-centres of the subcenter_arcface calls below
 CLASSIFIERS = {"arcface": (arcface_loss, 1), "cosface": (cosface_loss, 1),
-               "subcenter_arcface": (subcenter_arcface_loss, K), "normalized_softmax": (normalized_softmax_loss, 1)}
+               "subcenter_arcface": (subcenter_arcface_loss, K), "normalized_softmax": (normalized_softmax_loss, 1),
+               "large_margin_softmax": (large_margin_softmax_loss, 1), "sphereface": (sphereface_loss, 1)}
 
 
 def _classifier_call(name):
@@ -366,6 +368,13 @@ def test_arcface_margin_outside_0_to_180_degrees(loss, margin):
         loss(x, labels, torch.randn(D, C * 3, dtype=torch.float64), margin=margin)
 
 
+@pytest.mark.parametrize("loss", ["large_margin_softmax", "sphereface"])
+@pytest.mark.parametrize("margin", [0, -1, 2.5, 0.999, float("inf")])
+def test_multiple_angle_margin_not_a_whole_number_from_1(loss, margin):
+    with raises(ValueError, "margin"):
+        _with_param(loss, "margin", margin)
+
+
 @pytest.mark.parametrize("loss", [arcface_loss, subcenter_arcface_loss], ids=["arcface", "subcenter_arcface"])
 def test_arcface_margin_range_ends_are_valid(loss):
     x, labels, *_ = make()
@@ -405,7 +414,7 @@ POSITIVE_PARAMS = [("circle", "gamma"), ("supcon", "temperature"), ("supcon", "b
                    ("ntxent", "temperature"), ("tuplet_margin", "scale"),
                    ("proxy_anchor", "alpha"), ("proxy_nca", "softmax_scale"),
                    ("arcface", "scale"), ("cosface", "scale"), ("subcenter_arcface", "scale"),
-                   ("normalized_softmax", "temperature")]
+                   ("normalized_softmax", "temperature"), ("large_margin_softmax", "scale"), ("sphereface", "scale")]
 
 
 @pytest.mark.parametrize("loss_name,name", POSITIVE_PARAMS)
@@ -439,7 +448,8 @@ def test_positive_parameter_small_positive_is_valid(loss_name, name):
                                             ("margin", "beta"), ("margin", "nu"), ("tuplet_margin", "margin"),
                                             ("contrastive", "pos_margin"), ("contrastive", "neg_margin"),
                                             ("proxy_anchor", "margin"), ("arcface", "margin"),
-                                            ("cosface", "margin"), ("subcenter_arcface", "margin")])
+                                            ("cosface", "margin"), ("subcenter_arcface", "margin"),
+                                            ("large_margin_softmax", "margin"), ("sphereface", "margin")])
 def test_real_parameter_nan_or_not_a_number(loss_name, name):
     with raises(ValueError, name):
         _with_param(loss_name, name, NAN)
@@ -564,6 +574,12 @@ MODULE_CONSTRUCTORS = [
     (lambda: NormalizedSoftmaxLoss(C, D, backend="bogus"), ValueError, "backend"),
     (lambda: ArcFaceLoss(C, D, deterministic="yes"), TypeError, "deterministic"),
     (lambda: CosFaceLoss(C, D, weight_init_func=3), TypeError, "weight_init_func"),
+    (lambda: LargeMarginSoftmaxLoss(C, D, margin=1.5), ValueError, "margin"),
+    (lambda: LargeMarginSoftmaxLoss(C, D, margin=0), ValueError, "margin"),
+    (lambda: LargeMarginSoftmaxLoss(C, D, margin="4"), TypeError, "margin"),
+    (lambda: LargeMarginSoftmaxLoss(C, D, scale=0), ValueError, "scale"),
+    (lambda: SphereFaceLoss(C, D, margin=-2), ValueError, "margin"),
+    (lambda: SphereFaceLoss(C, 2.0), TypeError, "embedding_size"),
 ]
 
 
@@ -576,12 +592,13 @@ def test_module_constructor_rejects(make_module, exc, name):
 
 def _modules():
     return [CircleLoss(), SupConLoss(), BatchHardTripletLoss(), ProxyAnchorLoss(C, D), ArcFaceLoss(C, D),
-            CosFaceLoss(C, D), SubCenterArcFaceLoss(C, D), NormalizedSoftmaxLoss(C, D)]
+            CosFaceLoss(C, D), SubCenterArcFaceLoss(C, D), NormalizedSoftmaxLoss(C, D), LargeMarginSoftmaxLoss(C, D),
+            SphereFaceLoss(C, D)]
 
 
 MODULE_IDS = ["CircleLoss", "SupConLoss", "BatchHardTripletLoss", "ProxyAnchorLoss", "ArcFaceLoss", "CosFaceLoss",
-              "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss"]
-WEIGHT_MODULES = range(3, 8)  # the modules that own their class weights: no references
+              "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
+WEIGHT_MODULES = range(3, 10)  # the modules that own their class weights: no references
 
 
 @pytest.mark.parametrize("index", range(len(MODULE_IDS)), ids=MODULE_IDS)

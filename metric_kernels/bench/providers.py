@@ -23,7 +23,7 @@ from ..backends import available_backends
 
 # The margin-softmax classifiers: M is their number of classes, and their class matrix W (D x M * sub-centres, PML's
 # layout) gets gradients like the proxies.
-CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax")
+CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface")
 SUB_CENTERS = {"subcenter_arcface": 3}  # PML's default
 # The losses whose references are one proxy per class: M is their number of classes.
 PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
@@ -32,7 +32,8 @@ LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "co
 LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
                 "proxynca": "proxy_nca", "lifted": "generalized_lifted_structure",
                 "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
-                "normalized": "normalized_softmax", "tuplet": "tuplet_margin"}
+                "normalized": "normalized_softmax", "tuplet": "tuplet_margin", "large_margin": "large_margin_softmax",
+                "lsoftmax": "large_margin_softmax", "asoftmax": "sphereface"}
 # Products of N x M x D a fused kernel needs, in units of 2NMD (one S = X Y^T), forward and backward: the row-statistics
 # losses form S once forward and recompute it backward beside dX = dS Y and dY = dS^T X; NT-Xent's forward (and the
 # tuplet margin loss's, on NT-Xent's kernels) sweeps the references twice; batch-hard's backward is O((N + M) D),
