@@ -138,7 +138,7 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
 
 template <typename T>
 MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64_t sub_centers, double scale,
-                                         bool normalize_x, bool normalize_w) {
+                                         bool normalize_x, bool normalize_w, double pool_scale) {
   return MarginSoftmaxParams<T>{rows.x.const_data_ptr<T>(),
                                 rows.weight.const_data_ptr<T>(),
                                 rows.labels.const_data_ptr<int64_t>(),
@@ -151,6 +151,7 @@ MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64
                                 static_cast<T>(scale),
                                 normalize_x,
                                 normalize_w,
+                                static_cast<T>(pool_scale),
                                 &shim_gemm<T>,
                                 static_cast<int>(torch::stable::get_num_threads())};
 }
@@ -171,12 +172,13 @@ glue::ClassifierRows classifier_rows_on_cpu(const Tensor& x, const Tensor& weigh
 
 // stats [2, N]: the log-sum-exp of scale * cosine over the other classes, and the label's cosine.
 Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& labels, int64_t sub_centers,
-                           double scale, bool normalize_x, bool normalize_w, bool deterministic) {
+                           double scale, bool normalize_x, bool normalize_w, double pool_scale,
+                           bool deterministic) {
   const glue::ClassifierRows rows = classifier_rows_on_cpu(x, weight, labels, sub_centers);
   Tensor stats = torch::stable::new_empty(rows.x, {2, rows.x.size(0)});
   with_rows_type(rows.x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    cpu::margin_softmax_forward(classifier_params<T>(rows, sub_centers, scale, normalize_x, normalize_w),
+    cpu::margin_softmax_forward(classifier_params<T>(rows, sub_centers, scale, normalize_x, normalize_w, pool_scale),
                                 stats.mutable_data_ptr<T>());
   });
   return stats;
@@ -186,8 +188,8 @@ Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& 
 std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, const Tensor& stats_in,
                                                         const Tensor& x, const Tensor& weight, const Tensor& labels,
                                                         int64_t sub_centers, double scale, bool normalize_x,
-                                                        bool normalize_w, bool deterministic, bool need_dx,
-                                                        bool need_dw) {
+                                                        bool normalize_w, double pool_scale, bool deterministic,
+                                                        bool need_dx, bool need_dw) {
   const glue::ClassifierRows rows = classifier_rows_on_cpu(x, weight, labels, sub_centers);
   const int64_t n = rows.x.size(0);
   STD_TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == 2 && grad_in.size(1) == n && stats_in.dim() == 2 &&
@@ -201,8 +203,9 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
   with_rows_type(dtype, [&](auto zero) {
     using T = decltype(zero);
     cpu::margin_softmax_backward(MarginSoftmaxBackwardParams<T>{
-        classifier_params<T>(rows, sub_centers, scale, normalize_x, normalize_w), grad.const_data_ptr<T>(), stats.const_data_ptr<T>(),
-        need_dx ? dx.mutable_data_ptr<T>() : nullptr, need_dw ? dw.mutable_data_ptr<T>() : nullptr});
+        classifier_params<T>(rows, sub_centers, scale, normalize_x, normalize_w, pool_scale), grad.const_data_ptr<T>(),
+        stats.const_data_ptr<T>(), need_dx ? dx.mutable_data_ptr<T>() : nullptr,
+        need_dw ? dw.mutable_data_ptr<T>() : nullptr});
   });
   return {dx, dw};
 }

@@ -133,10 +133,11 @@ inline void define_fused_ops(torch::stable::detail::StableLibrary& library, cons
 inline void define_margin_softmax_ops(torch::stable::detail::StableLibrary& library, const std::string& prefix,
                                       const std::string& backend_arguments = "") {
   library.def((prefix + "_margin_softmax_rows(Tensor x, Tensor weight, Tensor labels, int sub_centers, float scale, "
-               "bool normalize_x, bool normalize_w, bool deterministic" + backend_arguments + ") -> Tensor").c_str());
+               "bool normalize_x, bool normalize_w, float pool_scale, bool deterministic" + backend_arguments +
+               ") -> Tensor").c_str());
   library.def((prefix + "_margin_softmax_rows_backward(Tensor grad, Tensor stats, Tensor x, Tensor weight, "
-               "Tensor labels, int sub_centers, float scale, bool normalize_x, bool normalize_w, bool deterministic, "
-               "bool need_dx, bool need_dw" + backend_arguments + ") -> (Tensor, Tensor)").c_str());
+               "Tensor labels, int sub_centers, float scale, bool normalize_x, bool normalize_w, float pool_scale, "
+               "bool deterministic, bool need_dx, bool need_dw" + backend_arguments + ") -> (Tensor, Tensor)").c_str());
 }
 
 // The margin-softmax ops' tensors, checked: x N x D and weight D x J with unit column strides (a copy only where

@@ -53,6 +53,9 @@ struct MarginSoftmaxParams {
   // x . w / |w| (SphereFace: rows raw) or x . w (LargeMarginSoftmax: both raw); the inverse norm is then 1 and the
   // normalisation's radial term is absent.
   bool normalize_x, normalize_w;
+  // How a class's sub-centres pool into its cosine: 0 the largest (SubCenterArcFace), > 0 their mean weighted by
+  // softmax(pool_scale * cos) (SoftTriple).
+  T pool_scale;
   GemmFn<T> gemm;
   int num_threads;
 };
@@ -141,6 +144,7 @@ struct CudaMarginSoftmaxParams {
   int64_t n, d, classes, sub_centers, x_stride, w_stride;  // sub_centers <= 64 (a class within one 64-column tile)
   double scale;
   bool normalize_x, normalize_w;  // as MarginSoftmaxParams' (x_inverse / w_inverse then hold 1)
+  double pool_scale;              // as MarginSoftmaxParams'
   Operand operand;
 };
 

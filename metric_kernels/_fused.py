@@ -24,14 +24,15 @@ passes torch's settings in both.
 A backend whose kernels compute the margin-softmax classifiers also provides <prefix>_margin_softmax_rows and
 <prefix>_margin_softmax_rows_backward:
 
-    margin_softmax_rows(x, weight, labels, sub_centers, scale, normalize_x, normalize_w, deterministic)
+    margin_softmax_rows(x, weight, labels, sub_centers, scale, normalize_x, normalize_w, pool_scale, deterministic)
         -> stats [2, N]
-        (0: log-sum-exp of scale * s over the classes other than the label, 1: the label's s, where
-        s_ij = (x_i . w_j) rx_i rw_j with r = 1 / max(norm, eps) for the rows (normalize_x) and W's columns
-        (normalize_w) that are normalised, 1 for the others: the cosine when both are; raw rows x N x D and weight
-        D x (C * sub_centers), normalised inside the kernels)
+        (0: log-sum-exp of scale * s over the classes other than the label, 1: the label's s, where a class's s is
+        its sub-centres' largest s_ij (pool_scale == 0) or their mean weighted by softmax(pool_scale * s_ij) (> 0,
+        SoftTriple), s_ij = (x_i . w_j) rx_i rw_j with r = 1 / max(norm, eps) for the rows (normalize_x) and W's
+        columns (normalize_w) that are normalised, 1 for the others: the cosine when both are; raw rows x N x D and
+        weight D x (C * sub_centers), normalised inside the kernels)
     margin_softmax_rows_backward(grad [2, N], stats, x, weight, labels, sub_centers, scale, normalize_x,
-                                 normalize_w, deterministic, need_dx, need_dw) -> (dx, dw)
+                                 normalize_w, pool_scale, deterministic, need_dx, need_dw) -> (dx, dw)
         (an unneeded gradient has 0 rows)
 
 A backend lists the pair values its lse ops compute in PAIR_VALUES (default: SIMILARITY only); "auto" skips a backend
@@ -115,23 +116,23 @@ def register_margin_softmax_ops(prefix: str) -> None:
         return x.new_empty((2, x.shape[0]), dtype=stats_dtype(x.dtype))
 
     @torch.library.register_fake(f"{forward}_backward")
-    def _(grad, stats, x, weight, labels, sub_centers, scale, normalize_x, normalize_w, deterministic, need_dx, need_dw,
-          *options):
+    def _(grad, stats, x, weight, labels, sub_centers, scale, normalize_x, normalize_w, pool_scale, deterministic,
+          need_dx, need_dw, *options):
         return (x.new_empty((x.shape[0] if need_dx else 0, x.shape[1])),
                 weight.new_empty((weight.shape[0] if need_dw else 0, weight.shape[1])))
 
     def setup_context(ctx, inputs, output):
         x, weight, labels = inputs[:3]
         ctx.save_for_backward(x, weight, labels, output)
-        # (sub_centers, scale, normalize_x, normalize_w, deterministic), then the backend's own options
-        ctx.params, ctx.options = inputs[3:8], inputs[8:]
+        # (sub_centers, scale, normalize_x, normalize_w, pool_scale, deterministic), then the backend's own options
+        ctx.params, ctx.options = inputs[3:9], inputs[9:]
 
     def backward_fn(ctx, grad):
         x, weight, labels, stats = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx, dw = backward_op(grad.to(stats.dtype).contiguous(), stats, x, weight, labels, *ctx.params, need_dx,
                              need_dw, *ctx.options)
-        return (dx if need_dx else None, dw if need_dw else None) + (None,) * (6 + len(ctx.options))
+        return (dx if need_dx else None, dw if need_dw else None) + (None,) * (7 + len(ctx.options))
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
@@ -272,9 +273,9 @@ class FusedRows:
         return proxy_anchor_from_stats(stats[0], stats[1])
 
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, normalize_x=True,
-                            normalize_w=True, **options):
-        stats = self._margin_softmax(x, weight, labels, sub_centers, scale, normalize_x, normalize_w, deterministic,
-                                     *options.values())
+                            normalize_w=True, pool_scale=0.0, **options):
+        stats = self._margin_softmax(x, weight, labels, sub_centers, scale, normalize_x, normalize_w, pool_scale,
+                                     deterministic, *options.values())
         return stats[0], stats[1]
 
 
@@ -319,9 +320,9 @@ class CudaKernelRows(RawRows):
         return 4 if allow_tf32 and x.dtype == torch.float32 else 2
 
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, normalize_x=True,
-                            normalize_w=True, **options):
+                            normalize_w=True, pool_scale=0.0, **options):
         return super().margin_softmax_rows(x, weight, labels, scale=scale, sub_centers=sub_centers,
-                                           normalize_x=normalize_x, normalize_w=normalize_w,
+                                           normalize_x=normalize_x, normalize_w=normalize_w, pool_scale=pool_scale,
                                            deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
                                            **options, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 

@@ -84,6 +84,7 @@ SUPPORTED_DISTANCES = {
     "SubCenterArcFaceLoss": (COSINE,),
     "LargeMarginSoftmaxLoss": (COSINE,),
     "SphereFaceLoss": (COSINE,),
+    "SoftTripleLoss": (COSINE, NORMALIZED_DOT, RAW_DOT),  # PML asserts an inverted distance (a similarity)
     "NormalizedSoftmaxLoss": (NORMALIZED_DOT, COSINE),
 }
 
@@ -116,7 +117,8 @@ LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarity
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
               "ContrastiveLoss": "pair",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
-              "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element"}
+              "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element",
+              "SoftTripleLoss": "element"}
 
 # What each reducer mode means as the functional `reduction=` (None: no functional reduction says the same).
 #   "unreduced" (DoNothingReducer): the module returns PML's loss dictionary of unreduced losses.

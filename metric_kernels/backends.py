@@ -13,7 +13,7 @@ A backend is a module that exposes
     batch_hard_rows(x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic) -> Tensor[N]
     proxy_anchor_rows(proxies, x, labels, *, margin, alpha, deterministic) -> (Tensor[C], Tensor[C])
     margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic, normalize_x=True,
-                        normalize_w=True) -> (Tensor[N], Tensor[N])
+                        normalize_w=True, pool_scale=0.0) -> (Tensor[N], Tensor[N])
 
 (ntxent_rows and contrastive_rows return per-query sums and counts, see metric_kernels/_fused.py.) A backend may
 lack some of them: "auto" then passes over it for that loss.
@@ -26,7 +26,8 @@ class j // sub_centers) raw, never normalised (a backend normalises inside, W is
 or in their own dtype where the module sets FOLDS_NORMALIZATION; it returns the log-sum-exp of
 scale * cos over the classes other than each label (a class's cosine: its largest sub-centre's) and the label's
 cosine. normalize_x=False (normalize_w=False) leaves the rows (W's columns) unnormalised, so that "cos" is
-x . w / |w| (SphereFace) or x . w (LargeMarginSoftmax). The returned rows must be differentiable with respect to x, y, the proxies and the weight. Everything else (validation,
+x . w / |w| (SphereFace) or x . w (LargeMarginSoftmax); pool_scale > 0 makes a class's cosine the mean of its
+sub-centres' weighted by softmax(pool_scale * cos) (SoftTriple) instead of the largest. The returned rows must be differentiable with respect to x, y, the proxies and the weight. Everything else (validation,
 normalisation, batch-level rules, reductions) lives once in metric_kernels.functional.
 """
 from __future__ import annotations

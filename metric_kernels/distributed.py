@@ -361,7 +361,8 @@ class DistributedLoss(nn.Module):
                 backend=loss.backend, deterministic=loss.deterministic,
                 **keywords.functional_distance(loss.distance_spec))
         else:
-            rows = functional._margin_softmax_loss(embeddings, labels, loss.W, sub_centers=loss._sub_centers(),
+            rows = functional._margin_softmax_loss(embeddings, labels, loss._class_weights(),
+                                                   sub_centers=loss._sub_centers(),
                                                    reduction="none", backend=loss.backend,
                                                    deterministic=loss.deterministic, **loss._margin())
             guard = rows.new_zeros(())  # already in the rows

@@ -629,9 +629,9 @@ def _target_logits(kind: str, target: torch.Tensor, x: torch.Tensor, w: torch.Te
                    margin, scale: float) -> torch.Tensor:
     """scale * (the norms of the sides left raw) * margin(cos) at each row's label, from the backend's `target`
     (the label's similarity: its cosine times those norms): O(N) vectors and the N label columns' norms."""
-    normalize_x, normalize_w = _NORMALIZED.get(kind, (True, True))
-    if normalize_x and normalize_w:
+    if kind not in _NORMALIZED:  # the margin on the similarity itself (normalised or not)
         return scale * _MARGINS[kind](target, margin)
+    normalize_w = _NORMALIZED[kind][1]
     lengths = torch.linalg.vector_norm(x, dim=1, dtype=target.dtype)
     cosine = target / lengths.clamp_min(NORM_EPS)
     if not normalize_w:
@@ -641,13 +641,15 @@ def _target_logits(kind: str, target: torch.Tensor, x: torch.Tensor, w: torch.Te
 
 
 def _margin_softmax_loss(embeddings, labels, weight, *, kind: str, margin: float, scale: float, sub_centers: int,
-                         reduction, backend, deterministic):
+                         reduction, backend, deterministic, pool_scale: float = 0.0, normalize_embeddings=True):
     """The margin-softmax classifiers: validation, dispatch of the backend's margin_softmax_rows (per row the
     log-sum-exp of scale * cosine over the other classes, and the label's cosine; metric_kernels/backends.py), then
     on O(N) vectors the margin of `kind` (margin in radians for "arcface", the angle's multiple for "large_margin"
     and "sphereface") and PML's cross-entropy L_i = log(exp(lse_other_i) + exp(logit_i)) - logit_i with
-    logit_i = scale * margin(cos_i, label) (times the norms of the sides _NORMALIZED leaves raw). `scale`, `margin`
-    and `sub_centers` arrive checked."""
+    logit_i = scale * margin(cos_i, label) (times the norms of the sides _NORMALIZED leaves raw). A class's cosine is
+    its sub-centres' largest, or with pool_scale > 0 their softmax(pool_scale * cos)-weighted mean (SoftTriple);
+    normalize_embeddings=False (the kinds outside _NORMALIZED) uses the raw products x . w instead of the cosines.
+    `scale`, `margin`, `sub_centers` and `pool_scale` arrive checked."""
     check.check_classifier_inputs(embeddings, labels, weight, sub_centers)
     check.check_reduction(reduction)
     check_backend_name(backend)
@@ -663,10 +665,10 @@ def _margin_softmax_loss(embeddings, labels, weight, *, kind: str, margin: float
     if x.shape[0] == 0:  # no query: zeros that stay connected to the graph of the embeddings and the weight
         rows = (x.sum(dim=1) * 0 + w.sum() * 0).to(stats_dtype(x.dtype))
     else:
-        normalize_x, normalize_w = _NORMALIZED.get(kind, (True, True))
+        normalize_x, normalize_w = _NORMALIZED.get(kind, (normalize_embeddings, normalize_embeddings))
         lse_other, target = implementation.margin_softmax_rows(
             x, w, labels, scale=scale, sub_centers=sub_centers, deterministic=deterministic, normalize_x=normalize_x,
-            normalize_w=normalize_w)
+            normalize_w=normalize_w, pool_scale=pool_scale)
         logits = _target_logits(kind, target, x, w, labels, margin, scale)
         rows = torch.logaddexp(lse_other, logits) - logits
     return _reduce(rows, reduction) + _nonfinite_guard(x, w)
@@ -736,6 +738,27 @@ def sphereface_loss(embeddings, labels, weight, *, margin=4, scale=1.0, reductio
     scale = check.check_positive(scale, "scale")
     return _margin_softmax_loss(embeddings, labels, weight, kind="sphereface", margin=margin, scale=scale,
                                 sub_centers=1, reduction=reduction, backend=backend, deterministic=deterministic)
+
+
+def soft_triple_loss(embeddings, labels, weight, *, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01,
+                     distance="cosine", normalize_embeddings=True, reduction="mean", backend="auto",
+                     deterministic=None):
+    """SoftTriple (Qian et al. 2019) with PML's semantics: cross-entropy over la * (s_ic - margin [c = label]), where
+    s_ic pools the similarities of class c's centers_per_class centers (weight: D x (C * centers_per_class), PML's
+    fc, column j for class j // centers_per_class) by their mean weighted by softmax(s / gamma). distance: "cosine"
+    (PML's default) or "dot" (the dot product, of normalised rows and columns unless normalize_embeddings=False).
+    See docs/losses/margin-softmax.md."""
+    centers_per_class = check.check_count(centers_per_class, "centers_per_class")
+    la = check.check_positive(la, "la")
+    gamma = check.check_positive(gamma, "gamma")
+    margin = check.check_real(margin, "margin")
+    if distance not in ("cosine", "dot"):
+        raise ValueError(f"distance must be 'cosine' or 'dot' (SoftTriple pools similarities; PML asserts an "
+                         f"inverted distance); got {distance!r}")
+    normalize = check.check_distance(distance, normalize_embeddings)[1]
+    return _margin_softmax_loss(embeddings, labels, weight, kind="cosface", margin=margin, scale=la,
+                                sub_centers=centers_per_class, reduction=reduction, backend=backend,
+                                deterministic=deterministic, pool_scale=1.0 / gamma, normalize_embeddings=normalize)
 
 
 def multiview(features, labels=None):

@@ -680,6 +680,7 @@ class _MarginSoftmaxLoss(nn.Module):
     """
 
     _PML_NAME = ""
+    _WEIGHTS = "W"  # the class matrix's attribute, PML's name for it
 
     def __init__(self, num_classes, embedding_size, *, backend="auto", deterministic=None, distance=None,
                  reducer=None, embedding_regularizer=None, embedding_reg_weight=1, weight_regularizer=None,
@@ -689,10 +690,20 @@ class _MarginSoftmaxLoss(nn.Module):
         self.embedding_size = check.check_count(embedding_size, "embedding_size")
         self._reduction = _accept_pml_keywords(self, self._PML_NAME, distance, reducer, None, embedding_regularizer,
                                                embedding_reg_weight, collect_stats, "mean")
-        _accept_weight_keywords(self, self._PML_NAME, weight_regularizer, weight_reg_weight, weight_init_func, "W")
+        _accept_weight_keywords(self, self._PML_NAME, weight_regularizer, weight_reg_weight, weight_init_func,
+                                self._WEIGHTS)
         _accept_backend(self, backend, deterministic)
-        self.W = nn.Parameter(torch.empty(self.embedding_size, self.num_classes * _sub_centers))
-        (nn.init.normal_ if weight_init_func is None else weight_init_func)(self.W)
+        weights = nn.Parameter(torch.empty(self.embedding_size, self.num_classes * _sub_centers))
+        (self._default_init if weight_init_func is None else weight_init_func)(weights)
+        setattr(self, self._WEIGHTS, weights)
+
+    @staticmethod
+    def _default_init(weights):
+        """PML's default weight_init_func of the loss."""
+        nn.init.normal_(weights)
+
+    def _class_weights(self) -> nn.Parameter:
+        return getattr(self, self._WEIGHTS)
 
     def _sub_centers(self) -> int:
         return 1
@@ -703,8 +714,8 @@ class _MarginSoftmaxLoss(nn.Module):
 
     def _class_cosines(self, embeddings):
         """N x C: the cosine of each embedding to each class (its largest sub-centre's), in the embeddings' dtype."""
-        _checked_logit_inputs(self, embeddings, W=self.W)
-        cosine = _distance_matrix(keywords.COSINE, embeddings, self.W.t())
+        _checked_logit_inputs(self, embeddings, **{self._WEIGHTS: self._class_weights()})
+        cosine = _distance_matrix(keywords.COSINE, embeddings, self._class_weights().t())
         return cosine.view(embeddings.shape[0], self.num_classes, self._sub_centers()).max(dim=2).values
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -714,13 +725,14 @@ class _MarginSoftmaxLoss(nn.Module):
                              "embeddings with its W; PML raises this ValueError too)")
         labels = _labels_on(labels, embeddings, "labels")
         terms = _regularization_terms(self, embeddings)
-        value = functional._margin_softmax_loss(embeddings, labels, self.W, sub_centers=self._sub_centers(),
+        value = functional._margin_softmax_loss(embeddings, labels, self._class_weights(),
+                                                sub_centers=self._sub_centers(),
                                                 reduction=self._reduction, backend=self.backend,
                                                 deterministic=self.deterministic, **self._margin())
         return _regularized(_element_losses(value) if self._reducer_mode == "unreduced" else value, terms)
 
     def _regularized_weights(self):
-        return self.W.t()  # what PML's classifiers hand their weight regularizer: one row per class column
+        return self._class_weights().t()  # what PML's classifiers hand their weight regularizer: a row per column
 
     def get_logits(self, embeddings):
         """scale * cosine of the embeddings to every class, N x C (PML's get_logits: no margin)."""
@@ -876,6 +888,50 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
 
     def _logit_lengths(self, embeddings):
         return torch.linalg.vector_norm(embeddings, dim=1)[:, None]
+
+
+class SoftTripleLoss(_MarginSoftmaxLoss):
+    """PML's SoftTripleLoss(num_classes, embedding_size, centers_per_class=10, la=20, gamma=0.1, margin=0.01): see
+    docs/losses/margin-softmax.md.
+
+    The class matrix is `fc` (PML's name), embedding_size x (num_classes * centers_per_class), initialised as PML's
+    (torch.nn.init.kaiming_uniform_(a=sqrt(5)), or weight_init_func); `gamma` holds 1 / gamma, as PML stores it.
+    distance: CosineSimilarity() (PML's default), DotProductSimilarity() (the same), or
+    DotProductSimilarity(normalize_embeddings=False) (raw products). The rest as _MarginSoftmaxLoss's docstring says.
+    """
+
+    _PML_NAME = "SoftTripleLoss"
+    _WEIGHTS = "fc"
+
+    def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20, gamma=0.1, margin=0.01, **kwargs):
+        centers_per_class = check.check_count(centers_per_class, "centers_per_class")
+        la = check.check_positive(la, "la")
+        gamma = check.check_positive(gamma, "gamma")
+        margin = check.check_real(margin, "margin")
+        super().__init__(num_classes, embedding_size, _sub_centers=centers_per_class, **kwargs)
+        self.centers_per_class, self.la, self.gamma, self.margin = centers_per_class, la, 1.0 / gamma, margin
+
+    @staticmethod
+    def _default_init(weights):
+        nn.init.kaiming_uniform_(weights, a=math.sqrt(5))
+
+    def _sub_centers(self):
+        return self.centers_per_class
+
+    def _margin(self):
+        return dict(kind="cosface", margin=self.margin, scale=self.la, pool_scale=self.gamma,
+                    normalize_embeddings=self.distance_spec.normalize)
+
+    def get_logits(self, embeddings):
+        """N x C: each class's centers' similarities pooled by softmax(similarity * gamma) (PML's get_logits)."""
+        _checked_logit_inputs(self, embeddings, fc=self.fc)
+        similarity = _distance_matrix(self.distance_spec, embeddings, self.fc.t())
+        similarity = similarity.view(embeddings.shape[0], self.num_classes, self.centers_per_class)
+        return (torch.softmax(similarity * self.gamma, dim=2) * similarity).sum(dim=2)
+
+    def _repr_params(self):
+        return (f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={1 / self.gamma:g}, "
+                f"margin={self.margin}")
 
 
 class NormalizedSoftmaxLoss(_MarginSoftmaxLoss):

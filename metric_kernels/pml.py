@@ -163,6 +163,15 @@ def sphereface_loss(embeddings, labels, weight, *, margin=4, scale=1.0):
                        labels)
 
 
+def soft_triple_loss(embeddings, labels, weight, *, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01):
+    losses, _, _ = _pml()
+    module = losses.SoftTripleLoss(1, 1, centers_per_class=centers_per_class, la=la, gamma=gamma, margin=margin)
+    del module.fc  # a plain tensor attribute instead of the module's own Parameter
+    module.fc = weight.to(embeddings.dtype)
+    module.num_classes = weight.shape[1] // centers_per_class
+    return module(embeddings, labels)
+
+
 def normalized_softmax_loss(embeddings, labels, weight, *, temperature=0.05):
     losses, _, _ = _pml()
     return _classifier(losses.NormalizedSoftmaxLoss(1, 1, temperature=temperature), weight, weight.shape[1],

@@ -202,8 +202,9 @@ def test_opcheck(backend, dtype):
     op = getattr(torch.ops.metric_kernels, f"{prefix}_margin_softmax_rows")
     x, weight, labels = _inputs(4, 12, 6, 10, 2)
     x, weight = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
-    for normalize_x, normalize_w in ((True, True), (False, True), (False, False)):
-        torch.library.opcheck(op, (x, weight, labels, 2, 5.0, normalize_x, normalize_w, False))
+    for normalize_x, normalize_w, pool_scale in ((True, True, 0.0), (False, True, 0.0), (False, False, 0.0),
+                                                 (True, True, 10.0), (False, False, 3.0)):
+        torch.library.opcheck(op, (x, weight, labels, 2, 5.0, normalize_x, normalize_w, pool_scale, False))
 
 
 @backend_param
@@ -244,7 +245,7 @@ def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale, determinis
     dtype = OPERANDS[operand]
     xs, ws = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
     stats = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows(xs, ws, labels, sub_centers, scale, True, True,
-                                                                       True, operand == "tf32")
+                                                                       0.0, True, operand == "tf32")
     exact_rows = tf32_rounded if operand == "tf32" else (lambda t: t.to(dtype).double())
     xe, we = exact_rows(x).requires_grad_(), exact_rows(weight).requires_grad_()
     lse, target = _reference_stats(xe, we, labels, scale, sub_centers)
@@ -253,8 +254,8 @@ def _check_cuda_kernels(operand, sub_centers, n, dim, classes, scale, determinis
     assert_rel_close(stats[1], target, value_rtol, f"{operand} target")
     upstream = torch.randn(2, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dx, dw = torch.ops.metric_kernels.cuda_emulated_margin_softmax_rows_backward(
-        upstream.to(stats.dtype), stats, xs, ws, labels, sub_centers, scale, True, True, deterministic, True, True,
-        operand == "tf32")
+        upstream.to(stats.dtype), stats, xs, ws, labels, sub_centers, scale, True, True, 0.0, deterministic, True,
+        True, operand == "tf32")
     expected = torch.autograd.grad((upstream[0] * lse + upstream[1] * target).sum(), (xe, we))
     assert dx.dtype == dtype and dw.dtype == dtype
     assert_rel_close(dx, expected[0], grad_rtol, f"{operand} dx")
@@ -305,7 +306,7 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
     x, weight = torch.randn(n, dim, generator=g).to(dtype), torch.randn(dim, classes, generator=g).to(dtype)
     labels = torch.randint(0, classes, (n,), generator=g)
     ops = torch.ops.metric_kernels
-    args = (x, weight, labels, 1, 10.0, True, True, True)
+    args = (x, weight, labels, 1, 10.0, True, True, 0.0, True)
     stats = ops.cuda_emulated_margin_softmax_rows(*args, False)
     upstream = torch.randn(2, n, generator=g).to(stats.dtype)
 

@@ -193,19 +193,19 @@ def test_ops_gradients_and_nan():
     class with the NaN is no row's label) and a label outside [0, C) gives a NaN target."""
     x, weight, labels, upstream = _case(3, 20, 70, 8, 1)
     labels = labels.clamp(max=68)
-    stats = torch.ops.metric_kernels.triton_margin_softmax_rows(x, weight, labels, 1, SCALE, True, True, True)
+    stats = torch.ops.metric_kernels.triton_margin_softmax_rows(x, weight, labels, 1, SCALE, True, True, 0.0, True)
     grad = upstream.contiguous()
     dx, dw = torch.ops.metric_kernels.triton_margin_softmax_rows_backward(grad, stats, x, weight, labels, 1, SCALE,
-                                                                         True, True, True, True, False)
+                                                                         True, True, 0.0, True, True, False)
     assert dx.shape == x.shape and dw.shape == (0, 70)
     dx, dw = torch.ops.metric_kernels.triton_margin_softmax_rows_backward(grad, stats, x, weight, labels, 1, SCALE,
-                                                                         True, True, True, False, True)
+                                                                         True, True, 0.0, True, False, True)
     assert dx.shape == (0, 8) and dw.shape == weight.shape
     weight[2, 69] = float("nan")
-    stats = torch.ops.metric_kernels.triton_margin_softmax_rows(x, weight, labels, 1, SCALE, True, True, True)
+    stats = torch.ops.metric_kernels.triton_margin_softmax_rows(x, weight, labels, 1, SCALE, True, True, 0.0, True)
     assert stats[0].isnan().all() and not stats[1].isnan().any()
     labels[4] = 70
-    stats = torch.ops.metric_kernels.triton_margin_softmax_rows(x, weight, labels, 1, SCALE, True, True, True)
+    stats = torch.ops.metric_kernels.triton_margin_softmax_rows(x, weight, labels, 1, SCALE, True, True, 0.0, True)
     assert stats[1].isnan().tolist() == [i == 4 for i in range(20)]
 
 
@@ -216,14 +216,15 @@ def test_refuses_what_the_contract_does_not_allow():
                           ((x, weight[:5], labels, 2), "N x D"), ((x, weight, labels.int(), 2), "int64"),
                           ((x, weight, labels[:3], 2), "one per row")):
         with pytest.raises(ValueError, match=message):
-            op(*args, SCALE, True, True, True)
+            op(*args, SCALE, True, True, 0.0, True)
 
 
 @both_modes
 def test_opcheck(deterministic):
     x, weight, labels, upstream = _case(4, 12, 70, 8, 2, torch.float32)
-    for normalize_x, normalize_w in ((True, True), (False, True), (False, False)):
-        args = (x, weight, labels, 2, SCALE, normalize_x, normalize_w, deterministic)
+    for normalize_x, normalize_w, pool_scale in ((True, True, 0.0), (False, True, 0.0), (False, False, 0.0),
+                                                 (True, True, 10.0), (False, False, 3.0)):
+        args = (x, weight, labels, 2, SCALE, normalize_x, normalize_w, pool_scale, deterministic)
         torch.library.opcheck(torch.ops.metric_kernels.triton_margin_softmax_rows, args)
         stats = torch.ops.metric_kernels.triton_margin_softmax_rows(*args)
         torch.library.opcheck(torch.ops.metric_kernels.triton_margin_softmax_rows_backward,

@@ -140,14 +140,41 @@ void product_tile(const MarginSoftmaxParams<T>& p, int64_t r0, int64_t rows, int
   p.gemm(false, false, rows, cols, p.d, p.x + r0 * p.x_stride, p.x_stride, p.w + j0, p.w_stride, T(0), tile, cols);
 }
 
+// Softmax pooling of one class's sub-centre cosines v_k (SoftTriple): p_k = softmax(pool_scale * v)_k, pooled
+// cosine sum_k p_k v_k. Its derivative in v_k is q_k = p_k (1 + pool_scale (v_k - pooled)), which weight() gives.
+template <typename T>
+struct SoftPool {
+  T top = -std::numeric_limits<T>::infinity(), sum = 0, pooled = 0, pool_scale;
+  SoftPool(const T* products, const T* scale, T row_scale, int64_t sub_centers, T pool_scale_)
+      : pool_scale(pool_scale_) {
+    for (int64_t k = 0; k < sub_centers; ++k) top = std::max(top, products[k] * scale[k] * row_scale);
+    T weighted = 0;
+    for (int64_t k = 0; k < sub_centers; ++k) {
+      const T value = products[k] * scale[k] * row_scale, e = std::exp(pool_scale * (value - top));
+      sum += e;
+      weighted += e * value;  // a NaN value makes both NaN, and so the pooled cosine
+    }
+    pooled = weighted / sum;
+  }
+  T weight(T value) const { return std::exp(pool_scale * (value - top)) / sum * (1 + pool_scale * (value - pooled)); }
+};
+
 // The cosines of a tile row's classes from its raw products, and (pick, where given) which sub-centre each came from:
-// the largest (the first of equal ones; NaN wins, so that it reaches the loss).
+// the largest (the first of equal ones; NaN wins, so that it reaches the loss), or with pool_scale > 0 their
+// softmax-weighted mean (SoftPool; pick unused).
 template <typename T>
 void class_cosines(const T* products, const T* column_scale, T row_scale, int64_t classes, int64_t sub_centers,
-                   T* cosine, int32_t* pick) {
+                   T pool_scale, T* cosine, int32_t* pick) {
   if (sub_centers == 1) {
 #pragma omp simd
     for (int64_t c = 0; c < classes; ++c) cosine[c] = products[c] * column_scale[c] * row_scale;
+    return;
+  }
+  if (pool_scale > 0) {
+    for (int64_t c = 0; c < classes; ++c)
+      cosine[c] = SoftPool<T>(products + c * sub_centers, column_scale + c * sub_centers, row_scale, sub_centers,
+                              pool_scale)
+                      .pooled;
     return;
   }
   for (int64_t c = 0; c < classes; ++c) {
@@ -206,14 +233,17 @@ struct RowGradient {
 
 // One tile row of the backward: dS_c = dL/dcos_c (g_target for the label; g_lse scale softmax_c for the others)
 // placed at each class's chosen column and scaled by the inverse norms (gs, 0 at the other sub-centres), and the
-// row's sum_c dS_c cos_c (returned); column_sums, where given, gains dS_c cos_c at the chosen columns.
+// row's sum_c dS_c cos_c (returned); column_sums, where given, gains dS_c cos_c at the chosen columns. Softmax
+// pooling spreads dS_c over the class's columns by SoftPool::weight: each column j gets g_j = dS_c q_j, and the sums
+// take g_j v_j.
 template <typename T>
 T gradient_row(const MarginSoftmaxParams<T>& p, const T* products, const T* rw, const RowGradient<T>& r,
                int64_t classes, Scratch<T>& s, T* gs, T* column_sums) {
   const int64_t sub_centers = p.sub_centers;
   T* cosine = s.cosine.data();
   T* ds = s.ds.data();
-  class_cosines(products, rw, r.rx, classes, sub_centers, cosine, sub_centers > 1 ? s.pick.data() : nullptr);
+  class_cosines(products, rw, r.rx, classes, sub_centers, p.pool_scale, cosine,
+                sub_centers > 1 ? s.pick.data() : nullptr);
   const T scale = p.scale, softmax_scale = r.g_lse * p.scale;
   T dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -230,6 +260,21 @@ T gradient_row(const MarginSoftmaxParams<T>& p, const T* products, const T* rw, 
       for (int64_t c = 0; c < classes; ++c) column_sums[c] += ds[c] * cosine[c];
     }
     return dot;
+  }
+  if (p.pool_scale > 0) {
+    T pooled_dot = 0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const int64_t j0 = c * sub_centers;
+      const SoftPool<T> pool(products + j0, rw + j0, r.rx, sub_centers, p.pool_scale);
+      for (int64_t k = 0; k < sub_centers; ++k) {
+        const int64_t j = j0 + k;
+        const T value = products[j] * rw[j] * r.rx, g = ds[c] * pool.weight(value);
+        gs[j] = g * r.rx * rw[j];
+        pooled_dot += g * value;
+        if (column_sums != nullptr) column_sums[j] += g * value;
+      }
+    }
+    return pooled_dot;
   }
   std::fill(gs, gs + classes * sub_centers, T(0));
   for (int64_t c = 0; c < classes; ++c) {
@@ -357,7 +402,7 @@ void margin_softmax_forward(const MarginSoftmaxParams<T>& p, T* stats) {
         product_tile(p, r0, rows, c.j0, c.cols, s.tile.data());
         for (int64_t i = 0; i < rows; ++i) {
           class_cosines(s.tile.data() + i * c.cols, rw.data() + c.j0, rx[r0 + i], c.classes, p.sub_centers,
-                        s.cosine.data(), static_cast<int32_t*>(nullptr));
+                        p.pool_scale, s.cosine.data(), static_cast<int32_t*>(nullptr));
           const int64_t label = p.labels[r0 + i] - c.c0;
           if (label >= 0 && label < c.classes) target[r0 + i] = s.cosine[label];
           forward_row(s.cosine.data(), c.classes, label, p.scale, s.ds.data(), state[i]);

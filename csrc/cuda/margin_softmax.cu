@@ -69,11 +69,37 @@ struct ClassCosine {
   int pick;  // the sub-centre it came from
 };
 
-// Class c of the tile row s_row: its largest sub-centre cosine (the first of equal ones; NaN wins).
+// Softmax pooling of class c's sub-centre cosines v_k (SoftTriple, pool_scale > 0): p_k = softmax(pool_scale v)_k,
+// pooled cosine sum_k p_k v_k, whose derivative in v_k is weight(v_k) = p_k (1 + pool_scale (v_k - pooled)).
+template <class Acc>
+struct SoftPool {
+  Acc top, sum, pooled, pool_scale;
+  __device__ SoftPool(const Acc* s_row, const Acc* w_inverse, int64_t j0, int c, int sub_centers, Acc rx, Acc scale)
+      : top(-INFINITY), sum(0), pooled(0), pool_scale(scale) {
+    const int base = c * sub_centers;
+    for (int k = 0; k < sub_centers; ++k) top = fmax(top, s_row[base + k] * w_inverse[j0 + base + k] * rx);
+    Acc weighted = 0;
+    for (int k = 0; k < sub_centers; ++k) {
+      const Acc value = s_row[base + k] * w_inverse[j0 + base + k] * rx;
+      const Acc e = exponential(pool_scale * (value - top));
+      sum += e;
+      weighted += e * value;  // a NaN value makes both NaN, and so the pooled cosine
+    }
+    pooled = weighted / sum;
+  }
+  __device__ Acc weight(Acc value) const {
+    return exponential(pool_scale * (value - top)) / sum * (Acc(1) + pool_scale * (value - pooled));
+  }
+};
+
+// Class c of the tile row s_row: its largest sub-centre cosine (the first of equal ones; NaN wins), or with
+// pool_scale > 0 the softmax-weighted mean of them (SoftPool; pick 0).
 template <class Acc>
 __device__ __forceinline__ ClassCosine<Acc> class_cosine(const Acc* s_row, const Acc* w_inverse, int64_t j0, int c,
-                                                         int sub_centers, Acc rx) {
+                                                         int sub_centers, Acc rx, Acc pool_scale) {
   const int base = c * sub_centers;
+  if (sub_centers > 1 && pool_scale > Acc(0))
+    return {SoftPool<Acc>(s_row, w_inverse, j0, c, sub_centers, rx, pool_scale).pooled, 0};
   ClassCosine<Acc> best{s_row[base] * w_inverse[j0 + base] * rx, 0};
   for (int k = 1; k < sub_centers; ++k) {
     const Acc value = s_row[base + k] * w_inverse[j0 + base + k] * rx;
@@ -97,6 +123,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(con
   const bool live = row < p.n;
   const int64_t label = live ? p.labels[row] : -1;
   const Acc rx = live ? x_inverse[row] : Acc(0), scale = static_cast<Acc>(p.scale);
+  const Acc pool_scale = static_cast<Acc>(p.pool_scale);
   const int sub_centers = static_cast<int>(p.sub_centers);
   OnlineLse<Acc> others;
   Acc target = 0;  // the label's cosine, held by the thread whose columns have it
@@ -108,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 2) margin_softmax_forward_kernel(con
       const Acc* s_row = shared.s() + local * Layout::kAccLd;
 #pragma unroll 1
       for (int c = epilogue_column(); c < tile.classes; c += 2) {
-        const Acc cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx).value;
+        const Acc cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx, pool_scale).value;
         if (c0 + c == label) {
           target = cosine;
         } else {
@@ -150,7 +177,9 @@ __device__ void load_classifier_rows(const CudaMarginSoftmaxBackwardParams& bp, 
 // From the tile of raw products in shared.s(): shared.ds() = dS rx rw at each class's chosen column (0 at the other
 // sub-centres, past N and past the tile's classes), as the products' operand; shared.s() = dS cos at the same columns
 // (the dW pass's column sums read it). dS = g_target for the label's class, g_lse scale softmax for the others.
-// Returns this thread's part of its row's sum of dS cos. The caller synchronises before reading either tile.
+// Softmax pooling (pool_scale > 0) spreads dS over every column j of the class as g_j = dS SoftPool::weight(v_j):
+// ds() = g_j rx rw, s() = g_j v_j. Returns this thread's part of its row's sum of those s() values. The caller
+// synchronises before reading either tile.
 template <class Policy>
 __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams& p, int64_t r0, const ClassTile& tile,
                                                    SharedLayout<Policy>& shared) {
@@ -162,8 +191,9 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
   const Acc g_lse = shared.row_state()[local], g_target = shared.row_state()[kTile + local];
   const Acc lse = shared.row_state()[2 * kTile + local], rx = shared.row_state()[3 * kTile + local];
   const int64_t label = shared.row_labels()[local];
-  const Acc scale = static_cast<Acc>(p.scale);
+  const Acc scale = static_cast<Acc>(p.scale), pool_scale = static_cast<Acc>(p.pool_scale);
   const int sub_centers = static_cast<int>(p.sub_centers);
+  const bool pooled = sub_centers > 1 && pool_scale > Acc(0);
   Acc* s_row = shared.s() + local * Layout::kAccLd;
   auto* ds_row = shared.ds() + local * Layout::kTileLd;
   Acc dot = 0;
@@ -172,8 +202,20 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
     ClassCosine<Acc> cosine{Acc(0), 0};
     Acc ds = 0;
     if (live) {
-      cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx);
+      cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx, pool_scale);
       ds = tile.c0 + c == label ? g_target : g_lse * scale * exponential(scale * cosine.value - lse);
+    }
+    if (pooled) {
+      // the pool is formed again from this row's own columns, before they are overwritten below
+      const SoftPool<Acc> pool(s_row, w_inverse, tile.j0, c, sub_centers, rx, pool_scale);
+      for (int k = 0; k < sub_centers; ++k) {
+        const int j = c * sub_centers + k;
+        const Acc value = s_row[j] * w_inverse[tile.j0 + j] * rx, g = live ? ds * pool.weight(value) : Acc(0);
+        dot += g * value;
+        ds_row[j] = Policy::to_operand(g * rx * w_inverse[tile.j0 + j]);
+        s_row[j] = g * value;
+      }
+      continue;
     }
     dot += ds * cosine.value;
     for (int k = 0; k < sub_centers; ++k) {

@@ -354,25 +354,28 @@ glue::ClassifierRows classifier_rows_on_device(const Tensor& x, const Tensor& we
 }
 
 CudaMarginSoftmaxParams classifier_params(const glue::ClassifierRows& rows, Tensor& inverse, int64_t sub_centers,
-                                          double scale, bool normalize_x, bool normalize_w, bool allow_tf32) {
+                                          double scale, bool normalize_x, bool normalize_w, double pool_scale,
+                                          bool allow_tf32) {
   const int64_t n = rows.x.size(0);
   auto* base = static_cast<unsigned char*>(inverse.mutable_data_ptr());
   return CudaMarginSoftmaxParams{rows.x.const_data_ptr(), rows.weight.const_data_ptr(),
                                  rows.labels.const_data_ptr<int64_t>(), base,
                                  base + n * inverse.element_size(), n, rows.x.size(1), rows.classes, sub_centers,
                                  rows.x.stride(0), rows.weight.stride(0), scale, normalize_x, normalize_w,
-                                 operand_of(rows.x, allow_tf32)};
+                                 pool_scale, operand_of(rows.x, allow_tf32)};
 }
 
 Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& labels, int64_t sub_centers,
-                           double scale, bool normalize_x, bool normalize_w, bool deterministic, bool allow_tf32) {
+                           double scale, bool normalize_x, bool normalize_w, double pool_scale, bool deterministic,
+                           bool allow_tf32) {
   const glue::ClassifierRows rows = classifier_rows_on_device(x, weight, labels, sub_centers);
   const OnDeviceOf on_device_of(rows.x);
   const ScalarType acc = accumulation_type(rows.x);
   Tensor inverse = uninitialized(rows.x, {rows.x.size(0) + rows.weight.size(1)}, acc);
   Tensor stats = uninitialized(rows.x, {2, rows.x.size(0)}, acc);
   check_launch(cuda::margin_softmax_forward(
-                   classifier_params(rows, inverse, sub_centers, scale, normalize_x, normalize_w, allow_tf32),
+                   classifier_params(rows, inverse, sub_centers, scale, normalize_x, normalize_w, pool_scale,
+                                     allow_tf32),
                    stats.mutable_data_ptr(), current_stream(rows.x)),
                "margin_softmax_rows");
   return stats;
@@ -384,8 +387,8 @@ Tensor margin_softmax_rows(const Tensor& x, const Tensor& weight, const Tensor& 
 std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, const Tensor& stats_in,
                                                         const Tensor& x, const Tensor& weight, const Tensor& labels,
                                                         int64_t sub_centers, double scale, bool normalize_x,
-                                                        bool normalize_w, bool deterministic, bool need_dx,
-                                                        bool need_dw, bool allow_tf32) {
+                                                        bool normalize_w, double pool_scale, bool deterministic,
+                                                        bool need_dx, bool need_dw, bool allow_tf32) {
   const glue::ClassifierRows rows = classifier_rows_on_device(x, weight, labels, sub_centers);
   const OnDeviceOf on_device_of(rows.x);
   const int64_t n = rows.x.size(0), d = rows.x.size(1), columns = rows.weight.size(1);
@@ -397,7 +400,7 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
   Tensor inverse = uninitialized(rows.x, {n + columns}, acc);
   const CudaMarginSoftmaxParams params =
-      classifier_params(rows, inverse, sub_centers, scale, normalize_x, normalize_w, allow_tf32);
+      classifier_params(rows, inverse, sub_centers, scale, normalize_x, normalize_w, pool_scale, allow_tf32);
   const bool atomic = !deterministic && need_dx && need_dw &&
                       atomic_pass_fits(params.operand, d, cuda::shared_bytes_per_block(rows.x.get_device_index()));
   Tensor dx = uninitialized(rows.x, {need_dx ? n : 0, d}, acc);

@@ -69,23 +69,42 @@ def _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, 
 
 
 @triton.jit
-def _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                   stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+def _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse, rows, cols, dims, N, C, D,
+                   K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                    ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_PICK: tl.constexpr, EVEN: tl.constexpr):
-    """(cos, pick) of a class tile with K > 1 sub-centres: the largest sub-centre cosine and, WITH_PICK, which k
-    gave it (the first of equal ones; NaN wins, as in the cpu kernel), else 0."""
+    """(cos, pick, top, total) of a class tile with K > 1 sub-centres: the largest sub-centre cosine and, WITH_PICK,
+    which k gave it (the first of equal ones; NaN wins, as in the cpu kernel), else 0; or, with pool_scale > 0
+    (SoftTriple), their mean weighted by softmax(pool_scale * cos), folded online: top the largest cosine and total
+    the softmax's denominator, sum_k exp(pool_scale (cos_k - top)), which _pooled_weight needs."""
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), ACC)
     pick = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    total = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    weighted = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for k in range(K):
         cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, k, N, C, D,
                              stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
                              ACC, PRECISION, FULL_D, EVEN)[0]
-        better = (cosine > best) | (cosine != cosine)
-        best = tl.where(better, cosine, best)
-        if WITH_PICK:
-            pick = tl.where(better, k, pick)
-    return best, pick
+        if pool_scale > 0:
+            top = tl.maximum(best, cosine)
+            rescale = tl.exp2((best - top) * (pool_scale * LOG2E))
+            term = tl.exp2((cosine - top) * (pool_scale * LOG2E))  # NaN for a NaN cosine: the pool is NaN
+            total = total * rescale + term
+            weighted = weighted * rescale + term * cosine
+            best = top
+        else:
+            better = (cosine > best) | (cosine != cosine)
+            best = tl.where(better, cosine, best)
+            if WITH_PICK:
+                pick = tl.where(better, k, pick)
+    # (max pooling leaves total at 0: divided by 1 instead, and not selected)
+    return tl.where(pool_scale > 0, weighted / tl.where(pool_scale > 0, total, 1.0), best), pick, best, total
+
+
+@triton.jit
+def _pooled_weight(value, pooled, top, total, pool_scale):
+    """d pooled / d cos_k of a softmax pool (_class_cosines): p_k (1 + pool_scale (cos_k - pooled))."""
+    return tl.exp2((value - top) * (pool_scale * LOG2E)) / total * (1 + pool_scale * (value - pooled))
 
 
 @triton.jit
@@ -116,8 +135,10 @@ def _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C):
 
 @triton.jit
 def _backward_scalars(params_ptr, power_ptr, stride_wd):
-    """(scale, the power of two P is multiplied by, W's row stride as a 64-bit integer) of a backward program."""
-    return _load_params(params_ptr)[0], tl.load(power_ptr), tl.cast(stride_wd, tl.int64)
+    """(scale, pool_scale, the power of two P is multiplied by, W's row stride as a 64-bit integer) of a backward
+    program."""
+    scale, pool_scale = _load_params(params_ptr)
+    return scale, pool_scale, tl.load(power_ptr), tl.cast(stride_wd, tl.int64)
 
 
 @triton.jit
@@ -127,17 +148,18 @@ def _product_operand(ds, row_factor, w_inverse, operand: tl.constexpr):
 
 
 @triton.jit
-def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile,
-                  x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
+def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_ptr, w_norm_ptr, normalize_w,
+                  pool_scale, x_tile, x_inverse, rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
+                  stride_wc,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr, EVEN: tl.constexpr):
     """The class tile at c0 folded into the rows' log-sum-exp state (the classes other than the label) and the
     label's cosine added to `target` where the tile holds it."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     if MULTI:
-        cosine = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N, C, D, K,
-                                stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
-                                FULL_D, ACC, PRECISION, False, EVEN)[0]
+        cosine = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse, rows, cols, dims,
+                                N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+                                BLOCK_D, FULL_D, ACC, PRECISION, False, EVEN)[0]
     else:
         cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, 0, N, C, D,
                              stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
@@ -162,7 +184,7 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, normalize_x, no
     target_ptr[rows] = the label's cosine, stored by the split that holds the label. MULTI: K > 1 (with K == 1 the
     class tile loop is the innermost, which the compiler pipelines). N_BUCKET, M_BUCKET and ALIGNED are the
     autotuner's key only."""
-    scale = _load_params(params_ptr)[0]
+    scale, pool_scale = _load_params(params_ptr)
     stride_wd = tl.cast(stride_wd, tl.int64)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,17 +199,17 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, normalize_x, no
     even_stop = _even_stop(start, stop, BLOCK_N)
     for c0 in range(start, even_stop, BLOCK_N):
         running_max, running_sum, target = _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr,
-                                                         w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims,
-                                                         N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
-                                                         stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION,
-                                                         MULTI, True)
+                                                         w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse,
+                                                         rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd,
+                                                         stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+                                                         PRECISION, MULTI, True)
     for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (a loop: an `if` here made the compiler
         # load the dot's row operand once for both, and keep it in registers across the first loop)
         running_max, running_sum, target = _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr,
-                                                         w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims,
-                                                         N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj,
-                                                         stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION,
-                                                         MULTI, False)
+                                                         w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse,
+                                                         rows, dims, N, C, D, K, stride_xn, stride_xd, stride_wd,
+                                                         stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+                                                         PRECISION, MULTI, False)
     # A NaN logit makes the sum NaN for good; the engine's _finish_logsumexp would turn that into -inf.
     lse = tl.where(running_sum == 0, float("-inf"),
                    (running_max + tl.log2(tl.where(running_sum == 0, 1.0, running_sum))) * LN2)
@@ -205,29 +227,44 @@ def _add_column_terms(terms, w_radial, cols, C, columns, dw_t_ptr, first_dims):
 
 @triton.jit
 def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr, w_norm_ptr,
-               normalize_w, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C, D, K, stride_xn,
-               stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               normalize_w, pool_scale, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N, C, D, K,
+               stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                MULTI: tl.constexpr, WITH_DW: tl.constexpr, EVEN: tl.constexpr):
     """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos;
-    WITH_DW also its part of dW, from the same P (_add_transposed_product). FULL_D: the cosines from x_tile."""
+    WITH_DW also its part of dW, from the same P (_add_transposed_product). FULL_D: the cosines from x_tile. A
+    softmax pool (pool_scale > 0) spreads each class's dS over its sub-centres by _pooled_weight, recomputing each
+    sub-centre's cosines (one more product per sub-centre), and t_i sums g v over them."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     operand = x_ptr.dtype.element_ty
     if MULTI:
-        cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N, C,
-                                      D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
-                                      BLOCK_D, FULL_D, ACC, PRECISION, True, EVEN)
+        cosine, pick, top, total = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile,
+                                                  x_inverse, rows, cols, dims, N, C, D, K, stride_xn, stride_xd,
+                                                  stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
+                                                  ACC, PRECISION, True, EVEN)
         ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
-        for k in range(K):  # each class's dS to its chosen column: one product per sub-centre
+        pooled_terms = tl.zeros((BLOCK_M,), ACC)
+        for k in range(K):  # each class's dS to its chosen column(s): one product per sub-centre
             inverse_k, radial_k, _ = _scales(w_norm_ptr + k * C, cols, C, normalize_w)
             tile_k = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, stride_wc, stride_wd, EVEN)
-            chosen = pick == k
-            p = _product_operand(tl.where(chosen, ds, 0.0), row_factor, inverse_k, operand)
-            dx = tl.dot(p, tile_k, dx, input_precision=PRECISION, out_dtype=ACC)
-            if WITH_DW:  # not 0 * cos where not chosen: a NaN of another sub-centre stays out
+            if pool_scale > 0:
+                value = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, k, N,
+                                    C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
+                                    BLOCK_D, FULL_D, ACC, PRECISION, FULL_D, EVEN)[0]
+                gradient = ds * _pooled_weight(value, cosine, top, total, pool_scale)
+                terms = gradient * value
+                pooled_terms += tl.sum(tl.where(x_radial[:, None], terms, 0.0), axis=1)
+            else:  # not 0 * cos where not chosen: a NaN of another sub-centre stays out
+                chosen = pick == k
+                gradient = tl.where(chosen, ds, 0.0)
                 terms = tl.where(chosen, ds * cosine, 0.0)
+            p = _product_operand(gradient, row_factor, inverse_k, operand)
+            dx = tl.dot(p, tile_k, dx, input_precision=PRECISION, out_dtype=ACC)
+            if WITH_DW:
                 _add_transposed_product(p, x_tile, cols, C, cols * K + k, dims, dw_ptr, D, ACC, PRECISION)
                 _add_column_terms(terms, radial_k, cols, C, cols * K + k, dw_t_ptr, first_dims)
+        row_terms = tl.where(pool_scale > 0, pooled_terms,
+                             tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1))
     else:
         cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols,
                                                 dims, 0, N, C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
@@ -240,8 +277,8 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
             terms = ds * cosine
             _add_transposed_product(p, x_tile, cols, C, cols, dims, dw_ptr, D, ACC, PRECISION)
             _add_column_terms(terms, w_radial, cols, C, cols, dw_t_ptr, first_dims)
-    t_rows += tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
-    return dx, t_rows
+        row_terms = tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
+    return dx, t_rows + row_terms
 
 
 @triton.jit(do_not_specialize=RUNTIME_FLAGS)
@@ -261,7 +298,7 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     once for both gradients; finish_gradient completes dW. S_ON_CHIP: the cosines from the D block on chip (FULL_D),
     else over D in chunks read from memory (the same products; the ops choose it for fp32 rows, whose whole-D
     operands took more than the 255 registers a thread has: the compile proof)."""
-    scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
+    scale, pool_scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -276,14 +313,14 @@ def margin_softmax_backward_rows(grad_ptr, stats_ptr, power_ptr, params_ptr, x_p
     even_stop = _even_stop(start, stop, BLOCK_N)
     for c0 in range(start, even_stop, BLOCK_N):
         dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr,
-                                w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N,
-                                C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
-                                BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, True)
+                                w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr,
+                                first_dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
+                                BLOCK_N, BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, True)
     for c0 in range(even_stop, stop, BLOCK_N):  # the partial tile, if any (margin_softmax_forward)
         dx, t_rows = _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, x_radial, x_ptr, w_ptr,
-                                w_norm_ptr, normalize_w, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr, first_dims, N,
-                                C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
-                                BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, False)
+                                w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse, rows, dims, dw_ptr, dw_t_ptr,
+                                first_dims, N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
+                                BLOCK_N, BLOCK_D, S_ON_CHIP, ACC, PRECISION, MULTI, WITH_DW, False)
     out_mask = (rows[:, None] < N) & (dims[None, :] < D)
     if PARTIAL:
         at = split.to(tl.int64) * N
@@ -320,8 +357,8 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
     choices and dS (one exponential per class), then each sub-centre's P_k^T X is added into this program's own
     rows of an fp32 partial (partial_ptr [J, D], and partial_t_ptr [D blocks, J] for the column sums of dS cos; a
     register tile per sub-centre would not fit, as K is known only at run time), read back by the same program after
-    a barrier."""
-    scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
+    a barrier. A softmax pool (pool_scale > 0) recomputes each sub-centre's cosines for its weights (_rows_step)."""
+    scale, pool_scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     operand = w_ptr.dtype.element_ty
@@ -338,22 +375,30 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
         x_inverse = _scales(x_norm_ptr, rows, N, normalize_x)[0]
         x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd)
         if MULTI:
-            cosine, pick = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, N,
-                                          C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
-                                          BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, True, False)
+            cosine, pick, top, total = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile,
+                                                      x_inverse, rows, cols, dims, N, C, D, K, stride_xn, stride_xd,
+                                                      stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
+                                                      FULL_D, ACC, PRECISION, True, False)
             ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
             for k in range(K):
-                chosen = pick == k
+                if pool_scale > 0:
+                    value = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims,
+                                        k, N, C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
+                                        BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, FULL_D, False)[0]
+                    gradient = ds * _pooled_weight(value, cosine, top, total, pool_scale)
+                    terms = tl.sum(gradient * value, axis=0)
+                else:  # not 0 * cos where not chosen: a NaN of another sub-centre stays out
+                    chosen = pick == k
+                    gradient = tl.where(chosen, ds, 0.0)
+                    terms = tl.sum(tl.where(chosen, ds * cosine, 0.0), axis=0)
                 inverse_k = _scales(w_norm_ptr + k * C, cols, C, normalize_w)[0]
-                p = _product_operand(tl.where(chosen, ds, 0.0), x_inverse * power, inverse_k, operand)
+                p = _product_operand(gradient, x_inverse * power, inverse_k, operand)
                 columns = cols * K + k
                 at = partial_ptr + columns[:, None] * D + dims[None, :]
                 # the first row block writes, the others add: no zeroed buffer
                 part = tl.dot(tl.trans(p), x_tile, tl.load(at, mask=out_mask & (m0 > 0), other=0.0),
                               input_precision=PRECISION, out_dtype=ACC)
                 tl.store(at, part, mask=out_mask)
-                # not 0 * cos where not chosen: a NaN of another sub-centre stays out
-                terms = tl.sum(tl.where(chosen, ds * cosine, 0.0), axis=0)
                 t_at = partial_t_ptr + columns
                 tl.store(t_at, tl.load(t_at, mask=(cols < C) & (m0 > 0), other=0.0) + terms, mask=cols < C)
             tl.debug_barrier()  # the stores above are read back by other threads of the program

@@ -161,9 +161,10 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int):
 
 @torch.library.custom_op("metric_kernels::triton_margin_softmax_rows", mutates_args=())
 def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, sub_centers: int, scale: float,
-                        normalize_x: bool, normalize_w: bool, deterministic: bool) -> torch.Tensor:
+                        normalize_x: bool, normalize_w: bool, pool_scale: float, deterministic: bool) -> torch.Tensor:
     """stats [2, N]: the log-sum-exp of scale * cos over the classes other than the label (-inf for C == 1), and
-    the label's cosine ("cos" with the rows / W's columns left raw where normalize_x / normalize_w is False). The classes are split across programs where the row blocks alone cannot fill the GPU
+    the label's cosine ("cos" with the rows / W's columns left raw where normalize_x / normalize_w is False; a
+    class's cos pooled from its sub-centres' by the largest, or with pool_scale > 0 by the softmax-weighted mean). The classes are split across programs where the row blocks alone cannot fill the GPU
     (ops.reference_splits); the splits' log-sum-exps are merged here, O(splits x N)."""
     x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
     n = x.shape[0]
@@ -176,26 +177,31 @@ def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         with _device_guard(x):
             _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
                 x, weight, row_norms(x), _by_sub_centre(row_norms(weight.t()), sub_centers), int(normalize_x),
-                int(normalize_w), labels, loss_params(scale, 0.0, x), lse, target, *sizes, splits, *key, **constexprs)
+                int(normalize_w), labels, loss_params(scale, pool_scale, x), lse, target, *sizes, splits, *key,
+                **constexprs)
     return torch.stack([lse[0] if splits == 1 else torch.logsumexp(lse, dim=0), target])
 
 
 def _gradient_power(grad: torch.Tensor, x: torch.Tensor, x_norms: torch.Tensor, w_norms: torch.Tensor,
-                    scale: float, normalize_x: bool, normalize_w: bool) -> torch.Tensor:
+                    scale: float, normalize_x: bool, normalize_w: bool, pool_scale: float) -> torch.Tensor:
     """fp16: the power of two that brings P = dS r_i r_j to at most 1 before its cast to fp16 (whose range would
     flush the small softmax terms to 0), from |dS_ic| <= |g_lse| |scale| + |g_target| (softmax_c <= 1, one
-    target; r = 1 on a side left raw); 1 for the other dtypes (ops.gradient_scale does the same for the pair
-    losses)."""
+    target; r = 1 on a side left raw), times 1 + 2 pool_scale |x| |w| for a softmax pool (a column's share
+    p_k (1 + pool_scale (cos_k - pooled)), |cos_k - pooled| <= 2 |x| |w|, the lengths 1 on normalised sides); 1 for
+    the other dtypes (ops.gradient_scale does the same for the pair losses)."""
     if x.dtype != torch.float16:
         return torch.ones((1,), dtype=x_norms.dtype, device=x.device)
-    return power_of_two_below(grad[0].abs() * abs(scale) + grad[1].abs(), x_norms, w_norms, normalize_x,
-                              normalize_w)
+    bound = grad[0].abs() * abs(scale) + grad[1].abs()
+    if pool_scale > 0:
+        length = lambda norms, normalized: 1.0 if normalized else norms.max()  # noqa: E731
+        bound = bound * (1 + 2 * pool_scale * length(x_norms, normalize_x) * length(w_norms, normalize_w))
+    return power_of_two_below(bound, x_norms, w_norms, normalize_x, normalize_w)
 
 
 @torch.library.custom_op("metric_kernels::triton_margin_softmax_rows_backward", mutates_args=())
 def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, sub_centers: int, scale: float, normalize_x: bool,
-                                 normalize_w: bool, deterministic: bool, need_dx: bool,
+                                 normalize_w: bool, pool_scale: float, deterministic: bool, need_dx: bool,
                                  need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dX, dW) in the inputs' dtype (an unneeded one with 0 rows).
 
@@ -219,11 +225,11 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
     grad, stats = grad.to(dtype).contiguous(), stats.to(dtype).contiguous()
     column_norms = row_norms(weight.t())  # column by column (j = c K + k)
     x_norms, w_norms = row_norms(x), _by_sub_centre(column_norms, sub_centers)
-    power = _gradient_power(grad, x, x_norms, w_norms, scale, normalize_x, normalize_w)
+    power = _gradient_power(grad, x, x_norms, w_norms, scale, normalize_x, normalize_w, pool_scale)
     sizes, key, constexprs = _launch_args(x, weight, sub_centers)
     width = constexprs["BLOCK_D"]
     columns = weight.shape[1]
-    state = (grad, stats, power, loss_params(scale, 0.0, x), x, weight, x_norms, w_norms, int(normalize_x),
+    state = (grad, stats, power, loss_params(scale, pool_scale, x), x, weight, x_norms, w_norms, int(normalize_x),
              int(normalize_w), labels)
     buffer = lambda *shape: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
     # (accumulators, statistics, splits, rows, their norms, out and its strides, D block), for finish_gradient
