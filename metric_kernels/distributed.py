@@ -28,8 +28,8 @@ value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalVal
   be the same on every rank (DDP broadcasts them at construction). Another reducer than the default DivisorReducer
   reduces each of the two per-proxy terms over all C proxies (mean_nonzero: all-reduced counts of nonzero terms), and
   DoNothingReducer's dictionary holds the ranks' slices gathered.
-- The classifiers (ArcFace, CosFace, SubCenterArcFace, SphereFace, LargeMarginSoftmax, NormalizedSoftmax) and
-  ProxyNCA: a query's loss depends on
+- The classifiers (ArcFace, CosFace, SubCenterArcFace, SphereFace, LargeMarginSoftmax, NormalizedSoftmax,
+  SoftTriple) and ProxyNCA: a query's loss depends on
   that query and W (the proxies) alone, so each rank computes its own queries' losses (no gather) and the
   reduction's denominator is global. W, like the proxies, must be the same on every rank and averaged by DDP.
 
@@ -185,7 +185,7 @@ class DistributedLoss(nn.Module):
     """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
     GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a
     classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, SphereFaceLoss, LargeMarginSoftmaxLoss,
-    NormalizedSoftmaxLoss; kept as `.loss`) for data-parallel
+    NormalizedSoftmaxLoss, SoftTripleLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
     rows in rank order, as one process would compute it), and after DDP's gradient averaging every parameter
     gradient equals that one-process computation's, for every `reduction=` / `reducer=` the wrapped module accepts
@@ -204,7 +204,7 @@ class DistributedLoss(nn.Module):
                             "TupletMarginLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, "
                             "BatchHardTripletLoss, "
                             "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, "
-                            "SphereFaceLoss, LargeMarginSoftmaxLoss or NormalizedSoftmaxLoss, got "
+                            "SphereFaceLoss, LargeMarginSoftmaxLoss, NormalizedSoftmaxLoss or SoftTripleLoss, got "
                             f"{type(loss).__name__}")
         mode = getattr(loss, "_reducer_mode", None)
         if mode not in _MODES:

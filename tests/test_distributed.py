@@ -35,7 +35,7 @@ D_IN, D_OUT = 6, 5
 
 CLASSIFIERS = {"arcface": mk.ArcFaceLoss, "cosface": mk.CosFaceLoss, "subcenter_arcface": mk.SubCenterArcFaceLoss,
                "normalized_softmax": mk.NormalizedSoftmaxLoss, "large_margin_softmax": mk.LargeMarginSoftmaxLoss,
-               "sphereface": mk.SphereFaceLoss}
+               "sphereface": mk.SphereFaceLoss, "soft_triple": mk.SoftTripleLoss}
 
 
 @dataclass
@@ -121,6 +121,7 @@ def _cases(world):
             Case("normalized_softmax", (4, 0), classes=3, kwargs=dict(reducer=reducers.DoNothingReducer())),
             Case("large_margin_softmax", (3, 5), "hand", classes=4, kwargs=dict(margin=3, scale=0.5)),
             Case("sphereface", (4, 4), classes=5, kwargs=dict(reducer=reducers.AvgNonZeroReducer())),
+            Case("soft_triple", (5, 3), "hand", classes=4, kwargs=dict(centers_per_class=3, la=6.0, gamma=0.3)),
             # NCA: queries 0 and 6 have no positive (left out, MeanReducer counts the other 7); rank 1 alone would
             # be a batch of one query (PML's rule: no loss), the global batch is not.
             Case("nca", (5, 4), labels=(9, 1, 1, 2, 2, 2, 8, 1, 2), kwargs=dict(softmax_scale=3.0)),

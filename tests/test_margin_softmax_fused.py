@@ -1,5 +1,5 @@
 """The fused margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, LargeMarginSoftmax,
-SphereFace) against the float64 reference, through the public functional API: values and gradients of the embeddings and of W, every fused backend
+SphereFace, SoftTriple) against the float64 reference, through the public functional API: values and gradients of the embeddings and of W, every fused backend
 that computes them, ragged sizes against the kernels' tiles (several class tiles, class splits of small batches,
 sub-centres), C = 1 and 2, every reduction, fp64 / fp32 at the SPEC tolerances and fp16 / bf16 no worse than the
 reference run on the same half inputs + 1e-2; float64 gradcheck, torch.compile(fullgraph=True), torch.library.opcheck,
@@ -29,13 +29,14 @@ HALF = (torch.float16, torch.bfloat16)
 LOSSES = {"arcface": dict(margin=28.6, scale=64.0), "cosface": dict(margin=0.35, scale=64.0),
           "subcenter_arcface": dict(sub_centers=3, margin=28.6, scale=64.0),
           "normalized_softmax": dict(temperature=0.05), "large_margin_softmax": dict(margin=4, scale=1.0),
-          "sphereface": dict(margin=3, scale=2.0)}
+          "sphereface": dict(margin=3, scale=2.0),
+          "soft_triple": dict(centers_per_class=3, la=20.0, gamma=0.1, margin=0.01)}
 # (N, D, classes): one row; ragged row blocks and class tiles; a small batch over many class tiles (class splits).
 SIZES = [(1, 5, 1), (3, 4, 2), (37, 17, 300), (130, 33, 97), (9, 24, 1100)]
 
 
 def _sub_centers(loss, params):
-    return params.get("sub_centers", 1) if loss == "subcenter_arcface" else 1
+    return params.get("sub_centers", params.get("centers_per_class", 1))
 
 
 def _inputs(seed, n, dim, classes, sub_centers):
@@ -133,6 +134,25 @@ def test_multiple_angle_margins_and_scales(backend, loss):
 
 
 @backend_param
+@pytest.mark.parametrize("centers", [1, 2, 5])
+def test_soft_triple_pools_and_distances(backend, centers):
+    """SoftTriple's softmax pooling of each class's centers, from nearly the largest (small gamma) to nearly the mean
+    (large gamma), on cosines and on raw products (distance="dot", normalize_embeddings=False), float64 and float32;
+    rows and columns of very different norms, a zero row."""
+    for seed, (gamma, la, margin, distance, normalize) in enumerate([(0.02, 30.0, 0.1, "cosine", True),
+                                                                    (1.0, 5.0, -0.2, "dot", True),
+                                                                    (0.5, 0.2, 0.05, "dot", False)]):
+        x, weight, labels = _inputs(200 + seed, 50, 16, 77, centers)
+        g = torch.Generator().manual_seed(seed)
+        x = x * torch.exp(torch.randn(50, 1, generator=g, dtype=torch.float64))
+        weight = weight * torch.exp(torch.randn(1, 77 * centers, generator=g, dtype=torch.float64))
+        x[7] = 0
+        for dtype in (torch.float64, torch.float32):
+            _compare(backend, "soft_triple", x, weight, labels, dtype, centers_per_class=centers, gamma=gamma, la=la,
+                     margin=margin, distance=distance, normalize_embeddings=normalize)
+
+
+@backend_param
 def test_strided_and_transposed_inputs(backend):
     """Embeddings that are a strided view, a weight that is a slice of a wider matrix (row stride > J)."""
     g = torch.Generator().manual_seed(3)
@@ -152,6 +172,15 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(
         lambda a, b: mk.subcenter_arcface_loss(a, labels, b, sub_centers=2, margin=20.0, scale=4.0, backend=backend),
         (x, weight))
+    # the softmax pool's gradient, and the raw sides of LargeMarginSoftmax and SphereFace
+    assert torch.autograd.gradcheck(
+        lambda a, b: mk.soft_triple_loss(a, labels, b, centers_per_class=2, la=3.0, gamma=0.3, backend=backend),
+        (x, weight))
+    assert torch.autograd.gradcheck(
+        lambda a, b: mk.large_margin_softmax_loss(a, labels, b[:, :3], margin=3, scale=0.5, backend=backend),
+        (x, weight))
+    assert torch.autograd.gradcheck(
+        lambda a, b: mk.sphereface_loss(a, labels, b[:, :3], margin=2, scale=0.5, backend=backend), (x, weight))
 
 
 class _LargestTensor(TorchDispatchMode):

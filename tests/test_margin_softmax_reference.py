@@ -20,12 +20,13 @@ from metric_kernels.reference import margin_softmax_rows
 from tests.helpers import assert_rel_close, grads
 
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}  # (value, gradients) against PML in fp64
-LOSSES = ["arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface"]
+LOSSES = ["arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface",
+          "soft_triple"]
 CLASS_NAMES = {"arcface": "ArcFaceLoss", "cosface": "CosFaceLoss", "subcenter_arcface": "SubCenterArcFaceLoss",
                "normalized_softmax": "NormalizedSoftmaxLoss", "large_margin_softmax": "LargeMarginSoftmaxLoss",
-               "sphereface": "SphereFaceLoss"}
+               "sphereface": "SphereFaceLoss", "soft_triple": "SoftTripleLoss"}
 SEED_BASE = {"arcface": 0, "cosface": 10_000, "subcenter_arcface": 20_000, "normalized_softmax": 30_000,
-             "large_margin_softmax": 60_000, "sphereface": 70_000}
+             "large_margin_softmax": 60_000, "sphereface": 70_000, "soft_triple": 90_000}
 MULTIPLE_ANGLE = ("large_margin_softmax", "sphereface")
 CASES_PER_LOSS, BLOCKS = 48, 4
 
@@ -34,6 +35,9 @@ def _params(loss, g):
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
     if loss == "normalized_softmax":
         return dict(temperature=u(0.01, 1.0))
+    if loss == "soft_triple":  # centers pooled by softmax(cos / gamma); PML's margin on the pooled similarity
+        return dict(centers_per_class=torch.randint(1, 5, (), generator=g).item(), la=u(1.0, 60.0),
+                    gamma=u(0.02, 1.0), margin=u(-0.1, 0.5))
     if loss in MULTIPLE_ANGLE:  # the angle's multiple, given as an int or an integral float; logits scale |x| (|w|) cos
         margin = torch.randint(1, 7, (), generator=g).item()
         return dict(margin=float(margin) if margin % 2 else margin, scale=u(0.05, 3.0))
@@ -53,7 +57,7 @@ def _case(loss, seed, max_rows=150, max_classes=100):
     a quarter of the rows lie near their class's first column and a quarter near its opposite."""
     g = torch.Generator().manual_seed(SEED_BASE[loss] + seed)
     params = _params(loss, g)
-    k = params.get("sub_centers", 1)
+    k = _k(params)
     n = torch.randint(1, max_rows + 1, (), generator=g).item()
     dim = torch.randint(2, 65, (), generator=g).item()
     classes = (1, 2, None, None)[seed % 4] or torch.randint(3, max_classes + 1, (), generator=g).item()
@@ -79,20 +83,35 @@ def _our_module(loss, params, classes, dim, dtype=torch.float64, **keywords):
     return cls(num_classes=classes, embedding_size=dim, **params, backend="reference", **keywords).to(dtype)
 
 
+def _w(module):
+    """A classifier module's class matrix: W, or SoftTriple's fc."""
+    return module.fc if hasattr(module, "fc") else module.W
+
+
 def _with_weight(module, weight):
     with torch.no_grad():
-        module.W.copy_(weight)
+        _w(module).copy_(weight)
     return module
 
 
+def _k(params):
+    """Columns per class: SubCenterArcFace's sub_centers, SoftTriple's centers_per_class, else 1."""
+    return params.get("sub_centers", params.get("centers_per_class", 1))
+
+
+def _pool(params):
+    """The backend's pool_scale: SoftTriple's 1 / gamma, else 0 (the largest sub-centre)."""
+    return 1.0 / params["gamma"] if "gamma" in params else 0.0
+
+
 def _classes(weight, params):
-    return weight.shape[1] // params.get("sub_centers", 1)
+    return weight.shape[1] // _k(params)
 
 
 def _logit_scale(loss, params, x, weight):
     """The size of the logits: scale (1 / temperature) times, for the classifiers that leave a side raw, the largest
     norms of that side (LargeMarginSoftmax: |x| |w|; SphereFace: |x|)."""
-    size = params["scale"] if "scale" in params else 1 / params["temperature"]
+    size = params["scale"] if "scale" in params else params["la"] if "la" in params else 1 / params["temperature"]
     if loss in MULTIPLE_ANGLE:
         size *= torch.linalg.vector_norm(x.detach(), dim=1).max().item() if x.shape[0] else 1.0
     if loss == "large_margin_softmax":
@@ -130,7 +149,8 @@ def _assert_same(ours, our_inputs, expected, expected_inputs, dtype, what, logit
 
 def _past_the_monotonic_branch(x, labels, weight, params):
     """How many rows' label angles exceed 180 degrees - margin (ArcFace's second branch)."""
-    _, target = margin_softmax_rows(x, weight, labels, scale=1.0, sub_centers=params.get("sub_centers", 1))
+    _, target = margin_softmax_rows(x, weight, labels, scale=1.0, sub_centers=_k(params),
+                                    pool_scale=_pool(params))
     return int((torch.acos(target.clamp(-1, 1)) > math.pi - math.radians(params["margin"])).sum())
 
 
@@ -148,10 +168,10 @@ def test_reference_equals_pml_float64(loss, block):
         expected = theirs(x, labels)
         w = weight.clone().requires_grad_()
         ours = getattr(mk, f"{loss}_loss")(x, labels, w, backend="reference", **params)
-        _assert_same(ours, [x, w], expected, [x, theirs.W], torch.float64, f"{what} functional",
+        _assert_same(ours, [x, w], expected, [x, _w(theirs)], torch.float64, f"{what} functional",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         module = _with_weight(_our_module(loss, params, classes, dim), weight)
-        _assert_same(module(x, labels), [x, module.W], expected, [x, theirs.W], torch.float64, f"{what} module",
+        _assert_same(module(x, labels), [x, _w(module)], expected, [x, _w(theirs)], torch.float64, f"{what} module",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         if loss in ("arcface", "subcenter_arcface"):
             past += _past_the_monotonic_branch(x.detach(), labels, weight, params)
@@ -168,7 +188,8 @@ def test_reference_float32_against_pml_float64(loss):
         # Rows whose label cosine is within 1e-5 of +-1 are left out: there acos's derivative amplifies fp32's
         # rounding of the cosine past 1e-4, and a cosine rounded to exactly +-1 has an infinite one (PML's too, see
         # test_arcface_gradient_at_a_cosine_of_one_is_pmls_nan).
-        _, target = margin_softmax_rows(x, weight, labels, scale=1.0, sub_centers=params.get("sub_centers", 1))
+        _, target = margin_softmax_rows(x, weight, labels, scale=1.0, sub_centers=_k(params),
+                                    pool_scale=_pool(params))
         keep = target.abs() < 1 - 1e-5
         x, labels = x[keep], labels[keep]
         x32, w32 = x.float().requires_grad_(), weight.float()
@@ -178,14 +199,14 @@ def test_reference_float32_against_pml_float64(loss):
         truth_module = _with_weight(_pml_module(loss, params, classes, dim), w32.double())
         truth = truth_module(x64, labels)
         theirs32 = _with_weight(_pml_module(loss, params, classes, dim, torch.float32), w32)
-        _assert_same(theirs32(x32, labels), [x32, theirs32.W], truth, [x64, truth_module.W], torch.float32,
+        _assert_same(theirs32(x32, labels), [x32, _w(theirs32)], truth, [x64, _w(truth_module)], torch.float32,
                      f"{what} PML fp32", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         w = w32.clone().requires_grad_()
         ours = getattr(mk, f"{loss}_loss")(x32, labels, w, backend="reference", **params)
-        _assert_same(ours, [x32, w], truth, [x64, truth_module.W], torch.float32, f"{what} functional",
+        _assert_same(ours, [x32, w], truth, [x64, _w(truth_module)], torch.float32, f"{what} functional",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         module = _with_weight(_our_module(loss, params, classes, dim, torch.float32), w32)
-        _assert_same(module(x32, labels), [x32, module.W], truth, [x64, truth_module.W], torch.float32,
+        _assert_same(module(x32, labels), [x32, _w(module)], truth, [x64, _w(truth_module)], torch.float32,
                      f"{what} module", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
 
 
@@ -194,7 +215,8 @@ def test_reference_float32_against_pml_float64(loss):
 ZERO_ROW_PARAMS = {"arcface": dict(margin=20.0, scale=300.0), "cosface": dict(margin=0.2, scale=300.0),
                    "subcenter_arcface": dict(margin=20.0, scale=300.0, sub_centers=2),
                    "normalized_softmax": dict(temperature=0.004),
-                   "large_margin_softmax": dict(margin=3, scale=30.0), "sphereface": dict(margin=4, scale=150.0)}
+                   "large_margin_softmax": dict(margin=3, scale=30.0), "sphereface": dict(margin=4, scale=150.0),
+                   "soft_triple": dict(centers_per_class=2, la=2000.0, gamma=0.1, margin=0.01)}
 REDUCERS = {"Mean": reducers.MeanReducer, "Sum": reducers.SumReducer, "AvgNonZero": reducers.AvgNonZeroReducer,
             "ThresholdLow0": lambda: reducers.ThresholdReducer(low=0), "DoNothing": reducers.DoNothingReducer,
             "PerAnchorMean": reducers.PerAnchorReducer,
@@ -207,7 +229,7 @@ def _zero_row_case(loss, seed):
     """A case whose first half of rows lie on their class's first column (loss exactly 0 in float64)."""
     params = ZERO_ROW_PARAMS[loss]
     g = torch.Generator().manual_seed(40_000 + seed)
-    k, classes, dim, n = params.get("sub_centers", 1), 12, 32, 40
+    k, classes, dim, n = _k(params), 12, 32, 40
     weight = torch.randn(dim, classes * k, generator=g, dtype=torch.float64)
     labels = torch.randint(0, classes, (n,), generator=g)
     x = torch.randn(n, dim, generator=g, dtype=torch.float64)
@@ -235,9 +257,9 @@ def test_every_reducer_equals_pml(loss, reducer):
             assert value.keys() == expected.keys() and value["loss"]["reduction_type"] == "element"
             assert torch.equal(value["loss"]["indices"], expected["loss"]["indices"])
             value, expected = value["loss"]["losses"], rows
-        _assert_same(value, [x, ours.W], expected, [x, theirs.W], torch.float64, f"{what} module",
+        _assert_same(value, [x, _w(ours)], expected, [x, _w(theirs)], torch.float64, f"{what} module",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
-        _assert_same(functional, [x, w], expected, [x, theirs.W], torch.float64, f"{what} functional",
+        _assert_same(functional, [x, w], expected, [x, _w(theirs)], torch.float64, f"{what} functional",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
 
 
@@ -421,7 +443,7 @@ def test_multiple_angle_covers_every_branch_and_pins_pmls_truncation(loss):
     theirs = _with_weight(_pml_module(loss, params, classes, dim), weight)
     w = weight.clone().requires_grad_()
     ours = getattr(mk, f"{loss}_loss")(x, labels, w, backend="reference", **params)
-    _assert_same(ours, [x, w], theirs(x, labels), [x, theirs.W], torch.float64, loss,
+    _assert_same(ours, [x, w], theirs(x, labels), [x, _w(theirs)], torch.float64, loss,
                  _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
     assert getattr(mk, f"{loss}_loss")(x, labels, w, margin=5.0, scale=0.5, backend="reference").item() == ours.item()
     truncated = _with_weight(_pml_module(loss, dict(margin=2.5, scale=0.5), classes, dim), weight)

@@ -132,7 +132,13 @@ CLASSIFIERS = {  # name -> (our class, PML's class, constructor keywords both ta
     "normalized_softmax": (mk.NormalizedSoftmaxLoss, losses.NormalizedSoftmaxLoss, dict(temperature=0.1)),
     "large_margin_softmax": (mk.LargeMarginSoftmaxLoss, losses.LargeMarginSoftmaxLoss, dict(margin=3, scale=0.5)),
     "sphereface": (mk.SphereFaceLoss, losses.SphereFaceLoss, dict(margin=2, scale=3.0)),
+    "soft_triple": (mk.SoftTripleLoss, losses.SoftTripleLoss, dict(centers_per_class=3, la=10, gamma=0.2, margin=0.05)),
 }
+
+
+def _w(module):
+    """A classifier module's class matrix: W, or SoftTriple's fc (PML's names)."""
+    return module.fc if hasattr(module, "fc") else module.W
 
 
 def _classifier_pair(name, classes=10, dim=16, **keywords):
@@ -164,7 +170,7 @@ def test_weight_modules_match_pml_init_logits_and_step(name):
         theirs = pml_cls(10, 16, **options)
         weights = "proxies"
     else:
-        (ours, theirs), weights = _classifier_pair(name), "W"
+        (ours, theirs), weights = _classifier_pair(name), "fc" if name == "soft_triple" else "W"
     assert torch.equal(getattr(ours, weights), getattr(theirs, weights))  # the same draw
     assert isinstance(getattr(ours, weights), torch.nn.Parameter) and list(ours.state_dict()) == [weights]
     ours.double(), theirs.double()
@@ -190,6 +196,10 @@ def test_classifier_constructor_defaults_and_attributes_are_pmls():
     assert mk.ArcFaceLoss(3, 4).margin == losses.ArcFaceLoss(3, 4).margin == math.radians(28.6)  # radians, as PML
     assert mk.SubCenterArcFaceLoss(3, 4).sub_centers == 3 and mk.SubCenterArcFaceLoss(3, 4).W.shape == (4, 9)
     assert mk.SubCenterArcFaceLoss(3, 4, 10.0, 8, 2).sub_centers == 2  # every argument by position too
+    ours, theirs = mk.SoftTripleLoss(3, 4), losses.SoftTripleLoss(3, 4)
+    assert (ours.num_classes, ours.centers_per_class, ours.la, ours.gamma, ours.margin) == \
+        (theirs.num_classes, theirs.centers_per_class, theirs.la, theirs.gamma, theirs.margin)
+    assert ours.fc.shape == theirs.fc.shape == (4, 30) and not hasattr(ours, "W")
     for ours, theirs in ((mk.LargeMarginSoftmaxLoss(3, 4), losses.LargeMarginSoftmaxLoss(3, 4)),
                          (mk.SphereFaceLoss(3, 4), losses.SphereFaceLoss(3, 4))):
         assert (ours.num_classes, ours.margin, ours.scale) == (theirs.num_classes, theirs.margin, theirs.scale)
@@ -203,7 +213,7 @@ def test_classifier_weight_init_func_as_pml():
     init = c_f.TorchInitWrapper(torch.nn.init.uniform_, a=-0.5, b=0.5)
     for name in CLASSIFIERS:
         ours, theirs = _classifier_pair(name, weight_init_func=init)
-        assert torch.equal(ours.W, theirs.W) and ours.W.abs().max() <= 0.5, name
+        assert torch.equal(_w(ours), _w(theirs)) and _w(ours).abs().max() <= 0.5, name
         assert ours.weight_init_func is init
 
 
@@ -213,7 +223,7 @@ def test_classifier_modules_pass_their_options_through(name):
     ours.double()
     x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
     params = dict(CLASSIFIERS[name][2])
-    assert_rel_close(ours(x, labels), getattr(mk, f"{name}_loss")(x, labels, ours.W, backend="reference", **params),
+    assert_rel_close(ours(x, labels), getattr(mk, f"{name}_loss")(x, labels, _w(ours), backend="reference", **params),
                      0, name)
 
 
@@ -223,19 +233,21 @@ def test_classifier_forward_leaves_w_in_its_dtype(name):
     ours, _ = _classifier_pair(name, classes=5, dim=8)
     x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
     value = ours(x, labels)
-    assert ours.W.dtype == torch.float32 and value.dtype == torch.float64
+    assert _w(ours).dtype == torch.float32 and value.dtype == torch.float64
     params = dict(CLASSIFIERS[name][2])
-    assert_rel_close(value, getattr(mk, f"{name}_loss")(x, labels, ours.W.double(), backend="reference",
+    assert_rel_close(value, getattr(mk, f"{name}_loss")(x, labels, _w(ours).double(), backend="reference",
                                                                 **params), 0, "promoted")
     assert ours(x.half(), labels).dtype == torch.float32
-    assert ours.get_logits(x).dtype == torch.float64 and ours.W.dtype == torch.float32
+    assert ours.get_logits(x).dtype == torch.float64 and _w(ours).dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_supported_distances_equal_pml(name):
     distance_list = [distances.CosineSimilarity()]
-    if name == "normalized_softmax":
+    if name in ("normalized_softmax", "soft_triple"):
         distance_list.append(distances.DotProductSimilarity())
+    if name == "soft_triple":  # PML's asserts only an inverted distance: raw products too
+        distance_list.append(distances.DotProductSimilarity(normalize_embeddings=False))
     x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
     for distance in distance_list:
         ours, theirs = _classifier_pair(name, classes=5, dim=8, distance=distance)
@@ -255,9 +267,13 @@ UNSUPPORTED_CLASSIFIER_KEYWORDS = [
 ]
 
 
-@pytest.mark.parametrize("keyword,value,text", UNSUPPORTED_CLASSIFIER_KEYWORDS,
-                         ids=[f"{k}-{t}" for k, _, t in UNSUPPORTED_CLASSIFIER_KEYWORDS])
-@pytest.mark.parametrize("name", CLASSIFIERS)
+# (SoftTriple takes raw dot products: test_classifier_supported_distances_equal_pml)
+UNSUPPORTED_CLASSIFIER_CASES = [pytest.param(name, keyword, value, text, id=f"{name}-{keyword}-{text}")
+                                for name in CLASSIFIERS for keyword, value, text in UNSUPPORTED_CLASSIFIER_KEYWORDS
+                                if not (name == "soft_triple" and text == "DotProductSimilarity")]
+
+
+@pytest.mark.parametrize("name,keyword,value,text", UNSUPPORTED_CLASSIFIER_CASES)
 def test_classifier_unsupported_keywords_raise_naming_them(name, keyword, value, text):
     ours_cls, _, params = CLASSIFIERS[name]
     with pytest.raises(NotImplementedError, match=rf"{keyword}=.*{text}.*{ours_cls.__name__}"):

@@ -57,6 +57,8 @@ WEIGHTED = {
                              regularizers.RegularFaceRegularizer),
     "sphereface": (mk.SphereFaceLoss, losses.SphereFaceLoss, dict(margin=4, scale=2.0),
                    regularizers.CenterInvariantRegularizer),
+    "soft_triple": (mk.SoftTripleLoss, losses.SoftTripleLoss, dict(centers_per_class=2, la=8, gamma=0.2),
+                    regularizers.RegularFaceRegularizer),
 }
 
 
@@ -98,7 +100,7 @@ def _weighted_pair(name, seed=0, **kw):
     ours = ours_cls(CLASSES, DIM, **params, backend="reference", **kw).double()
     torch.manual_seed(seed)
     theirs = pml_cls(num_classes=CLASSES, embedding_size=DIM, **params, **kw).double()
-    weights = "proxies" if name.startswith("proxy") else "W"
+    weights = "proxies" if name.startswith("proxy") else "fc" if name == "soft_triple" else "W"
     return ours, theirs, [(getattr(ours, weights), getattr(theirs, weights))]
 
 

@@ -14,12 +14,12 @@ import torch
 import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, LargeMarginSoftmaxLoss,
-                            NormalizedSoftmaxLoss, ProxyAnchorLoss, SphereFaceLoss, SubCenterArcFaceLoss, SupConLoss,
-                            arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss, cosface_loss,
-                            generalized_lifted_structure_loss, large_margin_softmax_loss, margin_loss,
+                            NormalizedSoftmaxLoss, ProxyAnchorLoss, SoftTripleLoss, SphereFaceLoss, SubCenterArcFaceLoss,
+                            SupConLoss, arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss,
+                            cosface_loss, generalized_lifted_structure_loss, large_margin_softmax_loss, margin_loss,
                             multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
-                            proxy_anchor_loss, proxy_nca_loss, sphereface_loss, subcenter_arcface_loss, supcon_loss,
-                            tuplet_margin_loss)
+                            proxy_anchor_loss, proxy_nca_loss, soft_triple_loss, sphereface_loss,
+                            subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
@@ -72,7 +72,8 @@ def _proxy_call(fn):
 K = 2  # sub-centres of the subcenter_arcface calls below
 CLASSIFIERS = {"arcface": (arcface_loss, 1), "cosface": (cosface_loss, 1),
                "subcenter_arcface": (subcenter_arcface_loss, K), "normalized_softmax": (normalized_softmax_loss, 1),
-               "large_margin_softmax": (large_margin_softmax_loss, 1), "sphereface": (sphereface_loss, 1)}
+               "large_margin_softmax": (large_margin_softmax_loss, 1), "sphereface": (sphereface_loss, 1),
+               "soft_triple": (soft_triple_loss, K)}
 
 
 def _classifier_call(name):
@@ -84,7 +85,7 @@ def _classifier_call(name):
         width = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else D
         weight = kwargs.pop("weight", torch.randn(width, C * sub_centers, dtype=torch.float64))
         if sub_centers > 1:
-            kwargs.setdefault("sub_centers", sub_centers)
+            kwargs.setdefault("centers_per_class" if name == "soft_triple" else "sub_centers", sub_centers)
         return fn(x, labels, weight, **kwargs)
 
     call.__name__ = f"call_{name}"
@@ -368,6 +369,16 @@ def test_arcface_margin_outside_0_to_180_degrees(loss, margin):
         loss(x, labels, torch.randn(D, C * 3, dtype=torch.float64), margin=margin)
 
 
+@pytest.mark.parametrize("distance,normalize,error,name", [
+    ("euclidean", True, ValueError, "distance"), ("squared_euclidean", True, ValueError, "distance"),
+    ("lp", True, ValueError, "distance"), (None, True, ValueError, "distance"),
+    ("cosine", False, ValueError, "normalize_embeddings"), ("dot", "no", TypeError, "normalize_embeddings")])
+def test_soft_triple_distance_must_be_a_similarity(distance, normalize, error, name):
+    x, labels, *_ = make()
+    with raises(error, name):
+        _classifier_call("soft_triple")(x, labels, distance=distance, normalize_embeddings=normalize)
+
+
 @pytest.mark.parametrize("loss", ["large_margin_softmax", "sphereface"])
 @pytest.mark.parametrize("margin", [0, -1, 2.5, 0.999, float("inf")])
 def test_multiple_angle_margin_not_a_whole_number_from_1(loss, margin):
@@ -414,7 +425,8 @@ POSITIVE_PARAMS = [("circle", "gamma"), ("supcon", "temperature"), ("supcon", "b
                    ("ntxent", "temperature"), ("tuplet_margin", "scale"),
                    ("proxy_anchor", "alpha"), ("proxy_nca", "softmax_scale"),
                    ("arcface", "scale"), ("cosface", "scale"), ("subcenter_arcface", "scale"),
-                   ("normalized_softmax", "temperature"), ("large_margin_softmax", "scale"), ("sphereface", "scale")]
+                   ("normalized_softmax", "temperature"), ("large_margin_softmax", "scale"), ("sphereface", "scale"),
+                   ("soft_triple", "la"), ("soft_triple", "gamma")]
 
 
 @pytest.mark.parametrize("loss_name,name", POSITIVE_PARAMS)
@@ -449,7 +461,8 @@ def test_positive_parameter_small_positive_is_valid(loss_name, name):
                                             ("contrastive", "pos_margin"), ("contrastive", "neg_margin"),
                                             ("proxy_anchor", "margin"), ("arcface", "margin"),
                                             ("cosface", "margin"), ("subcenter_arcface", "margin"),
-                                            ("large_margin_softmax", "margin"), ("sphereface", "margin")])
+                                            ("large_margin_softmax", "margin"), ("sphereface", "margin"),
+                                            ("soft_triple", "margin")])
 def test_real_parameter_nan_or_not_a_number(loss_name, name):
     with raises(ValueError, name):
         _with_param(loss_name, name, NAN)
@@ -580,6 +593,11 @@ MODULE_CONSTRUCTORS = [
     (lambda: LargeMarginSoftmaxLoss(C, D, scale=0), ValueError, "scale"),
     (lambda: SphereFaceLoss(C, D, margin=-2), ValueError, "margin"),
     (lambda: SphereFaceLoss(C, 2.0), TypeError, "embedding_size"),
+    (lambda: SoftTripleLoss(C, D, centers_per_class=0), ValueError, "centers_per_class"),
+    (lambda: SoftTripleLoss(C, D, centers_per_class=2.0), TypeError, "centers_per_class"),
+    (lambda: SoftTripleLoss(C, D, la=0), ValueError, "la"),
+    (lambda: SoftTripleLoss(C, D, gamma=-0.1), ValueError, "gamma"),
+    (lambda: SoftTripleLoss(C, D, margin=NAN), ValueError, "margin"),
 ]
 
 
@@ -593,12 +611,13 @@ def test_module_constructor_rejects(make_module, exc, name):
 def _modules():
     return [CircleLoss(), SupConLoss(), BatchHardTripletLoss(), ProxyAnchorLoss(C, D), ArcFaceLoss(C, D),
             CosFaceLoss(C, D), SubCenterArcFaceLoss(C, D), NormalizedSoftmaxLoss(C, D), LargeMarginSoftmaxLoss(C, D),
-            SphereFaceLoss(C, D)]
+            SphereFaceLoss(C, D), SoftTripleLoss(C, D)]
 
 
 MODULE_IDS = ["CircleLoss", "SupConLoss", "BatchHardTripletLoss", "ProxyAnchorLoss", "ArcFaceLoss", "CosFaceLoss",
-              "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
-WEIGHT_MODULES = range(3, 10)  # the modules that own their class weights: no references
+              "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss",
+              "SoftTripleLoss"]
+WEIGHT_MODULES = range(3, 11)  # the modules that own their class weights: no references
 
 
 @pytest.mark.parametrize("index", range(len(MODULE_IDS)), ids=MODULE_IDS)

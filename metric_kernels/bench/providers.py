@@ -23,8 +23,9 @@ from ..backends import available_backends
 
 # The margin-softmax classifiers: M is their number of classes, and their class matrix W (D x M * sub-centres, PML's
 # layout) gets gradients like the proxies.
-CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface")
-SUB_CENTERS = {"subcenter_arcface": 3}  # PML's default
+CLASSIFIERS = ("arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface",
+               "soft_triple")
+SUB_CENTERS = {"subcenter_arcface": 3, "soft_triple": 10}  # PML's defaults
 # The losses whose references are one proxy per class: M is their number of classes.
 PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
 LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
@@ -33,12 +34,14 @@ LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "pr
                 "proxynca": "proxy_nca", "lifted": "generalized_lifted_structure",
                 "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
                 "normalized": "normalized_softmax", "tuplet": "tuplet_margin", "large_margin": "large_margin_softmax",
-                "lsoftmax": "large_margin_softmax", "asoftmax": "sphereface"}
+                "lsoftmax": "large_margin_softmax", "asoftmax": "sphereface", "softtriple": "soft_triple"}
 # Products of N x M x D a fused kernel needs, in units of 2NMD (one S = X Y^T), forward and backward: the row-statistics
 # losses form S once forward and recompute it backward beside dX = dS Y and dY = dS^T X; NT-Xent's forward (and the
 # tuplet margin loss's, on NT-Xent's kernels) sweeps the references twice; batch-hard's backward is O((N + M) D),
-# counted as 0. The classifiers count N x C x D per sub-centre (SubCenterArcFace's M classes have 3 columns each).
-PRODUCTS = {"ntxent": (2, 3), "tuplet_margin": (2, 3), "batch_hard": (1, 0), "subcenter_arcface": (3, 9)}
+# counted as 0. The classifiers count N x C x D per sub-centre (SubCenterArcFace's M classes have 3 columns each,
+# SoftTriple's 10 centers).
+PRODUCTS = {"ntxent": (2, 3), "tuplet_margin": (2, 3), "batch_hard": (1, 0), "subcenter_arcface": (3, 9),
+            "soft_triple": (10, 30)}
 DEFAULT_PRODUCTS = (1, 3)
 MODES = ("forward", "backward", "full")
 EXTRA_PROVIDERS = ("compile", "pml")
