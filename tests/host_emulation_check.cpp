@@ -328,22 +328,25 @@ int kernels(Operand operand, std::mt19937& rng) {
   CudaPairRowsParams p{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, 3, 0, 0, 0, operand};
   p.x_sq = x_sq.data(), p.y_sq = y_sq.data();
   errors += batch_hard_select(p, choices.data(), nullptr) != 0;
-  // The classifiers: y's rows as the columns of W (D x J, J = m), 30 classes of 3 sub-centres
+  // The classifiers: y's rows as the columns of W (D x J, J = m), 30 classes of 3 sub-centres, pooled by the largest
+  // on cosines and by SoftTriple's softmax on raw products
   std::vector<T> w(d * m);
   for (int j = 0; j < m; ++j)
     for (int e = 0; e < d; ++e) w[e * m + j] = y[j * d + e];
   std::vector<int64_t> classes(n);
   for (auto& l : classes) l = rng() % 30;
   std::vector<Acc> inverse(n + m), class_stats(2 * n), class_grad(2 * n, Acc(0.5)), class_dx(n * d), dw(d * m);
-  const CudaMarginSoftmaxParams c{x.data(), w.data(), classes.data(), inverse.data(), inverse.data() + n, n, d, 30, 3,
-                                  d, m, 8.0, operand};
-  errors += margin_softmax_forward(c, class_stats.data(), nullptr) != 0;
-  for (const bool atomic : {false, true}) {
-    if (atomic && !supports_atomic_backward(operand)) continue;
-    std::fill(dw.begin(), dw.end(), Acc(0));  // the atomic pass adds into zeros
-    const CudaMarginSoftmaxBackwardParams cb{c, class_grad.data(), class_stats.data(), class_dx.data(), dw.data(),
-                                             atomic};
-    errors += margin_softmax_backward(cb, nullptr) != 0;
+  for (const bool soft : {false, true}) {
+    const CudaMarginSoftmaxParams c{x.data(), w.data(), classes.data(), inverse.data(), inverse.data() + n, n, d, 30, 3,
+                                    d, m, 8.0, !soft, !soft, soft ? 4.0 : 0.0, operand};
+    errors += margin_softmax_forward(c, class_stats.data(), nullptr) != 0;
+    for (const bool atomic : {false, true}) {
+      if (atomic && !supports_atomic_backward(operand)) continue;
+      std::fill(dw.begin(), dw.end(), Acc(0));  // the atomic pass adds into zeros
+      const CudaMarginSoftmaxBackwardParams cb{c, class_grad.data(), class_stats.data(), class_dx.data(), dw.data(),
+                                               atomic};
+      errors += margin_softmax_backward(cb, nullptr) != 0;
+    }
   }
   return errors;
 }

@@ -651,8 +651,9 @@ def test_forward_kernels_load_each_row_block_once(monkeypatch, operand, limited)
                                                         allow_tf32), x_loads * n * dim + streamed),
         "batch_hard_select": (lambda: ops.cuda_emulated_batch_hard_select(x, y, labels, y_labels, -1, True,
                                                                           allow_tf32), x_loads * n * dim + streamed),
-        "margin_softmax_rows": (lambda: ops.cuda_emulated_margin_softmax_rows(x, weight, labels, 1, 10.0, True,
-                                                                              allow_tf32), x_loads * n * dim),
+        "margin_softmax_rows": (lambda: ops.cuda_emulated_margin_softmax_rows(x, weight, labels, 1, 10.0, True, True,
+                                                                              0.0, True, allow_tf32),
+                                x_loads * n * dim),
     }
     for name, (run, elements) in runs.items():
         copied = _counters(run)[6]
@@ -686,7 +687,7 @@ def test_backward_passes_load_their_block_once(monkeypatch, operand, limited):
             grad, stats, *args, mode == "deterministic", True, True, True, allow_tf32))[6]
         assert copied == elements * element, f"{mode}: {copied} bytes copied, expected {elements * element}"
     weight = torch.randn(dim, m, generator=g).to(x.dtype)
-    classifier = (x, weight, labels, 1, 10.0, True)
+    classifier = (x, weight, labels, 1, 10.0, True, True, 0.0, True)
     classifier_stats = ops.cuda_emulated_margin_softmax_rows(*classifier, allow_tf32)
     upstream = torch.randn(2, n, generator=g).to(classifier_stats.dtype)
     copied = _counters(lambda: ops.cuda_emulated_margin_softmax_rows_backward(upstream, classifier_stats, *classifier,
