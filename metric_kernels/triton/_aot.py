@@ -310,10 +310,10 @@ def _plain_cases(ops, element, widths, widest):
 # The margin-softmax kernels' launches (margin_softmax_ops): W in its own D x J storage ("columns": read along the
 # classes, pruned as unaligned; with one sub-centre the classes' stride is 1, which Triton makes a constant) or as a
 # transposed view of a J x D matrix ("classes": read along D as the engine reads rows), one sub-centre or several
-# (MULTI; K then an integer), and the row pass's flags: PARTIAL (dX in per-split fp32 partials) and WITH_DW (the
+# (MULTI 1, pooled by the largest, or 2, by SoftTriple's softmax; K then an integer), and the row pass's flags: PARTIAL (dX in per-split fp32 partials) and WITH_DW (the
 # default backward's atomic dW). The primary launch is the heaviest: several sub-centres, W's own layout, both
 # gradients from the row pass writing dX itself.
-CLASSIFIER_PRIMARY = dict(PARTIAL=False, WITH_DW=True, MULTI=True, layout="columns")
+CLASSIFIER_PRIMARY = dict(PARTIAL=False, WITH_DW=True, MULTI=1, layout="columns")
 
 
 def _classifier_integers(layout: str, multi: bool) -> Dict[str, object]:
@@ -332,7 +332,8 @@ def _classifier_cases():
                ("margin_softmax_backward_columns", "columns", ()))
     cases = []
     for kernel, kernel_pass, flag_names in kernels:
-        for values in itertools.product([False, True], repeat=len(flag_names) + 1):
+        # MULTI: 0 one column per class, 1 several pooled by the largest, 2 by a softmax (SoftTriple)
+        for values in itertools.product(*[[False, True]] * len(flag_names), [0, 1, 2]):
             for layout in ("columns", "classes"):
                 flags = dict(zip(flag_names + ("MULTI",), values))
                 setting = dict(flags, layout=layout)

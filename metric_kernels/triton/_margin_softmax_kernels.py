@@ -72,11 +72,13 @@ def _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, 
 def _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse, rows, cols, dims, N, C, D,
                    K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FULL_D: tl.constexpr,
-                   ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_PICK: tl.constexpr, EVEN: tl.constexpr):
+                   ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_PICK: tl.constexpr, EVEN: tl.constexpr,
+                   POOL: tl.constexpr):
     """(cos, pick, top, total) of a class tile with K > 1 sub-centres: the largest sub-centre cosine and, WITH_PICK,
-    which k gave it (the first of equal ones; NaN wins, as in the cpu kernel), else 0; or, with pool_scale > 0
-    (SoftTriple), their mean weighted by softmax(pool_scale * cos), folded online: top the largest cosine and total
-    the softmax's denominator, sum_k exp(pool_scale (cos_k - top)), which _pooled_weight needs."""
+    which k gave it (the first of equal ones; NaN wins, as in the cpu kernel), else 0; or, POOL (SoftTriple), their
+    mean weighted by softmax(pool_scale * cos), folded online: top the largest cosine and total the softmax's
+    denominator, sum_k exp(pool_scale (cos_k - top)), which _pooled_weight needs. POOL is a constexpr (MULTI == 2):
+    the pool's registers, as a run-time branch, made the largest-sub-centre kernels spill (the compile proof)."""
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), ACC)
     pick = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     total = tl.zeros((BLOCK_M, BLOCK_N), ACC)
@@ -85,7 +87,7 @@ def _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_
         cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, k, N, C, D,
                              stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
                              ACC, PRECISION, FULL_D, EVEN)[0]
-        if pool_scale > 0:
+        if POOL:
             top = tl.maximum(best, cosine)
             rescale = tl.exp2((best - top) * (pool_scale * LOG2E))
             term = tl.exp2((cosine - top) * (pool_scale * LOG2E))  # NaN for a NaN cosine: the pool is NaN
@@ -97,8 +99,10 @@ def _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_
             best = tl.where(better, cosine, best)
             if WITH_PICK:
                 pick = tl.where(better, k, pick)
-    # (max pooling leaves total at 0: divided by 1 instead, and not selected)
-    return tl.where(pool_scale > 0, weighted / tl.where(pool_scale > 0, total, 1.0), best), pick, best, total
+    pooled = best
+    if POOL:
+        pooled = weighted / total
+    return pooled, pick, best, total
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def _forward_step(running_max, running_sum, target, c0, scale, labels, x_ptr, w_
     if MULTI:
         cosine = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile, x_inverse, rows, cols, dims,
                                 N, C, D, K, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
-                                BLOCK_D, FULL_D, ACC, PRECISION, False, EVEN)[0]
+                                BLOCK_D, FULL_D, ACC, PRECISION, False, EVEN, MULTI == 2)[0]
     else:
         cosine = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, 0, N, C, D,
                              stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
@@ -181,9 +185,9 @@ def margin_softmax_forward(x_ptr, w_ptr, x_norm_ptr, w_norm_ptr, normalize_x, no
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MULTI: tl.constexpr):
     """Over the class tiles of split program_id(1) (SPLIT = 1: all of them): lse_ptr[split, rows] = the log-sum-exp of
     scale * cos over the classes other than the label (-inf where the split has none; NaN is kept), and
-    target_ptr[rows] = the label's cosine, stored by the split that holds the label. MULTI: K > 1 (with K == 1 the
-    class tile loop is the innermost, which the compiler pipelines). N_BUCKET, M_BUCKET and ALIGNED are the
-    autotuner's key only."""
+    target_ptr[rows] = the label's cosine, stored by the split that holds the label. MULTI: K > 1 (1: a class's
+    largest sub-centre; 2: their softmax pool, SoftTriple; with K == 1 the class tile loop is the innermost, which
+    the compiler pipelines). N_BUCKET, M_BUCKET and ALIGNED are the autotuner's key only."""
     scale, pool_scale = _load_params(params_ptr)
     stride_wd = tl.cast(stride_wd, tl.int64)
     split = tl.program_id(1)
@@ -233,7 +237,7 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
                MULTI: tl.constexpr, WITH_DW: tl.constexpr, EVEN: tl.constexpr):
     """The class tile at c0's part of the rows' dX block (dX += P W_k per sub-centre) and of t_i = sum_c dS cos;
     WITH_DW also its part of dW, from the same P (_add_transposed_product). FULL_D: the cosines from x_tile. A
-    softmax pool (pool_scale > 0) spreads each class's dS over its sub-centres by _pooled_weight, recomputing each
+    softmax pool (MULTI == 2) spreads each class's dS over its sub-centres by _pooled_weight, recomputing each
     sub-centre's cosines (one more product per sub-centre), and t_i sums g v over them."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     operand = x_ptr.dtype.element_ty
@@ -241,13 +245,13 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
         cosine, pick, top, total = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile,
                                                   x_inverse, rows, cols, dims, N, C, D, K, stride_xn, stride_xd,
                                                   stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D,
-                                                  ACC, PRECISION, True, EVEN)
+                                                  ACC, PRECISION, True, EVEN, MULTI == 2)
         ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
         pooled_terms = tl.zeros((BLOCK_M,), ACC)
         for k in range(K):  # each class's dS to its chosen column(s): one product per sub-centre
             inverse_k, radial_k, _ = _scales(w_norm_ptr + k * C, cols, C, normalize_w)
             tile_k = _load_rows(w_ptr + k * stride_wj, cols, dims, C, D, stride_wc, stride_wd, EVEN)
-            if pool_scale > 0:
+            if MULTI == 2:
                 value = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims, k, N,
                                     C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N,
                                     BLOCK_D, FULL_D, ACC, PRECISION, FULL_D, EVEN)[0]
@@ -263,8 +267,10 @@ def _rows_step(dx, t_rows, c0, scale, labels, g_lse, g_target, lse, row_factor, 
             if WITH_DW:
                 _add_transposed_product(p, x_tile, cols, C, cols * K + k, dims, dw_ptr, D, ACC, PRECISION)
                 _add_column_terms(terms, radial_k, cols, C, cols * K + k, dw_t_ptr, first_dims)
-        row_terms = tl.where(pool_scale > 0, pooled_terms,
-                             tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1))
+        if MULTI == 2:
+            row_terms = pooled_terms
+        else:
+            row_terms = tl.sum(tl.where(x_radial[:, None], ds * cosine, 0.0), axis=1)
     else:
         cosine, w_tile, w_inverse = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols,
                                                 dims, 0, N, C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc,
@@ -357,7 +363,7 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
     choices and dS (one exponential per class), then each sub-centre's P_k^T X is added into this program's own
     rows of an fp32 partial (partial_ptr [J, D], and partial_t_ptr [D blocks, J] for the column sums of dS cos; a
     register tile per sub-centre would not fit, as K is known only at run time), read back by the same program after
-    a barrier. A softmax pool (pool_scale > 0) recomputes each sub-centre's cosines for its weights (_rows_step)."""
+    a barrier. A softmax pool (MULTI == 2) recomputes each sub-centre's cosines for its weights (_rows_step)."""
     scale, pool_scale, power, stride_wd = _backward_scalars(params_ptr, power_ptr, stride_wd)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -378,10 +384,10 @@ def margin_softmax_backward_columns(grad_ptr, stats_ptr, power_ptr, params_ptr, 
             cosine, pick, top, total = _class_cosines(x_ptr, w_ptr, w_norm_ptr, normalize_w, pool_scale, x_tile,
                                                       x_inverse, rows, cols, dims, N, C, D, K, stride_xn, stride_xd,
                                                       stride_wd, stride_wj, stride_wc, BLOCK_M, BLOCK_N, BLOCK_D,
-                                                      FULL_D, ACC, PRECISION, True, False)
+                                                      FULL_D, ACC, PRECISION, True, False, MULTI == 2)
             ds = _class_gradient(cosine, cols, labels, g_lse, g_target, lse, scale, C)
             for k in range(K):
-                if pool_scale > 0:
+                if MULTI == 2:
                     value = _sub_centre(x_ptr, w_ptr, w_norm_ptr, normalize_w, x_tile, x_inverse, rows, cols, dims,
                                         k, N, C, D, stride_xn, stride_xd, stride_wd, stride_wj, stride_wc, BLOCK_M,
                                         BLOCK_N, BLOCK_D, FULL_D, ACC, PRECISION, FULL_D, False)[0]

@@ -137,8 +137,9 @@ def _by_sub_centre(column_norms: torch.Tensor, sub_centers: int) -> torch.Tensor
     return column_norms.view(-1, sub_centers).t().contiguous()  # O(J): the norms, not W
 
 
-def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int):
-    """(sizes and strides, autotune key, constexprs) every margin-softmax kernel takes."""
+def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int, pool_scale: float):
+    """(sizes and strides, autotune key, constexprs) every margin-softmax kernel takes. MULTI: 0 one column per
+    class, 1 several pooled by the largest, 2 several pooled by a softmax (pool_scale > 0, SoftTriple)."""
     n, d = x.shape
     classes = weight.shape[1] // sub_centers
     width = block_d(d, x.element_size())
@@ -155,7 +156,7 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, sub_centers: int):
                and x.stride(0) % 16 == 0 and weight.stride(0) == 1 and weight.stride(1) % 16 == 0)
     key = (triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(classes, 1)), int(aligned))
     constexprs = dict(BLOCK_D=width, FULL_D=d <= width, ACC=_accumulator(x.dtype), PRECISION=_precision(x.dtype),
-                      MULTI=sub_centers > 1)
+                      MULTI=(2 if pool_scale > 0 else 1) if sub_centers > 1 else 0)
     return sizes, key, constexprs
 
 
@@ -173,7 +174,7 @@ def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     lse = torch.full((splits, n), float("-inf"), dtype=dtype, device=x.device)
     target = torch.full((n,), float("nan"), dtype=dtype, device=x.device)  # the split holding the label writes it
     if n and classes:
-        sizes, key, constexprs = _launch_args(x, weight, sub_centers)
+        sizes, key, constexprs = _launch_args(x, weight, sub_centers, pool_scale)
         with _device_guard(x):
             _forward[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
                 x, weight, row_norms(x), _by_sub_centre(row_norms(weight.t()), sub_centers), int(normalize_x),
@@ -226,7 +227,7 @@ def margin_softmax_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: tor
     column_norms = row_norms(weight.t())  # column by column (j = c K + k)
     x_norms, w_norms = row_norms(x), _by_sub_centre(column_norms, sub_centers)
     power = _gradient_power(grad, x, x_norms, w_norms, scale, normalize_x, normalize_w, pool_scale)
-    sizes, key, constexprs = _launch_args(x, weight, sub_centers)
+    sizes, key, constexprs = _launch_args(x, weight, sub_centers, pool_scale)
     width = constexprs["BLOCK_D"]
     columns = weight.shape[1]
     state = (grad, stats, power, loss_params(scale, pool_scale, x), x, weight, x_norms, w_norms, int(normalize_x),
