@@ -362,7 +362,7 @@ def test_cuda_matmul_equivalents_of_each_pass(operand, dim):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("loss", ["arcface", "subcenter_arcface"])
+@pytest.mark.parametrize("loss", ["arcface", "subcenter_arcface", "large_margin_softmax", "soft_triple"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 def test_on_a_gpu(backend, dtype, loss, deterministic):
     """The GPU kernels against the float64 reference on the CPU (IEEE fp32 products; bf16 at the half accuracy), in
