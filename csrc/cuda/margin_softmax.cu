@@ -199,15 +199,11 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
   Acc dot = 0;
 #pragma unroll 1
   for (int c = epilogue_column(); c < tile.classes; c += 2) {
-    ClassCosine<Acc> cosine{Acc(0), 0};
-    Acc ds = 0;
-    if (live) {
-      cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx, pool_scale);
-      ds = tile.c0 + c == label ? g_target : g_lse * scale * exponential(scale * cosine.value - lse);
-    }
-    if (pooled) {
-      // the pool is formed again from this row's own columns, before they are overwritten below
+    if (pooled) {  // the pool read from this row's own columns before they are overwritten below
       const SoftPool<Acc> pool(s_row, w_inverse, tile.j0, c, sub_centers, rx, pool_scale);
+      const Acc ds = !live                    ? Acc(0)
+                     : tile.c0 + c == label ? g_target
+                                            : g_lse * scale * exponential(scale * pool.pooled - lse);
       for (int k = 0; k < sub_centers; ++k) {
         const int j = c * sub_centers + k;
         const Acc value = s_row[j] * w_inverse[tile.j0 + j] * rx, g = live ? ds * pool.weight(value) : Acc(0);
@@ -216,6 +212,12 @@ __device__ typename Policy::Acc classifier_ds_tile(const CudaMarginSoftmaxParams
         s_row[j] = g * value;
       }
       continue;
+    }
+    ClassCosine<Acc> cosine{Acc(0), 0};
+    Acc ds = 0;
+    if (live) {
+      cosine = class_cosine(s_row, w_inverse, tile.j0, c, sub_centers, rx, pool_scale);
+      ds = tile.c0 + c == label ? g_target : g_lse * scale * exponential(scale * cosine.value - lse);
     }
     dot += ds * cosine.value;
     for (int k = 0; k < sub_centers; ++k) {
