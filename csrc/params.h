@@ -39,9 +39,10 @@ struct PairRowsBackwardParams {
   bool accumulate_dy;  // add dY into what dy holds (the dX of the same rows)
 };
 
-// The margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax): queries against the columns
-// of a class matrix W kept as PML keeps it, D x J with J = classes * sub_centers (column j: class j / sub_centers).
-// Rows and columns are read raw and normalised on the fly with O(N + J) inverse norms: W is never copied.
+// The margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, LargeMarginSoftmax,
+// SphereFace, SoftTriple): queries against the columns of a class matrix W kept as PML keeps it, D x J with
+// J = classes * sub_centers (column j: class j / sub_centers). Rows and columns are read raw and normalised on the fly
+// with O(N + J) inverse norms (or left raw): W is never copied.
 template <typename T>
 struct MarginSoftmaxParams {
   const T* x;             // N x D, unit column stride, row stride x_stride

@@ -1,4 +1,5 @@
-"""The margin-softmax classifiers' row statistics (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax), plainly.
+"""The margin-softmax classifiers' row statistics (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax,
+LargeMarginSoftmax, SphereFace, SoftTriple), plainly.
 
 Materialises the N x (C K) cosines of the rows to W's columns (K = sub_centers), takes each class's largest
 sub-centre cosine as PML's SubCenterArcFaceLoss does (view(N, C, K).max(2)), and returns per row the log-sum-exp of
