@@ -137,8 +137,10 @@ def test_multiple_angle_margins_and_scales(backend, loss):
 @pytest.mark.parametrize("centers", [1, 2, 5])
 def test_soft_triple_pools_and_distances(backend, centers):
     """SoftTriple's softmax pooling of each class's centers, from nearly the largest (small gamma) to nearly the mean
-    (large gamma), on cosines and on raw products (distance="dot", normalize_embeddings=False), float64 and float32;
-    rows and columns of very different norms, a zero row."""
+    (large gamma), on cosines and on raw products (distance="dot", normalize_embeddings=False), float64, float32 and
+    the half types (fp16's gradient scale bounds the pool's weights by the raw sides' norms); rows and columns of very
+    different norms, a zero row (not in the half types: normalising it has a gradient of size 1 / eps, past fp16's
+    range, for PML as for us)."""
     for seed, (gamma, la, margin, distance, normalize) in enumerate([(0.02, 30.0, 0.1, "cosine", True),
                                                                     (1.0, 5.0, -0.2, "dot", True),
                                                                     (0.5, 0.2, 0.05, "dot", False)]):
@@ -146,6 +148,9 @@ def test_soft_triple_pools_and_distances(backend, centers):
         g = torch.Generator().manual_seed(seed)
         x = x * torch.exp(torch.randn(50, 1, generator=g, dtype=torch.float64))
         weight = weight * torch.exp(torch.randn(1, 77 * centers, generator=g, dtype=torch.float64))
+        for dtype in (torch.float16, torch.bfloat16):
+            _compare(backend, "soft_triple", x, weight, labels, dtype, centers_per_class=centers, gamma=gamma, la=la,
+                     margin=margin, distance=distance, normalize_embeddings=normalize)
         x[7] = 0
         for dtype in (torch.float64, torch.float32):
             _compare(backend, "soft_triple", x, weight, labels, dtype, centers_per_class=centers, gamma=gamma, la=la,
