@@ -240,11 +240,27 @@ template <typename T>
 T gradient_row(const MarginSoftmaxParams<T>& p, const T* products, const T* rw, const RowGradient<T>& r,
                int64_t classes, Scratch<T>& s, T* gs, T* column_sums) {
   const int64_t sub_centers = p.sub_centers;
+  const T scale = p.scale, softmax_scale = r.g_lse * p.scale;
+  if (sub_centers > 1 && p.pool_scale > 0) {  // one pool per class, for its cosine and its columns' weights
+    T pooled_dot = 0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const int64_t j0 = c * sub_centers;
+      const SoftPool<T> pool(products + j0, rw + j0, r.rx, sub_centers, p.pool_scale);
+      const T ds = c == r.label ? r.g_target : softmax_scale * vexp(scale * pool.pooled - r.lse);
+      for (int64_t k = 0; k < sub_centers; ++k) {
+        const int64_t j = j0 + k;
+        const T value = products[j] * rw[j] * r.rx, g = ds * pool.weight(value);
+        gs[j] = g * r.rx * rw[j];
+        pooled_dot += g * value;
+        if (column_sums != nullptr) column_sums[j] += g * value;
+      }
+    }
+    return pooled_dot;
+  }
   T* cosine = s.cosine.data();
   T* ds = s.ds.data();
   class_cosines(products, rw, r.rx, classes, sub_centers, p.pool_scale, cosine,
                 sub_centers > 1 ? s.pick.data() : nullptr);
-  const T scale = p.scale, softmax_scale = r.g_lse * p.scale;
   T dot = 0;
 #pragma omp simd reduction(+ : dot)
   for (int64_t c = 0; c < classes; ++c) {
@@ -260,21 +276,6 @@ T gradient_row(const MarginSoftmaxParams<T>& p, const T* products, const T* rw, 
       for (int64_t c = 0; c < classes; ++c) column_sums[c] += ds[c] * cosine[c];
     }
     return dot;
-  }
-  if (p.pool_scale > 0) {
-    T pooled_dot = 0;
-    for (int64_t c = 0; c < classes; ++c) {
-      const int64_t j0 = c * sub_centers;
-      const SoftPool<T> pool(products + j0, rw + j0, r.rx, sub_centers, p.pool_scale);
-      for (int64_t k = 0; k < sub_centers; ++k) {
-        const int64_t j = j0 + k;
-        const T value = products[j] * rw[j] * r.rx, g = ds[c] * pool.weight(value);
-        gs[j] = g * r.rx * rw[j];
-        pooled_dot += g * value;
-        if (column_sums != nullptr) column_sums[j] += g * value;
-      }
-    }
-    return pooled_dot;
   }
   std::fill(gs, gs + classes * sub_centers, T(0));
   for (int64_t c = 0; c < classes; ++c) {
