@@ -35,6 +35,11 @@ def grads(value: torch.Tensor, inputs):
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, found)]
 
 
+def class_weights(module):
+    """A classifier module's class matrix, ours or PML's: W, or SoftTriple's fc."""
+    return module.fc if hasattr(module, "fc") else module.W
+
+
 def _log_uniform_int(generator: torch.Generator, low: int, high: int) -> int:
     u = torch.rand((), generator=generator, dtype=torch.float64).item()
     return min(high, int(math.exp(math.log(low) + u * (math.log(high + 1) - math.log(low)))))

@@ -1,9 +1,9 @@
 """The fused margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, LargeMarginSoftmax,
-SphereFace, SoftTriple) against the float64 reference, through the public functional API: values and gradients of the embeddings and of W, every fused backend
-that computes them, ragged sizes against the kernels' tiles (several class tiles, class splits of small batches,
-sub-centres), C = 1 and 2, every reduction, fp64 / fp32 at the SPEC tolerances and fp16 / bf16 no worse than the
-reference run on the same half inputs + 1e-2; float64 gradcheck, torch.compile(fullgraph=True), torch.library.opcheck,
-and that no tensor of N x C entries is ever made.
+SphereFace, SoftTriple) against the float64 reference, through the public functional API: values and gradients of the
+embeddings and of W, every fused backend that computes them, ragged sizes against the kernels' tiles (several class
+tiles, class splits of small batches, sub-centres), C = 1 and 2, every reduction, fp64 / fp32 at the SPEC tolerances and
+fp16 / bf16 no worse than the reference run on the same half inputs + 1e-2; float64 gradcheck,
+torch.compile(fullgraph=True), torch.library.opcheck, and that no tensor of N x C entries is ever made.
 """
 import math
 import zlib

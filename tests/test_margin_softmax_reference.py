@@ -17,7 +17,7 @@ from pytorch_metric_learning import losses, reducers
 import metric_kernels as mk
 from metric_kernels import backends
 from metric_kernels.reference import margin_softmax_rows
-from tests.helpers import assert_rel_close, grads
+from tests.helpers import assert_rel_close, class_weights, grads
 
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}  # (value, gradients) against PML in fp64
 LOSSES = ["arcface", "cosface", "subcenter_arcface", "normalized_softmax", "large_margin_softmax", "sphereface",
@@ -83,14 +83,9 @@ def _our_module(loss, params, classes, dim, dtype=torch.float64, **keywords):
     return cls(num_classes=classes, embedding_size=dim, **params, backend="reference", **keywords).to(dtype)
 
 
-def _w(module):
-    """A classifier module's class matrix: W, or SoftTriple's fc."""
-    return module.fc if hasattr(module, "fc") else module.W
-
-
 def _with_weight(module, weight):
     with torch.no_grad():
-        _w(module).copy_(weight)
+        class_weights(module).copy_(weight)
     return module
 
 
@@ -168,11 +163,11 @@ def test_reference_equals_pml_float64(loss, block):
         expected = theirs(x, labels)
         w = weight.clone().requires_grad_()
         ours = getattr(mk, f"{loss}_loss")(x, labels, w, backend="reference", **params)
-        _assert_same(ours, [x, w], expected, [x, _w(theirs)], torch.float64, f"{what} functional",
+        _assert_same(ours, [x, w], expected, [x, class_weights(theirs)], torch.float64, f"{what} functional",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         module = _with_weight(_our_module(loss, params, classes, dim), weight)
-        _assert_same(module(x, labels), [x, _w(module)], expected, [x, _w(theirs)], torch.float64, f"{what} module",
-                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
+        _assert_same(module(x, labels), [x, class_weights(module)], expected, [x, class_weights(theirs)], torch.float64,
+                     f"{what} module", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         if loss in ("arcface", "subcenter_arcface"):
             past += _past_the_monotonic_branch(x.detach(), labels, weight, params)
     if loss == "arcface":
@@ -199,15 +194,17 @@ def test_reference_float32_against_pml_float64(loss):
         truth_module = _with_weight(_pml_module(loss, params, classes, dim), w32.double())
         truth = truth_module(x64, labels)
         theirs32 = _with_weight(_pml_module(loss, params, classes, dim, torch.float32), w32)
-        _assert_same(theirs32(x32, labels), [x32, _w(theirs32)], truth, [x64, _w(truth_module)], torch.float32,
-                     f"{what} PML fp32", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
+        _assert_same(theirs32(x32, labels), [x32, class_weights(theirs32)], truth, [x64, class_weights(truth_module)],
+                     torch.float32, f"{what} PML fp32", _logit_scale(loss, params, x, weight),
+                     _raw_norms(loss, x, weight))
         w = w32.clone().requires_grad_()
         ours = getattr(mk, f"{loss}_loss")(x32, labels, w, backend="reference", **params)
-        _assert_same(ours, [x32, w], truth, [x64, _w(truth_module)], torch.float32, f"{what} functional",
+        _assert_same(ours, [x32, w], truth, [x64, class_weights(truth_module)], torch.float32, f"{what} functional",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
         module = _with_weight(_our_module(loss, params, classes, dim, torch.float32), w32)
-        _assert_same(module(x32, labels), [x32, _w(module)], truth, [x64, _w(truth_module)], torch.float32,
-                     f"{what} module", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
+        _assert_same(module(x32, labels), [x32, class_weights(module)], truth, [x64, class_weights(truth_module)],
+                     torch.float32, f"{what} module", _logit_scale(loss, params, x, weight),
+                     _raw_norms(loss, x, weight))
 
 
 # Parameters under which well-classified rows round to exactly 0 in float64, so that AvgNonZeroReducer's count
@@ -257,9 +254,9 @@ def test_every_reducer_equals_pml(loss, reducer):
             assert value.keys() == expected.keys() and value["loss"]["reduction_type"] == "element"
             assert torch.equal(value["loss"]["indices"], expected["loss"]["indices"])
             value, expected = value["loss"]["losses"], rows
-        _assert_same(value, [x, _w(ours)], expected, [x, _w(theirs)], torch.float64, f"{what} module",
-                     _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
-        _assert_same(functional, [x, w], expected, [x, _w(theirs)], torch.float64, f"{what} functional",
+        _assert_same(value, [x, class_weights(ours)], expected, [x, class_weights(theirs)], torch.float64,
+                     f"{what} module", _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
+        _assert_same(functional, [x, w], expected, [x, class_weights(theirs)], torch.float64, f"{what} functional",
                      _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
 
 
@@ -443,7 +440,7 @@ def test_multiple_angle_covers_every_branch_and_pins_pmls_truncation(loss):
     theirs = _with_weight(_pml_module(loss, params, classes, dim), weight)
     w = weight.clone().requires_grad_()
     ours = getattr(mk, f"{loss}_loss")(x, labels, w, backend="reference", **params)
-    _assert_same(ours, [x, w], theirs(x, labels), [x, _w(theirs)], torch.float64, loss,
+    _assert_same(ours, [x, w], theirs(x, labels), [x, class_weights(theirs)], torch.float64, loss,
                  _logit_scale(loss, params, x, weight), _raw_norms(loss, x, weight))
     assert getattr(mk, f"{loss}_loss")(x, labels, w, margin=5.0, scale=0.5, backend="reference").item() == ours.item()
     truncated = _with_weight(_pml_module(loss, dict(margin=2.5, scale=0.5), classes, dim), weight)

@@ -10,7 +10,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 import metric_kernels as mk
 from metric_kernels.pml import exact_cdist
-from tests.helpers import assert_rel_close
+from tests.helpers import assert_rel_close, class_weights
 
 TOL = 1e-10
 
@@ -136,11 +136,6 @@ CLASSIFIERS = {  # name -> (our class, PML's class, constructor keywords both ta
 }
 
 
-def _w(module):
-    """A classifier module's class matrix: W, or SoftTriple's fc (PML's names)."""
-    return module.fc if hasattr(module, "fc") else module.W
-
-
 def _classifier_pair(name, classes=10, dim=16, **keywords):
     """Ours (reference backend) and PML's, built from the same seed (so with the same W), and the same keywords."""
     ours_cls, pml_cls, params = CLASSIFIERS[name]
@@ -213,7 +208,8 @@ def test_classifier_weight_init_func_as_pml():
     init = c_f.TorchInitWrapper(torch.nn.init.uniform_, a=-0.5, b=0.5)
     for name in CLASSIFIERS:
         ours, theirs = _classifier_pair(name, weight_init_func=init)
-        assert torch.equal(_w(ours), _w(theirs)) and _w(ours).abs().max() <= 0.5, name
+        weights = class_weights(ours)
+        assert torch.equal(weights, class_weights(theirs)) and weights.abs().max() <= 0.5, name
         assert ours.weight_init_func is init
 
 
@@ -223,8 +219,8 @@ def test_classifier_modules_pass_their_options_through(name):
     ours.double()
     x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
     params = dict(CLASSIFIERS[name][2])
-    assert_rel_close(ours(x, labels), getattr(mk, f"{name}_loss")(x, labels, _w(ours), backend="reference", **params),
-                     0, name)
+    assert_rel_close(ours(x, labels), getattr(mk, f"{name}_loss")(x, labels, class_weights(ours), backend="reference",
+                                                                  **params), 0, name)
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
@@ -233,12 +229,12 @@ def test_classifier_forward_leaves_w_in_its_dtype(name):
     ours, _ = _classifier_pair(name, classes=5, dim=8)
     x, labels = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
     value = ours(x, labels)
-    assert _w(ours).dtype == torch.float32 and value.dtype == torch.float64
+    assert class_weights(ours).dtype == torch.float32 and value.dtype == torch.float64
     params = dict(CLASSIFIERS[name][2])
-    assert_rel_close(value, getattr(mk, f"{name}_loss")(x, labels, _w(ours).double(), backend="reference",
-                                                                **params), 0, "promoted")
+    assert_rel_close(value, getattr(mk, f"{name}_loss")(x, labels, class_weights(ours).double(),
+                                                        backend="reference", **params), 0, "promoted")
     assert ours(x.half(), labels).dtype == torch.float32
-    assert ours.get_logits(x).dtype == torch.float64 and _w(ours).dtype == torch.float32
+    assert ours.get_logits(x).dtype == torch.float64 and class_weights(ours).dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

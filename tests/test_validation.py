@@ -14,12 +14,12 @@ import torch
 import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, LargeMarginSoftmaxLoss,
-                            NormalizedSoftmaxLoss, ProxyAnchorLoss, SoftTripleLoss, SphereFaceLoss, SubCenterArcFaceLoss,
-                            SupConLoss, arcface_loss, batch_hard_triplet_loss, circle_loss, contrastive_loss,
-                            cosface_loss, generalized_lifted_structure_loss, large_margin_softmax_loss, margin_loss,
-                            multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
-                            proxy_anchor_loss, proxy_nca_loss, soft_triple_loss, sphereface_loss,
-                            subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
+                            NormalizedSoftmaxLoss, ProxyAnchorLoss, SoftTripleLoss, SphereFaceLoss,
+                            SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss, circle_loss,
+                            contrastive_loss, cosface_loss, generalized_lifted_structure_loss,
+                            large_margin_softmax_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
+                            normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss, soft_triple_loss,
+                            sphereface_loss, subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")

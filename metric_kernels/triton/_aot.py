@@ -310,9 +310,9 @@ def _plain_cases(ops, element, widths, widest):
 # The margin-softmax kernels' launches (margin_softmax_ops): W in its own D x J storage ("columns": read along the
 # classes, pruned as unaligned; with one sub-centre the classes' stride is 1, which Triton makes a constant) or as a
 # transposed view of a J x D matrix ("classes": read along D as the engine reads rows), one sub-centre or several
-# (MULTI 1, pooled by the largest, or 2, by SoftTriple's softmax; K then an integer), and the row pass's flags: PARTIAL (dX in per-split fp32 partials) and WITH_DW (the
-# default backward's atomic dW). The primary launch is the heaviest: several sub-centres, W's own layout, both
-# gradients from the row pass writing dX itself.
+# (MULTI 1, pooled by the largest, or 2, by SoftTriple's softmax; K then an integer), and the row pass's flags:
+# PARTIAL (dX in per-split fp32 partials) and WITH_DW (the default backward's atomic dW). The primary launch is the
+# heaviest: several sub-centres, W's own layout, both gradients from the row pass writing dX itself.
 CLASSIFIER_PRIMARY = dict(PARTIAL=False, WITH_DW=True, MULTI=1, layout="columns")
 
 

@@ -112,6 +112,7 @@ def _fold_slices(self, input):
     """ReduceOps.generic_reduce with the combine function applied to whole slices of the reduced axis, left to
     right, as the interpreter's loop applies it element by element (same order, same values per output element)."""
     import triton.language as tl
+    from triton.runtime.interpreter import _get_np_dtype
     original_axis = self.axis
     input, axis = self.unravel(input, self.axis)
     data = [arg.handle.data for arg in input]
@@ -123,7 +124,7 @@ def _fold_slices(self, input):
         return tuple(self.to_tensor(np.take(d, k, axis=axis), dtype) for d, dtype in zip(data, dtypes))
 
     def values(item, dtype):
-        raw = np.asarray(item.handle.data if isinstance(item, tl.core.tensor) else item, dtype=_np_dtype(dtype))
+        raw = np.asarray(item.handle.data if isinstance(item, tl.core.tensor) else item, dtype=_get_np_dtype(dtype))
         if raw.size == int(np.prod(output_shape)):  # a scalar's handle holds shape (1,)
             return raw.reshape(output_shape).copy()
         return np.broadcast_to(raw, output_shape).copy()
@@ -142,11 +143,6 @@ def _fold_slices(self, input):
             result = result.item()
         out.append(self.to_tensor(result, dtype))
     return out
-
-
-def _np_dtype(dtype):
-    from triton.runtime.interpreter import _get_np_dtype
-    return _get_np_dtype(dtype)
 
 
 def vectorised_reductions() -> None:

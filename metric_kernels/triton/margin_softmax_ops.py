@@ -1,5 +1,5 @@
 """The Triton backend's margin-softmax ops (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, SphereFace,
-LargeMarginSoftmax):
+LargeMarginSoftmax, SoftTriple):
 
     metric_kernels::triton_margin_softmax_rows, triton_margin_softmax_rows_backward
 
@@ -165,8 +165,9 @@ def margin_softmax_rows(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                         normalize_x: bool, normalize_w: bool, pool_scale: float, deterministic: bool) -> torch.Tensor:
     """stats [2, N]: the log-sum-exp of scale * cos over the classes other than the label (-inf for C == 1), and
     the label's cosine ("cos" with the rows / W's columns left raw where normalize_x / normalize_w is False; a
-    class's cos pooled from its sub-centres' by the largest, or with pool_scale > 0 by the softmax-weighted mean). The classes are split across programs where the row blocks alone cannot fill the GPU
-    (ops.reference_splits); the splits' log-sum-exps are merged here, O(splits x N)."""
+    class's cos pooled from its sub-centres' by the largest, or with pool_scale > 0 by the softmax-weighted mean).
+    The classes are split across programs where the row blocks alone cannot fill the GPU (ops.reference_splits);
+    the splits' log-sum-exps are merged here, O(splits x N)."""
     x, labels, classes = _classifier_rows(x, weight, labels, sub_centers)
     n = x.shape[0]
     dtype = stats_dtype(x.dtype)
