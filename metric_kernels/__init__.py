@@ -12,11 +12,11 @@ from .functional import (arcface_loss, batch_hard_triplet_loss, circle_loss, con
                          generalized_lifted_structure_loss, large_margin_softmax_loss, margin_loss,
                          multi_similarity_loss, multiview, nca_loss, normalized_softmax_loss, ntxent_loss,
                          proxy_anchor_loss, proxy_nca_loss, soft_triple_loss, sphereface_loss,
-                         subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
+                         subcenter_arcface_loss, supcon_loss, triplet_margin_loss, tuplet_margin_loss)
 from .modules import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, CosFaceLoss,
                       GeneralizedLiftedStructureLoss, LargeMarginSoftmaxLoss, MarginLoss, MultiSimilarityLoss,
                       NCALoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss,
-                      SphereFaceLoss, SubCenterArcFaceLoss, SupConLoss, TupletMarginLoss)
+                      SphereFaceLoss, SubCenterArcFaceLoss, SupConLoss, TripletMarginLoss, TupletMarginLoss)
 from .distributed import DistributedLoss
 from .cross_batch_memory import CrossBatchMemory
 
@@ -42,6 +42,7 @@ __all__ = [
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
+    "TripletMarginLoss",
     "TupletMarginLoss",
     "arcface_loss",
     "available_backends",
@@ -63,6 +64,7 @@ __all__ = [
     "sphereface_loss",
     "subcenter_arcface_loss",
     "supcon_loss",
+    "triplet_margin_loss",
     "tuplet_margin_loss",
     "__version__",
 ]

@@ -26,3 +26,17 @@ def pair_counts(x_labels: torch.Tensor, y_labels: torch.Tensor,
         same = same - self_same
         different = different - (1 - self_same)
     return same, different
+
+
+def positive_slots(x_labels: torch.Tensor, y_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(slots [N], rank [M]) of the all-triplets losses' positive table: rank[j] numbers reference j among the
+    references with its label (in index order), slots[i] counts the references with query i's label (its own
+    reference among them where self_offset says so), so that query i's positives fill slots rank[j] < slots[i] of its
+    row of a table max(slots) wide. O((N + M) log M), no N x M mask, no host sync."""
+    sorted_labels, order = torch.sort(y_labels, stable=True)
+    group_start = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=order.device) - group_start
+    slots = (torch.searchsorted(sorted_labels, x_labels, right=True)
+             - torch.searchsorted(sorted_labels, x_labels, right=False))
+    return slots, rank

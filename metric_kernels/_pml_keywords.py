@@ -74,6 +74,7 @@ SUPPORTED_DISTANCES = {
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
     "GeneralizedLiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "MarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
+    "TripletMarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "NCALoss": _NCA_DISTANCES,
     "ProxyNCALoss": _NCA_DISTANCES,
     # The margin-softmax classifiers: the cosine of the embeddings to W's columns. PML's LargeMarginSoftmaxLoss
@@ -110,12 +111,13 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
 #   "pair":    one loss per positive pair (NT-Xent, tuplet margin), or per positive and per negative pair
 #              (Contrastive);
-#   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default.
+#   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default;
+#   "all_triplets": TripletMarginLoss, one loss per triplet of all the batch's triplets, AvgNonZeroReducer's default.
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
               "BatchHardTripletLoss": "triplet", "MarginLoss": "margin",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
-              "ContrastiveLoss": "pair",
+              "ContrastiveLoss": "pair", "TripletMarginLoss": "all_triplets",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element",
               "SoftTripleLoss": "element"}
@@ -227,9 +229,9 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         raise _unsupported("reducer", reducer, owner,
                            "PML's DoNothingReducer returns the per-pair losses, which the fused kernels never form "
                            "(there are O(N M) of them); reduction='none' gives each query's sum over its pairs")
-    elif name in ("DoNothingReducer", "PerAnchorReducer") and loss_type == "margin":
+    elif name in ("DoNothingReducer", "PerAnchorReducer") and loss_type in ("margin", "all_triplets"):
         raise _unsupported("reducer", reducer, owner,
-                           "PML's MarginLoss reduces per triplet: its DoNothingReducer returns the O(N M^2) triplet "
+                           f"PML's {owner} reduces per triplet: its DoNothingReducer returns the O(N M^2) triplet "
                            "losses, which the fused kernels never form, and its PerAnchorReducer raises for "
                            "triplets; reduction='none' gives each query's sum over its triplets")
     elif name == "DoNothingReducer" and inner is None:

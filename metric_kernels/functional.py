@@ -545,6 +545,29 @@ def batch_hard_triplet_loss(embeddings, labels, ref_emb=None, ref_labels=None, *
                       deterministic, normalize_embeddings, None, margin=margin, soft=soft)
 
 
+def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, smooth_loss=False,
+                        self_offset=None, reduction="mean_nonzero", backend="auto", deterministic=None,
+                        distance="euclidean", normalize_embeddings=True):
+    """Triplet margin loss over every triplet, PML's TripletMarginLoss without a miner: one loss per triplet
+    (a, p, n) of an anchor, one of its positives and one of its negatives, relu(d_ap - d_an + margin) on the distance
+    d (default: Euclidean on normalised rows, PML's LpDistance()), softplus of the same with smooth_loss; with a
+    similarity s (distance="cosine" or "dot") the violation is s_an - s_ap + margin. Reduced over the triplets
+    (default "mean_nonzero", PML's AvgNonZeroReducer; "mean" over every triplet); "none" gives each query's sum over
+    its triplets. The fused backends never form the triplets: see docs/losses/triplet-margin.md."""
+    margin = check.check_real(margin, "margin")
+    smooth_loss = check.check_bool(smooth_loss, "smooth_loss")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    rows, x_labels, y_labels, self_offset, guard = _pair_rows(
+        "triplet_margin_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+        deterministic, normalize, margin=margin, smooth=smooth_loss, pair_value=pair_value)
+    if isinstance(rows, torch.Tensor):  # nothing to pair
+        parts = _pair_parts(rows, x_labels, y_labels, self_offset)
+    else:
+        positives, negatives = pair_counts(x_labels, y_labels, self_offset)
+        parts = [(rows[0], rows[1], positives * negatives)]
+    return _reduce_pairs(parts, reduction) + guard
+
+
 def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, deterministic, distance="cosine",
                         normalize_embeddings=True):
     """Validates, prepares and dispatches Proxy-Anchor: (positive_terms, negative_terms, guard), one term per proxy

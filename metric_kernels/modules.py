@@ -499,6 +499,48 @@ class ContrastiveLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
+class TripletMarginLoss(_PairLoss):
+    """PML's TripletMarginLoss(margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all") without a miner:
+    every triplet of the batch, on PML's default distance LpDistance() (Euclidean on normalised rows); see
+    docs/losses/triplet-margin.md. The fused kernels never form the triplets.
+
+    swap=True (PML's distance from the positive to the negative where it violates more) and an integer
+    triplets_per_anchor (PML's random sample of triplets) raise NotImplementedError. reduction: None means PML's
+    default ("mean_nonzero": the mean over the nonzero triplets), or what `reducer=` says (AvgNonZeroReducer,
+    MeanReducer: over every triplet, SumReducer); reduction="none" gives each query's sum over its triplets. PML's
+    keywords: distance (LpDistance(p=2, power=1 or 2, normalised or not), CosineSimilarity(),
+    DotProductSimilarity()), reducer, embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "TripletMarginLoss"
+
+    def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", *, reduction=None,
+                 backend="auto", deterministic=None, distance=None, reducer=None, embedding_regularizer=None,
+                 embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.margin = check.check_real(margin, "margin")
+        self.swap = check.check_bool(swap, "swap")
+        self.smooth_loss = check.check_bool(smooth_loss, "smooth_loss")
+        if self.swap:
+            raise NotImplementedError("swap=True is not supported by TripletMarginLoss of metric_kernels: the fused "
+                                      "kernels fold each anchor's row of distances, and the swap needs the "
+                                      "positive's distance to each negative too")
+        if triplets_per_anchor != "all":
+            raise NotImplementedError(f"triplets_per_anchor={triplets_per_anchor!r} is not supported by "
+                                      "TripletMarginLoss of metric_kernels: the fused kernels compute every "
+                                      "triplet (PML's 'all'), not a random sample")
+        self.triplets_per_anchor = triplets_per_anchor
+
+    def _loss(self, *args, **kwargs):
+        return functional.triplet_margin_loss(*args, margin=self.margin, smooth_loss=self.smooth_loss,
+                                              **keywords.functional_distance(self.distance_spec), **kwargs)
+
+    def extra_repr(self):
+        return (f"margin={self.margin}, smooth_loss={self.smooth_loss}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
+
+
 class BatchHardTripletLoss(_PairLoss):
     """PML's BatchHardMiner + TripletMarginLoss(margin=0.05, smooth_loss=soft) in one module: see
     docs/losses/batch-hard-triplet.md.

@@ -13,6 +13,7 @@ from .nca import nca_rows
 from .ntxent import ntxent_rows
 from .proxy_anchor import proxy_anchor_rows
 from .supcon import supcon_rows
+from .triplet_margin import triplet_margin_rows
 
 
 PAIR_VALUES = (0, 1, 2)  # the dot product and both Euclidean distances (metric_kernels/_pairs.py)
@@ -25,4 +26,4 @@ def unavailable_reason(device):
 __all__ = ["PAIR_VALUES", "batch_hard_rows", "circle_rows", "contrastive_rows", "generalized_lifted_structure_rows",
            "margin_softmax_rows",
            "multi_similarity_rows", "nca_rows", "ntxent_rows", "proxy_anchor_rows", "supcon_rows",
-           "unavailable_reason"]
+           "triplet_margin_rows", "unavailable_reason"]
