@@ -35,6 +35,22 @@ A backend whose kernels compute the margin-softmax classifiers also provides <pr
                                  normalize_w, pool_scale, deterministic, need_dx, need_dw) -> (dx, dw)
         (an unneeded gradient has 0 rows)
 
+A backend whose kernels compute the triplet margin loss over every triplet also provides
+<prefix>_triplet_margin_rows and <prefix>_triplet_margin_rows_backward:
+
+    triplet_margin_rows(x, y?, x_labels, y_labels, self_offset, pair_value, margin, smooth, slots, rank,
+                        deterministic) -> (stats [2, N], table [N, K], weights [N, K])
+        (slots and rank: _pairs.positive_slots, K = max(slots); table[a, rank[p]] = margin - v_ap for each positive p
+        of anchor a, -inf in the slots no positive fills; stats[0, a] = sum over the triplets (a, p, n) of
+        f(z), z = v_an + table[a, rank[p]] = v_an - v_ap + margin, f = relu, or softplus with smooth (torch's, linear
+        above 20); stats[1, a] = how many of those are nonzero; weights[a, r] = sum over a's negatives n of
+        f'(v_an + table[a, r]))
+    triplet_margin_rows_backward(grad [N], table, weights, x, y?, x_labels, y_labels, self_offset, pair_value,
+                                 smooth, rank, deterministic, need_dx, need_dy) -> (dx, dy)
+        (dL/dv_ap = -grad[a] weights[a, rank[p]], dL/dv_an = grad[a] sum_r f'(v_an + table[a, r]))
+
+with the backend's own options after `deterministic` as for the lse ops.
+
 A backend lists the pair values its lse ops compute in PAIR_VALUES (default: SIMILARITY only); "auto" skips a backend
 that lacks the one a loss needs.
 """
@@ -42,12 +58,13 @@ from __future__ import annotations
 
 import torch
 
-from ._pairs import SIMILARITY, pair_counts
+from ._pairs import SIMILARITY, pair_counts, positive_slots
 from ._row_epilogues import (batch_hard_from_choices, circle_from_stats, generalized_lifted_structure_from_stats,
                              hardest_triplet_losses, multi_similarity_from_stats, proxy_anchor_from_stats, stats_dtype,
                              supcon_from_stats, triplet_backward_inputs)
 
-KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
+KIND = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5,
+        "triplet_margin": 6}
 STAT_ROWS = 4  # statistics per query row (csrc/epilogue.h)
 
 
@@ -185,6 +202,41 @@ def register_triplet_ops(prefix: str) -> None:
     register_triplet_autograd(forward, backward)
 
 
+def register_triplet_margin_ops(prefix: str) -> None:
+    """Registers the fake implementations and the autograd formula of metric_kernels::<prefix>_triplet_margin_rows
+    (its table width K is data-dependent: max(slots))."""
+    forward = f"metric_kernels::{prefix}_triplet_margin_rows"
+    backward_op = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_margin_rows_backward")
+
+    @torch.library.register_fake(forward)
+    def _(x, y, x_labels, y_labels, self_offset, pair_value, margin, smooth, slots, rank, deterministic, *options):
+        slot_count = torch.library.get_ctx().new_dynamic_size()
+        dtype = stats_dtype(x.dtype)
+        return (x.new_empty((2, x.shape[0]), dtype=dtype), x.new_empty((x.shape[0], slot_count), dtype=dtype),
+                x.new_empty((x.shape[0], slot_count), dtype=dtype))
+
+    @torch.library.register_fake(f"{forward}_backward")
+    def _(grad, table, weights, x, y, x_labels, y_labels, self_offset, pair_value, smooth, rank, deterministic,
+          need_dx, need_dy, *options):
+        return fake_gradients(x, y, need_dx, need_dy)
+
+    def setup_context(ctx, inputs, output):
+        x, y, x_labels, y_labels, self_offset, pair_value, margin, smooth, slots, rank, deterministic = inputs[:11]
+        _, table, weights = output
+        ctx.save_for_backward(x, y, x_labels, y_labels, rank, table, weights)
+        ctx.params, ctx.deterministic, ctx.options = (self_offset, pair_value, smooth), deterministic, inputs[11:]
+        ctx.mark_non_differentiable(table, weights)
+
+    def backward_fn(ctx, grad, grad_table, grad_weights):
+        x, y, x_labels, y_labels, rank, table, weights = ctx.saved_tensors
+        need_dx, need_dy = ctx.needs_input_grad[0], y is not None and ctx.needs_input_grad[1]
+        dx, dy = backward_op(grad[0].to(table.dtype).contiguous(), table, weights, x, y, x_labels, y_labels,
+                             *ctx.params, rank, ctx.deterministic, need_dx, need_dy, *ctx.options)
+        return (dx if need_dx else None, dy if need_dy else None) + (None,) * (9 + len(ctx.options))
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
 class FusedRows:
     """The backend contract's four per-row functions (metric_kernels/backends.py) over a fused backend's ops."""
 
@@ -192,6 +244,7 @@ class FusedRows:
         self._lse_rows = getattr(torch.ops.metric_kernels, f"{prefix}_lse_rows")
         self._select = getattr(torch.ops.metric_kernels, f"{prefix}_batch_hard_select")
         self._margin_softmax = getattr(torch.ops.metric_kernels, f"{prefix}_margin_softmax_rows", None)
+        self._triplet_margin = getattr(torch.ops.metric_kernels, f"{prefix}_triplet_margin_rows", None)
 
     @staticmethod
     def selection_rows(x, *options) -> int:
@@ -260,6 +313,13 @@ class FusedRows:
         stats = self._stats(x, y, x_labels, y_labels, self_offset, "contrastive", pos_margin, neg_margin,
                             deterministic, pair_value, *options.values())
         return stats[0], stats[1], stats[2], stats[3]
+
+    def triplet_margin_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, smooth, deterministic,
+                            pair_value=SIMILARITY, **options):
+        slots, rank = positive_slots(x_labels, y_labels)
+        stats, _, _ = self._triplet_margin(x, None if y is x else y, x_labels, y_labels, self._offset(self_offset),
+                                           pair_value, margin, smooth, slots, rank, deterministic, *options.values())
+        return stats[0], stats[1]
 
     def batch_hard_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, soft, deterministic):
         choices = self._choices(x, y, x_labels, y_labels, self_offset)
@@ -330,14 +390,18 @@ class CudaKernelRows(RawRows):
 ROW_FUNCTIONS = ("circle_rows", "supcon_rows", "multi_similarity_rows", "nca_rows", "ntxent_rows",
                  "contrastive_rows", "generalized_lifted_structure_rows", "batch_hard_rows", "proxy_anchor_rows")
 CLASSIFIER_ROWS = "margin_softmax_rows"  # the margin-softmax ops, where a backend's kernels compute them
+TRIPLET_MARGIN_ROWS = "triplet_margin_rows"  # the triplet margin ops, where a backend's kernels compute them
 
 
 def fused_backend(prefix: str, namespace: dict, rows_class=FusedRows, names=ROW_FUNCTIONS) -> None:
     """Registers the <prefix>_* ops' fake implementations and autograd, and puts the backend contract's per-row
     functions over them (`names`, of ROW_FUNCTIONS and CLASSIFIER_ROWS: those the backend's kernels compute) into
-    `namespace`, the backend module's globals(). CLASSIFIER_ROWS among them registers the margin-softmax ops too."""
+    `namespace`, the backend module's globals(). CLASSIFIER_ROWS (TRIPLET_MARGIN_ROWS) among them registers the
+    margin-softmax (triplet margin) ops too."""
     register_ops(prefix, rows_class.selection_rows)
     if CLASSIFIER_ROWS in names:
         register_margin_softmax_ops(prefix)
+    if TRIPLET_MARGIN_ROWS in names:
+        register_triplet_margin_ops(prefix)
     rows = rows_class(prefix)
     namespace.update({name: getattr(rows, name) for name in names})

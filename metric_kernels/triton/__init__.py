@@ -13,7 +13,7 @@ PAIR_VALUES = (0, 1, 2)  # the dot product and both Euclidean distances (metric_
 
 _installed = importlib.util.find_spec("triton") is not None
 if _installed:
-    from .._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, RawRows, fused_backend
+    from .._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, TRIPLET_MARGIN_ROWS, RawRows, fused_backend
     from . import margin_softmax_ops  # noqa: F401  (defines the metric_kernels::triton_margin_softmax_* ops)
     from .ops import interpreting, selection_rows, triplet_distances  # defines the metric_kernels::triton_* ops
 
@@ -24,7 +24,7 @@ if _installed:
         def selection_rows(x, *options) -> int:
             return selection_rows(x.dtype)
 
-    fused_backend("triton", globals(), _TritonRows, names=ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
+    fused_backend("triton", globals(), _TritonRows, names=ROW_FUNCTIONS + (CLASSIFIER_ROWS, TRIPLET_MARGIN_ROWS))
 
 
 def unavailable_reason(device: torch.device):

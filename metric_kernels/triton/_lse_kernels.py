@@ -43,7 +43,9 @@ PROXY_ANCHOR = tl.constexpr(2)
 MULTI_SIMILARITY = tl.constexpr(3)
 NTXENT = tl.constexpr(4)
 CONTRASTIVE = tl.constexpr(5)
-KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5}
+TRIPLET_MARGIN = tl.constexpr(6)
+KINDS = {"circle": 0, "supcon": 1, "proxy_anchor": 2, "multi_similarity": 3, "ntxent": 4, "contrastive": 5,
+         "triplet_margin": 6}
 STAT_ROWS = tl.constexpr(_STAT_ROWS)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -405,6 +407,97 @@ def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
 
 
 @triton.jit
+def _triplet_terms(z, smooth):
+    """(loss, nonzero, slope) of triplets with violation z = v_an - v_ap + margin (-inf: no triplet): relu(z), or
+    with `smooth` softplus(z) as torch computes it (z itself above 20). A run-time branch on the scalar, so that
+    the hinge pays no exponential; nonzero where exp(z) is not 0 for the softplus (PML counts softplus > 0)."""
+    if smooth != 0:
+        e = tl.exp2(-tl.abs(z) * LOG2E)
+        one_plus = 1 + e
+        above = z >= 0
+        linear = z > 20
+        # log(1 + e) to an ulp, as _ntxent_sums forms it
+        softplus = tl.where(above, z, 0.0) + (tl.log(one_plus) + (e - (one_plus - 1)))
+        loss = tl.where(linear, z, softplus)
+        slope = tl.where(linear, 1.0, tl.where(above, 1.0, e) / one_plus)
+        nonzero = above | (e > 0)
+    else:
+        loss = _relu(z)
+        nonzero = z > 0
+        slope = nonzero.to(z.dtype)
+    return loss, nonzero.to(z.dtype), slope
+
+
+@triton.jit
+def _table_column(table_ptr, rows, N, SLOTS, slot):
+    """Column `slot` of the rows' positive table (-inf for rows past N)."""
+    return tl.load(table_ptr + rows * SLOTS + slot, mask=rows < N, other=float("-inf"))
+
+
+@triton.jit
+def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, rank_ptr, table_ptr,
+                           weights_ptr, stats_ptr, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
+                           params_ptr, SLOTS, N_BUCKET, M_BUCKET, ALIGNED,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                           PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """The triplet margin loss over every triplet, for BLOCK_M anchors: a first sweep writes each anchor's row of
+    the positive table, table[a, rank[p]] = margin - v_ap (the table arrives filled with -inf: the anchor's own slot
+    and labels without as many references stay so), then a second sweep takes, for every negative n and slot r, the
+    violation z = v_an + table[a, r] into stats[0, a] (the sum of the triplet losses), stats[1, a] (how many are
+    nonzero) and weights[a, r] (the sum of the slopes over the negatives: the positive's gradient). The program
+    owns its rows of the table and the weights. params: (margin, smooth_loss)."""
+    margin, smooth = _load_params(params_ptr)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    for n0 in range(0, M, BLOCK_N):
+        value, positive, negative = _forward_tile(
+            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, M,
+            D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+            PRECISION, PAIR_VALUE, NORMALIZE)
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rank = tl.load(rank_ptr + cols, mask=cols < M, other=0)
+        tl.store(table_ptr + rows[:, None] * SLOTS + rank[None, :], margin - value, mask=positive)
+    tl.debug_barrier()  # the table's row is written by some threads of the program and read by others
+    loss = tl.zeros((BLOCK_M,), ACC)
+    nonzero = tl.zeros((BLOCK_M,), ACC)
+    for n0 in range(0, M, BLOCK_N):
+        value, positive, negative = _forward_tile(
+            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, M,
+            D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
+            PRECISION, PAIR_VALUE, NORMALIZE)
+        negative_value = tl.where(negative, value, float("-inf"))
+        for slot in range(0, SLOTS):
+            terms, counted, slope = _triplet_terms(negative_value + _table_column(table_ptr, rows, N, SLOTS,
+                                                                                  slot)[:, None], smooth)
+            loss += tl.sum(terms, axis=1)
+            nonzero += tl.sum(counted, axis=1)
+            at = weights_ptr + rows * SLOTS + slot
+            tl.store(at, tl.load(at, mask=rows < N, other=0.0) + tl.sum(slope, axis=1), mask=rows < N)
+    tl.store(stats_ptr + rows, loss, mask=rows < N)
+    tl.store(stats_ptr + N + rows, nonzero, mask=rows < N)
+
+
+@triton.jit
+def _triplet_margin_gradient(value, positive, negative, rows, cols, N, M, grad, smooth, table_ptr, weights_ptr,
+                             rank_ptr, SLOTS):
+    """dL/dv of the triplet margin loss's pairs, L = sum_a g_a stats[0, a]: -g_a weights[a, rank[p]] for a positive
+    p, g_a times the sum over the anchor's slots of the triplet's slope for a negative."""
+    rank = tl.load(rank_ptr + cols, mask=cols < M, other=0)
+    partners = tl.load(weights_ptr + rows[:, None] * SLOTS + rank[None, :], mask=positive, other=0.0)
+    negative_value = tl.where(negative, value, float("-inf"))
+    slopes = tl.zeros_like(value)
+    for slot in range(0, SLOTS):
+        _, _, slope = _triplet_terms(negative_value + _table_column(table_ptr, rows, N, SLOTS, slot)[:, None],
+                                     smooth)
+        slopes += slope
+    return tl.where(positive, -grad[:, None] * partners, tl.where(negative, grad[:, None] * slopes, 0.0))
+
+
+@triton.jit
 def _load_row_state(grad_ptr, stats_ptr, x_labels_ptr, rows, N, KIND: tl.constexpr):
     """(labels, g1, g2, g3, stats[0], stats[1]) of the rows, g the upstream gradients of stats[0..2] (the counts in
     stats[3] have none). NT-Xent's g2 is that of A, G_A = g2 + g1 W (stats[0] depends on A through each positive's
@@ -435,14 +528,18 @@ def _ntxent_gradient(s, positive, negative, grad1, grad_lse, lse, param_a, param
 
 @triton.jit
 def _gradient_tile(s, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M, self_offset,
-                   param_a, param_b, margin_cos, margin_sin, KIND: tl.constexpr):
+                   param_a, param_b, margin_cos, margin_sin, table_ptr, weights_ptr, rank_ptr, SLOTS,
+                   KIND: tl.constexpr):
     """G = dL/dS of a tile, L = sum_i g1_i stats[0]_i + g2_i stats[1]_i + g3_i stats[2]_i, from the saved
     statistics (lse1, lse2: stats[0], stats[1]). The log-sum-exp kinds: one exponential per pair
     (softmax_ij = exp(z_ij - lse_i) of the pair's own set); NT-Xent: _ntxent_gradient, with g2 = G_A
     (_load_row_state); Contrastive: -g1 where a positive's relu(a - v) is active, g2 where a negative's
-    relu(v - b) is."""
+    relu(v - b) is; the triplet margin loss: _triplet_margin_gradient (b: smooth_loss)."""
     positive, negative = _pair_masks(x_labels, y_labels, rows, cols, N, M, self_offset)
-    if KIND == NTXENT:
+    if KIND == TRIPLET_MARGIN:
+        gradient = _triplet_margin_gradient(s, positive, negative, rows, cols, N, M, grad1, param_b, table_ptr,
+                                            weights_ptr, rank_ptr, SLOTS)
+    elif KIND == NTXENT:
         gradient = _ntxent_gradient(s, positive, negative, grad1, grad2, lse2, param_a, param_b, margin_cos,
                                     margin_sin)
     elif KIND == CONTRASTIVE:
@@ -479,8 +576,8 @@ def _add_transposed_product(p, x_tile, cols, limit, columns, dims, out_ptr, D, A
 
 @triton.jit
 def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
-                           y_labels_ptr, dx_ptr, dx_t_ptr, dy_ptr, dy_t_ptr,
-                           N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SPLIT,
+                           y_labels_ptr, dx_ptr, dx_t_ptr, dy_ptr, dy_t_ptr, table_ptr, weights_ptr, rank_ptr,
+                           N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SLOTS, SPLIT,
                            N_BUCKET, M_BUCKET, ALIGNED,
                            KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -516,7 +613,8 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
         s = dot * x_inverse[:, None] * y_inverse[None, :]
         value = _pair_value(s, x_length2, y_length2, PAIR_VALUE)
         gradient = _gradient_tile(value, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, stop,
-                                  self_offset, param_a, param_b, margin_cos, margin_sin, KIND)
+                                  self_offset, param_a, param_b, margin_cos, margin_sin, table_ptr, weights_ptr,
+                                  rank_ptr, SLOTS, KIND)
         by_s, by_q = _pair_gradient(gradient, value, PAIR_VALUE)
         t_rows += _radial_terms(by_s, by_q, s, x_radial, 1)
         p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)
@@ -536,8 +634,8 @@ def lse_rows_backward_rows(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_
 
 @triton.jit
 def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
-                              y_labels_ptr, partial_ptr, dy_ptr,
-                              N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr,
+                              y_labels_ptr, partial_ptr, dy_ptr, table_ptr, weights_ptr, rank_ptr,
+                              N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SLOTS,
                               N_BUCKET, M_BUCKET, ALIGNED,
                               KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr,
@@ -567,7 +665,8 @@ def lse_rows_backward_columns(grad_ptr, stats_ptr, scale_ptr, x_ptr, y_ptr, x_no
         s = dot * x_inverse[:, None] * y_inverse[None, :]
         value = _pair_value(s, x_length2, y_length2, PAIR_VALUE)
         gradient = _gradient_tile(value, x_labels, y_labels, rows, cols, grad1, grad2, grad3, lse1, lse2, N, M,
-                                  self_offset, param_a, param_b, margin_cos, margin_sin, KIND)
+                                  self_offset, param_a, param_b, margin_cos, margin_sin, table_ptr, weights_ptr,
+                                  rank_ptr, SLOTS, KIND)
         by_s, by_q = _pair_gradient(gradient, value, PAIR_VALUE)
         t_columns += _radial_terms(by_s, by_q, s, y_radial, 0)
         p = (by_s * (x_inverse[:, None] * scale) * y_inverse[None, :]).to(operand)

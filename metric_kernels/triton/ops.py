@@ -429,8 +429,16 @@ def gradient_scale(grad: torch.Tensor, stats: torch.Tensor, x_norms: torch.Tenso
     r = 1 without normalising."""
     if dtype != torch.float16 or grad.shape[1] == 0 or y_norms.numel() == 0:
         return torch.ones((1,), dtype=stats_dtype(dtype), device=grad.device)
-    bound = _pair_gradient_bound(grad, stats, kind, param_a, param_b) * _PAIR_VALUE_SLOPE[pair_value]
-    return power_of_two_below(bound, x_norms, y_norms, normalize)
+    return _scale_for_bound(_pair_gradient_bound(grad, stats, kind, param_a, param_b), x_norms, y_norms, dtype,
+                            pair_value, normalize)
+
+
+def _scale_for_bound(bound: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor, dtype: torch.dtype,
+                     pair_value: int, normalize: bool) -> torch.Tensor:
+    """gradient_scale from a per-row bound of |dL/dv|."""
+    if dtype != torch.float16 or y_norms.numel() == 0:
+        return torch.ones((1,), dtype=stats_dtype(dtype), device=bound.device)
+    return power_of_two_below(bound * _PAIR_VALUE_SLOPE[pair_value], x_norms, y_norms, normalize)
 
 
 def power_of_two_below(bound: torch.Tensor, x_norms: torch.Tensor, y_norms: torch.Tensor,
@@ -457,18 +465,32 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
     atomics (3 matmul-equivalents). Deterministic: a row pass for dX and a column pass for dY, each summing in a fixed
     order (4). When the references are the queries both land in one gradient."""
     check_row_state(grad, stats, x)
+    return _engine_backward(grad, stats, x, y, x_labels, y_labels, self_offset, kind, pair_value, param_a, param_b,
+                            deterministic, need_dx, need_dy, normalize)
+
+
+def _engine_backward(grad, stats, x, y, x_labels, y_labels, self_offset, kind, pair_value, param_a, param_b,
+                     deterministic, need_dx, need_dy, normalize, triplet=None, bound=None):
+    """lse_rows_backward's passes for any kind; `triplet`: the triplet margin loss's (table, weights, rank) (else
+    the kernels get stand-ins they do not read), `bound`: per row a bound of |dL/dv| where the kind's own
+    (_pair_gradient_bound) does not apply."""
     x, y, same, need_dx, need_dy, dx, dy, has_pairs = _backward_setup(x, y, need_dx, need_dy)
     if not has_pairs:
         return dx, dy
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
     acc_dtype = stats_dtype(x.dtype)
     x_norms, y_norms = _norms_of(x, y)
-    scale = gradient_scale(grad, stats, x_norms, y_norms, x.dtype, kind, param_a, param_b, pair_value, normalize)
+    if bound is None:
+        scale = gradient_scale(grad, stats, x_norms, y_norms, x.dtype, kind, param_a, param_b, pair_value, normalize)
+    else:
+        scale = _scale_for_bound(bound, x_norms, y_norms, x.dtype, pair_value, normalize)
     sizes, constexprs = _shape_args(x, y)
     width = backward_block_d(constexprs["BLOCK_D"], constexprs["FULL_D"], rows_aligned(x, y))
     constexprs.update(PAIR_VALUE=pair_value, NORMALIZE=normalize, BLOCK_D=width)
     state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
-    params = (self_offset, loss_params(param_a, param_b, x))
+    table, weights, rank = triplet if triplet is not None else (stats, stats, y_labels)
+    tables = (table, weights, rank)
+    params = (self_offset, loss_params(param_a, param_b, x), table.shape[1] if triplet is not None else 0)
     buckets = tuning_key(x, y)
     zeros = lambda rows, *shape: torch.zeros((rows, *shape), dtype=acc_dtype, device=x.device)  # noqa: E731
     finish = []  # (accumulator, statistic, rows, norms, out) completed by finish_gradient
@@ -491,18 +513,70 @@ def lse_rows_backward(grad: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, 
             else:
                 dy_acc, dy_t = zeros(1), zeros(1)
             _backward_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits, triton.cdiv(d, width))](
-                *state, dx_acc, dx_t, dy_acc, dy_t, *sizes, *params, splits, *buckets, KIND=kind, WITH_DY=with_dy,
-                ATOMIC_DX=atomic_dx, **constexprs)
+                *state, dx_acc, dx_t, dy_acc, dy_t, *tables, *sizes, *params, splits, *buckets, KIND=kind,
+                WITH_DY=with_dy, ATOMIC_DX=atomic_dx, **constexprs)
         if (need_dy or same) and not with_dy:
             out = dx if same else dy
             partial = dx_acc if same else out
             _backward_columns[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, width))](
-                *state, partial, out, *sizes, *params, *buckets, KIND=kind, ACCUMULATE=same, **constexprs)
+                *state, partial, out, *tables, *sizes, *params, *buckets, KIND=kind, ACCUMULATE=same, **constexprs)
         for acc, statistic, rows, norms, out in finish:
             _lse_kernels.finish_gradient[(triton.cdiv(rows.shape[0], 32), triton.cdiv(d, width))](
                 acc, statistic, scale, rows, norms, out, rows.shape[0], d, rows.stride(0), rows.stride(1), d, 1, 1,
                 BLOCK_R=32, BLOCK_D=width, ACC=_accumulator(x.dtype), NORMALIZE=normalize, maxnreg=FINISH_REGISTERS)
     return dx, dy
+
+
+_TRIPLET_KEY = [key for key in _KEY if key != "KIND"]
+_triplet_margin = triton.autotune(_configs(), key=_TRIPLET_KEY, prune_configs_by=_pruner("sums"),
+                                  reset_to_zero=["weights_ptr"])(_lse_kernels.triplet_margin_forward)
+
+
+@torch.library.custom_op("metric_kernels::triton_triplet_margin_rows", mutates_args=())
+def triplet_margin_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
+                        self_offset: int, pair_value: int, margin: float, smooth: bool, slots: torch.Tensor,
+                        rank: torch.Tensor, deterministic: bool,
+                        normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stats [2, N], table [N, K], weights [N, K]) of the triplet margin loss over every triplet, on the raw rows
+    (metric_kernels/_fused.py; _lse_kernels.triplet_margin_forward): one program per row block walks the references
+    twice (the positives' table, then the negatives). K = max(slots): a host synchronisation."""
+    y = x if y is None else y
+    x, y = _kernel_rows(x, y)
+    n, m = x.shape[0], y.shape[0]
+    acc_dtype = stats_dtype(x.dtype)
+    slot_count = int(slots.max()) if n else 0
+    stats = torch.zeros((2, n), dtype=acc_dtype, device=x.device)
+    table = torch.full((n, slot_count), float("-inf"), dtype=acc_dtype, device=x.device)
+    weights = torch.zeros((n, slot_count), dtype=acc_dtype, device=x.device)
+    if n == 0 or m == 0 or slot_count == 0:
+        return stats, table, weights
+    x_norms, y_norms = _norms_of(x, y)
+    sizes, constexprs = _shape_args(x, y)
+    with _device_guard(x):
+        _triplet_margin[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](
+            x, y, x_norms, y_norms, x_labels, y_labels, rank, table, weights, stats, *sizes, self_offset,
+            loss_params(margin, float(smooth), x), slot_count, *tuning_key(x, y), PAIR_VALUE=pair_value,
+            NORMALIZE=normalize, **constexprs)
+    return stats, table, weights
+
+
+@torch.library.custom_op("metric_kernels::triton_triplet_margin_rows_backward", mutates_args=())
+def triplet_margin_rows_backward(grad: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
+                                 y: Optional[torch.Tensor], x_labels: torch.Tensor, y_labels: torch.Tensor,
+                                 self_offset: int, pair_value: int, smooth: bool, rank: torch.Tensor,
+                                 deterministic: bool, need_dx: bool, need_dy: bool,
+                                 normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dY) of the triplet margin loss: lse_rows_backward's passes with the triplet kind's gradient tile
+    (_lse_kernels._triplet_margin_gradient). |dL/dv| of a row is at most g_a times the larger of its slots' count
+    (a negative's) and its largest weight (a positive's)."""
+    n = x.shape[0]
+    state = torch.zeros((STAT_ROWS, n), dtype=stats_dtype(x.dtype), device=x.device)
+    state[0] = grad
+    bound = grad.abs() * torch.maximum(weights.amax(dim=1) if weights.shape[1] else torch.zeros_like(grad),
+                                       torch.full_like(grad, float(weights.shape[1])))
+    return _engine_backward(state, torch.zeros_like(state), x, y, x_labels, y_labels, self_offset,
+                            KIND["triplet_margin"], pair_value, 0.0, float(smooth), deterministic, need_dx, need_dy,
+                            normalize, triplet=(table, weights, rank), bound=bound)
 
 
 @torch.library.custom_op("metric_kernels::triton_batch_hard_select", mutates_args=())
