@@ -15,15 +15,17 @@ from torch import nn
 from . import _pml_keywords as keywords
 from . import _validation as check
 from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
-                      MultiSimilarityLoss, NCALoss, NTXentLoss, SupConLoss, TupletMarginLoss, _labels_on, _no_miners)
+                      MultiSimilarityLoss, NCALoss, NTXentLoss, SupConLoss, TripletMarginLoss, TupletMarginLoss,
+                      _labels_on, _no_miners)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-           GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss)
+           TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss)
 
 
 class CrossBatchMemory(nn.Module):
     """`CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` for CircleLoss, SupConLoss,
-    MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
+    MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss, TripletMarginLoss,
+    GeneralizedLiftedStructureLoss, MarginLoss,
     NCALoss and BatchHardTripletLoss, as pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels,
     indices_tuple=None, enqueue_mask=None). `supported_losses()` names the losses it takes, as PML's does.
 
@@ -46,7 +48,8 @@ class CrossBatchMemory(nn.Module):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "TupletMarginLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss or "
+                            "TupletMarginLoss, ContrastiveLoss, TripletMarginLoss, GeneralizedLiftedStructureLoss, "
+                            "MarginLoss, NCALoss or "
                             "BatchHardTripletLoss, got "
                             f"{type(loss).__name__}")
         keywords.check_none("CrossBatchMemory", miner=miner)

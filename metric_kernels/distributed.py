@@ -11,13 +11,14 @@ whose backward sums the gradients of every rank's share into each rank's slice (
 therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. The returned tensor carries the
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
-- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, generalized lifted structure, margin, NCA, batch-hard: l_r
+- Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, triplet margin, generalized lifted structure, margin, NCA,
+  batch-hard: l_r
   comes from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves
   out only itself and the fused kernels stay O(local + global)). PML's batch-level rules are evaluated on the global
   labels (every rank has them) and the reduction's denominator is global (mean: the global N; mean_nonzero: the
   all-reduced count of nonzero rows; batch-hard's MeanReducer: the global batch's queries with a positive and a
-  negative; NT-Xent and Contrastive, reduced per pair: the all-reduced counts of each sub-loss's pairs or nonzero
-  pairs; NCA's MeanReducer: the all-reduced count of the queries PML keeps, and its rule for a batch of one query on
+  negative; NT-Xent and Contrastive, reduced per pair, and the triplet margin loss, per triplet: the all-reduced
+  counts of each sub-loss's pairs (triplets) or nonzero ones; NCA's MeanReducer: the all-reduced count of the queries PML keeps, and its rule for a batch of one query on
   the global batch; MarginLoss: the all-reduced count of its triplets, their nonzero ones or their nonzero hinge
   terms, and beta's regularizer once). DoNothingReducer's dictionary holds the gathered global rows (NCA's: the kept
   ones).
@@ -53,11 +54,11 @@ from . import functional
 from ._pairs import pair_counts
 from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
                       MultiSimilarityLoss, NCALoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SupConLoss,
-                      TupletMarginLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners, _regularization_terms,
+                      TripletMarginLoss, TupletMarginLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss, _no_miners, _regularization_terms,
                       _regularized)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-           GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss,
+           TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss,
            _MarginSoftmaxLoss)  # the classifiers
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
@@ -155,7 +156,7 @@ def _pair_spec(loss):
     if isinstance(loss, CircleLoss):
         return "circle_rows", True, "pairs", dict(m=loss.m, gamma=loss.gamma), 1.0
     if isinstance(loss, (MultiSimilarityLoss, SupConLoss, NTXentLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
-                         NCALoss)):
+                         NCALoss, TripletMarginLoss)):
         pair_value, normalize = check.check_distance(**keywords.functional_distance(loss.distance_spec))
     if isinstance(loss, NCALoss):  # PML's rule for a batch of one query is applied to the global batch (_pair)
         return "nca_rows", normalize, None, dict(softmax_scale=loss.softmax_scale, pair_value=pair_value), 1.0
@@ -167,6 +168,9 @@ def _pair_spec(loss):
         return ("contrastive_rows", normalize, "pairs",
                 dict(pos_margin=functional._engine_shift(loss.pos_margin, pair_value),
                      neg_margin=functional._engine_shift(loss.neg_margin, pair_value), pair_value=pair_value), 1.0)
+    if isinstance(loss, TripletMarginLoss):  # PML's TripletMarginLoss has no batch-level rule
+        return ("triplet_margin_rows", normalize, None,
+                dict(margin=loss.margin, smooth=loss.smooth_loss, pair_value=pair_value), 1.0)
     if isinstance(loss, GeneralizedLiftedStructureLoss):
         return ("generalized_lifted_structure_rows", normalize, "pairs",
                 dict(pos_margin=functional._engine_shift(loss.pos_margin, pair_value),
@@ -183,7 +187,7 @@ def _pair_spec(loss):
 
 class DistributedLoss(nn.Module):
     """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-    GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a
+    TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a
     classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, SphereFaceLoss, LargeMarginSoftmaxLoss,
     NormalizedSoftmaxLoss, SoftTripleLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
@@ -201,8 +205,8 @@ class DistributedLoss(nn.Module):
         super().__init__()
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
-                            "TupletMarginLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, "
-                            "BatchHardTripletLoss, "
+                            "TupletMarginLoss, ContrastiveLoss, TripletMarginLoss, GeneralizedLiftedStructureLoss, "
+                            "MarginLoss, NCALoss, BatchHardTripletLoss, "
                             "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, "
                             "SphereFaceLoss, LargeMarginSoftmaxLoss, NormalizedSoftmaxLoss or SoftTripleLoss, got "
                             f"{type(loss).__name__}")
@@ -298,8 +302,9 @@ class DistributedLoss(nn.Module):
             # PML's batch-level rule, on the global batch: every rank holds all the labels, so no communication.
             gate = functional._generic_pair_gate(all_labels, gate_references, gate_offset,
                                                  needs_both_kinds=rule == "both")
-        if isinstance(loss, (NTXentLoss, TupletMarginLoss, ContrastiveLoss)):
-            parts = functional._pair_parts(rows, x_labels, y_labels, self_offset)
+        if isinstance(loss, (NTXentLoss, TupletMarginLoss, ContrastiveLoss, TripletMarginLoss)):
+            split = functional._triplet_parts if isinstance(loss, TripletMarginLoss) else functional._pair_parts
+            parts = split(rows, x_labels, y_labels, self_offset)
             if gate is not None:
                 parts = functional._gated_parts(parts, gate)
             if loss.reduction != "none":

@@ -560,12 +560,16 @@ def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, ma
     rows, x_labels, y_labels, self_offset, guard = _pair_rows(
         "triplet_margin_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
         deterministic, normalize, margin=margin, smooth=smooth_loss, pair_value=pair_value)
+    return _reduce_pairs(_triplet_parts(rows, x_labels, y_labels, self_offset), reduction) + guard
+
+
+def _triplet_parts(rows, x_labels, y_labels, self_offset):
+    """_pair_parts of triplet_margin_rows' output (sums, nonzero): each query's triplets are its positives times its
+    negatives."""
     if isinstance(rows, torch.Tensor):  # nothing to pair
-        parts = _pair_parts(rows, x_labels, y_labels, self_offset)
-    else:
-        positives, negatives = pair_counts(x_labels, y_labels, self_offset)
-        parts = [(rows[0], rows[1], positives * negatives)]
-    return _reduce_pairs(parts, reduction) + guard
+        return _pair_parts(rows, x_labels, y_labels, self_offset)
+    positives, negatives = pair_counts(x_labels, y_labels, self_offset)
+    return [(rows[0], rows[1], positives * negatives)]
 
 
 def _proxy_anchor_terms(embeddings, labels, proxies, *, margin, alpha, backend, deterministic, distance="cosine",

@@ -66,6 +66,14 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
         embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
+def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, smooth_loss=False,
+                        indices_tuple=None, distance=None, reducer=None):
+    losses, _, _ = _pml()
+    kwargs = {} if distance is None else dict(distance=distance)
+    return losses.TripletMarginLoss(margin=margin, smooth_loss=smooth_loss, reducer=reducer, **kwargs)(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
 def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0,
                                       pos_margin=0.0, indices_tuple=None, distance=None, reducer=None):
     losses, _, _ = _pml()

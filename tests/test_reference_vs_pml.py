@@ -20,9 +20,9 @@ BLOCKS = 10
 TOL = 1e-10
 SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000,
              "ntxent": 400_000, "contrastive": 500_000, "generalized_lifted_structure": 700_000,
-             "tuplet_margin": 800_000}
+             "tuplet_margin": 800_000, "triplet_margin": 900_000}
 PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "tuplet_margin", "contrastive",
-               "generalized_lifted_structure"]
+               "generalized_lifted_structure", "triplet_margin"]
 # PML's default reducer for each loss: AvgNonZeroReducer, except MeanReducer for these (they keep the base class's)
 MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "tuplet_margin", "generalized_lifted_structure")
 # PML's TupletMarginLoss takes each pair loss log(1 + e^x) as torch.logsumexp([x, 0]), the log of the rounded 1 + e^x:
@@ -53,6 +53,8 @@ def _random_params(seed, loss):
         return dict(margin=u(-10.0, 30.0), scale=u(2.0, 80.0))
     if loss == "contrastive":
         return dict(pos_margin=u(0.0, 0.6), neg_margin=u(0.4, 1.6))
+    if loss == "triplet_margin":
+        return dict(margin=u(-0.2, 0.6), smooth_loss=bool(torch.rand((), generator=g) < 0.5))
     if loss == "generalized_lifted_structure":
         return dict(pos_margin=u(-0.5, 0.6), neg_margin=u(0.0, 2.5))
     if loss == "multi_similarity":
@@ -92,8 +94,9 @@ def _pml_value_exact(loss, case, params):
 def test_pair_losses_equal_pml(loss, block):
     per_block = CASES_PER_LOSS // BLOCKS
     for seed in range(block * per_block, (block + 1) * per_block):
-        # PML's NT-Xent holds a (positive pairs) x (negative pairs) matrix: 100 rows keep it under 100 MB
-        rows = 100 if loss in ("ntxent", "tuplet_margin") else 300
+        # PML's NT-Xent holds a (positive pairs) x (negative pairs) matrix, its TripletMarginLoss every triplet's
+        # indices: 100 rows keep them under 100 MB
+        rows = 100 if loss in ("ntxent", "tuplet_margin", "triplet_margin") else 300
         case = random_pair_case(SEED_BASE[loss] + seed, max_rows=rows,
                                 max_offset_rows=40 if loss == "batch_hard_triplet" else rows)
         params = _random_params(seed, loss)
@@ -259,11 +262,11 @@ def _pml_query_sums(loss, case, params):
     return rows
 
 
-@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive"])
+@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive", "triplet_margin"])
 def test_pair_reduced_losses_match_every_pml_reducer(loss):
-    """NT-Xent and Contrastive are reduced per pair in PML: AvgNonZeroReducer ("mean_nonzero"), MeanReducer ("mean")
-    and SumReducer ("sum") over the pairs, each of Contrastive's two sides apart; DoNothingReducer's per-pair losses
-    added up per query are reduction="none"."""
+    """NT-Xent and Contrastive are reduced per pair in PML, TripletMarginLoss per triplet: AvgNonZeroReducer
+    ("mean_nonzero"), MeanReducer ("mean") and SumReducer ("sum") over the pairs (triplets), each of Contrastive's
+    two sides apart; DoNothingReducer's per-pair (per-triplet) losses added up per query are reduction="none"."""
     for seed in range(40):
         case = random_pair_case(60_000 + seed, max_rows=80)
         params = _random_params(seed, loss)

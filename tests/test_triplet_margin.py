@@ -1,0 +1,178 @@
+"""The triplet margin loss over every triplet (PML's TripletMarginLoss without a miner): the fused backends against
+the float64 reference (tests/test_reference_vs_pml.py holds the reference to PML), the module against PML's own, and
+what the fused kernels keep: a table of each anchor's positives (N x the largest class), never the triplets.
+
+"triton" runs under Triton's interpreter (tests/conftest.py), "cpu" is the native kernels; the CUDA kernels do not
+compute this loss yet, which test_cuda_backends_refuse_it_by_name pins."""
+import pytest
+import torch
+
+import metric_kernels as mk
+from metric_kernels._pairs import positive_slots
+from metric_kernels.reference._masks import pair_masks, pair_values
+from tests.helpers import assert_rel_close, grads
+from tests.test_fused import HALF, SIZES, _compare, _pair_inputs
+
+BACKENDS = ["triton", "cpu"]
+backend_param = pytest.mark.parametrize("backend", BACKENDS)
+# (distance, normalize_embeddings): every pair value, normalised or not
+DISTANCES = [("euclidean", True), ("euclidean", False), ("squared_euclidean", True), ("squared_euclidean", False),
+             ("cosine", True), ("dot", True), ("dot", False)]
+REFS = ["self", "ref_emb", "self_offset"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("refs", REFS)
+@pytest.mark.parametrize("size", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
+@backend_param
+def test_matches_reference(backend, size, refs, dtype):
+    seed = 40 + SIZES.index(size) * 3 + REFS.index(refs)
+    leaves, labels, y_labels, offset, _ = _pair_inputs(seed, *size, classes=5, refs=refs, dtype=dtype)
+    _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, dtype)
+
+
+@pytest.mark.parametrize("smooth_loss", [False, True])
+@pytest.mark.parametrize("distance", DISTANCES, ids=[f"{d}-{int(n)}" for d, n in DISTANCES])
+@backend_param
+def test_every_distance_and_the_smooth_loss(backend, distance, smooth_loss):
+    name, normalize = distance
+    leaves, labels, y_labels, offset, _ = _pair_inputs(11, 45, 70, 9, classes=4, refs="self_offset", dtype=None)
+    for dtype in (torch.float64, torch.float32):
+        _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, dtype, smooth_loss=smooth_loss,
+                 distance=name, normalize_embeddings=normalize)
+
+
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
+@backend_param
+def test_every_reduction(backend, reduction):
+    leaves, labels, y_labels, offset, _ = _pair_inputs(7, 70, 80, 12, classes=4, refs="ref_emb", dtype=None)
+    _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, torch.float32, reduction)
+
+
+@pytest.mark.parametrize("labels", ["one_class", "all_distinct", "single_row", "one_large_class"])
+@backend_param
+def test_degenerate_labels(backend, labels):
+    """No negative, no positive, one query, and a class holding most references (a wide positive table)."""
+    n = 1 if labels == "single_row" else 40
+    classes = {"one_class": 1, "all_distinct": 0, "single_row": 3, "one_large_class": 5}[labels]
+    for seed, refs in ((3, "self"), (4, "ref_emb")):
+        leaves, lab, y_labels, offset, _ = _pair_inputs(seed, n, 50, 8, classes=classes, refs=refs, dtype=None)
+        if labels == "one_large_class":
+            lab = torch.where(torch.arange(n) % 5 == 0, lab, torch.zeros_like(lab))
+            y_labels = None if y_labels is None else torch.where(torch.arange(50) % 7 == 0, y_labels, 0)
+        for smooth_loss in (False, True):
+            _compare(backend, "triplet_margin", leaves, lab, y_labels, offset, torch.float64,
+                     smooth_loss=smooth_loss)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@backend_param
+def test_half_inputs(backend, dtype):
+    if backend == "cpu":  # the cpu backend computes half inputs in float32: the float32 cases cover it
+        dtype = torch.float32
+    leaves, labels, y_labels, offset, _ = _pair_inputs(5, 90, 70, 24, classes=6, refs="ref_emb", dtype=None)
+    _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, dtype)
+
+
+@pytest.mark.parametrize("refs", ["self", "ref_emb"])
+@backend_param
+def test_deterministic_and_atomic_backward_agree(backend, refs):
+    leaves, labels, y_labels, offset, _ = _pair_inputs(9, 100, 90, 20, classes=4, refs=refs, dtype=None)
+    results = []
+    for deterministic in (True, False):
+        inputs = [t.detach().float().requires_grad_() for t in leaves]
+        references = (inputs[1], y_labels) if refs == "ref_emb" else (None, None)
+        value = mk.triplet_margin_loss(inputs[0], labels, *references, smooth_loss=True, backend=backend,
+                                       deterministic=deterministic)
+        results.append((value, grads(value, inputs)))
+    (v1, g1), (v2, g2) = results
+    assert torch.equal(v1, v2)
+    for a, b in zip(g1, g2):
+        assert_rel_close(a, b, 1e-6, "atomic vs deterministic")
+
+
+@backend_param
+def test_float64_gradcheck(backend):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(14, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(17, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, y_labels = torch.randint(0, 3, (14,), generator=g), torch.randint(0, 3, (17,), generator=g)
+    for smooth_loss, distance in ((True, "euclidean"), (False, "cosine")):
+        torch.autograd.gradcheck(lambda a, b: mk.triplet_margin_loss(
+            a, labels, b, y_labels, margin=0.4, smooth_loss=smooth_loss, distance=distance, backend=backend),
+            (x, y))
+
+
+def _op(backend):
+    return getattr(torch.ops.metric_kernels, f"{backend}_triplet_margin_rows")
+
+
+def _op_args(backend, x, y, labels, y_labels, self_offset, pair_value, margin, smooth, deterministic=True):
+    slots, rank = positive_slots(labels, labels if y is None else y_labels)
+    options = (True,) if backend == "triton" else ()  # triton's `normalize`; the cpu op takes normalised rows
+    return (x, y, labels, labels if y is None else y_labels, self_offset, pair_value, margin, smooth, slots, rank,
+            deterministic) + options
+
+
+@pytest.mark.parametrize("references", ["the_queries", "given"])
+@backend_param
+def test_positive_table_is_the_largest_class_wide(backend, references):
+    """The op's table: margin - v_ap at [a, rank of p among its label's references], -inf where no positive is (the
+    anchor's own slot, slots past its class's size); N x the largest class of the references, whatever M is."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.nn.functional.normalize(torch.randn(23, 6, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0] * 9 + [1] * 3 + [2] * 11)[torch.randperm(23, generator=g)]
+    y, y_labels = (None, labels) if references == "the_queries" else (x, labels)
+    offset = 0  # query i is reference i
+    stats, table, weights = _op(backend)(*_op_args(backend, x, y, labels, y_labels, offset, 0, 0.25, False))
+    assert torch.all(weights[table.isinf()] == 0)
+    assert table.shape == weights.shape == (23, 11) and stats.shape == (2, 23)
+    _, rank = positive_slots(labels, y_labels)
+    positive, _ = pair_masks(labels, y_labels, 0)
+    expected = torch.full((23, 11), float("-inf"), dtype=torch.float64)
+    a, p = torch.where(positive)
+    expected[a, rank[p]] = 0.25 - pair_values(x, x, 0)[a, p]
+    filled = expected.isfinite()
+    assert torch.equal(table.isfinite(), filled) and torch.all(table[~filled] == float("-inf"))
+    assert_rel_close(table[filled], expected[filled], 1e-12, "table")
+
+
+@backend_param
+def test_opcheck(backend):
+    """The fake implementation (a table of data-dependent width), the autograd formula and torch.compile's
+    requirements, through torch.library.opcheck."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 6, generator=g, requires_grad=True)
+    y = torch.randn(30, 6, generator=g, requires_grad=True)
+    labels, y_labels = torch.randint(0, 3, (20,), generator=g), torch.randint(0, 3, (30,), generator=g)
+    torch.library.opcheck(_op(backend), _op_args(backend, x, y, labels, y_labels, -1, 0, 0.2, False))
+    torch.library.opcheck(_op(backend), _op_args(backend, x, None, labels, None, 0, 2, 0.2, True, False))
+
+
+@backend_param
+def test_torch_compile_fullgraph(backend):
+    """A compiled step traces the op's data-dependent table width without a graph break; values and gradients equal
+    eager."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 8, generator=g, requires_grad=True)
+    y = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels, y_labels = torch.randint(0, 4, (40,), generator=g), torch.randint(0, 4, (50,), generator=g)
+    fn = lambda a, b: mk.triplet_margin_loss(a, labels, b, y_labels, self_offset=3, smooth_loss=True,  # noqa: E731
+                                             backend=backend)
+    torch._dynamo.reset()
+    got, want = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y), fn(x, y)
+    assert_rel_close(got, want, 1e-6, "compiled value")
+    # one backward each: the compiled backward donates its saved buffers (the table), so it cannot retain its graph
+    for a, b in zip(torch.autograd.grad(got, [x, y]), torch.autograd.grad(want, [x, y])):
+        assert_rel_close(a, b, 1e-6, "compiled grad")
+
+
+def test_cuda_kernels_refuse_it_by_name():
+    """The CUDA kernels do not compute this loss yet: their backends lack the row function, naming one raises, and
+    "auto" passes over them (on a GPU it picks triton)."""
+    from metric_kernels import backends
+    for name in ("cuda", "cuda-emulated"):
+        module, _ = backends._load(name)
+        assert module is None or not hasattr(module, "triplet_margin_rows"), name
+    with pytest.raises(NotImplementedError, match="does not compute the triplet_margin loss yet"):
+        mk.triplet_margin_loss(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), backend="cuda-emulated")
