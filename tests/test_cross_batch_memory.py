@@ -32,6 +32,9 @@ def _losses(name, reducer=None):
     if name == "contrastive":
         return (mk.ContrastiveLoss(0.2, 1.1, backend="reference", **kw), losses.ContrastiveLoss(0.2, 1.1, **kw),
                 None)
+    if name == "triplet_margin":
+        return (mk.TripletMarginLoss(0.3, smooth_loss=True, backend="reference", **kw),
+                losses.TripletMarginLoss(0.3, smooth_loss=True, **kw), None)
     if name == "margin":
         return (mk.MarginLoss(0.2, 0.1, 0.9, learn_beta=True, backend="reference", **kw).double(),
                 losses.MarginLoss(0.2, 0.1, 0.9, learn_beta=True, **kw).double(), None)
@@ -85,15 +88,15 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer
 
 
 @pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
-                                  "lifted", "margin", "nca", "batch_hard", "batch_hard_soft"])
+                                  "triplet_margin", "lifted", "margin", "nca", "batch_hard", "batch_hard_soft"])
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
     assert ours.has_been_filled
 
 
 @pytest.mark.parametrize("reducer", [reducers.MeanReducer, reducers.SumReducer])
-@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "lifted", "margin",
-                                  "nca", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
+                                  "lifted", "margin", "nca", "batch_hard"])
 def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
     """The loss's reducer= inside the memory: for batch-hard, MeanReducer averages over the queries that have a
     positive and a negative among the memory's other slots (PML's mined triplets)."""
@@ -105,7 +108,7 @@ def test_matches_pml_when_the_batch_fills_the_memory(name):
     _compare_sequence(name, 6, (6, 6, 4, 6), seed=2)  # whole memory each time; then a partial wrap
 
 
-@pytest.mark.parametrize("name", ["circle", "contrastive", "margin", "nca", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "contrastive", "triplet_margin", "margin", "nca", "batch_hard"])
 def test_enqueue_mask_matches_pml(name):
     _compare_sequence(name, 11, (6, 8, 5, 7, 8), seed=3, with_mask=True)
 

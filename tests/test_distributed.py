@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytorch_metric_learning import reducers, regularizers
+from pytorch_metric_learning import distances, reducers, regularizers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -86,6 +86,9 @@ def _cases(world):
             Case("contrastive", (6, 5), kwargs=dict(pos_margin=0.2, neg_margin=1.1)),
             Case("contrastive", (3, 8), "hand", kwargs=dict(reducer=reducers.MeanReducer())),
             Case("contrastive", (5, 4), kwargs=dict(reduction="sum"), ref_sizes=(3, 6)),
+            Case("triplet_margin", (6, 5), kwargs=dict(margin=0.2)),
+            Case("triplet_margin", (3, 7), "hand", kwargs=dict(smooth_loss=True, reducer=reducers.MeanReducer()),
+                 ref_sizes=(4, 5)),
             Case("supcon", (3, 8), "hand", kwargs=dict(temperature=0.1, base_temperature=0.07, reduction="mean")),
             Case("supcon", (7, 0), kwargs=dict(reduction="sum")),
             # No negative pair in the global batch: PML's SupCon rule gives 0 (and zero gradients).
@@ -159,6 +162,8 @@ def _cases(world):
              kwargs=dict(weight_regularizer=regularizers.RegularFaceRegularizer(), reducer=reducers.DoNothingReducer())),
         Case("contrastive", (4, 1, 4), kwargs=dict(reduction="none")),
         Case("contrastive", (3, 5, 2), "hand", kwargs=dict(neg_margin=0.8)),
+        Case("triplet_margin", (4, 1, 4), kwargs=dict(reduction="none", distance=distances.CosineSimilarity())),
+        Case("triplet_margin", (2, 6, 3), "hand", kwargs=dict(reduction="sum", margin=0.4)),
         Case("arcface", (2, 6, 3), "hand", classes=4, kwargs=dict(margin=40.0, scale=16)),
         Case("nca", (2, 6, 3), kwargs=dict(reducer=reducers.AvgNonZeroReducer()), labels=(0, 4, 0, 1, 1, 2, 2, 1, 0,
                                                                                            5, 2)),
@@ -180,6 +185,8 @@ def _make_loss(case):
         return mk.TupletMarginLoss(**kwargs)
     if case.loss == "contrastive":
         return mk.ContrastiveLoss(**kwargs)
+    if case.loss == "triplet_margin":
+        return mk.TripletMarginLoss(**kwargs)
     if case.loss == "batch_hard":
         return mk.BatchHardTripletLoss(**kwargs)
     if case.loss == "nca":
@@ -343,8 +350,8 @@ def test_global_batch_value_and_ddp_gradients(world, tmp_path):
 
 # Outside a process group ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "batch_hard",
-                                  "proxy_anchor"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
+                                  "batch_hard", "proxy_anchor"])
 def test_outside_a_process_group_it_is_the_plain_loss(name):
     assert not (dist.is_available() and dist.is_initialized())
     torch.manual_seed(0)

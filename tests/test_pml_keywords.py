@@ -69,6 +69,9 @@ PAIR_CASES = ([("circle", r, d) for r in REDUCERS for d in ("implicit", "cosine"
               # (NT-Xent's AvgNonZero: as Multi-Similarity's above, the pairs rounded to 0 differ in fp32 and fp64)
               + [("ntxent", r, d) for r in ("default", "Sum") for d in ("dot",) + OTHER_DISTANCES]
               + [("contrastive", r, d) for r in PAIR_REDUCERS for d in ("dot", "dot_raw", "lp_raw", "lp2", "lp2_raw")]
+              # TripletMarginLoss without a miner: every triplet, reduced per triplet
+              + [("triplet_margin", r, d) for r in TRIPLET_REDUCERS for d in ("implicit", "cosine")]
+              + [("triplet_margin", r, d) for r in ("default", "Sum") for d in ("dot",) + OTHER_DISTANCES]
               + [("generalized_lifted_structure", r, d) for r in REDUCERS for d in ("implicit", "cosine", "lp2")]
               + [("generalized_lifted_structure", r, d) for r in ("default", "Sum") for d in OTHER_DISTANCES]
               + [("nca", r, d) for r in REDUCERS for d in ("implicit", "cosine")]
@@ -118,9 +121,13 @@ def _pair_modules(loss, reducer, distance, backend="reference"):
         pml_loss = losses.GeneralizedLiftedStructureLoss(1.1, 0.2, **kw)
     elif loss == "nca":
         ours, pml_loss = mk.NCALoss(2.0, backend=backend, **kw), losses.NCALoss(2.0, **kw)
-    elif loss == "contrastive":
-        ours = mk.ContrastiveLoss(0.2, 1.1, backend=backend, **kw)
-        pml_loss = losses.ContrastiveLoss(0.2, 1.1, **kw)
+    elif loss in ("contrastive", "triplet_margin"):
+        if loss == "contrastive":
+            ours = mk.ContrastiveLoss(0.2, 1.1, backend=backend, **kw)
+            pml_loss = losses.ContrastiveLoss(0.2, 1.1, **kw)
+        else:
+            ours = mk.TripletMarginLoss(0.15, smooth_loss=True, backend=backend, **kw)
+            pml_loss = losses.TripletMarginLoss(0.15, smooth_loss=True, **kw)
 
         def theirs(x, labels, indices_tuple, y, y_labels):
             with exact_cdist():
@@ -466,6 +473,12 @@ UNSUPPORTED = [
      "PML's DoNothingReducer returns the per-pair losses"),
     (mk.ContrastiveLoss, "distance", lambda: distances.LpDistance(p=1),
      "distance=LpDistance(normalize_embeddings=True, p=1, power=1) is not supported by ContrastiveLoss"),
+    (mk.TripletMarginLoss, "reducer", reducers.DoNothingReducer,
+     "PML's TripletMarginLoss reduces per triplet: its DoNothingReducer returns the O(N M^2) triplet losses"),
+    (mk.TripletMarginLoss, "reducer", reducers.PerAnchorReducer,
+     "its PerAnchorReducer raises for triplets"),
+    (mk.TripletMarginLoss, "distance", lambda: distances.LpDistance(p=1),
+     "distance=LpDistance(normalize_embeddings=True, p=1, power=1) is not supported by TripletMarginLoss"),
     (lambda **kw: mk.CrossBatchMemory(mk.SupConLoss(), 4, **kw), "miner", miners.MultiSimilarityMiner,
      "miner=MultiSimilarityMiner("),
     (lambda **kw: mk.CrossBatchMemory(mk.BatchHardTripletLoss(), 4, **kw), "miner", miners.BatchHardMiner,
@@ -486,10 +499,10 @@ def test_cross_batch_memory_supported_losses_mirror_pmls():
     assert all(isinstance(name, str) for name in losses.CrossBatchMemory.supported_losses())
     assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "MultiSimilarityLoss",
                                                       "NTXentLoss", "TupletMarginLoss", "ContrastiveLoss",
-                                                      "GeneralizedLiftedStructureLoss",
+                                                      "TripletMarginLoss", "GeneralizedLiftedStructureLoss",
                                                       "MarginLoss", "NCALoss", "BatchHardTripletLoss"]
     # every one PML's takes too (batch-hard as PML's TripletMarginLoss with its BatchHardMiner)
-    ours = set(mk.CrossBatchMemory.supported_losses()) - {"BatchHardTripletLoss"} | {"TripletMarginLoss"}
+    ours = set(mk.CrossBatchMemory.supported_losses()) - {"BatchHardTripletLoss"}
     assert ours <= set(losses.CrossBatchMemory.supported_losses())
     xbm = mk.CrossBatchMemory(mk.SupConLoss(), 4)
     assert xbm.supported_losses() == mk.CrossBatchMemory.supported_losses()

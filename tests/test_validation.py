@@ -19,15 +19,16 @@ from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFa
                             contrastive_loss, cosface_loss, generalized_lifted_structure_loss,
                             large_margin_softmax_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
                             normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss, soft_triple_loss,
-                            sphereface_loss, subcenter_arcface_loss, supcon_loss, tuplet_margin_loss)
+                            sphereface_loss, subcenter_arcface_loss, supcon_loss, triplet_margin_loss,
+                            tuplet_margin_loss)
 
 N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
 
 PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, ntxent_loss, tuplet_margin_loss, contrastive_loss,
-               generalized_lifted_structure_loss, margin_loss, nca_loss, batch_hard_triplet_loss]
+               generalized_lifted_structure_loss, margin_loss, nca_loss, batch_hard_triplet_loss, triplet_margin_loss]
 PAIR_IDS = ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
-            "generalized_lifted_structure", "margin", "nca", "batch_hard"]
+            "generalized_lifted_structure", "margin", "nca", "batch_hard", "triplet_margin"]
 
 
 @pytest.fixture(autouse=True)
@@ -462,7 +463,7 @@ def test_positive_parameter_small_positive_is_valid(loss_name, name):
                                             ("proxy_anchor", "margin"), ("arcface", "margin"),
                                             ("cosface", "margin"), ("subcenter_arcface", "margin"),
                                             ("large_margin_softmax", "margin"), ("sphereface", "margin"),
-                                            ("soft_triple", "margin")])
+                                            ("soft_triple", "margin"), ("triplet_margin", "margin")])
 def test_real_parameter_nan_or_not_a_number(loss_name, name):
     with raises(ValueError, name):
         _with_param(loss_name, name, NAN)
@@ -537,6 +538,13 @@ def test_batch_hard_flags_not_bool(name, value):
         batch_hard_triplet_loss(x, labels, **{name: value})
 
 
+@pytest.mark.parametrize("value", ["yes", 1, 0, None])
+def test_triplet_margin_smooth_loss_not_bool(value):
+    x, labels, *_ = make()
+    with raises(TypeError, "smooth_loss"):
+        triplet_margin_loss(x, labels, smooth_loss=value)
+
+
 # --- modules -------------------------------------------------------------------------------------------------------
 
 MODULE_CONSTRUCTORS = [
@@ -552,6 +560,11 @@ MODULE_CONSTRUCTORS = [
     (lambda: BatchHardTripletLoss(soft="yes"), TypeError, "soft"),
     (lambda: BatchHardTripletLoss(normalize_embeddings=1), TypeError, "normalize_embeddings"),
     (lambda: BatchHardTripletLoss(margin="0.05"), TypeError, "margin"),
+    (lambda: metric_kernels.TripletMarginLoss(margin="0.05"), TypeError, "margin"),
+    (lambda: metric_kernels.TripletMarginLoss(smooth_loss=1), TypeError, "smooth_loss"),
+    (lambda: metric_kernels.TripletMarginLoss(swap="no"), TypeError, "swap"),
+    (lambda: metric_kernels.TripletMarginLoss(swap=True), NotImplementedError, "swap=True"),
+    (lambda: metric_kernels.TripletMarginLoss(triplets_per_anchor=5), NotImplementedError, "triplets_per_anchor"),
     (lambda: ProxyAnchorLoss(num_classes=0, embedding_size=D), ValueError, "num_classes"),
     (lambda: ProxyAnchorLoss(num_classes=-2, embedding_size=D), ValueError, "num_classes"),
     (lambda: ProxyAnchorLoss(num_classes=2.0, embedding_size=D), TypeError, "num_classes"),
