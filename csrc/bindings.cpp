@@ -4,12 +4,15 @@
 // with the other fused backends). Stable ABI only: see op_glue.h.
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
+#include <unordered_map>
 
 #include "cpu/margin_softmax.h"
 #include "cpu/pair_rows.h"
+#include "cpu/triplet_margin.h"
 #include "op_glue.h"
 
 namespace metric_kernels {
@@ -136,6 +139,134 @@ Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x
   return choices;
 }
 
+// One int64 entry per row of `count`, on the CPU, contiguous.
+Tensor index_vector(const Tensor& t, int64_t count, const char* name, const char* op) {
+  STD_TORCH_CHECK(t.is_cpu() && t.scalar_type() == ScalarType::Long && t.dim() == 1 && t.size(0) == count, op, ": ",
+                  name, " must be a CPU int64 vector of ", count, " entries");
+  return torch::stable::contiguous(t);
+}
+
+// How many references carry each label, once rank is checked to be _pairs.positive_slots' rank (reference j's index
+// among the references with its label): the kernels index the tables with it, so a wrong one would write out of
+// bounds. O(N + M) on the host.
+std::unordered_map<int64_t, int64_t> reference_counts(const glue::Rows& rows, const Tensor& rank, const char* op) {
+  const int64_t* label = rows.y_labels.const_data_ptr<int64_t>();
+  const int64_t* index = rank.const_data_ptr<int64_t>();
+  std::unordered_map<int64_t, int64_t> counts;
+  for (int64_t j = 0; j < rows.y_labels.numel(); ++j)
+    STD_TORCH_CHECK(index[j] == counts[label[j]]++, op, ": rank must be positive_slots(x_labels, y_labels)[1] ",
+                    "(reference j's index among the references with its label), got ", index[j], " at ", j);
+  return counts;
+}
+
+// The most references any query's label has: the positive table's least width.
+int64_t slot_width(const glue::Rows& rows, const std::unordered_map<int64_t, int64_t>& counts) {
+  const int64_t* label = rows.x_labels.const_data_ptr<int64_t>();
+  int64_t width = 0;
+  for (int64_t i = 0; i < rows.x_labels.numel(); ++i) {
+    const auto found = counts.find(label[i]);
+    width = std::max(width, found == counts.end() ? int64_t(0) : found->second);
+  }
+  return width;
+}
+
+template <typename T>
+TripletMarginParams<T> triplet_params(const glue::Rows& rows, const glue::RowNorms& norms, int64_t self_offset,
+                                      int64_t pair_value, double margin, bool smooth, const Tensor& rank,
+                                      int64_t width) {
+  return TripletMarginParams<T>{make_params<T>(rows, norms, self_offset, 0, pair_value, margin, 0),
+                                rank.const_data_ptr<int64_t>(), width, smooth};
+}
+
+// (stats [2, N], table [N, K], weights [N, K]) with K = max(slots). The CPU kernels are deterministic: `deterministic`
+// is accepted for a uniform signature.
+std::tuple<Tensor, Tensor, Tensor> triplet_margin_rows(const Tensor& x_in, const std::optional<Tensor>& y_in,
+                                                       const Tensor& x_labels_in, const Tensor& y_labels_in,
+                                                       int64_t self_offset, int64_t pair_value, double margin,
+                                                       bool smooth, const Tensor& slots_in, const Tensor& rank_in,
+                                                       bool deterministic) {
+  constexpr const char* kOp = "triplet_margin_rows";
+  glue::check_pair_value(pair_value, kOp);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cpu(rows);
+  const Tensor& x = rows.x;
+  const Tensor slots = index_vector(slots_in, x.size(0), "slots", kOp);
+  const Tensor rank = index_vector(rank_in, rows.y.size(0), "rank", kOp);
+  const std::unordered_map<int64_t, int64_t> counts = reference_counts(rows, rank, kOp);
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  const int64_t* label = rows.x_labels.const_data_ptr<int64_t>();
+  int64_t width = 0;
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    const auto found = counts.find(label[i]);
+    STD_TORCH_CHECK(slot[i] == (found == counts.end() ? 0 : found->second), kOp,
+                    ": slots must be positive_slots(x_labels, y_labels)[0] (how many references have query i's ",
+                    "label), got ", slot[i], " at ", i);
+    width = std::max(width, slot[i]);
+  }
+  const glue::RowNorms norms = glue::row_norms(rows, x.scalar_type(), glue::needs_norms(pair_value));
+  Tensor stats = torch::stable::new_empty(x, {2, x.size(0)});
+  Tensor table = torch::stable::new_empty(x, {x.size(0), width});
+  Tensor weights = torch::stable::new_empty(x, {x.size(0), width});
+  with_rows_type(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    cpu::triplet_margin_forward(triplet_params<T>(rows, norms, self_offset, pair_value, margin, smooth, rank, width),
+                                stats.mutable_data_ptr<T>(), table.mutable_data_ptr<T>(),
+                                weights.mutable_data_ptr<T>());
+  });
+  return {stats, table, weights};
+}
+
+// (dX, dY) of sum_a grad[a] stats[0, a]; an unneeded gradient comes back with 0 rows. Without y (the references are
+// the queries) dX holds the whole gradient. Always deterministic on the CPU.
+std::tuple<Tensor, Tensor> triplet_margin_rows_backward(const Tensor& grad_in, const Tensor& table_in,
+                                                        const Tensor& weights_in, const Tensor& x_in,
+                                                        const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
+                                                        const Tensor& y_labels_in, int64_t self_offset,
+                                                        int64_t pair_value, bool smooth, const Tensor& rank_in,
+                                                        bool deterministic, bool need_dx, bool need_dy) {
+  constexpr const char* kOp = "triplet_margin_rows_backward";
+  glue::check_pair_value(pair_value, kOp);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cpu(rows);
+  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const int64_t n = x.size(0);
+  STD_TORCH_CHECK(grad_in.is_cpu() && grad_in.dim() == 1 && grad_in.size(0) == n, kOp,
+                  ": grad must be a CPU vector of N = ", n, " entries");
+  STD_TORCH_CHECK(table_in.is_cpu() && weights_in.is_cpu() && table_in.dim() == 2 && table_in.size(0) == n &&
+                      weights_in.dim() == 2 && weights_in.size(0) == n && weights_in.size(1) == table_in.size(1),
+                  kOp, ": table and weights must be the forward's, N x K on the CPU (N = ", n, ")");
+  const int64_t width = table_in.size(1);
+  const Tensor rank = index_vector(rank_in, y.size(0), "rank", kOp);
+  const int64_t needed = slot_width(rows, reference_counts(rows, rank, kOp));
+  STD_TORCH_CHECK(needed <= width, kOp, ": table and weights must be K >= max(slots) = ", needed,
+                  " wide, got ", width);
+  const ScalarType dtype = x.scalar_type();
+  const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, dtype));
+  const Tensor table = torch::stable::contiguous(torch::stable::to(table_in, dtype));
+  const Tensor weights = torch::stable::contiguous(torch::stable::to(weights_in, dtype));
+  const glue::RowNorms norms = glue::row_norms(rows, dtype, glue::needs_norms(pair_value));
+  if (same) need_dx = need_dx || need_dy, need_dy = false;
+  Tensor dx = torch::stable::new_empty(x, {need_dx ? n : 0, x.size(1)});
+  Tensor dy = torch::stable::new_empty(y, {need_dy ? y.size(0) : 0, y.size(1)});
+  if (x.size(1) > 0 && (need_dx || need_dy)) {
+    with_rows_type(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      const TripletMarginParams<T> triplet =
+          triplet_params<T>(rows, norms, self_offset, pair_value, 0.0, smooth, rank, width);
+      TripletMarginBackwardParams<T> params{
+          PairRowsBackwardParams<T>{triplet.pair, grad.const_data_ptr<T>(), nullptr,
+                                    need_dx ? dx.mutable_data_ptr<T>() : nullptr,
+                                    need_dy ? dy.mutable_data_ptr<T>() : nullptr, false},
+          triplet.rank, width, smooth, table.const_data_ptr<T>(), weights.const_data_ptr<T>()};
+      if (same) params.rows.dy = params.rows.dx, params.rows.accumulate_dy = true;
+      cpu::triplet_margin_backward(params);
+    });
+  } else {
+    torch::stable::zero_(dx), torch::stable::zero_(dy);
+  }
+  return {dx, dy};
+}
+
 template <typename T>
 MarginSoftmaxParams<T> classifier_params(const glue::ClassifierRows& rows, int64_t sub_centers, double scale,
                                          bool normalize_x, bool normalize_w, double pool_scale) {
@@ -217,6 +348,7 @@ std::tuple<Tensor, Tensor> margin_softmax_rows_backward(const Tensor& grad_in, c
 STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
   metric_kernels::glue::define_fused_ops(m, "cpu");
   metric_kernels::glue::define_margin_softmax_ops(m, "cpu");
+  metric_kernels::glue::define_triplet_margin_ops(m, "cpu");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
@@ -225,4 +357,6 @@ STABLE_TORCH_LIBRARY_IMPL(metric_kernels, CPU, m) {
   m.impl("cpu_batch_hard_select", TORCH_BOX(&metric_kernels::batch_hard_select));
   m.impl("cpu_margin_softmax_rows", TORCH_BOX(&metric_kernels::margin_softmax_rows));
   m.impl("cpu_margin_softmax_rows_backward", TORCH_BOX(&metric_kernels::margin_softmax_rows_backward));
+  m.impl("cpu_triplet_margin_rows", TORCH_BOX(&metric_kernels::triplet_margin_rows));
+  m.impl("cpu_triplet_margin_rows_backward", TORCH_BOX(&metric_kernels::triplet_margin_rows_backward));
 }

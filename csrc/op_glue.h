@@ -140,6 +140,19 @@ inline void define_margin_softmax_ops(torch::stable::detail::StableLibrary& libr
                "bool deterministic, bool need_dx, bool need_dw" + backend_arguments + ") -> (Tensor, Tensor)").c_str());
 }
 
+// The triplet margin loss's two ops, metric_kernels::<prefix>_triplet_margin_rows and its _backward
+// (metric_kernels/_fused.py): (stats [2, N], table [N, K], weights [N, K]) and (dx, dy).
+inline void define_triplet_margin_ops(torch::stable::detail::StableLibrary& library, const std::string& prefix,
+                                      const std::string& backend_arguments = "") {
+  library.def((prefix + "_triplet_margin_rows(Tensor x, Tensor? y, Tensor x_labels, Tensor y_labels, "
+               "int self_offset, int pair_value, float margin, bool smooth, Tensor slots, Tensor rank, "
+               "bool deterministic" + backend_arguments + ") -> (Tensor, Tensor, Tensor)").c_str());
+  library.def((prefix + "_triplet_margin_rows_backward(Tensor grad, Tensor table, Tensor weights, Tensor x, "
+               "Tensor? y, Tensor x_labels, Tensor y_labels, int self_offset, int pair_value, bool smooth, "
+               "Tensor rank, bool deterministic, bool need_dx, bool need_dy" + backend_arguments +
+               ") -> (Tensor, Tensor)").c_str());
+}
+
 // The margin-softmax ops' tensors, checked: x N x D and weight D x J with unit column strides (a copy only where
 // the caller's have none), J = classes * sub_centers, one int64 label per row, each in [0, classes) (read on the
 // host: the CPU ops' labels live there).

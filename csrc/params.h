@@ -39,6 +39,27 @@ struct PairRowsBackwardParams {
   bool accumulate_dy;  // add dY into what dy holds (the dX of the same rows)
 };
 
+// The triplet margin loss over every triplet (metric_kernels/_fused.py), with pair.a the margin: per anchor (query) a
+// table of its positives, table[a, rank[p]] = margin - v_ap, K = slot_count wide (-inf in the slots no positive
+// fills), which every negative n of the anchor meets in z = v_an + table[a, r].
+template <typename T>
+struct TripletMarginParams {
+  PairRowsParams<T> pair;  // kind and b unused
+  const int64_t* rank;     // M: reference j's index among the references with its label (_pairs.positive_slots)
+  int64_t slot_count;      // K: at least the number of references with any query's label
+  bool smooth;             // softplus of the violation (torch's, linear above 20) instead of relu
+};
+
+template <typename T>
+struct TripletMarginBackwardParams {
+  PairRowsBackwardParams<T> rows;  // grad: N upstream gradients of stats[0] (the counts have none); stats unused
+  const int64_t* rank;
+  int64_t slot_count;
+  bool smooth;
+  const T* table;    // N x K, as the forward wrote it
+  const T* weights;  // N x K: weights[a, r] = sum over the anchor's negatives n of f'(v_an + table[a, r])
+};
+
 // The margin-softmax classifiers (ArcFace, CosFace, SubCenterArcFace, NormalizedSoftmax, LargeMarginSoftmax,
 // SphereFace, SoftTriple): queries against the columns of a class matrix W kept as PML keeps it, D x J with
 // J = classes * sub_centers (column j: class j / sub_centers). Rows and columns are read raw and normalised on the fly

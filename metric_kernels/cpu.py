@@ -12,10 +12,10 @@ try:
 except ImportError as error:  # not built: no compiler at install time, or METRIC_KERNELS_SKIP_EXT=1
     _missing = str(error)
 else:
-    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, fused_backend
+    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, TRIPLET_MARGIN_ROWS, fused_backend
 
     _missing = None
-    fused_backend("cpu", globals(), names=ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
+    fused_backend("cpu", globals(), names=ROW_FUNCTIONS + (CLASSIFIER_ROWS, TRIPLET_MARGIN_ROWS))
 
 
 def unavailable_reason(device: torch.device):

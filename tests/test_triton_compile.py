@@ -23,7 +23,7 @@ from metric_kernels.triton import _aot
 
 REPORT = Path(os.environ.get("METRIC_KERNELS_COMPILE_REPORT", _aot.ROOT / "out" / "compile-report"))
 PRODUCTS = ("lse_rows_forward", "pair_sums_forward", "lse_rows_backward_rows", "lse_rows_backward_columns",
-            "batch_hard_select")
+            "batch_hard_select", "triplet_margin_forward")
 KERNELS = PRODUCTS + ("finish_gradient", "row_norms", "triplet_distances", "triplet_distances_backward_rows",
                       "triplet_distances_backward_references")
 _RUNS = {}
@@ -165,6 +165,8 @@ def _launches(monkeypatch):
                                 ops.lse_rows_backward(torch.ones_like(stats), stats, x, other, x_labels, labels,
                                                       offset, kind, pair_value, 0.25, 2.0, deterministic, True,
                                                       other is not None, normalize)
+                if kind == 0:  # the triplet margin loss: its forward, and the backward's kind 6 on every path
+                    _triplet_margin_launches(ops, x, y[:40], x_labels, y_labels[:40], chunked)
                 if kind == 0 and not chunked:  # one split: the row pass writes dX itself and adds into dY
                     ops.lse_rows_backward(grad[:, :4].contiguous(), stats[:, :4].contiguous(), x[:4], y[:100],
                                           x_labels[:4], y_labels[:100], -1, 0, 0, 0.25, 2.0, False, True, True)
@@ -177,6 +179,21 @@ def _launches(monkeypatch):
                         ops.triplet_distances_backward(torch.ones_like(distances), distances, x, other, positive,
                                                        negative, normalize, need_dx, need_dy)
     return launches
+
+
+def _triplet_margin_launches(ops, x, y, x_labels, y_labels, chunked):
+    from metric_kernels._pairs import positive_slots
+    n = x.shape[0]
+    pairs = ((0, True),) if chunked else ((0, True), (0, False), (1, True), (1, False), (2, True), (2, False))
+    for other, labels, offset in ((None, x_labels, 0), (y, y_labels, -1)):
+        slots, rank = positive_slots(x_labels, labels)
+        for pair_value, normalize in pairs:
+            stats, table, weights = ops.triplet_margin_rows(x, other, x_labels, labels, offset, pair_value, 0.2, True,
+                                                            slots, rank, False, normalize)
+            for deterministic in (False, True):
+                ops.triplet_margin_rows_backward(torch.ones(n, dtype=stats.dtype), table, weights, x, other, x_labels,
+                                                 labels, offset, pair_value, True, rank, deterministic, True,
+                                                 other is not None, normalize)
 
 
 def test_enumeration_covers_every_launch_of_the_ops(monkeypatch):

@@ -59,13 +59,15 @@ SIXTEEN_BIT = ("bf16", "fp16")
 LEVELS = ("core", "ci", "sweep", "full")
 CLASSIFIER_KERNELS = ("margin_softmax_forward", "margin_softmax_backward_rows", "margin_softmax_backward_columns")
 DOT_KERNELS = ("lse_rows_forward", "pair_sums_forward", "lse_rows_backward_rows", "lse_rows_backward_columns",
-               "batch_hard_select") + CLASSIFIER_KERNELS
-KINDS = (0, 1, 2, 3, 4, 5)  # circle, supcon, proxy_anchor, multi_similarity, ntxent, contrastive
+               "batch_hard_select", "triplet_margin_positives", "triplet_margin_forward") + CLASSIFIER_KERNELS
+KINDS = (0, 1, 2, 3, 4, 5, 6)  # circle, supcon, proxy_anchor, multi_similarity, ntxent, contrastive, triplet_margin
 # The kinds each loss kernel is launched with (ops.lse_rows, ops.lse_rows_backward): the log-sum-exp pass all but
-# Contrastive (NT-Xent: its first sweep), the pass of sums NT-Xent (its second) and Contrastive, the backward every
-# kind. The first is the kernel's primary kind, which _selection compiles most (on the cosine).
-KERNEL_KINDS = {"lse_rows_forward": (0, 1, 2, 3, 4), "pair_sums_forward": (4, 5), "lse_rows_backward_rows": KINDS,
-                "lse_rows_backward_columns": KINDS}
+# Contrastive (NT-Xent: its first sweep), the pass of sums NT-Xent (its second) and Contrastive, the triplet margin
+# loss's own two forward sweeps (which have no KIND argument), the backward every kind. The first is the kernel's primary kind,
+# which _selection compiles most (on the cosine).
+KERNEL_KINDS = {"lse_rows_forward": (0, 1, 2, 3, 4), "pair_sums_forward": (4, 5),
+                "triplet_margin_positives": (6,), "triplet_margin_forward": (6,),
+                "lse_rows_backward_rows": KINDS, "lse_rows_backward_columns": KINDS}
 # The loss kernels' pair values (metric_kernels/_pairs.py) with and without normalising, for every kind but Circle
 # (the cosine only), and the lowest level that compiles each: (pair value, normalize) -> level.
 PAIR_CASES = {(0, True): "core", (2, True): "ci", (2, False): "sweep", (1, True): "sweep", (1, False): "full",
@@ -182,8 +184,11 @@ def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: 
     return {
         "lse_rows_forward": common,
         "pair_sums_forward": common,
-        "lse_rows_backward_rows": dict(common, dx_ptr=r if dx == "rows" else a),
-        "lse_rows_backward_columns": dict(common, partial_ptr=r if partial == "rows" else a, dy_ptr=r),
+        "triplet_margin_positives": dict(common, rank_ptr="*i64"),
+        "triplet_margin_forward": common,
+        "lse_rows_backward_rows": dict(common, dx_ptr=r if dx == "rows" else a, rank_ptr="*i64"),
+        "lse_rows_backward_columns": dict(common, partial_ptr=r if partial == "rows" else a, dy_ptr=r,
+                                          rank_ptr="*i64"),
         "batch_hard_select": dict(common, choice_ptr="*i64"),
         "finish_gradient": dict(x_ptr=r, out_ptr=r),
         "margin_softmax_forward": dict(x_ptr=r, w_ptr=r, labels_ptr="*i64"),
@@ -200,7 +205,7 @@ def _pointer_types(kernel: str, rows: str, acc: str, dx: str = "rows", partial: 
 def _kernel(name: str):
     from . import _batch_hard_kernel, _lse_kernels, _margin_softmax_kernels, _triplet_kernel
     module = (_batch_hard_kernel if name == "batch_hard_select" else
-              _triplet_kernel if name.startswith("triplet_") else
+              _triplet_kernel if name.startswith("triplet_distances") else
               _margin_softmax_kernels if name.startswith("margin_softmax_") else _lse_kernels)
     return getattr(module, name)
 
@@ -246,6 +251,7 @@ def _product_rows(kernel: str, constexprs) -> List[int]:
     """Rows (M) of each product: S = X Y^T has BLOCK_M, dX = P Y BLOCK_M, dY = P^T X BLOCK_N."""
     m, n = constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")
     return {"lse_rows_forward": [m], "pair_sums_forward": [m], "batch_hard_select": [m],
+            "triplet_margin_positives": [m], "triplet_margin_forward": [m],
             "lse_rows_backward_rows": [m, m] + ([n] if constexprs.get("WITH_DY") else []),
             "lse_rows_backward_columns": [m, n], "margin_softmax_forward": [m],
             "margin_softmax_backward_rows": [m, m] + ([n] if constexprs.get("WITH_DW") else []),
@@ -449,10 +455,16 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                     if (kind != 0 or (pair_value, nz) == (0, True))
                     and LEVELS.index(pair_level) <= LEVELS.index(level)]
 
-        def loss(kind, pair_value, nz, flags=""):  # the loss's constexprs and its flags label
+        def loss(kind, pair_value, nz, flags="", kernel=None):  # the loss's constexprs and its flags label
             label = flags if (pair_value, nz) == (0, True) else \
                 ",".join(filter(None, (f"pair_value={pair_value},normalize={int(nz)}", flags)))
-            return dict(KIND=kind, PAIR_VALUE=pair_value, NORMALIZE=nz), label
+            constexprs = dict(PAIR_VALUE=pair_value, NORMALIZE=nz)
+            if kernel in ("triplet_margin_positives", "triplet_margin_forward"):  # one loss's kernels: no KIND
+                if kernel == "triplet_margin_forward":
+                    constexprs["SMOOTH"] = True  # the heavier of the two (an exponential and a log per triplet)
+            else:
+                constexprs["KIND"] = kind
+            return constexprs, label
 
         row_cases = [(kind, loss(kind, pv, nz, f"with_dy={int(dy)},atomic_dx={int(adx)},dx={dx}")[1],
                       dict(loss(kind, pv, nz)[0], WITH_DY=dy, ATOMIC_DX=adx), dict(dx=dx),
@@ -462,11 +474,14 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
         column_cases = [(kind, loss(kind, pv, nz, f"accumulate={int(acc_)}")[1],
                          dict(loss(kind, pv, nz)[0], ACCUMULATE=acc_), dict(partial="acc" if acc_ else "rows"), acc_)
                         for kind, pv, nz in pairs("lse_rows_backward_columns") for acc_ in (False, True)]
-        forward_cases = {kernel: [(kind, loss(kind, pv, nz)[1], loss(kind, pv, nz)[0], {}, True)
+        forward_cases = {kernel: [(kind, loss(kind, pv, nz)[1], loss(kind, pv, nz, kernel=kernel)[0], {}, True)
                                   for kind, pv, nz in pairs(kernel)]
-                         for kernel in ("lse_rows_forward", "pair_sums_forward")}
+                         for kernel in ("lse_rows_forward", "pair_sums_forward", "triplet_margin_positives",
+                                        "triplet_margin_forward")}
         plans = [("lse_rows_forward", "forward", forward_cases["lse_rows_forward"]),
                  ("pair_sums_forward", "sums", forward_cases["pair_sums_forward"]),
+                 ("triplet_margin_positives", "positives", forward_cases["triplet_margin_positives"]),
+                 ("triplet_margin_forward", "triplets", forward_cases["triplet_margin_forward"]),
                  ("lse_rows_backward_rows", "rows", row_cases),
                  ("lse_rows_backward_columns", "columns", column_cases),
                  ("batch_hard_select", "select", [(None, f"normalize={int(nz)}", dict(NORMALIZE=nz), {}, nz)
@@ -479,8 +494,14 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                 # the primary kind on the cosine, as Circle (KIND 0) has no other pair value
                 primary = heaviest and kind == primary_kind and extra.get("PAIR_VALUE", 0) == 0 \
                     and extra.get("NORMALIZE", True)
+                def launched(block_d, full_d):  # the atomic flags only where ops._engine_backward takes them
+                    atomic = extra.get("WITH_DY") or extra.get("ATOMIC_DX")
+                    return not atomic or ops.atomic_backward(kind, element, block_d, full_d)
+
                 for width_label, block_d, full_d in widths:
                     count = _selection(level, dtype, primary, heaviest or kind == primary_kind, width_label, widest)
+                    if not launched(block_d, full_d):
+                        continue
                     chosen = configs(block_d, full_d, kernel_pass, count, pair_value=extra.get("PAIR_VALUE", 0),
                                      with_dy=extra.get("WITH_DY", False)) if count else ()
                     for config in chosen:
@@ -496,7 +517,7 @@ def variants(arch: int, level: str = "sweep") -> List[Variant]:
                         if not full_d and backward:
                             block_d = ops.backward_block_d(block_d, full_d, aligned=False)
                             width_label = f"chunked-{block_d}"
-                        if width_label == widest or not full_d:
+                        if (width_label == widest or not full_d) and launched(block_d, full_d):
                             add(kernel, dtype, acc, width_label, block_d, full_d, kind, flags,
                                 configs(block_d, full_d, kernel_pass, "one", False, extra.get("PAIR_VALUE", 0),
                                         extra.get("WITH_DY", False))[0],

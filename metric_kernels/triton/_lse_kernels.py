@@ -409,8 +409,9 @@ def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
 @triton.jit
 def _triplet_terms(z, smooth):
     """(loss, nonzero, slope) of triplets with violation z = v_an - v_ap + margin (-inf: no triplet): relu(z), or
-    with `smooth` softplus(z) as torch computes it (z itself above 20). A run-time branch on the scalar, so that
-    the hinge pays no exponential; nonzero where exp(z) is not 0 for the softplus (PML counts softplus > 0)."""
+    with `smooth` softplus(z) as torch computes it (z itself above 20): a constexpr in the forward, the scalar
+    parameter in the backward's tile (a branch, so that the hinge pays no exponential); nonzero where exp(z) is not 0
+    for the softplus (PML counts softplus > 0)."""
     if smooth != 0:
         e = tl.exp2(-tl.abs(z) * LOG2E)
         one_plus = 1 + e
@@ -435,19 +436,16 @@ def _table_column(table_ptr, rows, N, SLOTS, slot):
 
 
 @triton.jit
-def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, rank_ptr, table_ptr,
-                           weights_ptr, stats_ptr, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
-                           params_ptr, SLOTS, N_BUCKET, M_BUCKET, ALIGNED,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                           PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr):
-    """The triplet margin loss over every triplet, for BLOCK_M anchors: a first sweep writes each anchor's row of
-    the positive table, table[a, rank[p]] = margin - v_ap (the table arrives filled with -inf: the anchor's own slot
-    and labels without as many references stay so), then a second sweep takes, for every negative n and slot r, the
-    violation z = v_an + table[a, r] into stats[0, a] (the sum of the triplet losses), stats[1, a] (how many are
-    nonzero) and weights[a, r] (the sum of the slopes over the negatives: the positive's gradient). The program
-    owns its rows of the table and the weights. params: (margin, smooth_loss)."""
-    margin, smooth = _load_params(params_ptr)
+def triplet_margin_positives(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, rank_ptr, table_ptr,
+                             N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SLOTS,
+                             N_BUCKET, M_BUCKET, ALIGNED,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                             PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """The triplet margin loss's first sweep: BLOCK_M anchors' rows of the positive table, table[a, rank[p]] =
+    margin - v_ap (the table arrives filled with -inf: the anchor's own slot and the slots past its class's size stay
+    so). params: (margin, smooth_loss)."""
+    margin, _ = _load_params(params_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
@@ -461,7 +459,24 @@ def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         rank = tl.load(rank_ptr + cols, mask=cols < M, other=0)
         tl.store(table_ptr + rows[:, None] * SLOTS + rank[None, :], margin - value, mask=positive)
-    tl.debug_barrier()  # the table's row is written by some threads of the program and read by others
+
+
+@triton.jit
+def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, table_ptr,
+                           weights_ptr, stats_ptr, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
+                           SLOTS, N_BUCKET, M_BUCKET, ALIGNED,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                           PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr, SMOOTH: tl.constexpr):
+    """The triplet margin loss's second sweep, for BLOCK_M anchors against their rows of the positive table
+    (triplet_margin_positives): for every negative n and slot r the violation z = v_an + table[a, r] goes into
+    stats[0, a] (the sum of the triplet losses), stats[1, a] (how many are nonzero) and weights[a, r] (the sum of
+    the slopes over the negatives: the positive's gradient), which the program owns."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     loss = tl.zeros((BLOCK_M,), ACC)
     nonzero = tl.zeros((BLOCK_M,), ACC)
     for n0 in range(0, M, BLOCK_N):
@@ -471,12 +486,14 @@ def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y
             PRECISION, PAIR_VALUE, NORMALIZE)
         negative_value = tl.where(negative, value, float("-inf"))
         for slot in range(0, SLOTS):
-            terms, counted, slope = _triplet_terms(negative_value + _table_column(table_ptr, rows, N, SLOTS,
-                                                                                  slot)[:, None], smooth)
-            loss += tl.sum(terms, axis=1)
-            nonzero += tl.sum(counted, axis=1)
+            # one reduction of the three, as _ntxent_sums: three separate ones spilled
+            terms, counted, slope = tl.reduce(
+                _triplet_terms(negative_value + _table_column(table_ptr, rows, N, SLOTS, slot)[:, None], SMOOTH), 1,
+                _add_triples)
+            loss += terms
+            nonzero += counted
             at = weights_ptr + rows * SLOTS + slot
-            tl.store(at, tl.load(at, mask=rows < N, other=0.0) + tl.sum(slope, axis=1), mask=rows < N)
+            tl.store(at, tl.load(at, mask=rows < N, other=0.0) + slope, mask=rows < N)
     tl.store(stats_ptr + rows, loss, mask=rows < N)
     tl.store(stats_ptr + N + rows, nonzero, mask=rows < N)
 

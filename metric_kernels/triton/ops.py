@@ -149,7 +149,8 @@ def register_estimate(config, block_d_: int, element_size: int, backward: bool, 
 
 
 # Per thread, of register_estimate: above these the compile sweep (bench/results/compile) found spills. By pass
-# ("forward", "sums" for the sums over pairs of NT-Xent and Contrastive, "select" for batch-hard, "backward"), then by
+# ("forward", "sums" for the sums over pairs of NT-Xent and Contrastive, "positives" and "triplets" for the triplet
+# margin loss's two sweeps, "select" for batch-hard, "backward"), then by
 # layout of the rows ("full": all of D on chip, "chunked":
 # D walked in chunks, "unaligned": rows the compiler cannot load in vectors, see rows_aligned), a pair (products on
 # tensor cores, products on the CUDA cores: fp32 at "highest" precision and fp64, multiplied from registers). The
@@ -158,6 +159,10 @@ def register_estimate(config, block_d_: int, element_size: int, backward: bool, 
 REGISTER_LIMIT = {
     "forward": {"full": (384, 112), "chunked": (384, 112), "unaligned": (256, 74), "unaligned-chunked": (96, 28)},
     "sums": {"full": (384, 112), "chunked": (384, 112), "unaligned": (256, 74), "unaligned-chunked": (96, 28)},
+    # the triplet margin loss's sweeps: the positives' scatter into the table takes a 64-bit address per pair of
+    # the tile, the negatives' fold keeps more of the tile live across the slots
+    "positives": {"full": (256, 112), "chunked": (256, 80), "unaligned": (192, 74), "unaligned-chunked": (96, 28)},
+    "triplets": {"full": (320, 100), "chunked": (288, 80), "unaligned": (256, 74), "unaligned-chunked": (96, 28)},
     "select": {"full": (384, 112), "chunked": (160, 74), "unaligned": (216, 63), "unaligned-chunked": (96, 28)},
     "backward": {"full": (64, 40), "chunked": (64, 40), "unaligned": (64, 40), "unaligned-chunked": (64, 40)},
 }
@@ -185,6 +190,11 @@ MEASURED_SPILLS = {("forward", "full"): {(32, 32, 8), (32, 16, 8)},
                    ("sums", "chunked"): {(128, 32, 8), (64, 32, 8), (64, 32, 4), (32, 64, 8), (32, 64, 4), (32, 16, 8),
                                          (16, 64, 4), _SMALLEST_8_WARPS, (16, 16, 4)},
                    ("sums", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
+                   # the triplet margin loss's sweeps on fp32 at "highest" precision (2 to 4 registers, 8 warps)
+                   ("positives", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
+                   ("triplets", "full"): {(32, 32, 8)},
+                   ("triplets", "chunked"): {(32, 32, 8)},
+                   ("triplets", "unaligned-chunked"): {(32, 16, 8), _SMALLEST_8_WARPS},
                    ("backward", "full"): {(32, 32, 8), (32, 16, 8), _SMALLEST_8_WARPS},
                    **{("backward", rows_layout): {_SMALLEST_8_WARPS}
                       for rows_layout in ("chunked", "unaligned", "unaligned-chunked")}}
@@ -200,6 +210,9 @@ MEASURED_SPILLS.update({("select-runners-up", rows_layout): MEASURED_SPILLS[("se
 # dY needs about 255 registers there, and a ceiling made ptxas spill 2 to 6 (the compile proof).
 FALLBACK_WARPS = 8
 FALLBACK_REGISTERS = 255
+# The triplet margin loss's two sweeps put this ceiling on every config, as on the fallback: without one ptxas spilled
+# a few values of most of their tiles to fit more blocks (the compile proof).
+PASS_CEILINGS = {"positives": FALLBACK_REGISTERS, "triplets": FALLBACK_REGISTERS}
 # finish_gradient's ceiling: without one ptxas spilled a few values of some launches to fit more blocks (the compile
 # proof: the fp32 tile at D = 256 without normalising on sm_80, and dW's from the accumulators of W's columns)
 FINISH_REGISTERS = 255
@@ -234,8 +247,10 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=_engine_f
     the device and within REGISTER_LIMIT, less MEASURED_SPILLS; else the smallest tile (FALLBACK_WARPS, the register
     ceiling fallback_registers(launch arguments) gives, None for ptxas's own choice). Another kernel family passes
     its own measurements (the margin-softmax kernels, margin_softmax_ops): measured_spills by (pass, layout, tensor
-    cores, the MULTI constexpr), its fallback's register ceiling and stages (None: the tile's)."""
+    cores, the MULTI constexpr), its fallback's register ceiling and stages (None: the tile's). The passes of
+    PASS_CEILINGS give every kept config that register ceiling."""
     backward = kernel_pass in ("rows", "columns")
+    ceiling = PASS_CEILINGS.get(kernel_pass)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -256,7 +271,9 @@ def _pruner(kernel_pass: str, measured_spills=None, fallback_registers=_engine_f
         kept = [c for c in fits if estimate(c) <= limit_registers
                 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in excluded]
         if kept:
-            return kept
+            return kept if ceiling is None else [triton.Config(c.kwargs, num_warps=c.num_warps,
+                                                               num_stages=c.num_stages, maxnreg=ceiling)
+                                                 for c in kept]
         smallest = min(estimate(c) * c.num_warps for c in fits or configs)
         tiles = [c for c in fits or configs if estimate(c) * c.num_warps == smallest]
         tile = next((c for c in tiles if c.num_warps == FALLBACK_WARPS), tiles[0])
@@ -487,6 +504,7 @@ def _engine_backward(grad, stats, x, y, x_labels, y_labels, self_offset, kind, p
     sizes, constexprs = _shape_args(x, y)
     width = backward_block_d(constexprs["BLOCK_D"], constexprs["FULL_D"], rows_aligned(x, y))
     constexprs.update(PAIR_VALUE=pair_value, NORMALIZE=normalize, BLOCK_D=width)
+    deterministic = deterministic or not atomic_backward(kind, x.element_size(), width, constexprs["FULL_D"])
     state = (grad, stats, scale, x, y, x_norms, y_norms, x_labels, y_labels)
     table, weights, rank = triplet if triplet is not None else (stats, stats, y_labels)
     tables = (table, weights, rank)
@@ -527,8 +545,17 @@ def _engine_backward(grad, stats, x, y, x_labels, y_labels, self_offset, kind, p
     return dx, dy
 
 
+def atomic_backward(kind: int, element_size: int, block_d_: int, full_d: bool) -> bool:
+    """Whether the backward may take its atomic path (dY in the row pass, the references split): everywhere but the
+    triplet margin kind on 4-byte rows at the widest tile on chip, whose row pass with dY spilled there (its slot
+    loop beside the dX block and the dY partial; the compile proof). There it takes the deterministic passes."""
+    return not (kind == KIND["triplet_margin"] and element_size == 4 and full_d and block_d_ == MAX_FULL_D[4])
+
+
 _TRIPLET_KEY = [key for key in _KEY if key != "KIND"]
-_triplet_margin = triton.autotune(_configs(), key=_TRIPLET_KEY, prune_configs_by=_pruner("sums"),
+_triplet_positives = triton.autotune(_configs(), key=_TRIPLET_KEY, prune_configs_by=_pruner("positives")
+                                     )(_lse_kernels.triplet_margin_positives)
+_triplet_margin = triton.autotune(_configs(), key=_TRIPLET_KEY + ["SMOOTH"], prune_configs_by=_pruner("triplets"),
                                   reset_to_zero=["weights_ptr"])(_lse_kernels.triplet_margin_forward)
 
 
@@ -538,8 +565,9 @@ def triplet_margin_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: to
                         rank: torch.Tensor, deterministic: bool,
                         normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stats [2, N], table [N, K], weights [N, K]) of the triplet margin loss over every triplet, on the raw rows
-    (metric_kernels/_fused.py; _lse_kernels.triplet_margin_forward): one program per row block walks the references
-    twice (the positives' table, then the negatives). K = max(slots): a host synchronisation."""
+    (metric_kernels/_fused.py): two sweeps over the references, one program per row block each, the positives' table
+    (_lse_kernels.triplet_margin_positives), then the negatives against it (triplet_margin_forward). K = max(slots):
+    a host synchronisation."""
     y = x if y is None else y
     x, y = _kernel_rows(x, y)
     n, m = x.shape[0], y.shape[0]
@@ -552,11 +580,14 @@ def triplet_margin_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: to
         return stats, table, weights
     x_norms, y_norms = _norms_of(x, y)
     sizes, constexprs = _shape_args(x, y)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    rows = (x, y, x_norms, y_norms, x_labels, y_labels)
+    options = dict(PAIR_VALUE=pair_value, NORMALIZE=normalize, **constexprs)
     with _device_guard(x):
-        _triplet_margin[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](
-            x, y, x_norms, y_norms, x_labels, y_labels, rank, table, weights, stats, *sizes, self_offset,
-            loss_params(margin, float(smooth), x), slot_count, *tuning_key(x, y), PAIR_VALUE=pair_value,
-            NORMALIZE=normalize, **constexprs)
+        _triplet_positives[grid](*rows, rank, table, *sizes, self_offset, loss_params(margin, float(smooth), x),
+                                 slot_count, *tuning_key(x, y), **options)
+        _triplet_margin[grid](*rows, table, weights, stats, *sizes, self_offset, slot_count, *tuning_key(x, y),
+                              SMOOTH=smooth, **options)
     return stats, table, weights
 
 
