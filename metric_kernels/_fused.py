@@ -379,6 +379,13 @@ class CudaKernelRows(RawRows):
     def selection_rows(x, normalize=True, allow_tf32=False) -> int:
         return 4 if allow_tf32 and x.dtype == torch.float32 else 2
 
+    def triplet_margin_rows(self, x, y, x_labels, y_labels, self_offset, *, margin, smooth, deterministic,
+                            pair_value=SIMILARITY, **options):
+        return super().triplet_margin_rows(
+            x, y, x_labels, y_labels, self_offset, margin=margin, smooth=smooth, pair_value=pair_value,
+            deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), **options,
+            allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+
     def margin_softmax_rows(self, x, weight, labels, *, scale, sub_centers, deterministic, normalize_x=True,
                             normalize_w=True, pool_scale=0.0, **options):
         return super().margin_softmax_rows(x, weight, labels, scale=scale, sub_centers=sub_centers,

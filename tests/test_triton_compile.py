@@ -23,7 +23,7 @@ from metric_kernels.triton import _aot
 
 REPORT = Path(os.environ.get("METRIC_KERNELS_COMPILE_REPORT", _aot.ROOT / "out" / "compile-report"))
 PRODUCTS = ("lse_rows_forward", "pair_sums_forward", "lse_rows_backward_rows", "lse_rows_backward_columns",
-            "batch_hard_select", "triplet_margin_forward")
+            "batch_hard_select", "triplet_margin_positives", "triplet_margin_forward")
 KERNELS = PRODUCTS + ("finish_gradient", "row_norms", "triplet_distances", "triplet_distances_backward_rows",
                       "triplet_distances_backward_references")
 _RUNS = {}
