@@ -32,6 +32,7 @@ def _pairs():
         "supcon": (mk.SupConLoss(), losses.SupConLoss()),
         "batch_hard": (mk.BatchHardTripletLoss(), BatchHardPML()),
         "tuplet_margin": (mk.TupletMarginLoss(), losses.TupletMarginLoss()),
+        "triplet_margin": (mk.TripletMarginLoss(margin=0.3), losses.TripletMarginLoss(margin=0.3)),
     }
 
 
@@ -44,7 +45,7 @@ def _one_step(model, loss_fn, data, labels, extra_params=()):
     return loss
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin", "triplet_margin"])
 def test_one_training_step_matches_pml(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).double()
@@ -74,9 +75,13 @@ def test_constructor_defaults_are_pmls():
     assert tuplet.margin == math.radians(5.73) and tuplet.reduction == "mean"
     assert mk.TupletMarginLoss(10, 32).margin == losses.TupletMarginLoss(10, 32).margin
     assert "margin=10 degrees" in repr(mk.TupletMarginLoss(10, 32))
+    every, pml_every = mk.TripletMarginLoss(), losses.TripletMarginLoss()
+    assert (every.margin, every.swap, every.smooth_loss, every.triplets_per_anchor) == (
+        pml_every.margin, pml_every.swap, pml_every.smooth_loss, pml_every.triplets_per_anchor)
+    assert every.reduction == "mean_nonzero" and "smooth_loss=False" in repr(every)
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin", "triplet_margin"])
 def test_module_forward_order_with_references(name):
     """forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None), positionally, as PML."""
     ours, theirs = _pairs()[name]
@@ -107,6 +112,10 @@ def test_modules_pass_their_options_through():
                      mk.circle_loss(x, labels, y, y_labels, self_offset=3), 0, "self_offset")
     assert_rel_close(mk.TupletMarginLoss(12.0, 20, reduction="sum")(x, labels, None, y, y_labels),
                      mk.tuplet_margin_loss(x, labels, y, y_labels, margin=12.0, scale=20, reduction="sum"), 0, "tuplet")
+    assert_rel_close(mk.TripletMarginLoss(0.3, smooth_loss=True, reduction="none")(x, labels, None, y, y_labels,
+                                                                                  self_offset=3),
+                     mk.triplet_margin_loss(x, labels, y, y_labels, margin=0.3, smooth_loss=True, self_offset=3,
+                                            reduction="none"), 0, "triplet")
     pa = mk.ProxyAnchorLoss(3, 8, margin=0.2, alpha=16).double()
     assert_rel_close(pa(x, labels), mk.proxy_anchor_loss(x, labels, pa.proxies, margin=0.2, alpha=16), 0, "proxy")
 
