@@ -51,7 +51,8 @@ H100_SXM = {
 }
 MODEL_LABEL = "H100 model, not a measurement"
 
-LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "batch_hard", "proxy_anchor", "arcface",
+LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "contrastive", "triplet_margin", "batch_hard",
+          "proxy_anchor", "arcface",
           "subcenter_arcface")
 # The classifiers: N queries against C = N classes of W (D x C * sub-centres); CosFace and NormalizedSoftmax run
 # ArcFace's kernels (only the O(N) margin differs), SubCenterArcFace with PML's 3 sub-centres.
@@ -62,7 +63,8 @@ CLASSES = 16
 # Useful work in matmul-equivalents (2 N M D each) of one forward + backward: the row-statistics losses need S = X Y^T
 # (forward) and dX = G Y, dY = G^T X (backward); batch-hard needs the distances (forward) and an O((N + M) D) backward.
 # The classifiers' unit is 2 N C D (C classes): SubCenterArcFace's 3 sub-centres make it three times the work.
-USEFUL_MATMULS = {"circle": 3, "supcon": 3, "multi_similarity": 3, "ntxent": 3, "contrastive": 3, "proxy_anchor": 3,
+USEFUL_MATMULS = {"circle": 3, "supcon": 3, "multi_similarity": 3, "ntxent": 3, "contrastive": 3, "triplet_margin": 3,
+                  "proxy_anchor": 3,
                   "batch_hard": 1, "arcface": 3, "subcenter_arcface": 9}
 
 _EXPONENTIALS = ("create_exp", "create_exp2")
@@ -406,7 +408,8 @@ def _inputs(case: Case, seed: int = 0):
 def _loss_fn(loss: str):
     import metric_kernels as mk
     return {"circle": mk.circle_loss, "supcon": mk.supcon_loss, "multi_similarity": mk.multi_similarity_loss,
-            "ntxent": mk.ntxent_loss, "contrastive": mk.contrastive_loss, "batch_hard": mk.batch_hard_triplet_loss,
+            "ntxent": mk.ntxent_loss, "contrastive": mk.contrastive_loss, "triplet_margin": mk.triplet_margin_loss,
+            "batch_hard": mk.batch_hard_triplet_loss,
             "proxy_anchor": mk.proxy_anchor_loss, "arcface": mk.arcface_loss,
             "subcenter_arcface": mk.subcenter_arcface_loss}[loss]
 
