@@ -20,6 +20,9 @@
 //     of relu(a - v_ij), stats[1] = sum over negatives of relu(v_ij - b), stats[2] and stats[3]: how many of each
 //     are nonzero.
 // The counts and W are never differentiated: the backward ignores their upstream gradients.
+// The triplet margin loss over every triplet (kTripletMargin, a = the margin; the CUDA kernels' kind, whose forward
+// has ops of its own: metric_kernels/_fused.py) keeps a row of each anchor's positives instead, table[a, r] =
+// margin - v_ap, and its backward's dS reads that row and the forward's weights (triplet_margin_dv).
 #pragma once
 
 #include <cmath>
@@ -38,7 +41,15 @@
 
 namespace metric_kernels {
 
-enum LossKind : int { kCircle = 0, kSupCon = 1, kProxyAnchor = 2, kMultiSimilarity = 3, kNTXent = 4, kContrastive = 5 };
+enum LossKind : int {
+  kCircle = 0,
+  kSupCon = 1,
+  kProxyAnchor = 2,
+  kMultiSimilarity = 3,
+  kNTXent = 4,
+  kContrastive = 5,
+  kTripletMargin = 6
+};
 
 constexpr int kStatRows = 4;  // statistics per query row
 
@@ -157,6 +168,51 @@ template <typename T>
 MK_HD T contrastive_hinge(T v, T a, T b, bool positive, bool negative) {
   const T h = positive ? a - v : (negative ? v - b : T(0));
   return h > 0 ? h : T(0);
+}
+
+// The triplet margin loss of a triplet (a, p, n) from its violation z = v_an - v_ap + margin: f(z) = relu(z), or with
+// `smooth` softplus(z), and its slope f'(z), by torch's own formulas (the reference's, so that a triplet's loss and
+// whether it counts as nonzero agree to rounding): relu keeps a NaN and its slope is [z > 0]; the softplus is
+// log1p(exp(z)), z itself above 20, its slope exp(z) / (exp(z) + 1), 1 above 20 (torch's threshold). One exponential
+// with `smooth`, none otherwise.
+template <typename T>
+struct TripletTerm {
+  T loss, slope;
+};
+
+template <typename T>
+MK_HD TripletTerm<T> triplet_margin_term(T z, bool smooth) {
+  if (!smooth) return {z <= 0 ? T(0) : z, z > 0 ? T(1) : T(0)};
+  if (z > T(20)) return {z, T(1)};
+  const T e = exponential(z);
+  return {std::log1p(e), e / (e + T(1))};
+}
+
+// f'(z) alone (the backward's): the softplus's log1p is not formed.
+template <typename T>
+MK_HD T triplet_margin_slope(T z, bool smooth) {
+  if (!smooth) return z > 0 ? T(1) : T(0);
+  if (z > T(20)) return T(1);
+  const T e = exponential(z);
+  return e / (e + T(1));
+}
+
+// dL/dv of pair (a, j), L = sum_a g_a stats[0, a], from the anchor's rows of the forward's table and weights (`slots`
+// entries each): -g weights[rank] for a positive (rank: j's slot; the forward summed its triplets' slopes there),
+// g times the sum of f'(v + table[r]) over the slots that hold a positive for a negative. A slot at -inf is skipped
+// rather than added: with a NaN or infinite v it would give NaN where the anchor has no triplet. A rank outside the
+// table (only a rank that is not _pairs.positive_slots') reads nothing.
+template <typename T>
+MK_HD T triplet_margin_dv(T v, bool positive, bool negative, bool smooth, T g, const T* table, const T* weights,
+                          int64_t slots, int64_t rank) {
+  if (positive) return rank >= 0 && rank < slots ? -g * weights[rank] : T(0);
+  if (!negative) return T(0);
+  T slope = 0;
+  for (int64_t r = 0; r < slots; ++r) {
+    const T t = table[r];
+    if (t != -std::numeric_limits<T>::infinity()) slope += triplet_margin_slope(v + t, smooth);
+  }
+  return g * slope;
 }
 
 // (positive, negative) for query row i and reference j; the pair (i, i + self_offset) is neither

@@ -114,10 +114,18 @@ struct CudaPairRowsParams {
   bool normalize = false;      // the rows are raw: s_ij = (x_i . y_j) r_i r_j, r = 1 / max(|row|, eps) (engine.cuh)
 };
 
+// The triplet margin loss over every triplet on the CUDA kernels (TripletMarginParams' problem; kTripletMargin, with
+// CudaPairRowsParams' a the margin): how the references fill an anchor's row of the positive table.
+struct CudaTripletSlots {
+  const int64_t* rank = nullptr;  // M: reference j's index among the references with its label (positive_slots)
+  int64_t slot_count = 0;         // K: the table's width, at least the number of references with any query's label
+  bool smooth = false;            // softplus of the violation (torch's, linear above 20) instead of relu
+};
+
 struct CudaPairRowsBackwardParams {
   CudaPairRowsParams pair;
-  const void* grad;    // 3 x N upstream gradients of the statistics
-  const void* stats;   // 3 x N saved statistics
+  const void* grad;    // 3 x N upstream gradients of the statistics (kTripletMargin: N, those of stats[0])
+  const void* stats;   // 3 x N saved statistics (kTripletMargin: unused, nullptr)
   void* dx;            // N x D contiguous accumulator, or nullptr
   void* dy;            // M x D contiguous accumulator, or nullptr; equal to dx when the references are the queries
   bool accumulate_dy;  // the dY pass adds into what dy holds (the dX of the same rows)
@@ -126,6 +134,11 @@ struct CudaPairRowsBackwardParams {
   // dS r_i r_j is multiplied before it becomes an fp16 operand (fp16's range would flush a large batch's small
   // softmax terms to zero); the gradients are divided by it again. nullptr: g = 1.
   void* gradient_scale = nullptr;
+  // kTripletMargin: its slots, and the forward's N x slot_count table and weights (accumulation type), which its dS
+  // reads in place of the statistics (epilogue.h's triplet_margin_dv).
+  CudaTripletSlots triplet = {};
+  const void* table = nullptr;
+  const void* weights = nullptr;
 };
 
 // Batch-hard's chosen triplets on the CUDA kernels (triplet.cu): the rows as stored, their squared norms where

@@ -25,9 +25,9 @@ else:
         "build of torch and nvcc at install time; see 'Building the native extension' in README.md)")
 
 if _missing is None:
-    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, CudaKernelRows, fused_backend
+    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, TRIPLET_MARGIN_ROWS, CudaKernelRows, fused_backend
 
-    fused_backend("cuda", globals(), CudaKernelRows, ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
+    fused_backend("cuda", globals(), CudaKernelRows, ROW_FUNCTIONS + (CLASSIFIER_ROWS, TRIPLET_MARGIN_ROWS))
 
 
 def unavailable_reason(device: torch.device):

@@ -25,9 +25,9 @@ else:
         "this build of it predates the emulation (reinstall: `pip install --no-build-isolation -e .`)")
 
 if _missing is None:
-    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, CudaKernelRows, fused_backend
+    from ._fused import CLASSIFIER_ROWS, ROW_FUNCTIONS, TRIPLET_MARGIN_ROWS, CudaKernelRows, fused_backend
 
-    fused_backend("cuda_emulated", globals(), CudaKernelRows, ROW_FUNCTIONS + (CLASSIFIER_ROWS,))
+    fused_backend("cuda_emulated", globals(), CudaKernelRows, ROW_FUNCTIONS + (CLASSIFIER_ROWS, TRIPLET_MARGIN_ROWS))
 
 
 def unavailable_reason(device: torch.device):

@@ -4,8 +4,8 @@
 //   check semantics        kernels whose results are known: indices, shared memory, barriers, shuffles, atomics,
 //                          WMMA against plain loops, launch errors; prints "ok"
 //   check kernels          the kernels of csrc/cuda on every operand type (forward, both backward paths, the
-//                          classifiers'), built with -fsanitize=thread by the test: a data race between the threads
-//                          of a block is reported
+//                          triplet margin loss's and the classifiers'), built with -fsanitize=thread by the test: a
+//                          data race between the threads of a block is reported
 //   check <failure>        a kernel the emulation must stop, with its message (FAILURES in the test)
 #include "cuda/host_emulation.h"
 #define cuda cuda_emulated  // as CMakeLists.txt builds them
@@ -323,6 +323,25 @@ int kernels(Operand operand, std::mt19937& rng) {
         errors += lse_rows_backward(bp, nullptr) != 0;
       }
     }
+  }
+  // The triplet margin loss against y, smooth, on the Euclidean distance of the rows normalised inside: its forward's
+  // second sweep reads the partner thread's pair values from S, and its dS (the table and weights) feeds both
+  // backward paths.
+  std::vector<int64_t> rank(m), class_sizes(4, 0);
+  for (int j = 0; j < m; ++j) rank[j] = class_sizes[y_labels[j]]++;
+  const CudaTripletSlots slots{rank.data(), *std::max_element(class_sizes.begin(), class_sizes.end()), true};
+  CudaPairRowsParams tp{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, -1, kTripletMargin, 0.2,
+                        0, operand};
+  tp.pair_value = 2, tp.x_sq = x_sq.data(), tp.y_sq = y_sq.data(), tp.normalize = true;
+  std::vector<Acc> triplet_stats(2 * n), table(n * slots.slot_count), weights(n * slots.slot_count);
+  std::vector<Acc> triplet_grad(n, Acc(0.5)), triplet_dx(n * d), triplet_dy(m * d), triplet_scale(1);
+  errors += triplet_margin_forward(tp, slots, triplet_stats.data(), table.data(), weights.data(), nullptr) != 0;
+  for (int atomic = 0; atomic < (supports_atomic_backward(operand) ? 2 : 1); ++atomic) {
+    std::fill(triplet_dy.begin(), triplet_dy.end(), Acc(0));  // the atomic pass adds into zeros
+    CudaPairRowsBackwardParams bp{tp,    triplet_grad.data(), nullptr, triplet_dx.data(), triplet_dy.data(), false,
+                                  atomic == 1, operand == Operand::kFloat16 ? triplet_scale.data() : nullptr};
+    bp.triplet = slots, bp.table = table.data(), bp.weights = weights.data();
+    errors += lse_rows_backward(bp, nullptr) != 0;
   }
   std::vector<int64_t> choices(batch_hard_choice_rows(operand) * n);
   CudaPairRowsParams p{x.data(), y.data(), x_labels.data(), y_labels.data(), n, m, d, d, d, 3, 0, 0, 0, operand};

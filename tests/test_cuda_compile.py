@@ -22,7 +22,7 @@ POLICIES = ["SimtTile<float>", "SimtTile<double>", "WmmaTile<Tf32>", "WmmaTile<_
 # the backward passes: <Policy, atomic, rows resident> and <Policy, columns resident>; the classifiers' dX pass
 # <Policy, atomic>
 FLAGS = ("false", "true")
-KERNELS = (["lse_rows_forward_kernel<{}>"]
+KERNELS = (["lse_rows_forward_kernel<{}>", "triplet_margin_forward_kernel<{}>"]
            + [f"lse_rows_backward_dx_kernel<{{}},{atomic},{resident}>" for atomic in FLAGS for resident in FLAGS]
            + [f"lse_rows_backward_dy_kernel<{{}},{resident}>" for resident in FLAGS]
            + ["batch_hard_select_kernel<{}>", "margin_softmax_forward_kernel<{}>", "margin_softmax_dw_kernel<{}>"]

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import metric_kernels as mk
+from metric_kernels._pairs import positive_slots
 from metric_kernels._row_epilogues import triplet_backward_inputs
 from tests.helpers import assert_rel_close, tf32_rounded
 
@@ -113,6 +114,78 @@ def test_ops_on_every_operand_type(refs, kind, pair_value, operand, deterministi
     if y is not None:
         assert dy.dtype == dtype
         assert_rel_close(dy, expected_dy, grad_tol, f"{what} dY")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("operand", list(OPERANDS))
+@pytest.mark.parametrize("pair_value", [0, 1, 2])
+@pytest.mark.parametrize("refs", ["ref_emb", "self"])
+def test_triplet_margin_ops_on_every_operand_type(refs, pair_value, operand, smooth, normalize):
+    """The triplet margin loss's ops (the forward's statistics, table and weights; dX and dY by both backward paths)
+    on rows of each operand type against the CPU op in float64 on the same rounded values, as
+    test_ops_on_every_operand_type: N, M past one tile, D = 72 (two backward slices)."""
+    dtype = OPERANDS[operand]
+    g = torch.Generator().manual_seed(len(operand) + 7 * pair_value + 50 * smooth + 100 * normalize)
+    n, m, dim = 150, 97, 72
+
+    def rows(count):
+        unit = torch.nn.functional.normalize(torch.randn(count, dim, generator=g, dtype=torch.float64), dim=1)
+        return (unit * (0.5 + torch.rand(count, 1, generator=g, dtype=torch.float64))).to(dtype)
+
+    x = rows(n)
+    y = None if refs == "self" else rows(m)
+    labels = torch.randint(0, 6, (n,), generator=g)
+    y_labels = labels if y is None else torch.randint(0, 6, (m,), generator=g)
+    offset = 0 if refs == "self" else -1
+    exact = (lambda t: tf32_rounded(t)) if operand == "tf32" else (lambda t: t.double())
+    raw_x, raw_y = exact(x).clone().requires_grad_(), None if y is None else exact(y).clone().requires_grad_()
+
+    def unit(raw, rows):  # as in test_ops_on_every_operand_type
+        if not normalize:
+            return raw
+        stored_norm = rows.detach().double().norm(dim=1, keepdim=True)
+        return torch.nn.functional.normalize(raw, dim=1) * (raw.detach().norm(dim=1, keepdim=True) / stored_norm)
+
+    exact_x, exact_y = unit(raw_x, x), None if y is None else unit(raw_y, y)
+    slots, rank = positive_slots(labels, y_labels)
+    margin = 0.2 if pair_value == 0 else 0.5
+    ops = torch.ops.metric_kernels
+    exact_rows = (exact_x.detach(), None if y is None else exact_y.detach(), labels, y_labels, offset, pair_value)
+    expected, table, weights = ops.cpu_triplet_margin_rows(*exact_rows, margin, smooth, slots, rank, True)
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    expected_dx, expected_dy = ops.cpu_triplet_margin_rows_backward(grad, table, weights, *exact_rows, smooth, rank,
+                                                                    True, True, y is not None)
+    if normalize:  # through the normalisation's Jacobian
+        expected_dx = torch.autograd.grad(exact_x, raw_x, expected_dx)[0]
+        if y is not None:
+            expected_dy = torch.autograd.grad(exact_y, raw_y, expected_dy)[0]
+    allow_tf32 = operand == "tf32"
+    rows_args = (x, y, labels, y_labels, offset, pair_value)
+    stats, our_table, our_weights = ops.cuda_emulated_triplet_margin_rows(*rows_args, margin, smooth, slots, rank,
+                                                                          True, normalize, allow_tf32)
+    value_tol, grad_tol = OPERAND_TOLERANCE[operand]
+    what = f"{operand} pair={pair_value} smooth={smooth} normalize={normalize}"
+    filled = torch.isfinite(table)
+    assert torch.equal(torch.isfinite(our_table), filled), f"{what}: the slots no positive fills differ"
+    assert_rel_close(our_table[filled], table[filled], value_tol, f"{what} table")
+    assert_rel_close(stats[0], expected[0], value_tol, f"{what} loss sums")
+    if smooth:  # every triplet counts, and the slopes are smooth
+        assert torch.equal(stats[1].double(), expected[1]), f"{what} nonzero counts"
+        assert_rel_close(our_weights, weights, grad_tol if allow_tf32 else value_tol, f"{what} weights")
+    else:  # products rounded in fp32 may put a hinge's triplet near 0 on the other side: its count and slope move by 1
+        flips = 0 if operand == "fp64" else 2
+        assert (stats[1].double() - expected[1]).abs().max() <= flips, f"{what} nonzero counts"
+        assert (our_weights.double() - weights).abs().max() <= flips, f"{what} weights"
+    for deterministic in (True, False):
+        dx, dy = ops.cuda_emulated_triplet_margin_rows_backward(grad.to(stats.dtype), our_table, our_weights,
+                                                                *rows_args, smooth, rank, deterministic, True,
+                                                                y is not None, normalize, allow_tf32)
+        assert dx.dtype == dtype
+        assert_rel_close(dx, expected_dx, grad_tol, f"{what} deterministic={deterministic} dX")
+        if y is not None:
+            assert dy.dtype == dtype
+            assert_rel_close(dy, expected_dy, grad_tol, f"{what} deterministic={deterministic} dY")
 
 
 def _op_params(kind, pair_value):

@@ -2,8 +2,8 @@
 the float64 reference (tests/test_reference_vs_pml.py holds the reference to PML), the module against PML's own, and
 what the fused kernels keep: a table of each anchor's positives (N x the largest class), never the triplets.
 
-"triton" runs under Triton's interpreter (tests/conftest.py), "cpu" is the native kernels; the CUDA kernels do not
-compute this loss yet, which test_cuda_backends_refuse_it_by_name pins."""
+"triton" runs under Triton's interpreter (tests/conftest.py), "cpu" is the native kernels, "cuda-emulated" the CUDA
+kernels on the CPU (csrc/cuda/host_emulation.h): the same kernel sources as backend "cuda"."""
 import pytest
 import torch
 
@@ -13,8 +13,9 @@ from metric_kernels.reference._masks import pair_masks, pair_values
 from tests.helpers import assert_rel_close, grads
 from tests.test_fused import HALF, SIZES, _compare, _pair_inputs
 
-BACKENDS = ["triton", "cpu"]
-backend_param = pytest.mark.parametrize("backend", BACKENDS)
+BACKENDS = ["triton", "cpu", "cuda-emulated"]
+# ids a -k expression can name whole (cuda_emulated)
+backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=[name.replace("-", "_") for name in BACKENDS])
 # (distance, normalize_embeddings): every pair value, normalised or not
 DISTANCES = [("euclidean", True), ("euclidean", False), ("squared_euclidean", True), ("squared_euclidean", False),
              ("cosine", True), ("dot", True), ("dot", False)]
@@ -104,12 +105,17 @@ def test_float64_gradcheck(backend):
 
 
 def _op(backend):
-    return getattr(torch.ops.metric_kernels, f"{backend}_triplet_margin_rows")
+    return getattr(torch.ops.metric_kernels, f"{backend.replace('-', '_')}_triplet_margin_rows")
+
+
+# The options the backend's ops take after `deterministic`: triton's `normalize`, the CUDA kernels' `normalize` and
+# `allow_tf32`; the cpu op takes normalised rows.
+OP_OPTIONS = {"triton": (True,), "cpu": (), "cuda-emulated": (True, False)}
 
 
 def _op_args(backend, x, y, labels, y_labels, self_offset, pair_value, margin, smooth, deterministic=True):
     slots, rank = positive_slots(labels, labels if y is None else y_labels)
-    options = (True,) if backend == "triton" else ()  # triton's `normalize`; the cpu op takes normalised rows
+    options = OP_OPTIONS[backend]
     return (x, y, labels, labels if y is None else y_labels, self_offset, pair_value, margin, smooth, slots, rank,
             deterministic) + options
 
@@ -167,12 +173,11 @@ def test_torch_compile_fullgraph(backend):
         assert_rel_close(a, b, 1e-6, "compiled grad")
 
 
-def test_cuda_kernels_refuse_it_by_name():
-    """The CUDA kernels do not compute this loss yet: their backends lack the row function, naming one raises, and
-    "auto" passes over them (on a GPU it picks triton)."""
+def test_cuda_and_cuda_emulated_compute_it():
+    """Both backends of the CUDA kernels have the row function where their module is built ("cuda" needs a CUDA
+    build of torch and nvcc; "cuda-emulated" is built wherever the extension is)."""
     from metric_kernels import backends
     for name in ("cuda", "cuda-emulated"):
         module, _ = backends._load(name)
-        assert module is None or not hasattr(module, "triplet_margin_rows"), name
-    with pytest.raises(NotImplementedError, match="does not compute the triplet_margin loss yet"):
-        mk.triplet_margin_loss(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), backend="cuda-emulated")
+        if module is not None and module._missing is None:
+            assert hasattr(module, "triplet_margin_rows"), name

@@ -433,22 +433,29 @@ __device__ __forceinline__ SharedLayout<Policy> block_shared(bool resident = fal
   return SharedLayout<Policy>(dynamic_shared<unsigned char>() + (resident ? SharedLayout<Policy>::kResidentBytes : 0));
 }
 
+// What for_each_row_pair does after a tile's pairs by default: nothing.
+struct NoTileEnd {
+  __device__ __forceinline__ void operator()(int64_t, int) const {}
+};
+
 // The row pass of a forward epilogue (the rows resident in shared memory where `resident`): walks the column tiles of
 // the block's rows and calls visit(s, column_length2, column, positive, negative) on each pair of this thread's row
 // (its half of the columns, in epilogue_column's order: not ascending), s the scaled product (x_i . y_j) r_i r_j and
-// column_length2 the reference's |u|^2. Every thread of the block calls it (it synchronises); the caller then meets
-// its partner thread through from_partner.
-template <class Policy, class Visit>
+// column_length2 the reference's |u|^2, then tile_end(c0, cols) in every thread, live row or not, with the tile's S,
+// labels and scales still in shared memory (a pass over the whole tile row may synchronise there). Every thread of
+// the block calls it (it synchronises); the caller then meets its partner thread through from_partner.
+template <class Policy, class Visit, class TileEnd = NoTileEnd>
 __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, const QueryRow<typename Policy::Acc>& query,
-                                                  SharedLayout<Policy>& shared, bool resident, Visit&& visit) {
+                                                  SharedLayout<Policy>& shared, bool resident, Visit&& visit,
+                                                  TileEnd&& tile_end = {}) {
   if (resident) load_resident_rows(static_cast<const typename Policy::Operand*>(p.x), p.x_stride, query.r0, p.n, p.d,
                                    shared);
   for (int64_t c0 = 0; c0 < p.m; c0 += kTile) {
     load_labels(shared.col_labels(), p.y_labels, c0, p.m);
     load_column_scales(p, c0, shared);
     similarity_tile<Policy>(p, query.r0, c0, shared, resident ? Resident::kRows : Resident::kNone);
+    const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
     if (query.live) {
-      const int cols = static_cast<int>(p.m - c0 < kTile ? p.m - c0 : kTile);
 #pragma unroll 1
       for (int k = 0; k < kTile / 2; ++k) {
         const int j = epilogue_column<Policy>(k);
@@ -460,6 +467,7 @@ __device__ __forceinline__ void for_each_row_pair(const CudaPairRowsParams& p, c
               column.length2, c0 + j, positive, negative);
       }
     }
+    tile_end(c0, cols);
     __syncthreads();  // the next tile rewrites S, the labels and the scales
   }
 }

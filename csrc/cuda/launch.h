@@ -14,7 +14,14 @@ int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream);
 
 // Deterministic: a dX pass over row blocks, then a dY pass over column blocks, each summing in a fixed order.
 // p.atomic: dY is added from the dX pass with atomics (the caller zeroes dy; when dy is dx, dx is zeroed too).
+// Also the triplet margin loss's backward (p.pair.kind kTripletMargin, with p.triplet, p.table and p.weights).
 int lse_rows_backward(const CudaPairRowsBackwardParams& p, void* stream);
+
+// The triplet margin loss over every triplet (p.kind kTripletMargin, p.a the margin; distances and normalize as for
+// lse_rows_forward): stats 2 x N (each anchor's sum of triplet losses, how many are nonzero), table and weights
+// N x slots.slot_count, all in the accumulation type and written whole (metric_kernels/_fused.py's contract).
+int triplet_margin_forward(const CudaPairRowsParams& p, const CudaTripletSlots& slots, void* stats, void* table,
+                           void* weights, void* stream);
 
 // choices: batch_hard_choice_rows(p.operand) x N int64, the farthest positive and nearest negative per query (-1:
 // none), ties to the lowest index, by the squared distances from p.x_sq and p.y_sq (of the normalised rows where

@@ -1,7 +1,10 @@
 // CUDA kernels of the row-statistics family (every loss but batch-hard) on the engine of engine.cuh, with the
 // per-loss math of epilogue.h (the same functions as the CPU kernels):
-//   forward:  per 64-row block, walk the column tiles, fold each S tile into four statistics per row (NT-Xent: twice);
-//   backward: recompute each tile once per pass, form dS from the saved statistics and upstream gradients, and
+//   forward:  per 64-row block, walk the column tiles, fold each S tile into four statistics per row (NT-Xent: twice;
+//             the triplet margin loss: a sweep filling each anchor's row of the positive table, then one meeting its
+//             negatives with it, two statistics and a row of weights per anchor);
+//   backward: recompute each tile once per pass, form dS from the saved statistics (the triplet margin loss: its table
+//             and weights) and upstream gradients, and
 //             accumulate dX = dS Y (grid: row blocks x spans of D up to 256 wide) and dY = dS^T X (column blocks x
 //             spans), or dY atomically from the dX pass: 3 matmul-equivalents (atomic) or 4 (deterministic) for
 //             D <= 256 (fp64: 64).
@@ -78,6 +81,92 @@ __global__ void __launch_bounds__(kThreads, 2) lse_rows_forward_kernel(const Cud
     for (int q = 0; q < kStatRows; ++q) stats[q * p.n + query.row] = out[q];
 }
 
+// The triplet margin loss's forward (kTripletMargin, p.a the margin): per 64-row block two sweeps over the references,
+// the first writing the block's rows of the positive table, table[a, rank[p]] = margin - v_ap, the second meeting
+// every negative with them: stats[0, a] and stats[1, a] (the sum of the anchor's triplet losses, how many are
+// nonzero; 2 x N) and weights[a, r] (the sum of the slot's slopes over the negatives). The block owns its anchors'
+// rows of the table and the weights, written whole: no atomics, and no launch of the caller's to fill them.
+template <class Policy>
+__global__ void __launch_bounds__(kThreads, 2) triplet_margin_forward_kernel(const CudaPairRowsParams p,
+                                                                            const CudaTripletSlots slots,
+                                                                            typename Policy::Acc* stats,
+                                                                            typename Policy::Acc* table,
+                                                                            typename Policy::Acc* weights,
+                                                                            bool resident) {
+  using Acc = typename Policy::Acc;
+  using Layout = SharedLayout<Policy>;
+  constexpr Acc kEmpty = -std::numeric_limits<Acc>::infinity();  // a slot no positive fills
+  SharedLayout<Policy> shared = block_shared<Policy>(resident);
+  const QueryRow<Acc> query = query_row<Acc>(p);
+  const int64_t width = slots.slot_count;
+  const int64_t block_rows = p.n - query.r0 < kTile ? p.n - query.r0 : kTile;
+  for (int64_t index = threadIdx.x; index < block_rows * width; index += kThreads) {
+    table[query.r0 * width + index] = kEmpty;
+    weights[query.r0 * width + index] = 0;
+  }
+  __syncthreads();  // the first sweep fills the slots of both threads of a row
+  Acc* const row_table = table + (query.live ? query.row : query.r0) * width;
+  Acc* const row_weights = weights + (query.live ? query.row : query.r0) * width;
+  Acc* const s_row = shared.s() + query.local * Layout::kAccLd;
+  Acc loss = 0, nonzero = 0;
+  if (width > 0) {  // else no anchor has a positive
+    const Acc margin = static_cast<Acc>(p.a);
+    for_each_row_pair<Policy>(p, query, shared, resident, [&](Acc s, Acc column_length2, int64_t column,
+                                                              bool positive, bool) {
+      if (!positive) return;
+      const int64_t slot = slots.rank[column];
+      if (slot >= 0 && slot < width)  // a rank that is not positive_slots' writes nothing out of bounds
+        row_table[slot] = margin - pair_value(p.pair_value, s, query.scale.length2, column_length2);
+    });
+    // Each thread takes every other slot of its row over the whole tile row, so that it alone adds to those weights
+    // (splitting the columns instead would need a shuffle per slot to merge them): its negatives' pair values take
+    // the place of their products in S, which both threads of the row then read.
+    for_each_row_pair<Policy>(
+        p, query, shared, resident,
+        [&](Acc s, Acc column_length2, int64_t column, bool, bool negative) {
+          if (negative)
+            s_row[column & (kTile - 1)] = pair_value(p.pair_value, s, query.scale.length2, column_length2);
+        },
+        [&](int64_t c0, int cols) {
+          __syncthreads();  // the partner's pair values are in S
+          if (!query.live) return;
+          uint64_t negatives = 0;  // by the tile's column
+#pragma unroll 1
+          for (int j = 0; j < cols; ++j) {
+            bool positive, negative;
+            pair_kind(query.label, shared.col_labels()[j], query.row, c0 + j, p.self_offset, positive, negative);
+            if (negative) negatives |= uint64_t{1} << j;
+          }
+#pragma unroll 1
+          for (int64_t r = epilogue_column(); r < width; r += 2) {
+            const Acc t = row_table[r];
+            if (t == kEmpty) continue;  // -inf + a NaN or +inf pair value would be NaN where no triplet is
+            Acc part = 0, count = 0, slope = 0;
+#pragma unroll 1
+            for (int k = 0; k < kTile / 2; ++k) {
+              // both threads' columns in the epilogues' order: a warp's reads of S stay on distinct banks
+              for (int side = 0; side < 2; ++side) {
+                const int j = epilogue_column_of<Policy>((static_cast<int>(threadIdx.x) & ~1) | side, k);
+                if (!(negatives >> j & 1)) continue;
+                const TripletTerm<Acc> term = triplet_margin_term(s_row[j] + t, slots.smooth);
+                part += term.loss;
+                count += term.loss > 0 ? Acc(1) : Acc(0);  // PML counts the nonzero losses
+                slope += term.slope;
+              }
+            }
+            loss += part, nonzero += count;
+            row_weights[r] += slope;
+          }
+        });
+  }
+  loss += from_partner(loss);
+  nonzero += from_partner(nonzero);
+  if (query.live && epilogue_column() == 0) {
+    stats[query.row] = loss;
+    stats[p.n + query.row] = nonzero;
+  }
+}
+
 // Upstream gradients, statistics, RowScale and labels of rows r0 .. r0 + 63 into shared memory (zeros past N).
 template <class Policy>
 __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0, SharedLayout<Policy>& shared) {
@@ -85,12 +174,15 @@ __device__ void load_row_state(const CudaPairRowsBackwardParams& bp, int64_t r0,
   const CudaPairRowsParams& p = bp.pair;
   const auto* grad = static_cast<const Acc*>(bp.grad);
   const auto* stats = static_cast<const Acc*>(bp.stats);
+  // The triplet margin kind has one upstream gradient per row and no statistics (its dS reads the table).
+  const int grad_rows = p.kind == kTripletMargin ? 1 : 3;
   if (threadIdx.x < kTile) {
     const int64_t row = r0 + threadIdx.x;
     const bool live = row < p.n;
-    for (int q = 0; q < 3; ++q) shared.row_state()[q * kTile + threadIdx.x] = live ? grad[q * p.n + row] : Acc(0);
     for (int q = 0; q < 3; ++q)
-      shared.row_state()[(3 + q) * kTile + threadIdx.x] = live ? stats[q * p.n + row] : Acc(0);
+      shared.row_state()[q * kTile + threadIdx.x] = live && q < grad_rows ? grad[q * p.n + row] : Acc(0);
+    for (int q = 0; q < 3; ++q)
+      shared.row_state()[(3 + q) * kTile + threadIdx.x] = live && stats != nullptr ? stats[q * p.n + row] : Acc(0);
     store_row_scale(shared.row_state() + 6 * kTile, threadIdx.x,
                     live ? row_scale<Acc>(p.x_sq, row, p.normalize) : RowScale<Acc>{1, 0, false});
     shared.row_labels()[threadIdx.x] = live ? p.x_labels[row] : 0;
@@ -113,6 +205,19 @@ __device__ __forceinline__ Acc gradient_scale_of(const CudaPairRowsBackwardParam
 template <class Acc>
 __device__ __forceinline__ Acc own_direction_term(Acc ds, Acc s, bool radial, bool norm_term) {
   return radial ? ds * s : (norm_term ? ds : Acc(0));
+}
+
+// dS of pair (row, col) for the triplet margin kind, g its row's upstream gradient (epilogue.h's triplet_margin_dv on
+// the row's slots of the forward's table and weights).
+template <class Acc>
+__device__ __forceinline__ Acc triplet_margin_ds(const CudaPairRowsBackwardParams& bp, int64_t row, int64_t col, Acc s,
+                                                 Acc x_sq, Acc y_sq, bool positive, bool negative, Acc g) {
+  const int64_t width = bp.triplet.slot_count;
+  const Acc v = pair_value(bp.pair.pair_value, s, x_sq, y_sq);
+  const Acc dv = triplet_margin_dv(v, positive, negative, bp.triplet.smooth, g,
+                                   static_cast<const Acc*>(bp.table) + row * width,
+                                   static_cast<const Acc*>(bp.weights) + row * width, width, bp.triplet.rank[col]);
+  return pair_slope(bp.pair.pair_value, dv, v);
 }
 
 // From the raw products in shared.s() (rows r0.., columns c0..; the column scales loaded): shared.ds() = P, the
@@ -150,8 +255,10 @@ __device__ typename Policy::Acc ds_tile(const CudaPairRowsBackwardParams& bp, in
       bool positive, negative;
       pair_kind(shared.row_labels()[local], shared.col_labels()[j], row, col, p.self_offset, positive, negative);
       s = s_row[j] * row_scale_.inverse * column.inverse;
-      ds = ds_entry(p.kind, p.pair_value, s, row_scale_.length2, column.length2, a, b, margin, positive, negative, g1,
-                    g2, g3, lse1, lse2, aux);
+      ds = p.kind == kTripletMargin
+               ? triplet_margin_ds(bp, row, col, s, row_scale_.length2, column.length2, positive, negative, g1)
+               : ds_entry(p.kind, p.pair_value, s, row_scale_.length2, column.length2, a, b, margin, positive,
+                          negative, g1, g2, g3, lse1, lse2, aux);
       const Acc scaled = ds * row_scale_.inverse * column.inverse * g;
       stored = Policy::to_operand(scaled);
       if (!std::is_same<Operand, Acc>::value) ds = scaled != Acc(0) ? ds * (static_cast<Acc>(stored) / scaled) : Acc(0);
@@ -319,6 +426,17 @@ cudaError_t forward(const CudaPairRowsParams& p, void* stats, cudaStream_t strea
                 p, static_cast<typename Policy::Acc*>(stats), resident);
 }
 
+template <class Policy>
+cudaError_t triplet_forward(const CudaPairRowsParams& p, const CudaTripletSlots& slots, void* stats, void* table,
+                            void* weights, cudaStream_t stream) {
+  using Acc = typename Policy::Acc;
+  const int64_t bytes = SharedLayout<Policy>::kForwardBytes;
+  const bool resident = keeps_resident<Policy>(p.d, bytes);
+  return launch(triplet_margin_forward_kernel<Policy>, dim3(blocks(p.n)), resident_bytes<Policy>(bytes, resident),
+                stream, p, slots, static_cast<Acc*>(stats), static_cast<Acc*>(table), static_cast<Acc*>(weights),
+                resident);
+}
+
 // The pair value's slope bound |dv/ds| (a distance's plain form: 2^11 keeps 1 / (2 v) in range down to distances of
 // about 2.4e-4, where a 16-bit operand's rounding dominates anyway).
 template <class Acc>
@@ -328,11 +446,20 @@ __device__ __forceinline__ Acc pair_value_slope(int pair) {
 
 // Per row, a bound of |dL/dv_ij| from the upstream gradients g of its statistics: the log-sum-exp kinds
 // (g1 + g2) |b| (2 + |a|) + g3 (a softmax weight times a logit's slope; Circle's |v| <= 1), NT-Xent
-// |b| (g1 (1 + W) + g2) times its angular margin's slope bound, Contrastive g1 + g2.
+// |b| (g1 (1 + W) + g2) times its angular margin's slope bound, Contrastive g1 + g2, the triplet margin loss g1 times
+// the larger of K (a negative's slopes, at most 1 per slot) and the row's largest weight (a positive's).
 template <class Acc>
 __device__ __forceinline__ Acc pair_gradient_bound(const CudaPairRowsBackwardParams& bp, int64_t row) {
   const CudaPairRowsParams& p = bp.pair;
   const auto* grad = static_cast<const Acc*>(bp.grad);
+  if (p.kind == kTripletMargin) {
+    const int64_t width = bp.triplet.slot_count;
+    const Acc* weights = static_cast<const Acc*>(bp.weights) + row * width;
+    Acc largest = static_cast<Acc>(width);
+    for (int64_t r = 0; r < width; ++r)
+      largest = weights[r] > largest || weights[r] != weights[r] ? weights[r] : largest;
+    return std::fabs(grad[row]) * largest;
+  }
   const auto* stats = static_cast<const Acc*>(bp.stats);
   const Acc g1 = std::fabs(grad[row]), g2 = std::fabs(grad[p.n + row]), g3 = std::fabs(grad[2 * p.n + row]);
   const Acc a = std::fabs(static_cast<Acc>(p.a)), b = std::fabs(static_cast<Acc>(p.b));
@@ -420,6 +547,15 @@ int lse_rows_forward(const CudaPairRowsParams& p, void* stats, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return with_policy(p.operand, cudaErrorInvalidValue,
                      [&](auto policy) { return forward<decltype(policy)>(p, stats, s); });
+}
+
+int triplet_margin_forward(const CudaPairRowsParams& p, const CudaTripletSlots& slots, void* stats, void* table,
+                           void* weights, void* stream) {
+  if (p.n == 0) return cudaSuccess;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_policy(p.operand, cudaErrorInvalidValue, [&](auto policy) {
+    return triplet_forward<decltype(policy)>(p, slots, stats, table, weights, s);
+  });
 }
 
 int lse_rows_backward(const CudaPairRowsBackwardParams& bp, void* stream) {

@@ -171,9 +171,51 @@ bool atomic_pass_fits(Operand operand, int64_t d, int64_t shared_limit) {
          cuda::backward_shared_bytes(operand, true, d) <= shared_limit;
 }
 
-// (dX, dY) in the rows' dtype; an unneeded gradient has 0 rows; without y (the references are the queries) dX holds
-// the whole gradient. Deterministic unless asked otherwise (Python folds torch's deterministic mode into
-// `deterministic`): then dY comes from the dX pass through atomics (one pass instead of two).
+// The engine's backward passes (cuda::lse_rows_backward) for the kind's inputs in `backward` (pair, grad, stats; the
+// triplet margin kind's slots, table and weights), which the caller's tensors keep alive: (dX, dY) in the rows'
+// dtype; an unneeded gradient has 0 rows; without y (the references are the queries) dX holds the whole gradient.
+// Deterministic unless asked otherwise (Python folds torch's deterministic mode into `deterministic`): then dY comes
+// from the dX pass through atomics (one pass instead of two).
+std::tuple<Tensor, Tensor> engine_backward(const char* op, const glue::Rows& rows, CudaPairRowsBackwardParams backward,
+                                           bool deterministic, bool need_dx, bool need_dy) {
+  const auto& [x, y, x_labels, y_labels, same] = rows;
+  const ScalarType acc = accumulation_type(x);
+  if (same) need_dx = need_dx || need_dy, need_dy = false;
+  const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
+  // Atomics only where they save products: both gradients wanted (dY alone is one deterministic pass already) and D
+  // within one atomic block's span (3 matmul-equivalents instead of 4).
+  const Operand operand = backward.pair.operand;
+  const bool atomic =
+      !deterministic && need_dx && (need_dy || same) && atomic_pass_fits(operand, x.size(1), shared_limit);
+  const int64_t shared_bytes = cuda::backward_shared_bytes(operand, atomic, x.size(1));
+  STD_TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_", op, ": the ", x.scalar_type(),
+                  " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU allows ",
+                  shared_limit, "; use float32 rows or backend='triton'");
+  // The atomic pass adds into zeros; the deterministic passes write every element.
+  const auto buffer = [&](int64_t count, bool zeroed) {
+    const std::array<int64_t, 2> sizes{count, x.size(1)};
+    return zeroed ? torch::stable::new_zeros(x, sizes, acc) : uninitialized(x, sizes, acc);
+  };
+  Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
+  Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
+  // fp16 operands: the power of two that keeps dS r_i r_j within fp16's range (params.h), written by the kernels
+  std::optional<Tensor> gradient_scale;
+  if (operand == Operand::kFloat16) gradient_scale = uninitialized(x, {1}, acc);
+  // With no pairs (N, M or D zero) the gradients are zeros and no kernel runs.
+  if (x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0 && (need_dx || need_dy)) {
+    backward.dx = need_dx ? dx.mutable_data_ptr() : nullptr;
+    backward.dy = need_dy || same ? dy.mutable_data_ptr() : nullptr;
+    backward.accumulate_dy = same;
+    backward.atomic = atomic;
+    backward.gradient_scale = gradient_scale ? gradient_scale->mutable_data_ptr() : nullptr;
+    check_launch(cuda::lse_rows_backward(backward, current_stream(x)), op);
+  } else {
+    torch::stable::zero_(dx), torch::stable::zero_(dy);
+  }
+  Tensor dy_out = same ? torch::stable::new_empty(x, {0, x.size(1)}) : torch::stable::to(dy, y.scalar_type());
+  return {torch::stable::to(dx, x.scalar_type()), dy_out};
+}
+
 std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor& stats_in, const Tensor& x_in,
                                              const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
                                              const Tensor& y_labels_in, int64_t self_offset, int64_t kind,
@@ -184,50 +226,104 @@ std::tuple<Tensor, Tensor> lse_rows_backward(const Tensor& grad_in, const Tensor
   const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
   check_cuda(rows);
   glue::check_row_state(grad_in, stats_in, rows);
-  const auto& [x, y, x_labels, y_labels, same] = rows;
-  const OnDeviceOf on_device_of(x);
-  const ScalarType acc = accumulation_type(x);
+  const OnDeviceOf on_device_of(rows.x);
+  const ScalarType acc = accumulation_type(rows.x);
   const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
   const Tensor stats = torch::stable::contiguous(torch::stable::to(stats_in, acc));
-  if (same) need_dx = need_dx || need_dy, need_dy = false;
   const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize || glue::needs_norms(pair_value));
-  const CudaPairRowsParams params =
-      make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32);
-  const int64_t shared_limit = cuda::shared_bytes_per_block(x.get_device_index());
-  // Atomics only where they save products: both gradients wanted (dY alone is one deterministic pass already) and D
-  // within one atomic block's span (3 matmul-equivalents instead of 4).
-  const bool atomic = !deterministic && need_dx && (need_dy || same) &&
-                      atomic_pass_fits(params.operand, x.size(1), shared_limit);
-  const int64_t shared_bytes = cuda::backward_shared_bytes(params.operand, atomic, x.size(1));
-  STD_TORCH_CHECK(shared_bytes <= shared_limit, "metric_kernels::", kPrefix, "_lse_rows_backward: the ",
-                  x.scalar_type(), " backward needs ", shared_bytes, " bytes of shared memory per block and this GPU ",
-                  "allows ", shared_limit, "; use float32 rows or backend='triton'");
-  // The atomic pass adds into zeros; the deterministic passes write every element.
-  const auto buffer = [&](int64_t rows, bool zeroed) {
-    const std::array<int64_t, 2> sizes{rows, x.size(1)};
-    return zeroed ? torch::stable::new_zeros(x, sizes, acc) : uninitialized(x, sizes, acc);
-  };
-  Tensor dx = buffer(need_dx ? x.size(0) : 0, atomic && same);
-  Tensor dy = same ? dx : buffer(need_dy ? y.size(0) : 0, atomic);
-  // fp16 operands: the power of two that keeps dS r_i r_j within fp16's range (params.h), written by the kernels
-  std::optional<Tensor> gradient_scale;
-  if (params.operand == Operand::kFloat16) gradient_scale = uninitialized(x, {1}, acc);
-  // With no pairs (N, M or D zero) the gradients are zeros and no kernel runs.
-  if (x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0 && (need_dx || need_dy)) {
-    CudaPairRowsBackwardParams backward{params,
-                                        grad.const_data_ptr(),
-                                        stats.const_data_ptr(),
-                                        need_dx ? dx.mutable_data_ptr() : nullptr,
-                                        need_dy || same ? dy.mutable_data_ptr() : nullptr,
-                                        same,
-                                        atomic,
-                                        gradient_scale ? gradient_scale->mutable_data_ptr() : nullptr};
-    check_launch(cuda::lse_rows_backward(backward, current_stream(x)), "lse_rows_backward");
-  } else {
-    torch::stable::zero_(dx), torch::stable::zero_(dy);
-  }
-  Tensor dy_out = same ? torch::stable::new_empty(x, {0, x.size(1)}) : torch::stable::to(dy, y.scalar_type());
-  return {torch::stable::to(dx, x.scalar_type()), dy_out};
+  CudaPairRowsBackwardParams backward{};
+  backward.pair = make_params(rows, norms, self_offset, kind, pair_value, a, b, normalize, allow_tf32);
+  backward.grad = grad.const_data_ptr();
+  backward.stats = stats.const_data_ptr();
+  return engine_backward("lse_rows_backward", rows, backward, deterministic, need_dx, need_dy);
+}
+
+// One int64 entry per row of `count` (`name` of op `op`) on the rows' device, contiguous.
+Tensor index_vector(const Tensor& t, const Tensor& x, int64_t count, const char* name, const char* op) {
+  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Long && t.dim() == 1 && t.size(0) == count &&
+                      t.device() == x.device(),
+                  op, ": ", name, " must be an int64 vector of ", count, " entries on the rows' device");
+  return torch::stable::contiguous(t);
+}
+
+// max(slots), the positive table's width: one value read back to the host.
+int64_t slot_count_of(const Tensor& slots) {
+  if (slots.size(0) == 0) return 0;
+  const Tensor largest = torch::stable::to(torch::stable::amax(slots, 0),
+                                           torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  const int64_t width = *largest.const_data_ptr<int64_t>();
+  STD_TORCH_CHECK(width >= 0, "triplet_margin_rows: slots must be positive_slots' counts, not negative");
+  return width;
+}
+
+// (stats [2, N], table [N, K], weights [N, K]) in the accumulation type with K = max(slots) (metric_kernels/_fused.py):
+// the rows raw in their own dtype, normalised inside with `normalize`, as for lse_rows. The kernels index the table
+// with rank, and skip (rather than write past it) a rank outside it: unlike the CPU op, this one does not read the
+// labels back to check that slots and rank are positive_slots'. The forward is deterministic whatever
+// `deterministic` says (each block owns its anchors' rows).
+std::tuple<Tensor, Tensor, Tensor> triplet_margin_rows(const Tensor& x_in, const std::optional<Tensor>& y_in,
+                                                       const Tensor& x_labels_in, const Tensor& y_labels_in,
+                                                       int64_t self_offset, int64_t pair_value, double margin,
+                                                       bool smooth, const Tensor& slots_in, const Tensor& rank_in,
+                                                       bool deterministic, bool normalize, bool allow_tf32) {
+  constexpr const char* kOp = "triplet_margin_rows";
+  glue::check_pair_value(pair_value, kOp);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cuda(rows);
+  const Tensor& x = rows.x;
+  const OnDeviceOf on_device_of(x);
+  const Tensor slots = index_vector(slots_in, x, x.size(0), "slots", kOp);
+  const Tensor rank = index_vector(rank_in, x, rows.y.size(0), "rank", kOp);
+  const int64_t width = slot_count_of(slots);
+  const ScalarType acc = accumulation_type(x);
+  Tensor stats = uninitialized(x, {2, x.size(0)}, acc);
+  Tensor table = uninitialized(x, {x.size(0), width}, acc);
+  Tensor weights = uninitialized(x, {x.size(0), width}, acc);
+  const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize || glue::needs_norms(pair_value));
+  check_launch(cuda::triplet_margin_forward(
+                   make_params(rows, norms, self_offset, kTripletMargin, pair_value, margin, 0.0, normalize,
+                               allow_tf32),
+                   CudaTripletSlots{rank.const_data_ptr<int64_t>(), width, smooth}, stats.mutable_data_ptr(),
+                   table.mutable_data_ptr(), weights.mutable_data_ptr(), current_stream(x)),
+               kOp);
+  return {stats, table, weights};
+}
+
+// (dX, dY) of sum_a grad[a] stats[0, a] by the engine's backward passes with the triplet margin kind's dS
+// (engine_backward).
+std::tuple<Tensor, Tensor> triplet_margin_rows_backward(const Tensor& grad_in, const Tensor& table_in,
+                                                        const Tensor& weights_in, const Tensor& x_in,
+                                                        const std::optional<Tensor>& y_in, const Tensor& x_labels_in,
+                                                        const Tensor& y_labels_in, int64_t self_offset,
+                                                        int64_t pair_value, bool smooth, const Tensor& rank_in,
+                                                        bool deterministic, bool need_dx, bool need_dy,
+                                                        bool normalize, bool allow_tf32) {
+  constexpr const char* kOp = "triplet_margin_rows_backward";
+  glue::check_pair_value(pair_value, kOp);
+  const glue::Rows rows = glue::prepare_rows(x_in, y_in, x_labels_in, y_labels_in);
+  check_cuda(rows);
+  const Tensor& x = rows.x;
+  const int64_t n = x.size(0);
+  STD_TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == n && grad_in.device() == x.device(), kOp,
+                  ": grad must be a vector of N = ", n, " entries on the rows' device");
+  STD_TORCH_CHECK(table_in.dim() == 2 && table_in.size(0) == n && weights_in.dim() == 2 && weights_in.size(0) == n &&
+                      weights_in.size(1) == table_in.size(1) && table_in.device() == x.device() &&
+                      weights_in.device() == x.device(),
+                  kOp, ": table and weights must be the forward's, N x K on the rows' device (N = ", n, ")");
+  const OnDeviceOf on_device_of(x);
+  const Tensor rank = index_vector(rank_in, x, rows.y.size(0), "rank", kOp);
+  const ScalarType acc = accumulation_type(x);
+  const Tensor grad = torch::stable::contiguous(torch::stable::to(grad_in, acc));
+  const Tensor table = torch::stable::contiguous(torch::stable::to(table_in, acc));
+  const Tensor weights = torch::stable::contiguous(torch::stable::to(weights_in, acc));
+  const SquaredNorms norms = squared_norms(rows.x, rows.y, rows.same, normalize || glue::needs_norms(pair_value));
+  CudaPairRowsBackwardParams backward{};
+  backward.pair = make_params(rows, norms, self_offset, kTripletMargin, pair_value, 0.0, 0.0, normalize, allow_tf32);
+  backward.grad = grad.const_data_ptr();
+  backward.triplet = CudaTripletSlots{rank.const_data_ptr<int64_t>(), table.size(1), smooth};
+  backward.table = table.const_data_ptr();
+  backward.weights = weights.const_data_ptr();
+  return engine_backward(kOp, rows, backward, deterministic, need_dx, need_dy);
 }
 
 Tensor batch_hard_select(const Tensor& x_in, const Tensor& y_in, const Tensor& x_labels_in, const Tensor& y_labels_in,
@@ -441,6 +537,8 @@ Tensor work_counters(bool reset) {
 STABLE_TORCH_LIBRARY_FRAGMENT(metric_kernels, m) {
   metric_kernels::glue::define_fused_ops(m, metric_kernels::kPrefix, ", bool normalize=True, bool allow_tf32=False");
   metric_kernels::glue::define_margin_softmax_ops(m, metric_kernels::kPrefix, ", bool allow_tf32=False");
+  metric_kernels::glue::define_triplet_margin_ops(m, metric_kernels::kPrefix,
+                                                  ", bool normalize=True, bool allow_tf32=False");
   const std::string prefix = metric_kernels::kPrefix;
   m.def((prefix + "_triplet_distances(Tensor x, Tensor? y, Tensor positive, Tensor negative, bool normalize=True) "
                   "-> Tensor").c_str());
@@ -462,6 +560,9 @@ STABLE_TORCH_LIBRARY_IMPL(metric_kernels, METRIC_KERNELS_OPS_DISPATCH, m) {
   m.impl((prefix + "_margin_softmax_rows").c_str(), TORCH_BOX(&metric_kernels::margin_softmax_rows));
   m.impl((prefix + "_margin_softmax_rows_backward").c_str(),
          TORCH_BOX(&metric_kernels::margin_softmax_rows_backward));
+  m.impl((prefix + "_triplet_margin_rows").c_str(), TORCH_BOX(&metric_kernels::triplet_margin_rows));
+  m.impl((prefix + "_triplet_margin_rows_backward").c_str(),
+         TORCH_BOX(&metric_kernels::triplet_margin_rows_backward));
 }
 
 #ifdef METRIC_KERNELS_HOST_EMULATION
