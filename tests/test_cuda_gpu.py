@@ -70,6 +70,15 @@ def test_losses_on_shared_kernels(loss, dtype):
     _compare("cuda", loss, leaves, labels, y_labels, offset, dtype)
 
 
+@pytest.mark.parametrize("smooth_loss", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("refs", ["self", "ref_emb", "self_offset"])
+def test_triplet_margin_matches_reference(refs, dtype, smooth_loss):
+    """The triplet margin loss's own forward kernel (tests/test_triplet_margin.py runs it emulated)."""
+    leaves, labels, y_labels, offset = _on_cuda(*_pair_inputs(13, 130, 150, 64, 5, refs, None))
+    _compare("cuda", "triplet_margin", leaves, labels, y_labels, offset, dtype, smooth_loss=smooth_loss)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (100, 7, 33), (150, 70, 130)])
 def test_proxy_anchor_matches_reference(shape, dtype):

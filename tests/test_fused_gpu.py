@@ -38,10 +38,12 @@ def backend(request):
             pytest.fail(f"backend 'cuda' is required here but unusable: {reason}")
         pytest.skip(f"backend {name!r} is unusable here: {reason}")
     return name
-# the tuplet margin loss: NT-Xent's kernels through the angular margin's branch
-LOSSES = ["circle", "supcon", "batch_hard_triplet", "proxy_anchor", "tuplet_margin"]
+# the tuplet margin loss: NT-Xent's kernels through the angular margin's branch; the triplet margin loss: its own
+# forward kernels and the engine's backward with its kind
+LOSSES = ["circle", "supcon", "batch_hard_triplet", "proxy_anchor", "tuplet_margin", "triplet_margin"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.1), "tuplet_margin": dict(scale=32.0),
-          "batch_hard_triplet": dict(margin=0.2), "proxy_anchor": dict(margin=0.1, alpha=32.0)}
+          "batch_hard_triplet": dict(margin=0.2), "proxy_anchor": dict(margin=0.1, alpha=32.0),
+          "triplet_margin": dict(margin=0.2, smooth_loss=True)}
 
 
 @contextlib.contextmanager
