@@ -66,6 +66,16 @@ def test_degenerate_labels(backend, labels):
                      smooth_loss=smooth_loss)
 
 
+@backend_param
+def test_small_batch_against_a_memory_bank(backend):
+    """A few queries against many references: Triton splits the references over programs (5 splits here, under the
+    interpreter's stand-in SM count) and adds their partial sums and weights."""
+    leaves, labels, y_labels, offset, _ = _pair_inputs(21, 20, 600, 16, classes=6, refs="self_offset", dtype=None)
+    for smooth_loss in (False, True):
+        _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, torch.float64, smooth_loss=smooth_loss)
+    _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @backend_param
 def test_half_inputs(backend, dtype):

@@ -438,40 +438,43 @@ def _table_column(table_ptr, rows, N, SLOTS, slot):
 @triton.jit
 def triplet_margin_positives(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, rank_ptr, table_ptr,
                              N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, params_ptr, SLOTS,
-                             N_BUCKET, M_BUCKET, ALIGNED,
+                             SPLIT, N_BUCKET, M_BUCKET, ALIGNED,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                              PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr):
     """The triplet margin loss's first sweep: BLOCK_M anchors' rows of the positive table, table[a, rank[p]] =
     margin - v_ap (the table arrives filled with -inf: the anchor's own slot and the slots past its class's size stay
-    so). params: (margin, smooth_loss)."""
+    so), for the references of split program_id(1) of SPLIT (their slots: disjoint). params: (margin, smooth_loss)."""
     margin, _ = _load_params(params_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
     x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
-    for n0 in range(0, M, BLOCK_N):
+    start, stop = _column_range(tl.program_id(1), M, SPLIT, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
         value, positive, negative = _forward_tile(
-            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, M,
+            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, stop,
             D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
             PRECISION, PAIR_VALUE, NORMALIZE)
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        rank = tl.load(rank_ptr + cols, mask=cols < M, other=0)
+        rank = tl.load(rank_ptr + cols, mask=cols < stop, other=0)
         tl.store(table_ptr + rows[:, None] * SLOTS + rank[None, :], margin - value, mask=positive)
 
 
 @triton.jit
 def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labels_ptr, table_ptr,
                            weights_ptr, stats_ptr, N, M, D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset,
-                           SLOTS, N_BUCKET, M_BUCKET, ALIGNED,
+                           SLOTS, SPLIT, N_BUCKET, M_BUCKET, ALIGNED,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            FULL_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                            PAIR_VALUE: tl.constexpr, NORMALIZE: tl.constexpr, SMOOTH: tl.constexpr):
     """The triplet margin loss's second sweep, for BLOCK_M anchors against their rows of the positive table
     (triplet_margin_positives): for every negative n and slot r the violation z = v_an + table[a, r] goes into
     stats[0, a] (the sum of the triplet losses), stats[1, a] (how many are nonzero) and weights[a, r] (the sum of
-    the slopes over the negatives: the positive's gradient), which the program owns."""
+    the slopes over the negatives: the positive's gradient), over the references of split program_id(1) of SPLIT:
+    stats [SPLIT, 2, N] and weights [SPLIT, N, SLOTS] hold each split's partial sums, which the program owns."""
+    split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
@@ -479,9 +482,11 @@ def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y
     x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
     loss = tl.zeros((BLOCK_M,), ACC)
     nonzero = tl.zeros((BLOCK_M,), ACC)
-    for n0 in range(0, M, BLOCK_N):
+    weights_ptr += split.to(tl.int64) * N * SLOTS
+    start, stop = _column_range(split, M, SPLIT, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
         value, positive, negative = _forward_tile(
-            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, M,
+            x_ptr, y_ptr, y_norm_ptr, y_labels_ptr, x_tile, x_labels, x_inverse, x_length2, rows, dims, n0, N, stop,
             D, stride_xn, stride_xd, stride_yn, stride_yd, self_offset, BLOCK_M, BLOCK_N, BLOCK_D, FULL_D, ACC,
             PRECISION, PAIR_VALUE, NORMALIZE)
         negative_value = tl.where(negative, value, float("-inf"))
@@ -494,8 +499,9 @@ def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y
             nonzero += counted
             at = weights_ptr + rows * SLOTS + slot
             tl.store(at, tl.load(at, mask=rows < N, other=0.0) + slope, mask=rows < N)
-    tl.store(stats_ptr + rows, loss, mask=rows < N)
-    tl.store(stats_ptr + N + rows, nonzero, mask=rows < N)
+    out = stats_ptr + split.to(tl.int64) * 2 * N + rows
+    tl.store(out, loss, mask=rows < N)
+    tl.store(out + N, nonzero, mask=rows < N)
 
 
 @triton.jit

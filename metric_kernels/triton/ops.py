@@ -553,6 +553,7 @@ def atomic_backward(kind: int, element_size: int, block_d_: int, full_d: bool) -
 
 
 _TRIPLET_KEY = [key for key in _KEY if key != "KIND"]
+_TRIPLET_PARTIAL_ELEMENTS = 1 << 24  # the split forward's partial weights: at most 64 MiB in fp32
 _triplet_positives = triton.autotune(_configs(), key=_TRIPLET_KEY, prune_configs_by=_pruner("positives")
                                      )(_lse_kernels.triplet_margin_positives)
 _triplet_margin = triton.autotune(_configs(), key=_TRIPLET_KEY + ["SMOOTH"], prune_configs_by=_pruner("triplets"),
@@ -565,30 +566,37 @@ def triplet_margin_rows(x: torch.Tensor, y: Optional[torch.Tensor], x_labels: to
                         rank: torch.Tensor, deterministic: bool,
                         normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stats [2, N], table [N, K], weights [N, K]) of the triplet margin loss over every triplet, on the raw rows
-    (metric_kernels/_fused.py): two sweeps over the references, one program per row block each, the positives' table
-    (_lse_kernels.triplet_margin_positives), then the negatives against it (triplet_margin_forward). K = max(slots):
-    a host synchronisation."""
+    (metric_kernels/_fused.py): two sweeps over the references, the positives' table
+    (_lse_kernels.triplet_margin_positives), then the negatives against it (triplet_margin_forward), each over row
+    blocks x splits of the references (reference_splits), the splits' partial sums added in a fixed order.
+    K = max(slots): a host synchronisation."""
     y = x if y is None else y
     x, y = _kernel_rows(x, y)
     n, m = x.shape[0], y.shape[0]
     acc_dtype = stats_dtype(x.dtype)
     slot_count = int(slots.max()) if n else 0
-    stats = torch.zeros((2, n), dtype=acc_dtype, device=x.device)
     table = torch.full((n, slot_count), float("-inf"), dtype=acc_dtype, device=x.device)
-    weights = torch.zeros((n, slot_count), dtype=acc_dtype, device=x.device)
     if n == 0 or m == 0 or slot_count == 0:
-        return stats, table, weights
+        return (torch.zeros((2, n), dtype=acc_dtype, device=x.device), table,
+                torch.zeros((n, slot_count), dtype=acc_dtype, device=x.device))
     x_norms, y_norms = _norms_of(x, y)
+    # the references split as the other losses' (a small batch against a memory bank), each split's weights a
+    # partial N x K block, at most _TRIPLET_PARTIAL_ELEMENTS of them
+    splits = max(1, min(reference_splits(n, m, x.device), _TRIPLET_PARTIAL_ELEMENTS // (n * slot_count)))
+    stats = torch.zeros((splits, 2, n), dtype=acc_dtype, device=x.device)
+    weights = torch.zeros((splits, n, slot_count), dtype=acc_dtype, device=x.device)
     sizes, constexprs = _shape_args(x, y)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
     rows = (x, y, x_norms, y_norms, x_labels, y_labels)
     options = dict(PAIR_VALUE=pair_value, NORMALIZE=normalize, **constexprs)
     with _device_guard(x):
         _triplet_positives[grid](*rows, rank, table, *sizes, self_offset, loss_params(margin, float(smooth), x),
-                                 slot_count, *tuning_key(x, y), **options)
-        _triplet_margin[grid](*rows, table, weights, stats, *sizes, self_offset, slot_count, *tuning_key(x, y),
-                              SMOOTH=smooth, **options)
-    return stats, table, weights
+                                 slot_count, splits, *tuning_key(x, y), **options)
+        _triplet_margin[grid](*rows, table, weights, stats, *sizes, self_offset, slot_count, splits,
+                              *tuning_key(x, y), SMOOTH=smooth, **options)
+    if splits == 1:
+        return stats[0], table, weights[0]
+    return stats.sum(dim=0), table, weights.sum(dim=0)  # in split order: deterministic
 
 
 @torch.library.custom_op("metric_kernels::triton_triplet_margin_rows_backward", mutates_args=())
