@@ -15,6 +15,9 @@ A backend is a module that exposes
     margin_softmax_rows(x, weight, labels, *, scale, sub_centers, deterministic, normalize_x=True,
                         normalize_w=True, pool_scale=0.0) -> (Tensor[N], Tensor[N])
 
+    triplet_margin_rows(x, y, x_labels, y_labels, self_offset, *, margin, smooth, deterministic)
+        -> (Tensor[N], Tensor[N])   (per query the sum of its triplets' losses and how many are nonzero)
+
 (ntxent_rows and contrastive_rows return per-query sums and counts, see metric_kernels/_fused.py.) A backend may
 lack some of them: "auto" then passes over it for that loss.
 x and y arrive validated, normalised where the loss says so, in the compute dtype (float32 for half inputs), with N > 0
