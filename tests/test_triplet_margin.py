@@ -76,6 +76,30 @@ def test_small_batch_against_a_memory_bank(backend):
     _compare(backend, "triplet_margin", leaves, labels, y_labels, offset, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("smooth_loss", [False, True])
+def test_a_violation_of_exactly_zero_is_pmls(backend, smooth_loss):
+    """A positive and a negative at the same point with margin 0: that triplet's violation is exactly 0, where
+    torch.relu's slope is 0 (and the softplus's 1/2). Equal to PML, values and gradients, in float64."""
+    from pytorch_metric_learning import losses
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    x[2] = x[1]
+    labels = torch.tensor([0, 0, 1, 1, 2, 0, 2, 1, 2])
+    leaf = x.clone().requires_grad_()
+    ours = mk.triplet_margin_loss(leaf, labels, margin=0.0, smooth_loss=smooth_loss, distance="dot",
+                                  normalize_embeddings=False, reduction="sum", backend=backend)
+    (ours_grad,) = torch.autograd.grad(ours, leaf)
+    from pytorch_metric_learning import distances, reducers
+    theirs_leaf = x.clone().requires_grad_()
+    theirs = losses.TripletMarginLoss(margin=0.0, smooth_loss=smooth_loss, reducer=reducers.SumReducer(),
+                                      distance=distances.DotProductSimilarity(normalize_embeddings=False))(
+        theirs_leaf, labels)
+    (theirs_grad,) = torch.autograd.grad(theirs, theirs_leaf)
+    assert_rel_close(ours, theirs, 1e-12, "value")
+    assert_rel_close(ours_grad, theirs_grad, 1e-12, "gradient")
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @backend_param
 def test_half_inputs(backend, dtype):
