@@ -40,3 +40,21 @@ def positive_slots(x_labels: torch.Tensor, y_labels: torch.Tensor) -> Tuple[torc
     slots = (torch.searchsorted(sorted_labels, x_labels, right=True)
              - torch.searchsorted(sorted_labels, x_labels, right=False))
     return slots, rank
+
+
+def positive_pairs(x_labels: torch.Tensor, y_labels: torch.Tensor,
+                   self_offset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, positives): every positive pair (query i, reference j with its label, j != i + self_offset), in the
+    order torch.where lists PML's match matrix (by query, then reference index). O((N + M) log M + P) without an
+    N x M mask; P, the pairs' count, is read back to size the result."""
+    sorted_labels, order = torch.sort(y_labels, stable=True)
+    start = torch.searchsorted(sorted_labels, x_labels, right=False)
+    count = torch.searchsorted(sorted_labels, x_labels, right=True) - start
+    anchors = torch.repeat_interleave(torch.arange(x_labels.shape[0], device=x_labels.device), count)
+    first = torch.cumsum(count, 0) - count  # each query's first pair
+    within = torch.arange(anchors.shape[0], device=anchors.device) - first[anchors]
+    positives = order[start[anchors] + within]
+    if self_offset is not None:
+        keep = positives != anchors + self_offset
+        anchors, positives = anchors[keep], positives[keep]
+    return anchors, positives

@@ -71,6 +71,7 @@ SUPPORTED_DISTANCES = {
     "BatchHardTripletLoss": (EUCLIDEAN, DistanceSpec("lp", power=1, normalize=False)),
     "NTXentLoss": (COSINE, NORMALIZED_DOT, RAW_DOT) + LP_DISTANCES,
     "TupletMarginLoss": (COSINE,),  # PML's asserts a CosineSimilarity
+    "AngularLoss": (EUCLIDEAN,),  # PML's asserts LpDistance(p=2, power=1, normalize_embeddings=True)
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
     "GeneralizedLiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "MarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
@@ -109,7 +110,7 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
 #              per query PML keeps, see functional.nca_loss);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
-#   "pair":    one loss per positive pair (NT-Xent, tuplet margin), or per positive and per negative pair
+#   "pair":    one loss per positive pair (NT-Xent, tuplet margin, angular), or per positive and per negative pair
 #              (Contrastive);
 #   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default;
 #   "all_triplets": TripletMarginLoss, one loss per triplet of all the batch's triplets, AvgNonZeroReducer's default.
@@ -117,6 +118,7 @@ LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarity
               "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
               "BatchHardTripletLoss": "triplet", "MarginLoss": "margin",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
+              "AngularLoss": "pair",
               "ContrastiveLoss": "pair", "TripletMarginLoss": "all_triplets",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from ._pairs import SIMILARITY, pair_counts
+from ._pairs import SIMILARITY, pair_counts, positive_pairs
 from ._row_epilogues import NORM_EPS, nca_from_stats, stats_dtype
 from .backends import check_backend_name, resolve
 
@@ -336,6 +336,90 @@ def tuplet_margin_rows_params(margin_radians: float, scale: float) -> dict:
     """ntxent_rows' keywords for the tuplet margin loss: NT-Xent's with 1 / temperature = scale and the positives'
     angular margin."""
     return dict(temperature=1.0 / scale, angular_margin=margin_radians)
+
+
+class _GatheredDots(torch.autograd.Function):
+    """(x[anchors] * y[positives]).sum(1): saves x, y and the indices, not the two P x D gathers autograd keeps."""
+
+    @staticmethod
+    def forward(ctx, x, y, anchors, positives):
+        ctx.save_for_backward(x, y, anchors, positives)
+        return (x.index_select(0, anchors) * y.index_select(0, positives)).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, anchors, positives = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        dx = dy = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x).index_add_(0, anchors, grad * y.index_select(0, positives))
+        if ctx.needs_input_grad[1]:
+            dy = torch.zeros_like(y).index_add_(0, positives, grad * x.index_select(0, anchors))
+        return dx, dy, None, None
+
+
+def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self_offset, reduction, backend,
+                         deterministic):
+    """The angular loss of every positive pair: (losses [P], anchors, positives, x_labels, guard).
+
+    PML's form: with a, p the normalised anchor and positive and y_n the references as given (PML does not normalise
+    them here), log(1 + sum over a's negatives n of exp(4 tan^2(alpha) (a + p) . y_n - 2 (1 + tan^2(alpha)) a . p)).
+    The sum over n is NCA's log-sum-exp over the negatives with the pair's centre a + p as the query: every backend's
+    nca_rows computes it, P queries against the M references, and no P x M matrix is formed."""
+    alpha = check.check_real(alpha, "alpha")
+    if not 0 < alpha < 90:
+        raise ValueError(f"alpha must lie in (0, 90) degrees, got {alpha}")
+    references, reference_labels, self_offset = check.check_pair_inputs(
+        embeddings, labels, ref_emb, ref_labels, self_offset)
+    check.check_reduction(reduction)
+    check_backend_name(backend)
+    deterministic = check.check_deterministic(deterministic)
+    implementation = resolve(backend, embeddings.device, SIMILARITY, "nca_rows")
+    x_labels = labels.long().contiguous()
+    y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
+    guard = _nonfinite_guard(embeddings) if ref_emb is None else _nonfinite_guard(embeddings, references)
+    anchors, positives = positive_pairs(x_labels, y_labels, self_offset)
+    dtype = _compute_dtype(embeddings, references)
+    unit_x = _prepare(embeddings, dtype, True)
+    unit_y = unit_x if ref_emb is None else _prepare(references, dtype, True)
+    tan2 = math.tan(math.radians(alpha)) ** 2
+    pair_dots = _GatheredDots.apply(unit_x, unit_y, anchors, positives)
+    if anchors.shape[0] == 0:
+        return pair_dots, anchors, positives, x_labels, guard  # no pair: an empty loss vector, still in the graph
+    centres = unit_x.index_select(0, anchors) + unit_y.index_select(0, positives)
+    if _folds_normalization(implementation):
+        references = _raw_rows(embeddings, references)[1]  # as the kernels read rows: raw, in the inputs' dtype
+        centres, options = centres.to(references.dtype), dict(normalize=False)
+    else:
+        references, options = references.to(dtype), {}
+    _, lse_negative = implementation.nca_rows(centres, references, x_labels.index_select(0, anchors), y_labels, None,
+                                              softmax_scale=4 * tan2, deterministic=deterministic, **options)
+    logits = lse_negative.to(pair_dots.dtype) - 2 * (1 + tan2) * pair_dots
+    # log(1 + exp(l)) as PML's logsumexp with an added 0; no negative (l = -inf) gives 0, as PML's mask does
+    return torch.logaddexp(logits, torch.zeros_like(logits)), anchors, positives, x_labels, guard
+
+
+def _per_query_parts(losses, anchors, queries: int):
+    """_reduce_pairs' (sums, nonzero, pairs) of per-pair losses whose queries are `anchors`."""
+    sums = losses.new_zeros(queries).index_add(0, anchors, losses)
+    nonzero = torch.zeros(queries, dtype=torch.long, device=losses.device).index_add(0, anchors, (losses > 0).long())
+    pairs = torch.zeros(queries, dtype=torch.long, device=losses.device).index_add(
+        0, anchors, torch.ones_like(anchors))
+    return [(sums, nonzero, pairs)]
+
+
+def angular_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.0, self_offset=None,
+                 reduction="mean", backend="auto", deterministic=None, _per_anchor=False):
+    """Angular loss (Wang et al. 2017) with PML's semantics: one loss per positive pair (a, p),
+    log(1 + sum over a's negatives n of exp(4 tan^2(alpha) (x_a + x_p) . y_n - 2 (1 + tan^2(alpha)) x_a . x_p)),
+    alpha in degrees, x_a and x_p normalised, y_n the references as given (PML's AngularLoss does not normalise
+    them); 0 for a pair whose anchor has no negative. The default reduction is PML's MeanReducer ("mean" over every
+    positive pair); "mean_nonzero", "sum" and "none" (each query's sum over its pairs) as ntxent_loss's.
+    See docs/losses/angular.md."""
+    losses, anchors, _, x_labels, guard = _angular_pair_losses(
+        embeddings, labels, ref_emb, ref_labels, alpha=alpha, self_offset=self_offset, reduction=reduction,
+        backend=backend, deterministic=deterministic)
+    return _reduce_pairs(_per_query_parts(losses, anchors, x_labels.shape[0]), reduction, _per_anchor) + guard
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,

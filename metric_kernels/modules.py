@@ -470,6 +470,43 @@ class TupletMarginLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
+class AngularLoss(_PairLoss):
+    """PML's AngularLoss(alpha=40): see docs/losses/angular.md. alpha is in degrees, stored in degrees as given (PML
+    stores np.radians(alpha) as a tensor).
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
+    `reducer=` says (AvgNonZeroReducer, SumReducer; DoNothingReducer gives every positive pair's loss as a P x 1 column
+    with its (anchor, positive) indices, as PML's; PerAnchorReducer of one of them reduces each anchor's mean over its
+    pairs, as NTXentLoss's). PML's keywords: distance (LpDistance() only, as PML asserts), reducer,
+    embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "AngularLoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, alpha=40, *, reduction=None, backend="auto", deterministic=None, distance=None, reducer=None,
+                 embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.alpha = check.check_real(alpha, "alpha")
+        if not 0 < self.alpha < 90:
+            raise ValueError(f"alpha must lie in (0, 90) degrees, got {self.alpha}")
+
+    def _loss(self, *args, **kwargs):
+        if self._reducer_mode == "unreduced":
+            return functional._angular_pair_losses(*args, alpha=self.alpha, **kwargs)
+        return functional.angular_loss(*args, alpha=self.alpha, **_per_anchor(self, kwargs))
+
+    def _pml_dictionary(self, value):
+        losses, anchors, positives, _, guard = value
+        return {"loss": {"losses": (losses + guard).unsqueeze(1), "indices": (anchors, positives),
+                         "reduction_type": "pos_pair"}}
+
+    def extra_repr(self):
+        return f"alpha={self.alpha:g} degrees, reduction={self.reduction!r}, backend={self.backend!r}" + _keywords_repr(
+            self)
+
+
 class ContrastiveLoss(_PairLoss):
     """PML's ContrastiveLoss(pos_margin=0, neg_margin=1) on PML's default distance, LpDistance() (Euclidean on
     normalised rows): see docs/losses/contrastive.md.

@@ -59,6 +59,11 @@ def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, mar
                                                                                 ref_emb, ref_labels)
 
 
+def angular_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.0, indices_tuple=None, reducer=None):
+    losses, _, _ = _pml()
+    return losses.AngularLoss(alpha=alpha, reducer=reducer)(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
                      indices_tuple=None, reducer=None):
     losses, _, _ = _pml()

@@ -20,11 +20,11 @@ BLOCKS = 10
 TOL = 1e-10
 SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000,
              "ntxent": 400_000, "contrastive": 500_000, "generalized_lifted_structure": 700_000,
-             "tuplet_margin": 800_000, "triplet_margin": 900_000}
+             "tuplet_margin": 800_000, "triplet_margin": 900_000, "angular": 1_000_000}
 PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "tuplet_margin", "contrastive",
-               "generalized_lifted_structure", "triplet_margin"]
+               "generalized_lifted_structure", "triplet_margin", "angular"]
 # PML's default reducer for each loss: AvgNonZeroReducer, except MeanReducer for these (they keep the base class's)
-MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "tuplet_margin", "generalized_lifted_structure")
+MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "tuplet_margin", "generalized_lifted_structure", "angular")
 # PML's TupletMarginLoss takes each pair loss log(1 + e^x) as torch.logsumexp([x, 0]), the log of the rounded 1 + e^x:
 # an absolute error up to about an ulp of 1 (2.2e-16), which a pair loss of 1e-7 sees as 2e-9 relative. Ours is
 # log1p-accurate, so its values are judged against max(|PML's|, this floor) (4 ulps of 1 at TOL).
@@ -55,6 +55,8 @@ def _random_params(seed, loss):
         return dict(pos_margin=u(0.0, 0.6), neg_margin=u(0.4, 1.6))
     if loss == "triplet_margin":
         return dict(margin=u(-0.2, 0.6), smooth_loss=bool(torch.rand((), generator=g) < 0.5))
+    if loss == "angular":
+        return dict(alpha=u(10.0, 60.0))
     if loss == "generalized_lifted_structure":
         return dict(pos_margin=u(-0.5, 0.6), neg_margin=u(0.0, 2.5))
     if loss == "multi_similarity":
@@ -262,7 +264,7 @@ def _pml_query_sums(loss, case, params):
     return rows
 
 
-@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive", "triplet_margin"])
+@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive", "triplet_margin", "angular"])
 def test_pair_reduced_losses_match_every_pml_reducer(loss):
     """NT-Xent and Contrastive are reduced per pair in PML, TripletMarginLoss per triplet: AvgNonZeroReducer
     ("mean_nonzero"), MeanReducer ("mean") and SumReducer ("sum") over the pairs (triplets), each of Contrastive's
