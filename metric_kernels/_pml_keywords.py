@@ -110,15 +110,17 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
 #              per query PML keeps, see functional.nca_loss);
 #   "triplet": one loss per mined triplet, i.e. per query that has a positive and a negative (batch-hard triplet);
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
-#   "pair":    one loss per positive pair (NT-Xent, tuplet margin, angular), or per positive and per negative pair
+#   "pair":    one loss per positive pair (NT-Xent, tuplet margin), or per positive and per negative pair
 #              (Contrastive);
+#   "formed_pair": one loss per positive pair, which the loss forms (angular: O(N K) of them, K the largest class),
+#              so DoNothingReducer gets PML's per-pair losses;
 #   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default;
 #   "all_triplets": TripletMarginLoss, one loss per triplet of all the batch's triplets, AvgNonZeroReducer's default.
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
               "BatchHardTripletLoss": "triplet", "MarginLoss": "margin",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
-              "AngularLoss": "pair",
+              "AngularLoss": "formed_pair",
               "ContrastiveLoss": "pair", "TripletMarginLoss": "all_triplets",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element",
@@ -217,7 +219,7 @@ def _reducer_mode(owner: str, reducer, inner=None) -> str:
         mode = "mean" if name == "MeanReducer" else "sum"
         if loss_type == "triplet" and mode == "mean":
             mode = "mean_over_triplets"
-    elif name == "PerAnchorReducer" and loss_type == "pair" and inner is None:
+    elif name == "PerAnchorReducer" and loss_type in ("pair", "formed_pair") and inner is None:
         # each query's mean over its pairs (PML's default aggregation_func), then the inner reducer over the queries
         if reducer.aggregation_func is not getattr(sys.modules[type(reducer).__module__], "aggregation_func", None):
             raise _unsupported("reducer", reducer, owner, "only PerAnchorReducer's default aggregation_func (the "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import _validation as check
 from ._pairs import SIMILARITY, pair_counts, positive_pairs
-from ._row_epilogues import NORM_EPS, nca_from_stats, stats_dtype
+from ._row_epilogues import NORM_EPS, log_one_plus_exp_as_pml, nca_from_stats, stats_dtype
 from .backends import check_backend_name, resolve
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -395,8 +395,9 @@ def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self
     _, lse_negative = implementation.nca_rows(centres, references, x_labels.index_select(0, anchors), y_labels, None,
                                               softmax_scale=4 * tan2, deterministic=deterministic, **options)
     logits = lse_negative.to(pair_dots.dtype) - 2 * (1 + tan2) * pair_dots
-    # log(1 + exp(l)) as PML's logsumexp with an added 0; no negative (l = -inf) gives 0, as PML's mask does
-    return torch.logaddexp(logits, torch.zeros_like(logits)), anchors, positives, x_labels, guard
+    # rounded as PML's logsumexp with an added 0 (a term under half an ulp of 1 gives 0, which AvgNonZeroReducer
+    # leaves out); no negative (l = -inf) gives 0, as PML's mask does
+    return log_one_plus_exp_as_pml(logits), anchors, positives, x_labels, guard
 
 
 def _per_query_parts(losses, anchors, queries: int):
