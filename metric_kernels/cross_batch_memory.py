@@ -14,19 +14,19 @@ from torch import nn
 
 from . import _pml_keywords as keywords
 from . import _validation as check
-from .modules import (BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
+from .modules import (AngularLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
                       MultiSimilarityLoss, NCALoss, NTXentLoss, SupConLoss, TripletMarginLoss, TupletMarginLoss,
                       _labels_on, _no_miners)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-           TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, BatchHardTripletLoss)
+           TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, BatchHardTripletLoss)
 
 
 class CrossBatchMemory(nn.Module):
     """`CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` for CircleLoss, SupConLoss,
     MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss, TripletMarginLoss,
-    GeneralizedLiftedStructureLoss, MarginLoss,
-    NCALoss and BatchHardTripletLoss, as pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels,
+    GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss and BatchHardTripletLoss, as
+    pytorch-metric-learning's CrossBatchMemory: forward(embeddings, labels,
     indices_tuple=None, enqueue_mask=None). `supported_losses()` names the losses it takes, as PML's does.
 
     State (PML's names): `embedding_memory` (memory_size x embedding_size) and `label_memory` buffers, `queue_idx`
@@ -49,8 +49,7 @@ class CrossBatchMemory(nn.Module):
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
                             "TupletMarginLoss, ContrastiveLoss, TripletMarginLoss, GeneralizedLiftedStructureLoss, "
-                            "MarginLoss, NCALoss or "
-                            "BatchHardTripletLoss, got "
+                            "MarginLoss, NCALoss, AngularLoss or BatchHardTripletLoss, got "
                             f"{type(loss).__name__}")
         keywords.check_none("CrossBatchMemory", miner=miner)
         keywords.check_collect_stats("CrossBatchMemory", collect_stats)

@@ -43,6 +43,8 @@ def _losses(name, reducer=None):
                 losses.GeneralizedLiftedStructureLoss(0.9, 0.1, **kw), None)
     if name == "nca":
         return mk.NCALoss(softmax_scale=3.0, backend="reference", **kw), losses.NCALoss(softmax_scale=3.0, **kw), None
+    if name == "angular":
+        return mk.AngularLoss(35, backend="reference", **kw), losses.AngularLoss(35, **kw), None
     if name == "batch_hard":
         return (mk.BatchHardTripletLoss(margin=0.1, backend="reference", **kw),
                 losses.TripletMarginLoss(margin=0.1, **kw), miners.BatchHardMiner())
@@ -88,7 +90,8 @@ def _compare_sequence(name, memory_size, batches, seed, with_mask=False, reducer
 
 
 @pytest.mark.parametrize("name", ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
-                                  "triplet_margin", "lifted", "margin", "nca", "batch_hard", "batch_hard_soft"])
+                                  "triplet_margin", "lifted", "margin", "nca", "angular", "batch_hard",
+                                  "batch_hard_soft"])
 def test_matches_pml_through_fill_and_wrap_around(name):
     ours = _compare_sequence(name, 13, BATCHES, seed=1)
     assert ours.has_been_filled
@@ -96,7 +99,7 @@ def test_matches_pml_through_fill_and_wrap_around(name):
 
 @pytest.mark.parametrize("reducer", [reducers.MeanReducer, reducers.SumReducer])
 @pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
-                                  "lifted", "margin", "nca", "batch_hard"])
+                                  "lifted", "margin", "nca", "angular", "batch_hard"])
 def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
     """The loss's reducer= inside the memory: for batch-hard, MeanReducer averages over the queries that have a
     positive and a negative among the memory's other slots (PML's mined triplets)."""
@@ -108,7 +111,7 @@ def test_matches_pml_when_the_batch_fills_the_memory(name):
     _compare_sequence(name, 6, (6, 6, 4, 6), seed=2)  # whole memory each time; then a partial wrap
 
 
-@pytest.mark.parametrize("name", ["circle", "contrastive", "triplet_margin", "margin", "nca", "batch_hard"])
+@pytest.mark.parametrize("name", ["circle", "contrastive", "triplet_margin", "margin", "nca", "angular", "batch_hard"])
 def test_enqueue_mask_matches_pml(name):
     _compare_sequence(name, 11, (6, 8, 5, 7, 8), seed=3, with_mask=True)
 

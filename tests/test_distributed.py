@@ -141,6 +141,10 @@ def _cases(world):
             Case("proxy_nca", (6, 6), classes=5),
             Case("proxy_nca", (3, 8), "hand", classes=4, kwargs=dict(reducer=reducers.DoNothingReducer())),
             Case("proxy_nca", (2, 7), "joint", classes=4, kwargs=dict(softmax_scale=2.0)),
+            Case("angular", (5, 6), kwargs=dict(alpha=35)),
+            Case("angular", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
+            Case("angular", (4, 0), kwargs=dict(reduction="none")),
+            Case("angular", (6, 3), "hand", kwargs=dict(reducer=reducers.DoNothingReducer())),
         ]
     return [
         Case("circle", (4, 4, 4), kwargs=dict(m=0.4, gamma=80)),
@@ -168,6 +172,8 @@ def _cases(world):
         Case("nca", (2, 6, 3), kwargs=dict(reducer=reducers.AvgNonZeroReducer()), labels=(0, 4, 0, 1, 1, 2, 2, 1, 0,
                                                                                            5, 2)),
         Case("proxy_nca", (4, 0, 3), "hand", classes=3, kwargs=dict(reducer=reducers.SumReducer())),
+        Case("angular", (2, 6, 3), kwargs=dict(reduction="sum", alpha=50)),
+        Case("angular", (3, 0, 4), "hand", kwargs=dict(reducer=reducers.DoNothingReducer()), ref_sizes=(2, 4, 3)),
     ]
 
 
@@ -191,6 +197,8 @@ def _make_loss(case):
         return mk.BatchHardTripletLoss(**kwargs)
     if case.loss == "nca":
         return mk.NCALoss(**kwargs)
+    if case.loss == "angular":
+        return mk.AngularLoss(**kwargs)
     if case.loss == "lifted":
         return mk.GeneralizedLiftedStructureLoss(**kwargs)
     if case.loss == "margin":
@@ -296,6 +304,10 @@ def _assert_same_value(value, expected):
                 assert_rel_close(value[name][key], item, TOL, f"{name} losses")
             elif torch.is_tensor(item):
                 assert torch.equal(value[name][key], item), (name, key, value[name][key], item)
+            elif isinstance(item, tuple):  # a pair loss's (anchor, positive) indices
+                assert len(value[name][key]) == len(item), (name, key)
+                for ours, theirs in zip(value[name][key], item):
+                    assert torch.equal(ours, theirs), (name, key, ours, theirs)
             else:
                 assert value[name][key] == item, (name, key, value[name][key], item)
 
@@ -351,7 +363,7 @@ def test_global_batch_value_and_ddp_gradients(world, tmp_path):
 # Outside a process group ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
-                                  "batch_hard", "proxy_anchor"])
+                                  "angular", "batch_hard", "proxy_anchor"])
 def test_outside_a_process_group_it_is_the_plain_loss(name):
     assert not (dist.is_available() and dist.is_initialized())
     torch.manual_seed(0)

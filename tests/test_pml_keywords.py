@@ -500,7 +500,7 @@ def test_cross_batch_memory_supported_losses_mirror_pmls():
     assert mk.CrossBatchMemory.supported_losses() == ["CircleLoss", "SupConLoss", "MultiSimilarityLoss",
                                                       "NTXentLoss", "TupletMarginLoss", "ContrastiveLoss",
                                                       "TripletMarginLoss", "GeneralizedLiftedStructureLoss",
-                                                      "MarginLoss", "NCALoss", "BatchHardTripletLoss"]
+                                                      "MarginLoss", "NCALoss", "AngularLoss", "BatchHardTripletLoss"]
     # every one PML's takes too (batch-hard as PML's TripletMarginLoss with its BatchHardMiner)
     ours = set(mk.CrossBatchMemory.supported_losses()) - {"BatchHardTripletLoss"}
     assert ours <= set(losses.CrossBatchMemory.supported_losses())

@@ -35,6 +35,7 @@ PAIR = {
     "multi_similarity": (mk.MultiSimilarityLoss, losses.MultiSimilarityLoss, dict(alpha=2, beta=20, base=0.3)),
     "ntxent": (mk.NTXentLoss, losses.NTXentLoss, dict(temperature=0.3)),
     "tuplet_margin": (mk.TupletMarginLoss, losses.TupletMarginLoss, dict(margin=8.0, scale=10)),
+    "angular": (mk.AngularLoss, losses.AngularLoss, dict(alpha=35)),
     "contrastive": (mk.ContrastiveLoss, losses.ContrastiveLoss, dict(pos_margin=0.1, neg_margin=1.1)),
     "lifted": (mk.GeneralizedLiftedStructureLoss, losses.GeneralizedLiftedStructureLoss,
                dict(neg_margin=0.9, pos_margin=0.1)),

@@ -15,7 +15,7 @@ import metric_kernels
 import metric_kernels.reference
 from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFaceLoss, LargeMarginSoftmaxLoss,
                             NormalizedSoftmaxLoss, ProxyAnchorLoss, SoftTripleLoss, SphereFaceLoss,
-                            SubCenterArcFaceLoss, SupConLoss, arcface_loss, batch_hard_triplet_loss, circle_loss,
+                            SubCenterArcFaceLoss, SupConLoss, angular_loss, arcface_loss, batch_hard_triplet_loss, circle_loss,
                             contrastive_loss, cosface_loss, generalized_lifted_structure_loss,
                             large_margin_softmax_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
                             normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss, soft_triple_loss,
@@ -26,9 +26,10 @@ N, M, D, C = 6, 9, 4, 3
 NAN = float("nan")
 
 PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, ntxent_loss, tuplet_margin_loss, contrastive_loss,
-               generalized_lifted_structure_loss, margin_loss, nca_loss, batch_hard_triplet_loss, triplet_margin_loss]
+               generalized_lifted_structure_loss, margin_loss, nca_loss, batch_hard_triplet_loss, triplet_margin_loss,
+               angular_loss]
 PAIR_IDS = ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
-            "generalized_lifted_structure", "margin", "nca", "batch_hard", "triplet_margin"]
+            "generalized_lifted_structure", "margin", "nca", "batch_hard", "triplet_margin", "angular"]
 
 
 @pytest.fixture(autouse=True)
