@@ -29,7 +29,7 @@ SUB_CENTERS = {"subcenter_arcface": 3, "soft_triple": 10}  # PML's defaults
 # The losses whose references are one proxy per class: M is their number of classes.
 PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
 LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
-          "generalized_lifted_structure", "margin", "nca", "batch_hard") + PROXY_LOSSES + CLASSIFIERS
+          "generalized_lifted_structure", "margin", "nca", "angular", "batch_hard") + PROXY_LOSSES + CLASSIFIERS
 LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
                 "proxynca": "proxy_nca", "lifted": "generalized_lifted_structure",
                 "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
@@ -40,10 +40,11 @@ LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "pr
 # losses form S once forward and recompute it backward beside dX = dS Y and dY = dS^T X; NT-Xent's forward (and the
 # tuplet margin loss's, on NT-Xent's kernels, and the triplet margin loss's: its positives' table, then the
 # negatives) sweeps the references twice; batch-hard's backward is O((N + M) D),
-# counted as 0. The classifiers count N x C x D per sub-centre (SubCenterArcFace's M classes have 3 columns each,
+# counted as 0. The angular loss runs NCA's kernels with its P positive pairs as the queries: P is about 4 N with
+# about 4 samples per class (a sample's class holds 4 others on average: 3.8 N to 4.1 N in the benchmark's cases). The classifiers count N x C x D per sub-centre (SubCenterArcFace's M classes have 3 columns each,
 # SoftTriple's 10 centers).
-PRODUCTS = {"ntxent": (2, 3), "tuplet_margin": (2, 3), "triplet_margin": (2, 3), "batch_hard": (1, 0), "subcenter_arcface": (3, 9),
-            "soft_triple": (10, 30)}
+PRODUCTS = {"ntxent": (2, 3), "tuplet_margin": (2, 3), "triplet_margin": (2, 3), "batch_hard": (1, 0),
+            "angular": (4, 12), "subcenter_arcface": (3, 9), "soft_triple": (10, 30)}
 DEFAULT_PRODUCTS = (1, 3)
 MODES = ("forward", "backward", "full")
 EXTRA_PROVIDERS = ("compile", "pml")
@@ -55,7 +56,7 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half":
 _FUNCTIONAL = {"circle": "circle_loss", "supcon": "supcon_loss", "multi_similarity": "multi_similarity_loss",
                "ntxent": "ntxent_loss", "tuplet_margin": "tuplet_margin_loss", "contrastive": "contrastive_loss",
                "triplet_margin": "triplet_margin_loss",
-               "nca": "nca_loss",
+               "nca": "nca_loss", "angular": "angular_loss",
                "generalized_lifted_structure": "generalized_lifted_structure_loss", "margin": "margin_loss",
                "batch_hard": "batch_hard_triplet_loss"}
 

@@ -188,7 +188,8 @@ def markdown(records: List[dict], meta: dict) -> str:
              f"pytorch-metric-learning {meta.get('pml_version') or '-'}; `{meta.get('command', '')}`",
              "",
              "Times are medians in ms (p20/p80 in results.csv); peak memory is above the inputs; TFLOP/s counts "
-             "8NMD (10NMD for the two forward sweeps of NT-Xent and the triplet margin loss, 2NMD for batch-hard) for a "
+             "8NMD (10NMD for the two forward sweeps of NT-Xent and the triplet margin loss, 32NMD for the angular loss's "
+             "about 4N pair queries, 2NMD for batch-hard) for a "
              "forward + backward, and "
              "`of matmul` compares it with "
              "X @ Y^T of the same shape on the same device; max rel. error is against the float64 reference "
