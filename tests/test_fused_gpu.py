@@ -39,11 +39,11 @@ def backend(request):
         pytest.skip(f"backend {name!r} is unusable here: {reason}")
     return name
 # the tuplet margin loss: NT-Xent's kernels through the angular margin's branch; the triplet margin loss: its own
-# forward kernels and the engine's backward with its kind
-LOSSES = ["circle", "supcon", "batch_hard_triplet", "proxy_anchor", "tuplet_margin", "triplet_margin"]
+# forward kernels and the engine's backward with its kind; the angular loss: NCA's kernels on 16-bit pair centres
+LOSSES = ["circle", "supcon", "batch_hard_triplet", "proxy_anchor", "tuplet_margin", "triplet_margin", "angular"]
 PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.1), "tuplet_margin": dict(scale=32.0),
           "batch_hard_triplet": dict(margin=0.2), "proxy_anchor": dict(margin=0.1, alpha=32.0),
-          "triplet_margin": dict(margin=0.2, smooth_loss=True)}
+          "triplet_margin": dict(margin=0.2, smooth_loss=True), "angular": dict(alpha=45.0)}
 
 
 @contextlib.contextmanager
