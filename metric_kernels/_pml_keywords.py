@@ -74,6 +74,7 @@ SUPPORTED_DISTANCES = {
     "AngularLoss": (EUCLIDEAN,),  # PML's asserts LpDistance(p=2, power=1, normalize_embeddings=True)
     "ContrastiveLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),  # LP_DISTANCES[0] is LpDistance()
     "GeneralizedLiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
+    "LiftedStructureLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "MarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "TripletMarginLoss": LP_DISTANCES + (COSINE, NORMALIZED_DOT, RAW_DOT),
     "NCALoss": _NCA_DISTANCES,
@@ -112,15 +113,15 @@ PML_DISTANCE_CLASSES = {name: ("CosineSimilarity",)
 #   "proxy":   two element sub-losses, one term per proxy each, with PML's DivisorReducer as the default;
 #   "pair":    one loss per positive pair (NT-Xent, tuplet margin), or per positive and per negative pair
 #              (Contrastive);
-#   "formed_pair": one loss per positive pair, which the loss forms (angular: O(N K) of them, K the largest class),
-#              so DoNothingReducer gets PML's per-pair losses;
+#   "formed_pair": one loss per positive pair, which the loss forms (angular, lifted structure: O(N K) of them, K the
+#              largest class), so DoNothingReducer gets PML's per-pair losses;
 #   "margin":  MarginLoss, one loss per triplet of all the batch's triplets, with PML's DivisorReducer as the default;
 #   "all_triplets": TripletMarginLoss, one loss per triplet of all the batch's triplets, AvgNonZeroReducer's default.
 LOSS_TYPES = {"CircleLoss": "element", "SupConLoss": "element", "MultiSimilarityLoss": "element",
               "GeneralizedLiftedStructureLoss": "element", "NCALoss": "element", "ProxyNCALoss": "element",
               "BatchHardTripletLoss": "triplet", "MarginLoss": "margin",
               "ProxyAnchorLoss": "proxy", "NTXentLoss": "pair", "TupletMarginLoss": "pair",
-              "AngularLoss": "formed_pair",
+              "AngularLoss": "formed_pair", "LiftedStructureLoss": "formed_pair",
               "ContrastiveLoss": "pair", "TripletMarginLoss": "all_triplets",
               "ArcFaceLoss": "element", "CosFaceLoss": "element", "SubCenterArcFaceLoss": "element",
               "LargeMarginSoftmaxLoss": "element", "SphereFaceLoss": "element", "NormalizedSoftmaxLoss": "element",

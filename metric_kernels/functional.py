@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from ._pairs import SIMILARITY, pair_counts, positive_pairs
+from ._pairs import SIMILARITY, SQUARED_EUCLIDEAN, pair_counts, positive_pairs
 from ._row_epilogues import NORM_EPS, log_one_plus_exp_as_pml, nca_from_stats, stats_dtype
 from .backends import check_backend_name, resolve
 
@@ -338,24 +338,41 @@ def tuplet_margin_rows_params(margin_radians: float, scale: float) -> dict:
     return dict(temperature=1.0 / scale, angular_margin=margin_radians)
 
 
-class _GatheredDots(torch.autograd.Function):
-    """(x[anchors] * y[positives]).sum(1): saves x, y and the indices, not the two P x D gathers autograd keeps."""
+class _GatheredPairValues(torch.autograd.Function):
+    """The pair values (metric_kernels/_pairs.py) of the pairs (x[anchors], y[positives]): the dot product, or minus
+    the squared or plain Euclidean distance of the rows' difference (the plain distance's gradient 0 where it is 0).
+    Saves x, y and the indices, not the P x D gathers autograd would keep; O(P D) work. The distances come from the
+    differences rather than from the norms and the dot product: no cancellation for close pairs."""
 
     @staticmethod
-    def forward(ctx, x, y, anchors, positives):
+    def forward(ctx, x, y, anchors, positives, pair_value):
         ctx.save_for_backward(x, y, anchors, positives)
-        return (x.index_select(0, anchors) * y.index_select(0, positives)).sum(dim=1)
+        ctx.pair_value = pair_value
+        gathered_x, gathered_y = x.index_select(0, anchors), y.index_select(0, positives)
+        if pair_value == SIMILARITY:
+            return (gathered_x * gathered_y).sum(dim=1)
+        squared = (gathered_x - gathered_y).square().sum(dim=1)
+        return -squared if pair_value == SQUARED_EUCLIDEAN else -squared.sqrt()
 
     @staticmethod
     def backward(ctx, grad):
         x, y, anchors, positives = ctx.saved_tensors
+        gathered_x, gathered_y = x.index_select(0, anchors), y.index_select(0, positives)
         grad = grad.unsqueeze(1)
-        dx = dy = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.zeros_like(x).index_add_(0, anchors, grad * y.index_select(0, positives))
-        if ctx.needs_input_grad[1]:
-            dy = torch.zeros_like(y).index_add_(0, positives, grad * x.index_select(0, anchors))
-        return dx, dy, None, None
+        if ctx.pair_value == SIMILARITY:
+            to_x, to_y = grad * gathered_y, grad * gathered_x
+        else:
+            difference = gathered_x - gathered_y
+            if ctx.pair_value == SQUARED_EUCLIDEAN:
+                scale = 2 * grad
+            else:
+                distance = difference.square().sum(dim=1, keepdim=True).sqrt()
+                scale = torch.where(distance > 0, grad / torch.where(distance > 0, distance, 1.0), 0.0)
+            to_x = -scale * difference
+            to_y = -to_x
+        dx = torch.zeros_like(x).index_add_(0, anchors, to_x) if ctx.needs_input_grad[0] else None
+        dy = torch.zeros_like(y).index_add_(0, positives, to_y) if ctx.needs_input_grad[1] else None
+        return dx, dy, None, None, None
 
 
 def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self_offset, reduction, backend,
@@ -383,7 +400,7 @@ def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self
     unit_x = _prepare(embeddings, dtype, True)
     unit_y = unit_x if ref_emb is None else _prepare(references, dtype, True)
     tan2 = math.tan(math.radians(alpha)) ** 2
-    pair_dots = _GatheredDots.apply(unit_x, unit_y, anchors, positives)
+    pair_dots = _GatheredPairValues.apply(unit_x, unit_y, anchors, positives, SIMILARITY)
     if anchors.shape[0] == 0:
         return pair_dots, anchors, positives, x_labels, guard  # no pair: an empty loss vector, still in the graph
     centres = unit_x.index_select(0, anchors) + unit_y.index_select(0, positives)
@@ -455,6 +472,63 @@ def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labe
                       reduction, backend, deterministic, normalize, "pairs",
                       pos_margin=_engine_shift(pos_margin, pair_value),
                       neg_margin=_engine_shift(neg_margin, pair_value), pair_value=pair_value)
+
+
+def _lifted_structure_pair_losses(embeddings, labels, ref_emb, ref_labels, *, neg_margin, pos_margin, self_offset,
+                                  reduction, backend, deterministic, distance, normalize_embeddings):
+    """The lifted structure loss of every positive pair: (losses [P], anchors, positives, x_labels, guard).
+
+    PML's form, on a distance d: relu(log(sum over the negatives n of a and of p of exp(neg_margin - d)) + d_ap
+    - pos_margin)^2 / 2, where "the negatives of p" are those of the query whose index is p (PML matches the positive's
+    reference index against the negative pairs' query indices: the query p itself without ref_emb; with ref_emb, query
+    p where there is one, each negative pair counted once where p = a). The sum is exp(A_a) + exp(A_p) with A_r the log-sum-exp over query r's negatives: NCA's
+    statistics from every backend's kernels, one pass; the pairs' own terms are O(P D)."""
+    neg_margin = check.check_real(neg_margin, "neg_margin")
+    pos_margin = check.check_real(pos_margin, "pos_margin")
+    pair_value, normalize = check.check_distance(distance, normalize_embeddings)
+    rows, x_labels, y_labels, self_offset, guard = _pair_rows(
+        "nca_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic,
+        normalize, softmax_scale=1.0, pair_value=pair_value)
+    anchors, positives = positive_pairs(x_labels, y_labels, self_offset)
+    references = embeddings if ref_emb is None else ref_emb
+    dtype = _compute_dtype(embeddings, references)
+    x = _prepare(embeddings, dtype, normalize)
+    y = x if ref_emb is None else _prepare(references, dtype, normalize)
+    values = _GatheredPairValues.apply(x, y, anchors, positives, pair_value)
+    if anchors.shape[0] == 0:
+        return values, anchors, positives, x_labels, guard  # no pair: an empty loss vector, still in the graph
+    lse_negative = rows[1].to(values.dtype)
+    queries = x_labels.shape[0]
+    own = lse_negative.index_select(0, anchors)
+    minus_infinity = torch.full_like(own, float("-inf"))
+    # the query whose index is p, when there is one other than a (PML's mask takes a's negatives once then)
+    partner = torch.where((positives < queries) & (positives != anchors),
+                          lse_negative.index_select(0, positives.clamp(max=queries - 1)), minus_infinity)
+    # PML's log-sum-exp over no negative pair at all is 0 (its mask), not -inf; logaddexp's gradient there would be
+    # NaN, which the where's zero would not cancel
+    none = (own == float("-inf")) & (partner == float("-inf"))
+    both = torch.logaddexp(torch.where(none, 0.0, own), partner)
+    negative_part = torch.where(none, 0.0, both - _engine_shift(neg_margin, pair_value))
+    losses = torch.relu(negative_part - values + _engine_shift(pos_margin, pair_value)) ** 2 / 2
+    gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=True)
+    return torch.where(gate, losses, torch.zeros_like(losses)), anchors, positives, x_labels, guard
+
+
+def lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0, pos_margin=0.0,
+                          self_offset=None, reduction="mean", backend="auto", deterministic=None, distance="euclidean",
+                          normalize_embeddings=True, _per_anchor=False):
+    """The lifted structure loss (Song et al. 2016) with PML's semantics: one term per positive pair (a, p),
+    relu(log(sum over the negatives n of a and of p of exp(neg_margin - d)) + d_ap - pos_margin)^2 / 2 on the
+    distance d (default: Euclidean on normalised rows, PML's LpDistance()); with a similarity s (distance="cosine" or
+    "dot") exp(s - neg_margin) and pos_margin - s_ap. 0 for a batch without a positive or a negative pair, or with at
+    most one of each (PML's rule). The default reduction is PML's MeanReducer ("mean" over every positive pair);
+    "mean_nonzero", "sum" and "none" (each query's sum over its pairs) as ntxent_loss's.
+    See docs/losses/lifted-structure.md."""
+    losses, anchors, _, x_labels, guard = _lifted_structure_pair_losses(
+        embeddings, labels, ref_emb, ref_labels, neg_margin=neg_margin, pos_margin=pos_margin, self_offset=self_offset,
+        reduction=reduction, backend=backend, deterministic=deterministic, distance=distance,
+        normalize_embeddings=normalize_embeddings)
+    return _reduce_pairs(_per_query_parts(losses, anchors, x_labels.shape[0]), reduction, _per_anchor) + guard
 
 
 MARGIN_REDUCTIONS = ("divisor", "mean_nonzero", "mean", "sum", "none")

@@ -138,6 +138,14 @@ def _kept_element_losses(losses: torch.Tensor, kept: torch.Tensor) -> dict:
     return {"loss": {"losses": losses[kept], "indices": kept.nonzero().squeeze(1), "reduction_type": "element"}}
 
 
+def _pair_losses_dictionary(value) -> dict:
+    """PML's DoNothingReducer output for a loss with one "pos_pair" loss per positive pair (angular, lifted structure):
+    a P x 1 column and the (anchor, positive) indices, from (losses, anchors, positives, labels, guard)."""
+    losses, anchors, positives, _, guard = value
+    return {"loss": {"losses": (losses + guard).unsqueeze(1), "indices": (anchors, positives),
+                     "reduction_type": "pos_pair"}}
+
+
 def _distance_matrix(spec: keywords.DistanceSpec, embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """PML's distance(embeddings, references) for a supported distance: the similarity (cosine or dot product) or
     the Euclidean distance to the power, of the rows normalised where the distance normalises, in the embeddings'
@@ -498,13 +506,47 @@ class AngularLoss(_PairLoss):
         return functional.angular_loss(*args, alpha=self.alpha, **_per_anchor(self, kwargs))
 
     def _pml_dictionary(self, value):
-        losses, anchors, positives, _, guard = value
-        return {"loss": {"losses": (losses + guard).unsqueeze(1), "indices": (anchors, positives),
-                         "reduction_type": "pos_pair"}}
+        return _pair_losses_dictionary(value)
 
     def extra_repr(self):
         return f"alpha={self.alpha:g} degrees, reduction={self.reduction!r}, backend={self.backend!r}" + _keywords_repr(
             self)
+
+
+class LiftedStructureLoss(_PairLoss):
+    """PML's LiftedStructureLoss(neg_margin=1, pos_margin=0) on PML's default distance, LpDistance() (Euclidean on
+    normalised rows): see docs/losses/lifted-structure.md.
+
+    reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
+    `reducer=` says (AvgNonZeroReducer, SumReducer; DoNothingReducer gives every positive pair's loss as a P x 1 column
+    with its (anchor, positive) indices, as PML's; PerAnchorReducer of one of them reduces each anchor's mean over its
+    pairs). PML's keywords: distance (LpDistance(p=2, power=1 or 2, normalised or not), CosineSimilarity(),
+    DotProductSimilarity()), reducer, embedding_regularizer (PML's regularizers), embedding_reg_weight, collect_stats.
+    """
+
+    _PML_NAME = "LiftedStructureLoss"
+    _PML_DEFAULT_REDUCTION = "mean"
+
+    def __init__(self, neg_margin=1, pos_margin=0, *, reduction=None, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.neg_margin = check.check_real(neg_margin, "neg_margin")
+        self.pos_margin = check.check_real(pos_margin, "pos_margin")
+
+    def _loss(self, *args, **kwargs):
+        options = dict(neg_margin=self.neg_margin, pos_margin=self.pos_margin,
+                       **keywords.functional_distance(self.distance_spec))
+        if self._reducer_mode == "unreduced":
+            return functional._lifted_structure_pair_losses(*args, **options, **kwargs)
+        return functional.lifted_structure_loss(*args, **options, **_per_anchor(self, kwargs))
+
+    def _pml_dictionary(self, value):
+        return _pair_losses_dictionary(value)
+
+    def extra_repr(self):
+        return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
 
 
 class ContrastiveLoss(_PairLoss):

@@ -59,6 +59,14 @@ def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, mar
                                                                                 ref_emb, ref_labels)
 
 
+def lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0, pos_margin=0.0,
+                          indices_tuple=None, reducer=None, distance=None):
+    losses, _, _ = _pml()
+    kwargs = {} if distance is None else dict(distance=distance)
+    return losses.LiftedStructureLoss(neg_margin=neg_margin, pos_margin=pos_margin, reducer=reducer, **kwargs)(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
 def angular_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.0, indices_tuple=None, reducer=None):
     losses, _, _ = _pml()
     return losses.AngularLoss(alpha=alpha, reducer=reducer)(embeddings, labels, indices_tuple, ref_emb, ref_labels)

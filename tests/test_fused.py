@@ -42,7 +42,7 @@ PARAMS = {"circle": dict(m=0.25, gamma=128.0), "supcon": dict(temperature=0.07, 
           "tuplet_margin": dict(margin=8.0, scale=20.0), "contrastive": dict(pos_margin=0.3, neg_margin=1.3),
           "batch_hard_triplet": dict(margin=0.3, soft=True), "proxy_anchor": dict(margin=0.1, alpha=32.0),
           "triplet_margin": dict(margin=0.3),  # tests/test_triplet_margin.py: smooth_loss and distances as options
-          "angular": dict(alpha=45.0)}
+          "angular": dict(alpha=45.0), "lifted_structure": dict(neg_margin=1.1, pos_margin=0.2)}
 
 
 def _pair_inputs(seed, n, m, dim, classes, refs, dtype):

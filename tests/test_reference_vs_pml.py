@@ -20,11 +20,13 @@ BLOCKS = 10
 TOL = 1e-10
 SEED_BASE = {"circle": 0, "supcon": 100_000, "batch_hard_triplet": 200_000, "multi_similarity": 300_000,
              "ntxent": 400_000, "contrastive": 500_000, "generalized_lifted_structure": 700_000,
-             "tuplet_margin": 800_000, "triplet_margin": 900_000, "angular": 1_000_000}
+             "tuplet_margin": 800_000, "triplet_margin": 900_000, "angular": 1_000_000,
+             "lifted_structure": 1_100_000}
 PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "batch_hard_triplet", "ntxent", "tuplet_margin", "contrastive",
-               "generalized_lifted_structure", "triplet_margin", "angular"]
+               "generalized_lifted_structure", "triplet_margin", "angular", "lifted_structure"]
 # PML's default reducer for each loss: AvgNonZeroReducer, except MeanReducer for these (they keep the base class's)
-MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "tuplet_margin", "generalized_lifted_structure", "angular")
+MEAN_REDUCER_LOSSES = ("multi_similarity", "ntxent", "tuplet_margin", "generalized_lifted_structure", "angular",
+                       "lifted_structure")
 # PML's TupletMarginLoss takes each pair loss log(1 + e^x) as torch.logsumexp([x, 0]), the log of the rounded 1 + e^x:
 # an absolute error up to about an ulp of 1 (2.2e-16), which a pair loss of 1e-7 sees as 2e-9 relative. Ours is
 # log1p-accurate, so its values are judged against max(|PML's|, this floor) (4 ulps of 1 at TOL).
@@ -57,7 +59,7 @@ def _random_params(seed, loss):
         return dict(margin=u(-0.2, 0.6), smooth_loss=bool(torch.rand((), generator=g) < 0.5))
     if loss == "angular":
         return dict(alpha=u(10.0, 60.0))
-    if loss == "generalized_lifted_structure":
+    if loss in ("generalized_lifted_structure", "lifted_structure"):
         return dict(pos_margin=u(-0.5, 0.6), neg_margin=u(0.0, 2.5))
     if loss == "multi_similarity":
         return dict(alpha=u(0.5, 10.0), beta=u(5.0, 80.0), base=u(-0.2, 0.9))
@@ -96,9 +98,9 @@ def _pml_value_exact(loss, case, params):
 def test_pair_losses_equal_pml(loss, block):
     per_block = CASES_PER_LOSS // BLOCKS
     for seed in range(block * per_block, (block + 1) * per_block):
-        # PML's NT-Xent holds a (positive pairs) x (negative pairs) matrix, its TripletMarginLoss every triplet's
-        # indices: 100 rows keep them under 100 MB
-        rows = 100 if loss in ("ntxent", "tuplet_margin", "triplet_margin") else 300
+        # PML's NT-Xent and LiftedStructureLoss hold a (positive pairs) x (negative pairs) matrix, its
+        # TripletMarginLoss every triplet's indices: 100 rows keep them under 200 MB
+        rows = 100 if loss in ("ntxent", "tuplet_margin", "triplet_margin", "lifted_structure") else 300
         case = random_pair_case(SEED_BASE[loss] + seed, max_rows=rows,
                                 max_offset_rows=40 if loss == "batch_hard_triplet" else rows)
         params = _random_params(seed, loss)
@@ -264,7 +266,8 @@ def _pml_query_sums(loss, case, params):
     return rows
 
 
-@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive", "triplet_margin", "angular"])
+@pytest.mark.parametrize("loss", ["ntxent", "tuplet_margin", "contrastive", "triplet_margin", "angular",
+                                  "lifted_structure"])
 def test_pair_reduced_losses_match_every_pml_reducer(loss):
     """NT-Xent and Contrastive are reduced per pair in PML, TripletMarginLoss per triplet: AvgNonZeroReducer
     ("mean_nonzero"), MeanReducer ("mean") and SumReducer ("sum") over the pairs (triplets), each of Contrastive's
