@@ -10,7 +10,7 @@ from metric_kernels import pml
 from tests.helpers import assert_grads_close, assert_rel_close, grads
 
 PAIR_LOSSES = ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
-               "generalized_lifted_structure", "margin", "nca", "batch_hard_triplet", "angular"]
+               "generalized_lifted_structure", "margin", "nca", "batch_hard_triplet", "angular", "lifted_structure"]
 REDUCTIONS = ["mean_nonzero", "mean", "sum", "none"]
 
 

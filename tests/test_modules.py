@@ -34,6 +34,7 @@ def _pairs():
         "tuplet_margin": (mk.TupletMarginLoss(), losses.TupletMarginLoss()),
         "triplet_margin": (mk.TripletMarginLoss(margin=0.3), losses.TripletMarginLoss(margin=0.3)),
         "angular": (mk.AngularLoss(alpha=45), losses.AngularLoss(alpha=45)),
+        "lifted_structure": (mk.LiftedStructureLoss(0.9, 0.1), losses.LiftedStructureLoss(0.9, 0.1)),
     }
 
 
@@ -46,7 +47,8 @@ def _one_step(model, loss_fn, data, labels, extra_params=()):
     return loss
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin", "triplet_margin", "angular"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin", "triplet_margin", "angular",
+                                  "lifted_structure"])
 def test_one_training_step_matches_pml(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).double()
@@ -82,7 +84,8 @@ def test_constructor_defaults_are_pmls():
     assert every.reduction == "mean_nonzero" and "smooth_loss=False" in repr(every)
 
 
-@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin", "triplet_margin", "angular"])
+@pytest.mark.parametrize("name", ["circle", "supcon", "batch_hard", "tuplet_margin", "triplet_margin", "angular",
+                                  "lifted_structure"])
 def test_module_forward_order_with_references(name):
     """forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None), positionally, as PML."""
     ours, theirs = _pairs()[name]

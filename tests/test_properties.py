@@ -8,7 +8,7 @@ from tests.helpers import assert_rel_close
 
 TOL = 1e-10
 PAIR = ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "generalized_lifted_structure", "margin", "nca",
-        "batch_hard_triplet", "angular"]
+        "batch_hard_triplet", "angular", "lifted_structure"]
 
 
 @st.composite

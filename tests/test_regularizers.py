@@ -36,6 +36,7 @@ PAIR = {
     "ntxent": (mk.NTXentLoss, losses.NTXentLoss, dict(temperature=0.3)),
     "tuplet_margin": (mk.TupletMarginLoss, losses.TupletMarginLoss, dict(margin=8.0, scale=10)),
     "angular": (mk.AngularLoss, losses.AngularLoss, dict(alpha=35)),
+    "lifted_structure": (mk.LiftedStructureLoss, losses.LiftedStructureLoss, dict(neg_margin=0.9, pos_margin=0.1)),
     "contrastive": (mk.ContrastiveLoss, losses.ContrastiveLoss, dict(pos_margin=0.1, neg_margin=1.1)),
     "lifted": (mk.GeneralizedLiftedStructureLoss, losses.GeneralizedLiftedStructureLoss,
                dict(neg_margin=0.9, pos_margin=0.1)),

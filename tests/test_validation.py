@@ -17,7 +17,7 @@ from metric_kernels import (ArcFaceLoss, BatchHardTripletLoss, CircleLoss, CosFa
                             NormalizedSoftmaxLoss, ProxyAnchorLoss, SoftTripleLoss, SphereFaceLoss,
                             SubCenterArcFaceLoss, SupConLoss, angular_loss, arcface_loss, batch_hard_triplet_loss, circle_loss,
                             contrastive_loss, cosface_loss, generalized_lifted_structure_loss,
-                            large_margin_softmax_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
+                            large_margin_softmax_loss, lifted_structure_loss, margin_loss, multi_similarity_loss, multiview, nca_loss,
                             normalized_softmax_loss, ntxent_loss, proxy_anchor_loss, proxy_nca_loss, soft_triple_loss,
                             sphereface_loss, subcenter_arcface_loss, supcon_loss, triplet_margin_loss,
                             tuplet_margin_loss)
@@ -27,9 +27,10 @@ NAN = float("nan")
 
 PAIR_LOSSES = [circle_loss, supcon_loss, multi_similarity_loss, ntxent_loss, tuplet_margin_loss, contrastive_loss,
                generalized_lifted_structure_loss, margin_loss, nca_loss, batch_hard_triplet_loss, triplet_margin_loss,
-               angular_loss]
+               angular_loss, lifted_structure_loss]
 PAIR_IDS = ["circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive",
-            "generalized_lifted_structure", "margin", "nca", "batch_hard", "triplet_margin", "angular"]
+            "generalized_lifted_structure", "margin", "nca", "batch_hard", "triplet_margin", "angular",
+            "lifted_structure"]
 
 
 @pytest.fixture(autouse=True)
