@@ -523,7 +523,7 @@ def lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
     "dot") exp(s - neg_margin) and pos_margin - s_ap. 0 for a batch without a positive or a negative pair, or with at
     most one of each (PML's rule). The default reduction is PML's MeanReducer ("mean" over every positive pair);
     "mean_nonzero", "sum" and "none" (each query's sum over its pairs) as ntxent_loss's.
-    See docs/losses/lifted-structure.md."""
+    See docs/losses/lifted-structure-pairs.md."""
     losses, anchors, _, x_labels, guard = _lifted_structure_pair_losses(
         embeddings, labels, ref_emb, ref_labels, neg_margin=neg_margin, pos_margin=pos_margin, self_offset=self_offset,
         reduction=reduction, backend=backend, deterministic=deterministic, distance=distance,

@@ -515,7 +515,7 @@ class AngularLoss(_PairLoss):
 
 class LiftedStructureLoss(_PairLoss):
     """PML's LiftedStructureLoss(neg_margin=1, pos_margin=0) on PML's default distance, LpDistance() (Euclidean on
-    normalised rows): see docs/losses/lifted-structure.md.
+    normalised rows): see docs/losses/lifted-structure-pairs.md.
 
     reduction: None means PML's default for this loss, MeanReducer ("mean", over every positive pair), or what
     `reducer=` says (AvgNonZeroReducer, SumReducer; DoNothingReducer gives every positive pair's loss as a P x 1 column

@@ -29,7 +29,8 @@ SUB_CENTERS = {"subcenter_arcface": 3, "soft_triple": 10}  # PML's defaults
 # The losses whose references are one proxy per class: M is their number of classes.
 PROXY_LOSSES = ("proxy_anchor", "proxy_nca")
 LOSSES = ("circle", "supcon", "multi_similarity", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
-          "generalized_lifted_structure", "margin", "nca", "angular", "batch_hard") + PROXY_LOSSES + CLASSIFIERS
+          "generalized_lifted_structure", "lifted_structure", "margin", "nca", "angular", "batch_hard") + PROXY_LOSSES \
+    + CLASSIFIERS
 LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "proxyanchor": "proxy_anchor",
                 "proxynca": "proxy_nca", "lifted": "generalized_lifted_structure",
                 "ms": "multi_similarity", "nt_xent": "ntxent", "subcenter": "subcenter_arcface",
@@ -56,7 +57,7 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half":
 _FUNCTIONAL = {"circle": "circle_loss", "supcon": "supcon_loss", "multi_similarity": "multi_similarity_loss",
                "ntxent": "ntxent_loss", "tuplet_margin": "tuplet_margin_loss", "contrastive": "contrastive_loss",
                "triplet_margin": "triplet_margin_loss",
-               "nca": "nca_loss", "angular": "angular_loss",
+               "nca": "nca_loss", "angular": "angular_loss", "lifted_structure": "lifted_structure_loss",
                "generalized_lifted_structure": "generalized_lifted_structure_loss", "margin": "margin_loss",
                "batch_hard": "batch_hard_triplet_loss"}
 
