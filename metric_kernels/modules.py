@@ -291,7 +291,22 @@ class MultiSimilarityLoss(_PairLoss):
                 f"backend={self.backend!r}" + _keywords_repr(self))
 
 
-class GeneralizedLiftedStructureLoss(_PairLoss):
+class _LiftedStructureMargins(_PairLoss):
+    """What the two lifted structure losses share: PML's (neg_margin=1, pos_margin=0) and their repr."""
+
+    def __init__(self, neg_margin=1, pos_margin=0, *, reduction=None, backend="auto", deterministic=None,
+                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
+        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
+                         embedding_reg_weight, collect_stats)
+        self.neg_margin = check.check_real(neg_margin, "neg_margin")
+        self.pos_margin = check.check_real(pos_margin, "pos_margin")
+
+    def extra_repr(self):
+        return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}" + _keywords_repr(self))
+
+
+class GeneralizedLiftedStructureLoss(_LiftedStructureMargins):
     """PML's GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0) on PML's default distance, LpDistance()
     (Euclidean on normalised rows): see docs/losses/lifted-structure.md.
 
@@ -302,13 +317,6 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
     _PML_NAME = "GeneralizedLiftedStructureLoss"
     _PML_DEFAULT_REDUCTION = "mean"
 
-    def __init__(self, neg_margin=1, pos_margin=0, *, reduction=None, backend="auto", deterministic=None,
-                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
-        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
-                         embedding_reg_weight, collect_stats)
-        self.neg_margin = check.check_real(neg_margin, "neg_margin")
-        self.pos_margin = check.check_real(pos_margin, "pos_margin")
-
     def _loss(self, *args, **kwargs):
         return functional.generalized_lifted_structure_loss(*args, neg_margin=self.neg_margin,
                                                             pos_margin=self.pos_margin,
@@ -316,10 +324,6 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
                                                             **kwargs)
 
     _pml_rows = staticmethod(CircleLoss._pml_rows)  # PML keeps these per-query losses as an N x 1 column too
-
-    def extra_repr(self):
-        return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}" + _keywords_repr(self))
 
 
 class MarginLoss(_PairLoss):
@@ -513,7 +517,7 @@ class AngularLoss(_PairLoss):
             self)
 
 
-class LiftedStructureLoss(_PairLoss):
+class LiftedStructureLoss(_LiftedStructureMargins):
     """PML's LiftedStructureLoss(neg_margin=1, pos_margin=0) on PML's default distance, LpDistance() (Euclidean on
     normalised rows): see docs/losses/lifted-structure-pairs.md.
 
@@ -527,13 +531,6 @@ class LiftedStructureLoss(_PairLoss):
     _PML_NAME = "LiftedStructureLoss"
     _PML_DEFAULT_REDUCTION = "mean"
 
-    def __init__(self, neg_margin=1, pos_margin=0, *, reduction=None, backend="auto", deterministic=None,
-                 distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
-        super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
-                         embedding_reg_weight, collect_stats)
-        self.neg_margin = check.check_real(neg_margin, "neg_margin")
-        self.pos_margin = check.check_real(pos_margin, "pos_margin")
-
     def _loss(self, *args, **kwargs):
         options = dict(neg_margin=self.neg_margin, pos_margin=self.pos_margin,
                        **keywords.functional_distance(self.distance_spec))
@@ -543,10 +540,6 @@ class LiftedStructureLoss(_PairLoss):
 
     def _pml_dictionary(self, value):
         return _pair_losses_dictionary(value)
-
-    def extra_repr(self):
-        return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}" + _keywords_repr(self))
 
 
 class ContrastiveLoss(_PairLoss):
