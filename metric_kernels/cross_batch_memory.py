@@ -22,6 +22,17 @@ _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMargin
            TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, BatchHardTripletLoss)
 
 
+def _pairs_by_slot(entry: dict, slots: torch.Tensor) -> dict:
+    """A DoNothingReducer entry of per-pair terms computed against the rolled memory, as PML gives it against the
+    ring: each pair's reference index made its slot, the pairs in PML's order (by query, then by slot)."""
+    if not isinstance(entry.get("indices"), tuple):
+        return entry
+    anchors, positives = entry["indices"]
+    positives = slots[positives]
+    order = torch.argsort(anchors * slots.shape[0] + positives)
+    return dict(entry, losses=entry["losses"][order], indices=(anchors[order], positives[order]))
+
+
 class CrossBatchMemory(nn.Module):
     """`CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` for CircleLoss, SupConLoss,
     MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss, TripletMarginLoss,
@@ -117,10 +128,13 @@ class CrossBatchMemory(nn.Module):
         self._check_fits(batch)
 
         start = self._enqueue(to_queue, queue_labels)
-        references, reference_labels, self_offset = self._references(start, batch)
+        references, reference_labels, self_offset, slots = self._references(start, batch)
         if enqueue_mask is not None or isinstance(self.loss, NCALoss):
             self_offset = None  # the queries were not enqueued, or NCA (as PML's) keeps the own slots: see the class
-        return self.loss(queries, query_labels, None, references, reference_labels, self_offset=self_offset)
+        out = self.loss(queries, query_labels, None, references, reference_labels, self_offset=self_offset)
+        if slots is not None and isinstance(out, dict):
+            out = {name: _pairs_by_slot(entry, slots) for name, entry in out.items()}
+        return out
 
     def _checked_batch(self, embeddings, labels):
         """Checks a batch (embedding_size columns, one integer label per row); returns the labels on its device."""
@@ -152,16 +166,18 @@ class CrossBatchMemory(nn.Module):
         return start
 
     def _references(self, start: int, batch: int):
-        """(references, their labels, offset of the batch in them): the filled memory, rolled if the batch wraps."""
+        """(references, their labels, offset of the batch in them, each reference's slot or None where it is its
+        row): the filled memory, rolled if the batch wraps."""
         if not self.has_been_filled:
             # Filled from slot 0 without wrapping yet: the batch is at start.. of memory[:queue_idx].
-            return self.embedding_memory[:self.queue_idx], self.label_memory[:self.queue_idx], start
+            return self.embedding_memory[:self.queue_idx], self.label_memory[:self.queue_idx], start, None
         if start + batch <= self.memory_size:
-            return self.embedding_memory, self.label_memory, start
-        # The batch wraps: roll the ring so that its slots start at 0 (the losses ignore the references' order).
+            return self.embedding_memory, self.label_memory, start, None
+        # The batch wraps: roll the ring so that its slots start at 0 (the losses' values ignore the references'
+        # order; per-pair indices are mapped back to slots).
         order = torch.cat([torch.arange(start, self.memory_size), torch.arange(0, start)]).to(
             self.label_memory.device)
-        return self.embedding_memory[order], self.label_memory[order], 0
+        return self.embedding_memory[order], self.label_memory[order], 0, order
 
     def extra_repr(self):
         return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}"

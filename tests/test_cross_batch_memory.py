@@ -106,6 +106,30 @@ def test_reducers_match_pml_through_fill_and_wrap_around(name, reducer):
     _compare_sequence(name, 13, BATCHES, seed=4, reducer=reducer)
 
 
+def test_angular_per_pair_dictionary_matches_pml_through_wrap_around():
+    """DoNothingReducer's per-pair terms and (query, slot) indices, in PML's order, also where the batch wraps around
+    the ring (the losses see a rolled copy of the memory; the indices are the slots)."""
+    ours = mk.CrossBatchMemory(mk.AngularLoss(35, reducer=reducers.DoNothingReducer(), backend="reference"), DIM,
+                               memory_size=13)
+    theirs = losses.CrossBatchMemory(losses.AngularLoss(35, reducer=reducers.DoNothingReducer()), DIM,
+                                     memory_size=13)
+    g = torch.Generator().manual_seed(5)
+    wrapped = 0
+    for step, batch in enumerate(BATCHES):
+        x = torch.randn(batch, DIM, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        wrapped += ours.has_been_filled and ours.queue_idx + batch > 13
+        expected, value = theirs(x, labels)["loss"], ours(x, labels)["loss"]
+        what = f"step {step}"
+        assert value["reduction_type"] == expected["reduction_type"], what
+        if expected["reduction_type"] == "already_reduced":
+            assert value["losses"].numel() == 0, what
+            continue
+        assert all(torch.equal(a, b) for a, b in zip(value["indices"], expected["indices"])), what
+        assert_rel_close(value["losses"], expected["losses"], TOL, what)
+    assert wrapped >= 2
+
+
 @pytest.mark.parametrize("name", ["circle", "supcon"])
 def test_matches_pml_when_the_batch_fills_the_memory(name):
     _compare_sequence(name, 6, (6, 6, 4, 6), seed=2)  # whole memory each time; then a partial wrap
