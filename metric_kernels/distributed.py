@@ -12,13 +12,15 @@ therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. 
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
 - Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, triplet margin, generalized lifted structure, margin, NCA,
-  angular, batch-hard: l_r
+  angular, lifted structure, batch-hard: l_r
   comes from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves
   out only itself and the fused kernels stay O(local + global)). PML's batch-level rules are evaluated on the global
   labels (every rank has them) and the reduction's denominator is global (mean: the global N; mean_nonzero: the
   all-reduced count of nonzero rows; batch-hard's MeanReducer: the global batch's queries with a positive and a
   negative; NT-Xent and Contrastive, reduced per pair, and the triplet margin loss, per triplet: the all-reduced
-  counts of each sub-loss's pairs (triplets) or nonzero ones, and the angular loss's, per positive pair; NCA's MeanReducer: the all-reduced count of the queries PML keeps, and its rule for a batch of one query on
+  counts of each sub-loss's pairs (triplets) or nonzero ones, and the angular and lifted structure losses', per
+  positive pair (the lifted structure loss reads every rank's queries' log-sum-exps, gathered, for PML's pairing of
+  a positive's index with a query's); NCA's MeanReducer: the all-reduced count of the queries PML keeps, and its rule for a batch of one query on
   the global batch; MarginLoss: the all-reduced count of its triplets, their nonzero ones or their nonzero hinge
   terms, and beta's regularizer once). DoNothingReducer's dictionary holds the gathered global rows (NCA's: the kept
   ones).
@@ -52,14 +54,14 @@ from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
-from .modules import (AngularLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
+from .modules import (AngularLoss, BatchHardTripletLoss, LiftedStructureLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
                       MarginLoss, MultiSimilarityLoss, NCALoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SupConLoss,
                       TripletMarginLoss, TupletMarginLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss,
                       _no_miners, _regularization_terms, _regularized)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-           TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, BatchHardTripletLoss,
-           ProxyAnchorLoss, ProxyNCALoss, _MarginSoftmaxLoss)  # the classifiers
+           TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, LiftedStructureLoss,
+           BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss, _MarginSoftmaxLoss)  # the classifiers
 # The wrapped module's reducer modes (metric_kernels/_pml_keywords.py) that the global batch reproduces exactly: the
 # plain reductions, PML's DoNothingReducer dictionary ("unreduced"), MeanReducer on batch-hard ("mean_over_triplets",
 # over the global batch's queries with a positive and a negative) and Proxy-Anchor's DivisorReducer ("divisor").
@@ -187,8 +189,8 @@ def _pair_spec(loss):
 
 class DistributedLoss(nn.Module):
     """Wraps CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
-    TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, BatchHardTripletLoss,
-    ProxyAnchorLoss, ProxyNCALoss or a
+    TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, LiftedStructureLoss,
+    BatchHardTripletLoss, ProxyAnchorLoss, ProxyNCALoss or a
     classifier (ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, SphereFaceLoss, LargeMarginSoftmaxLoss,
     NormalizedSoftmaxLoss, SoftTripleLoss; kept as `.loss`) for data-parallel
     training: each rank passes its own rows; the value on every rank is the loss of the global batch (all ranks'
@@ -207,7 +209,7 @@ class DistributedLoss(nn.Module):
         if not isinstance(loss, _LOSSES):
             raise TypeError("loss must be a metric_kernels CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, "
                             "TupletMarginLoss, ContrastiveLoss, TripletMarginLoss, GeneralizedLiftedStructureLoss, "
-                            "MarginLoss, NCALoss, AngularLoss, BatchHardTripletLoss, "
+                            "MarginLoss, NCALoss, AngularLoss, LiftedStructureLoss, BatchHardTripletLoss, "
                             "ProxyAnchorLoss, ProxyNCALoss, ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss, "
                             "SphereFaceLoss, LargeMarginSoftmaxLoss, NormalizedSoftmaxLoss or SoftTripleLoss, got "
                             f"{type(loss).__name__}")
@@ -295,7 +297,21 @@ class DistributedLoss(nn.Module):
         if isinstance(loss, MarginLoss):
             return self._margin(embeddings, labels, references, reference_labels, self_offset, sizes, world, group)
         if isinstance(loss, AngularLoss):
-            return self._angular(embeddings, labels, references, reference_labels, self_offset, sizes, world, group)
+            losses = functional._angular_pair_losses(
+                embeddings, labels, references, reference_labels, alpha=loss.alpha, self_offset=self_offset,
+                reduction=loss.reduction, backend=loss.backend, deterministic=loss.deterministic)
+            return self._formed_pairs(losses, sizes, world, group)
+        if isinstance(loss, LiftedStructureLoss):
+            def global_queries(lse):  # every rank's queries' statistics, and PML's rule on the global batch
+                gate = functional._generic_pair_gate(all_labels, gate_references, gate_offset, needs_both_kinds=True)
+                return _AllGather.apply(lse.contiguous(), sizes, rank, group), offset, gate
+
+            losses = functional._lifted_structure_pair_losses(
+                embeddings, labels, references, reference_labels, neg_margin=loss.neg_margin,
+                pos_margin=loss.pos_margin, self_offset=self_offset, reduction=loss.reduction, backend=loss.backend,
+                deterministic=loss.deterministic, global_queries=global_queries,
+                **keywords.functional_distance(loss.distance_spec))
+            return self._formed_pairs(losses, sizes, world, group)
         rows_name, normalize, rule, params, scale = _pair_spec(loss)
         rows, x_labels, y_labels, _, guard = functional._pair_rows(
             rows_name, embeddings, labels, references, reference_labels, self_offset, loss.reduction, loss.backend,
@@ -357,14 +373,13 @@ class DistributedLoss(nn.Module):
             share, value = share + regularizer / world, value + regularizer.detach()
         return _GlobalValue.apply(share, value, None, float(world))
 
-    def _angular(self, embeddings, labels, references, reference_labels, self_offset, sizes, world, group):
-        """The angular loss of this rank's queries' positive pairs against the gathered references, reduced per pair
-        over the global batch (_pair_reduced), or DoNothingReducer's per-pair dictionary of the global batch (the
-        ranks' pairs in rank order: PML's order, by query)."""
+    def _formed_pairs(self, pair_losses, sizes, world, group):
+        """The losses with one term per positive pair (angular, lifted structure): this rank's queries' pairs
+        against the gathered references, (losses, anchors, positives, labels, guard), reduced per pair over the
+        global batch (_pair_reduced), or DoNothingReducer's per-pair dictionary of the global batch (the ranks'
+        pairs in rank order: PML's order, by query)."""
         loss = self.loss
-        losses, anchors, positives, x_labels, guard = functional._angular_pair_losses(
-            embeddings, labels, references, reference_labels, alpha=loss.alpha, self_offset=self_offset,
-            reduction=loss.reduction, backend=loss.backend, deterministic=loss.deterministic)
+        losses, anchors, positives, x_labels, guard = pair_losses
         if loss._reducer_mode == "unreduced":
             rank = dist.get_rank(group)
             pair_sizes = _gather_sizes(losses.shape[0], losses.device, group)

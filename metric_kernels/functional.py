@@ -475,14 +475,20 @@ def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labe
 
 
 def _lifted_structure_pair_losses(embeddings, labels, ref_emb, ref_labels, *, neg_margin, pos_margin, self_offset,
-                                  reduction, backend, deterministic, distance, normalize_embeddings):
+                                  reduction, backend, deterministic, distance, normalize_embeddings,
+                                  global_queries=None):
     """The lifted structure loss of every positive pair: (losses [P], anchors, positives, x_labels, guard).
 
     PML's form, on a distance d: relu(log(sum over the negatives n of a and of p of exp(neg_margin - d)) + d_ap
-    - pos_margin)^2 / 2, where "the negatives of p" are those of the query whose index is p (PML matches the positive's
-    reference index against the negative pairs' query indices: the query p itself without ref_emb; with ref_emb, query
-    p where there is one, each negative pair counted once where p = a). The sum is exp(A_a) + exp(A_p) with A_r the log-sum-exp over query r's negatives: NCA's
-    statistics from every backend's kernels, one pass; the pairs' own terms are O(P D)."""
+    - pos_margin)^2 / 2, where "the negatives of p" are those of the query whose index is p (PML matches the
+    positive's reference index against the negative pairs' query indices: the query p itself without ref_emb; with
+    ref_emb, query p where there is one, each negative pair counted once where p = a). The sum is
+    exp(A_a) + exp(A_p) with A_r the log-sum-exp over query r's negatives: NCA's statistics from every backend's
+    kernels, one pass; the pairs' own terms are O(P D).
+
+    global_queries (DistributedLoss): maps this process's A (one per query) to (every query's A, the index of this
+    process's first query among them, PML's batch rule as a 0-d bool), so that p indexes the global batch's queries.
+    It is called on every process, pairs or not (it may be a collective)."""
     neg_margin = check.check_real(neg_margin, "neg_margin")
     pos_margin = check.check_real(pos_margin, "pos_margin")
     pair_value, normalize = check.check_distance(distance, normalize_embeddings)
@@ -495,14 +501,23 @@ def _lifted_structure_pair_losses(embeddings, labels, ref_emb, ref_labels, *, ne
     x = _prepare(embeddings, dtype, normalize)
     y = x if ref_emb is None else _prepare(references, dtype, normalize)
     values = _GatheredPairValues.apply(x, y, anchors, positives, pair_value)
+    # nothing to pair: _pair_rows' zero vector, no negatives (kept in the graph, as the gathered statistics must be)
+    lse_negative = rows[1] if isinstance(rows, tuple) else rows + float("-inf")
+    if global_queries is None:
+        first = 0
+        gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=True) if anchors.shape[0] else None
+    else:
+        lse_negative, first, gate = global_queries(lse_negative)
     if anchors.shape[0] == 0:
-        return values, anchors, positives, x_labels, guard  # no pair: an empty loss vector, still in the graph
-    lse_negative = rows[1].to(values.dtype)
-    queries = x_labels.shape[0]
-    own = lse_negative.index_select(0, anchors)
+        # no pair: an empty loss vector, still in the graph, of the gathered statistics too (their backward is a
+        # collective every process must join)
+        return values + lse_negative.nan_to_num(neginf=0.0).sum() * 0, anchors, positives, x_labels, guard
+    lse_negative = lse_negative.to(values.dtype)
+    queries = lse_negative.shape[0]
+    own = lse_negative.index_select(0, anchors + first)
     minus_infinity = torch.full_like(own, float("-inf"))
     # the query whose index is p, when there is one other than a (PML's mask takes a's negatives once then)
-    partner = torch.where((positives < queries) & (positives != anchors),
+    partner = torch.where((positives < queries) & (positives != anchors + first),
                           lse_negative.index_select(0, positives.clamp(max=queries - 1)), minus_infinity)
     # PML's log-sum-exp over no negative pair at all is 0 (its mask), not -inf; logaddexp's gradient there would be
     # NaN, which the where's zero would not cancel
@@ -510,7 +525,6 @@ def _lifted_structure_pair_losses(embeddings, labels, ref_emb, ref_labels, *, ne
     both = torch.logaddexp(torch.where(none, 0.0, own), partner)
     negative_part = torch.where(none, 0.0, both - _engine_shift(neg_margin, pair_value))
     losses = torch.relu(negative_part - values + _engine_shift(pos_margin, pair_value)) ** 2 / 2
-    gate = _generic_pair_gate(x_labels, y_labels, self_offset, needs_both_kinds=True)
     return torch.where(gate, losses, torch.zeros_like(losses)), anchors, positives, x_labels, guard
 
 

@@ -145,6 +145,15 @@ def _cases(world):
             Case("angular", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()), ref_sizes=(4, 5)),
             Case("angular", (4, 0), kwargs=dict(reduction="none")),
             Case("angular", (6, 3), "hand", kwargs=dict(reducer=reducers.DoNothingReducer())),
+            # The lifted structure loss: a positive's index names a query of the global batch (PML's pairing).
+            Case("lifted_structure", (5, 6), kwargs=dict(neg_margin=0.9, pos_margin=0.1)),
+            Case("lifted_structure", (3, 7), "hand", kwargs=dict(reducer=reducers.AvgNonZeroReducer()),
+                 ref_sizes=(6, 5)),
+            Case("lifted_structure", (4, 0), kwargs=dict(reduction="none", distance=distances.CosineSimilarity())),
+            Case("lifted_structure", (6, 3), "hand", kwargs=dict(reducer=reducers.DoNothingReducer())),
+            Case("lifted_structure", (1, 2), labels=(5, 5, 7)),  # one positive and one negative pair globally: 0
+            # Rank 0's queries have no positive pair (its gathered statistics' backward must still run there).
+            Case("lifted_structure", (2, 3), labels=(0, 1, 2, 2, 3)),
         ]
     return [
         Case("circle", (4, 4, 4), kwargs=dict(m=0.4, gamma=80)),
@@ -174,6 +183,8 @@ def _cases(world):
         Case("proxy_nca", (4, 0, 3), "hand", classes=3, kwargs=dict(reducer=reducers.SumReducer())),
         Case("angular", (2, 6, 3), kwargs=dict(reduction="sum", alpha=50)),
         Case("angular", (3, 0, 4), "hand", kwargs=dict(reducer=reducers.DoNothingReducer()), ref_sizes=(2, 4, 3)),
+        Case("lifted_structure", (2, 6, 3), kwargs=dict(reduction="sum")),
+        Case("lifted_structure", (3, 0, 4), "hand", kwargs=dict(reducer=reducers.MeanReducer()), ref_sizes=(5, 2, 3)),
     ]
 
 
@@ -199,6 +210,8 @@ def _make_loss(case):
         return mk.NCALoss(**kwargs)
     if case.loss == "angular":
         return mk.AngularLoss(**kwargs)
+    if case.loss == "lifted_structure":
+        return mk.LiftedStructureLoss(**kwargs)
     if case.loss == "lifted":
         return mk.GeneralizedLiftedStructureLoss(**kwargs)
     if case.loss == "margin":
@@ -363,7 +376,7 @@ def test_global_batch_value_and_ddp_gradients(world, tmp_path):
 # Outside a process group ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["circle", "supcon", "ntxent", "tuplet_margin", "contrastive", "triplet_margin",
-                                  "angular", "batch_hard", "proxy_anchor"])
+                                  "angular", "lifted_structure", "batch_hard", "proxy_anchor"])
 def test_outside_a_process_group_it_is_the_plain_loss(name):
     assert not (dist.is_available() and dist.is_initialized())
     torch.manual_seed(0)
