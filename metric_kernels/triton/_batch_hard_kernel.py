@@ -16,7 +16,7 @@ caller chooses between the two on exact distances (_row_epilogues.hardest_triple
 import triton
 import triton.language as tl
 
-from ._lse_kernels import _column_range, _dot_tile, _load_rows, _pair_masks, _row_scales
+from ._lse_kernels import _column_range, _dot_tile, _load_rows, _pair_masks, _query_block, _row_scales
 
 
 @triton.jit
@@ -73,11 +73,8 @@ def batch_hard_select(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
     products also [split, 2, rows] and [split, 3, rows]: each side's runner-up."""
     RUNNERS_UP: tl.constexpr = PRECISION == "tf32"
     split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_radial, x_length = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
-    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    rows, dims, x_labels, x_inverse, x_radial, x_length, x_tile = _query_block(
+        x_ptr, x_norm_ptr, x_labels_ptr, N, D, stride_xn, stride_xd, BLOCK_M, BLOCK_D, FULL_D, ACC, NORMALIZE)
     far_positive = tl.full((BLOCK_M,), float("-inf"), ACC)
     far_positive_index = tl.full((BLOCK_M,), -1, tl.int64)
     near_negative = tl.full((BLOCK_M,), float("inf"), ACC)

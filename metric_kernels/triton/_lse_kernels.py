@@ -85,6 +85,19 @@ def _row_scales(norm_ptr, rows, n, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def _query_block(x_ptr, x_norm_ptr, x_labels_ptr, N, D, stride_xn, stride_xd, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, FULL_D: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr):
+    """The forward kernels' block of query rows, program_id(0)'s: (rows, dims, labels, _row_scales' three, and the
+    rows' tile where the whole of D is on chip, else a placeholder)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
+    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
+    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    return rows, dims, x_labels, x_inverse, x_radial, x_length2, x_tile
+
+
+@triton.jit
 def _pair_value(s, x_length2, y_length2, PAIR_VALUE: tl.constexpr):
     """What a pair contributes (metric_kernels/_pairs.py): s itself, or minus the squared or plain Euclidean distance
     q = |u|^2 + |v|^2 - 2 s (clamped at 0) of the scaled rows."""
@@ -267,11 +280,8 @@ def lse_rows_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_label
     (ops.tuning_key)."""
     param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
-    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    rows, dims, x_labels, x_inverse, x_radial, x_length2, x_tile = _query_block(
+        x_ptr, x_norm_ptr, x_labels_ptr, N, D, stride_xn, stride_xd, BLOCK_M, BLOCK_D, FULL_D, ACC, NORMALIZE)
     max1 = tl.full((BLOCK_M,), float("-inf"), ACC)
     sum1 = tl.zeros((BLOCK_M,), ACC)
     max2 = tl.full((BLOCK_M,), float("-inf"), ACC)
@@ -368,11 +378,8 @@ def pair_sums_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y_labe
     the loop to store it made ptxas spill on sm_80). lse_ptr is not read for Contrastive."""
     param_a, param_b = _load_params(params_ptr)
     split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
-    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    rows, dims, x_labels, x_inverse, x_radial, x_length2, x_tile = _query_block(
+        x_ptr, x_norm_ptr, x_labels_ptr, N, D, stride_xn, stride_xd, BLOCK_M, BLOCK_D, FULL_D, ACC, NORMALIZE)
     if KIND == NTXENT:
         negatives_lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
         margin_cos, margin_sin = _load_angular_margin(params_ptr)
@@ -446,11 +453,8 @@ def triplet_margin_positives(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr,
     margin - v_ap (the table arrives filled with -inf: the anchor's own slot and the slots past its class's size stay
     so), for the references of split program_id(1) of SPLIT (their slots: disjoint). params: (margin, smooth_loss)."""
     margin, _ = _load_params(params_ptr)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
-    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    rows, dims, x_labels, x_inverse, x_radial, x_length2, x_tile = _query_block(
+        x_ptr, x_norm_ptr, x_labels_ptr, N, D, stride_xn, stride_xd, BLOCK_M, BLOCK_D, FULL_D, ACC, NORMALIZE)
     start, stop = _column_range(tl.program_id(1), M, SPLIT, BLOCK_N)
     for n0 in range(start, stop, BLOCK_N):
         value, positive, negative = _forward_tile(
@@ -475,11 +479,8 @@ def triplet_margin_forward(x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, x_labels_ptr, y
     the slopes over the negatives: the positive's gradient), over the references of split program_id(1) of SPLIT:
     stats [SPLIT, 2, N] and weights [SPLIT, N, SLOTS] hold each split's partial sums, which the program owns."""
     split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    x_labels = tl.load(x_labels_ptr + rows, mask=rows < N, other=0)
-    x_inverse, x_radial, x_length2 = _row_scales(x_norm_ptr, rows, N, NORMALIZE)
-    x_tile = _load_rows(x_ptr, rows, dims, N, D, stride_xn, stride_xd) if FULL_D else tl.zeros((1, 1), ACC)
+    rows, dims, x_labels, x_inverse, x_radial, x_length2, x_tile = _query_block(
+        x_ptr, x_norm_ptr, x_labels_ptr, N, D, stride_xn, stride_xd, BLOCK_M, BLOCK_D, FULL_D, ACC, NORMALIZE)
     loss = tl.zeros((BLOCK_M,), ACC)
     nonzero = tl.zeros((BLOCK_M,), ACC)
     weights_ptr += split.to(tl.int64) * N * SLOTS
