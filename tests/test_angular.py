@@ -1,7 +1,8 @@
-"""The angular loss (PML's AngularLoss): the fused backends against the float64 reference (tests/test_reference_vs_pml.py
-holds the reference to PML over 200 random cases and every reducer), the module against PML's own, PML's rules pinned
-(the references are not normalised, the pairs' order and DoNothingReducer's dictionary), and what the fused path
-keeps: the pairs' centres as NCA's queries, never a P x M matrix.
+"""The angular loss (PML's AngularLoss): the module against PML's own, PML's rules pinned (the references are not
+normalised, the pairs' order, DoNothingReducer's dictionary, a pair term rounded to 0), what the fused path keeps (the
+pairs' centres as NCA's queries, never a P x M matrix), degenerate batches and a memory bank on every backend.
+tests/test_pair_term_losses.py holds every backend to the float64 reference, tests/test_reference_vs_pml.py the
+reference to PML over 200 random cases and every reducer.
 
 "triton" runs under Triton's interpreter (tests/conftest.py), "cpu" is the native kernels, "cuda-emulated" the CUDA
 kernels on the CPU (csrc/cuda/host_emulation.h): the same kernel sources as backend "cuda"."""
@@ -14,43 +15,15 @@ import metric_kernels as mk
 from metric_kernels import pml
 from metric_kernels._pairs import positive_pairs
 from tests.helpers import assert_rel_close, grads
-from tests.test_fused import HALF, SIZES, _compare, _pair_inputs
+from tests.test_fused import _compare, _pair_inputs
 
 BACKENDS = ["triton", "cpu", "cuda-emulated"]
 backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=[name.replace("-", "_") for name in BACKENDS])
-REFS = ["self", "ref_emb", "self_offset"]
 TOL = 1e-10
 
 reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 losses = pytest.importorskip("pytorch_metric_learning.losses")
 distances = pytest.importorskip("pytorch_metric_learning.distances")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("refs", REFS)
-@pytest.mark.parametrize("size", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
-@backend_param
-def test_matches_reference(backend, size, refs, dtype):
-    seed = 70 + SIZES.index(size) * 3 + REFS.index(refs)
-    leaves, labels, y_labels, offset, _ = _pair_inputs(seed, *size, classes=5, refs=refs, dtype=dtype)
-    _compare(backend, "angular", leaves, labels, y_labels, offset, dtype, reduction="mean")
-
-
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ["triton", "cuda-emulated"], ids=["triton", "cuda_emulated"])
-def test_half_precision(backend, dtype):
-    """16-bit rows: the centres go to the kernels in the rows' dtype (tensor-core operands on a GPU); no worse than
-    the eager reference on the same 16-bit inputs, plus 1e-2."""
-    for refs in ("self", "ref_emb"):
-        leaves, labels, y_labels, offset, _ = _pair_inputs(5, 45, 70, 24, classes=4, refs=refs, dtype=None)
-        _compare(backend, "angular", leaves, labels, y_labels, offset, dtype, reduction="mean")
-
-
-@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
-@backend_param
-def test_every_reduction(backend, reduction):
-    leaves, labels, y_labels, offset, _ = _pair_inputs(7, 50, 60, 12, classes=4, refs="ref_emb", dtype=None)
-    _compare(backend, "angular", leaves, labels, y_labels, offset, torch.float32, reduction)
 
 
 @pytest.mark.parametrize("labels", ["one_class", "all_distinct", "single_row"])

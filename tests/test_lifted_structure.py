@@ -1,7 +1,8 @@
-"""The lifted structure loss (PML's LiftedStructureLoss): the fused backends against the float64 reference
-(tests/test_reference_vs_pml.py holds the reference to PML over 200 random cases and every reducer), the module against
-PML's own, and PML's rules pinned: the negatives of a positive pair are those of its anchor and of the query whose
-index is the positive's (with ref_emb too), a pair without any negative keeps its positive term, the batch rule.
+"""The lifted structure loss (PML's LiftedStructureLoss): the module against PML's own, PML's rules pinned (the
+negatives of a positive pair are those of its anchor and of the query whose index is the positive's, with ref_emb too;
+a pair without any negative keeps its positive term; the batch rule), every distance and a near-duplicate fp32 pair
+on every backend. tests/test_pair_term_losses.py holds every backend to the float64 reference,
+tests/test_reference_vs_pml.py the reference to PML over 200 random cases and every reducer.
 
 "triton" runs under Triton's interpreter (tests/conftest.py), "cpu" is the native kernels, "cuda-emulated" the CUDA
 kernels on the CPU (csrc/cuda/host_emulation.h): the same kernel sources as backend "cuda"."""
@@ -11,11 +12,10 @@ import torch
 import metric_kernels as mk
 from metric_kernels import pml
 from tests.helpers import assert_rel_close, grads
-from tests.test_fused import HALF, SIZES, _compare, _error, _pair_inputs
+from tests.test_fused import _compare, _error, _pair_inputs
 
 BACKENDS = ["triton", "cpu", "cuda-emulated"]
 backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=[name.replace("-", "_") for name in BACKENDS])
-REFS = ["self", "ref_emb", "self_offset"]
 DISTANCES = [("euclidean", True), ("euclidean", False), ("squared_euclidean", True), ("squared_euclidean", False),
              ("cosine", True), ("dot", True), ("dot", False)]
 TOL = 1e-10
@@ -23,16 +23,6 @@ TOL = 1e-10
 reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 losses = pytest.importorskip("pytorch_metric_learning.losses")
 distances = pytest.importorskip("pytorch_metric_learning.distances")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("refs", REFS)
-@pytest.mark.parametrize("size", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
-@backend_param
-def test_matches_reference(backend, size, refs, dtype):
-    seed = 40 + SIZES.index(size) * 3 + REFS.index(refs)
-    leaves, labels, y_labels, offset, _ = _pair_inputs(seed, *size, classes=5, refs=refs, dtype=dtype)
-    _compare(backend, "lifted_structure", leaves, labels, y_labels, offset, dtype, reduction="mean")
 
 
 @backend_param
@@ -70,21 +60,6 @@ def test_every_distance(backend, distance):
     for dtype in (torch.float64, torch.float32):
         _compare(backend, "lifted_structure", leaves, labels, y_labels, offset, dtype, reduction="mean",
                  distance=name, normalize_embeddings=normalize)
-
-
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ["triton", "cuda-emulated"], ids=["triton", "cuda_emulated"])
-def test_half_precision(backend, dtype):
-    for refs in ("self", "ref_emb"):
-        leaves, labels, y_labels, offset, _ = _pair_inputs(5, 45, 70, 24, classes=4, refs=refs, dtype=None)
-        _compare(backend, "lifted_structure", leaves, labels, y_labels, offset, dtype, reduction="mean")
-
-
-@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
-@backend_param
-def test_every_reduction(backend, reduction):
-    leaves, labels, y_labels, offset, _ = _pair_inputs(7, 50, 60, 12, classes=4, refs="ref_emb", dtype=None)
-    _compare(backend, "lifted_structure", leaves, labels, y_labels, offset, torch.float32, reduction)
 
 
 def _against_pml(x, labels, y=None, y_labels=None, backend="reference", **params):
