@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import pytest
 import torch
 
 
@@ -102,3 +103,25 @@ def tf32_rounded(rows):
     of fp32 operands for tf32 tensor cores), in float64."""
     bits = rows.float().view(torch.int32)
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+
+
+# The fused backends the CPU suite runs (triton under its interpreter, the CPU kernels, the CUDA kernels on the host),
+# with ids a -k expression can name whole (cuda_emulated)
+FUSED_BACKENDS = ["triton", "cpu", "cuda-emulated"]
+fused_backend_param = pytest.mark.parametrize("backend", FUSED_BACKENDS,
+                                              ids=[name.replace("-", "_") for name in FUSED_BACKENDS])
+# (distance, normalize_embeddings) of the pair losses: every pair value, normalised or not
+PAIR_DISTANCES = [("euclidean", True), ("euclidean", False), ("squared_euclidean", True),
+                  ("squared_euclidean", False), ("cosine", True), ("dot", True), ("dot", False)]
+
+
+def assert_pair_dictionary_equals_pmls(ours: dict, theirs: dict, inputs, rtol: float) -> None:
+    """DoNothingReducer's per-pair dictionaries ("pos_pair": a P x 1 column and (anchor, positive) indices): the same
+    pairs in the same order, the same terms and the same gradients."""
+    ours, theirs = ours["loss"], theirs["loss"]
+    assert ours["reduction_type"] == theirs["reduction_type"] == "pos_pair"
+    assert all(torch.equal(a, b) for a, b in zip(ours["indices"], theirs["indices"]))
+    assert ours["losses"].shape == theirs["losses"].shape
+    assert_rel_close(ours["losses"], theirs["losses"], rtol, "DoNothingReducer losses")
+    for a, b in zip(grads(ours["losses"], inputs), grads(theirs["losses"], inputs)):
+        assert_rel_close(a, b, rtol, "DoNothingReducer gradient")

@@ -14,11 +14,11 @@ import torch
 import metric_kernels as mk
 from metric_kernels import pml
 from metric_kernels._pairs import positive_pairs
-from tests.helpers import assert_rel_close, grads
+from tests.helpers import FUSED_BACKENDS as BACKENDS
+from tests.helpers import assert_pair_dictionary_equals_pmls, assert_rel_close, fused_backend_param as backend_param
+from tests.helpers import grads
 from tests.test_fused import _compare, _pair_inputs
 
-BACKENDS = ["triton", "cpu", "cuda-emulated"]
-backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=[name.replace("-", "_") for name in BACKENDS])
 TOL = 1e-10
 
 reducers = pytest.importorskip("pytorch_metric_learning.reducers")
@@ -103,13 +103,8 @@ def test_module_equals_pml_and_its_dictionary():
         ours = mk.AngularLoss(alpha, backend="cpu")(x, labels)
         assert_rel_close(ours, expected, TOL, f"alpha={alpha}")
         assert_rel_close(grads(ours, [x])[0], grads(expected, [x])[0], TOL, f"alpha={alpha} gradient")
-    theirs = losses.AngularLoss(reducer=reducers.DoNothingReducer())(x, labels)["loss"]
-    out = mk.AngularLoss(reducer=reducers.DoNothingReducer(), backend="cpu")(x, labels)["loss"]
-    assert out["reduction_type"] == theirs["reduction_type"] == "pos_pair"
-    assert all(torch.equal(a, b) for a, b in zip(out["indices"], theirs["indices"]))
-    assert out["losses"].shape == theirs["losses"].shape
-    assert_rel_close(out["losses"], theirs["losses"], TOL, "DoNothingReducer losses")
-    assert_rel_close(grads(out["losses"], [x])[0], grads(theirs["losses"], [x])[0], TOL, "DoNothingReducer gradient")
+    assert_pair_dictionary_equals_pmls(mk.AngularLoss(reducer=reducers.DoNothingReducer(), backend="cpu")(x, labels),
+                                       losses.AngularLoss(reducer=reducers.DoNothingReducer())(x, labels), [x], TOL)
 
 
 @pytest.mark.parametrize("reducer", ["AvgNonZeroReducer", "MeanReducer", "SumReducer", "PerAnchorReducer"])

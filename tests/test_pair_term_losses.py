@@ -9,10 +9,9 @@ kernels on the CPU (csrc/cuda/host_emulation.h): the same kernel sources as back
 import pytest
 import torch
 
+from tests.helpers import fused_backend_param as backend_param
 from tests.test_fused import HALF, SIZES, _compare, _pair_inputs
 
-BACKENDS = ["triton", "cpu", "cuda-emulated"]
-backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=[name.replace("-", "_") for name in BACKENDS])
 REFS = ["self", "ref_emb", "self_offset"]
 SEED_BASE = {"angular": 70, "lifted_structure": 40}
 loss_param = pytest.mark.parametrize("loss", list(SEED_BASE))

@@ -10,15 +10,11 @@ import torch
 import metric_kernels as mk
 from metric_kernels._pairs import positive_slots
 from metric_kernels.reference._masks import pair_masks, pair_values
-from tests.helpers import assert_rel_close, grads
+from tests.helpers import FUSED_BACKENDS as BACKENDS
+from tests.helpers import PAIR_DISTANCES as DISTANCES
+from tests.helpers import assert_rel_close, fused_backend_param as backend_param
+from tests.helpers import grads
 from tests.test_fused import HALF, SIZES, _compare, _pair_inputs
-
-BACKENDS = ["triton", "cpu", "cuda-emulated"]
-# ids a -k expression can name whole (cuda_emulated)
-backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=[name.replace("-", "_") for name in BACKENDS])
-# (distance, normalize_embeddings): every pair value, normalised or not
-DISTANCES = [("euclidean", True), ("euclidean", False), ("squared_euclidean", True), ("squared_euclidean", False),
-             ("cosine", True), ("dot", True), ("dot", False)]
 REFS = ["self", "ref_emb", "self_offset"]
 
 
