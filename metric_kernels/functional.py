@@ -58,10 +58,7 @@ class _Normalize(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk):
             stop = start + chunk
             norm, g = norms[start:stop], grad[start:stop]
-            unit = rows[start:stop].to(ctx.dtype) / norm
-            # d(x / max(|x|, eps)) = (g - u (u . g)) / |x| where |x| > eps; g / eps where the clamp is active.
-            tangent = torch.where(norm > NORM_EPS, g - unit * (unit * g).sum(dim=1, keepdim=True), g)
-            out[start:stop] = tangent / norm
+            out[start:stop] = _normalized_rows_backward(g, rows[start:stop].to(ctx.dtype) / norm, norm)
         return out, None
 
 
@@ -339,16 +336,29 @@ def tuplet_margin_rows_params(margin_radians: float, scale: float) -> dict:
 
 
 class _GatheredPairValues(torch.autograd.Function):
-    """The pair values (metric_kernels/_pairs.py) of the pairs (x[anchors], y[positives]): the dot product, or minus
-    the squared or plain Euclidean distance of the rows' difference (the plain distance's gradient 0 where it is 0).
-    Saves x, y and the indices, not the P x D gathers autograd would keep; O(P D) work. The distances come from the
-    differences rather than from the norms and the dot product: no cancellation for close pairs."""
+    """The pair values (metric_kernels/_pairs.py) of the pairs (x[anchors], y[positives]) in `dtype`, the rows
+    L2-normalised first where `normalize` says: the dot product, or minus the squared or plain Euclidean distance of
+    the rows' difference (the plain distance's gradient 0 where it is 0).
+
+    Saves the raw rows and the indices only: no normalised N x D copy and none of the P x D gathers autograd would
+    keep (the backward gathers again); O(P D) work. The distances come from the differences rather than from the
+    norms and the dot product: no cancellation for close pairs."""
 
     @staticmethod
-    def forward(ctx, x, y, anchors, positives, pair_value):
+    def _gathered(rows, index, dtype, normalize):
+        """The gathered rows in dtype, normalised where asked, and their clamped norms (None without normalising)."""
+        gathered = rows.index_select(0, index).to(dtype)
+        if not normalize:
+            return gathered, None
+        norms = torch.linalg.vector_norm(gathered, dim=1, keepdim=True).clamp_min(NORM_EPS)
+        return gathered / norms, norms
+
+    @staticmethod
+    def forward(ctx, x, y, anchors, positives, pair_value, normalize, dtype):
         ctx.save_for_backward(x, y, anchors, positives)
-        ctx.pair_value = pair_value
-        gathered_x, gathered_y = x.index_select(0, anchors), y.index_select(0, positives)
+        ctx.options = pair_value, normalize, dtype
+        gathered_x, _ = _GatheredPairValues._gathered(x, anchors, dtype, normalize)
+        gathered_y, _ = _GatheredPairValues._gathered(y, positives, dtype, normalize)
         if pair_value == SIMILARITY:
             return (gathered_x * gathered_y).sum(dim=1)
         squared = (gathered_x - gathered_y).square().sum(dim=1)
@@ -357,22 +367,37 @@ class _GatheredPairValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y, anchors, positives = ctx.saved_tensors
-        gathered_x, gathered_y = x.index_select(0, anchors), y.index_select(0, positives)
+        pair_value, normalize, dtype = ctx.options
+        gathered_x, norms_x = _GatheredPairValues._gathered(x, anchors, dtype, normalize)
+        gathered_y, norms_y = _GatheredPairValues._gathered(y, positives, dtype, normalize)
         grad = grad.unsqueeze(1)
-        if ctx.pair_value == SIMILARITY:
+        if pair_value == SIMILARITY:
             to_x, to_y = grad * gathered_y, grad * gathered_x
         else:
             difference = gathered_x - gathered_y
-            if ctx.pair_value == SQUARED_EUCLIDEAN:
+            if pair_value == SQUARED_EUCLIDEAN:
                 scale = 2 * grad
             else:
                 distance = difference.square().sum(dim=1, keepdim=True).sqrt()
                 scale = torch.where(distance > 0, grad / torch.where(distance > 0, distance, 1.0), 0.0)
             to_x = -scale * difference
             to_y = -to_x
-        dx = torch.zeros_like(x).index_add_(0, anchors, to_x) if ctx.needs_input_grad[0] else None
-        dy = torch.zeros_like(y).index_add_(0, positives, to_y) if ctx.needs_input_grad[1] else None
-        return dx, dy, None, None, None
+        if normalize:  # through u = r / max(|r|, eps): (g - u (u . g)) / |r| where the clamp is inactive, else g / eps
+            to_x = _normalized_rows_backward(to_x, gathered_x, norms_x)
+            to_y = _normalized_rows_backward(to_y, gathered_y, norms_y)
+        dx = dy = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros(x.shape, dtype=dtype, device=x.device).index_add_(0, anchors, to_x).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dy = torch.zeros(y.shape, dtype=dtype, device=y.device).index_add_(0, positives, to_y).to(y.dtype)
+        return dx, dy, None, None, None, None, None
+
+
+def _normalized_rows_backward(grad, unit, norms):
+    """The gradient with respect to rows r of a gradient with respect to u = r / max(|r|, eps) (norms: the clamped
+    |r|): (g - u (u . g)) / |r| where |r| > eps, g / eps where the clamp is active."""
+    tangent = torch.where(norms > NORM_EPS, grad - unit * (unit * grad).sum(dim=1, keepdim=True), grad)
+    return tangent / norms
 
 
 def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self_offset, reduction, backend,
@@ -397,13 +422,15 @@ def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self
     guard = _nonfinite_guard(embeddings) if ref_emb is None else _nonfinite_guard(embeddings, references)
     anchors, positives = positive_pairs(x_labels, y_labels, self_offset)
     dtype = _compute_dtype(embeddings, references)
-    unit_x = _prepare(embeddings, dtype, True)
-    unit_y = unit_x if ref_emb is None else _prepare(references, dtype, True)
     tan2 = math.tan(math.radians(alpha)) ** 2
-    pair_dots = _GatheredPairValues.apply(unit_x, unit_y, anchors, positives, SIMILARITY)
+    pair_dots = _GatheredPairValues.apply(embeddings, references, anchors, positives, SIMILARITY, True, dtype)
     if anchors.shape[0] == 0:
         return pair_dots, anchors, positives, x_labels, guard  # no pair: an empty loss vector, still in the graph
+    # the normalised rows live only while the centres are formed (_Normalize keeps the raw rows and the norms)
+    unit_x = _prepare(embeddings, dtype, True)
+    unit_y = unit_x if ref_emb is None else _prepare(references, dtype, True)
     centres = unit_x.index_select(0, anchors) + unit_y.index_select(0, positives)
+    del unit_x, unit_y
     if _folds_normalization(implementation):
         references = _raw_rows(embeddings, references)[1]  # as the kernels read rows: raw, in the inputs' dtype
         centres, options = centres.to(references.dtype), dict(normalize=False)
@@ -497,10 +524,8 @@ def _lifted_structure_pair_losses(embeddings, labels, ref_emb, ref_labels, *, ne
         normalize, softmax_scale=1.0, pair_value=pair_value)
     anchors, positives = positive_pairs(x_labels, y_labels, self_offset)
     references = embeddings if ref_emb is None else ref_emb
-    dtype = _compute_dtype(embeddings, references)
-    x = _prepare(embeddings, dtype, normalize)
-    y = x if ref_emb is None else _prepare(references, dtype, normalize)
-    values = _GatheredPairValues.apply(x, y, anchors, positives, pair_value)
+    values = _GatheredPairValues.apply(embeddings, references, anchors, positives, pair_value, normalize,
+                                       _compute_dtype(embeddings, references))
     # nothing to pair: _pair_rows' zero vector, no negatives (kept in the graph, as the gathered statistics must be)
     lse_negative = rows[1] if isinstance(rows, tuple) else rows + float("-inf")
     if global_queries is None:

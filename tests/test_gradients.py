@@ -85,3 +85,28 @@ def test_circle_gradient_is_specs_closed_form(refs, seed):
     expected_grads = torch.autograd.grad(s, inputs, grad_outputs=ds)
     for a, b in zip(our_grads, expected_grads):
         assert_rel_close(a, b, 1e-10, f"circle {refs}")
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 14])
+def test_normalisation_backward_equals_autograds(monkeypatch, chunk_elements):
+    """The fused losses' normalisation (functional._Normalize) keeps the raw rows and the norms and forms the backward
+    itself, a few rows at a time above _CHUNK_ELEMENTS (forced down to 2 rows here): equal to autograd through
+    F.normalize, a zero row and a row under eps (the clamp) among them; the angular and lifted structure losses'
+    pair terms (functional._GatheredPairValues) normalise gathered rows with the same backward, gradchecked."""
+    from metric_kernels import functional
+    if chunk_elements is not None:
+        monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    x[3], x[5] = 0.0, x[5] * 1e-14
+    weights = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (functional._Normalize.apply(ours, torch.float64) * weights).sum().backward()
+    (F.normalize(theirs, dim=1, eps=functional.NORM_EPS) * weights).sum().backward()
+    assert_rel_close(ours.grad, theirs.grad, 1e-14, "normalisation backward")
+    rows = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    anchors, positives = torch.tensor([0, 0, 1, 4, 5]), torch.tensor([1, 2, 3, 4, 0])
+    for pair_value in (0, 1, 2):
+        assert torch.autograd.gradcheck(
+            lambda r: functional._GatheredPairValues.apply(r, r, anchors, positives, pair_value, True, torch.float64),
+            (rows,))
