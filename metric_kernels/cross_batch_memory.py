@@ -14,9 +14,9 @@ from torch import nn
 
 from . import _pml_keywords as keywords
 from . import _validation as check
-from .modules import (AngularLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss, MarginLoss,
-                      MultiSimilarityLoss, NCALoss, NTXentLoss, SupConLoss, TripletMarginLoss, TupletMarginLoss,
-                      _labels_on, _no_miners)
+from .modules import (AngularLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
+                      MarginLoss, MultiSimilarityLoss, NCALoss, NTXentLoss, SupConLoss, TripletMarginLoss,
+                      TupletMarginLoss, _labels_on, _no_miners)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
            TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, BatchHardTripletLoss)

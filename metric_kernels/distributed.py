@@ -12,9 +12,9 @@ therefore gets, through its own rows and the gather, sum_q dl_q/dE_r = dL/dE_r. 
 value L (from an all-reduce of the shares) and the gradient W * dl_r (_GlobalValue).
 
 - Circle, SupCon, Multi-Similarity, NT-Xent, Contrastive, triplet margin, generalized lifted structure, margin, NCA,
-  angular, lifted structure, batch-hard: l_r
-  comes from rank r's queries against the gathered references (self_offset = the rank's row offset, so a query still leaves
-  out only itself and the fused kernels stay O(local + global)). PML's batch-level rules are evaluated on the global
+  angular, lifted structure, batch-hard: l_r comes from rank r's queries against the gathered references
+  (self_offset = the rank's row offset, so a query still leaves out only itself and the fused kernels stay
+  O(local + global)). PML's batch-level rules are evaluated on the global
   labels (every rank has them) and the reduction's denominator is global (mean: the global N; mean_nonzero: the
   all-reduced count of nonzero rows; batch-hard's MeanReducer: the global batch's queries with a positive and a
   negative; NT-Xent and Contrastive, reduced per pair, and the triplet margin loss, per triplet: the all-reduced
@@ -54,10 +54,10 @@ from . import _pml_keywords as keywords
 from . import _validation as check
 from . import functional
 from ._pairs import pair_counts
-from .modules import (AngularLoss, BatchHardTripletLoss, LiftedStructureLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
-                      MarginLoss, MultiSimilarityLoss, NCALoss, NTXentLoss, ProxyAnchorLoss, ProxyNCALoss, SupConLoss,
-                      TripletMarginLoss, TupletMarginLoss, _kept_element_losses, _labels_on, _MarginSoftmaxLoss,
-                      _no_miners, _regularization_terms, _regularized)
+from .modules import (AngularLoss, BatchHardTripletLoss, CircleLoss, ContrastiveLoss, GeneralizedLiftedStructureLoss,
+                      LiftedStructureLoss, MarginLoss, MultiSimilarityLoss, NCALoss, NTXentLoss, ProxyAnchorLoss,
+                      ProxyNCALoss, SupConLoss, TripletMarginLoss, TupletMarginLoss, _kept_element_losses, _labels_on,
+                      _MarginSoftmaxLoss, _no_miners, _regularization_terms, _regularized)
 
 _LOSSES = (CircleLoss, SupConLoss, MultiSimilarityLoss, NTXentLoss, TupletMarginLoss, ContrastiveLoss,
            TripletMarginLoss, GeneralizedLiftedStructureLoss, MarginLoss, NCALoss, AngularLoss, LiftedStructureLoss,
