@@ -28,17 +28,24 @@ def pair_counts(x_labels: torch.Tensor, y_labels: torch.Tensor,
     return same, different
 
 
+def _label_ranges(x_labels: torch.Tensor, y_labels: torch.Tensor):
+    """(sorted reference labels, order, start, count): the references sorted stably by label (order[k] is the k-th's
+    index), and for each query where its label's references start in that order and how many there are."""
+    sorted_labels, order = torch.sort(y_labels, stable=True)
+    start = torch.searchsorted(sorted_labels, x_labels, right=False)
+    count = torch.searchsorted(sorted_labels, x_labels, right=True) - start
+    return sorted_labels, order, start, count
+
+
 def positive_slots(x_labels: torch.Tensor, y_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(slots [N], rank [M]) of the all-triplets losses' positive table: rank[j] numbers reference j among the
     references with its label (in index order), slots[i] counts the references with query i's label (its own
     reference among them where self_offset says so), so that query i's positives fill slots rank[j] < slots[i] of its
     row of a table max(slots) wide. O((N + M) log M), no N x M mask, no host sync."""
-    sorted_labels, order = torch.sort(y_labels, stable=True)
+    sorted_labels, order, _, slots = _label_ranges(x_labels, y_labels)
     group_start = torch.searchsorted(sorted_labels, sorted_labels, right=False)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.shape[0], device=order.device) - group_start
-    slots = (torch.searchsorted(sorted_labels, x_labels, right=True)
-             - torch.searchsorted(sorted_labels, x_labels, right=False))
     return slots, rank
 
 
@@ -47,9 +54,7 @@ def positive_pairs(x_labels: torch.Tensor, y_labels: torch.Tensor,
     """(anchors, positives): every positive pair (query i, reference j with its label, j != i + self_offset), in the
     order torch.where lists PML's match matrix (by query, then reference index). O((N + M) log M + P) without an
     N x M mask; P, the pairs' count, is read back to size the result."""
-    sorted_labels, order = torch.sort(y_labels, stable=True)
-    start = torch.searchsorted(sorted_labels, x_labels, right=False)
-    count = torch.searchsorted(sorted_labels, x_labels, right=True) - start
+    _, order, start, count = _label_ranges(x_labels, y_labels)
     anchors = torch.repeat_interleave(torch.arange(x_labels.shape[0], device=x_labels.device), count)
     first = torch.cumsum(count, 0) - count  # each query's first pair
     within = torch.arange(anchors.shape[0], device=anchors.device) - first[anchors]

@@ -86,6 +86,14 @@ def check_angle_degrees(value, name: str) -> float:
     return value
 
 
+def check_acute_angle_degrees(value, name: str) -> float:
+    """An angle in degrees strictly between 0 and 90 (the angular loss's alpha, whose tangent it takes)."""
+    value = check_real(value, name)
+    if not 0 < value < 90:
+        raise ValueError(f"{name} must lie in (0, 90) degrees, got {value}")
+    return value
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")

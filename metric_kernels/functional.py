@@ -133,6 +133,22 @@ def _generic_pair_gate(x_labels: torch.Tensor, y_labels: torch.Tensor, self_offs
     return gate
 
 
+def _pair_setup(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
+                deterministic, pair_value: int):
+    """The checks and the dispatch every pair loss starts with: (references, x_labels, y_labels, self_offset,
+    deterministic, the backend that computes rows_name for pair_value); the labels as int64, y_labels the resolved
+    reference labels."""
+    references, reference_labels, self_offset = check.check_pair_inputs(
+        embeddings, labels, ref_emb, ref_labels, self_offset)
+    check.check_reduction(reduction)
+    check_backend_name(backend)
+    deterministic = check.check_deterministic(deterministic)
+    implementation = resolve(backend, embeddings.device, pair_value, rows_name)
+    x_labels = labels.long().contiguous()
+    y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
+    return references, x_labels, y_labels, self_offset, deterministic, implementation
+
+
 def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend,
                deterministic, normalize: bool, **params):
     """Validates, prepares and dispatches a pair loss: the per-query losses before any batch-level rule or reduction.
@@ -141,13 +157,9 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
     _nonfinite_guard of the prepared rows. Shared by _pair_loss and metric_kernels.distributed, which applies the
     batch-level rule and the reduction to the global batch instead of the local one.
     """
-    references, reference_labels, self_offset = check.check_pair_inputs(
-        embeddings, labels, ref_emb, ref_labels, self_offset)
-    check.check_reduction(reduction)
-    check_backend_name(backend)
-    deterministic = check.check_deterministic(deterministic)
-    implementation = resolve(backend, embeddings.device, params.get("pair_value", SIMILARITY), rows_name)
-
+    references, x_labels, y_labels, self_offset, deterministic, implementation = _pair_setup(
+        rows_name, embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic,
+        params.get("pair_value", SIMILARITY))
     if _folds_normalization(implementation):
         x, y = _raw_rows(embeddings, references)
         y = x if ref_emb is None else y
@@ -156,8 +168,6 @@ def _pair_rows(rows_name: str, embeddings, labels, ref_emb, ref_labels, self_off
         dtype = _compute_dtype(embeddings, references)
         x = _prepare(embeddings, dtype, normalize)
         y = x if ref_emb is None else _prepare(references, dtype, normalize)
-    x_labels = labels.long().contiguous()
-    y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
     guard = _nonfinite_guard(x) if ref_emb is None else _nonfinite_guard(x, y)
     if x.shape[0] == 0 or y.shape[0] == 0:
         rows = x.sum(dim=1) * 0 + y.sum() * 0  # nothing to pair: zeros that stay connected to the graph
@@ -408,17 +418,10 @@ def _angular_pair_losses(embeddings, labels, ref_emb, ref_labels, *, alpha, self
     them here), log(1 + sum over a's negatives n of exp(4 tan^2(alpha) (a + p) . y_n - 2 (1 + tan^2(alpha)) a . p)).
     The sum over n is NCA's log-sum-exp over the negatives with the pair's centre a + p as the query: every backend's
     nca_rows computes it, P queries against the M references, and no P x M matrix is formed."""
-    alpha = check.check_real(alpha, "alpha")
-    if not 0 < alpha < 90:
-        raise ValueError(f"alpha must lie in (0, 90) degrees, got {alpha}")
-    references, reference_labels, self_offset = check.check_pair_inputs(
-        embeddings, labels, ref_emb, ref_labels, self_offset)
-    check.check_reduction(reduction)
-    check_backend_name(backend)
-    deterministic = check.check_deterministic(deterministic)
-    implementation = resolve(backend, embeddings.device, SIMILARITY, "nca_rows")
-    x_labels = labels.long().contiguous()
-    y_labels = x_labels if ref_emb is None else reference_labels.long().contiguous()
+    alpha = check.check_acute_angle_degrees(alpha, "alpha")
+    references, x_labels, y_labels, self_offset, deterministic, implementation = _pair_setup(
+        "nca_rows", embeddings, labels, ref_emb, ref_labels, self_offset, reduction, backend, deterministic,
+        SIMILARITY)
     guard = _nonfinite_guard(embeddings) if ref_emb is None else _nonfinite_guard(embeddings, references)
     anchors, positives = positive_pairs(x_labels, y_labels, self_offset)
     dtype = _compute_dtype(embeddings, references)

@@ -500,9 +500,7 @@ class AngularLoss(_PairLoss):
                  embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None):
         super().__init__(reduction, backend, deterministic, distance, reducer, embedding_regularizer,
                          embedding_reg_weight, collect_stats)
-        self.alpha = check.check_real(alpha, "alpha")
-        if not 0 < self.alpha < 90:
-            raise ValueError(f"alpha must lie in (0, 90) degrees, got {self.alpha}")
+        self.alpha = check.check_acute_angle_degrees(alpha, "alpha")
 
     def _loss(self, *args, **kwargs):
         if self._reducer_mode == "unreduced":

@@ -42,7 +42,8 @@ LOSS_ALIASES = {"batch_hard_triplet": "batch_hard", "proxy": "proxy_anchor", "pr
 # tuplet margin loss's, on NT-Xent's kernels, and the triplet margin loss's: its positives' table, then the
 # negatives) sweeps the references twice; batch-hard's backward is O((N + M) D),
 # counted as 0. The angular loss runs NCA's kernels with its P positive pairs as the queries: P is about 4 N with
-# about 4 samples per class (a sample's class holds 4 others on average: 3.8 N to 4.1 N in the benchmark's cases). The classifiers count N x C x D per sub-centre (SubCenterArcFace's M classes have 3 columns each,
+# about 4 samples per class (a sample's class holds 4 others on average: 3.8 N to 4.1 N in the benchmark's cases).
+# The classifiers count N x C x D per sub-centre (SubCenterArcFace's M classes have 3 columns each,
 # SoftTriple's 10 centers).
 PRODUCTS = {"ntxent": (2, 3), "tuplet_margin": (2, 3), "triplet_margin": (2, 3), "batch_hard": (1, 0),
             "angular": (4, 12), "subcenter_arcface": (3, 9), "soft_triple": (10, 30)}
